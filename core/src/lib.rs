@@ -1,0 +1,8 @@
+//! Vellum's shared domain, used by the gateway, the workers and the operator alike: the
+//! platform config model and its compiler, the metadata store, the event model and bus,
+//! storage tiers over `object_store`, and signing. It knows no HTTP server and no
+//! Kubernetes client.
+//!
+//! The API types it builds on live in `vellum-crds`, re-exported here as [`crds`].
+
+pub use vellum_crds as crds;

@@ -1,0 +1,110 @@
+//! API types of Vellum's five custom resources (group `vellum.dev`, version `v1alpha1`)
+//! and the constants every other crate shares about them: group, label keys, annotations,
+//! finalizer names, field managers, condition types and reasons.
+//!
+//! This crate holds types and constants only. It depends on nothing of ours, so the
+//! operator, the gateway and the workers all read one definition of the API.
+
+pub mod blue_green_release;
+pub mod common;
+pub mod retention_policy;
+pub mod shard_set;
+pub mod storage_tier;
+pub mod webhook;
+
+pub use blue_green_release::{BlueGreenRelease, BlueGreenReleaseSpec, BlueGreenReleaseStatus};
+pub use retention_policy::{RetentionPolicy, RetentionPolicySpec, RetentionPolicyStatus};
+pub use shard_set::{ShardSet, ShardSetSpec, ShardSetStatus};
+pub use storage_tier::{StorageTier, StorageTierSpec, StorageTierStatus};
+pub use webhook::{Webhook, WebhookSpec, WebhookStatus};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// The API group of every Vellum resource.
+pub const GROUP: &str = "vellum.dev";
+/// The API version of every Vellum resource.
+pub const VERSION: &str = "v1alpha1";
+/// The `kubectl get vellum` category all five resources belong to.
+pub const CATEGORY: &str = "vellum";
+
+/// Recommended Kubernetes labels, stamped on everything the operator creates.
+pub mod labels {
+    pub const NAME: &str = "app.kubernetes.io/name";
+    pub const INSTANCE: &str = "app.kubernetes.io/instance";
+    pub const COMPONENT: &str = "app.kubernetes.io/component";
+    pub const PART_OF: &str = "app.kubernetes.io/part-of";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const VERSION: &str = "app.kubernetes.io/version";
+    /// The color (`blue` or `green`) of a blue-green pod.
+    pub const COLOR: &str = "vellum.dev/color";
+    /// Value of `app.kubernetes.io/part-of` and `app.kubernetes.io/name`.
+    pub const PART_OF_VALUE: &str = "vellum";
+    /// Value of `app.kubernetes.io/managed-by`.
+    pub const MANAGED_BY_VALUE: &str = "vellum-operator";
+}
+
+/// Annotations a person sets on a resource to ask the operator for something.
+pub mod annotations {
+    /// On a BlueGreenRelease: promote the preview color now.
+    pub const PROMOTE: &str = "vellum.dev/promote";
+    /// On a BlueGreenRelease: abort the rollout and keep the active color.
+    pub const ABORT: &str = "vellum.dev/abort";
+    /// On a Webhook: reactivate an endpoint that was deactivated.
+    pub const REACTIVATE: &str = "vellum.dev/reactivate";
+    /// On a ConfigMap: hash of the compiled platform config it holds.
+    pub const CONFIG_HASH: &str = "vellum.dev/config-hash";
+}
+
+/// Finalizers, only for state that lives outside Kubernetes.
+pub mod finalizers {
+    /// A StorageTier keeps its finalizer until its blobs have been drained elsewhere.
+    pub const TIER_DRAIN: &str = "vellum.dev/tier-drain";
+    /// A ShardSet keeps its finalizer until its routing has been withdrawn.
+    pub const SHARD_ROUTING: &str = "vellum.dev/shard-routing";
+}
+
+/// Server-side apply field managers, one per controller.
+pub mod field_managers {
+    pub const STORAGE_TIER: &str = "vellum.dev/storagetier";
+    pub const RETENTION_POLICY: &str = "vellum.dev/retentionpolicy";
+    pub const WEBHOOK: &str = "vellum.dev/webhook";
+    pub const SHARD_SET: &str = "vellum.dev/shardset";
+    pub const BLUE_GREEN_RELEASE: &str = "vellum.dev/bluegreenrelease";
+    /// The gateway, when it creates Webhook resources for `POST /api/webhooks`.
+    pub const GATEWAY: &str = "vellum.dev/gateway";
+}
+
+/// Condition types and reasons shared by all five resources.
+pub mod conditions {
+    pub const READY: &str = "Ready";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const DEGRADED: &str = "Degraded";
+    /// Webhook only: the endpoint was deactivated by its failure rate or a 410 Gone.
+    pub const DEACTIVATED: &str = "Deactivated";
+
+    pub mod reasons {
+        pub const RECONCILED: &str = "Reconciled";
+        pub const INVALID_SPEC: &str = "InvalidSpec";
+        pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+        pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+        pub const TIER_NOT_FOUND: &str = "TierNotFound";
+        pub const TIER_UNREACHABLE: &str = "TierUnreachable";
+        pub const SHARD_UNREACHABLE: &str = "ShardUnreachable";
+        pub const DESTINATION_FORBIDDEN: &str = "DestinationForbidden";
+        pub const FAILURE_RATE_EXCEEDED: &str = "FailureRateExceeded";
+        pub const ENDPOINT_GONE: &str = "EndpointGone";
+        pub const PAUSED: &str = "Paused";
+    }
+}
+
+/// The CustomResourceDefinitions of all five resources, in a stable order.
+pub fn all_crds() -> Vec<CustomResourceDefinition> {
+    vec![
+        StorageTier::crd(),
+        RetentionPolicy::crd(),
+        Webhook::crd(),
+        ShardSet::crd(),
+        BlueGreenRelease::crd(),
+    ]
+}

@@ -1,0 +1,289 @@
+//! Everything in `manifests/` and `charts/vellum/` that is generated rather than written:
+//! the CRDs (from the Rust types in `vellum-crds`), the operator's RBAC rules, and the
+//! plain install manifest. Pure functions; `vellum-operator generate` writes their output
+//! and a test fails when the committed files drift from it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, HTTPGetAction, Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SecurityContext, ServiceAccount, Capabilities,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+use vellum_crds::{GROUP, labels};
+
+/// Name of the operator's ServiceAccount, ClusterRole and Deployment.
+pub const OPERATOR_NAME: &str = "vellum-operator";
+/// Namespace the plain install manifest puts the operator in.
+pub const DEFAULT_NAMESPACE: &str = "vellum-system";
+/// Image the plain install manifest runs.
+pub const DEFAULT_IMAGE: &str = "vellum/operator:0.1.0";
+/// Port of the operator's metrics and health endpoints.
+pub const METRICS_PORT: i32 = 8080;
+
+const HEADER: &str = "# Generated from the Rust types by `vellum-operator generate`. Do not edit.\n";
+
+/// One generated file: its path relative to the repository root and its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedFile {
+    pub path: String,
+    pub content: String,
+}
+
+/// Every generated file of the repository.
+pub fn generated_files() -> Vec<GeneratedFile> {
+    let mut files = Vec::new();
+    for crd in vellum_crds::all_crds() {
+        let plural = crd.spec.names.plural.clone();
+        let content = format!("{HEADER}{}", to_yaml(&crd));
+        files.push(GeneratedFile { path: format!("manifests/crds/{plural}.yaml"), content: content.clone() });
+        files.push(GeneratedFile { path: format!("charts/vellum/crds/{plural}.yaml"), content });
+    }
+    files.push(GeneratedFile {
+        path: "charts/vellum/files/operator-rules.yaml".into(),
+        content: format!("{HEADER}{}", to_yaml(&operator_cluster_rules())),
+    });
+    files.push(GeneratedFile {
+        path: "charts/vellum/files/leader-election-rules.yaml".into(),
+        content: format!("{HEADER}{}", to_yaml(&leader_election_rules())),
+    });
+    files.push(GeneratedFile {
+        path: "manifests/install.yaml".into(),
+        content: install_manifest(&InstallOptions::default()),
+    });
+    files
+}
+
+/// Every CRD as one multi-document YAML stream.
+pub fn crds_yaml() -> String {
+    let mut out = String::from(HEADER);
+    for crd in vellum_crds::all_crds() {
+        out.push_str("---\n");
+        out.push_str(&to_yaml(&crd));
+    }
+    out
+}
+
+fn to_yaml<T: Serialize>(value: &T) -> String {
+    // Serialising our own k8s-openapi and CRD types cannot fail: they hold no maps with
+    // non-string keys and no non-finite floats.
+    serde_yaml::to_string(value).expect("kubernetes objects serialise to YAML")
+}
+
+fn rule(api_group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![api_group.to_owned()]),
+        resources: Some(resources.iter().map(|r| (*r).to_owned()).collect()),
+        verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+        ..PolicyRule::default()
+    }
+}
+
+const MANAGE: &[&str] = &["get", "list", "watch", "create", "update", "patch", "delete"];
+
+/// The cluster-wide permissions of the operator: read its own resources and write their
+/// status, and manage the objects it provisions for them. No wildcards.
+pub fn operator_cluster_rules() -> Vec<PolicyRule> {
+    let plurals: Vec<String> =
+        vellum_crds::all_crds().into_iter().map(|crd| crd.spec.names.plural).collect();
+    let own: Vec<&str> = plurals.iter().map(String::as_str).collect();
+    let status: Vec<String> = plurals.iter().map(|p| format!("{p}/status")).collect();
+    let finalizers: Vec<String> = plurals.iter().map(|p| format!("{p}/finalizers")).collect();
+    vec![
+        rule(GROUP, &own, &["get", "list", "watch", "update", "patch"]),
+        rule(GROUP, &status.iter().map(String::as_str).collect::<Vec<_>>(), &["get", "update", "patch"]),
+        rule(GROUP, &finalizers.iter().map(String::as_str).collect::<Vec<_>>(), &["update"]),
+        rule("", &["configmaps", "secrets", "services", "serviceaccounts"], MANAGE),
+        rule("", &["events"], &["create", "patch"]),
+        rule("events.k8s.io", &["events"], &["create", "patch"]),
+        rule("apps", &["deployments"], MANAGE),
+        rule("batch", &["jobs", "cronjobs"], MANAGE),
+        rule("autoscaling", &["horizontalpodautoscalers"], MANAGE),
+        rule("policy", &["poddisruptionbudgets"], MANAGE),
+    ]
+}
+
+/// Permissions the operator needs in its own namespace only: the leader-election Lease.
+pub fn leader_election_rules() -> Vec<PolicyRule> {
+    vec![rule("coordination.k8s.io", &["leases"], &["get", "list", "watch", "create", "update", "patch"])]
+}
+
+/// What varies between installs of the plain manifest.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    pub namespace: String,
+    pub image: String,
+    pub replicas: i32,
+    pub log_level: String,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        Self {
+            namespace: DEFAULT_NAMESPACE.into(),
+            image: DEFAULT_IMAGE.into(),
+            replicas: 2,
+            log_level: "info".into(),
+        }
+    }
+}
+
+fn operator_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_owned(), labels::PART_OF_VALUE.to_owned()),
+        (labels::COMPONENT.to_owned(), "operator".to_owned()),
+        (labels::PART_OF.to_owned(), labels::PART_OF_VALUE.to_owned()),
+        (labels::MANAGED_BY.to_owned(), "kubectl".to_owned()),
+    ])
+}
+
+fn selector_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_owned(), labels::PART_OF_VALUE.to_owned()),
+        (labels::COMPONENT.to_owned(), "operator".to_owned()),
+    ])
+}
+
+fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        labels: Some(operator_labels()),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The operator Deployment: two replicas by default, of which the Lease holder acts.
+pub fn build_operator_deployment(opts: &InstallOptions) -> Deployment {
+    let http_probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(10),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: "operator".into(),
+        image: Some(opts.image.clone()),
+        args: Some(vec!["run".into(), format!("--metrics-listen=0.0.0.0:{METRICS_PORT}")]),
+        env: Some(vec![
+            EnvVar { name: "RUST_LOG".into(), value: Some(opts.log_level.clone()), ..EnvVar::default() },
+            EnvVar {
+                name: "POD_NAME".into(),
+                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "POD_NAMESPACE".into(),
+                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: "metadata.namespace".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..EnvVar::default()
+            },
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: METRICS_PORT,
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(http_probe("/readyz")),
+        liveness_probe: Some(http_probe("/healthz")),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("50m".into())),
+                ("memory".to_owned(), Quantity("64Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("256Mi".into()))])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(OPERATOR_NAME, Some(&opts.namespace)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(opts.replicas),
+            selector: LabelSelector { match_labels: Some(selector_labels()), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(operator_labels()), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(OPERATOR_NAME.into()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// The plain install manifest: namespace, CRDs, ServiceAccount, RBAC and the operator
+/// Deployment, as one YAML stream for `kubectl apply -f`.
+pub fn install_manifest(opts: &InstallOptions) -> String {
+    let ns = opts.namespace.as_str();
+    let subject = Subject {
+        kind: "ServiceAccount".into(),
+        name: OPERATOR_NAME.into(),
+        namespace: Some(ns.to_owned()),
+        ..Subject::default()
+    };
+    let mut docs: Vec<String> = vec![to_yaml(&Namespace { metadata: meta(ns, None), ..Namespace::default() })];
+    docs.extend(vellum_crds::all_crds().iter().map(to_yaml));
+    docs.push(to_yaml(&ServiceAccount { metadata: meta(OPERATOR_NAME, Some(ns)), ..ServiceAccount::default() }));
+    docs.push(to_yaml(&ClusterRole {
+        metadata: meta(OPERATOR_NAME, None),
+        rules: Some(operator_cluster_rules()),
+        ..ClusterRole::default()
+    }));
+    docs.push(to_yaml(&ClusterRoleBinding {
+        metadata: meta(OPERATOR_NAME, None),
+        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "ClusterRole".into(), name: OPERATOR_NAME.into() },
+        subjects: Some(vec![subject.clone()]),
+    }));
+    let election = format!("{OPERATOR_NAME}-leader-election");
+    docs.push(to_yaml(&Role {
+        metadata: meta(&election, Some(ns)),
+        rules: Some(leader_election_rules()),
+    }));
+    docs.push(to_yaml(&RoleBinding {
+        metadata: meta(&election, Some(ns)),
+        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: election.clone() },
+        subjects: Some(vec![subject]),
+    }));
+    docs.push(to_yaml(&build_operator_deployment(opts)));
+    let mut out = String::from(HEADER);
+    for doc in docs {
+        out.push_str("---\n");
+        out.push_str(&doc);
+    }
+    out
+}

@@ -1,0 +1,4 @@
+//! Vellum's asynchronous work: the outbox relay, webhook delivery, tier migration,
+//! retention runs and shard rebalancing.
+//!
+//! None of it runs yet; the outbox relay and webhook delivery come first.
