@@ -4,5 +4,6 @@
 //! Kubernetes client.
 //!
 //! The API types it builds on live in `vellum-crds`, re-exported here as [`crds`].
+#![warn(clippy::unwrap_used)]
 
 pub use vellum_crds as crds;

@@ -4,6 +4,9 @@
 //!
 //! This crate holds types and constants only. It depends on nothing of ours, so the
 //! operator, the gateway and the workers all read one definition of the API.
+#![warn(clippy::unwrap_used)]
+// Several `#[x_kube(validation = …)]` rules on one item are how kube-derive takes them.
+#![allow(clippy::duplicated_attributes)]
 
 pub mod blue_green_release;
 pub mod common;

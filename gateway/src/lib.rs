@@ -2,3 +2,4 @@
 //! notifications over WebSocket and SSE, authenticated by JWT.
 //!
 //! Nothing is served yet; the documents API comes first.
+#![warn(clippy::unwrap_used)]

@@ -2,5 +2,6 @@
 //! generators of the manifests that install it.
 //!
 //! Only the manifest generators exist so far; the controllers follow.
+#![warn(clippy::unwrap_used)]
 
 pub mod manifests;

@@ -2,3 +2,4 @@
 //! retention runs and shard rebalancing.
 //!
 //! None of it runs yet; the outbox relay and webhook delivery come first.
+#![warn(clippy::unwrap_used)]

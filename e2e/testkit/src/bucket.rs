@@ -117,7 +117,7 @@ async fn check(response: reqwest::Response, what: &str) -> Result<(), KitError> 
 impl Drop for TestBucket {
     fn drop(&mut self) {
         let bucket = self.bucket.clone();
-        cleanup(format!("bucket {}", bucket.name), async move {
+        cleanup(&format!("bucket {}", bucket.name), async move {
             let store = bucket.store()?;
             let objects: Vec<_> =
                 store.list(None).try_collect().await.map_err(|e| KitError::server("listing objects", e))?;

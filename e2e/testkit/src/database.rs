@@ -56,7 +56,7 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         let admin = self.admin.clone();
         let name = self.name.clone();
-        cleanup(format!("database {name}"), async move {
+        cleanup(&format!("database {name}"), async move {
             let mut conn = PgConnection::connect_with(&admin).await.map_err(|e| KitError::server("connecting", e))?;
             sqlx::raw_sql(AssertSqlSafe(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)))
                 .execute(&mut conn)

@@ -11,6 +11,7 @@
 //! The shared servers are found through environment variables with local defaults (see
 //! [`env`]); `scripts/test` installs and starts them. A test that cannot reach one fails
 //! with a message saying how to start it: it never passes silently.
+#![warn(clippy::unwrap_used)]
 
 mod bucket;
 mod database;
@@ -85,7 +86,7 @@ pub fn unique_name(prefix: &str) -> String {
 /// Runs async cleanup from a `Drop`, on a thread of its own so it works whether or not the
 /// dropping thread is inside a Tokio runtime. Cleanup failures are reported, not raised:
 /// the test's own outcome matters more than a leftover it cannot fix.
-pub(crate) fn cleanup<F>(what: String, fut: F)
+pub(crate) fn cleanup<F>(what: &str, fut: F)
 where
     F: std::future::Future<Output = Result<(), KitError>> + Send + 'static,
 {

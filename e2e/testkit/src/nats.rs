@@ -70,7 +70,7 @@ impl Drop for TestNats {
     fn drop(&mut self) {
         let url = self.url.clone();
         let prefix = self.stream_prefix.clone();
-        cleanup(format!("NATS streams {prefix}_*"), async move {
+        cleanup(&format!("NATS streams {prefix}_*"), async move {
             // The test's own client belongs to its runtime, which may be gone: connect anew.
             let client = async_nats::connect(&url).await.map_err(|e| KitError::server("connecting", e))?;
             let js = jetstream::new(client);

@@ -227,7 +227,7 @@ impl Drop for PostgresProcess {
 }
 
 fn running_as_root(probe_dir: &Path) -> bool {
-    std::fs::metadata(probe_dir).map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata(probe_dir).is_ok_and(|m| m.uid() == 0)
 }
 
 /// The directory holding `initdb` and `postgres`: `VELLUM_TEST_PG_BINDIR`, or the newest
