@@ -241,7 +241,11 @@ pub struct Promotion {
 
 impl Default for Promotion {
     fn default() -> Self {
-        Self { mode: PromotionMode::default(), auto_rollback: true, scale_down_delay_seconds: default_scale_down_delay() }
+        Self {
+            mode: PromotionMode::default(),
+            auto_rollback: true,
+            scale_down_delay_seconds: default_scale_down_delay(),
+        }
     }
 }
 

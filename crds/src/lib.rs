@@ -103,11 +103,5 @@ pub mod conditions {
 
 /// The CustomResourceDefinitions of all five resources, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![
-        StorageTier::crd(),
-        RetentionPolicy::crd(),
-        Webhook::crd(),
-        ShardSet::crd(),
-        BlueGreenRelease::crd(),
-    ]
+    vec![StorageTier::crd(), RetentionPolicy::crd(), Webhook::crd(), ShardSet::crd(), BlueGreenRelease::crd()]
 }

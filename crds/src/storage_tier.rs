@@ -70,7 +70,10 @@ pub enum TierClass {
 pub struct Backend {
     /// URL of the bucket or directory, as `object_store` parses it: `file:///var/lib/vellum/hot`,
     /// `memory://`, `s3://bucket/prefix`, `gs://bucket`, `az://container`.
-    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(file|memory|s3|s3a|gs|az|azure|abfs|abfss)://[^\s]*$"))]
+    #[schemars(
+        length(min = 1, max = 2048),
+        regex(pattern = r"^(file|memory|s3|s3a|gs|az|azure|abfs|abfss)://[^\s]*$")
+    )]
     pub url: String,
     /// Secret holding the backend credentials, as `object_store` option names
     /// (for example `aws_access_key_id` and `aws_secret_access_key`).

@@ -27,8 +27,11 @@ fn check_structural(path: &str, node: &Value, problems: &mut Vec<String>) {
         problems.push(format!("{path}: has both properties and additionalProperties"));
     }
     if let Some(props) = map.get("properties").and_then(Value::as_object) {
-        let required: Vec<&str> =
-            map.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let required: Vec<&str> = map
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         for r in &required {
             if !props.contains_key(*r) {
                 problems.push(format!("{path}: requires unknown property {r}"));
@@ -45,7 +48,8 @@ fn check_structural(path: &str, node: &Value, problems: &mut Vec<String>) {
     }
     if let Some(items) = map.get("items") {
         if let Some(keys) = map.get("x-kubernetes-list-map-keys").and_then(Value::as_array) {
-            let required: Vec<&Value> = items.get("required").and_then(Value::as_array).map(|r| r.iter().collect()).unwrap_or_default();
+            let required: Vec<&Value> =
+                items.get("required").and_then(Value::as_array).map(|r| r.iter().collect()).unwrap_or_default();
             for key in keys {
                 if !required.contains(&key) {
                     problems.push(format!("{path}: list-map key {key} is not required in its items"));
@@ -65,7 +69,8 @@ fn every_crd_has_a_structural_documented_schema() {
         let kind = crd.spec.names.kind.clone();
         assert_eq!(crd.spec.versions.len(), 1, "{kind}");
         let version = &crd.spec.versions[0];
-        let schema = serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        let schema =
+            serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
         let mut problems = Vec::new();
         check_structural(&kind, &schema, &mut problems);
         assert!(problems.is_empty(), "{kind}:\n{}", problems.join("\n"));
@@ -96,12 +101,15 @@ fn every_crd_is_namespaced_served_stored_with_status_and_in_the_vellum_category(
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, vellum_crds::VERSION);
         assert!(version.served && version.storage, "{kind}");
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{kind} has a status subresource");
-        let columns: Vec<&str> =
-            version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert!(
+            version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+            "{kind} has a status subresource"
+        );
+        let columns: Vec<&str> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
         assert_eq!(columns.last(), Some(&"Age"), "{kind}: Age is the last column");
         // Every column's path names a field that exists in the schema.
-        let schema = serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        let schema =
+            serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
         for column in version.additional_printer_columns.iter().flatten() {
             if column.json_path.starts_with(".metadata") {
                 continue;

@@ -59,9 +59,10 @@ fn to_json_schema(schema: &Value) -> Value {
                 out.insert(k.clone(), v);
             }
             if map.get("nullable") == Some(&Value::Bool(true))
-                && let Some(Value::String(t)) = map.get("type") {
-                    out.insert("type".into(), json!([t, "null"]));
-                }
+                && let Some(Value::String(t)) = map.get("type")
+            {
+                out.insert("type".into(), json!([t, "null"]));
+            }
             let preserves = map.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
             if map.contains_key("properties") && !map.contains_key("additionalProperties") && !preserves {
                 out.insert("additionalProperties".into(), Value::Bool(false));
@@ -123,10 +124,11 @@ fn validate(object: &Value) -> Vec<Violation> {
         .collect();
     if out.is_empty() {
         // The API server runs CEL rules only on objects that passed the schema.
-        out.extend(kube_cel::validate(&schema, &defaulted, None).into_iter().map(|e| Violation {
-            path: e.field_path.trim_start_matches('.').to_owned(),
-            message: e.message,
-        }));
+        out.extend(
+            kube_cel::validate(&schema, &defaulted, None)
+                .into_iter()
+                .map(|e| Violation { path: e.field_path.trim_start_matches('.').to_owned(), message: e.message }),
+        );
     }
     out
 }
@@ -217,8 +219,12 @@ fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(raw: &Value, def
 fn minimal_of(kind: &str) -> Value {
     let spec = match kind {
         "StorageTier" => json!({"class": "HOT", "backend": {"url": "memory://"}}),
-        "RetentionPolicy" => json!({"transitions": [{"afterDays": 30, "toTier": "warm"}], "expiration": {"afterDays": 60}}),
-        "Webhook" => json!({"url": "https://example.com/hook", "secretRef": {"name": "s", "key": "k"}, "rateLimit": {"requestsPerSecond": 5}}),
+        "RetentionPolicy" => {
+            json!({"transitions": [{"afterDays": 30, "toTier": "warm"}], "expiration": {"afterDays": 60}})
+        }
+        "Webhook" => {
+            json!({"url": "https://example.com/hook", "secretRef": {"name": "s", "key": "k"}, "rateLimit": {"requestsPerSecond": 5}})
+        }
         "ShardSet" => json!({"shards": [{"name": "a", "urlSecretRef": {"name": "s", "key": "a"}}]}),
         "BlueGreenRelease" => json!({
             "version": "1", "gateway": {"image": "g", "autoscaling": {"maxReplicas": 3}}, "workers": {"image": "w"},
@@ -258,53 +264,313 @@ fn remove(v: &mut Value, pointer: &str) {
 
 const CASES: &[Case] = &[
     // StorageTier
-    Case { name: "unknown tier class", kind: "StorageTier", change: |v| set(v, "/spec/class", json!("LUKEWARM")), path: "spec.class", message: "LUKEWARM" },
-    Case { name: "missing class", kind: "StorageTier", change: |v| remove(v, "/spec/class"), path: "spec.class", message: "required" },
-    Case { name: "backend url of an unknown scheme", kind: "StorageTier", change: |v| set(v, "/spec/backend/url", json!("ftp://bucket")), path: "spec.backend.url", message: "does not match" },
-    Case { name: "negative cost", kind: "StorageTier", change: |v| set(v, "/spec/costPerGbMonth", json!(-0.5)), path: "spec.costPerGbMonth", message: "minimum" },
-    Case { name: "zstd level above 22", kind: "StorageTier", change: |v| set(v, "/spec/compression/level", json!(23)), path: "spec.compression.level", message: "maximum" },
-    Case { name: "misspelt field", kind: "StorageTier", change: |v| v["spec"]["defualt"] = json!(true), path: "spec.defualt", message: "not allowed" },
-    Case { name: "credentials on a memory backend", kind: "StorageTier", change: |v| set(v, "/spec/backend/url", json!("memory://")), path: "spec.backend", message: "a memory:// backend takes no credentials" },
+    Case {
+        name: "unknown tier class",
+        kind: "StorageTier",
+        change: |v| set(v, "/spec/class", json!("LUKEWARM")),
+        path: "spec.class",
+        message: "LUKEWARM",
+    },
+    Case {
+        name: "missing class",
+        kind: "StorageTier",
+        change: |v| remove(v, "/spec/class"),
+        path: "spec.class",
+        message: "required",
+    },
+    Case {
+        name: "backend url of an unknown scheme",
+        kind: "StorageTier",
+        change: |v| set(v, "/spec/backend/url", json!("ftp://bucket")),
+        path: "spec.backend.url",
+        message: "does not match",
+    },
+    Case {
+        name: "negative cost",
+        kind: "StorageTier",
+        change: |v| set(v, "/spec/costPerGbMonth", json!(-0.5)),
+        path: "spec.costPerGbMonth",
+        message: "minimum",
+    },
+    Case {
+        name: "zstd level above 22",
+        kind: "StorageTier",
+        change: |v| set(v, "/spec/compression/level", json!(23)),
+        path: "spec.compression.level",
+        message: "maximum",
+    },
+    Case {
+        name: "misspelt field",
+        kind: "StorageTier",
+        change: |v| v["spec"]["defualt"] = json!(true),
+        path: "spec.defualt",
+        message: "not allowed",
+    },
+    Case {
+        name: "credentials on a memory backend",
+        kind: "StorageTier",
+        change: |v| set(v, "/spec/backend/url", json!("memory://")),
+        path: "spec.backend",
+        message: "a memory:// backend takes no credentials",
+    },
     // RetentionPolicy
-    Case { name: "negative afterDays", kind: "RetentionPolicy", change: |v| set(v, "/spec/transitions/0/afterDays", json!(-1)), path: "spec.transitions[0].afterDays", message: "minimum" },
-    Case { name: "transitions out of order", kind: "RetentionPolicy", change: |v| set(v, "/spec/transitions/1/afterDays", json!(10)), path: "spec.transitions", message: "strictly increasing afterDays" },
-    Case { name: "two transitions on one day", kind: "RetentionPolicy", change: |v| set(v, "/spec/transitions/1/afterDays", json!(30)), path: "spec.transitions", message: "strictly increasing afterDays" },
-    Case { name: "expiration before a transition", kind: "RetentionPolicy", change: |v| v["spec"]["expiration"] = json!({"afterDays": 100}), path: "spec.expiration.afterDays", message: "later than every transition" },
-    Case { name: "unknown expiration action", kind: "RetentionPolicy", change: |v| v["spec"]["expiration"] = json!({"afterDays": 400, "action": "SHRED"}), path: "spec.expiration.action", message: "SHRED" },
-    Case { name: "archive tier on a DELETE", kind: "RetentionPolicy", change: |v| v["spec"]["expiration"] = json!({"afterDays": 400, "archiveTier": "frozen"}), path: "spec.expiration.archiveTier", message: "only to the ARCHIVE action" },
-    Case { name: "cron with three fields", kind: "RetentionPolicy", change: |v| set(v, "/spec/schedule", json!("0 3 *")), path: "spec.schedule", message: "does not match" },
-    Case { name: "cron in words", kind: "RetentionPolicy", change: |v| set(v, "/spec/schedule", json!("every night")), path: "spec.schedule", message: "does not match" },
-    Case { name: "tier name with capitals", kind: "RetentionPolicy", change: |v| set(v, "/spec/transitions/0/toTier", json!("Warm")), path: "spec.transitions[0].toTier", message: "does not match" },
+    Case {
+        name: "negative afterDays",
+        kind: "RetentionPolicy",
+        change: |v| set(v, "/spec/transitions/0/afterDays", json!(-1)),
+        path: "spec.transitions[0].afterDays",
+        message: "minimum",
+    },
+    Case {
+        name: "transitions out of order",
+        kind: "RetentionPolicy",
+        change: |v| set(v, "/spec/transitions/1/afterDays", json!(10)),
+        path: "spec.transitions",
+        message: "strictly increasing afterDays",
+    },
+    Case {
+        name: "two transitions on one day",
+        kind: "RetentionPolicy",
+        change: |v| set(v, "/spec/transitions/1/afterDays", json!(30)),
+        path: "spec.transitions",
+        message: "strictly increasing afterDays",
+    },
+    Case {
+        name: "expiration before a transition",
+        kind: "RetentionPolicy",
+        change: |v| v["spec"]["expiration"] = json!({"afterDays": 100}),
+        path: "spec.expiration.afterDays",
+        message: "later than every transition",
+    },
+    Case {
+        name: "unknown expiration action",
+        kind: "RetentionPolicy",
+        change: |v| v["spec"]["expiration"] = json!({"afterDays": 400, "action": "SHRED"}),
+        path: "spec.expiration.action",
+        message: "SHRED",
+    },
+    Case {
+        name: "archive tier on a DELETE",
+        kind: "RetentionPolicy",
+        change: |v| v["spec"]["expiration"] = json!({"afterDays": 400, "archiveTier": "frozen"}),
+        path: "spec.expiration.archiveTier",
+        message: "only to the ARCHIVE action",
+    },
+    Case {
+        name: "cron with three fields",
+        kind: "RetentionPolicy",
+        change: |v| set(v, "/spec/schedule", json!("0 3 *")),
+        path: "spec.schedule",
+        message: "does not match",
+    },
+    Case {
+        name: "cron in words",
+        kind: "RetentionPolicy",
+        change: |v| set(v, "/spec/schedule", json!("every night")),
+        path: "spec.schedule",
+        message: "does not match",
+    },
+    Case {
+        name: "tier name with capitals",
+        kind: "RetentionPolicy",
+        change: |v| set(v, "/spec/transitions/0/toTier", json!("Warm")),
+        path: "spec.transitions[0].toTier",
+        message: "does not match",
+    },
     // Webhook
-    Case { name: "missing url", kind: "Webhook", change: |v| remove(v, "/spec/url"), path: "spec.url", message: "required" },
-    Case { name: "url not http", kind: "Webhook", change: |v| set(v, "/spec/url", json!("ftp://example.com/hook")), path: "spec.url", message: "does not match" },
-    Case { name: "missing signing key", kind: "Webhook", change: |v| remove(v, "/spec/secretRef"), path: "spec.secretRef", message: "required" },
-    Case { name: "21 retries", kind: "Webhook", change: |v| set(v, "/spec/retry/maxRetries", json!(21)), path: "spec.retry.maxRetries", message: "maximum" },
-    Case { name: "timeout of zero", kind: "Webhook", change: |v| set(v, "/spec/timeoutSeconds", json!(0)), path: "spec.timeoutSeconds", message: "minimum" },
-    Case { name: "timeout over 300 s", kind: "Webhook", change: |v| set(v, "/spec/timeoutSeconds", json!(301)), path: "spec.timeoutSeconds", message: "maximum" },
-    Case { name: "failure rate over 100 %", kind: "Webhook", change: |v| set(v, "/spec/deactivation/failureRatePercent", json!(150)), path: "spec.deactivation.failureRatePercent", message: "maximum" },
-    Case { name: "unknown event type", kind: "Webhook", change: |v| set(v, "/spec/eventTypes/0", json!("DOCUMENT_EATEN")), path: "spec.eventTypes[0]", message: "DOCUMENT_EATEN" },
-    Case { name: "backoff cap below the first backoff", kind: "Webhook", change: |v| set(v, "/spec/retry/maxBackoffSeconds", json!(1)), path: "spec.retry.maxBackoffSeconds", message: "at least initialBackoffSeconds" },
-    Case { name: "overriding the signature header", kind: "Webhook", change: |v| v["spec"]["headers"].as_array_mut().unwrap().push(json!({"name": "Webhook-Signature", "value": "forged"})), path: "spec.headers", message: "cannot be overridden" },
-    Case { name: "header name with a space", kind: "Webhook", change: |v| set(v, "/spec/headers/0/name", json!("X Bad")), path: "spec.headers[0].name", message: "does not match" },
+    Case {
+        name: "missing url",
+        kind: "Webhook",
+        change: |v| remove(v, "/spec/url"),
+        path: "spec.url",
+        message: "required",
+    },
+    Case {
+        name: "url not http",
+        kind: "Webhook",
+        change: |v| set(v, "/spec/url", json!("ftp://example.com/hook")),
+        path: "spec.url",
+        message: "does not match",
+    },
+    Case {
+        name: "missing signing key",
+        kind: "Webhook",
+        change: |v| remove(v, "/spec/secretRef"),
+        path: "spec.secretRef",
+        message: "required",
+    },
+    Case {
+        name: "21 retries",
+        kind: "Webhook",
+        change: |v| set(v, "/spec/retry/maxRetries", json!(21)),
+        path: "spec.retry.maxRetries",
+        message: "maximum",
+    },
+    Case {
+        name: "timeout of zero",
+        kind: "Webhook",
+        change: |v| set(v, "/spec/timeoutSeconds", json!(0)),
+        path: "spec.timeoutSeconds",
+        message: "minimum",
+    },
+    Case {
+        name: "timeout over 300 s",
+        kind: "Webhook",
+        change: |v| set(v, "/spec/timeoutSeconds", json!(301)),
+        path: "spec.timeoutSeconds",
+        message: "maximum",
+    },
+    Case {
+        name: "failure rate over 100 %",
+        kind: "Webhook",
+        change: |v| set(v, "/spec/deactivation/failureRatePercent", json!(150)),
+        path: "spec.deactivation.failureRatePercent",
+        message: "maximum",
+    },
+    Case {
+        name: "unknown event type",
+        kind: "Webhook",
+        change: |v| set(v, "/spec/eventTypes/0", json!("DOCUMENT_EATEN")),
+        path: "spec.eventTypes[0]",
+        message: "DOCUMENT_EATEN",
+    },
+    Case {
+        name: "backoff cap below the first backoff",
+        kind: "Webhook",
+        change: |v| set(v, "/spec/retry/maxBackoffSeconds", json!(1)),
+        path: "spec.retry.maxBackoffSeconds",
+        message: "at least initialBackoffSeconds",
+    },
+    Case {
+        name: "overriding the signature header",
+        kind: "Webhook",
+        change: |v| {
+            v["spec"]["headers"].as_array_mut().unwrap().push(json!({"name": "Webhook-Signature", "value": "forged"}));
+        },
+        path: "spec.headers",
+        message: "cannot be overridden",
+    },
+    Case {
+        name: "header name with a space",
+        kind: "Webhook",
+        change: |v| set(v, "/spec/headers/0/name", json!("X Bad")),
+        path: "spec.headers[0].name",
+        message: "does not match",
+    },
     // ShardSet
-    Case { name: "zero shards", kind: "ShardSet", change: |v| set(v, "/spec/shards", json!([])), path: "spec.shards", message: "less than 1 item" },
-    Case { name: "missing shards", kind: "ShardSet", change: |v| remove(v, "/spec/shards"), path: "spec.shards", message: "required" },
-    Case { name: "duplicate shard names", kind: "ShardSet", change: |v| set(v, "/spec/shards/1/name", json!("shard-a")), path: "spec.shards", message: "shard names must be unique" },
-    Case { name: "unknown routing strategy", kind: "ShardSet", change: |v| set(v, "/spec/routing/strategy", json!("RoundRobin")), path: "spec.routing.strategy", message: "RoundRobin" },
-    Case { name: "zero virtual nodes", kind: "ShardSet", change: |v| set(v, "/spec/routing/virtualNodes", json!(0)), path: "spec.routing.virtualNodes", message: "minimum" },
-    Case { name: "range routing without ranges", kind: "ShardSet", change: |v| set(v, "/spec/routing/strategy", json!("Range")), path: "spec.shards", message: "rangeStart on every shard" },
-    Case { name: "ranges under consistent hashing", kind: "ShardSet", change: |v| v["spec"]["shards"][0]["rangeStart"] = json!(""), path: "spec.shards", message: "only to Range routing" },
+    Case {
+        name: "zero shards",
+        kind: "ShardSet",
+        change: |v| set(v, "/spec/shards", json!([])),
+        path: "spec.shards",
+        message: "less than 1 item",
+    },
+    Case {
+        name: "missing shards",
+        kind: "ShardSet",
+        change: |v| remove(v, "/spec/shards"),
+        path: "spec.shards",
+        message: "required",
+    },
+    Case {
+        name: "duplicate shard names",
+        kind: "ShardSet",
+        change: |v| set(v, "/spec/shards/1/name", json!("shard-a")),
+        path: "spec.shards",
+        message: "shard names must be unique",
+    },
+    Case {
+        name: "unknown routing strategy",
+        kind: "ShardSet",
+        change: |v| set(v, "/spec/routing/strategy", json!("RoundRobin")),
+        path: "spec.routing.strategy",
+        message: "RoundRobin",
+    },
+    Case {
+        name: "zero virtual nodes",
+        kind: "ShardSet",
+        change: |v| set(v, "/spec/routing/virtualNodes", json!(0)),
+        path: "spec.routing.virtualNodes",
+        message: "minimum",
+    },
+    Case {
+        name: "range routing without ranges",
+        kind: "ShardSet",
+        change: |v| set(v, "/spec/routing/strategy", json!("Range")),
+        path: "spec.shards",
+        message: "rangeStart on every shard",
+    },
+    Case {
+        name: "ranges under consistent hashing",
+        kind: "ShardSet",
+        change: |v| v["spec"]["shards"][0]["rangeStart"] = json!(""),
+        path: "spec.shards",
+        message: "only to Range routing",
+    },
     // BlueGreenRelease
-    Case { name: "negative replicas", kind: "BlueGreenRelease", change: |v| set(v, "/spec/gateway/replicas", json!(-1)), path: "spec.gateway.replicas", message: "minimum" },
-    Case { name: "error rate over 100 %", kind: "BlueGreenRelease", change: |v| set(v, "/spec/analysis/maxErrorRatePercent", json!(101)), path: "spec.analysis.maxErrorRatePercent", message: "maximum" },
-    Case { name: "autoscaling max below min", kind: "BlueGreenRelease", change: |v| set(v, "/spec/gateway/autoscaling/maxReplicas", json!(1)), path: "spec.gateway.autoscaling.maxReplicas", message: "at least minReplicas" },
-    Case { name: "version with a space", kind: "BlueGreenRelease", change: |v| set(v, "/spec/version", json!("1.0 beta")), path: "spec.version", message: "does not match" },
-    Case { name: "nats url over http", kind: "BlueGreenRelease", change: |v| set(v, "/spec/nats/url", json!("http://nats:4222")), path: "spec.nats.url", message: "does not match" },
-    Case { name: "unknown jwt algorithm", kind: "BlueGreenRelease", change: |v| set(v, "/spec/jwt/algorithm", json!("none")), path: "spec.jwt.algorithm", message: "none" },
-    Case { name: "smoke check path without a slash", kind: "BlueGreenRelease", change: |v| set(v, "/spec/smokeChecks/0/path", json!("readyz")), path: "spec.smokeChecks[0].path", message: "does not match" },
-    Case { name: "smoke check expecting status 600", kind: "BlueGreenRelease", change: |v| set(v, "/spec/smokeChecks/1/expectStatus", json!(600)), path: "spec.smokeChecks[1].expectStatus", message: "maximum" },
-    Case { name: "missing shard set", kind: "BlueGreenRelease", change: |v| remove(v, "/spec/shardSetRef"), path: "spec.shardSetRef", message: "required" },
+    Case {
+        name: "negative replicas",
+        kind: "BlueGreenRelease",
+        change: |v| set(v, "/spec/gateway/replicas", json!(-1)),
+        path: "spec.gateway.replicas",
+        message: "minimum",
+    },
+    Case {
+        name: "error rate over 100 %",
+        kind: "BlueGreenRelease",
+        change: |v| set(v, "/spec/analysis/maxErrorRatePercent", json!(101)),
+        path: "spec.analysis.maxErrorRatePercent",
+        message: "maximum",
+    },
+    Case {
+        name: "autoscaling max below min",
+        kind: "BlueGreenRelease",
+        change: |v| set(v, "/spec/gateway/autoscaling/maxReplicas", json!(1)),
+        path: "spec.gateway.autoscaling.maxReplicas",
+        message: "at least minReplicas",
+    },
+    Case {
+        name: "version with a space",
+        kind: "BlueGreenRelease",
+        change: |v| set(v, "/spec/version", json!("1.0 beta")),
+        path: "spec.version",
+        message: "does not match",
+    },
+    Case {
+        name: "nats url over http",
+        kind: "BlueGreenRelease",
+        change: |v| set(v, "/spec/nats/url", json!("http://nats:4222")),
+        path: "spec.nats.url",
+        message: "does not match",
+    },
+    Case {
+        name: "unknown jwt algorithm",
+        kind: "BlueGreenRelease",
+        change: |v| set(v, "/spec/jwt/algorithm", json!("none")),
+        path: "spec.jwt.algorithm",
+        message: "none",
+    },
+    Case {
+        name: "smoke check path without a slash",
+        kind: "BlueGreenRelease",
+        change: |v| set(v, "/spec/smokeChecks/0/path", json!("readyz")),
+        path: "spec.smokeChecks[0].path",
+        message: "does not match",
+    },
+    Case {
+        name: "smoke check expecting status 600",
+        kind: "BlueGreenRelease",
+        change: |v| set(v, "/spec/smokeChecks/1/expectStatus", json!(600)),
+        path: "spec.smokeChecks[1].expectStatus",
+        message: "maximum",
+    },
+    Case {
+        name: "missing shard set",
+        kind: "BlueGreenRelease",
+        change: |v| remove(v, "/spec/shardSetRef"),
+        path: "spec.shardSetRef",
+        message: "required",
+    },
 ];
 
 #[test]
@@ -328,7 +594,9 @@ fn bad_resources_are_rejected_for_the_right_field() {
 #[test]
 fn every_cel_rule_compiles() {
     for crd in vellum_crds::all_crds() {
-        let schema = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        let schema =
+            serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap())
+                .unwrap();
         let compiled = kube_cel::compile_schema(&schema);
         let errors = compiled.compilation_errors();
         assert!(errors.is_empty(), "{}: {errors:?}", crd.spec.names.kind);
@@ -356,7 +624,9 @@ fn cel_rules_stay_within_the_api_servers_cost_budget() {
     let mut count = 0;
     for crd in vellum_crds::all_crds() {
         let kind = crd.spec.names.kind.clone();
-        let schema = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        let schema =
+            serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap())
+                .unwrap();
         let compiled = kube_cel::compile_schema(&schema);
         let mut rules = Vec::new();
         rules_of(&compiled, &mut rules);

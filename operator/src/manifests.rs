@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, HTTPGetAction, Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SecurityContext, ServiceAccount, Capabilities,
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Namespace, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -89,8 +89,7 @@ const MANAGE: &[&str] = &["get", "list", "watch", "create", "update", "patch", "
 /// The cluster-wide permissions of the operator: read its own resources and write their
 /// status, and manage the objects it provisions for them. No wildcards.
 pub fn operator_cluster_rules() -> Vec<PolicyRule> {
-    let plurals: Vec<String> =
-        vellum_crds::all_crds().into_iter().map(|crd| crd.spec.names.plural).collect();
+    let plurals: Vec<String> = vellum_crds::all_crds().into_iter().map(|crd| crd.spec.names.plural).collect();
     let own: Vec<&str> = plurals.iter().map(String::as_str).collect();
     let status: Vec<String> = plurals.iter().map(|p| format!("{p}/status")).collect();
     let finalizers: Vec<String> = plurals.iter().map(|p| format!("{p}/finalizers")).collect();
@@ -124,12 +123,7 @@ pub struct InstallOptions {
 
 impl Default for InstallOptions {
     fn default() -> Self {
-        Self {
-            namespace: DEFAULT_NAMESPACE.into(),
-            image: DEFAULT_IMAGE.into(),
-            replicas: 2,
-            log_level: "info".into(),
-        }
+        Self { namespace: DEFAULT_NAMESPACE.into(), image: DEFAULT_IMAGE.into(), replicas: 2, log_level: "info".into() }
     }
 }
 
@@ -266,17 +260,22 @@ pub fn install_manifest(opts: &InstallOptions) -> String {
     }));
     docs.push(to_yaml(&ClusterRoleBinding {
         metadata: meta(OPERATOR_NAME, None),
-        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "ClusterRole".into(), name: OPERATOR_NAME.into() },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: OPERATOR_NAME.into(),
+        },
         subjects: Some(vec![subject.clone()]),
     }));
     let election = format!("{OPERATOR_NAME}-leader-election");
-    docs.push(to_yaml(&Role {
-        metadata: meta(&election, Some(ns)),
-        rules: Some(leader_election_rules()),
-    }));
+    docs.push(to_yaml(&Role { metadata: meta(&election, Some(ns)), rules: Some(leader_election_rules()) }));
     docs.push(to_yaml(&RoleBinding {
         metadata: meta(&election, Some(ns)),
-        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: election.clone() },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: election.clone(),
+        },
         subjects: Some(vec![subject]),
     }));
     docs.push(to_yaml(&build_operator_deployment(opts)));

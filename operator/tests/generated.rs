@@ -84,10 +84,12 @@ fn rbac_has_no_wildcards_and_covers_every_vellum_resource() {
 
 #[test]
 fn chart_values_and_metadata_parse() {
-    let chart: Value = serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("charts/vellum/Chart.yaml")).unwrap()).unwrap();
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("charts/vellum/Chart.yaml")).unwrap()).unwrap();
     assert_eq!(chart["apiVersion"], "v2");
     assert_eq!(chart["name"], "vellum");
-    let values: Value = serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("charts/vellum/values.yaml")).unwrap()).unwrap();
+    let values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("charts/vellum/values.yaml")).unwrap()).unwrap();
     for key in ["image", "resources", "logLevel", "replicaCount"] {
         assert!(!values[key].is_null(), "values.yaml has {key}");
     }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
 use crate::{KitError, cleanup, env, unique_name};
@@ -125,8 +125,11 @@ impl Drop for TestBucket {
                 store.delete(&object.location).await.map_err(|e| KitError::server("deleting an object", e))?;
             }
             let url = bucket.presigned(|b, c| b.delete_bucket(c).sign(Duration::from_secs(60)))?;
-            let response =
-                reqwest::Client::new().delete(url).send().await.map_err(|e| KitError::server("deleting the bucket", e))?;
+            let response = reqwest::Client::new()
+                .delete(url)
+                .send()
+                .await
+                .map_err(|e| KitError::server("deleting the bucket", e))?;
             check(response, "deleting the bucket").await
         });
     }

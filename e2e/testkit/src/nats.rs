@@ -28,9 +28,8 @@ impl TestNats {
 
     /// Connects to the server at `url` and checks JetStream is on.
     pub async fn on(url: &str) -> Result<Self, KitError> {
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(std::time::Duration::from_secs(3))
-            .connect(url);
+        let client =
+            async_nats::ConnectOptions::new().connection_timeout(std::time::Duration::from_secs(3)).connect(url);
         let client = tokio::time::timeout(std::time::Duration::from_secs(5), client)
             .await
             .map_err(|e| e.to_string())
@@ -44,8 +43,10 @@ impl TestNats {
         let jetstream = jetstream::new(client.clone());
         // Ask the JetStream API directly: a server without JetStream answers with an error
         // (or not at all), whatever the client's version.
-        let no_jetstream = |e: String| KitError::server(format!("NATS at {url} has no JetStream (start it with -js)"), e);
-        let reply = client.request("$JS.API.INFO", bytes::Bytes::new()).await.map_err(|e| no_jetstream(e.to_string()))?;
+        let no_jetstream =
+            |e: String| KitError::server(format!("NATS at {url} has no JetStream (start it with -js)"), e);
+        let reply =
+            client.request("$JS.API.INFO", bytes::Bytes::new()).await.map_err(|e| no_jetstream(e.to_string()))?;
         let text = String::from_utf8_lossy(&reply.payload);
         if text.contains("\"error\"") {
             return Err(no_jetstream(text.into_owned()));

@@ -14,7 +14,8 @@ use tempfile::TempDir;
 use crate::KitError;
 
 fn free_port() -> Result<u16, KitError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| KitError::Process(format!("finding a free port: {e}")))?;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| KitError::Process(format!("finding a free port: {e}")))?;
     listener.local_addr().map(|a| a.port()).map_err(|e| KitError::Process(e.to_string()))
 }
 
@@ -39,17 +40,15 @@ fn find_program(name: &str, candidates: &[&str]) -> Result<PathBuf, KitError> {
     let from_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect::<Vec<_>>())
         .unwrap_or_default();
-    candidates
-        .iter()
-        .map(PathBuf::from)
-        .chain(from_path)
-        .find(|p| p.is_file())
-        .ok_or_else(|| KitError::Process(format!("{name} is not installed; `scripts/test --services-only` installs it")))
+    candidates.iter().map(PathBuf::from).chain(from_path).find(|p| p.is_file()).ok_or_else(|| {
+        KitError::Process(format!("{name} is not installed; `scripts/test --services-only` installs it"))
+    })
 }
 
 fn log_file(dir: &Path, name: &str) -> Result<(std::fs::File, PathBuf), KitError> {
     let path = dir.join(name);
-    let file = std::fs::File::create(&path).map_err(|e| KitError::Process(format!("creating {}: {e}", path.display())))?;
+    let file =
+        std::fs::File::create(&path).map_err(|e| KitError::Process(format!("creating {}: {e}", path.display())))?;
     Ok((file, path))
 }
 
@@ -243,5 +242,8 @@ fn postgres_bindir() -> Result<PathBuf, KitError> {
         .filter(|(_, bin)| bin.join("initdb").is_file())
         .collect();
     versions.sort();
-    versions.pop().map(|(_, bin)| bin).ok_or_else(|| KitError::Process("no Postgres with initdb under /usr/lib/postgresql".into()))
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or_else(|| KitError::Process("no Postgres with initdb under /usr/lib/postgresql".into()))
 }

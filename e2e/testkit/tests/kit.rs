@@ -18,7 +18,11 @@ fn admin_url() -> String {
 
 async fn database_exists(name: &str) -> bool {
     let pool = sqlx::PgPool::connect(&admin_url()).await.unwrap();
-    let row = sqlx::query("SELECT count(*) AS n FROM pg_database WHERE datname = $1").bind(name).fetch_one(&pool).await.unwrap();
+    let row = sqlx::query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     row.get::<i64, _>("n") == 1
 }
 
@@ -48,7 +52,8 @@ async fn databases_are_separate_and_dropped_afterwards() {
 
 #[tokio::test]
 async fn an_unreachable_server_fails_with_how_to_start_it() {
-    let err = TestDatabase::on("postgres://postgres:secret-password@127.0.0.1:1/postgres").await.unwrap_err().to_string();
+    let err =
+        TestDatabase::on("postgres://postgres:secret-password@127.0.0.1:1/postgres").await.unwrap_err().to_string();
     assert!(err.contains("cannot reach Postgres"), "{err}");
     assert!(err.contains("scripts/test --services-only"), "{err}");
     assert!(err.contains("VELLUM_TEST_DATABASE_URL"), "{err}");
@@ -122,9 +127,13 @@ async fn a_private_nats_server_keeps_jetstream_messages_across_a_kill() {
     let mut server = NatsProcess::start().unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
-    js.create_stream(stream::Config { name: "DURABLE".into(), subjects: vec!["durable.>".into()], ..Default::default() })
-        .await
-        .unwrap();
+    js.create_stream(stream::Config {
+        name: "DURABLE".into(),
+        subjects: vec!["durable.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     js.publish("durable.one", Bytes::from_static(b"1")).await.unwrap().await.unwrap();
 
     server.kill();
@@ -147,7 +156,10 @@ async fn a_private_postgres_keeps_committed_rows_across_a_kill() {
 
     server.kill();
     // A single connection, not a pool: a pool would retry until its acquire timeout.
-    assert!(<sqlx::PgConnection as sqlx::Connection>::connect(&server.url()).await.is_err(), "the killed server is gone");
+    assert!(
+        <sqlx::PgConnection as sqlx::Connection>::connect(&server.url()).await.is_err(),
+        "the killed server is gone"
+    );
     server.restart().unwrap();
 
     let pool = sqlx::PgPool::connect(&server.url()).await.unwrap();
