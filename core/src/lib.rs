@@ -7,3 +7,6 @@
 #![warn(clippy::unwrap_used)]
 
 pub use vellum_crds as crds;
+
+pub mod config;
+pub mod signing;

@@ -1,0 +1,407 @@
+//! The platform config compiler: custom resources and the Secrets they name →
+//! [`PlatformConfig`] (safe to store in a ConfigMap) plus a [`SecretBundle`] (the values,
+//! for the platform's Secret). The operator feeds it from the Kubernetes API, standalone
+//! mode from a directory of the same YAML ([`load_dir`]). One code path, two sources.
+
+mod load;
+mod secret;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use vellum_crds::conditions::reasons;
+use vellum_crds::retention_policy::{AgeBasis, DocumentSelector, ExpirationAction, NoncurrentVersions};
+use vellum_crds::shard_set::Routing;
+use vellum_crds::storage_tier::{Compression, TierClass};
+use vellum_crds::webhook::{DeactivationRule, EventFilter, EventType, HttpHeader, RateLimit, RetryPolicy};
+use vellum_crds::{RetentionPolicy, ShardSet, StorageTier, Webhook};
+
+pub use load::{LoadError, load_dir, parse_documents};
+pub use secret::{SecretBundle, SecretHandle, SecretStore, SecretValue};
+
+/// Everything the gateway and the workers need to know about one platform.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlatformConfig {
+    /// Storage tiers, by name.
+    pub tiers: BTreeMap<String, TierConfig>,
+    /// The tier uploads land in.
+    pub default_tier: String,
+    /// Webhook endpoints, by name.
+    pub webhooks: BTreeMap<String, WebhookConfig>,
+    /// Retention policies, by name.
+    pub retention_policies: BTreeMap<String, RetentionConfig>,
+    /// The metadata shards, when the platform has a ShardSet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<ShardsConfig>,
+}
+
+/// A storage tier, ready for `object_store`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TierConfig {
+    pub class: TierClass,
+    pub url: String,
+    /// Non-secret `object_store` options (endpoint, region, and the backend's `options`).
+    pub options: BTreeMap<String, String>,
+    /// Secret `object_store` options, by option name.
+    pub secret_options: BTreeMap<String, SecretHandle>,
+    pub cost_per_gb_month: Option<f64>,
+    pub compression: Compression,
+}
+
+/// A webhook endpoint with its signing key's handle.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookConfig {
+    pub url: String,
+    pub signing_key: SecretHandle,
+    pub event_types: Vec<EventType>,
+    pub filter: Option<EventFilter>,
+    pub retry: RetryPolicy,
+    pub timeout_seconds: u32,
+    pub rate_limit: Option<RateLimit>,
+    pub max_concurrency: u32,
+    pub headers: Vec<HttpHeader>,
+    pub paused: bool,
+    pub deactivation: DeactivationRule,
+}
+
+/// A retention policy whose tiers are known to exist.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionConfig {
+    pub selector: DocumentSelector,
+    pub age_basis: AgeBasis,
+    /// `(afterDays, tier)`, in increasing `afterDays`.
+    pub transitions: Vec<(u32, String)>,
+    pub expiration: Option<ExpirationConfig>,
+    pub noncurrent_versions: Option<NoncurrentVersions>,
+    pub schedule: String,
+    pub dry_run: bool,
+    pub suspend: bool,
+}
+
+/// When and how documents expire under a policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpirationConfig {
+    pub after_days: u32,
+    pub action: ExpirationAction,
+    /// For ARCHIVE: the tier archived documents move to.
+    pub archive_tier: Option<String>,
+}
+
+/// The metadata shards and their routing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardsConfig {
+    pub shard_set: String,
+    /// `(name, connection URL handle, weight, range start)` in the ShardSet's order.
+    pub shards: Vec<ShardConfig>,
+    pub routing: Routing,
+}
+
+/// One metadata shard.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardConfig {
+    pub name: String,
+    pub url: SecretHandle,
+    pub weight: u32,
+    pub range_start: Option<String>,
+}
+
+/// The custom resources and Secrets of one platform (one namespace, or one directory).
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub tiers: Vec<StorageTier>,
+    pub webhooks: Vec<Webhook>,
+    pub retention_policies: Vec<RetentionPolicy>,
+    pub shard_sets: Vec<ShardSet>,
+    pub secrets: SecretStore,
+}
+
+/// One thing wrong with the sources, attributed to the resource it is about, with the
+/// reason a condition on that resource would carry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {message}")]
+pub struct ConfigError {
+    /// `Kind/name` of the resource at fault.
+    pub resource: String,
+    /// PascalCase reason, as in a condition.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn err(kind: &str, name: &str, reason: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError { resource: format!("{kind}/{name}"), reason, message: message.into() }
+}
+
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.name.clone().unwrap_or_default()
+}
+
+/// Compilation state: the sources, the secret values taken so far and the problems found.
+struct Compiler<'a> {
+    sources: &'a Sources,
+    bundle: SecretBundle,
+    errors: Vec<ConfigError>,
+}
+
+impl Compiler<'_> {
+    /// Looks up one secret value, records it in the bundle and returns its handle, or records
+    /// why it cannot.
+    fn take(&mut self, (kind, name): (&str, &str), secret: &str, key: &str) -> Option<SecretHandle> {
+        let Some(data) = self.sources.secrets.get(secret) else {
+            self.errors.push(err(kind, name, reasons::SECRET_NOT_FOUND, format!("Secret {secret} does not exist")));
+            return None;
+        };
+        let Some(value) = data.get(key) else {
+            self.errors.push(err(kind, name, reasons::SECRET_KEY_MISSING, format!("Secret {secret} has no key {key}")));
+            return None;
+        };
+        let handle = SecretHandle::new(secret, key);
+        self.bundle.0.insert(handle.clone(), SecretValue::new(value.clone()));
+        Some(handle)
+    }
+
+    fn tiers(&mut self) -> (BTreeMap<String, TierConfig>, String) {
+        let mut tiers = BTreeMap::new();
+        for tier in &self.sources.tiers {
+            let name = name_of(&tier.metadata);
+            let spec = &tier.spec;
+            let mut options = spec.backend.options.clone();
+            if let Some(endpoint) = &spec.backend.endpoint {
+                options.insert("endpoint".into(), endpoint.clone());
+            }
+            if let Some(region) = &spec.backend.region {
+                options.insert("region".into(), region.clone());
+            }
+            let mut secret_options = BTreeMap::new();
+            if let Some(secret_ref) = &spec.backend.secret_ref {
+                match self.sources.secrets.get(&secret_ref.name) {
+                    None => self.errors.push(err(
+                        "StorageTier",
+                        &name,
+                        reasons::SECRET_NOT_FOUND,
+                        format!("Secret {} does not exist", secret_ref.name),
+                    )),
+                    Some(data) => {
+                        for key in data.keys() {
+                            if let Some(handle) = self.take(("StorageTier", &name), &secret_ref.name, key) {
+                                secret_options.insert(key.clone(), handle);
+                            }
+                        }
+                    }
+                }
+            }
+            let config = TierConfig {
+                class: spec.class,
+                url: spec.backend.url.clone(),
+                options,
+                secret_options,
+                cost_per_gb_month: spec.cost_per_gb_month,
+                compression: spec.compression.clone(),
+            };
+            if tiers.insert(name.clone(), config).is_some() {
+                self.errors.push(err("StorageTier", &name, reasons::INVALID_SPEC, "defined twice"));
+            }
+        }
+        let defaults: Vec<String> =
+            self.sources.tiers.iter().filter(|t| t.spec.default).map(|t| name_of(&t.metadata)).collect();
+        let default_tier = match defaults.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                self.errors.push(ConfigError {
+                    resource: "StorageTier".into(),
+                    reason: reasons::INVALID_SPEC,
+                    message: "no StorageTier has `default: true`; uploads need one to land in".into(),
+                });
+                String::new()
+            }
+            many => {
+                for name in many {
+                    self.errors.push(err(
+                        "StorageTier",
+                        name,
+                        reasons::INVALID_SPEC,
+                        format!("more than one default tier: {}", many.join(", ")),
+                    ));
+                }
+                String::new()
+            }
+        };
+        (tiers, default_tier)
+    }
+
+    fn webhooks(&mut self) -> BTreeMap<String, WebhookConfig> {
+        let mut webhooks = BTreeMap::new();
+        for webhook in &self.sources.webhooks {
+            let name = name_of(&webhook.metadata);
+            let spec = &webhook.spec;
+            let Some(signing_key) = self.take(("Webhook", &name), &spec.secret_ref.name, &spec.secret_ref.key) else {
+                continue;
+            };
+            if let Some(Err(message)) =
+                self.bundle.get(&signing_key).map(|v| crate::signing::parse_signing_key(v.expose()))
+            {
+                self.errors.push(err("Webhook", &name, reasons::INVALID_SPEC, message));
+                continue;
+            }
+            let config = WebhookConfig {
+                url: spec.url.clone(),
+                signing_key,
+                event_types: spec.event_types.clone(),
+                filter: spec.filter.clone(),
+                retry: spec.retry.clone(),
+                timeout_seconds: spec.timeout_seconds,
+                rate_limit: spec.rate_limit.clone(),
+                max_concurrency: spec.max_concurrency,
+                headers: spec.headers.clone(),
+                paused: spec.paused,
+                deactivation: spec.deactivation.clone(),
+            };
+            if webhooks.insert(name.clone(), config).is_some() {
+                self.errors.push(err("Webhook", &name, reasons::INVALID_SPEC, "defined twice"));
+            }
+        }
+        webhooks
+    }
+
+    fn retention_policies(&mut self, tiers: &BTreeMap<String, TierConfig>) -> BTreeMap<String, RetentionConfig> {
+        let mut retention_policies = BTreeMap::new();
+        let frozen: Option<String> = tiers.iter().find(|(_, t)| t.class == TierClass::Frozen).map(|(n, _)| n.clone());
+        for policy in &self.sources.retention_policies {
+            let name = name_of(&policy.metadata);
+            let spec = &policy.spec;
+            let errors_before = self.errors.len();
+            let missing = |tier: &str| {
+                (!tiers.contains_key(tier)).then(|| {
+                    err("RetentionPolicy", &name, reasons::TIER_NOT_FOUND, format!("StorageTier {tier} does not exist"))
+                })
+            };
+            for t in &spec.transitions {
+                self.errors.extend(missing(&t.to_tier));
+            }
+            let expiration = match &spec.expiration {
+                None => None,
+                Some(e) => {
+                    let archive_tier = match e.action {
+                        ExpirationAction::Delete => None,
+                        ExpirationAction::Archive => match (&e.archive_tier, &frozen) {
+                            (Some(t), _) => {
+                                self.errors.extend(missing(t));
+                                Some(t.clone())
+                            }
+                            (None, Some(f)) => Some(f.clone()),
+                            (None, None) => {
+                                self.errors.push(err(
+                                    "RetentionPolicy",
+                                    &name,
+                                    reasons::TIER_NOT_FOUND,
+                                    "ARCHIVE needs an archiveTier or a StorageTier of class FROZEN",
+                                ));
+                                None
+                            }
+                        },
+                    };
+                    Some(ExpirationConfig { after_days: e.after_days, action: e.action, archive_tier })
+                }
+            };
+            if self.errors.len() > errors_before {
+                continue;
+            }
+            let config = RetentionConfig {
+                selector: spec.selector.clone(),
+                age_basis: spec.age_basis,
+                transitions: spec.transitions.iter().map(|t| (t.after_days, t.to_tier.clone())).collect(),
+                expiration,
+                noncurrent_versions: spec.noncurrent_versions.clone(),
+                schedule: spec.schedule.clone(),
+                dry_run: spec.dry_run,
+                suspend: spec.suspend,
+            };
+            if retention_policies.insert(name.clone(), config).is_some() {
+                self.errors.push(err("RetentionPolicy", &name, reasons::INVALID_SPEC, "defined twice"));
+            }
+        }
+        retention_policies
+    }
+
+    fn shards(&mut self) -> Option<ShardsConfig> {
+        match self.sources.shard_sets.as_slice() {
+            [] => None,
+            [set] => {
+                let set_name = name_of(&set.metadata);
+                let mut seen = BTreeSet::new();
+                let mut shards = Vec::new();
+                for shard in &set.spec.shards {
+                    if !seen.insert(shard.name.clone()) {
+                        self.errors.push(err(
+                            "ShardSet",
+                            &set_name,
+                            reasons::INVALID_SPEC,
+                            format!("shard {} is listed twice", shard.name),
+                        ));
+                    }
+                    if let Some(url) =
+                        self.take(("ShardSet", &set_name), &shard.url_secret_ref.name, &shard.url_secret_ref.key)
+                    {
+                        shards.push(ShardConfig {
+                            name: shard.name.clone(),
+                            url,
+                            weight: shard.weight,
+                            range_start: shard.range_start.clone(),
+                        });
+                    }
+                }
+                Some(ShardsConfig { shard_set: set_name, shards, routing: set.spec.routing.clone() })
+            }
+            many => {
+                for set in many {
+                    self.errors.push(err(
+                        "ShardSet",
+                        &name_of(&set.metadata),
+                        reasons::INVALID_SPEC,
+                        "a platform has one ShardSet",
+                    ));
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Compiles the sources. Every problem is reported, not just the first, so a person fixes
+/// them in one pass; the config is returned only when there are none.
+pub fn compile(sources: &Sources) -> Result<(PlatformConfig, SecretBundle), Vec<ConfigError>> {
+    let mut compiler = Compiler { sources, bundle: SecretBundle::default(), errors: Vec::new() };
+    let (tiers, default_tier) = compiler.tiers();
+    let webhooks = compiler.webhooks();
+    let retention_policies = compiler.retention_policies(&tiers);
+    let shards = compiler.shards();
+    if compiler.errors.is_empty() {
+        Ok((PlatformConfig { tiers, default_tier, webhooks, retention_policies, shards }, compiler.bundle))
+    } else {
+        Err(compiler.errors)
+    }
+}
+
+impl PlatformConfig {
+    /// A stable hash of the config, for the name of the ConfigMap that holds it.
+    pub fn content_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        // BTreeMaps and Vecs serialise in a fixed order, so equal configs hash equally.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(json);
+        digest.iter().take(5).fold(String::new(), |mut out, b| {
+            use std::fmt::Write;
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

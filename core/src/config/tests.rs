@@ -1,0 +1,157 @@
+use std::path::PathBuf;
+
+use super::*;
+
+fn examples() -> Sources {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
+    load_dir(&dir).unwrap()
+}
+
+fn parse(yaml: &str) -> Sources {
+    let mut sources = Sources::default();
+    parse_documents(yaml, "test.yaml", &mut sources).unwrap();
+    sources
+}
+
+const TIERS: &str = r"
+apiVersion: vellum.dev/v1alpha1
+kind: StorageTier
+metadata: {name: hot}
+spec: {class: HOT, default: true, backend: {url: 'memory://'}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: StorageTier
+metadata: {name: cold}
+spec: {class: COLD, backend: {url: 'memory://'}}
+";
+
+#[test]
+fn the_shipped_examples_compile() {
+    let (config, bundle) = compile(&examples()).unwrap();
+    assert_eq!(config.default_tier, "hot");
+    assert_eq!(config.tiers.keys().collect::<Vec<_>>(), ["cold", "frozen", "hot", "warm"]);
+    let hot = &config.tiers["hot"];
+    assert_eq!(hot.options["endpoint"], "http://minio.storage.svc:9000");
+    assert_eq!(
+        hot.secret_options["aws_secret_access_key"],
+        SecretHandle::new("docs-s3-credentials", "aws_secret_access_key")
+    );
+    let policy = &config.retention_policies["standard-lifecycle"];
+    assert_eq!(policy.transitions, [(30, "warm".to_owned()), (90, "cold".to_owned()), (365, "frozen".to_owned())]);
+    let hook = &config.webhooks["contracts-notifier"];
+    assert_eq!(hook.signing_key, SecretHandle::new("docs-webhook-keys", "contracts-notifier"));
+    assert!(bundle.get(&hook.signing_key).is_some());
+    let shards = config.shards.as_ref().unwrap();
+    assert_eq!(shards.shards.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["shard-a", "shard-b"]);
+}
+
+#[test]
+fn the_compiled_config_holds_no_secret_value() {
+    let sources = examples();
+    let (config, bundle) = compile(&sources).unwrap();
+    let json = serde_json::to_string(&config).unwrap();
+    for value in bundle.0.values() {
+        let text = value.expose_str().unwrap();
+        assert!(!json.contains(text), "a secret value leaked into the config");
+    }
+    assert!(!format!("{bundle:?}").contains("change-me"), "Debug of the bundle redacts values");
+    // And it survives a trip through a ConfigMap.
+    let back: PlatformConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, config);
+    assert_eq!(back.content_hash(), config.content_hash());
+}
+
+#[test]
+fn the_hash_changes_with_the_config() {
+    let (a, _) = compile(&parse(TIERS)).unwrap();
+    let mut sources = parse(TIERS);
+    sources.tiers[1].spec.cost_per_gb_month = Some(0.004);
+    let (b, _) = compile(&sources).unwrap();
+    assert_ne!(a.content_hash(), b.content_hash());
+    assert_eq!(a.content_hash().len(), 10);
+}
+
+#[test]
+fn every_problem_is_reported_with_its_resource_and_reason() {
+    let yaml = format!(
+        r"{TIERS}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: StorageTier
+metadata: {{name: also-default}}
+spec: {{class: WARM, default: true, backend: {{url: 'memory://'}}}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: RetentionPolicy
+metadata: {{name: to-nowhere}}
+spec:
+  transitions: [{{afterDays: 30, toTier: lukewarm}}]
+---
+apiVersion: vellum.dev/v1alpha1
+kind: RetentionPolicy
+metadata: {{name: archive-without-frozen}}
+spec:
+  expiration: {{afterDays: 30, action: ARCHIVE}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: Webhook
+metadata: {{name: no-secret}}
+spec: {{url: 'https://example.com', secretRef: {{name: missing, key: k}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: keys}}
+stringData: {{other: x, bad: 'whsec_!!'}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: Webhook
+metadata: {{name: no-key}}
+spec: {{url: 'https://example.com', secretRef: {{name: keys, key: k}}}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: Webhook
+metadata: {{name: bad-key}}
+spec: {{url: 'https://example.com', secretRef: {{name: keys, key: bad}}}}
+"
+    );
+    let errors = compile(&parse(&yaml)).unwrap_err();
+    let got: Vec<(&str, &str)> = errors.iter().map(|e| (e.resource.as_str(), e.reason)).collect();
+    for expected in [
+        ("StorageTier/hot", "InvalidSpec"),
+        ("StorageTier/also-default", "InvalidSpec"),
+        ("RetentionPolicy/to-nowhere", "TierNotFound"),
+        ("RetentionPolicy/archive-without-frozen", "TierNotFound"),
+        ("Webhook/no-secret", "SecretNotFound"),
+        ("Webhook/no-key", "SecretKeyMissing"),
+        ("Webhook/bad-key", "InvalidSpec"),
+    ] {
+        assert!(got.contains(&expected), "missing {expected:?} in {errors:#?}");
+    }
+    assert!(errors.iter().all(|e| !e.message.contains("whsec_!!")), "messages never quote a secret");
+}
+
+#[test]
+fn a_platform_needs_one_default_tier() {
+    let yaml = "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, backend: {url: 'memory://'}}\n";
+    let errors = compile(&parse(yaml)).unwrap_err();
+    assert!(errors[0].message.contains("default: true"), "{errors:?}");
+}
+
+#[test]
+fn unknown_kinds_and_bad_fields_are_load_errors_naming_the_document() {
+    let mut sources = Sources::default();
+    let e = parse_documents("apiVersion: apps/v1\nkind: Deployment\n", "x.yaml", &mut sources).unwrap_err().to_string();
+    assert!(e.starts_with("x.yaml: document 0:") && e.contains("unsupported resource"), "{e}");
+    let bad = "---\napiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: t}\nspec: {class: TEPID, backend: {url: 'memory://'}}\n";
+    let e = parse_documents(bad, "y.yaml", &mut sources).unwrap_err().to_string();
+    assert!(e.contains("y.yaml: document 0") && e.contains("TEPID"), "{e}");
+}
+
+#[test]
+fn secret_data_is_base64_and_string_data_wins() {
+    let sources = parse(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {a: aGVsbG8=, b: Zm9v}\nstringData: {b: bar}\n",
+    );
+    assert_eq!(sources.secrets["s"]["a"], b"hello");
+    assert_eq!(sources.secrets["s"]["b"], b"bar");
+}
