@@ -52,6 +52,21 @@ fn log_file(dir: &Path, name: &str) -> Result<(std::fs::File, PathBuf), KitError
     Ok((file, path))
 }
 
+/// Starts a server in a process group of its own, its output in `<dir>/<name>.log`, and
+/// waits until it listens on `port`.
+fn spawn_server(mut command: Command, dir: &Path, name: &str, port: u16) -> Result<Child, KitError> {
+    let (log, log_path) = log_file(dir, &format!("{name}.log"))?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| KitError::Process(e.to_string()))?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| KitError::Process(format!("starting {name}: {e}")))?;
+    wait_for_port(&mut child, port, name, &log_path)?;
+    Ok(child)
+}
+
 /// Kills the child's whole process group at once (SIGKILL), as a crash would: a server's
 /// own children (Postgres backends, or the server under `runuser`) go with it.
 fn kill(child: &mut Option<Child>) {
@@ -94,19 +109,11 @@ impl NatsProcess {
     pub fn restart(&mut self) -> Result<(), KitError> {
         self.kill();
         let program = find_program("nats-server", &["/usr/sbin/nats-server", "/usr/bin/nats-server"])?;
-        let (log, log_path) = log_file(self.dir.path(), "nats-server.log")?;
-        let store = self.dir.path().join("jetstream");
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&store)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| KitError::Process(e.to_string()))?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| KitError::Process(format!("starting nats-server: {e}")))?;
-        wait_for_port(&mut child, self.port, "nats-server", &log_path)?;
-        self.child = Some(child);
+            .arg(self.dir.path().join("jetstream"));
+        self.child = Some(spawn_server(command, self.dir.path(), "nats-server", self.port)?);
         Ok(())
     }
 }
@@ -199,22 +206,14 @@ impl PostgresProcess {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let (log, log_path) = log_file(self.dir.path(), "postgres.log")?;
         let socket_dir = self.dir.path().to_string_lossy().into_owned();
-        let mut child = self
-            .command("postgres")
+        let mut command = self.command("postgres");
+        command
             .arg("-D")
             .arg(self.data_dir())
             .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k", &socket_dir])
-            .args(["-c", "fsync=off", "-c", "max_connections=50"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| KitError::Process(e.to_string()))?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| KitError::Process(format!("starting postgres: {e}")))?;
-        wait_for_port(&mut child, self.port, "postgres", &log_path)?;
-        self.child = Some(child);
+            .args(["-c", "fsync=off", "-c", "max_connections=50"]);
+        self.child = Some(spawn_server(command, self.dir.path(), "postgres", self.port)?);
         Ok(())
     }
 }
