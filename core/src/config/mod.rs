@@ -97,7 +97,7 @@ pub struct ExpirationConfig {
 #[serde(rename_all = "camelCase")]
 pub struct ShardsConfig {
     pub shard_set: String,
-    /// `(name, connection URL handle, weight, range start)` in the ShardSet's order.
+    /// The shards, in the ShardSet's order.
     pub shards: Vec<ShardConfig>,
     pub routing: Routing,
 }
@@ -149,21 +149,42 @@ struct Compiler<'a> {
     errors: Vec<ConfigError>,
 }
 
-impl Compiler<'_> {
+impl<'a> Compiler<'a> {
+    /// The data of a Secret, or records that it does not exist.
+    fn secret(&mut self, (kind, name): (&str, &str), secret: &str) -> Option<&'a BTreeMap<String, Vec<u8>>> {
+        let data = self.sources.secrets.get(secret);
+        if data.is_none() {
+            self.errors.push(err(kind, name, reasons::SECRET_NOT_FOUND, format!("Secret {secret} does not exist")));
+        }
+        data
+    }
+
+    /// Records a secret value in the bundle and returns its handle.
+    fn keep(&mut self, secret: &str, key: &str, value: &[u8]) -> SecretHandle {
+        let handle = SecretHandle::new(secret, key);
+        self.bundle.0.insert(handle.clone(), SecretValue::new(value));
+        handle
+    }
+
     /// Looks up one secret value, records it in the bundle and returns its handle, or records
     /// why it cannot.
-    fn take(&mut self, (kind, name): (&str, &str), secret: &str, key: &str) -> Option<SecretHandle> {
-        let Some(data) = self.sources.secrets.get(secret) else {
-            self.errors.push(err(kind, name, reasons::SECRET_NOT_FOUND, format!("Secret {secret} does not exist")));
-            return None;
-        };
+    fn take(&mut self, owner: (&str, &str), secret: &str, key: &str) -> Option<SecretHandle> {
+        let data = self.secret(owner, secret)?;
         let Some(value) = data.get(key) else {
+            let (kind, name) = owner;
             self.errors.push(err(kind, name, reasons::SECRET_KEY_MISSING, format!("Secret {secret} has no key {key}")));
             return None;
         };
-        let handle = SecretHandle::new(secret, key);
-        self.bundle.0.insert(handle.clone(), SecretValue::new(value.clone()));
-        Some(handle)
+        Some(self.keep(secret, key, value))
+    }
+
+    /// Records every value of a Secret in the bundle and returns their handles by key, or
+    /// records that the Secret does not exist.
+    fn take_all(&mut self, owner: (&str, &str), secret: &str) -> BTreeMap<String, SecretHandle> {
+        let Some(data) = self.secret(owner, secret) else {
+            return BTreeMap::new();
+        };
+        data.iter().map(|(key, value)| (key.clone(), self.keep(secret, key, value))).collect()
     }
 
     fn tiers(&mut self) -> (BTreeMap<String, TierConfig>, String) {
@@ -178,24 +199,10 @@ impl Compiler<'_> {
             if let Some(region) = &spec.backend.region {
                 options.insert("region".into(), region.clone());
             }
-            let mut secret_options = BTreeMap::new();
-            if let Some(secret_ref) = &spec.backend.secret_ref {
-                match self.sources.secrets.get(&secret_ref.name) {
-                    None => self.errors.push(err(
-                        "StorageTier",
-                        &name,
-                        reasons::SECRET_NOT_FOUND,
-                        format!("Secret {} does not exist", secret_ref.name),
-                    )),
-                    Some(data) => {
-                        for key in data.keys() {
-                            if let Some(handle) = self.take(("StorageTier", &name), &secret_ref.name, key) {
-                                secret_options.insert(key.clone(), handle);
-                            }
-                        }
-                    }
-                }
-            }
+            let secret_options = match &spec.backend.secret_ref {
+                Some(secret_ref) => self.take_all(("StorageTier", &name), &secret_ref.name),
+                None => BTreeMap::new(),
+            };
             let config = TierConfig {
                 class: spec.class,
                 url: spec.backend.url.clone(),

@@ -155,3 +155,18 @@ fn secret_data_is_base64_and_string_data_wins() {
     assert_eq!(sources.secrets["s"]["a"], b"hello");
     assert_eq!(sources.secrets["s"]["b"], b"bar");
 }
+
+#[test]
+fn tier_credentials_come_from_a_secret_that_exists() {
+    let tier = "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, default: true, backend: {url: 's3://b', secretRef: {name: creds}}}\n";
+    let errors = compile(&parse(tier)).unwrap_err();
+    assert_eq!((errors[0].resource.as_str(), errors[0].reason), ("StorageTier/hot", "SecretNotFound"));
+
+    let with_secret = format!(
+        "{tier}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: creds}}\nstringData: {{aws_access_key_id: id, aws_secret_access_key: key}}\n"
+    );
+    let (config, bundle) = compile(&parse(&with_secret)).unwrap();
+    let handles = &config.tiers["hot"].secret_options;
+    assert_eq!(handles.keys().collect::<Vec<_>>(), ["aws_access_key_id", "aws_secret_access_key"]);
+    assert_eq!(bundle.get(&handles["aws_secret_access_key"]).unwrap().expose(), b"key");
+}
