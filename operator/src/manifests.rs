@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Namespace, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, ServiceAccount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -152,6 +152,21 @@ fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
     }
 }
 
+/// An environment variable filled from a field of the pod (the downward API).
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 /// The operator Deployment: two replicas by default, of which the Lease holder acts.
 pub fn build_operator_deployment(opts: &InstallOptions) -> Deployment {
     let http_probe = |path: &str| Probe {
@@ -169,28 +184,8 @@ pub fn build_operator_deployment(opts: &InstallOptions) -> Deployment {
         args: Some(vec!["run".into(), format!("--metrics-listen=0.0.0.0:{METRICS_PORT}")]),
         env: Some(vec![
             EnvVar { name: "RUST_LOG".into(), value: Some(opts.log_level.clone()), ..EnvVar::default() },
-            EnvVar {
-                name: "POD_NAME".into(),
-                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
-                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
-                        field_path: "metadata.name".into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: "POD_NAMESPACE".into(),
-                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
-                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
-                        field_path: "metadata.namespace".into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..EnvVar::default()
-            },
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
