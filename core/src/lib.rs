@@ -8,5 +8,7 @@
 
 pub use vellum_crds as crds;
 
+pub mod blob;
 pub mod config;
 pub mod signing;
+pub mod store;

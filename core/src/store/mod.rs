@@ -1,0 +1,200 @@
+//! The metadata store: documents, versions, blobs, upload sessions and the outbox, in
+//! Postgres (in a cluster) or SQLite (the embedded default), through one set of queries.
+//!
+//! Both databases are reached through sqlx's `Any` driver, so every query is written once.
+//! Times are stored as milliseconds since the epoch and JSON as text, which both databases
+//! store alike; the schemas differ only where the dialects must (identity columns) and live
+//! in `migrations/postgres` and `migrations/sqlite`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyPool, Executor, Transaction};
+
+/// Which database is behind the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+/// Why the metadata store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database URL {0:?}: expected postgres://… or sqlite://…")]
+    UnsupportedUrl(String),
+    #[error("cannot open the metadata database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot migrate the metadata database: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("metadata database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether retrying the whole transaction may succeed: a serialization failure or a
+    /// deadlock on Postgres, a busy database on SQLite.
+    pub fn is_retryable(&self) -> bool {
+        let StoreError::Database(sqlx::Error::Database(e)) = self else { return false };
+        matches!(e.code().as_deref(), Some("40001" | "40P01" | "5" | "517" | "6"))
+    }
+
+    /// Whether the error is a unique-constraint violation.
+    pub fn is_unique_violation(&self) -> bool {
+        let StoreError::Database(sqlx::Error::Database(e)) = self else { return false };
+        e.is_unique_violation()
+    }
+}
+
+/// The metadata store: a connection pool and the dialect behind it.
+#[derive(Clone, Debug)]
+pub struct Metadata {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+/// The store's transactions.
+pub type Tx = Transaction<'static, Any>;
+
+impl Metadata {
+    /// Connects to `url` (`postgres://…`, or `sqlite://path` which is created if missing,
+    /// or `sqlite::memory:`), without migrating.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Dialect::Postgres
+        } else if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        };
+        let url = match dialect {
+            Dialect::Sqlite if !url.contains("mode=") && !url.contains(":memory:") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_owned(),
+        };
+        let options = AnyConnectOptions::from_str(&url).map_err(StoreError::Connect)?;
+        let pool = match dialect {
+            Dialect::Postgres => AnyPoolOptions::new().max_connections(16),
+            // Every connection to an in-memory database is a database of its own, so it
+            // gets exactly one. A file gets a few: WAL lets readers run beside the writer,
+            // and writers queue on `BEGIN IMMEDIATE` rather than failing half-way.
+            Dialect::Sqlite if url.contains(":memory:") || url.contains("mode=memory") => {
+                AnyPoolOptions::new().max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None)
+            }
+            Dialect::Sqlite => AnyPoolOptions::new().max_connections(4).after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON")
+                        .await?;
+                    Ok(())
+                })
+            }),
+        };
+        let pool =
+            pool.acquire_timeout(Duration::from_secs(30)).connect_with(options).await.map_err(StoreError::Connect)?;
+        Ok(Self { pool, dialect })
+    }
+
+    /// Connects to `url` and brings its schema up to date.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let store = Self::connect(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the migrations this build knows and the database has not seen.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.dialect {
+            Dialect::Postgres => sqlx::migrate!("migrations/postgres"),
+            Dialect::Sqlite => sqlx::migrate!("migrations/sqlite"),
+        };
+        migrator.run(&self.pool).await.map_err(StoreError::Migrate)
+    }
+
+    /// The schema version: the newest migration applied.
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success").fetch_one(&self.pool).await?;
+        Ok(version.unwrap_or(0))
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Checks the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Begins a transaction that writes. On Postgres it is SERIALIZABLE, so that decisions
+    /// taken on what it read (a blob is unreferenced, a session is unlocked) hold at commit
+    /// or the transaction fails and is retried; on SQLite it takes the write lock at once.
+    pub async fn begin_write(&self) -> Result<Tx, StoreError> {
+        let statement = match self.dialect {
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            Dialect::Sqlite => "BEGIN IMMEDIATE",
+        };
+        Ok(self.pool.begin_with(statement).await?)
+    }
+
+    /// Runs `work` in a write transaction, committing its result, and retries the whole
+    /// transaction when the database asks for it (serialization failures, busy database).
+    pub async fn write<T, F>(&self, mut work: F) -> Result<T, StoreError>
+    where
+        F: for<'t> FnMut(&'t mut Tx) -> futures::future::BoxFuture<'t, Result<T, StoreError>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            let mut tx = self.begin_write().await?;
+            let result = match work(&mut tx).await {
+                Ok(value) => tx.commit().await.map(|()| value).map_err(StoreError::from),
+                Err(e) => {
+                    tx.rollback().await.ok();
+                    Err(e)
+                }
+            };
+            match result {
+                Err(e) if e.is_retryable() && attempt < 8 => {
+                    attempt += 1;
+                    let jitter = rand::random_range(0..10u64 << attempt.min(5));
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_file_is_created_and_migrated_twice_without_harm() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+        let store = Metadata::open(&url).await.unwrap();
+        assert_eq!(store.dialect(), Dialect::Sqlite);
+        assert!(store.schema_version().await.unwrap() >= 1);
+        drop(store);
+        let again = Metadata::open(&url).await.unwrap();
+        again.ping().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unknown_urls_are_refused_by_name() {
+        let err = Metadata::connect("mysql://localhost/x").await.unwrap_err();
+        assert!(err.to_string().contains("mysql://localhost/x"), "{err}");
+    }
+}
