@@ -9,6 +9,9 @@
 pub use vellum_crds as crds;
 
 pub mod blob;
+pub mod clock;
 pub mod config;
+pub mod documents;
+pub mod events;
 pub mod signing;
 pub mod store;

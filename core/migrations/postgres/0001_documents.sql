@@ -1,6 +1,6 @@
 -- Documents, their versions, the content-addressed blobs they point to, and the outbox.
 -- Times are milliseconds since the Unix epoch (BIGINT), so that the same queries run on
--- Postgres and on SQLite.
+-- Postgres and on SQLite; flags are 0 or 1 for the same reason.
 
 CREATE TABLE blobs (
     sha256       TEXT PRIMARY KEY,
@@ -27,7 +27,7 @@ CREATE TABLE documents (
     current_version  BIGINT NOT NULL,
     size             BIGINT NOT NULL,
     sha256           TEXT NOT NULL,
-    legal_hold       BOOLEAN NOT NULL DEFAULT FALSE,
+    legal_hold       BIGINT NOT NULL DEFAULT 0,
     created_at       BIGINT NOT NULL,
     updated_at       BIGINT NOT NULL,
     last_accessed_at BIGINT,

@@ -49,6 +49,18 @@ impl StoreError {
     }
 }
 
+/// An error a write transaction may end with: the store's own, or a caller's domain error
+/// that may wrap one (only those are retried).
+pub trait TxError: From<StoreError> {
+    fn store_error(&self) -> Option<&StoreError>;
+}
+
+impl TxError for StoreError {
+    fn store_error(&self) -> Option<&StoreError> {
+        Some(self)
+    }
+}
+
 /// The metadata store: a connection pool and the dialect behind it.
 #[derive(Clone, Debug)]
 pub struct Metadata {
@@ -150,22 +162,28 @@ impl Metadata {
 
     /// Runs `work` in a write transaction, committing its result, and retries the whole
     /// transaction when the database asks for it (serialization failures, busy database).
-    pub async fn write<T, F>(&self, mut work: F) -> Result<T, StoreError>
+    ///
+    /// `work` owns the transaction while it runs and hands it back with its result, so
+    /// that it may borrow anything that outlives this call.
+    pub async fn write<'a, T, E, F>(&self, mut work: F) -> Result<T, E>
     where
-        F: for<'t> FnMut(&'t mut Tx) -> futures::future::BoxFuture<'t, Result<T, StoreError>>,
+        E: TxError,
+        F: FnMut(Tx) -> futures::future::BoxFuture<'a, (Tx, Result<T, E>)>,
     {
         let mut attempt = 0u32;
         loop {
-            let mut tx = self.begin_write().await?;
-            let result = match work(&mut tx).await {
-                Ok(value) => tx.commit().await.map(|()| value).map_err(StoreError::from),
-                Err(e) => {
-                    tx.rollback().await.ok();
-                    Err(e)
-                }
+            let result = match self.begin_write().await {
+                Ok(tx) => match work(tx).await {
+                    (tx, Ok(value)) => tx.commit().await.map(|()| value).map_err(|e| E::from(StoreError::from(e))),
+                    (tx, Err(e)) => {
+                        tx.rollback().await.ok();
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(E::from(e)),
             };
             match result {
-                Err(e) if e.is_retryable() && attempt < 8 => {
+                Err(e) if e.store_error().is_some_and(StoreError::is_retryable) && attempt < 8 => {
                     attempt += 1;
                     let jitter = rand::random_range(0..10u64 << attempt.min(5));
                     tokio::time::sleep(Duration::from_millis(jitter)).await;

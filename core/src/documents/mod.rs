@@ -1,0 +1,953 @@
+//! The document service: uploads, versions, metadata, listing, deletion and legal hold,
+//! over the metadata store and the blob tiers. The gateway maps HTTP onto it; the workers
+//! use it for their own changes. Every change that emits an event writes the event to the
+//! outbox in the same transaction.
+
+mod model;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use futures::Stream;
+use futures::future::BoxFuture;
+use serde_json::{Map, Value, json};
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+
+pub use model::*;
+
+use crate::blob::{BlobError, ByteStream, Codec, StoredBlob, Tiers};
+use crate::clock::{Clock, rfc3339};
+use crate::crds::webhook::EventType;
+use crate::events::{Bus, Event};
+use crate::store::{Metadata, StoreError, Tx};
+
+/// Why a document operation failed; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("document {0} not found")]
+    NotFound(i64),
+    #[error("version {version} of document {id} not found")]
+    VersionNotFound { id: i64, version: i64 },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("the upload exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error(transparent)]
+    Storage(BlobError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<BlobError> for DocError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::TooLarge { limit } => DocError::TooLarge { limit },
+            BlobError::Body(e) => DocError::Invalid(format!("reading the upload failed: {e}")),
+            other => DocError::Storage(other),
+        }
+    }
+}
+
+impl crate::store::TxError for DocError {
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            DocError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<sqlx::Error> for DocError {
+    fn from(e: sqlx::Error) -> Self {
+        DocError::Store(StoreError::Database(e))
+    }
+}
+
+/// A version's bytes, ready to stream: what to send and how to find it.
+#[derive(Clone, Debug)]
+pub struct Content {
+    pub document: Document,
+    pub version: i64,
+    pub filename: String,
+    pub content_type: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256: the strong ETag of the bytes.
+    pub sha256: String,
+    tier: String,
+    object_key: String,
+    codec: Codec,
+}
+
+/// The document service.
+#[derive(Clone, Debug)]
+pub struct Documents {
+    meta: Metadata,
+    tiers: Tiers,
+    clock: Clock,
+    bus: Option<Bus>,
+    /// The largest document accepted, in bytes.
+    pub max_upload: u64,
+}
+
+const DOCUMENT_COLUMNS: &str = "d.id, d.owner, d.filename, d.file_type, d.content_type, d.title, d.description, \
+     d.tags, d.metadata, d.current_version, d.size, d.sha256, d.legal_hold, d.created_at, d.updated_at, d.deleted_at, \
+     b.tier";
+
+/// A random id below 2^53, so that JavaScript clients read it exactly.
+fn new_document_id() -> i64 {
+    rand::random_range(1..(1i64 << 53))
+}
+
+fn document_from_row(row: &AnyRow) -> Result<Document, StoreError> {
+    let corrupt = |what: &str, e: serde_json::Error| StoreError::Corrupt(format!("document {what}: {e}"));
+    let tags: String = row.try_get("tags")?;
+    let metadata: String = row.try_get("metadata")?;
+    let sha256: String = row.try_get("sha256")?;
+    let deleted_at: Option<i64> = row.try_get("deleted_at")?;
+    Ok(Document {
+        id: row.try_get("id")?,
+        filename: row.try_get("filename")?,
+        file_type: row.try_get("file_type")?,
+        content_type: row.try_get("content_type")?,
+        title: row.try_get("title")?,
+        description: row.try_get("description")?,
+        tags: serde_json::from_str(&tags).map_err(|e| corrupt("tags", e))?,
+        metadata: serde_json::from_str(&metadata).map_err(|e| corrupt("metadata", e))?,
+        uploaded_by: row.try_get("owner")?,
+        size: row.try_get("size")?,
+        checksum: format!("sha256:{sha256}"),
+        current_version: row.try_get("current_version")?,
+        storage_tier: row.try_get("tier")?,
+        legal_hold: row.try_get::<i64, _>("legal_hold")? != 0,
+        created_at: rfc3339(row.try_get("created_at")?),
+        updated_at: rfc3339(row.try_get("updated_at")?),
+        deleted_at: deleted_at.map(rfc3339),
+    })
+}
+
+/// The payload fields every document event carries (the seed's webhook payload).
+fn document_fields(doc: &Document) -> Map<String, Value> {
+    let mut metadata = doc.metadata.clone();
+    if let Some(title) = &doc.title {
+        metadata.insert("title".into(), json!(title));
+    }
+    if let Some(description) = &doc.description {
+        metadata.insert("description".into(), json!(description));
+    }
+    metadata.insert("tags".into(), json!(doc.tags));
+    let Value::Object(fields) = json!({
+        "documentId": doc.id,
+        "filename": doc.filename,
+        "fileType": doc.file_type,
+        "contentType": doc.content_type,
+        "size": doc.size,
+        "uploadedBy": doc.uploaded_by,
+        "checksum": doc.checksum,
+        "versionNumber": doc.current_version,
+        "storageTier": doc.storage_tier,
+        "metadata": metadata,
+    }) else {
+        unreachable!("a JSON object literal")
+    };
+    fields
+}
+
+fn with(mut fields: Map<String, Value>, extra: Value) -> Map<String, Value> {
+    if let Value::Object(extra) = extra {
+        fields.extend(extra);
+    }
+    fields
+}
+
+/// Reads a document inside a transaction, as the actor may see it.
+async fn load(tx: &mut Tx, actor: &Actor, id: i64, include_deleted: bool) -> Result<Document, DocError> {
+    let sql = format!("SELECT {DOCUMENT_COLUMNS} FROM documents d JOIN blobs b ON b.sha256 = d.sha256 WHERE d.id = $1");
+    let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **tx).await?;
+    let doc = row.as_ref().map(document_from_row).transpose()?.ok_or(DocError::NotFound(id))?;
+    if !actor.sees(&doc.uploaded_by) || (doc.deleted_at.is_some() && !include_deleted) {
+        return Err(DocError::NotFound(id));
+    }
+    Ok(doc)
+}
+
+/// Records a stored blob, or finds that its content was already stored. Returns whether
+/// it was (the new copy must then be deleted once the transaction commits).
+async fn record_blob(tx: &mut Tx, blob: &StoredBlob, now: i64) -> Result<bool, StoreError> {
+    let existing: Option<String> = sqlx::query_scalar("SELECT object_key FROM blobs WHERE sha256 = $1")
+        .bind(&blob.sha256)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if existing.is_some() {
+        return Ok(true);
+    }
+    sqlx::query(
+        "INSERT INTO blobs (sha256, object_key, tier, size, stored_size, compression, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&blob.sha256)
+    .bind(&blob.object_key)
+    .bind(&blob.tier)
+    .bind(i64::try_from(blob.size).unwrap_or(i64::MAX))
+    .bind(i64::try_from(blob.stored_size).unwrap_or(i64::MAX))
+    .bind(blob.codec.as_str())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(false)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_version(
+    tx: &mut Tx,
+    id: i64,
+    version: i64,
+    sha256: &str,
+    size: i64,
+    filename: &str,
+    content_type: &str,
+    now: i64,
+    by: &str,
+    change: Option<&str>,
+    restored_from: Option<i64>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO versions (document_id, version, sha256, size, filename, content_type, created_at, created_by, \
+         change_description, restored_from) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(id)
+    .bind(version)
+    .bind(sha256)
+    .bind(size)
+    .bind(filename)
+    .bind(content_type)
+    .bind(now)
+    .bind(by)
+    .bind(change)
+    .bind(restored_from)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A value bound into a dynamically built query.
+enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+fn encode_cursor(created_at_ms: i64, id: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{created_at_ms}:{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<(i64, i64), DocError> {
+    let bad = || DocError::Invalid(format!("cursor {cursor:?} is not one this API returned"));
+    let text = URL_SAFE_NO_PAD.decode(cursor).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(bad)?;
+    let (at, id) = text.split_once(':').ok_or_else(bad)?;
+    Ok((at.parse().map_err(|_| bad())?, id.parse().map_err(|_| bad())?))
+}
+
+fn like_pattern(words: &str) -> String {
+    let escaped: String = words
+        .to_lowercase()
+        .chars()
+        .flat_map(|c| if matches!(c, '%' | '_' | '\\') { vec!['\\', c] } else { vec![c] })
+        .collect();
+    format!("%{escaped}%")
+}
+
+impl Documents {
+    pub fn new(meta: Metadata, tiers: Tiers, clock: Clock, bus: Option<Bus>, max_upload: u64) -> Self {
+        Self { meta, tiers, clock, bus, max_upload }
+    }
+
+    pub fn meta(&self) -> &Metadata {
+        &self.meta
+    }
+
+    pub fn tiers(&self) -> &Tiers {
+        &self.tiers
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn committed_events(&self) {
+        if let Some(bus) = &self.bus {
+            bus.wake.notify_one();
+        }
+    }
+
+    /// Runs `work` in a write transaction (retried when the database asks), then wakes the
+    /// event relay.
+    async fn write<'a, T>(
+        &self,
+        work: impl FnMut(Tx) -> BoxFuture<'a, (Tx, Result<T, DocError>)>,
+    ) -> Result<T, DocError> {
+        let value = self.meta.write(work).await?;
+        self.committed_events();
+        Ok(value)
+    }
+
+    /// Stores the bytes of an upload in the default tier.
+    async fn store_bytes(
+        &self,
+        content_type: &str,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<StoredBlob, DocError> {
+        let tier = self.tiers.default_tier();
+        Ok(tier.write(body, tier.compresses(content_type), self.max_upload).await?)
+    }
+
+    /// Deletes the new copy of a blob that turned out to be stored already, or that no
+    /// committed transaction recorded.
+    async fn discard(&self, blob: &StoredBlob) {
+        if let Ok(tier) = self.tiers.get(&blob.tier)
+            && let Err(e) = tier.delete(&blob.object_key).await
+        {
+            tracing::warn!(error = %e, key = %blob.object_key, "deleting an unrecorded blob copy");
+        }
+    }
+
+    /// Uploads a new document.
+    pub async fn upload(
+        &self,
+        actor: &Actor,
+        new: NewDocument,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<Uploaded, DocError> {
+        check_filename(&new.filename).map_err(DocError::Invalid)?;
+        let tags = check_tags(&new.tags).map_err(DocError::Invalid)?;
+        check_text("title", new.title.as_deref(), MAX_TITLE_CHARS).map_err(DocError::Invalid)?;
+        check_text("description", new.description.as_deref(), MAX_DESCRIPTION_CHARS).map_err(DocError::Invalid)?;
+        check_metadata(&new.metadata).map_err(DocError::Invalid)?;
+        if let Some(ct) = &new.content_type {
+            check_content_type(ct).map_err(DocError::Invalid)?;
+        }
+        let content_type = content_type_for(&new.filename, new.content_type.as_deref());
+        let blob = self.store_bytes(&content_type, body).await?;
+        self.upload_stored(actor, new, tags, content_type, blob).await
+    }
+
+    /// Records a new document whose bytes are already stored (single uploads, and the
+    /// completion of an upload session).
+    pub async fn upload_stored(
+        &self,
+        actor: &Actor,
+        new: NewDocument,
+        tags: Vec<String>,
+        content_type: String,
+        blob: StoredBlob,
+    ) -> Result<Uploaded, DocError> {
+        let result = self
+            .write(|mut owned| {
+                let (new, tags, content_type, blob) = (&new, &tags, &content_type, &blob);
+                Box::pin(async move {
+                    let r = async {
+                        let tx = &mut owned;
+                    let now = self.clock.now_ms();
+                    let deduplicated = record_blob(tx, blob, now).await?;
+                    let id = new_document_id();
+                    let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
+                    sqlx::query(
+                        "INSERT INTO documents (id, owner, filename, file_type, content_type, title, description, tags, \
+                         metadata, current_version, size, sha256, legal_hold, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, 0, $12, $12)",
+                    )
+                    .bind(id)
+                    .bind(&actor.user)
+                    .bind(&new.filename)
+                    .bind(file_type(&new.filename))
+                    .bind(content_type)
+                    .bind(&new.title)
+                    .bind(&new.description)
+                    .bind(json!(tags).to_string())
+                    .bind(Value::Object(new.metadata.clone()).to_string())
+                    .bind(size)
+                    .bind(&blob.sha256)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await?;
+                    for tag in tags {
+                        sqlx::query("INSERT INTO document_tags (document_id, tag) VALUES ($1, $2)")
+                            .bind(id)
+                            .bind(tag)
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                    insert_version(tx, id, 1, &blob.sha256, size, &new.filename, content_type, now, &actor.user, None, None)
+                        .await?;
+                    let document = load(tx, actor, id, false).await?;
+                    Event::new(EventType::DocumentUploaded, now, document_fields(&document)).enqueue(tx, now).await?;
+                    Ok(Uploaded { document, deduplicated, version_number: 1 })
+                    }
+                    .await;
+                    (owned, r)
+                })
+            })
+            .await;
+        self.settle(&blob, &result).await;
+        result
+    }
+
+    async fn settle<T>(&self, blob: &StoredBlob, result: &Result<T, DocError>) {
+        let keep = match result {
+            Ok(_) => {
+                // Whether this copy became the blob: read it back rather than trusting the
+                // flag, which a retried transaction may have computed differently.
+                let key: Option<String> = sqlx::query_scalar("SELECT object_key FROM blobs WHERE sha256 = $1")
+                    .bind(&blob.sha256)
+                    .fetch_optional(self.meta.pool())
+                    .await
+                    .ok()
+                    .flatten();
+                key.as_deref() == Some(blob.object_key.as_str())
+            }
+            Err(_) => false,
+        };
+        if !keep {
+            self.discard(blob).await;
+        }
+    }
+
+    /// Uploads a new version of a document.
+    pub async fn upload_version(
+        &self,
+        actor: &Actor,
+        id: i64,
+        new: NewVersion,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<Uploaded, DocError> {
+        if let Some(name) = &new.filename {
+            check_filename(name).map_err(DocError::Invalid)?;
+        }
+        if let Some(ct) = &new.content_type {
+            check_content_type(ct).map_err(DocError::Invalid)?;
+        }
+        check_text("changeDescription", new.change_description.as_deref(), MAX_DESCRIPTION_CHARS)
+            .map_err(DocError::Invalid)?;
+        // Check access before taking the bytes.
+        let current = self.get(actor, id).await?;
+        let filename = new.filename.clone().unwrap_or(current.filename);
+        let content_type = match &new.content_type {
+            Some(ct) => ct.clone(),
+            None if new.filename.is_some() => content_type_for(&filename, None),
+            None => current.content_type,
+        };
+        let blob = self.store_bytes(&content_type, body).await?;
+        let result = self
+            .write(|mut owned| {
+                let (new, filename, content_type, blob) = (&new, &filename, &content_type, &blob);
+                Box::pin(async move {
+                    let r = async {
+                        let tx = &mut owned;
+                        let now = self.clock.now_ms();
+                        let doc = load(tx, actor, id, false).await?;
+                        let deduplicated = record_blob(tx, blob, now).await?;
+                        let version = doc.current_version + 1;
+                        let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
+                        insert_version(
+                            tx,
+                            id,
+                            version,
+                            &blob.sha256,
+                            size,
+                            filename,
+                            content_type,
+                            now,
+                            &actor.user,
+                            new.change_description.as_deref(),
+                            None,
+                        )
+                        .await?;
+                        self.point_at_version(tx, id, version, &blob.sha256, size, filename, content_type, now).await?;
+                        let document = load(tx, actor, id, false).await?;
+                        let fields = with(
+                            document_fields(&document),
+                            json!({"changeDescription": new.change_description, "createdBy": actor.user}),
+                        );
+                        Event::new(EventType::DocumentVersionCreated, now, fields).enqueue(tx, now).await?;
+                        Ok(Uploaded { document, deduplicated, version_number: version })
+                    }
+                    .await;
+                    (owned, r)
+                })
+            })
+            .await;
+        self.settle(&blob, &result).await;
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn point_at_version(
+        &self,
+        tx: &mut Tx,
+        id: i64,
+        version: i64,
+        sha256: &str,
+        size: i64,
+        filename: &str,
+        content_type: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE documents SET current_version = $1, sha256 = $2, size = $3, filename = $4, file_type = $5, \
+             content_type = $6, updated_at = $7 WHERE id = $8",
+        )
+        .bind(version)
+        .bind(sha256)
+        .bind(size)
+        .bind(filename)
+        .bind(file_type(filename))
+        .bind(content_type)
+        .bind(now)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// A document, if the actor may see it.
+    pub async fn get(&self, actor: &Actor, id: i64) -> Result<Document, DocError> {
+        let mut tx = self.meta.pool().begin().await?;
+        let doc = load(&mut tx, actor, id, false).await;
+        tx.rollback().await.ok();
+        doc
+    }
+
+    /// Changes a document's descriptive metadata.
+    pub async fn update(&self, actor: &Actor, id: i64, patch: MetadataPatch) -> Result<Document, DocError> {
+        if let Some(name) = &patch.filename {
+            check_filename(name).map_err(DocError::Invalid)?;
+        }
+        let tags = patch.tags.as_deref().map(check_tags).transpose().map_err(DocError::Invalid)?;
+        if let Some(Some(title)) = &patch.title {
+            check_text("title", Some(title), MAX_TITLE_CHARS).map_err(DocError::Invalid)?;
+        }
+        if let Some(Some(description)) = &patch.description {
+            check_text("description", Some(description), MAX_DESCRIPTION_CHARS).map_err(DocError::Invalid)?;
+        }
+        if let Some(metadata) = &patch.metadata {
+            check_metadata(metadata).map_err(DocError::Invalid)?;
+        }
+        self.write(|mut owned| {
+            let (patch, tags) = (&patch, &tags);
+            Box::pin(async move {
+                let r = async {
+                    let tx = &mut owned;
+                    let now = self.clock.now_ms();
+                    let mut doc = load(tx, actor, id, false).await?;
+                    let mut changed: Vec<&str> = Vec::new();
+                    if let Some(title) = &patch.title
+                        && *title != doc.title
+                    {
+                        doc.title.clone_from(title);
+                        changed.push("title");
+                    }
+                    if let Some(description) = &patch.description
+                        && *description != doc.description
+                    {
+                        doc.description.clone_from(description);
+                        changed.push("description");
+                    }
+                    if let Some(tags) = tags
+                        && *tags != doc.tags
+                    {
+                        doc.tags.clone_from(tags);
+                        changed.push("tags");
+                        sqlx::query("DELETE FROM document_tags WHERE document_id = $1")
+                            .bind(id)
+                            .execute(&mut **tx)
+                            .await?;
+                        for tag in tags {
+                            sqlx::query("INSERT INTO document_tags (document_id, tag) VALUES ($1, $2)")
+                                .bind(id)
+                                .bind(tag)
+                                .execute(&mut **tx)
+                                .await?;
+                        }
+                    }
+                    if let Some(metadata) = &patch.metadata
+                        && *metadata != doc.metadata
+                    {
+                        doc.metadata.clone_from(metadata);
+                        changed.push("metadata");
+                    }
+                    if let Some(filename) = &patch.filename
+                        && *filename != doc.filename
+                    {
+                        doc.filename.clone_from(filename);
+                        changed.push("filename");
+                    }
+                    if changed.is_empty() {
+                        return Ok(doc);
+                    }
+                    sqlx::query(
+                        "UPDATE documents SET title = $1, description = $2, tags = $3, metadata = $4, filename = $5, \
+                     file_type = $6, updated_at = $7 WHERE id = $8",
+                    )
+                    .bind(&doc.title)
+                    .bind(&doc.description)
+                    .bind(json!(doc.tags).to_string())
+                    .bind(Value::Object(doc.metadata.clone()).to_string())
+                    .bind(&doc.filename)
+                    .bind(file_type(&doc.filename))
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+                    let doc = load(tx, actor, id, false).await?;
+                    let fields =
+                        with(document_fields(&doc), json!({"changedFields": changed, "updatedBy": actor.user}));
+                    Event::new(EventType::DocumentUpdated, now, fields).enqueue(tx, now).await?;
+                    Ok(doc)
+                }
+                .await;
+                (owned, r)
+            })
+        })
+        .await
+    }
+
+    /// A page of the documents the actor may see, newest first.
+    pub async fn list(&self, actor: &Actor, query: &ListQuery) -> Result<Page, DocError> {
+        let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(DocError::Invalid(format!("limit must be between 1 and {MAX_PAGE}")));
+        }
+        let mut sql = format!(
+            "SELECT {DOCUMENT_COLUMNS} FROM documents d JOIN blobs b ON b.sha256 = d.sha256 WHERE d.deleted_at IS NULL"
+        );
+        let mut binds: Vec<Bind> = Vec::new();
+        let mut push = |sql: &mut String, clause: &str, values: Vec<Bind>| {
+            let mut clause = clause.to_owned();
+            for value in values {
+                binds.push(value);
+                clause = clause.replacen('?', &format!("${}", binds.len()), 1);
+            }
+            sql.push_str(" AND ");
+            sql.push_str(&clause);
+        };
+        let owner = if actor.admin { query.owner.clone() } else { Some(actor.user.clone()) };
+        if let Some(owner) = owner {
+            push(&mut sql, "d.owner = ?", vec![Bind::Text(owner)]);
+        }
+        if let Some(file_type) = &query.file_type {
+            push(&mut sql, "d.file_type = ?", vec![Bind::Text(file_type.trim_start_matches('.').to_ascii_lowercase())]);
+        }
+        if let Some(tag) = &query.tag {
+            push(
+                &mut sql,
+                "EXISTS (SELECT 1 FROM document_tags t WHERE t.document_id = d.id AND t.tag = ?)",
+                vec![Bind::Text(tag.clone())],
+            );
+        }
+        if let Some(from) = query.created_from {
+            push(&mut sql, "d.created_at >= ?", vec![Bind::Int(from)]);
+        }
+        if let Some(to) = query.created_to {
+            push(&mut sql, "d.created_at < ?", vec![Bind::Int(to)]);
+        }
+        if let Some(q) = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
+            let pattern = like_pattern(q);
+            push(
+                &mut sql,
+                "(LOWER(d.filename) LIKE ? ESCAPE '\\' OR LOWER(COALESCE(d.title, '')) LIKE ? ESCAPE '\\')",
+                vec![Bind::Text(pattern.clone()), Bind::Text(pattern)],
+            );
+        }
+        if let Some(cursor) = &query.cursor {
+            let (at, id) = decode_cursor(cursor)?;
+            push(
+                &mut sql,
+                "(d.created_at < ? OR (d.created_at = ? AND d.id < ?))",
+                vec![Bind::Int(at), Bind::Int(at), Bind::Int(id)],
+            );
+        }
+        let _ = write!(sql, " ORDER BY d.created_at DESC, d.id DESC LIMIT {}", limit + 1);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for bind in binds {
+            q = match bind {
+                Bind::Int(v) => q.bind(v),
+                Bind::Text(v) => q.bind(v),
+            };
+        }
+        let rows = q.fetch_all(self.meta.pool()).await?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for row in rows.iter().take(limit as usize) {
+            items.push(document_from_row(row)?);
+            last = Some((row.try_get::<i64, _>("created_at")?, row.try_get::<i64, _>("id")?));
+        }
+        let next_cursor = if rows.len() > limit as usize { last.map(|(at, id)| encode_cursor(at, id)) } else { None };
+        Ok(Page { items, next_cursor })
+    }
+
+    /// A document's versions, newest first.
+    pub async fn versions(&self, actor: &Actor, id: i64) -> Result<VersionHistory, DocError> {
+        let doc = self.get(actor, id).await?;
+        let rows = sqlx::query(
+            "SELECT version, created_at, created_by, change_description, size, sha256, filename, content_type, \
+             restored_from FROM versions WHERE document_id = $1 ORDER BY version DESC",
+        )
+        .bind(id)
+        .fetch_all(self.meta.pool())
+        .await?;
+        let versions = rows
+            .iter()
+            .map(|row| {
+                let version: i64 = row.try_get("version")?;
+                Ok(Version {
+                    version_number: version,
+                    created_at: rfc3339(row.try_get("created_at")?),
+                    created_by: row.try_get("created_by")?,
+                    change_description: row.try_get("change_description")?,
+                    size: row.try_get("size")?,
+                    checksum: format!("sha256:{}", row.try_get::<String, _>("sha256")?),
+                    filename: row.try_get("filename")?,
+                    content_type: row.try_get("content_type")?,
+                    restored_from_version: row.try_get("restored_from")?,
+                    is_latest: version == doc.current_version,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(VersionHistory { document_id: id, current_version: doc.current_version, versions })
+    }
+
+    /// Makes an old version current again, as a new version with the old bytes.
+    pub async fn restore_version(&self, actor: &Actor, id: i64, from: i64) -> Result<Restored, DocError> {
+        self.write(|mut owned| {
+            Box::pin(async move {
+                let r = async {
+                    let tx = &mut owned;
+                    let now = self.clock.now_ms();
+                    let doc = load(tx, actor, id, false).await?;
+                    let row = sqlx::query(
+                    "SELECT sha256, size, filename, content_type FROM versions WHERE document_id = $1 AND version = $2",
+                )
+                .bind(id)
+                .bind(from)
+                .fetch_optional(&mut **tx)
+                .await?
+                .ok_or(DocError::VersionNotFound { id, version: from })?;
+                    let sha256: String = row.try_get("sha256")?;
+                    let size: i64 = row.try_get("size")?;
+                    let filename: String = row.try_get("filename")?;
+                    let content_type: String = row.try_get("content_type")?;
+                    let version = doc.current_version + 1;
+                    let change = format!("Restored from version {from}");
+                    insert_version(
+                        tx,
+                        id,
+                        version,
+                        &sha256,
+                        size,
+                        &filename,
+                        &content_type,
+                        now,
+                        &actor.user,
+                        Some(&change),
+                        Some(from),
+                    )
+                    .await?;
+                    self.point_at_version(tx, id, version, &sha256, size, &filename, &content_type, now).await?;
+                    let document = load(tx, actor, id, false).await?;
+                    let fields = with(
+                        document_fields(&document),
+                        json!({"restoredFromVersion": from, "changeDescription": change, "createdBy": actor.user}),
+                    );
+                    Event::new(EventType::DocumentVersionCreated, now, fields).enqueue(tx, now).await?;
+                    Ok(Restored {
+                        document_id: id,
+                        version_number: version,
+                        restored_from_version: from,
+                        message: format!("Version {from} restored as version {version}"),
+                    })
+                }
+                .await;
+                (owned, r)
+            })
+        })
+        .await
+    }
+
+    /// Deletes a document softly: it disappears from reads and listings but its versions
+    /// and bytes stay until it is purged. Refused under legal hold.
+    pub async fn delete(&self, actor: &Actor, id: i64) -> Result<(), DocError> {
+        self.write(|mut owned| {
+            Box::pin(async move {
+                let r = async {
+                    let tx = &mut owned;
+                    let now = self.clock.now_ms();
+                    let doc = load(tx, actor, id, false).await?;
+                    if doc.legal_hold {
+                        return Err(DocError::Conflict(format!(
+                            "document {id} is under legal hold and cannot be deleted"
+                        )));
+                    }
+                    sqlx::query("UPDATE documents SET deleted_at = $1, deleted_by = $2, updated_at = $1 WHERE id = $3")
+                        .bind(now)
+                        .bind(&actor.user)
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await?;
+                    let fields = with(document_fields(&doc), json!({"deletedBy": actor.user, "permanent": false}));
+                    Event::new(EventType::DocumentDeleted, now, fields).enqueue(tx, now).await?;
+                    Ok(())
+                }
+                .await;
+                (owned, r)
+            })
+        })
+        .await
+    }
+
+    /// Deletes a document for good, with every version, and the blobs no other version
+    /// references. Refused under legal hold.
+    pub async fn purge(&self, actor: &Actor, id: i64) -> Result<(), DocError> {
+        let freed: Vec<(String, String)> = self
+            .write(|mut owned| {
+                Box::pin(async move {
+                    let r = async {
+                        let tx = &mut owned;
+                        let now = self.clock.now_ms();
+                        let doc = load(tx, actor, id, true).await?;
+                        if doc.legal_hold {
+                            return Err(DocError::Conflict(format!(
+                                "document {id} is under legal hold and cannot be purged"
+                            )));
+                        }
+                        let shas: Vec<String> =
+                            sqlx::query_scalar("SELECT DISTINCT sha256 FROM versions WHERE document_id = $1")
+                                .bind(id)
+                                .fetch_all(&mut **tx)
+                                .await?;
+                        sqlx::query("DELETE FROM versions WHERE document_id = $1").bind(id).execute(&mut **tx).await?;
+                        sqlx::query("DELETE FROM document_tags WHERE document_id = $1")
+                            .bind(id)
+                            .execute(&mut **tx)
+                            .await?;
+                        sqlx::query("DELETE FROM documents WHERE id = $1").bind(id).execute(&mut **tx).await?;
+                        let mut freed = Vec::new();
+                        for sha in shas {
+                            // In a serializable transaction: a concurrent upload that links to
+                            // this blob either commits first (and the blob stays) or fails and
+                            // retries (and stores its own copy).
+                            let row = sqlx::query(
+                                "SELECT tier, object_key FROM blobs b WHERE sha256 = $1 AND NOT EXISTS \
+                             (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
+                             AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256)",
+                            )
+                            .bind(&sha)
+                            .fetch_optional(&mut **tx)
+                            .await?;
+                            if let Some(row) = row {
+                                sqlx::query("DELETE FROM blobs WHERE sha256 = $1")
+                                    .bind(&sha)
+                                    .execute(&mut **tx)
+                                    .await?;
+                                freed.push((row.try_get("tier")?, row.try_get("object_key")?));
+                            }
+                        }
+                        let fields = with(document_fields(&doc), json!({"deletedBy": actor.user, "permanent": true}));
+                        Event::new(EventType::DocumentDeleted, now, fields).enqueue(tx, now).await?;
+                        Ok(freed)
+                    }
+                    .await;
+                    (owned, r)
+                })
+            })
+            .await?;
+        for (tier, key) in freed {
+            match self.tiers.get(&tier) {
+                Ok(tier) => {
+                    if let Err(e) = tier.delete(&key).await {
+                        // The row is gone, so the copy is unreferenced garbage: a leak, not a loss.
+                        tracing::warn!(error = %e, key, "deleting a purged blob");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, key, "deleting a purged blob"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a document under legal hold or releases it. Admins only.
+    pub async fn set_legal_hold(&self, actor: &Actor, id: i64, on: bool) -> Result<Document, DocError> {
+        if !actor.admin {
+            return Err(DocError::Forbidden("legal hold needs the admin role".into()));
+        }
+        self.write(|mut owned| {
+            Box::pin(async move {
+                let r = async {
+                    let tx = &mut owned;
+                    let now = self.clock.now_ms();
+                    let doc = load(tx, actor, id, true).await?;
+                    if doc.legal_hold == on {
+                        return Ok(doc);
+                    }
+                    sqlx::query("UPDATE documents SET legal_hold = $1, updated_at = $2 WHERE id = $3")
+                        .bind(i64::from(on))
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await?;
+                    let doc = load(tx, actor, id, true).await?;
+                    let fields =
+                        with(document_fields(&doc), json!({"changedFields": ["legalHold"], "updatedBy": actor.user}));
+                    Event::new(EventType::DocumentUpdated, now, fields).enqueue(tx, now).await?;
+                    Ok(doc)
+                }
+                .await;
+                (owned, r)
+            })
+        })
+        .await
+    }
+
+    /// Finds the bytes of a version (the current one when `version` is `None`).
+    pub async fn content(&self, actor: &Actor, id: i64, version: Option<i64>) -> Result<Content, DocError> {
+        let document = self.get(actor, id).await?;
+        let version = version.unwrap_or(document.current_version);
+        let row = sqlx::query(
+            "SELECT v.filename, v.content_type, v.size, v.sha256, b.tier, b.object_key, b.compression \
+             FROM versions v JOIN blobs b ON b.sha256 = v.sha256 WHERE v.document_id = $1 AND v.version = $2",
+        )
+        .bind(id)
+        .bind(version)
+        .fetch_optional(self.meta.pool())
+        .await?
+        .ok_or(DocError::VersionNotFound { id, version })?;
+        let codec: String = row.try_get("compression")?;
+        Ok(Content {
+            document,
+            version,
+            filename: row.try_get("filename")?,
+            content_type: row.try_get("content_type")?,
+            size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or_default(),
+            sha256: row.try_get("sha256")?,
+            tier: row.try_get("tier")?,
+            object_key: row.try_get("object_key")?,
+            codec: Codec::parse(&codec).ok_or_else(|| StoreError::Corrupt(format!("blob compression {codec}")))?,
+        })
+    }
+
+    /// Streams the bytes of `content`, or the `range` of them.
+    pub async fn read(&self, content: &Content, range: Option<std::ops::Range<u64>>) -> Result<ByteStream, DocError> {
+        let tier = self.tiers.get(&content.tier)?;
+        Ok(tier.read(&content.object_key, content.codec, range).await?)
+    }
+
+    /// Shared handle, for the places that keep one.
+    pub fn shared(self) -> Arc<Self> {
+        Arc::new(self)
+    }
+}

@@ -1,0 +1,399 @@
+//! The document service against real databases: every test runs on SQLite and on
+//! Postgres (a fresh database of the shared server), and one on an S3 tier.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::memory::InMemory;
+use vellum_core::blob::{Tier, Tiers, once};
+use vellum_core::clock::Clock;
+use vellum_core::crds::storage_tier::{Compression, TierClass};
+use vellum_core::documents::{Actor, DocError, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion};
+use vellum_core::events::outbox;
+use vellum_core::store::Metadata;
+use vellum_testkit::{TestBucket, TestDatabase};
+
+const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+struct Env {
+    docs: Documents,
+    store: Arc<dyn ObjectStore>,
+    clock: Clock,
+    _db: Option<TestDatabase>,
+    _dir: tempfile::TempDir,
+}
+
+async fn env(postgres: bool, tier_store: Option<Arc<dyn ObjectStore>>, compression: bool) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, db) = if postgres {
+        let db = TestDatabase::new().await.unwrap();
+        (db.url.clone(), Some(db))
+    } else {
+        (format!("sqlite://{}", dir.path().join("meta.db").display()), None)
+    };
+    let meta = Metadata::open(&url).await.unwrap();
+    let store = tier_store.unwrap_or_else(|| Arc::new(InMemory::new()));
+    let compression = Compression { enabled: compression, ..Compression::default() };
+    let tier = Tier::from_store("hot", TierClass::Hot, Some(0.023), compression, Arc::clone(&store));
+    let tiers = Tiers::new(vec![Arc::new(tier)], "hot").unwrap();
+    let clock = Clock::manual(T0);
+    let docs = Documents::new(meta, tiers, clock.clone(), None, 10 << 20);
+    Env { docs, store, clock, _db: db, _dir: dir }
+}
+
+fn user(name: &str) -> Actor {
+    Actor { user: name.into(), admin: false }
+}
+
+fn admin() -> Actor {
+    Actor { user: "root".into(), admin: true }
+}
+
+fn named(filename: &str) -> NewDocument {
+    NewDocument { filename: filename.into(), ..NewDocument::default() }
+}
+
+async fn objects(store: &Arc<dyn ObjectStore>) -> usize {
+    store.list(None).try_collect::<Vec<_>>().await.unwrap().len()
+}
+
+async fn concat(stream: vellum_core::blob::ByteStream) -> Vec<u8> {
+    stream
+        .try_fold(Vec::new(), |mut acc, b| async move {
+            acc.extend_from_slice(&b);
+            Ok(acc)
+        })
+        .await
+        .unwrap()
+}
+
+async fn read_all(env: &Env, actor: &Actor, id: i64, version: Option<i64>) -> Vec<u8> {
+    let content = env.docs.content(actor, id, version).await.unwrap();
+    concat(env.docs.read(&content, None).await.unwrap()).await
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $name() { super::$name(super::env(false, None, true).await).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $name() { super::$name(super::env(true, None, true).await).await } )*
+        }
+    };
+}
+
+on_both!(
+    upload_read_and_deduplicate,
+    versions_and_restore,
+    metadata_updates_emit_events,
+    listing_pages_and_filters,
+    owners_admins_and_strangers,
+    delete_purge_and_shared_blobs,
+    legal_hold_blocks_deletion,
+    bad_input_changes_nothing,
+);
+
+async fn upload_read_and_deduplicate(env: Env) {
+    let alice = user("alice");
+    let body = "The quick brown fox. ".repeat(1000);
+    let new = NewDocument {
+        filename: "fox.txt".into(),
+        title: Some("Fox".into()),
+        tags: vec!["animals".into()],
+        ..NewDocument::default()
+    };
+    let first = env.docs.upload(&alice, new, once(body.clone())).await.unwrap();
+    assert!(!first.deduplicated);
+    assert_eq!(first.version_number, 1);
+    let doc = &first.document;
+    assert_eq!((doc.file_type.as_str(), doc.content_type.as_str()), ("txt", "text/plain"));
+    assert_eq!(doc.size, i64::try_from(body.len()).unwrap());
+    assert_eq!(doc.uploaded_by, "alice");
+    assert_eq!(doc.storage_tier, "hot");
+    assert_eq!(doc.created_at, "2026-01-01T00:00:00Z");
+    assert!(doc.checksum.starts_with("sha256:") && doc.checksum.len() == 7 + 64);
+    assert_eq!(read_all(&env, &alice, doc.id, None).await, body.as_bytes());
+    assert_eq!(objects(&env.store).await, 1);
+
+    // The same bytes from someone else: stored once, said so.
+    let second = env.docs.upload(&user("bob"), named("copy.txt"), once(body.clone())).await.unwrap();
+    assert!(second.deduplicated);
+    assert_eq!(second.document.checksum, doc.checksum);
+    assert_eq!(objects(&env.store).await, 1, "a deduplicated upload leaves no second copy");
+    assert_eq!(read_all(&env, &user("bob"), second.document.id, None).await, body.as_bytes());
+
+    // A range of a compressed blob.
+    let content = env.docs.content(&alice, doc.id, None).await.unwrap();
+    let part = concat(env.docs.read(&content, Some(21..40)).await.unwrap()).await;
+    assert_eq!(part, &body.as_bytes()[21..40]);
+
+    let events = outbox::pending(env.docs.meta(), 100).await.unwrap();
+    assert_eq!(events.len(), 2);
+    let payload = &events[0].event.payload;
+    assert_eq!(payload["eventType"], "DOCUMENT_UPLOADED");
+    assert_eq!(payload["timestamp"], T0);
+    assert_eq!(payload["documentId"], doc.id);
+    assert_eq!(payload["filename"], "fox.txt");
+    assert_eq!(payload["fileType"], "txt");
+    assert_eq!(payload["size"], body.len());
+    assert_eq!(payload["uploadedBy"], "alice");
+    assert_eq!(payload["checksum"], doc.checksum);
+    assert_eq!(payload["metadata"]["title"], "Fox");
+    assert_eq!(payload["metadata"]["tags"][0], "animals");
+    assert_eq!(payload["eventId"], events[0].event.id);
+}
+
+async fn versions_and_restore(env: Env) {
+    let alice = user("alice");
+    let doc = env.docs.upload(&alice, named("report.md"), once("v1")).await.unwrap().document;
+    env.clock.advance(1000);
+    let change = NewVersion { change_description: Some("Fixed typos".into()), ..NewVersion::default() };
+    let v2 = env.docs.upload_version(&alice, doc.id, change, once("v2")).await.unwrap();
+    assert_eq!(v2.version_number, 2);
+    assert_eq!(v2.document.current_version, 2);
+    assert_eq!(read_all(&env, &alice, doc.id, None).await, b"v2");
+    assert_eq!(read_all(&env, &alice, doc.id, Some(1)).await, b"v1");
+
+    let restored = env.docs.restore_version(&alice, doc.id, 1).await.unwrap();
+    assert_eq!((restored.version_number, restored.restored_from_version), (3, 1));
+    assert_eq!(restored.message, "Version 1 restored as version 3");
+    assert_eq!(read_all(&env, &alice, doc.id, None).await, b"v1");
+    assert_eq!(objects(&env.store).await, 2, "a restore reuses the old bytes");
+
+    let history = env.docs.versions(&alice, doc.id).await.unwrap();
+    assert_eq!(history.current_version, 3);
+    let numbers: Vec<i64> = history.versions.iter().map(|v| v.version_number).collect();
+    assert_eq!(numbers, [3, 2, 1]);
+    assert!(history.versions[0].is_latest && !history.versions[1].is_latest);
+    assert_eq!(history.versions[0].restored_from_version, Some(1));
+    assert_eq!(history.versions[1].change_description.as_deref(), Some("Fixed typos"));
+    assert_eq!(history.versions[1].created_at, "2026-01-01T00:00:01Z");
+
+    assert!(matches!(
+        env.docs.restore_version(&alice, doc.id, 9).await,
+        Err(DocError::VersionNotFound { version: 9, .. })
+    ));
+    let types: Vec<String> = outbox::pending(env.docs.meta(), 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.event.payload["eventType"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(types, ["DOCUMENT_UPLOADED", "DOCUMENT_VERSION_CREATED", "DOCUMENT_VERSION_CREATED"]);
+}
+
+async fn metadata_updates_emit_events(env: Env) {
+    let alice = user("alice");
+    let doc = env.docs.upload(&alice, named("a.pdf"), once("%PDF")).await.unwrap().document;
+    let patch: MetadataPatch = serde_json::from_str(
+        r#"{"title": "Q4 Contract", "tags": ["legal", "contracts"], "metadata": {"dept": "ops"}}"#,
+    )
+    .unwrap();
+    let updated = env.docs.update(&alice, doc.id, patch.clone()).await.unwrap();
+    assert_eq!(updated.title.as_deref(), Some("Q4 Contract"));
+    assert_eq!(updated.tags, ["legal", "contracts"]);
+    assert_eq!(updated.metadata["dept"], "ops");
+    // The same patch again changes nothing and emits nothing.
+    env.docs.update(&alice, doc.id, patch).await.unwrap();
+    let events = outbox::pending(env.docs.meta(), 100).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].event.payload["eventType"], "DOCUMENT_UPDATED");
+    assert_eq!(events[1].event.payload["changedFields"], serde_json::json!(["title", "tags", "metadata"]));
+    let cleared = env.docs.update(&alice, doc.id, serde_json::from_str(r#"{"title": null}"#).unwrap()).await.unwrap();
+    assert_eq!(cleared.title, None);
+    assert_eq!(cleared.tags, ["legal", "contracts"]);
+}
+
+async fn listing_pages_and_filters(env: Env) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let new = NewDocument {
+            filename: format!("doc-{i}.{}", if i % 2 == 0 { "pdf" } else { "txt" }),
+            title: Some(format!("Quarterly {i}")),
+            tags: if i < 3 { vec!["q4".into()] } else { vec![] },
+            ..NewDocument::default()
+        };
+        ids.push(env.docs.upload(&alice, new, once(format!("body {i}"))).await.unwrap().document.id);
+        env.clock.advance(if i == 3 { 0 } else { 60_000 }); // two share a timestamp
+    }
+    env.docs.upload(&bob, named("bob.pdf"), once("bob")).await.unwrap();
+
+    let mut seen = Vec::new();
+    let mut query = ListQuery { limit: Some(3), ..ListQuery::default() };
+    loop {
+        let page = env.docs.list(&alice, &query).await.unwrap();
+        assert!(page.items.len() <= 3);
+        seen.extend(page.items.iter().map(|d| d.id));
+        match page.next_cursor {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => break,
+        }
+    }
+    // Newest first; documents 3 and 4 share a time, and between them the larger id comes first.
+    let mut expected: Vec<i64> = ids.iter().rev().copied().collect();
+    let (three, four) =
+        (expected.iter().position(|x| *x == ids[3]).unwrap(), expected.iter().position(|x| *x == ids[4]).unwrap());
+    if ids[3] > ids[4] {
+        expected.swap(three, four);
+    }
+    assert_eq!(seen, expected);
+    assert_eq!(seen.len(), 7);
+    let mut sorted_seen = seen.clone();
+    sorted_seen.sort_unstable();
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort_unstable();
+    assert_eq!(sorted_seen, sorted_ids, "every document once, none of bob's");
+    assert_eq!(seen[0], ids[6]);
+    assert_eq!(seen[6], ids[0]);
+
+    let count = |q: ListQuery| {
+        let docs = &env.docs;
+        let alice = alice.clone();
+        async move { docs.list(&alice, &q).await.unwrap().items.len() }
+    };
+    assert_eq!(count(ListQuery { tag: Some("q4".into()), ..ListQuery::default() }).await, 3);
+    assert_eq!(count(ListQuery { file_type: Some("PDF".into()), ..ListQuery::default() }).await, 4);
+    assert_eq!(count(ListQuery { q: Some("quarterly 5".into()), ..ListQuery::default() }).await, 1);
+    assert_eq!(count(ListQuery { q: Some("100%".into()), ..ListQuery::default() }).await, 0);
+    assert_eq!(
+        count(ListQuery { created_from: Some(T0 + 60_000), created_to: Some(T0 + 180_000), ..ListQuery::default() })
+            .await,
+        2
+    );
+    // Owners filter for admins; users only ever see their own.
+    let everyone = env.docs.list(&admin(), &ListQuery::default()).await.unwrap().items.len();
+    assert_eq!(everyone, 8);
+    let bobs = ListQuery { owner: Some("bob".into()), ..ListQuery::default() };
+    assert_eq!(env.docs.list(&admin(), &bobs).await.unwrap().items.len(), 1);
+    assert_eq!(env.docs.list(&alice, &bobs).await.unwrap().items.len(), 7);
+
+    for bad in [
+        ListQuery { limit: Some(0), ..ListQuery::default() },
+        ListQuery { cursor: Some("garbage!".into()), ..ListQuery::default() },
+    ] {
+        assert!(matches!(env.docs.list(&alice, &bad).await, Err(DocError::Invalid(_))), "{bad:?}");
+    }
+}
+
+async fn owners_admins_and_strangers(env: Env) {
+    let doc = env.docs.upload(&user("alice"), named("private.txt"), once("secret")).await.unwrap().document;
+    let bob = user("bob");
+    assert!(matches!(env.docs.get(&bob, doc.id).await, Err(DocError::NotFound(_))));
+    assert!(matches!(env.docs.content(&bob, doc.id, None).await, Err(DocError::NotFound(_))));
+    assert!(matches!(env.docs.delete(&bob, doc.id).await, Err(DocError::NotFound(_))));
+    assert!(matches!(env.docs.versions(&bob, doc.id).await, Err(DocError::NotFound(_))));
+    assert!(matches!(
+        env.docs.upload_version(&bob, doc.id, NewVersion::default(), once("x")).await,
+        Err(DocError::NotFound(_))
+    ));
+    assert_eq!(objects(&env.store).await, 1, "a refused version stores nothing");
+    assert_eq!(env.docs.get(&admin(), doc.id).await.unwrap().id, doc.id);
+}
+
+async fn delete_purge_and_shared_blobs(env: Env) {
+    let alice = user("alice");
+    let a = env.docs.upload(&alice, named("a.txt"), once("shared bytes")).await.unwrap().document;
+    let b = env.docs.upload(&alice, named("b.txt"), once("shared bytes")).await.unwrap().document;
+    let c = env.docs.upload(&alice, named("c.txt"), once("own bytes")).await.unwrap().document;
+    assert_eq!(objects(&env.store).await, 2);
+
+    env.docs.delete(&alice, a.id).await.unwrap();
+    assert!(matches!(env.docs.get(&alice, a.id).await, Err(DocError::NotFound(_))));
+    assert_eq!(env.docs.list(&alice, &ListQuery::default()).await.unwrap().items.len(), 2);
+    assert_eq!(objects(&env.store).await, 2, "a soft delete keeps the bytes");
+
+    env.docs.purge(&alice, a.id).await.unwrap();
+    assert_eq!(objects(&env.store).await, 2, "b still references the shared blob");
+    assert_eq!(read_all(&env, &alice, b.id, None).await, b"shared bytes");
+    env.docs.purge(&alice, b.id).await.unwrap();
+    assert_eq!(objects(&env.store).await, 1, "the last reference gone, the blob goes");
+    env.docs.purge(&alice, c.id).await.unwrap();
+    assert_eq!(objects(&env.store).await, 0);
+    assert!(matches!(env.docs.purge(&alice, c.id).await, Err(DocError::NotFound(_))));
+
+    let kinds: Vec<(String, bool)> = outbox::pending(env.docs.meta(), 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|p| p.event.payload["eventType"] == "DOCUMENT_DELETED")
+        .map(|p| {
+            (p.event.payload["deletedBy"].as_str().unwrap().to_owned(), p.event.payload["permanent"].as_bool().unwrap())
+        })
+        .collect();
+    assert_eq!(kinds.len(), 4);
+    assert_eq!(kinds[0], ("alice".to_owned(), false));
+    assert!(kinds[1..].iter().all(|(_, permanent)| *permanent));
+}
+
+async fn legal_hold_blocks_deletion(env: Env) {
+    let alice = user("alice");
+    let doc = env.docs.upload(&alice, named("evidence.txt"), once("exhibit A")).await.unwrap().document;
+    assert!(matches!(env.docs.set_legal_hold(&alice, doc.id, true).await, Err(DocError::Forbidden(_))));
+    assert!(env.docs.set_legal_hold(&admin(), doc.id, true).await.unwrap().legal_hold);
+    assert!(matches!(env.docs.delete(&alice, doc.id).await, Err(DocError::Conflict(_))));
+    assert!(matches!(env.docs.purge(&admin(), doc.id).await, Err(DocError::Conflict(_))));
+    assert_eq!(read_all(&env, &alice, doc.id, None).await, b"exhibit A");
+    assert!(!env.docs.set_legal_hold(&admin(), doc.id, false).await.unwrap().legal_hold);
+    env.docs.delete(&alice, doc.id).await.unwrap();
+}
+
+async fn bad_input_changes_nothing(env: Env) {
+    let alice = user("alice");
+    for bad in ["../../etc/passwd", "", "a\u{7}b"] {
+        let err = env.docs.upload(&alice, named(bad), once("x")).await.unwrap_err();
+        assert!(matches!(err, DocError::Invalid(_)), "{bad:?}: {err}");
+    }
+    let typed = NewDocument { content_type: Some("nonsense".into()), ..named("a.txt") };
+    assert!(matches!(env.docs.upload(&alice, typed, once("x")).await, Err(DocError::Invalid(_))));
+    let big = vec![0u8; (10 << 20) + 1];
+    let err = env.docs.upload(&alice, named("big.bin"), once(Bytes::from(big))).await.unwrap_err();
+    assert!(matches!(err, DocError::TooLarge { .. }), "{err}");
+    let failing =
+        futures::stream::iter([Ok(Bytes::from_static(b"partial")), Err(std::io::Error::other("client went away"))]);
+    assert!(matches!(env.docs.upload(&alice, named("cut.txt"), failing).await, Err(DocError::Invalid(_))));
+    assert_eq!(objects(&env.store).await, 0, "nothing stored");
+    assert_eq!(env.docs.list(&admin(), &ListQuery::default()).await.unwrap().items.len(), 0);
+    assert!(outbox::pending(env.docs.meta(), 10).await.unwrap().is_empty(), "no event");
+}
+
+/// A purge and an upload of the same bytes racing: whichever wins, the upload's document
+/// stays readable.
+#[tokio::test]
+async fn postgres_purge_racing_a_deduplicating_upload_loses_nothing() {
+    let env = env(true, None, false).await;
+    let alice = user("alice");
+    for round in 0..20 {
+        let body = format!("contested bytes {round}");
+        let old = env.docs.upload(&alice, named("old.txt"), once(body.clone())).await.unwrap().document;
+        let (purged, uploaded) =
+            tokio::join!(env.docs.purge(&alice, old.id), env.docs.upload(&alice, named("new.txt"), once(body.clone())));
+        purged.unwrap();
+        let new = uploaded.unwrap().document;
+        assert_eq!(read_all(&env, &alice, new.id, None).await, body.as_bytes(), "round {round}");
+        env.docs.purge(&alice, new.id).await.unwrap();
+    }
+    assert_eq!(objects(&env.store).await, 0);
+}
+
+/// The same service on a real S3-compatible server.
+#[tokio::test]
+async fn s3_tier_stores_reads_ranges_and_purges() {
+    let bucket = TestBucket::new().await.unwrap();
+    let store: Arc<dyn ObjectStore> = bucket.store().unwrap();
+    let env = env(true, Some(Arc::clone(&store)), true).await;
+    let alice = user("alice");
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let chunks: Vec<Result<Bytes, std::io::Error>> =
+        body.chunks(65_536).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    let doc = env.docs.upload(&alice, named("big.bin"), futures::stream::iter(chunks)).await.unwrap().document;
+    assert_eq!(read_all(&env, &alice, doc.id, None).await, body);
+    let content = env.docs.content(&alice, doc.id, None).await.unwrap();
+    let part = concat(env.docs.read(&content, Some(1_000_000..1_000_100)).await.unwrap()).await;
+    assert_eq!(part, &body[1_000_000..1_000_100]);
+    env.docs.purge(&alice, doc.id).await.unwrap();
+    assert_eq!(objects(&store).await, 0);
+}
