@@ -1,5 +1,67 @@
-//! The gateway application clients use: the documents API, the webhook façade and real-time
-//! notifications over WebSocket and SSE, authenticated by JWT.
-//!
-//! Nothing is served yet; the documents API comes first.
+//! The Vellum gateway: the HTTP API application clients use. [`app`] builds the router
+//! (tests call it without a socket); [`standalone`] runs it on the embedded defaults.
 #![warn(clippy::unwrap_used)]
+
+pub mod auth;
+pub mod content;
+pub mod documents;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod standalone;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderName, Request, StatusCode};
+use axum::response::IntoResponse;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use vellum_core::documents::Documents;
+
+use crate::auth::Auth;
+use crate::error::ApiError;
+
+/// Everything a handler needs, cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub docs: Arc<Documents>,
+    pub auth: Arc<Auth>,
+    /// Key of the HMAC that signs download links.
+    pub link_key: Arc<[u8]>,
+    /// The URL clients reach this gateway at, for the links it hands out.
+    pub public_url: Arc<str>,
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The whole HTTP API.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .nest("/api/v1/documents", documents::router())
+        // The seed's clients call `/api/documents/...`; the same routes answer there.
+        .nest("/api/documents", documents::router())
+        .nest("/api/v1/links", documents::links_router());
+    Router::new()
+        .merge(api)
+        .merge(health::router())
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+        })
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+            let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// How long graceful shutdown waits for in-flight requests (uploads) to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);

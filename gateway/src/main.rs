@@ -1,19 +1,173 @@
 //! `vellum-gateway`: the command-line entry point of the gateway.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use vellum_gateway::auth::AuthSettings;
+use vellum_gateway::standalone;
 
 /// The Vellum gateway: the HTTP API application clients use to upload, version, tier and
-/// download documents, with webhook management and WebSocket and SSE notifications.
-///
-/// This build serves nothing yet. `vellum-gateway standalone` (embedded SQLite, local-file
-/// tiers, in-process events) and `vellum-gateway serve` (Postgres, S3, NATS) come with the
-/// documents API.
+/// download documents.
 #[derive(Debug, Parser)]
 #[command(name = "vellum-gateway", version, about, long_about)]
-struct Cli {}
+struct Cli {
+    /// Log filter, as RUST_LOG takes it (`info`, `vellum_gateway=debug,info`).
+    #[arg(long, env = "VELLUM_LOG", default_value = "info", global = true)]
+    log: String,
+    /// Log lines as JSON objects rather than text.
+    #[arg(long, env = "VELLUM_LOG_JSON", global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    Cli::parse();
-    eprintln!("vellum-gateway: no serving mode is available in this build; see --help");
-    std::process::exit(2);
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the gateway and its workers on the embedded defaults: SQLite metadata, local-file
+    /// tiers and the in-process event bus. No cluster, database or object store needed.
+    Standalone(StandaloneArgs),
+}
+
+#[derive(Debug, Args)]
+struct StandaloneArgs {
+    /// Address to listen on.
+    #[arg(long, env = "VELLUM_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for the database, the local tiers (`file://<relative path>` URLs) and
+    /// generated keys.
+    #[arg(long, env = "VELLUM_DATA_DIR", default_value = ".vellum")]
+    data_dir: PathBuf,
+    /// Directory of StorageTier, Webhook, RetentionPolicy and Secret YAML: the same files a
+    /// platform team applies to a cluster.
+    #[arg(long, env = "VELLUM_CONFIG_DIR", default_value = "config/standalone")]
+    config_dir: PathBuf,
+    /// Metadata database (`sqlite://…` or `postgres://…`); SQLite in the data directory by
+    /// default.
+    #[arg(long, env = "VELLUM_DATABASE_URL")]
+    database_url: Option<String>,
+    /// The URL clients reach the gateway at, used in the links it hands out.
+    #[arg(long, env = "VELLUM_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Largest document accepted, in bytes.
+    #[arg(long, env = "VELLUM_MAX_UPLOAD_BYTES", default_value_t = 5 << 30)]
+    max_upload_bytes: u64,
+    #[command(flatten)]
+    jwt: JwtArgs,
+}
+
+#[derive(Debug, Args)]
+struct JwtArgs {
+    /// HS256 shared secret. Without it (and without public keys or JWKS) a secret is
+    /// generated and kept in the data directory.
+    #[arg(long, env = "VELLUM_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// RS256 or ES256 public key files (PEM); repeat or separate with commas.
+    #[arg(long, env = "VELLUM_JWT_PUBLIC_KEY", value_delimiter = ',')]
+    jwt_public_key: Vec<PathBuf>,
+    /// A JWKS file whose keys (chosen by `kid`) verify tokens.
+    #[arg(long, env = "VELLUM_JWT_JWKS")]
+    jwt_jwks: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "VELLUM_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "VELLUM_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Requests per second allowed to one user (0: unlimited).
+    #[arg(long, env = "VELLUM_RATE_LIMIT", default_value_t = 50)]
+    rate_limit: u32,
+    /// Requests one user may burst above the rate.
+    #[arg(long, env = "VELLUM_RATE_BURST", default_value_t = 100)]
+    rate_burst: u32,
+}
+
+impl JwtArgs {
+    fn settings(&self) -> anyhow::Result<AuthSettings> {
+        let public_keys_pem = self
+            .jwt_public_key
+            .iter()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading the public key {}", p.display())))
+            .collect::<anyhow::Result<_>>()?;
+        let jwks = self
+            .jwt_jwks
+            .as_ref()
+            .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading the JWKS {}", p.display())))
+            .transpose()?;
+        Ok(AuthSettings {
+            secret: self.jwt_secret.as_ref().map(|s| s.clone().into_bytes()),
+            public_keys_pem,
+            jwks,
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            rate_per_second: self.rate_limit,
+            rate_burst: self.rate_burst,
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}
+
+async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
+    let options = standalone::Options {
+        listen: args.listen,
+        data_dir: args.data_dir.clone(),
+        config_dir: args.config_dir.clone(),
+        database_url: args.database_url,
+        auth: args.jwt.settings()?,
+        max_upload_bytes: args.max_upload_bytes,
+        public_url: args.public_url,
+    };
+    let running = standalone::start(options).await?;
+    let url = &running.url;
+    println!("Vellum standalone gateway serving at {url}");
+    println!("  data directory:   {}", args.data_dir.display());
+    println!("  platform config:  {}", args.config_dir.display());
+    match &running.admin_token {
+        Some(token) => {
+            println!("  admin token (30 days):\n{token}\n");
+            println!("Try it:");
+            println!("  export TOKEN={token}");
+            println!("  curl -H \"Authorization: Bearer $TOKEN\" -F file=@README.md {url}/api/v1/documents");
+            println!("  curl -H \"Authorization: Bearer $TOKEN\" {url}/api/v1/documents");
+        }
+        None => println!("  tokens: signed by your identity provider (public keys or JWKS given)"),
+    }
+    shutdown_signal().await;
+    println!("shutting down: finishing in-flight requests");
+    running.shutdown().await
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Standalone(args) => run_standalone(args).await,
+        }
+    })
 }

@@ -71,6 +71,13 @@ impl From<sqlx::Error> for DocError {
     }
 }
 
+/// An upload's description, checked, with its content type decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prepared {
+    pub new: NewDocument,
+    pub content_type: String,
+}
+
 /// A version's bytes, ready to stream: what to send and how to find it.
 #[derive(Clone, Debug)]
 pub struct Content {
@@ -297,8 +304,9 @@ impl Documents {
         Ok(value)
     }
 
-    /// Stores the bytes of an upload in the default tier.
-    async fn store_bytes(
+    /// Stores the bytes of an upload in the default tier, compressed unless their content
+    /// type is one the tier skips.
+    pub async fn store_bytes(
         &self,
         content_type: &str,
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
@@ -309,7 +317,7 @@ impl Documents {
 
     /// Deletes the new copy of a blob that turned out to be stored already, or that no
     /// committed transaction recorded.
-    async fn discard(&self, blob: &StoredBlob) {
+    pub async fn discard(&self, blob: &StoredBlob) {
         if let Ok(tier) = self.tiers.get(&blob.tier)
             && let Err(e) = tier.delete(&blob.object_key).await
         {
@@ -317,13 +325,8 @@ impl Documents {
         }
     }
 
-    /// Uploads a new document.
-    pub async fn upload(
-        &self,
-        actor: &Actor,
-        new: NewDocument,
-        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
-    ) -> Result<Uploaded, DocError> {
+    /// Checks what an upload says about its document, before its bytes are taken.
+    pub fn prepare(new: NewDocument) -> Result<Prepared, DocError> {
         check_filename(&new.filename).map_err(DocError::Invalid)?;
         let tags = check_tags(&new.tags).map_err(DocError::Invalid)?;
         check_text("title", new.title.as_deref(), MAX_TITLE_CHARS).map_err(DocError::Invalid)?;
@@ -333,23 +336,33 @@ impl Documents {
             check_content_type(ct).map_err(DocError::Invalid)?;
         }
         let content_type = content_type_for(&new.filename, new.content_type.as_deref());
-        let blob = self.store_bytes(&content_type, body).await?;
-        self.upload_stored(actor, new, tags, content_type, blob).await
+        Ok(Prepared { new: NewDocument { tags, ..new }, content_type })
     }
 
-    /// Records a new document whose bytes are already stored (single uploads, and the
-    /// completion of an upload session).
-    pub async fn upload_stored(
+    /// Uploads a new document.
+    pub async fn upload(
         &self,
         actor: &Actor,
         new: NewDocument,
-        tags: Vec<String>,
-        content_type: String,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<Uploaded, DocError> {
+        let prepared = Self::prepare(new)?;
+        let blob = self.store_bytes(&prepared.content_type, body).await?;
+        self.record_upload(actor, &prepared, blob).await
+    }
+
+    /// Records a new document whose bytes are already stored (by [`Self::store_bytes`] or
+    /// an upload session). The stored copy is deleted if it is not needed or the record
+    /// fails.
+    pub async fn record_upload(
+        &self,
+        actor: &Actor,
+        prepared: &Prepared,
         blob: StoredBlob,
     ) -> Result<Uploaded, DocError> {
         let result = self
             .write(|mut owned| {
-                let (new, tags, content_type, blob) = (&new, &tags, &content_type, &blob);
+                let (new, tags, content_type, blob) = (&prepared.new, &prepared.new.tags, &prepared.content_type, &blob);
                 Box::pin(async move {
                     let r = async {
                         let tx = &mut owned;
@@ -418,6 +431,17 @@ impl Documents {
         }
     }
 
+    fn check_version(new: &NewVersion) -> Result<(), DocError> {
+        if let Some(name) = &new.filename {
+            check_filename(name).map_err(DocError::Invalid)?;
+        }
+        if let Some(ct) = &new.content_type {
+            check_content_type(ct).map_err(DocError::Invalid)?;
+        }
+        check_text("changeDescription", new.change_description.as_deref(), MAX_DESCRIPTION_CHARS)
+            .map_err(DocError::Invalid)
+    }
+
     /// Uploads a new version of a document.
     pub async fn upload_version(
         &self,
@@ -426,23 +450,44 @@ impl Documents {
         new: NewVersion,
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     ) -> Result<Uploaded, DocError> {
-        if let Some(name) = &new.filename {
-            check_filename(name).map_err(DocError::Invalid)?;
-        }
-        if let Some(ct) = &new.content_type {
-            check_content_type(ct).map_err(DocError::Invalid)?;
-        }
-        check_text("changeDescription", new.change_description.as_deref(), MAX_DESCRIPTION_CHARS)
-            .map_err(DocError::Invalid)?;
+        Self::check_version(&new)?;
         // Check access before taking the bytes.
         let current = self.get(actor, id).await?;
-        let filename = new.filename.clone().unwrap_or(current.filename);
-        let content_type = match &new.content_type {
-            Some(ct) => ct.clone(),
-            None if new.filename.is_some() => content_type_for(&filename, None),
-            None => current.content_type,
-        };
+        let content_type = Self::version_content_type(&current, &new);
         let blob = self.store_bytes(&content_type, body).await?;
+        self.record_version(actor, id, new, blob).await
+    }
+
+    fn version_content_type(current: &Document, new: &NewVersion) -> String {
+        match (&new.content_type, &new.filename) {
+            (Some(ct), _) if !ct.is_empty() && ct != "application/octet-stream" => ct.clone(),
+            (_, Some(filename)) => content_type_for(filename, None),
+            _ => current.content_type.clone(),
+        }
+    }
+
+    /// Records a new version whose bytes are already stored. The stored copy is deleted
+    /// if it is not needed or the record fails.
+    pub async fn record_version(
+        &self,
+        actor: &Actor,
+        id: i64,
+        new: NewVersion,
+        blob: StoredBlob,
+    ) -> Result<Uploaded, DocError> {
+        let checked = match Self::check_version(&new) {
+            Ok(()) => self.get(actor, id).await,
+            Err(e) => Err(e),
+        };
+        let current = match checked {
+            Ok(current) => current,
+            Err(e) => {
+                self.discard(&blob).await;
+                return Err(e);
+            }
+        };
+        let content_type = Self::version_content_type(&current, &new);
+        let filename = new.filename.clone().unwrap_or(current.filename);
         let result = self
             .write(|mut owned| {
                 let (new, filename, content_type, blob) = (&new, &filename, &content_type, &blob);

@@ -1,0 +1,364 @@
+//! JWT bearer authentication, roles, and per-user rate limits.
+//!
+//! Tokens are standard JWTs any library can mint: `sub` names the user, `exp` is required,
+//! `iss` and `aud` are checked when configured, and a `roles` claim (an array, or a
+//! space-separated string) grants `admin`. Keys: an HS256 shared secret, RS256 or ES256
+//! public keys in PEM, or a JWKS file; a token's `kid` picks among JWKS keys.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use vellum_core::documents::Actor;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// How tokens are checked.
+#[derive(Clone, Debug, Default)]
+pub struct AuthSettings {
+    /// HS256 shared secret.
+    pub secret: Option<Vec<u8>>,
+    /// RS256 / ES256 public keys, PEM.
+    pub public_keys_pem: Vec<Vec<u8>>,
+    /// A JWKS document (JSON).
+    pub jwks: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Requests per second allowed to one user, and the burst above it.
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
+}
+
+struct Key {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    decoding: DecodingKey,
+}
+
+/// The token checker and the per-user limiter.
+pub struct Auth {
+    keys: Vec<Key>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    encoding: Option<EncodingKey>,
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("keys", &self.keys.len()).field("issuer", &self.issuer).finish_non_exhaustive()
+    }
+}
+
+/// The claims Vellum reads.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    #[serde(default)]
+    pub roles: Roles,
+}
+
+/// `roles` as an array or as a space-separated string (OAuth `scope` style).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+#[serde(untagged)]
+pub enum Roles {
+    #[default]
+    None,
+    List(Vec<String>),
+    Spaced(String),
+}
+
+impl Roles {
+    fn contains(&self, role: &str) -> bool {
+        match self {
+            Roles::None => false,
+            Roles::List(list) => list.iter().any(|r| r == role),
+            Roles::Spaced(s) => s.split_whitespace().any(|r| r == role),
+        }
+    }
+}
+
+/// Why the auth settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("no way to check tokens: give a JWT secret, a public key or a JWKS file")]
+    NoKeys,
+    #[error("public key {index}: {message}")]
+    PublicKey { index: usize, message: String },
+    #[error("JWKS: {0}")]
+    Jwks(String),
+    #[error("the rate limit must be at least 1 request per second")]
+    RateLimit,
+}
+
+impl Auth {
+    pub fn new(settings: &AuthSettings) -> Result<Self, AuthConfigError> {
+        let mut keys = Vec::new();
+        if let Some(secret) = &settings.secret {
+            keys.push(Key { kid: None, algorithm: Algorithm::HS256, decoding: DecodingKey::from_secret(secret) });
+        }
+        for (index, pem) in settings.public_keys_pem.iter().enumerate() {
+            let text = String::from_utf8_lossy(pem);
+            let (algorithm, key) = if text.contains("BEGIN RSA PUBLIC KEY")
+                || text.contains("BEGIN PUBLIC KEY") && DecodingKey::from_rsa_pem(pem).is_ok()
+            {
+                (Algorithm::RS256, DecodingKey::from_rsa_pem(pem))
+            } else {
+                (Algorithm::ES256, DecodingKey::from_ec_pem(pem))
+            };
+            let key = key.map_err(|e| AuthConfigError::PublicKey { index, message: e.to_string() })?;
+            keys.push(Key { kid: None, algorithm, decoding: key });
+        }
+        if let Some(jwks) = &settings.jwks {
+            let set: JwkSet = serde_json::from_str(jwks).map_err(|e| AuthConfigError::Jwks(e.to_string()))?;
+            for jwk in &set.keys {
+                let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthConfigError::Jwks(e.to_string()))?;
+                let algorithm = match jwk.common.key_algorithm.map(|a| a.to_string()).as_deref() {
+                    Some("ES256") => Algorithm::ES256,
+                    Some("RS256") | None if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::RSA(_)) => {
+                        Algorithm::RS256
+                    }
+                    None if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_)) => {
+                        Algorithm::ES256
+                    }
+                    other => {
+                        return Err(AuthConfigError::Jwks(format!(
+                            "key {:?} has algorithm {other:?}; RS256 and ES256 are supported",
+                            jwk.common.key_id
+                        )));
+                    }
+                };
+                keys.push(Key { kid: jwk.common.key_id.clone(), algorithm, decoding: key });
+            }
+        }
+        if keys.is_empty() {
+            return Err(AuthConfigError::NoKeys);
+        }
+        let limiter = if settings.rate_per_second == 0 {
+            None
+        } else {
+            let rate = NonZeroU32::new(settings.rate_per_second).ok_or(AuthConfigError::RateLimit)?;
+            let burst =
+                NonZeroU32::new(settings.rate_burst.max(settings.rate_per_second)).ok_or(AuthConfigError::RateLimit)?;
+            Some(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
+        };
+        Ok(Self {
+            keys,
+            issuer: settings.issuer.clone(),
+            audience: settings.audience.clone(),
+            encoding: settings.secret.as_deref().map(EncodingKey::from_secret),
+            limiter,
+        })
+    }
+
+    /// Checks a bearer token and returns who it names.
+    pub fn verify(&self, token: &str) -> Result<Actor, String> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| "the token is not a JWT".to_owned())?;
+        let candidates: Vec<&Key> = self
+            .keys
+            .iter()
+            .filter(|k| k.algorithm == header.alg && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid))
+            .collect();
+        if candidates.is_empty() {
+            return Err(format!("tokens signed with {:?} are not accepted here", header.alg));
+        }
+        let mut last = String::new();
+        for key in candidates {
+            let mut validation = Validation::new(key.algorithm);
+            validation.leeway = 30;
+            let mut required = vec!["exp", "sub"];
+            required.extend(self.issuer.as_ref().map(|_| "iss"));
+            required.extend(self.audience.as_ref().map(|_| "aud"));
+            validation.set_required_spec_claims(&required);
+            match &self.issuer {
+                Some(iss) => validation.set_issuer(&[iss]),
+                None => validation.iss = None,
+            }
+            match &self.audience {
+                Some(aud) => validation.set_audience(&[aud]),
+                None => validation.validate_aud = false,
+            }
+            match jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation) {
+                Ok(data) => {
+                    if data.claims.sub.is_empty() {
+                        return Err("the token's sub claim is empty".into());
+                    }
+                    let admin = data.claims.roles.contains("admin");
+                    return Ok(Actor { user: data.claims.sub, admin });
+                }
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind;
+                    last = match e.kind() {
+                        ErrorKind::ExpiredSignature => "the token has expired".into(),
+                        ErrorKind::InvalidSignature => "the token's signature does not verify".into(),
+                        ErrorKind::InvalidIssuer => "the token's issuer is not accepted".into(),
+                        ErrorKind::InvalidAudience => "the token's audience is not accepted".into(),
+                        ErrorKind::ImmatureSignature => "the token is not valid yet".into(),
+                        ErrorKind::MissingRequiredClaim(claim) => format!("the token has no {claim} claim"),
+                        _ => "the token is malformed".into(),
+                    };
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Mints an HS256 token (standalone mode's admin token, and tests).
+    pub fn mint(&self, sub: &str, roles: &[&str], valid_for: Duration) -> Option<String> {
+        let key = self.encoding.as_ref()?;
+        let exp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() + valid_for.as_secs();
+        let claims = Claims {
+            sub: sub.to_owned(),
+            exp,
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            roles: Roles::List(roles.iter().map(|r| (*r).to_owned()).collect()),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).ok()
+    }
+
+    /// Counts a request against the user's limit; the error says how long to wait.
+    pub fn admit(&self, user: &str) -> Result<(), Duration> {
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        limiter.check_key(&user.to_owned()).map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+}
+
+/// The authenticated caller, as a handler argument: 401 without a valid token, 429 over
+/// the user's rate limit.
+#[derive(Clone, Debug)]
+pub struct User(pub Actor);
+
+impl FromRequestParts<AppState> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let unauthorized = |message: &str| {
+            ApiError::new(StatusCode::UNAUTHORIZED, message).with_header(
+                header::WWW_AUTHENTICATE,
+                &format!("Bearer realm=\"vellum\", error=\"invalid_token\", error_description=\"{message}\""),
+            )
+        };
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "a bearer token is required")
+                .with_header(header::WWW_AUTHENTICATE, "Bearer realm=\"vellum\""));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .ok_or_else(|| unauthorized("the Authorization header is not a bearer token"))?;
+        let actor = state.auth.verify(token.trim()).map_err(|m| unauthorized(&m))?;
+        if let Err(wait) = state.auth.admit(&actor.user) {
+            let seconds = wait.as_secs_f64().ceil().max(1.0);
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded for this user")
+                .with_header(header::RETRY_AFTER, &format!("{seconds:.0}")));
+        }
+        Ok(User(actor))
+    }
+}
+
+/// An authenticated caller holding the admin role: 403 otherwise.
+#[derive(Clone, Debug)]
+pub struct Admin(pub Actor);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let User(actor) = User::from_request_parts(parts, state).await?;
+        if !actor.admin {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "this needs the admin role"));
+        }
+        Ok(Admin(actor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Auth {
+        Auth::new(&AuthSettings { secret: Some(b"s3cret".to_vec()), rate_per_second: 0, ..AuthSettings::default() })
+            .unwrap()
+    }
+
+    #[test]
+    fn minted_tokens_verify_with_their_roles() {
+        let auth = auth();
+        let token = auth.mint("alice", &["user", "admin"], Duration::from_secs(60)).unwrap();
+        assert_eq!(auth.verify(&token), Ok(Actor { user: "alice".into(), admin: true }));
+        let token = auth.mint("bob", &["user"], Duration::from_secs(60)).unwrap();
+        assert_eq!(auth.verify(&token), Ok(Actor { user: "bob".into(), admin: false }));
+    }
+
+    #[test]
+    fn forged_expired_and_garbage_tokens_fail_with_reasons() {
+        let auth = auth();
+        let other = Auth::new(&AuthSettings { secret: Some(b"other".to_vec()), ..AuthSettings::default() }).unwrap();
+        let forged = other.mint("alice", &["admin"], Duration::from_secs(60)).unwrap();
+        assert_eq!(auth.verify(&forged), Err("the token's signature does not verify".into()));
+        let claims = Claims { sub: "a".into(), exp: 1_000_000, iss: None, aud: None, roles: Roles::None };
+        let expired = jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(b"s3cret")).unwrap();
+        assert_eq!(auth.verify(&expired), Err("the token has expired".into()));
+        assert_eq!(auth.verify("not.a.jwt"), Err("the token is not a JWT".into()));
+        assert!(auth.verify("").is_err());
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_set() {
+        let strict = Auth::new(&AuthSettings {
+            secret: Some(b"k".to_vec()),
+            issuer: Some("https://id.example".into()),
+            audience: Some("vellum".into()),
+            ..AuthSettings::default()
+        })
+        .unwrap();
+        let loose = Auth::new(&AuthSettings { secret: Some(b"k".to_vec()), ..AuthSettings::default() }).unwrap();
+        let token = loose.mint("alice", &[], Duration::from_secs(60)).unwrap();
+        assert!(loose.verify(&token).is_ok());
+        assert!(strict.verify(&token).is_err(), "no iss/aud claims");
+        let good = strict.mint("alice", &[], Duration::from_secs(60)).unwrap();
+        assert!(strict.verify(&good).is_ok());
+    }
+
+    #[test]
+    fn space_separated_roles_count() {
+        let claims: Claims = serde_json::from_str(r#"{"sub":"a","exp":1,"roles":"user admin"}"#).unwrap();
+        assert!(claims.roles.contains("admin"));
+    }
+
+    #[test]
+    fn the_rate_limit_is_per_user_and_says_how_long_to_wait() {
+        let auth = Auth::new(&AuthSettings {
+            secret: Some(b"k".to_vec()),
+            rate_per_second: 1,
+            rate_burst: 2,
+            ..AuthSettings::default()
+        })
+        .unwrap();
+        assert!(auth.admit("alice").is_ok() && auth.admit("alice").is_ok());
+        let wait = auth.admit("alice").unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(auth.admit("bob").is_ok(), "another user has a bucket of their own");
+    }
+
+    #[test]
+    fn without_keys_nothing_is_accepted() {
+        assert!(matches!(Auth::new(&AuthSettings::default()), Err(AuthConfigError::NoKeys)));
+    }
+}

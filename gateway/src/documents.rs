@@ -1,0 +1,464 @@
+//! `/api/v1/documents`: uploads (multipart or raw body), metadata, listing, versions,
+//! downloads, deletion, legal hold and signed links.
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use futures::{Stream, TryStreamExt};
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use sha2::Sha256;
+use vellum_core::blob::StoredBlob;
+use vellum_core::clock::{parse_rfc3339, rfc3339};
+use vellum_core::documents::{Actor, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion, Uploaded};
+
+use crate::AppState;
+use crate::auth::User;
+use crate::content::serve;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{DocId, JsonBody, QueryParams};
+
+pub fn router() -> Router<AppState> {
+    let uploads = Router::new()
+        .route("/", post(upload).get(list))
+        .route("/{id}/versions", post(upload_version).get(versions))
+        // Upload sizes are bounded by the service's own limit, checked as bytes stream in.
+        .layer(DefaultBodyLimit::disable());
+    Router::new()
+        .route("/{id}", get(get_document).patch(update).delete(delete))
+        .route("/{id}/metadata", put(update))
+        .route("/{id}/content", get(download))
+        .route("/{id}/download", get(download))
+        .route("/{id}/versions/{n}/content", get(download_version))
+        .route("/{id}/versions/{n}/restore", post(restore))
+        .route("/{id}/legal-hold", put(hold).delete(release))
+        .route("/{id}/links", post(create_link))
+        .merge(uploads)
+}
+
+/// `/api/v1/links/{token}`: downloads through a signed link, without a token.
+pub fn links_router() -> Router<AppState> {
+    Router::new().route("/{token}", get(follow_link))
+}
+
+fn io_error(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// Upload options given as query parameters (raw-body uploads) or form fields (multipart).
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct UploadParams {
+    filename: Option<String>,
+    title: Option<String>,
+    description: Option<String>,
+    /// Comma-separated.
+    tags: Option<String>,
+    /// A JSON object.
+    metadata: Option<String>,
+    change_description: Option<String>,
+}
+
+fn split_tags(tags: &str) -> Vec<String> {
+    tags.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect()
+}
+
+fn parse_metadata(text: &str) -> ApiResult<Map<String, Value>> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::bad_request("metadata must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!("metadata is not valid JSON: {e}"))),
+    }
+}
+
+fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"))
+}
+
+/// The raw-body upload's file name: `?filename=`, else `X-Filename`, else the
+/// `Content-Disposition` header's.
+fn raw_filename(params: &UploadParams, headers: &HeaderMap) -> ApiResult<Option<String>> {
+    if let Some(name) = &params.filename {
+        return Ok(Some(name.clone()));
+    }
+    if let Some(value) = headers.get("x-filename") {
+        return value.to_str().map(|v| Some(v.to_owned())).map_err(|_| {
+            ApiError::bad_request("X-Filename is not valid UTF-8 text; use ?filename= with percent-encoding")
+        });
+    }
+    if let Some(value) = headers.get(header::CONTENT_DISPOSITION) {
+        let text = value.to_str().map_err(|_| ApiError::bad_request("Content-Disposition is not valid text"))?;
+        if let Some(name) = text.split(';').map(str::trim).find_map(|p| p.strip_prefix("filename=")) {
+            return Ok(Some(name.trim_matches('"').to_owned()));
+        }
+    }
+    Ok(None)
+}
+
+/// The bytes and options of an upload, taken in one pass: the file's bytes are streamed
+/// into the default tier as they arrive, whatever the order of the form's fields.
+struct Received {
+    params: UploadParams,
+    filename: Option<String>,
+    content_type: Option<String>,
+    blob: StoredBlob,
+}
+
+async fn receive(state: &AppState, request: Request, default_content_type: Option<String>) -> ApiResult<Received> {
+    let docs = &state.docs;
+    if is_multipart(request.headers()) {
+        let mut form =
+            Multipart::from_request(request, state).await.map_err(|r| ApiError::bad_request(r.body_text()))?;
+        let mut params = UploadParams::default();
+        let mut file: Option<(Option<String>, Option<String>, StoredBlob)> = None;
+        let outcome: ApiResult<()> = async {
+            while let Some(field) = form.next_field().await.map_err(|e| ApiError::bad_request(e.body_text()))? {
+                let name = field.name().unwrap_or_default().to_owned();
+                if name == "file" {
+                    if file.is_some() {
+                        return Err(ApiError::bad_request("the form has more than one file field"));
+                    }
+                    let filename = field.file_name().map(str::to_owned);
+                    let content_type = field.content_type().map(str::to_owned);
+                    let decided = vellum_core::documents::content_type_for(
+                        filename.as_deref().unwrap_or_default(),
+                        content_type.as_deref(),
+                    );
+                    let stream = Box::pin(field.map_err(io_error));
+                    let blob = docs.store_bytes(&decided, stream).await?;
+                    file = Some((filename, content_type, blob));
+                    continue;
+                }
+                let value = field.text().await.map_err(|e| ApiError::bad_request(e.body_text()))?;
+                let slot = match name.as_str() {
+                    "filename" => &mut params.filename,
+                    "title" => &mut params.title,
+                    "description" => &mut params.description,
+                    "tags" => {
+                        let joined = match params.tags.take() {
+                            Some(before) => format!("{before},{value}"),
+                            None => value,
+                        };
+                        params.tags = Some(joined);
+                        continue;
+                    }
+                    "metadata" => &mut params.metadata,
+                    "changeDescription" => &mut params.change_description,
+                    other => return Err(ApiError::bad_request(format!("unknown form field {other:?}"))),
+                };
+                *slot = Some(value);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            if let Some((_, _, blob)) = &file {
+                docs.discard(blob).await;
+            }
+            return Err(e);
+        }
+        let Some((part_filename, content_type, blob)) = file else {
+            return Err(ApiError::bad_request("the form has no file field"));
+        };
+        let filename = params.filename.clone().or(part_filename);
+        return Ok(Received { params, filename, content_type, blob });
+    }
+    let (parts, body) = request.into_parts();
+    let QueryParams(params) =
+        <QueryParams<UploadParams> as axum::extract::FromRequestParts<AppState>>::from_request_parts(
+            &mut parts.clone(),
+            state,
+        )
+        .await?;
+    let filename = raw_filename(&params, &parts.headers)?;
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().map(str::to_owned).map_err(|_| ApiError::bad_request("Content-Type is not valid text")))
+        .transpose()?
+        .or(default_content_type);
+    let decided =
+        vellum_core::documents::content_type_for(filename.as_deref().unwrap_or_default(), content_type.as_deref());
+    let stream: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>> =
+        Box::pin(body.into_data_stream().map_err(io_error));
+    let blob = docs.store_bytes(&decided, stream).await?;
+    Ok(Received { params, filename, content_type, blob })
+}
+
+fn created(uploaded: &Uploaded) -> Response {
+    let location = format!("/api/v1/documents/{}", uploaded.document.id);
+    (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(uploaded)).into_response()
+}
+
+async fn upload(State(state): State<AppState>, User(actor): User, request: Request) -> ApiResult<Response> {
+    let received = receive(&state, request, None).await?;
+    let docs = &state.docs;
+    let prepared = (|| {
+        let params = &received.params;
+        let Some(filename) = received.filename.clone() else {
+            return Err(ApiError::bad_request(
+                "the upload has no file name: give ?filename=, an X-Filename header, or a multipart file name",
+            ));
+        };
+        let new = NewDocument {
+            filename,
+            content_type: received.content_type.clone().filter(|ct| !ct.is_empty()),
+            title: params.title.clone(),
+            description: params.description.clone(),
+            tags: params.tags.as_deref().map(split_tags).unwrap_or_default(),
+            metadata: params.metadata.as_deref().map(parse_metadata).transpose()?.unwrap_or_default(),
+        };
+        if params.change_description.is_some() {
+            return Err(ApiError::bad_request("changeDescription belongs to a new version, not a new document"));
+        }
+        Documents::prepare(new).map_err(ApiError::from)
+    })();
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            docs.discard(&received.blob).await;
+            return Err(e);
+        }
+    };
+    let uploaded = docs.record_upload(&actor, &prepared, received.blob).await?;
+    Ok(created(&uploaded))
+}
+
+async fn upload_version(
+    State(state): State<AppState>,
+    User(actor): User,
+    DocId(id): DocId,
+    request: Request,
+) -> ApiResult<Response> {
+    // Check access (and existence) before taking the bytes.
+    let current = state.docs.get(&actor, id).await?;
+    let received = receive(&state, request, Some(current.content_type)).await?;
+    let params = &received.params;
+    if params.title.is_some() || params.tags.is_some() || params.metadata.is_some() || params.description.is_some() {
+        state.docs.discard(&received.blob).await;
+        return Err(ApiError::bad_request(
+            "a new version takes only file, filename and changeDescription; change metadata with PATCH",
+        ));
+    }
+    let new = NewVersion {
+        filename: received.filename.clone(),
+        content_type: received.content_type.clone(),
+        change_description: params.change_description.clone(),
+    };
+    let uploaded = state.docs.record_version(&actor, id, new, received.blob).await?;
+    Ok(created(&uploaded))
+}
+
+async fn get_document(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
+    Ok(axum::Json(state.docs.get(&actor, id).await?).into_response())
+}
+
+async fn update(
+    State(state): State<AppState>,
+    User(actor): User,
+    DocId(id): DocId,
+    JsonBody(patch): JsonBody<MetadataPatch>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(state.docs.update(&actor, id, patch).await?).into_response())
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ListParams {
+    tag: Option<String>,
+    file_type: Option<String>,
+    owner: Option<String>,
+    /// RFC 3339: created at or after.
+    from: Option<String>,
+    /// RFC 3339: created before.
+    to: Option<String>,
+    q: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    User(actor): User,
+    QueryParams(p): QueryParams<ListParams>,
+) -> ApiResult<Response> {
+    let time = |name: &str, value: Option<String>| {
+        value
+            .map(|v| {
+                parse_rfc3339(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!("{name} must be an RFC 3339 time, like 2025-01-13T10:00:00Z"))
+                })
+            })
+            .transpose()
+    };
+    let query = ListQuery {
+        tag: p.tag,
+        file_type: p.file_type,
+        owner: p.owner,
+        created_from: time("from", p.from)?,
+        created_to: time("to", p.to)?,
+        q: p.q,
+        limit: p.limit,
+        cursor: p.cursor,
+    };
+    Ok(axum::Json(state.docs.list(&actor, &query).await?).into_response())
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct VersionParam {
+    version: Option<i64>,
+}
+
+async fn download(
+    State(state): State<AppState>,
+    User(actor): User,
+    DocId(id): DocId,
+    QueryParams(p): QueryParams<VersionParam>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let content = state.docs.content(&actor, id, p.version).await?;
+    serve(&state, &content, &headers).await
+}
+
+async fn download_version(
+    State(state): State<AppState>,
+    User(actor): User,
+    DocId(id): DocId,
+    Path((_, n)): Path<(String, i64)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let content = state.docs.content(&actor, id, Some(n)).await?;
+    serve(&state, &content, &headers).await
+}
+
+async fn versions(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
+    Ok(axum::Json(state.docs.versions(&actor, id).await?).into_response())
+}
+
+async fn restore(
+    State(state): State<AppState>,
+    User(actor): User,
+    DocId(id): DocId,
+    Path((_, n)): Path<(String, i64)>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(state.docs.restore_version(&actor, id, n).await?).into_response())
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    #[serde(default)]
+    permanent: bool,
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    User(actor): User,
+    DocId(id): DocId,
+    QueryParams(p): QueryParams<DeleteParams>,
+) -> ApiResult<Response> {
+    if p.permanent {
+        state.docs.purge(&actor, id).await?;
+    } else {
+        state.docs.delete(&actor, id).await?;
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn hold(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
+    Ok(axum::Json(state.docs.set_legal_hold(&actor, id, true).await?).into_response())
+}
+
+async fn release(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
+    Ok(axum::Json(state.docs.set_legal_hold(&actor, id, false).await?).into_response())
+}
+
+// Signed links: `<id>.<version>.<expiry ms>.<signature>`, the signature an HMAC-SHA256 of
+// the rest under the gateway's link key.
+
+const MAX_LINK_SECONDS: u64 = 7 * 24 * 3600;
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LinkRequest {
+    expires_in_seconds: Option<u64>,
+    version: Option<i64>,
+}
+
+fn sign_link(key: &[u8], payload: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(payload.as_bytes());
+    URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+}
+
+async fn create_link(
+    State(state): State<AppState>,
+    User(actor): User,
+    DocId(id): DocId,
+    JsonBody(request): JsonBody<LinkRequest>,
+) -> ApiResult<Response> {
+    let seconds = request.expires_in_seconds.unwrap_or(3600);
+    if seconds == 0 || seconds > MAX_LINK_SECONDS {
+        return Err(ApiError::bad_request(format!("expiresInSeconds must be between 1 and {MAX_LINK_SECONDS}")));
+    }
+    let content = state.docs.content(&actor, id, request.version).await?;
+    let expires = state.docs.clock().now_ms() + i64::try_from(seconds * 1000).unwrap_or(i64::MAX);
+    let payload = format!("{id}.{}.{expires}", content.version);
+    let token = format!("{payload}.{}", sign_link(&state.link_key, &payload));
+    let path = format!("/api/v1/links/{token}");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "url": format!("{}{path}", state.public_url),
+            "path": path,
+            "documentId": id,
+            "versionNumber": content.version,
+            "expiresAt": rfc3339(expires),
+        })),
+    )
+        .into_response())
+}
+
+async fn follow_link(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let forged = || ApiError::new(StatusCode::FORBIDDEN, "the link is not valid");
+    let (payload, signature) = token.rsplit_once('.').ok_or_else(forged)?;
+    let expected = sign_link(&state.link_key, payload);
+    // Compare MACs in constant time.
+    let mut mac = Hmac::<Sha256>::new_from_slice(&state.link_key).expect("HMAC takes any key length");
+    mac.update(payload.as_bytes());
+    let given = URL_SAFE_NO_PAD.decode(signature).map_err(|_| forged())?;
+    if mac.verify_slice(&given).is_err() || expected.is_empty() {
+        return Err(forged());
+    }
+    let mut parts = payload.split('.');
+    let (Some(id), Some(version), Some(expires), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(forged());
+    };
+    let (id, version, expires): (i64, i64, i64) = (
+        id.parse().map_err(|_| forged())?,
+        version.parse().map_err(|_| forged())?,
+        expires.parse().map_err(|_| forged())?,
+    );
+    if state.docs.clock().now_ms() > expires {
+        return Err(ApiError::new(StatusCode::GONE, format!("the link expired at {}", rfc3339(expires))));
+    }
+    // The signature is the permission: the link reads as its creator could.
+    let reader = Actor { user: String::new(), admin: true };
+    let content = state.docs.content(&reader, id, Some(version)).await?;
+    serve(&state, &content, &headers).await
+}

@@ -1,0 +1,43 @@
+//! `/healthz` (the process serves) and `/readyz` (the database answers and the default
+//! tier stores and returns a probe object).
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let database = state.docs.meta().ping().await;
+    let tier = state.docs.tiers().default_tier().probe().await;
+    let check = |r: &Result<(), String>| match r {
+        Ok(()) => json!({"status": "ok"}),
+        Err(e) => json!({"status": "failing", "message": e}),
+    };
+    let database = database.map_err(|e| e.to_string());
+    let tier = tier.map_err(|e| e.to_string());
+    if let Err(e) = &database {
+        tracing::warn!(error = %e, "readiness: database");
+    }
+    if let Err(e) = &tier {
+        tracing::warn!(error = %e, "readiness: default tier");
+    }
+    let ready = database.is_ok() && tier.is_ok();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({
+        "status": if ready { "ready" } else { "not ready" },
+        "checks": {"database": check(&database), "defaultTier": check(&tier)},
+    });
+    (status, axum::Json(body)).into_response()
+}

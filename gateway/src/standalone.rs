@@ -1,0 +1,160 @@
+//! Standalone mode: the gateway and its in-process workers on the embedded defaults
+//! (SQLite, local-file tiers, the in-process event bus), configured by the same
+//! StorageTier, Webhook and RetentionPolicy YAML a platform team applies to a cluster.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use vellum_core::blob::Tiers;
+use vellum_core::clock::Clock;
+use vellum_core::config::{compile, load_dir};
+use vellum_core::documents::Documents;
+use vellum_core::events::Bus;
+use vellum_core::store::Metadata;
+
+use crate::auth::{Auth, AuthSettings};
+use crate::{AppState, app};
+
+/// What standalone mode needs to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub listen: SocketAddr,
+    /// Where the database, the local tiers and the generated keys live.
+    pub data_dir: PathBuf,
+    /// The directory of StorageTier, Webhook, RetentionPolicy and Secret YAML.
+    pub config_dir: PathBuf,
+    /// The metadata database; SQLite in the data directory when absent.
+    pub database_url: Option<String>,
+    /// Token checking; a secret is generated (and kept in the data directory) when none
+    /// of secret, public keys and JWKS is given.
+    pub auth: AuthSettings,
+    pub max_upload_bytes: u64,
+    /// The URL clients reach the gateway at; `http://<listen>` when absent.
+    pub public_url: Option<String>,
+}
+
+/// A running standalone gateway.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub url: String,
+    /// A token with the admin role, valid for 30 days; absent when tokens are checked
+    /// only against public keys (nothing here can sign them).
+    pub admin_token: Option<String>,
+    pub state: AppState,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+    relay: JoinHandle<()>,
+}
+
+/// Reads a key file from the data directory, or creates it with 32 random bytes.
+fn key_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) if !bytes.is_empty() => Ok(bytes),
+        Ok(_) => bail!("{} is empty; delete it to have a new key generated", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::random();
+            let text = hex::encode(key);
+            write_private(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            Ok(text.into_bytes())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(bytes)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+/// Starts standalone mode and returns once it serves.
+pub async fn start(options: Options) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&options.data_dir)
+        .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
+    let data_dir = options.data_dir.canonicalize().context("resolving the data directory")?;
+
+    let sources = load_dir(&options.config_dir)
+        .with_context(|| format!("reading the platform config in {}", options.config_dir.display()))?;
+    let (config, secrets) = compile(&sources).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!(
+            "the platform config in {} is not valid:\n  {}",
+            options.config_dir.display(),
+            lines.join("\n  ")
+        )
+    })?;
+    let tiers = Tiers::open(&config, &secrets, &data_dir).context("opening the storage tiers")?;
+
+    let database_url =
+        options.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("vellum.db").display()));
+    let meta = Metadata::open(&database_url).await.context("opening the metadata database")?;
+
+    let mut auth_settings = options.auth.clone();
+    if auth_settings.secret.is_none() && auth_settings.public_keys_pem.is_empty() && auth_settings.jwks.is_none() {
+        auth_settings.secret = Some(key_file(&data_dir.join("jwt-secret"))?);
+    }
+    let auth = Auth::new(&auth_settings).context("setting up token checking")?;
+    let link_key = key_file(&data_dir.join("link-key"))?;
+
+    let clock = Clock::system();
+    let bus = Bus::new();
+    let docs = Documents::new(meta.clone(), tiers, clock.clone(), Some(bus.clone()), options.max_upload_bytes);
+
+    let listener =
+        TcpListener::bind(options.listen).await.with_context(|| format!("listening on {}", options.listen))?;
+    let addr = listener.local_addr()?;
+    let url = options.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let admin_token = auth.mint("admin", &["admin", "user"], Duration::from_secs(30 * 24 * 3600));
+    let state = AppState {
+        docs: Arc::new(docs),
+        auth: Arc::new(auth),
+        link_key: link_key.into(),
+        public_url: url.trim_end_matches('/').into(),
+    };
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let relay = tokio::spawn({
+        let (bus, meta, clock) = (bus.clone(), meta.clone(), clock.clone());
+        let stop = until_stopped(stopped.clone());
+        async move { bus.relay(meta, clock, stop).await }
+    });
+    let server = tokio::spawn({
+        let router = app(state.clone());
+        let stop = until_stopped(stopped);
+        async move { axum::serve(listener, router).with_graceful_shutdown(stop).await }
+    });
+    tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), "standalone gateway serving");
+    Ok(Running { addr, url, admin_token, state, stop, server, relay })
+}
+
+impl Running {
+    /// Stops accepting connections, lets in-flight requests finish (up to the grace
+    /// period), and stops the workers.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        if let Ok(joined) = tokio::time::timeout(crate::SHUTDOWN_GRACE, self.server).await {
+            joined.context("the server task")?.context("serving")?;
+        } else {
+            tracing::warn!("in-flight requests did not finish within the grace period");
+        }
+        self.relay.await.ok();
+        Ok(())
+    }
+}

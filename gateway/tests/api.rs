@@ -1,0 +1,400 @@
+//! The HTTP API as clients use it, over a socket, on SQLite and on Postgres.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderMap};
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+use vellum_gateway::auth::AuthSettings;
+use vellum_gateway::standalone::{self, Running};
+use vellum_testkit::TestDatabase;
+
+const TIERS: &str = "
+apiVersion: vellum.dev/v1alpha1
+kind: StorageTier
+metadata: {name: hot}
+spec:
+  class: HOT
+  default: true
+  backend: {url: 'file://tiers/hot'}
+  compression: {enabled: true}
+";
+
+struct Gateway {
+    running: Option<Running>,
+    client: reqwest::Client,
+    base: String,
+    _dir: tempfile::TempDir,
+    _db: Option<TestDatabase>,
+}
+
+async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("tiers.yaml"), TIERS).unwrap();
+    let db = if postgres { Some(TestDatabase::new().await.unwrap()) } else { None };
+    let options = standalone::Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        config_dir: config,
+        database_url: db.as_ref().map(|d| d.url.clone()),
+        auth: AuthSettings {
+            secret: Some(b"test-secret".to_vec()),
+            rate_per_second: rate_limit,
+            rate_burst: rate_limit,
+            ..AuthSettings::default()
+        },
+        max_upload_bytes: 1 << 20,
+        public_url: None,
+    };
+    let running = standalone::start(options).await.unwrap();
+    let base = running.url.clone();
+    Gateway { running: Some(running), client: reqwest::Client::new(), base, _dir: dir, _db: db }
+}
+
+impl Gateway {
+    fn token(&self, user: &str, roles: &[&str]) -> String {
+        self.running.as_ref().unwrap().state.auth.mint(user, roles, Duration::from_secs(600)).unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, user: &str, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(self.token(user, &["user"]))
+    }
+
+    async fn upload(&self, user: &str, filename: &str, body: &'static [u8]) -> Value {
+        let form = Form::new().part("file", Part::bytes(body).file_name(filename.to_owned()));
+        let response = self
+            .client
+            .post(self.url("/api/v1/documents"))
+            .bearer_auth(self.token(user, &["user"]))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        response.json().await.unwrap()
+    }
+}
+
+async fn error_of(response: reqwest::Response, status: StatusCode) -> String {
+    assert_eq!(response.status(), status);
+    assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16());
+    body["message"].as_str().unwrap().to_owned()
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $name() { super::$name(super::gateway(false, 0).await).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $name() { super::$name(super::gateway(true, 0).await).await } )*
+        }
+    };
+}
+
+on_both!(
+    uploads_downloads_and_conditional_requests,
+    versions_restore_and_deletion,
+    auth_and_ownership,
+    bad_input_gets_precise_errors,
+    signed_links_expire_and_resist_forgery
+);
+
+async fn uploads_downloads_and_conditional_requests(gw: Gateway) {
+    // Multipart, with fields after the file.
+    let form = Form::new()
+        .part("file", Part::bytes(b"hello, vellum".as_slice()).file_name("hello.txt"))
+        .text("title", "Greeting")
+        .text("tags", "a, b")
+        .text("metadata", r#"{"dept":"ops"}"#);
+    let response = gw
+        .client
+        .post(gw.url("/api/v1/documents"))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let location = response.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    let doc: Value = response.json().await.unwrap();
+    assert_eq!(location, format!("/api/v1/documents/{}", doc["id"]));
+    assert_eq!(doc["title"], "Greeting");
+    assert_eq!(doc["tags"], json!(["a", "b"]));
+    assert_eq!(doc["metadata"]["dept"], "ops");
+    assert_eq!(doc["deduplicated"], false);
+
+    // Raw body, same bytes, another user: deduplicated.
+    let raw: Value = gw
+        .client
+        .post(gw.url("/api/v1/documents?filename=copy.txt&tags=x"))
+        .bearer_auth(gw.token("bob", &["user"]))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body("hello, vellum")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(raw["deduplicated"], true);
+    assert_eq!(raw["checksum"], doc["checksum"]);
+
+    let content = format!("/api/v1/documents/{}/content", doc["id"]);
+    let full = gw.get("alice", &content).send().await.unwrap();
+    assert_eq!(full.status(), StatusCode::OK);
+    let etag = full.headers()[header::ETAG].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{}\"", doc["checksum"].as_str().unwrap().trim_start_matches("sha256:")));
+    assert_eq!(full.headers()[header::CONTENT_TYPE], "text/plain");
+    assert_eq!(full.headers()[header::CONTENT_LENGTH], "13");
+    assert!(full.headers()[header::CONTENT_DISPOSITION].to_str().unwrap().contains("hello.txt"));
+    assert_eq!(full.text().await.unwrap(), "hello, vellum");
+
+    let part = gw.get("alice", &content).header(header::RANGE, "bytes=7-").send().await.unwrap();
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.headers()[header::CONTENT_RANGE], "bytes 7-12/13");
+    assert_eq!(part.text().await.unwrap(), "vellum");
+
+    let beyond = gw.get("alice", &content).header(header::RANGE, "bytes=100-").send().await.unwrap();
+    assert_eq!(beyond.headers()[header::CONTENT_RANGE], "bytes */13");
+    error_of(beyond, StatusCode::RANGE_NOT_SATISFIABLE).await;
+
+    let cached = gw.get("alice", &content).header(header::IF_NONE_MATCH, &etag).send().await.unwrap();
+    assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
+    let stale_range = gw
+        .get("alice", &content)
+        .header(header::RANGE, "bytes=0-0")
+        .header(header::IF_RANGE, "\"old\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale_range.status(), StatusCode::OK, "If-Range with another ETag serves the whole");
+
+    // Listing, with a filter, and the metadata patch.
+    let page: Value = gw.get("alice", "/api/v1/documents?tag=a&limit=10").send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let patched: Value = gw
+        .client
+        .patch(gw.url(&format!("/api/v1/documents/{}", doc["id"])))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .json(&json!({"description": "Says hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(patched["description"], "Says hello");
+    // The seed's path prefix answers the same.
+    let seed: Value =
+        gw.get("alice", &format!("/api/documents/{}", doc["id"])).send().await.unwrap().json().await.unwrap();
+    assert_eq!(seed["id"], doc["id"]);
+}
+
+async fn versions_restore_and_deletion(gw: Gateway) {
+    let doc = gw.upload("alice", "report.md", b"first").await;
+    let id = &doc["id"];
+    let form = Form::new()
+        .part("file", Part::bytes(b"second".as_slice()).file_name("report.md"))
+        .text("changeDescription", "Fixed typos");
+    let v2 = gw
+        .client
+        .post(gw.url(&format!("/api/v1/documents/{id}/versions")))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(v2.status(), StatusCode::CREATED);
+    let history: Value =
+        gw.get("alice", &format!("/api/v1/documents/{id}/versions")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(history["currentVersion"], 2);
+    assert_eq!(history["versions"][0]["changeDescription"], "Fixed typos");
+    assert_eq!(history["versions"][0]["isLatest"], true);
+
+    let restored: Value = gw
+        .client
+        .post(gw.url(&format!("/api/v1/documents/{id}/versions/1/restore")))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        restored,
+        json!({"documentId": id, "versionNumber": 3, "restoredFromVersion": 1, "message": "Version 1 restored as version 3"})
+    );
+    let body = gw.get("alice", &format!("/api/v1/documents/{id}/content")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(body, "first");
+    let v2_body = gw
+        .get("alice", &format!("/api/v1/documents/{id}/versions/2/content"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(v2_body, "second");
+
+    // Legal hold: admins only, and it blocks deletion.
+    let hold = format!("/api/v1/documents/{id}/legal-hold");
+    let refused = gw.client.put(gw.url(&hold)).bearer_auth(gw.token("alice", &["user"])).send().await.unwrap();
+    error_of(refused, StatusCode::FORBIDDEN).await;
+    let on_hold: Value = gw
+        .client
+        .put(gw.url(&hold))
+        .bearer_auth(gw.token("root", &["admin"]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(on_hold["legalHold"], true);
+    let doc_url = gw.url(&format!("/api/v1/documents/{id}"));
+    let blocked = gw.client.delete(&doc_url).bearer_auth(gw.token("alice", &["user"])).send().await.unwrap();
+    assert!(error_of(blocked, StatusCode::CONFLICT).await.contains("legal hold"));
+    gw.client.delete(gw.url(&hold)).bearer_auth(gw.token("root", &["admin"])).send().await.unwrap();
+
+    let deleted = gw.client.delete(&doc_url).bearer_auth(gw.token("alice", &["user"])).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    error_of(gw.get("alice", &format!("/api/v1/documents/{id}")).send().await.unwrap(), StatusCode::NOT_FOUND).await;
+    let purged = gw
+        .client
+        .delete(format!("{doc_url}?permanent=true"))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purged.status(), StatusCode::NO_CONTENT);
+}
+
+async fn auth_and_ownership(gw: Gateway) {
+    let doc = gw.upload("alice", "private.txt", b"mine").await;
+    let path = format!("/api/v1/documents/{}", doc["id"]);
+    let none = gw.client.get(gw.url(&path)).send().await.unwrap();
+    assert!(none.headers()[header::WWW_AUTHENTICATE].to_str().unwrap().starts_with("Bearer"));
+    error_of(none, StatusCode::UNAUTHORIZED).await;
+    let garbage = gw.client.get(gw.url(&path)).bearer_auth("not-a-token").send().await.unwrap();
+    assert_eq!(error_of(garbage, StatusCode::UNAUTHORIZED).await, "the token is not a JWT");
+    let other =
+        vellum_gateway::auth::Auth::new(&AuthSettings { secret: Some(b"other".to_vec()), ..AuthSettings::default() })
+            .unwrap()
+            .mint("alice", &["admin"], Duration::from_secs(60))
+            .unwrap();
+    let forged = gw.client.get(gw.url(&path)).bearer_auth(other).send().await.unwrap();
+    assert_eq!(error_of(forged, StatusCode::UNAUTHORIZED).await, "the token's signature does not verify");
+    // Another user's document does not exist for them; an admin sees it.
+    error_of(gw.get("bob", &path).send().await.unwrap(), StatusCode::NOT_FOUND).await;
+    let seen = gw.client.get(gw.url(&path)).bearer_auth(gw.token("root", &["admin"])).send().await.unwrap();
+    assert_eq!(seen.status(), StatusCode::OK);
+}
+
+async fn bad_input_gets_precise_errors(gw: Gateway) {
+    let token = gw.token("alice", &["user"]);
+    let post = |path: &str| gw.client.post(gw.url(path)).bearer_auth(&token);
+    let traversal = Form::new().part("file", Part::bytes(b"x".as_slice()).file_name("../../etc/passwd"));
+    let message =
+        error_of(post("/api/v1/documents").multipart(traversal).send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+    assert!(message.contains("is a path"), "{message}");
+    let no_name = post("/api/v1/documents").body("x").send().await.unwrap();
+    assert!(error_of(no_name, StatusCode::BAD_REQUEST).await.contains("no file name"));
+    let mut headers = HeaderMap::new();
+    headers.insert("x-filename", header::HeaderValue::from_bytes(b"caf\xe9.txt").unwrap());
+    let latin1 = post("/api/v1/documents").headers(headers).body("x").send().await.unwrap();
+    assert!(error_of(latin1, StatusCode::BAD_REQUEST).await.contains("UTF-8"));
+    let big = post("/api/v1/documents?filename=big.bin").body(vec![0u8; (1 << 20) + 1]).send().await.unwrap();
+    assert!(error_of(big, StatusCode::PAYLOAD_TOO_LARGE).await.contains("limit"));
+    let bad_meta = post("/api/v1/documents?filename=a.txt&metadata=%5B1%5D").body("x").send().await.unwrap();
+    assert!(error_of(bad_meta, StatusCode::BAD_REQUEST).await.contains("JSON object"));
+    let unknown = post("/api/v1/documents?filename=a.txt&colour=red").body("x").send().await.unwrap();
+    assert!(error_of(unknown, StatusCode::BAD_REQUEST).await.contains("colour"));
+
+    let doc = gw.upload("alice", "a.txt", b"a").await;
+    let malformed = gw
+        .client
+        .patch(gw.url(&format!("/api/v1/documents/{}", doc["id"])))
+        .bearer_auth(&token)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body("{\"title\": ")
+        .send()
+        .await
+        .unwrap();
+    error_of(malformed, StatusCode::BAD_REQUEST).await;
+    error_of(gw.get("alice", "/api/v1/documents/abc").send().await.unwrap(), StatusCode::NOT_FOUND).await;
+    error_of(gw.get("alice", "/api/v1/documents?limit=0").send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+    error_of(gw.get("alice", "/api/v1/documents?from=yesterday").send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+    error_of(gw.get("alice", "/api/v1/nothing-here").send().await.unwrap(), StatusCode::NOT_FOUND).await;
+    // Nothing of the refused uploads was kept.
+    let page: Value = gw.get("alice", "/api/v1/documents").send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+}
+
+async fn signed_links_expire_and_resist_forgery(gw: Gateway) {
+    let doc = gw.upload("alice", "shared.txt", b"for your eyes").await;
+    let link: Value = gw
+        .client
+        .post(gw.url(&format!("/api/v1/documents/{}/links", doc["id"])))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .json(&json!({"expiresInSeconds": 60}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = link["url"].as_str().unwrap();
+    assert_eq!(gw.client.get(url).send().await.unwrap().text().await.unwrap(), "for your eyes");
+    let tampered = url.replace(&format!("/{}.", doc["id"]), "/1.");
+    error_of(gw.client.get(&tampered).send().await.unwrap(), StatusCode::FORBIDDEN).await;
+    let mut flipped = url.to_owned();
+    let last = flipped.pop().unwrap();
+    flipped.push(if last == 'A' { 'B' } else { 'A' });
+    error_of(gw.client.get(&flipped).send().await.unwrap(), StatusCode::FORBIDDEN).await;
+    let too_long = gw
+        .client
+        .post(gw.url(&format!("/api/v1/documents/{}/links", doc["id"])))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .json(&json!({"expiresInSeconds": 99_999_999}))
+        .send()
+        .await
+        .unwrap();
+    error_of(too_long, StatusCode::BAD_REQUEST).await;
+}
+
+#[tokio::test]
+async fn a_user_over_the_rate_limit_is_told_when_to_come_back() {
+    let gw = gateway(false, 3).await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(gw.get("alice", "/api/v1/documents").send().await.unwrap());
+    }
+    let limited = statuses.into_iter().find(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).expect("a 429");
+    let retry: u64 = limited.headers()[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    error_of(limited, StatusCode::TOO_MANY_REQUESTS).await;
+    // Another user is not held back.
+    assert_eq!(gw.get("bob", "/api/v1/documents").send().await.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn health_readiness_and_graceful_shutdown() {
+    let mut gw = gateway(false, 0).await;
+    assert_eq!(gw.client.get(gw.url("/healthz")).send().await.unwrap().status(), StatusCode::OK);
+    let ready: Value = gw.client.get(gw.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert!(gw.client.get(gw.url("/healthz")).send().await.unwrap().headers().contains_key("x-request-id"));
+    gw.running.take().unwrap().shutdown().await.unwrap();
+    assert!(gw.client.get(gw.url("/healthz")).send().await.is_err(), "nothing serves after shutdown");
+}
