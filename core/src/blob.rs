@@ -175,11 +175,22 @@ impl Tier {
     /// arrive; on any failure the partial object is removed.
     pub async fn write(
         &self,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        compress: bool,
+        limit: u64,
+    ) -> Result<StoredBlob, BlobError> {
+        self.write_under("blobs", body, compress, limit).await
+    }
+
+    /// [`Self::write`], to a new key under `prefix`.
+    pub async fn write_under(
+        &self,
+        prefix: &str,
         mut body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
         compress: bool,
         limit: u64,
     ) -> Result<StoredBlob, BlobError> {
-        let object_key = format!("blobs/{}", uuid::Uuid::new_v4().simple());
+        let object_key = format!("{prefix}/{}", uuid::Uuid::new_v4().simple());
         let path = ObjectPath::from(object_key.as_str());
         let writer = BufWriter::new(Arc::clone(&self.store), path.clone());
         let mut sink: Pin<Box<dyn tokio::io::AsyncWrite + Send>> = if compress {

@@ -15,3 +15,4 @@ pub mod documents;
 pub mod events;
 pub mod signing;
 pub mod store;
+pub mod uploads;

@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod standalone;
+pub mod uploads;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +44,8 @@ pub fn app(state: AppState) -> Router {
         .nest("/api/v1/documents", documents::router())
         // The seed's clients call `/api/documents/...`; the same routes answer there.
         .nest("/api/documents", documents::router())
-        .nest("/api/v1/links", documents::links_router());
+        .nest("/api/v1/links", documents::links_router())
+        .nest("/api/v1/upload", uploads::router());
     Router::new()
         .merge(api)
         .merge(health::router())

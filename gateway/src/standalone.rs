@@ -51,6 +51,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     relay: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
 }
 
 /// Reads a key file from the data directory, or creates it with 32 random bytes.
@@ -135,13 +136,30 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         let stop = until_stopped(stopped.clone());
         async move { bus.relay(meta, clock, stop).await }
     });
+    let sweeper = tokio::spawn({
+        let docs = Arc::clone(&state.docs);
+        let mut stop = stopped.clone();
+        async move {
+            loop {
+                match docs.expire_uploads().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(sessions = n, "expired upload sessions"),
+                    Err(e) => tracing::warn!(error = %e, "expiring upload sessions"),
+                }
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    () = tokio::time::sleep(Duration::from_secs(600)) => {}
+                }
+            }
+        }
+    });
     let server = tokio::spawn({
         let router = app(state.clone());
         let stop = until_stopped(stopped);
         async move { axum::serve(listener, router).with_graceful_shutdown(stop).await }
     });
     tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), "standalone gateway serving");
-    Ok(Running { addr, url, admin_token, state, stop, server, relay })
+    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper })
 }
 
 impl Running {
@@ -155,6 +173,7 @@ impl Running {
             tracing::warn!("in-flight requests did not finish within the grace period");
         }
         self.relay.await.ok();
+        self.sweeper.await.ok();
         Ok(())
     }
 }

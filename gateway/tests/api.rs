@@ -25,8 +25,8 @@ struct Gateway {
     running: Option<Running>,
     client: reqwest::Client,
     base: String,
-    _dir: tempfile::TempDir,
-    _db: Option<TestDatabase>,
+    dir: tempfile::TempDir,
+    db: Option<TestDatabase>,
 }
 
 async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
@@ -51,7 +51,7 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
     };
     let running = standalone::start(options).await.unwrap();
     let base = running.url.clone();
-    Gateway { running: Some(running), client: reqwest::Client::new(), base, _dir: dir, _db: db }
+    Gateway { running: Some(running), client: reqwest::Client::new(), base, dir: dir, db: db }
 }
 
 impl Gateway {
@@ -102,6 +102,7 @@ macro_rules! on_both {
 }
 
 on_both!(
+    chunked_upload_sessions,
     uploads_downloads_and_conditional_requests,
     versions_restore_and_deletion,
     auth_and_ownership,
@@ -397,4 +398,231 @@ async fn health_readiness_and_graceful_shutdown() {
     assert!(gw.client.get(gw.url("/healthz")).send().await.unwrap().headers().contains_key("x-request-id"));
     gw.running.take().unwrap().shutdown().await.unwrap();
     assert!(gw.client.get(gw.url("/healthz")).send().await.is_err(), "nothing serves after shutdown");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+// One scenario, step by step, as a client lives it.
+#[allow(clippy::too_many_lines)]
+async fn chunked_upload_sessions(gw: Gateway) {
+    let token = gw.token("alice", &["user"]);
+    let file: Vec<u8> = (0..2500u32).map(|i| (i % 97) as u8).collect();
+    let init = json!({"filename": "big.bin", "totalSize": 2500, "chunkSize": 1000, "tags": ["chunked"],
+                      "checksum": format!("sha256:{}", sha256_hex(&file))});
+    let response =
+        gw.client.post(gw.url("/api/v1/upload/initiate")).bearer_auth(&token).json(&init).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let session: Value = response.json().await.unwrap();
+    assert_eq!((session["totalChunks"].as_u64(), session["status"].as_str()), (Some(3), Some("ACTIVE")));
+    let id = session["sessionId"].as_str().unwrap().to_owned();
+    let chunk_url = |n: u64| gw.url(&format!("/api/v1/upload/{id}/chunk/{n}"));
+    let put = |n: u64, body: Vec<u8>, sum: Option<String>| {
+        let mut request = gw.client.put(chunk_url(n)).bearer_auth(&token).body(body);
+        if let Some(sum) = sum {
+            request = request.header("x-chunk-checksum", sum);
+        }
+        request.send()
+    };
+    let part = |n: usize| file[n * 1000..((n + 1) * 1000).min(2500)].to_vec();
+
+    // Out of order, with checksums; bad chunks change nothing.
+    let last = put(2, part(2), Some(format!("sha256:{}", sha256_hex(&part(2))))).await.unwrap();
+    assert_eq!(last.status(), StatusCode::OK);
+    let wrong_sum = put(0, part(0), Some(format!("sha256:{}", sha256_hex(b"other")))).await.unwrap();
+    assert!(error_of(wrong_sum, StatusCode::UNPROCESSABLE_ENTITY).await.contains("SHA-256"));
+    let short = put(0, part(0)[..999].to_vec(), None).await.unwrap();
+    assert!(error_of(short, StatusCode::BAD_REQUEST).await.contains("exactly 1000 bytes"));
+    let beyond = put(3, vec![1], None).await.unwrap();
+    assert!(error_of(beyond, StatusCode::BAD_REQUEST).await.contains("out of bounds"));
+    let missing: Value = gw
+        .client
+        .get(gw.url(&format!("/api/v1/upload/{id}/missing-chunks")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(missing["missingChunks"], json!([0, 1]));
+    let early =
+        gw.client.post(gw.url(&format!("/api/v1/upload/{id}/complete"))).bearer_auth(&token).send().await.unwrap();
+    assert!(error_of(early, StatusCode::BAD_REQUEST).await.contains("2 chunk(s) missing: 0, 1"));
+    // Another user cannot see or touch the session.
+    let stranger =
+        gw.client.put(chunk_url(0)).bearer_auth(gw.token("bob", &["user"])).body(part(0)).send().await.unwrap();
+    error_of(stranger, StatusCode::NOT_FOUND).await;
+
+    put(0, part(0), None).await.unwrap();
+    put(1, vec![0u8; 1000], None).await.unwrap();
+    put(1, part(1), None).await.unwrap(); // sent again: replaces
+    let chunks: Value = gw
+        .client
+        .get(gw.url(&format!("/api/v1/upload/{id}/chunks")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(chunks["chunks"][1]["checksum"], format!("sha256:{}", sha256_hex(&part(1))));
+    let status: Value = gw
+        .client
+        .get(gw.url(&format!("/api/v1/upload/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((status["uploadedChunks"].as_u64(), status["progress"].as_f64()), (Some(3), Some(100.0)));
+
+    let done =
+        gw.client.post(gw.url(&format!("/api/v1/upload/{id}/complete"))).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(done.status(), StatusCode::CREATED);
+    let doc: Value = done.json().await.unwrap();
+    assert_eq!(doc["checksum"], format!("sha256:{}", sha256_hex(&file)));
+    assert_eq!(doc["tags"], json!(["chunked"]));
+    let body = gw
+        .get("alice", &format!("/api/v1/documents/{}/content", doc["id"]))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.as_ref(), file.as_slice());
+    let again: Value = gw
+        .client
+        .post(gw.url(&format!("/api/v1/upload/{id}/complete")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["id"], doc["id"], "completing twice answers with the same document");
+    let late = put(0, part(0), None).await.unwrap();
+    error_of(late, StatusCode::GONE).await;
+
+    // A session whose assembled bytes do not match the announced checksum fails and can be cancelled.
+    let init = json!({"filename": "x.bin", "totalSize": 3, "checksum": format!("sha256:{}", sha256_hex(b"abc"))});
+    let session: Value = gw
+        .client
+        .post(gw.url("/api/v1/upload/initiate"))
+        .bearer_auth(&token)
+        .json(&init)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = session["sessionId"].as_str().unwrap().to_owned();
+    gw.client
+        .put(gw.url(&format!("/api/v1/upload/{id}/chunk/0")))
+        .bearer_auth(&token)
+        .body("abd")
+        .send()
+        .await
+        .unwrap();
+    let mismatch =
+        gw.client.post(gw.url(&format!("/api/v1/upload/{id}/complete"))).bearer_auth(&token).send().await.unwrap();
+    error_of(mismatch, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let cancelled = gw.client.delete(gw.url(&format!("/api/v1/upload/{id}"))).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(cancelled.status(), StatusCode::NO_CONTENT);
+    let after = gw
+        .client
+        .put(gw.url(&format!("/api/v1/upload/{id}/chunk/0")))
+        .bearer_auth(&token)
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    error_of(after, StatusCode::GONE).await;
+    let unknown = gw.client.get(gw.url("/api/v1/upload/no-such-session")).bearer_auth(&token).send().await.unwrap();
+    error_of(unknown, StatusCode::NOT_FOUND).await;
+    let bad_init = gw
+        .client
+        .post(gw.url("/api/v1/upload/initiate"))
+        .bearer_auth(&token)
+        .json(&json!({"filename": "a", "totalSize": 10, "chunkSize": 0}))
+        .send()
+        .await
+        .unwrap();
+    error_of(bad_init, StatusCode::BAD_REQUEST).await;
+}
+
+/// Two gateways on one database and one tier directory: a session started on one is
+/// continued and completed on the other.
+#[tokio::test]
+async fn an_upload_session_moves_between_replicas() {
+    let first = gateway(true, 0).await;
+    let running = first.running.as_ref().unwrap();
+    let db_url = first.db.as_ref().unwrap().url.clone();
+    let second = standalone::start(standalone::Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: first.dir.path().join("data"),
+        config_dir: first.dir.path().join("config"),
+        database_url: Some(db_url),
+        auth: AuthSettings { secret: Some(b"test-secret".to_vec()), ..AuthSettings::default() },
+        max_upload_bytes: 1 << 20,
+        public_url: None,
+    })
+    .await
+    .unwrap();
+    let token = first.token("alice", &["user"]);
+    let init = json!({"filename": "moved.txt", "totalSize": 6, "chunkSize": 3});
+    let session: Value = first
+        .client
+        .post(first.url("/api/v1/upload/initiate"))
+        .bearer_auth(&token)
+        .json(&init)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = session["sessionId"].as_str().unwrap_or_else(|| panic!("{session}"));
+    first
+        .client
+        .put(format!("{}/api/v1/upload/{id}/chunk/0", running.url))
+        .bearer_auth(&token)
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    let on_second =
+        |path: String| first.client.request(reqwest::Method::PUT, format!("{}{path}", second.url)).bearer_auth(&token);
+    assert_eq!(
+        on_second(format!("/api/v1/upload/{id}/chunk/1")).body("def").send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    let done: Value = first
+        .client
+        .post(format!("{}/api/v1/upload/{id}/complete", second.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let body = first
+        .get("alice", &format!("/api/v1/documents/{}/content", done["id"]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "abcdef");
+    second.shutdown().await.unwrap();
 }

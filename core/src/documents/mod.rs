@@ -36,6 +36,14 @@ pub enum DocError {
     VersionNotFound { id: i64, version: i64 },
     #[error("{0}")]
     Conflict(String),
+    #[error("upload session {0} not found")]
+    SessionNotFound(String),
+    /// The thing existed and is gone for good (an expired or cancelled session).
+    #[error("{0}")]
+    Gone(String),
+    /// Bytes whose SHA-256 differs from the one announced.
+    #[error("{0}")]
+    ChecksumMismatch(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("the upload exceeds the limit of {limit} bytes")]
