@@ -51,7 +51,7 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
     };
     let running = standalone::start(options).await.unwrap();
     let base = running.url.clone();
-    Gateway { running: Some(running), client: reqwest::Client::new(), base, dir: dir, db: db }
+    Gateway { running: Some(running), client: reqwest::Client::new(), base, dir, db }
 }
 
 impl Gateway {
