@@ -194,7 +194,10 @@ async fn receive(state: &AppState, request: Request, default_content_type: Optio
     Ok(Received { params, filename, content_type, blob })
 }
 
-fn created(uploaded: &Uploaded) -> Response {
+pub(crate) fn created(state: &AppState, uploaded: &Uploaded) -> Response {
+    if uploaded.deduplicated {
+        state.metrics.deduplicated_bytes.inc_by(u64::try_from(uploaded.document.size).unwrap_or_default());
+    }
     let location = format!("/api/v1/documents/{}", uploaded.document.id);
     (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(uploaded)).into_response()
 }
@@ -230,7 +233,7 @@ async fn upload(State(state): State<AppState>, User(actor): User, request: Reque
         }
     };
     let uploaded = docs.record_upload(&actor, &prepared, received.blob).await?;
-    Ok(created(&uploaded))
+    Ok(created(&state, &uploaded))
 }
 
 async fn upload_version(
@@ -255,7 +258,7 @@ async fn upload_version(
         change_description: params.change_description.clone(),
     };
     let uploaded = state.docs.record_version(&actor, id, new, received.blob).await?;
-    Ok(created(&uploaded))
+    Ok(created(&state, &uploaded))
 }
 
 async fn get_document(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {

@@ -8,6 +8,7 @@ pub mod documents;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod metrics;
 pub mod standalone;
 pub mod uploads;
 
@@ -34,6 +35,7 @@ pub struct AppState {
     pub link_key: Arc<[u8]>,
     /// The URL clients reach this gateway at, for the links it hands out.
     pub public_url: Arc<str>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -49,10 +51,12 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .merge(health::router())
+        .merge(metrics::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::record))
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()

@@ -125,6 +125,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         auth: Arc::new(auth),
         link_key: link_key.into(),
         public_url: url.trim_end_matches('/').into(),
+        metrics: Arc::new(crate::metrics::Metrics::new()),
     };
 
     let (stop, stopped) = watch::channel(false);

@@ -81,8 +81,7 @@ async fn missing(State(state): State<AppState>, User(actor): User, Path(id): Pat
 
 async fn complete(State(state): State<AppState>, User(actor): User, Path(id): Path<String>) -> ApiResult<Response> {
     let uploaded = state.docs.complete_upload(&actor, &id).await?;
-    let location = format!("/api/v1/documents/{}", uploaded.document.id);
-    Ok((StatusCode::CREATED, [(axum::http::header::LOCATION, location)], axum::Json(uploaded)).into_response())
+    Ok(crate::documents::created(&state, &uploaded))
 }
 
 async fn cancel(State(state): State<AppState>, User(actor): User, Path(id): Path<String>) -> ApiResult<Response> {

@@ -396,6 +396,29 @@ async fn health_readiness_and_graceful_shutdown() {
     let ready: Value = gw.client.get(gw.url("/readyz")).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["status"], "ready");
     assert!(gw.client.get(gw.url("/healthz")).send().await.unwrap().headers().contains_key("x-request-id"));
+    gw.upload("alice", "a.txt", b"twice").await;
+    gw.upload("bob", "b.txt", b"twice").await;
+    let doc = gw.upload("carol", "c.txt", b"thrice").await;
+    gw.get("carol", &format!("/api/v1/documents/{}/content", doc["id"])).send().await.unwrap();
+    // The relay publishes the three upload events soon after their commits.
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = gw.client.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if metrics.lines().any(|l| l == "vellum_gateway_outbox_depth 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for line in [
+        r#"vellum_gateway_http_requests_total{method="GET",route="/healthz",status="200"} 2"#,
+        r#"vellum_gateway_http_requests_total{method="POST",route="/api/v1/documents",status="201"} 3"#,
+        "vellum_gateway_deduplicated_bytes_total 5",
+        "vellum_gateway_outbox_depth 0",
+        r#"vellum_gateway_http_response_bytes_total{route="/api/v1/documents/{id}/content"} 6"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing from:\n{metrics}");
+    }
+    assert!(metrics.contains("vellum_gateway_http_request_duration_seconds_bucket"));
     gw.running.take().unwrap().shutdown().await.unwrap();
     assert!(gw.client.get(gw.url("/healthz")).send().await.is_err(), "nothing serves after shutdown");
 }

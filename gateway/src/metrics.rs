@@ -1,0 +1,120 @@
+//! `/metrics` in the Prometheus text format: requests by route and status, latency
+//! histograms, bytes in and out, deduplicated bytes, and the outbox depth.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::AppState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+/// The gateway's metrics, registered under the `vellum_gateway` prefix.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+    bytes_in: Family<RouteLabels, Counter>,
+    bytes_out: Family<RouteLabels, Counter>,
+    /// Bytes of uploads that were already stored, and were not stored again.
+    pub deduplicated_bytes: Counter,
+    outbox_depth: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vellum_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        let bytes_in = Family::<RouteLabels, Counter>::default();
+        let bytes_out = Family::<RouteLabels, Counter>::default();
+        let deduplicated_bytes = Counter::default();
+        let outbox_depth = Gauge::default();
+        registry.register("http_requests", "HTTP requests by method, route and status", requests.clone());
+        registry.register("http_request_duration_seconds", "Time to the response head, by route", latency.clone());
+        registry.register(
+            "http_request_bytes",
+            "Request body bytes announced by Content-Length, by route",
+            bytes_in.clone(),
+        );
+        registry.register(
+            "http_response_bytes",
+            "Response body bytes announced by Content-Length, by route",
+            bytes_out.clone(),
+        );
+        registry.register("deduplicated_bytes", "Uploaded bytes that were already stored", deduplicated_bytes.clone());
+        registry.register("outbox_depth", "Events written and not yet published", outbox_depth.clone());
+        Self { registry, requests, latency, bytes_in, bytes_out, deduplicated_bytes, outbox_depth }
+    }
+}
+
+fn content_length(headers: &axum::http::HeaderMap) -> u64 {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Middleware recording every request.
+pub async fn record(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let bytes_in = content_length(request.headers());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let labels = RouteLabels { route: route.clone() };
+    metrics.latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    metrics.bytes_in.get_or_create(&labels).inc_by(bytes_in);
+    metrics.bytes_out.get_or_create(&labels).inc_by(content_length(response.headers()));
+    metrics.requests.get_or_create(&RequestLabels { method, route, status: response.status().as_u16() }).inc();
+    response
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metrics", get(scrape))
+}
+
+async fn scrape(State(state): State<AppState>) -> Response {
+    if let Ok(depth) = vellum_core::events::outbox::depth(state.docs.meta()).await {
+        state.metrics.outbox_depth.set(depth);
+    }
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.metrics.registry) {
+        tracing::error!(error = %e, "encoding metrics");
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+}
