@@ -111,13 +111,10 @@ impl Auth {
             keys.push(Key { kid: None, algorithm: Algorithm::HS256, decoding: DecodingKey::from_secret(secret) });
         }
         for (index, pem) in settings.public_keys_pem.iter().enumerate() {
-            let text = String::from_utf8_lossy(pem);
-            let (algorithm, key) = if text.contains("BEGIN RSA PUBLIC KEY")
-                || text.contains("BEGIN PUBLIC KEY") && DecodingKey::from_rsa_pem(pem).is_ok()
-            {
-                (Algorithm::RS256, DecodingKey::from_rsa_pem(pem))
-            } else {
-                (Algorithm::ES256, DecodingKey::from_ec_pem(pem))
+            // An RSA key verifies RS256; anything else must be an EC key for ES256.
+            let (algorithm, key) = match DecodingKey::from_rsa_pem(pem) {
+                Ok(key) => (Algorithm::RS256, Ok(key)),
+                Err(_) => (Algorithm::ES256, DecodingKey::from_ec_pem(pem)),
             };
             let key = key.map_err(|e| AuthConfigError::PublicKey { index, message: e.to_string() })?;
             keys.push(Key { kid: None, algorithm, decoding: key });

@@ -6,7 +6,6 @@
 mod model;
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -252,6 +251,19 @@ async fn insert_version(
     Ok(())
 }
 
+/// Makes the tag index of a document say `tags`.
+async fn replace_tags(tx: &mut Tx, id: i64, tags: &[String]) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM document_tags WHERE document_id = $1").bind(id).execute(&mut **tx).await?;
+    for tag in tags {
+        sqlx::query("INSERT INTO document_tags (document_id, tag) VALUES ($1, $2)")
+            .bind(id)
+            .bind(tag)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
 /// A value bound into a dynamically built query.
 enum Bind {
     Int(i64),
@@ -397,13 +409,7 @@ impl Documents {
                     .bind(now)
                     .execute(&mut **tx)
                     .await?;
-                    for tag in tags {
-                        sqlx::query("INSERT INTO document_tags (document_id, tag) VALUES ($1, $2)")
-                            .bind(id)
-                            .bind(tag)
-                            .execute(&mut **tx)
-                            .await?;
-                    }
+                    replace_tags(tx, id, tags).await?;
                     insert_version(tx, id, 1, &blob.sha256, size, &new.filename, content_type, now, &actor.user, None, None)
                         .await?;
                     let document = load(tx, actor, id, false).await?;
@@ -419,22 +425,10 @@ impl Documents {
         result
     }
 
-    async fn settle<T>(&self, blob: &StoredBlob, result: &Result<T, DocError>) {
-        let keep = match result {
-            Ok(_) => {
-                // Whether this copy became the blob: read it back rather than trusting the
-                // flag, which a retried transaction may have computed differently.
-                let key: Option<String> = sqlx::query_scalar("SELECT object_key FROM blobs WHERE sha256 = $1")
-                    .bind(&blob.sha256)
-                    .fetch_optional(self.meta.pool())
-                    .await
-                    .ok()
-                    .flatten();
-                key.as_deref() == Some(blob.object_key.as_str())
-            }
-            Err(_) => false,
-        };
-        if !keep {
+    /// Deletes the new copy unless the committed transaction made it the blob: the result
+    /// comes from the attempt that committed, so its `deduplicated` is what was recorded.
+    async fn settle(&self, blob: &StoredBlob, result: &Result<Uploaded, DocError>) {
+        if !matches!(result, Ok(uploaded) if !uploaded.deduplicated) {
             self.discard(blob).await;
         }
     }
@@ -483,27 +477,20 @@ impl Documents {
         new: NewVersion,
         blob: StoredBlob,
     ) -> Result<Uploaded, DocError> {
-        let checked = match Self::check_version(&new) {
-            Ok(()) => self.get(actor, id).await,
-            Err(e) => Err(e),
-        };
-        let current = match checked {
-            Ok(current) => current,
-            Err(e) => {
-                self.discard(&blob).await;
-                return Err(e);
-            }
-        };
-        let content_type = Self::version_content_type(&current, &new);
-        let filename = new.filename.clone().unwrap_or(current.filename);
+        if let Err(e) = Self::check_version(&new) {
+            self.discard(&blob).await;
+            return Err(e);
+        }
         let result = self
             .write(|mut owned| {
-                let (new, filename, content_type, blob) = (&new, &filename, &content_type, &blob);
+                let (new, blob) = (&new, &blob);
                 Box::pin(async move {
                     let r = async {
                         let tx = &mut owned;
                         let now = self.clock.now_ms();
                         let doc = load(tx, actor, id, false).await?;
+                        let content_type = &Self::version_content_type(&doc, new);
+                        let filename = new.filename.as_ref().unwrap_or(&doc.filename);
                         let deduplicated = record_blob(tx, blob, now).await?;
                         let version = doc.current_version + 1;
                         let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
@@ -616,17 +603,7 @@ impl Documents {
                     {
                         doc.tags.clone_from(tags);
                         changed.push("tags");
-                        sqlx::query("DELETE FROM document_tags WHERE document_id = $1")
-                            .bind(id)
-                            .execute(&mut **tx)
-                            .await?;
-                        for tag in tags {
-                            sqlx::query("INSERT INTO document_tags (document_id, tag) VALUES ($1, $2)")
-                                .bind(id)
-                                .bind(tag)
-                                .execute(&mut **tx)
-                                .await?;
-                        }
+                        replace_tags(tx, id, tags).await?;
                     }
                     if let Some(metadata) = &patch.metadata
                         && *metadata != doc.metadata
@@ -997,10 +974,5 @@ impl Documents {
     pub async fn read(&self, content: &Content, range: Option<std::ops::Range<u64>>) -> Result<ByteStream, DocError> {
         let tier = self.tiers.get(&content.tier)?;
         Ok(tier.read(&content.object_key, content.codec, range).await?)
-    }
-
-    /// Shared handle, for the places that keep one.
-    pub fn shared(self) -> Arc<Self> {
-        Arc::new(self)
     }
 }
