@@ -41,12 +41,6 @@ impl StoreError {
         let StoreError::Database(sqlx::Error::Database(e)) = self else { return false };
         matches!(e.code().as_deref(), Some("40001" | "40P01" | "5" | "517" | "6"))
     }
-
-    /// Whether the error is a unique-constraint violation.
-    pub fn is_unique_violation(&self) -> bool {
-        let StoreError::Database(sqlx::Error::Database(e)) = self else { return false };
-        e.is_unique_violation()
-    }
 }
 
 /// An error a write transaction may end with: the store's own, or a caller's domain error
@@ -208,6 +202,30 @@ mod tests {
         drop(store);
         let again = Metadata::open(&url).await.unwrap();
         again.ping().await.unwrap();
+    }
+
+    /// The two dialects' migrations are one schema: they may differ only in the lines where
+    /// the dialects must (identity columns).
+    #[test]
+    fn postgres_and_sqlite_migrations_differ_only_where_the_dialects_must() {
+        let dir = |d: &str| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(d);
+        let mut names: Vec<_> = std::fs::read_dir(dir("postgres")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        let mut sqlite: Vec<_> = std::fs::read_dir(dir("sqlite")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        sqlite.sort();
+        assert_eq!(names, sqlite, "the same migrations on both");
+        let allowed = [("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "INTEGER PRIMARY KEY AUTOINCREMENT")];
+        for name in names {
+            let pg = std::fs::read_to_string(dir("postgres").join(&name)).unwrap();
+            let lite = std::fs::read_to_string(dir("sqlite").join(&name)).unwrap();
+            assert_eq!(pg.lines().count(), lite.lines().count(), "{name:?}");
+            for (a, b) in pg.lines().zip(lite.lines()).filter(|(a, b)| a != b) {
+                assert!(
+                    allowed.iter().any(|(p, s)| a.replace(p, s) == b),
+                    "{name:?}: the dialects differ beyond identity columns:\n  {a}\n  {b}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
