@@ -165,3 +165,114 @@ proptest! {
         });
     }
 }
+
+fn sha256_b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(bytes))
+}
+
+/// A body that delivers `bytes` and then breaks, as a dropped connection does.
+fn broken_after(
+    bytes: &'static str,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin + Send {
+    futures::stream::iter(vec![
+        Ok(bytes::Bytes::from_static(bytes.as_bytes())),
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset")),
+    ])
+}
+
+async fn tus_uploads_append_resume_and_expire(env: Env) {
+    let docs = &env.docs;
+    let meta = "filename bm90ZXMudHh0,tags YSxi";
+    let upload = docs.tus_create(&alice(), 10, Some(meta)).await.unwrap();
+    let id = upload.id.clone();
+    assert_eq!((upload.offset, upload.length, upload.metadata.as_deref()), (0, 10, Some(meta)));
+    assert_eq!(upload.expires_at_ms, env.clock.now_ms() + SESSION_TTL_MS);
+
+    // A wrong offset, a wrong checksum and too many bytes change nothing.
+    assert!(matches!(docs.tus_append(&alice(), &id, 3, None, once("abc")).await, Err(DocError::Conflict(_))));
+    let wrong = format!("sha256 {}", sha256_b64(b"xyz"));
+    assert!(matches!(
+        docs.tus_append(&alice(), &id, 0, Some(&wrong), once("012")).await,
+        Err(DocError::ChecksumMismatch(_))
+    ));
+    assert!(matches!(docs.tus_append(&alice(), &id, 0, None, once("0123456789A")).await, Err(DocError::Invalid(_))));
+    assert_eq!(docs.tus_status(&alice(), &id).await.unwrap().offset, 0);
+    assert_eq!(objects(&env.store).await, 0);
+
+    // A broken connection keeps what arrived; a checked request keeps nothing of a broken body.
+    let kept = docs.tus_append(&alice(), &id, 0, None, broken_after("0123")).await.unwrap_err();
+    assert!(kept.to_string().contains("4 bytes, which were kept"), "{kept}");
+    let checked = format!("sha256 {}", sha256_b64(b"45"));
+    assert!(docs.tus_append(&alice(), &id, 4, Some(&checked), broken_after("45")).await.is_err());
+    assert_eq!(docs.tus_status(&alice(), &id).await.unwrap().offset, 4);
+
+    // Another user does not see the upload; the owner resumes and finishes it.
+    let bob = Actor { user: "bob".into(), admin: false };
+    assert!(matches!(docs.tus_status(&bob, &id).await, Err(DocError::SessionNotFound(_))));
+    assert!(matches!(docs.put_chunk(&alice(), &id, 0, None, once("x")).await, Err(DocError::Invalid(_))));
+    let upload = docs.tus_append(&alice(), &id, 4, Some(&checked), once("45")).await.unwrap();
+    assert_eq!((upload.offset, upload.completed.is_none()), (6, true));
+    let done = docs.tus_append(&alice(), &id, 6, None, once("6789")).await.unwrap();
+    let uploaded = done.completed.unwrap();
+    assert_eq!(done.document_id, Some(uploaded.document.id));
+    assert_eq!((uploaded.document.filename.as_str(), uploaded.document.size), ("notes.txt", 10));
+    assert_eq!(uploaded.document.tags, vec!["a", "b"]);
+    let content = docs.content(&alice(), uploaded.document.id, None).await.unwrap();
+    let content: Vec<u8> = docs.read(&content, None).await.unwrap().map_ok(|b| b.to_vec()).try_concat().await.unwrap();
+    assert_eq!(content, b"0123456789");
+    // Completed: the offset stays at the end, the segments are gone, only the blob remains.
+    let status = docs.tus_status(&alice(), &id).await.unwrap();
+    assert_eq!((status.offset, status.document_id), (10, Some(uploaded.document.id)));
+    assert_eq!(objects(&env.store).await, 1);
+    assert!(docs.tus_append(&alice(), &id, 10, None, futures::stream::empty()).await.is_ok());
+
+    // The same bytes through tus again are deduplicated; an empty upload completes at once.
+    let again = docs.tus_create(&alice(), 10, None).await.unwrap();
+    let twice = docs.tus_append(&alice(), &again.id, 0, None, once("0123456789")).await.unwrap();
+    assert!(twice.completed.unwrap().deduplicated);
+    let empty = docs.tus_create(&alice(), 0, Some("filename ZS50eHQ=")).await.unwrap();
+    assert_eq!(empty.completed.unwrap().document.size, 0);
+
+    // Terminated and expired uploads are gone, and leave no segment behind.
+    let ended = docs.tus_create(&alice(), 10, None).await.unwrap();
+    docs.tus_append(&alice(), &ended.id, 0, None, once("01")).await.unwrap();
+    docs.tus_terminate(&alice(), &ended.id).await.unwrap();
+    assert!(matches!(docs.tus_status(&alice(), &ended.id).await, Err(DocError::Gone(_))));
+    let stale = docs.tus_create(&alice(), 10, None).await.unwrap();
+    docs.tus_append(&alice(), &stale.id, 0, None, once("01")).await.unwrap();
+    env.clock.advance(SESSION_TTL_MS);
+    assert!(matches!(docs.tus_append(&alice(), &stale.id, 2, None, once("2")).await, Err(DocError::Gone(_))));
+    assert_eq!(docs.expire_uploads().await.unwrap(), 1);
+    assert_eq!(objects(&env.store).await, 2, "the two documents' blobs, nothing else");
+}
+
+#[tokio::test]
+async fn sqlite_tus_uploads() {
+    tus_uploads_append_resume_and_expire(env(false).await).await;
+}
+
+#[tokio::test]
+async fn postgres_tus_uploads() {
+    tus_uploads_append_resume_and_expire(env(true).await).await;
+}
+
+/// Two replicas appending at one offset at once: exactly one wins, the other is told.
+#[tokio::test]
+async fn postgres_racing_tus_appends_do_not_both_land() {
+    let env = env(true).await;
+    let alice = alice();
+    for _ in 0..10 {
+        let upload = env.docs.tus_create(&alice, 4, None).await.unwrap();
+        let (a, b) = tokio::join!(
+            env.docs.tus_append(&alice, &upload.id, 0, None, once("ab")),
+            env.docs.tus_append(&alice, &upload.id, 0, None, once("cd")),
+        );
+        assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
+        assert!(matches!(a.err().or(b.err()), Some(DocError::Conflict(_))));
+        assert_eq!(env.docs.tus_status(&alice, &upload.id).await.unwrap().offset, 2);
+        env.docs.tus_terminate(&alice, &upload.id).await.unwrap();
+    }
+    assert_eq!(objects(&env.store).await, 0);
+}

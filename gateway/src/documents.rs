@@ -192,11 +192,16 @@ async fn receive(state: &AppState, request: Request, default_content_type: Optio
 }
 
 pub(crate) fn created(state: &AppState, uploaded: &Uploaded) -> Response {
+    count_upload(state, uploaded);
+    let location = format!("/api/v1/documents/{}", uploaded.document.id);
+    (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(uploaded)).into_response()
+}
+
+/// Counts the bytes a deduplicated upload did not store again.
+pub(crate) fn count_upload(state: &AppState, uploaded: &Uploaded) {
     if uploaded.deduplicated {
         state.metrics.deduplicated_bytes.inc_by(u64::try_from(uploaded.document.size).unwrap_or_default());
     }
-    let location = format!("/api/v1/documents/{}", uploaded.document.id);
-    (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(uploaded)).into_response()
 }
 
 async fn upload(State(state): State<AppState>, User(actor): User, request: Request) -> ApiResult<Response> {

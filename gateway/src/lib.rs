@@ -10,6 +10,7 @@ pub mod extract;
 pub mod health;
 pub mod metrics;
 pub mod standalone;
+pub mod tus;
 pub mod uploads;
 
 use std::sync::Arc;
@@ -47,7 +48,8 @@ pub fn app(state: AppState) -> Router {
         // The seed's clients call `/api/documents/...`; the same routes answer there.
         .nest("/api/documents", documents::router())
         .nest("/api/v1/links", documents::links_router())
-        .nest("/api/v1/upload", uploads::router());
+        .nest("/api/v1/upload", uploads::router())
+        .nest("/api/v1/tus", tus::router());
     Router::new()
         .merge(api)
         .merge(health::router())

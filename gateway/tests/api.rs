@@ -103,6 +103,7 @@ macro_rules! on_both {
 
 on_both!(
     chunked_upload_sessions,
+    tus_protocol,
     uploads_downloads_and_conditional_requests,
     versions_restore_and_deletion,
     auth_and_ownership,
@@ -647,5 +648,219 @@ async fn an_upload_session_moves_between_replicas() {
         .await
         .unwrap();
     assert_eq!(body, "abcdef");
+
+    // A tus upload created on one replica is resumed on the other.
+    let created = first
+        .client
+        .post(first.url("/api/v1/tus"))
+        .bearer_auth(&token)
+        .header("Tus-Resumable", "1.0.0")
+        .header("Upload-Length", "4")
+        .send()
+        .await
+        .unwrap();
+    let location = created.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    let patch = |base: &str, offset: u64, body: &'static str| {
+        first
+            .client
+            .patch(format!("{base}{location}"))
+            .bearer_auth(&token)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Offset", offset.to_string())
+            .header(header::CONTENT_TYPE, "application/offset+octet-stream")
+            .body(body)
+            .send()
+    };
+    assert_eq!(patch(&running.url, 0, "wx").await.unwrap().status(), StatusCode::NO_CONTENT);
+    let last = patch(&second.url, 2, "yz").await.unwrap();
+    assert_eq!(last.headers()["upload-offset"], "4");
+    let doc = last.headers()["vellum-document-id"].to_str().unwrap().to_owned();
+    let body = first.get("alice", &format!("/api/v1/documents/{doc}/content")).send().await.unwrap();
+    assert_eq!(body.text().await.unwrap(), "wxyz");
     second.shutdown().await.unwrap();
+}
+
+fn tus(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    request.header("Tus-Resumable", "1.0.0")
+}
+
+fn sha256_b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(bytes))
+}
+
+#[allow(clippy::too_many_lines)]
+async fn tus_protocol(gw: Gateway) {
+    let token = gw.token("alice", &["user"]);
+    let c = &gw.client;
+
+    // Discovery needs no token and no version header.
+    let options = c.request(reqwest::Method::OPTIONS, gw.url("/api/v1/tus")).send().await.unwrap();
+    assert_eq!(options.status(), StatusCode::NO_CONTENT);
+    assert_eq!(options.headers()["tus-version"], "1.0.0");
+    assert_eq!(options.headers()["tus-resumable"], "1.0.0");
+    assert_eq!(options.headers()["tus-max-size"], (1u64 << 20).to_string().as_str());
+    assert_eq!(options.headers()["tus-checksum-algorithm"], "sha256");
+    let extensions = options.headers()["tus-extension"].to_str().unwrap();
+    for ext in ["creation", "termination", "checksum", "expiration"] {
+        assert!(extensions.split(',').any(|e| e == ext), "{extensions}");
+    }
+
+    // Creation: version, token and length are checked.
+    let create = || c.post(gw.url("/api/v1/tus")).bearer_auth(&token);
+    let no_version = create().header("Upload-Length", "10").send().await.unwrap();
+    assert!(error_of(no_version, StatusCode::BAD_REQUEST).await.contains("Tus-Resumable"));
+    let old = create().header("Tus-Resumable", "0.2.2").header("Upload-Length", "10").send().await.unwrap();
+    assert_eq!(old.headers()["tus-version"], "1.0.0");
+    error_of(old, StatusCode::PRECONDITION_FAILED).await;
+    let anonymous = tus(c.post(gw.url("/api/v1/tus"))).header("Upload-Length", "10").send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(anonymous.headers()["tus-resumable"], "1.0.0");
+    error_of(tus(create()).send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+    error_of(tus(create()).header("Upload-Length", "-1").send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+    let huge = tus(create()).header("Upload-Length", (2u64 << 20).to_string()).send().await.unwrap();
+    error_of(huge, StatusCode::PAYLOAD_TOO_LARGE).await;
+    let traversal =
+        tus(create()).header("Upload-Length", "3").header("Upload-Metadata", "filename Li4vLi4vZXRjL3Bhc3N3ZA==");
+    assert!(error_of(traversal.send().await.unwrap(), StatusCode::BAD_REQUEST).await.contains("file"));
+    let bad_meta = tus(create()).header("Upload-Length", "3").header("Upload-Metadata", "filename ???");
+    error_of(bad_meta.send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+
+    let bytes: &'static [u8] = b"tus makes uploads resumable";
+    let metadata = "filename cmVwb3J0LnR4dA==,title UmVwb3J0";
+    let created = tus(create())
+        .header("Upload-Length", bytes.len().to_string())
+        .header("Upload-Metadata", metadata)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let location = created.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    assert!(location.starts_with("/api/v1/tus/"), "{location}");
+    let expires = created.headers()["upload-expires"].to_str().unwrap();
+    let expires = httpdate::parse_http_date(expires).unwrap();
+    let in_a_day = expires.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(in_a_day > Duration::from_secs(23 * 3600) && in_a_day <= Duration::from_secs(24 * 3600), "{in_a_day:?}");
+
+    let head = || tus(c.head(gw.url(&location)).bearer_auth(&token));
+    let offset = |response: &reqwest::Response| response.headers()["upload-offset"].to_str().unwrap().to_owned();
+    let status = head().send().await.unwrap();
+    assert_eq!(status.status(), StatusCode::OK);
+    assert_eq!((offset(&status).as_str(), status.headers()["upload-length"].to_str().unwrap()), ("0", "27"));
+    assert_eq!(status.headers()["upload-metadata"], metadata);
+    assert_eq!(status.headers()[header::CACHE_CONTROL], "no-store");
+    let others = tus(c.head(gw.url(&location)).bearer_auth(gw.token("bob", &["user"]))).send().await.unwrap();
+    assert_eq!(others.status(), StatusCode::NOT_FOUND);
+
+    let patch = |at: usize, body: &'static [u8]| {
+        tus(c.patch(gw.url(&location)).bearer_auth(&token))
+            .header("Upload-Offset", at.to_string())
+            .header(header::CONTENT_TYPE, "application/offset+octet-stream")
+            .body(body)
+    };
+    // Wrong content type, wrong offset, wrong checksum, unknown algorithm, too many bytes:
+    // each refused precisely, and the offset stays where it was.
+    let plain = tus(c.patch(gw.url(&location)).bearer_auth(&token))
+        .header("Upload-Offset", "0")
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(&bytes[..4])
+        .send()
+        .await
+        .unwrap();
+    error_of(plain, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+    assert!(error_of(patch(5, &bytes[..4]).send().await.unwrap(), StatusCode::CONFLICT).await.contains("offset 0"));
+    let forged = patch(0, &bytes[..4]).header("Upload-Checksum", format!("sha256 {}", sha256_b64(b"nope")));
+    assert_eq!(forged.send().await.unwrap().status().as_u16(), 460);
+    let md5 = patch(0, &bytes[..4]).header("Upload-Checksum", "md5 1B2M2Y8AsgTpgAmY7PhCfg==");
+    assert!(error_of(md5.send().await.unwrap(), StatusCode::BAD_REQUEST).await.contains("not supported"));
+    let long: &'static [u8] = b"this body is longer than the twenty-seven bytes announced";
+    error_of(patch(0, long).send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+    assert_eq!(offset(&head().send().await.unwrap()), "0");
+
+    // Two checked PATCHes, the second through X-HTTP-Method-Override, finish the upload.
+    let first = patch(0, &bytes[..10]).header("Upload-Checksum", format!("sha256 {}", sha256_b64(&bytes[..10])));
+    let first = first.send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::NO_CONTENT);
+    assert_eq!(offset(&first), "10");
+    assert!(first.headers().contains_key("upload-expires"));
+    let last = tus(c.post(gw.url(&location)).bearer_auth(&token))
+        .header("X-HTTP-Method-Override", "PATCH")
+        .header("Upload-Offset", "10")
+        .header(header::CONTENT_TYPE, "application/offset+octet-stream")
+        .body(&bytes[10..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(last.status(), StatusCode::NO_CONTENT);
+    assert_eq!(offset(&last), "27");
+    let doc = last.headers()["vellum-document-id"].to_str().unwrap().to_owned();
+    let document: Value =
+        gw.get("alice", &format!("/api/v1/documents/{doc}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!((document["filename"].as_str(), document["title"].as_str()), (Some("report.txt"), Some("Report")));
+    assert_eq!(document["checksum"], format!("sha256:{}", sha256_hex(bytes)));
+    let content = gw.get("alice", &format!("/api/v1/documents/{doc}/content")).send().await.unwrap();
+    assert_eq!(content.bytes().await.unwrap().as_ref(), bytes);
+    let done = head().send().await.unwrap();
+    assert_eq!((offset(&done), done.headers()["vellum-document-id"].to_str().unwrap()), ("27".into(), doc.as_str()));
+
+    // Creation with upload: the POST carries the bytes; an empty upload is done at once.
+    let with_data = tus(create())
+        .header("Upload-Length", "5")
+        .header("Upload-Metadata", "filename aGkudHh0")
+        .header(header::CONTENT_TYPE, "application/offset+octet-stream")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_data.status(), StatusCode::CREATED);
+    assert_eq!(offset(&with_data), "5");
+    assert!(with_data.headers().contains_key("vellum-document-id"));
+    let empty = tus(create()).header("Upload-Length", "0").send().await.unwrap();
+    assert_eq!((empty.status(), offset(&empty).as_str()), (StatusCode::CREATED, "0"));
+    assert!(empty.headers().contains_key("vellum-document-id"));
+
+    // Termination: the upload is gone afterwards; a chunked-session path refuses it.
+    let doomed = tus(create()).header("Upload-Length", "9").send().await.unwrap();
+    let doomed = doomed.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    let session = doomed.rsplit('/').next().unwrap();
+    let chunk = c.put(gw.url(&format!("/api/v1/upload/{session}/chunk/0"))).bearer_auth(&token).body("x");
+    assert!(error_of(chunk.send().await.unwrap(), StatusCode::BAD_REQUEST).await.contains("tus"));
+    let deleted = tus(c.delete(gw.url(&doomed)).bearer_auth(&token)).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let gone = tus(c.head(gw.url(&doomed)).bearer_auth(&token)).send().await.unwrap();
+    assert_eq!(gone.status(), StatusCode::GONE);
+    let unknown = tus(c.head(gw.url("/api/v1/tus/0123456789abcdef")).bearer_auth(&token)).send().await.unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+}
+
+/// The Python tus client, as published, uploads in pieces, stops, resumes from the server's
+/// offset with SHA-256 checksums, and the document is the file it read.
+#[tokio::test]
+async fn a_stock_tus_client_uploads_and_resumes() {
+    let gw = gateway(false, 0).await;
+    let file = gw.dir.path().join("upload.bin");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| i.wrapping_mul(2_654_435_761).to_be_bytes()[1]).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tus_client.py");
+    let output = tokio::process::Command::new(vellum_testkit::python())
+        .arg(script)
+        .arg(gw.url("/api/v1/tus"))
+        .arg(gw.token("alice", &["user"]))
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["stoppedAt"], 65_536 * 2);
+    assert_eq!(report["resumedFrom"], 65_536 * 2, "the second client asked the server where to go on");
+    let doc = report["documentId"].as_str().unwrap();
+    let document: Value =
+        gw.get("alice", &format!("/api/v1/documents/{doc}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(document["filename"], "upload.bin");
+    assert_eq!(document["checksum"], format!("sha256:{}", sha256_hex(&bytes)));
+    let content = gw.get("alice", &format!("/api/v1/documents/{doc}/content")).send().await.unwrap();
+    assert_eq!(content.bytes().await.unwrap().as_ref(), bytes.as_slice());
 }

@@ -41,6 +41,10 @@ pub mod env {
     pub const S3_REGION: &str = "VELLUM_TEST_S3_REGION";
     pub const S3_REGION_DEFAULT: &str = "us-east-1";
 
+    /// A Python interpreter with the tus client (`tuspy`) installed, for protocol tests
+    /// with stock clients. `scripts/test` makes one in its state directory.
+    pub const PYTHON: &str = "VELLUM_TEST_PYTHON";
+
     pub(crate) fn get(name: &str, default: &str) -> String {
         std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
     }
@@ -75,6 +79,36 @@ impl KitError {
     pub(crate) fn server(what: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::Server { what: what.into(), source: source.into() }
     }
+}
+
+/// The Python interpreter that has the stock protocol clients the tests drive: the one
+/// [`env::PYTHON`] names, or the one `scripts/test` installs in its state directory.
+///
+/// # Panics
+/// When there is none, with a message saying how to get it.
+pub fn python() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os(env::PYTHON).filter(|p| !p.is_empty()) {
+        return path.into();
+    }
+    let state = std::env::var_os("VELLUM_TEST_STATE_DIR").map_or_else(
+        || {
+            let base = std::env::var_os("XDG_STATE_HOME").map_or_else(
+                || std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/state"),
+                std::path::PathBuf::from,
+            );
+            base.join("vellum-test")
+        },
+        std::path::PathBuf::from,
+    );
+    let python = state.join("py/bin/python");
+    assert!(
+        python.exists(),
+        "no Python with the tus client at {}: run `scripts/test --services-only` (which installs it), \
+         or point {} at an interpreter that has tuspy",
+        python.display(),
+        env::PYTHON
+    );
+    python
 }
 
 /// A name no other test run will pick: `prefix` and 12 hex digits of a random UUID.

@@ -17,6 +17,8 @@ use crate::clock::rfc3339;
 use crate::documents::{Actor, DocError, Documents, NewDocument, Uploaded};
 use crate::store::StoreError;
 
+pub mod tus;
+
 /// How long a session lives after it was started.
 pub const SESSION_TTL_MS: i64 = 24 * 3600 * 1000;
 /// How long a completion holds its lock before another replica may take over.
@@ -90,6 +92,9 @@ struct SessionRow {
     document_id: Option<i64>,
     created_at: i64,
     expires_at: i64,
+    /// `chunks` (numbered chunks of a fixed size) or `tus` (appended segments).
+    protocol: String,
+    tus_metadata: Option<String>,
 }
 
 fn u(v: i64) -> u64 {
@@ -119,6 +124,8 @@ fn session_row(row: &AnyRow) -> Result<SessionRow, StoreError> {
         document_id: row.try_get("document_id")?,
         created_at: row.try_get("created_at")?,
         expires_at: row.try_get("expires_at")?,
+        protocol: row.try_get("protocol")?,
+        tus_metadata: row.try_get("tus_metadata")?,
     })
 }
 
@@ -143,7 +150,8 @@ fn gone(id: &str, status: &str) -> DocError {
 }
 
 const SESSION_COLUMNS: &str = "owner, filename, content_type, title, description, tags, metadata, total_size, \
-     chunk_size, total_chunks, expected_sha256, status, lock_until, document_id, created_at, expires_at";
+     chunk_size, total_chunks, expected_sha256, status, lock_until, document_id, created_at, expires_at, protocol, \
+     tus_metadata";
 
 impl Documents {
     async fn session(&self, actor: &Actor, id: &str) -> Result<SessionRow, DocError> {
@@ -156,14 +164,24 @@ impl Documents {
         }
     }
 
-    /// A session that still takes chunks: not finished, not expired.
-    async fn active_session(&self, actor: &Actor, id: &str) -> Result<SessionRow, DocError> {
+    /// A session of the chunked protocol (a tus upload is driven through its own paths).
+    async fn chunked_session(&self, actor: &Actor, id: &str) -> Result<SessionRow, DocError> {
         let session = self.session(actor, id).await?;
+        if session.protocol != "chunks" {
+            return Err(DocError::Invalid(format!(
+                "upload session {id} is a tus upload: continue it with the tus protocol at /api/v1/tus/{id}"
+            )));
+        }
+        Ok(session)
+    }
+
+    /// Whether a session still takes data: not finished, not expired.
+    fn check_active(&self, id: &str, session: &SessionRow) -> Result<(), DocError> {
         if session.status == "ACTIVE" && self.clock().now_ms() >= session.expires_at {
             return Err(gone(id, "expired"));
         }
         match session.status.as_str() {
-            "ACTIVE" => Ok(session),
+            "ACTIVE" => Ok(()),
             "COMPLETING" => Err(DocError::Conflict(format!("upload session {id} is being completed"))),
             other => Err(gone(id, other)),
         }
@@ -265,7 +283,8 @@ impl Documents {
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     ) -> Result<Session, DocError> {
         let expected_sha = checksum.map(parse_checksum).transpose()?;
-        let session = self.active_session(actor, id).await?;
+        let session = self.chunked_session(actor, id).await?;
+        self.check_active(id, &session)?;
         if n >= session.total_chunks {
             return Err(DocError::Invalid(format!(
                 "chunk {n} is out of bounds: this session has chunks 0 to {}",
@@ -380,7 +399,7 @@ impl Documents {
 
     /// The chunk numbers still to send.
     pub async fn missing_chunks(&self, actor: &Actor, id: &str) -> Result<Vec<u64>, DocError> {
-        let session = self.session(actor, id).await?;
+        let session = self.chunked_session(actor, id).await?;
         let have: std::collections::BTreeSet<u64> =
             self.uploaded_chunks(actor, id).await?.into_iter().map(|c| c.chunk_number).collect();
         Ok((0..session.total_chunks).filter(|n| !have.contains(n)).collect())
@@ -389,19 +408,11 @@ impl Documents {
     /// Assembles the chunks into a document. Completing a completed session again answers
     /// with its document.
     pub async fn complete_upload(&self, actor: &Actor, id: &str) -> Result<Uploaded, DocError> {
-        let session = self.session(actor, id).await?;
-        if session.status == "COMPLETED"
-            && let Some(doc) = session.document_id
-        {
-            let document = self.get(actor, doc).await?;
-            let version_number = document.current_version;
-            return Ok(Uploaded { document, deduplicated: false, version_number });
+        let session = self.chunked_session(actor, id).await?;
+        if let Some(done) = self.completed(actor, &session).await? {
+            return Ok(done);
         }
-        let session = self.active_session(actor, id).await.or_else(|e| match e {
-            // A completion whose lock lapsed (its replica died) may be taken over.
-            DocError::Conflict(_) if session.lock_until.is_some_and(|t| t < self.clock().now_ms()) => Ok(session),
-            other => Err(other),
-        })?;
+        let session = self.takeover(id, session)?;
         let missing = self.missing_chunks(actor, id).await?;
         if !missing.is_empty() {
             let shown: Vec<String> = missing.iter().take(20).map(ToString::to_string).collect();
@@ -412,7 +423,35 @@ impl Documents {
                 if missing.len() > 20 { ", …" } else { "" }
             )));
         }
-        // Take the completion lock: one replica assembles, the others are told so.
+        self.finish(actor, id, &session).await
+    }
+
+    /// The document of a session completed before.
+    async fn completed(&self, actor: &Actor, session: &SessionRow) -> Result<Option<Uploaded>, DocError> {
+        if session.status == "COMPLETED"
+            && let Some(doc) = session.document_id
+        {
+            let document = self.get(actor, doc).await?;
+            let version_number = document.current_version;
+            return Ok(Some(Uploaded { document, deduplicated: false, version_number }));
+        }
+        Ok(None)
+    }
+
+    /// An active session, or one whose completion lock lapsed (its replica died), which may
+    /// be taken over.
+    fn takeover(&self, id: &str, session: SessionRow) -> Result<SessionRow, DocError> {
+        let lapsed = session.lock_until.is_some_and(|t| t < self.clock().now_ms());
+        match self.check_active(id, &session) {
+            Err(DocError::Conflict(_)) if lapsed => Ok(session),
+            Err(e) => Err(e),
+            Ok(()) => Ok(session),
+        }
+    }
+
+    /// Takes the completion lock (one replica assembles, the others are told so), assembles
+    /// the document and settles the session.
+    async fn finish(&self, actor: &Actor, id: &str, session: &SessionRow) -> Result<Uploaded, DocError> {
         let now = self.clock().now_ms();
         let taken = sqlx::query(
             "UPDATE upload_sessions SET status = 'COMPLETING', lock_until = $1, updated_at = $2 WHERE id = $3 \
@@ -426,7 +465,7 @@ impl Documents {
         if taken.rows_affected() != 1 {
             return Err(DocError::Conflict(format!("upload session {id} is being completed")));
         }
-        let result = self.assemble(actor, id, &session).await;
+        let result = self.assemble(actor, id, session).await;
         let (status, document_id) = match &result {
             Ok(uploaded) => ("COMPLETED", Some(uploaded.document.id)),
             Err(_) => ("ACTIVE", None),

@@ -1,0 +1,231 @@
+//! `/api/v1/tus`: the tus 1.0 resumable upload protocol, so that unmodified tus clients
+//! upload to Vellum. Core protocol plus the creation (and creation-with-upload),
+//! termination, checksum (`sha256`) and expiration extensions.
+//!
+//! `POST /api/v1/tus` creates an upload (`Upload-Length`, optional `Upload-Metadata` with
+//! `filename`, `filetype`, `title`, `description`, `tags`), `HEAD /api/v1/tus/{id}` tells its
+//! offset, `PATCH` appends at `Upload-Offset`, `DELETE` terminates. The request that brings
+//! the last byte creates the document; its id is in the `Vellum-Document-Id` header, then
+//! on every `HEAD`. `X-HTTP-Method-Override` is honoured on `POST`.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures::TryStreamExt;
+use vellum_core::documents::{Actor, DocError};
+use vellum_core::uploads::tus::{self, TusUpload};
+
+use crate::AppState;
+use crate::auth::User;
+use crate::error::{ApiError, ApiResult};
+
+const TUS_RESUMABLE: HeaderName = HeaderName::from_static("tus-resumable");
+const UPLOAD_OFFSET: HeaderName = HeaderName::from_static("upload-offset");
+const UPLOAD_LENGTH: HeaderName = HeaderName::from_static("upload-length");
+const UPLOAD_METADATA: HeaderName = HeaderName::from_static("upload-metadata");
+const UPLOAD_EXPIRES: HeaderName = HeaderName::from_static("upload-expires");
+const UPLOAD_CHECKSUM: HeaderName = HeaderName::from_static("upload-checksum");
+const DOCUMENT_ID: HeaderName = HeaderName::from_static("vellum-document-id");
+const OFFSET_STREAM: &str = "application/offset+octet-stream";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/", post(create).options(options))
+        .route("/{id}", post(overridden).head(head).patch(patch).delete(terminate).options(options))
+        .layer(axum::middleware::map_response(|mut response: Response| async move {
+            response.headers_mut().insert(TUS_RESUMABLE, HeaderValue::from_static(tus::VERSION));
+            response
+        }))
+        .layer(DefaultBodyLimit::disable())
+}
+
+/// What a tus client's checksum mismatch answers (the checksum extension's own status).
+fn tus_error(e: DocError) -> ApiError {
+    match e {
+        DocError::ChecksumMismatch(message) => {
+            ApiError::new(StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST), message)
+        }
+        other => other.into(),
+    }
+}
+
+/// Every request but `OPTIONS` names the protocol version; another one answers 412.
+fn check_version(headers: &HeaderMap) -> ApiResult<()> {
+    match headers.get(&TUS_RESUMABLE).map(HeaderValue::as_bytes) {
+        Some(v) if v == tus::VERSION.as_bytes() => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            format!("this server speaks tus {}; Tus-Resumable named another version", tus::VERSION),
+        )
+        .with_header(HeaderName::from_static("tus-version"), tus::VERSION)),
+        None => Err(ApiError::bad_request(format!("a tus request carries Tus-Resumable: {}", tus::VERSION))),
+    }
+}
+
+fn number(headers: &HeaderMap, name: &HeaderName) -> ApiResult<Option<u64>> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::bad_request(format!("{name} must be a non-negative integer")))
+        })
+        .transpose()
+}
+
+fn text<'h>(headers: &'h HeaderMap, name: &HeaderName) -> ApiResult<Option<&'h str>> {
+    headers
+        .get(name)
+        .map(|v| v.to_str().map_err(|_| ApiError::bad_request(format!("{name} is not valid text"))))
+        .transpose()
+}
+
+fn expires(upload: &TusUpload) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(upload.expires_at_ms).unwrap_or(0));
+    httpdate::fmt_http_date(at)
+}
+
+/// The headers that describe an upload's progress.
+fn progress(upload: &TusUpload, response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert(UPLOAD_OFFSET, HeaderValue::from(upload.offset));
+    if let Some(id) = upload.document_id {
+        headers.insert(DOCUMENT_ID, HeaderValue::from(id));
+    } else if let Ok(v) = HeaderValue::from_str(&expires(upload)) {
+        headers.insert(UPLOAD_EXPIRES, v);
+    }
+}
+
+fn body_stream(body: Body) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin + Send {
+    Box::pin(body.into_data_stream().map_err(std::io::Error::other))
+}
+
+/// `OPTIONS`: what this server supports.
+async fn options(State(state): State<AppState>) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    headers.insert(HeaderName::from_static("tus-version"), HeaderValue::from_static(tus::VERSION));
+    headers.insert(HeaderName::from_static("tus-extension"), HeaderValue::from_static(tus::EXTENSIONS));
+    headers.insert(HeaderName::from_static("tus-max-size"), HeaderValue::from(state.docs.max_upload));
+    headers
+        .insert(HeaderName::from_static("tus-checksum-algorithm"), HeaderValue::from_static(tus::CHECKSUM_ALGORITHMS));
+    response
+}
+
+/// `POST`: creates an upload; with an `application/offset+octet-stream` body, also takes
+/// its first bytes.
+async fn create(State(state): State<AppState>, User(actor): User, request: Request) -> ApiResult<Response> {
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
+    check_version(headers)?;
+    if headers.contains_key(HeaderName::from_static("upload-defer-length")) {
+        return Err(ApiError::bad_request("Upload-Defer-Length is not supported: send Upload-Length"));
+    }
+    let length = number(headers, &UPLOAD_LENGTH)?.ok_or_else(|| ApiError::bad_request("Upload-Length is required"))?;
+    let metadata = text(headers, &UPLOAD_METADATA)?;
+    let mut upload = state.docs.tus_create(&actor, length, metadata).await.map_err(tus_error)?;
+    let with_data = headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == OFFSET_STREAM.as_bytes());
+    if with_data && upload.offset < upload.length {
+        let checksum = text(headers, &UPLOAD_CHECKSUM)?;
+        upload = state.docs.tus_append(&actor, &upload.id, 0, checksum, body_stream(body)).await.map_err(tus_error)?;
+    }
+    let location = format!("/api/v1/tus/{}", upload.id);
+    let mut response = (StatusCode::CREATED, [(header::LOCATION, location)]).into_response();
+    progress(&upload, &mut response);
+    count_created(&state, &upload);
+    Ok(response)
+}
+
+/// `HEAD`: how far the upload got.
+async fn head(
+    State(state): State<AppState>,
+    User(actor): User,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    check_version(&headers)?;
+    let upload = state.docs.tus_status(&actor, &id).await.map_err(tus_error)?;
+    let mut response = StatusCode::OK.into_response();
+    progress(&upload, &mut response);
+    let out = response.headers_mut();
+    out.insert(UPLOAD_LENGTH, HeaderValue::from(upload.length));
+    out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(v) = upload.metadata.as_deref().and_then(|m| HeaderValue::from_str(m).ok()) {
+        out.insert(UPLOAD_METADATA, v);
+    }
+    Ok(response)
+}
+
+async fn append(state: &AppState, actor: &Actor, id: &str, request: Request) -> ApiResult<Response> {
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
+    check_version(headers)?;
+    if headers.get(header::CONTENT_TYPE).is_none_or(|v| v.as_bytes() != OFFSET_STREAM.as_bytes()) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("a PATCH carries Content-Type: {OFFSET_STREAM}"),
+        ));
+    }
+    let offset = number(headers, &UPLOAD_OFFSET)?.ok_or_else(|| ApiError::bad_request("Upload-Offset is required"))?;
+    let checksum = text(headers, &UPLOAD_CHECKSUM)?;
+    let upload = state.docs.tus_append(actor, id, offset, checksum, body_stream(body)).await.map_err(tus_error)?;
+    count_created(state, &upload);
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    progress(&upload, &mut response);
+    Ok(response)
+}
+
+fn count_created(state: &AppState, upload: &TusUpload) {
+    if let Some(uploaded) = &upload.completed {
+        crate::documents::count_upload(state, uploaded);
+    }
+}
+
+/// `PATCH`: appends bytes at `Upload-Offset`.
+async fn patch(
+    State(state): State<AppState>,
+    User(actor): User,
+    Path(id): Path<String>,
+    request: Request,
+) -> ApiResult<Response> {
+    append(&state, &actor, &id, request).await
+}
+
+/// `DELETE`: terminates the upload and deletes what it received.
+async fn terminate(
+    State(state): State<AppState>,
+    User(actor): User,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    check_version(&headers)?;
+    state.docs.tus_terminate(&actor, &id).await.map_err(tus_error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST` with `X-HTTP-Method-Override`, for clients behind proxies that pass only GET and
+/// POST.
+async fn overridden(
+    State(state): State<AppState>,
+    User(actor): User,
+    Path(id): Path<String>,
+    request: Request,
+) -> ApiResult<Response> {
+    let method = request
+        .headers()
+        .get(HeaderName::from_static("x-http-method-override"))
+        .and_then(|v| Method::from_bytes(v.as_bytes()).ok());
+    match method {
+        Some(Method::PATCH) => append(&state, &actor, &id, request).await,
+        Some(Method::HEAD) => head(State(state), User(actor), Path(id), request.headers().clone()).await,
+        Some(Method::DELETE) => terminate(State(state), User(actor), Path(id), request.headers().clone()).await,
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST on an upload needs X-HTTP-Method-Override: PATCH, HEAD or DELETE",
+        )),
+    }
+}
