@@ -27,14 +27,13 @@ fn help_lists_standalone_and_its_environment_twins() {
     assert_eq!(bare.status.code(), Some(2), "a subcommand is required");
 }
 
-#[tokio::test]
-async fn standalone_with_the_shipped_config_serves_and_stops_on_sigterm() {
-    let data = tempfile::tempdir().unwrap();
+/// Starts the binary on the shipped config and `data`; returns it with its URL and token.
+fn start(data: &std::path::Path) -> (std::process::Child, String, String) {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/standalone");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vellum-gateway"))
         .args(["standalone", "--listen", "127.0.0.1:0", "--config-dir", config])
         .arg("--data-dir")
-        .arg(data.path())
+        .arg(data)
         .env_remove("VELLUM_JWT_SECRET")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -52,7 +51,20 @@ async fn standalone_with_the_shipped_config_serves_and_stops_on_sigterm() {
             break;
         }
     }
-    let (url, token) = (url.expect("the URL is printed"), token.expect("a token is printed"));
+    // Keep draining stdout so the process never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, url.expect("the URL is printed"), token.expect("a token is printed"))
+}
+
+fn sigterm(child: &std::process::Child) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+}
+
+#[tokio::test]
+async fn standalone_with_the_shipped_config_serves_and_stops_on_sigterm() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, url, token) = start(data.path());
 
     let client = reqwest::Client::new();
     let uploaded: serde_json::Value = client
@@ -78,8 +90,67 @@ async fn standalone_with_the_shipped_config_serves_and_stops_on_sigterm() {
     assert_eq!(body, "standalone works");
     assert!(data.path().join("vellum.db").exists() && data.path().join("tiers/hot").is_dir());
 
-    let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    sigterm(&child);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// SIGTERM in the middle of an upload: the gateway stops taking connections, the upload
+/// finishes and is recorded, then the process exits cleanly; a restart serves the document.
+#[tokio::test]
+async fn an_upload_in_flight_finishes_after_sigterm() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, url, token) = start(data.path());
+    let client = reqwest::Client::new();
+    let half = vec![b'v'; 256 * 1024];
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let upload = tokio::spawn(
+        client
+            .post(format!("{url}/api/v1/documents?filename=inflight.bin"))
+            .bearer_auth(&token)
+            .body(reqwest::Body::wrap_stream(tokio_stream(rx)))
+            .send(),
+    );
+    tx.send(Ok(half.clone())).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sigterm(&child);
+    // Shutting down: a new connection is refused, while the upload's goes on.
+    let mut refused = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if reqwest::Client::new().get(format!("{url}/healthz")).send().await.is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the gateway stopped accepting connections on SIGTERM");
+    tx.send(Ok(half.clone())).await.unwrap();
+    drop(tx);
+    let response = upload.await.unwrap().unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let doc: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(doc["size"], 512 * 1024);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+
+    let (mut child, url, _) = start(data.path());
+    let body = client
+        .get(format!("{url}/api/v1/documents/{}/content", doc["id"]))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.len(), 512 * 1024);
+    assert!(body.iter().all(|&b| b == b'v'));
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+}
+
+fn tokio_stream(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
