@@ -1,11 +1,9 @@
 //! `/api/v1/documents`: uploads (multipart or raw body), metadata, listing, versions,
 //! downloads, deletion, legal hold and signed links.
 
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
@@ -14,38 +12,45 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use vellum_core::blob::StoredBlob;
 use vellum_core::clock::{parse_rfc3339, rfc3339};
-use vellum_core::documents::{Actor, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion, Uploaded};
+use vellum_core::documents::{
+    Actor, Document, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion, Page, Restored, Uploaded,
+    VersionHistory,
+};
 
 use crate::AppState;
 use crate::auth::User;
 use crate::content::serve;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{DocId, JsonBody, QueryParams};
 
-pub fn router() -> Router<AppState> {
-    let uploads = Router::new()
-        .route("/", post(upload).get(list))
-        .route("/{id}/versions", post(upload_version).get(versions))
+pub fn router() -> OpenApiRouter<AppState> {
+    let uploads = OpenApiRouter::new()
+        .routes(routes!(upload, list))
+        .routes(routes!(upload_version, versions))
         // Upload sizes are bounded by the service's own limit, checked as bytes stream in.
         .layer(DefaultBodyLimit::disable());
-    Router::new()
-        .route("/{id}", get(get_document).patch(update).delete(delete))
-        .route("/{id}/metadata", put(update))
-        .route("/{id}/content", get(download))
-        .route("/{id}/download", get(download))
-        .route("/{id}/versions/{n}/content", get(download_version))
-        .route("/{id}/versions/{n}/restore", post(restore))
-        .route("/{id}/legal-hold", put(hold).delete(release))
-        .route("/{id}/links", post(create_link))
+    OpenApiRouter::new()
+        .routes(routes!(get_document, update, delete))
+        .routes(routes!(update_metadata))
+        .routes(routes!(download))
+        .routes(routes!(download_alias))
+        .routes(routes!(download_version))
+        .routes(routes!(restore))
+        .routes(routes!(hold, release))
+        .routes(routes!(create_link))
         .merge(uploads)
 }
 
 /// `/api/v1/links/{token}`: downloads through a signed link, without a token.
-pub fn links_router() -> Router<AppState> {
-    Router::new().route("/{token}", get(follow_link))
+pub fn links_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(follow_link))
 }
+
+const TAG: &str = "documents";
 
 fn io_error(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
@@ -204,6 +209,26 @@ pub(crate) fn count_upload(state: &AppState, uploaded: &Uploaded) {
     }
 }
 
+#[utoipa::path(post, path = "/", tag = TAG,
+    summary = "Upload a document",
+    description = "Multipart (`file` plus optional `title`, `description`, `tags` (comma-separated), `metadata` \
+        (a JSON object), in any order) or a raw body named by `?filename=`, `X-Filename` or Content-Disposition, \
+        with the same options as query parameters. The bytes stream through SHA-256; bytes stored before are \
+        deduplicated.",
+    request_body(description = "The file", content(("multipart/form-data"), ("application/octet-stream"))),
+    params(
+        ("filename" = Option<String>, Query, description = "Raw-body uploads: the file name"),
+        ("title" = Option<String>, Query),
+        ("description" = Option<String>, Query),
+        ("tags" = Option<String>, Query, description = "Comma-separated"),
+        ("metadata" = Option<String>, Query, description = "A JSON object"),
+    ),
+    responses(
+        (status = 201, description = "Stored; Location names the document", body = Uploaded),
+        (status = 400, description = "No file name, bad metadata, bad file name", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 413, description = "Larger than the upload limit", body = ErrorBody),
+    ))]
 async fn upload(State(state): State<AppState>, User(actor): User, request: Request) -> ApiResult<Response> {
     let received = receive(&state, request, None).await?;
     let docs = &state.docs;
@@ -238,6 +263,17 @@ async fn upload(State(state): State<AppState>, User(actor): User, request: Reque
     Ok(created(&state, &uploaded))
 }
 
+#[utoipa::path(post, path = "/{id}/versions", tag = TAG,
+    summary = "Upload a new version",
+    description = "Multipart (`file`, optional `changeDescription`) or a raw body; the new version becomes current.",
+    request_body(description = "The file", content(("multipart/form-data"), ("application/octet-stream"))),
+    params(("id" = i64, Path), ("changeDescription" = Option<String>, Query), ("filename" = Option<String>, Query)),
+    responses(
+        (status = 201, body = Uploaded),
+        (status = 400, body = ErrorBody),
+        (status = 404, description = "No such document (or not yours)", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+    ))]
 async fn upload_version(
     State(state): State<AppState>,
     User(actor): User,
@@ -263,10 +299,16 @@ async fn upload_version(
     Ok(created(&state, &uploaded))
 }
 
+#[utoipa::path(get, path = "/{id}", tag = TAG, summary = "A document's metadata", params(("id" = i64, Path)),
+    responses((status = 200, body = Document), (status = 404, body = ErrorBody)))]
 async fn get_document(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
     Ok(axum::Json(state.docs.get(&actor, id).await?).into_response())
 }
 
+#[utoipa::path(patch, path = "/{id}", tag = TAG,
+    summary = "Change title, description, tags, custom metadata or file name",
+    params(("id" = i64, Path)), request_body = MetadataPatch,
+    responses((status = 200, body = Document), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
     User(actor): User,
@@ -274,6 +316,18 @@ async fn update(
     JsonBody(patch): JsonBody<MetadataPatch>,
 ) -> ApiResult<Response> {
     Ok(axum::Json(state.docs.update(&actor, id, patch).await?).into_response())
+}
+
+#[utoipa::path(put, path = "/{id}/metadata", tag = TAG, summary = "Change metadata (the seed's path)",
+    params(("id" = i64, Path)), request_body = MetadataPatch,
+    responses((status = 200, body = Document), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn update_metadata(
+    state: State<AppState>,
+    user: User,
+    id: DocId,
+    patch: JsonBody<MetadataPatch>,
+) -> ApiResult<Response> {
+    update(state, user, id, patch).await
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -291,6 +345,18 @@ struct ListParams {
     cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/", tag = TAG, summary = "List and search documents, newest first",
+    params(
+        ("tag" = Option<String>, Query),
+        ("fileType" = Option<String>, Query, description = "Extension, like pdf"),
+        ("owner" = Option<String>, Query, description = "Admins: another user's documents"),
+        ("from" = Option<String>, Query, description = "RFC 3339: created at or after"),
+        ("to" = Option<String>, Query, description = "RFC 3339: created before"),
+        ("q" = Option<String>, Query, description = "Words in file name, title or description"),
+        ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
+        ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
+    ),
+    responses((status = 200, body = Page), (status = 400, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     User(actor): User,
@@ -324,6 +390,18 @@ struct VersionParam {
     version: Option<i64>,
 }
 
+#[utoipa::path(get, path = "/{id}/content", tag = TAG, summary = "Download the bytes",
+    description = "Streams the current (or `?version=`) bytes, with `Range`, `ETag` (the SHA-256), \
+        `If-None-Match` and `If-Range`.",
+    params(("id" = i64, Path), ("version" = Option<i64>, Query), ("Range" = Option<String>, Header),
+        ("If-None-Match" = Option<String>, Header)),
+    responses(
+        (status = 200, description = "The bytes", content_type = "application/octet-stream", body = [u8]),
+        (status = 206, description = "The range asked for", body = [u8]),
+        (status = 304, description = "Not modified"),
+        (status = 404, body = ErrorBody),
+        (status = 416, description = "Range not satisfiable", body = ErrorBody),
+    ))]
 async fn download(
     State(state): State<AppState>,
     User(actor): User,
@@ -335,6 +413,22 @@ async fn download(
     serve(&state, &content, &headers).await
 }
 
+#[utoipa::path(get, path = "/{id}/download", tag = TAG, summary = "Download the bytes (the seed's path)",
+    params(("id" = i64, Path), ("version" = Option<i64>, Query)),
+    responses((status = 200, body = [u8]), (status = 206, body = [u8]), (status = 304), (status = 404, body = ErrorBody)))]
+async fn download_alias(
+    state: State<AppState>,
+    user: User,
+    id: DocId,
+    params: QueryParams<VersionParam>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    download(state, user, id, params, headers).await
+}
+
+#[utoipa::path(get, path = "/{id}/versions/{n}/content", tag = TAG, summary = "Download one version's bytes",
+    params(("id" = i64, Path), ("n" = i64, Path)),
+    responses((status = 200, body = [u8]), (status = 206, body = [u8]), (status = 304), (status = 404, body = ErrorBody)))]
 async fn download_version(
     State(state): State<AppState>,
     User(actor): User,
@@ -346,10 +440,16 @@ async fn download_version(
     serve(&state, &content, &headers).await
 }
 
+#[utoipa::path(get, path = "/{id}/versions", tag = TAG, summary = "A document's versions, newest first",
+    params(("id" = i64, Path)), responses((status = 200, body = VersionHistory), (status = 404, body = ErrorBody)))]
 async fn versions(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
     Ok(axum::Json(state.docs.versions(&actor, id).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/{id}/versions/{n}/restore", tag = TAG,
+    summary = "Restore version n as a new current version",
+    params(("id" = i64, Path), ("n" = i64, Path)),
+    responses((status = 200, body = Restored), (status = 404, body = ErrorBody)))]
 async fn restore(
     State(state): State<AppState>,
     User(actor): User,
@@ -366,6 +466,10 @@ struct DeleteParams {
     permanent: bool,
 }
 
+#[utoipa::path(delete, path = "/{id}", tag = TAG, summary = "Delete (soft), or purge with ?permanent=true",
+    params(("id" = i64, Path), ("permanent" = Option<bool>, Query)),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
+        (status = 409, description = "Under legal hold", body = ErrorBody)))]
 async fn delete(
     State(state): State<AppState>,
     User(actor): User,
@@ -380,10 +484,16 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(put, path = "/{id}/legal-hold", tag = TAG, summary = "Place a legal hold (admins)",
+    params(("id" = i64, Path)),
+    responses((status = 200, body = Document), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn hold(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
     Ok(axum::Json(state.docs.set_legal_hold(&actor, id, true).await?).into_response())
 }
 
+#[utoipa::path(delete, path = "/{id}/legal-hold", tag = TAG, summary = "Release a legal hold (admins)",
+    params(("id" = i64, Path)),
+    responses((status = 200, body = Document), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn release(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
     Ok(axum::Json(state.docs.set_legal_hold(&actor, id, false).await?).into_response())
 }
@@ -393,7 +503,7 @@ async fn release(State(state): State<AppState>, User(actor): User, DocId(id): Do
 
 const MAX_LINK_SECONDS: u64 = 7 * 24 * 3600;
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(Deserialize, Debug, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct LinkRequest {
     expires_in_seconds: Option<u64>,
@@ -406,6 +516,10 @@ fn link_mac(key: &[u8], payload: &str) -> Hmac<Sha256> {
     mac
 }
 
+#[utoipa::path(post, path = "/{id}/links", tag = TAG, summary = "A signed download link that expires",
+    params(("id" = i64, Path)), request_body = LinkRequest,
+    responses((status = 201, description = "url, path, documentId, versionNumber, expiresAt", body = Object),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn create_link(
     State(state): State<AppState>,
     User(actor): User,
@@ -435,6 +549,10 @@ async fn create_link(
         .into_response())
 }
 
+#[utoipa::path(get, path = "/{token}", tag = TAG, summary = "Download through a signed link, without a token",
+    params(("token" = String, Path)), security(()),
+    responses((status = 200, body = [u8]), (status = 403, description = "Forged", body = ErrorBody),
+        (status = 410, description = "Expired", body = ErrorBody)))]
 async fn follow_link(
     State(state): State<AppState>,
     Path(token): Path<String>,

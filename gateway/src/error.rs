@@ -3,7 +3,6 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use vellum_core::documents::DocError;
 
 #[derive(Debug)]
@@ -65,13 +64,24 @@ impl From<DocError> for ApiError {
     }
 }
 
+/// The body of every error answer.
+#[derive(serde::Serialize, Debug, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// The HTTP status code.
+    pub status: u16,
+    /// The status's reason phrase.
+    pub error: String,
+    /// What went wrong, precisely.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "status": self.status.as_u16(),
-            "error": self.status.canonical_reason().unwrap_or("Error"),
-            "message": self.message,
-        });
+        let body = ErrorBody {
+            status: self.status.as_u16(),
+            error: self.status.canonical_reason().unwrap_or("Error").to_owned(),
+            message: self.message,
+        };
         let mut response = (self.status, axum::Json(body)).into_response();
         response.headers_mut().extend(self.headers);
         response

@@ -1,23 +1,28 @@
 //! `/healthz` (the process serves) and `/readyz` (the database answers and the default
 //! tier stores and returns a probe object).
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "operations", summary = "The process serves", security(()),
+    responses((status = 200, body = Object)))]
 async fn healthz() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+    summary = "The database answers and the default tier stores and returns a probe object",
+    responses((status = 200, body = Object), (status = 503, description = "Not ready, with each check's message", body = Object)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     let database = state.docs.meta().ping().await;
     let tier = state.docs.tiers().default_tier().probe().await;

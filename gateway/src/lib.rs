@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod metrics;
+pub mod openapi;
 pub mod standalone;
 pub mod tus;
 pub mod uploads;
@@ -43,17 +44,13 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole HTTP API.
 pub fn app(state: AppState) -> Router {
-    let api = Router::new()
-        .nest("/api/v1/documents", documents::router())
-        // The seed's clients call `/api/documents/...`; the same routes answer there.
-        .nest("/api/documents", documents::router())
-        .nest("/api/v1/links", documents::links_router())
-        .nest("/api/v1/upload", uploads::router())
-        .nest("/api/v1/tus", tus::router());
+    let (api, spec) = openapi::routes().split_for_parts();
+    let spec = Arc::new(spec);
     Router::new()
         .merge(api)
-        .merge(health::router())
-        .merge(metrics::router())
+        // The seed's clients call `/api/documents/...`; the same routes answer there.
+        .nest("/api/documents", documents::router().into())
+        .route("/openapi.json", axum::routing::get(move || std::future::ready(axum::Json(Arc::clone(&spec)))))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")

@@ -8,19 +8,19 @@
 //! the last byte creates the document; its id is in the `Vellum-Document-Id` header, then
 //! on every `HEAD`. `X-HTTP-Method-Override` is honoured on `POST`.
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use futures::TryStreamExt;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use vellum_core::documents::{Actor, DocError};
 use vellum_core::uploads::tus::{self, TusUpload};
 
 use crate::AppState;
 use crate::auth::User;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorBody};
 
 const TUS_RESUMABLE: HeaderName = HeaderName::from_static("tus-resumable");
 const UPLOAD_OFFSET: HeaderName = HeaderName::from_static("upload-offset");
@@ -31,10 +31,10 @@ const UPLOAD_CHECKSUM: HeaderName = HeaderName::from_static("upload-checksum");
 const DOCUMENT_ID: HeaderName = HeaderName::from_static("vellum-document-id");
 const OFFSET_STREAM: &str = "application/offset+octet-stream";
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", post(create).options(options))
-        .route("/{id}", post(overridden).head(head).patch(patch).delete(terminate).options(options))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, options))
+        .routes(routes!(overridden, head, patch, terminate, upload_options))
         .layer(axum::middleware::map_response(|mut response: Response| async move {
             response.headers_mut().insert(TUS_RESUMABLE, HeaderValue::from_static(tus::VERSION));
             response
@@ -104,7 +104,18 @@ fn body_stream(body: Body) -> impl futures::Stream<Item = Result<bytes::Bytes, s
     Box::pin(body.into_data_stream().map_err(std::io::Error::other))
 }
 
+const TAG: &str = "tus uploads";
+
+#[utoipa::path(options, path = "/{id}", tag = TAG, summary = "What this server supports", security(()),
+    params(("id" = String, Path)), responses((status = 204)))]
+async fn upload_options(state: State<AppState>) -> Response {
+    options(state).await
+}
+
 /// `OPTIONS`: what this server supports.
+#[utoipa::path(options, path = "/", tag = TAG, summary = "What this server supports", security(()),
+    responses((status = 204, headers(("Tus-Version" = String), ("Tus-Extension" = String), ("Tus-Max-Size" = u64),
+        ("Tus-Checksum-Algorithm" = String)))))]
 async fn options(State(state): State<AppState>) -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
     let headers = response.headers_mut();
@@ -118,6 +129,15 @@ async fn options(State(state): State<AppState>) -> Response {
 
 /// `POST`: creates an upload; with an `application/offset+octet-stream` body, also takes
 /// its first bytes.
+#[utoipa::path(post, path = "/", tag = TAG, summary = "Create an upload (and, with a body, send its first bytes)",
+    params(("Tus-Resumable" = String, Header), ("Upload-Length" = u64, Header),
+        ("Upload-Metadata" = Option<String>, Header, description = "filename, filetype, title, description, tags"),
+        ("Upload-Checksum" = Option<String>, Header, description = "sha256 <base64>")),
+    request_body(content = [u8], content_type = "application/offset+octet-stream"),
+    responses((status = 201, description = "Location names the upload", headers(("Location" = String),
+        ("Upload-Offset" = u64), ("Upload-Expires" = String))),
+        (status = 400, body = ErrorBody), (status = 412, description = "Another tus version", body = ErrorBody),
+        (status = 413, body = ErrorBody)))]
 async fn create(State(state): State<AppState>, User(actor): User, request: Request) -> ApiResult<Response> {
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
@@ -141,6 +161,10 @@ async fn create(State(state): State<AppState>, User(actor): User, request: Reque
 }
 
 /// `HEAD`: how far the upload got.
+#[utoipa::path(head, path = "/{id}", tag = TAG, summary = "How far the upload got",
+    params(("id" = String, Path), ("Tus-Resumable" = String, Header)),
+    responses((status = 200, headers(("Upload-Offset" = u64), ("Upload-Length" = u64), ("Upload-Expires" = String),
+        ("Vellum-Document-Id" = i64))), (status = 404), (status = 410)))]
 async fn head(
     State(state): State<AppState>,
     User(actor): User,
@@ -186,6 +210,15 @@ fn count_created(state: &AppState, upload: &TusUpload) {
 }
 
 /// `PATCH`: appends bytes at `Upload-Offset`.
+#[utoipa::path(patch, path = "/{id}", tag = TAG, summary = "Append bytes at Upload-Offset",
+    description = "The request that brings the last byte creates the document; its id is in Vellum-Document-Id.",
+    params(("id" = String, Path), ("Tus-Resumable" = String, Header), ("Upload-Offset" = u64, Header),
+        ("Upload-Checksum" = Option<String>, Header, description = "sha256 <base64>")),
+    request_body(content = [u8], content_type = "application/offset+octet-stream"),
+    responses((status = 204, headers(("Upload-Offset" = u64), ("Vellum-Document-Id" = i64))),
+        (status = 409, description = "Upload-Offset mismatch", body = ErrorBody),
+        (status = 410, description = "Expired or terminated", body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 460, description = "Checksum mismatch", body = ErrorBody)))]
 async fn patch(
     State(state): State<AppState>,
     User(actor): User,
@@ -196,6 +229,9 @@ async fn patch(
 }
 
 /// `DELETE`: terminates the upload and deletes what it received.
+#[utoipa::path(delete, path = "/{id}", tag = TAG, summary = "Terminate the upload",
+    params(("id" = String, Path), ("Tus-Resumable" = String, Header)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
 async fn terminate(
     State(state): State<AppState>,
     User(actor): User,
@@ -209,6 +245,9 @@ async fn terminate(
 
 /// `POST` with `X-HTTP-Method-Override`, for clients behind proxies that pass only GET and
 /// POST.
+#[utoipa::path(post, path = "/{id}", tag = TAG, summary = "PATCH, HEAD or DELETE through X-HTTP-Method-Override",
+    params(("id" = String, Path), ("X-HTTP-Method-Override" = String, Header)),
+    responses((status = 204), (status = 200), (status = 405, body = ErrorBody)))]
 async fn overridden(
     State(state): State<AppState>,
     User(actor): User,

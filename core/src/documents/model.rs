@@ -18,7 +18,7 @@ impl Actor {
 }
 
 /// A document as the API shows it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Document {
     pub id: i64,
@@ -47,7 +47,7 @@ pub struct Document {
 }
 
 /// The answer to an upload.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Uploaded {
     #[serde(flatten)]
@@ -79,13 +79,15 @@ pub struct NewVersion {
 
 /// A change of a document's descriptive metadata; absent fields are left alone, and a
 /// `null` title or description clears it.
-#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(Deserialize, Clone, Debug, Default, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[allow(clippy::option_option)]
 pub struct MetadataPatch {
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
     pub title: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
     pub description: Option<Option<String>>,
     pub tags: Option<Vec<String>>,
     pub metadata: Option<Map<String, Value>>,
@@ -99,7 +101,7 @@ fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option
 }
 
 /// One version in a document's history.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Version {
     pub version_number: i64,
@@ -116,7 +118,7 @@ pub struct Version {
 }
 
 /// A document's version history, newest first.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VersionHistory {
     pub document_id: i64,
@@ -125,7 +127,7 @@ pub struct VersionHistory {
 }
 
 /// The answer to restoring a version.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Restored {
     pub document_id: i64,
@@ -151,7 +153,7 @@ pub struct ListQuery {
 }
 
 /// A page of a listing; `nextCursor` fetches the next one.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Page {
     pub items: Vec<Document>,

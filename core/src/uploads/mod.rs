@@ -28,7 +28,7 @@ pub const MAX_CHUNK_SIZE: u64 = 256 << 20;
 pub const MAX_CHUNKS: u64 = 10_000;
 
 /// What starting a session takes.
-#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(Deserialize, Clone, Debug, Default, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Initiate {
     pub filename: String,
@@ -46,7 +46,7 @@ pub struct Initiate {
 }
 
 /// A session as the API shows it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Session {
     pub session_id: String,
@@ -67,7 +67,7 @@ pub struct Session {
 }
 
 /// One received chunk.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Chunk {
     pub chunk_number: u64,
