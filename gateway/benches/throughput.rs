@@ -1,0 +1,397 @@
+//! Throughput benchmark of the gateway against the physical limits next to it, measured
+//! side by side in one run (this machine is shared and noisy: the ratios are what count).
+//!
+//! 1. Upload of one large document (1 GiB by default) as a raw streaming body, against a
+//!    raw file copy of the same bytes on the same disk; the gateway's peak memory (VmHWM)
+//!    during the upload.
+//! 2. Download of it to a file, against the same raw copy.
+//! 3. Metadata reads (`GET /api/v1/documents/{id}` with a JWT) per second with p50 and p99
+//!    latency, against `pgbench -S` (primary-key SELECTs) on the same Postgres with the
+//!    same number of clients.
+//!
+//! The gateway is the release `vellum-gateway standalone` binary in its own process, on a
+//! fresh Postgres database and a local-file tier. Run:
+//!
+//! ```sh
+//! scripts/test --services-only          # Postgres (and pgbench) if missing
+//! cargo bench -p vellum-gateway --bench throughput
+//! ```
+//!
+//! Knobs: `VELLUM_BENCH_BYTES` (document size, default 1073741824), `VELLUM_BENCH_SECONDS`
+//! (each read phase, default 10), `VELLUM_BENCH_CLIENTS` (concurrent readers, default 8).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rand::RngCore;
+use vellum_testkit::TestDatabase;
+
+fn knob(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn mib(bytes: u64) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let v = bytes as f64 / f64::from(1 << 20);
+    v
+}
+
+/// A process's resident memory, from `/proc/<pid>/status` (`VmRSS` now, `VmHWM` peak), in bytes.
+fn memory(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index]
+}
+
+struct Gateway {
+    child: Child,
+    url: String,
+    token: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_gateway(work: &Path, database_url: &str) -> Gateway {
+    let config = work.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(
+        config.join("tiers.yaml"),
+        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\n\
+         spec: {class: HOT, default: true, backend: {url: 'file://tiers/hot'}, compression: {enabled: true}}\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vellum-gateway"))
+        .args(["standalone", "--listen", "127.0.0.1:0", "--rate-limit", "0", "--max-upload-bytes", "1099511627776"])
+        .arg("--config-dir")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(work.join("data"))
+        .args(["--database-url", database_url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut url, mut token) = (None, None);
+    while let Some(Ok(line)) = lines.next() {
+        if let Some(rest) = line.strip_prefix("Vellum standalone gateway serving at ") {
+            url = Some(rest.trim().to_owned());
+        }
+        if let Some(rest) = line.trim().strip_prefix("export TOKEN=") {
+            token = Some(rest.to_owned());
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Gateway { child, url: url.expect("the gateway prints its URL"), token: token.expect("and a token") }
+}
+
+/// Incompressible bytes, written in 1 MiB blocks.
+fn make_file(path: &Path, size: u64) {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = size;
+    let mut rng = rand::rng();
+    while left > 0 {
+        rng.fill_bytes(&mut block);
+        let n = usize::try_from(left.min(block.len() as u64)).unwrap();
+        file.write_all(&block[..n]).unwrap();
+        left -= n as u64;
+    }
+    file.flush().unwrap();
+}
+
+/// Writes dirty pages back, so that each timed phase starts without the previous one's
+/// write-back competing with it.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
+/// The physical reference: a user-space copy with a 1 MiB buffer, on the same disk.
+fn raw_copy(from: &Path, to: &Path) -> Duration {
+    settle();
+    let started = Instant::now();
+    let mut input = std::fs::File::open(from).unwrap();
+    let mut output = std::fs::File::create(to).unwrap();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = input.read(&mut buffer).unwrap();
+        if n == 0 {
+            break;
+        }
+        output.write_all(&buffer[..n]).unwrap();
+    }
+    output.flush().unwrap();
+    let took = started.elapsed();
+    std::fs::remove_file(to).unwrap();
+    settle();
+    took
+}
+
+/// The other reference: coreutils `cp`, which copies inside the kernel where it can.
+fn cp(from: &Path, to: &Path) -> Duration {
+    settle();
+    let started = Instant::now();
+    assert!(Command::new("cp").arg(from).arg(to).status().unwrap().success());
+    let took = started.elapsed();
+    std::fs::remove_file(to).unwrap();
+    settle();
+    took
+}
+
+async fn read_load(
+    client: &reqwest::Client,
+    urls: &[String],
+    token: &str,
+    clients: u64,
+    seconds: u64,
+) -> (f64, Vec<Duration>) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (client, urls, token) = (client.clone(), urls.to_vec(), token.to_owned());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut i = usize::try_from(c).unwrap_or(0);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let response = client.get(&urls[i % urls.len()]).bearer_auth(&token).send().await.unwrap();
+                    assert_eq!(response.status(), reqwest::StatusCode::OK);
+                    response.bytes().await.unwrap();
+                    latencies.push(t.elapsed());
+                    i += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    #[allow(clippy::cast_precision_loss)]
+    let rate = all.len() as f64 / elapsed;
+    (rate, all)
+}
+
+/// `pgbench -S` with `clients` clients for `seconds`: transactions per second and the
+/// per-transaction latencies from its log.
+fn pgbench(database_url: &str, work: &Path, clients: u64, seconds: u64) -> (f64, Vec<Duration>) {
+    // The sqlx options in the URL's query mean nothing to libpq.
+    let database_url = database_url.split('?').next().unwrap_or(database_url);
+    let init = Command::new("pgbench").args(["-i", "-q", "-s", "1", database_url]).output().unwrap();
+    assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    let logs = work.join("pgbench-log");
+    std::fs::create_dir_all(&logs).unwrap();
+    let run = Command::new("pgbench")
+        .args(["-S", "-n", "-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), "-l"])
+        .arg(format!("--log-prefix={}", logs.join("tx").display()))
+        .arg(database_url)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "pgbench -S: {out}{}", String::from_utf8_lossy(&run.stderr));
+    let tps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench's output:\n{out}"));
+    let mut latencies = Vec::new();
+    for entry in std::fs::read_dir(&logs).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        // client_id transaction_no time_us script_no epoch epoch_us
+        latencies.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2).and_then(|v| v.parse::<u64>().ok()))
+                .map(Duration::from_micros),
+        );
+    }
+    latencies.sort();
+    (tps, latencies)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn work_dir() -> PathBuf {
+    // Under the target directory: the same disk as the gateway's data directory.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-work");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct Results {
+    size: u64,
+    copy: Duration,
+    upload: Duration,
+    download: Duration,
+    reads: f64,
+    latencies: Vec<Duration>,
+    tps: f64,
+    pg_latencies: Vec<Duration>,
+    peak: u64,
+    rss_before: u64,
+}
+
+impl Results {
+    fn print(&self) {
+        let rate = |d: Duration| mib(self.size) / d.as_secs_f64();
+        println!();
+        println!("{:<34} {:>12} {:>12} {:>8}", "", "vellum", "reference", "ratio");
+        println!("  (reference for bytes: the fastest of a buffered copy before, one after, and cp)");
+        println!(
+            "{:<34} {:>8.0} MiB/s {:>8.0} MiB/s {:>8.2}",
+            "upload vs raw copy",
+            rate(self.upload),
+            rate(self.copy),
+            rate(self.upload) / rate(self.copy)
+        );
+        println!(
+            "{:<34} {:>8.0} MiB/s {:>8.0} MiB/s {:>8.2}",
+            "download vs raw copy",
+            rate(self.download),
+            rate(self.copy),
+            rate(self.download) / rate(self.copy)
+        );
+        println!(
+            "{:<34} {:>10.0}/s {:>10.0}/s {:>8.2}",
+            "metadata reads vs pgbench -S",
+            self.reads,
+            self.tps,
+            self.reads / self.tps
+        );
+        println!(
+            "{:<34} {:>12} {:>12} {:>8.2}",
+            "  p50 latency",
+            ms(percentile(&self.latencies, 0.5)),
+            ms(percentile(&self.pg_latencies, 0.5)),
+            percentile(&self.latencies, 0.5).as_secs_f64()
+                / percentile(&self.pg_latencies, 0.5).as_secs_f64().max(1e-9)
+        );
+        println!(
+            "{:<34} {:>12} {:>12} {:>8.2}",
+            "  p99 latency",
+            ms(percentile(&self.latencies, 0.99)),
+            ms(percentile(&self.pg_latencies, 0.99)),
+            percentile(&self.latencies, 0.99).as_secs_f64()
+                / percentile(&self.pg_latencies, 0.99).as_secs_f64().max(1e-9)
+        );
+        println!(
+            "{:<34} {:>8.1} MiB {:>8.1} MiB {:>8.4}",
+            "gateway peak RSS vs document size",
+            mib(self.peak),
+            mib(self.size),
+            mib(self.peak) / mib(self.size)
+        );
+        println!("  (gateway RSS before the upload: {:.1} MiB)", mib(self.rss_before));
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; a `cargo test --benches` run passes nothing: both run it.
+    let size = knob("VELLUM_BENCH_BYTES", 1 << 30);
+    let seconds = knob("VELLUM_BENCH_SECONDS", 10);
+    let clients = knob("VELLUM_BENCH_CLIENTS", 8);
+    let work = work_dir();
+    let db = TestDatabase::new().await.expect("Postgres (run scripts/test --services-only)");
+    let gateway = start_gateway(&work, &db.url);
+    let pid = gateway.child.id();
+    let client = reqwest::Client::new();
+    println!("vellum gateway throughput: {} MiB document, {clients} readers for {seconds} s each", mib(size));
+
+    let source = work.join("document.bin");
+    make_file(&source, size);
+    let copy = raw_copy(&source, &work.join("copy.bin"));
+
+    // Upload: a raw streaming body, stored as-is (a zip is not compressed again).
+    settle();
+    let rss_before = memory(pid, "VmRSS:");
+    let file = tokio::fs::File::open(&source).await.unwrap();
+    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+    let started = Instant::now();
+    let response = client
+        .post(format!("{}/api/v1/documents?filename=bench.zip", gateway.url))
+        .bearer_auth(&gateway.token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let uploaded: serde_json::Value = response.json().await.unwrap();
+    let upload = started.elapsed();
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{uploaded}");
+    let peak = memory(pid, "VmHWM:");
+
+    // Download to a file on the same disk.
+    settle();
+    let id = uploaded["id"].as_i64().unwrap();
+    let started = Instant::now();
+    let response =
+        client.get(format!("{}/api/v1/documents/{id}/content", gateway.url)).bearer_auth(&gateway.token).send().await;
+    let mut stream = response.unwrap().bytes_stream();
+    let mut out =
+        tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::create(work.join("out.bin")).await.unwrap());
+    let mut received = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        received += chunk.len() as u64;
+        tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await.unwrap();
+    }
+    tokio::io::AsyncWriteExt::flush(&mut out).await.unwrap();
+    let download = started.elapsed();
+    assert_eq!(received, size);
+    std::fs::remove_file(work.join("out.bin")).unwrap();
+    // The reference is the better of two copies, before and after: the first one may still
+    // share the disk with the write-back of the freshly made file.
+    let copy = copy.min(raw_copy(&source, &work.join("copy.bin"))).min(cp(&source, &work.join("cp.bin")));
+    std::fs::remove_file(&source).unwrap();
+
+    // Metadata reads over a few documents.
+    let mut urls = vec![format!("{}/api/v1/documents/{id}", gateway.url)];
+    for i in 0..31 {
+        let doc: serde_json::Value = client
+            .post(format!("{}/api/v1/documents?filename=small-{i}.txt&tags=bench,t{i}", gateway.url))
+            .bearer_auth(&gateway.token)
+            .body(format!("small document {i}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        urls.push(format!("{}/api/v1/documents/{}", gateway.url, doc["id"]));
+    }
+    let (reads, latencies) = read_load(&client, &urls, &gateway.token, clients, seconds).await;
+    let (tps, pg_latencies) = pgbench(&db.url, &work, clients, seconds);
+
+    Results { size, copy, upload, download, reads, latencies, tps, pg_latencies, peak, rss_before }.print();
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&work);
+}
