@@ -20,14 +20,18 @@
 //! Knobs: `VELLUM_BENCH_BYTES` (document size, default 1073741824), `VELLUM_BENCH_SECONDS`
 //! (each read phase, default 10), `VELLUM_BENCH_CLIENTS` (concurrent readers, default 8).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+
 use rand::RngCore;
 use vellum_testkit::TestDatabase;
+
+#[path = "../tests/support/banner.rs"]
+mod banner;
 
 fn knob(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -91,19 +95,8 @@ fn start_gateway(work: &Path, database_url: &str) -> Gateway {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut url, mut token) = (None, None);
-    while let Some(Ok(line)) = lines.next() {
-        if let Some(rest) = line.strip_prefix("Vellum standalone gateway serving at ") {
-            url = Some(rest.trim().to_owned());
-        }
-        if let Some(rest) = line.trim().strip_prefix("export TOKEN=") {
-            token = Some(rest.to_owned());
-            break;
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    Gateway { child, url: url.expect("the gateway prints its URL"), token: token.expect("and a token") }
+    let (url, token) = banner::read_banner(&mut child);
+    Gateway { child, url, token }
 }
 
 /// Incompressible bytes, written in 1 MiB blocks.

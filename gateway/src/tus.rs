@@ -100,6 +100,11 @@ fn progress(upload: &TusUpload, response: &mut Response) {
     }
 }
 
+/// Whether a request's body is upload bytes (`Content-Type: application/offset+octet-stream`).
+fn carries_bytes(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == OFFSET_STREAM.as_bytes())
+}
+
 fn body_stream(body: Body) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin + Send {
     Box::pin(body.into_data_stream().map_err(std::io::Error::other))
 }
@@ -148,8 +153,7 @@ async fn create(State(state): State<AppState>, User(actor): User, request: Reque
     let length = number(headers, &UPLOAD_LENGTH)?.ok_or_else(|| ApiError::bad_request("Upload-Length is required"))?;
     let metadata = text(headers, &UPLOAD_METADATA)?;
     let mut upload = state.docs.tus_create(&actor, length, metadata).await.map_err(tus_error)?;
-    let with_data = headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == OFFSET_STREAM.as_bytes());
-    if with_data && upload.offset < upload.length {
+    if carries_bytes(headers) && upload.offset < upload.length {
         let checksum = text(headers, &UPLOAD_CHECKSUM)?;
         upload = state.docs.tus_append(&actor, &upload.id, 0, checksum, body_stream(body)).await.map_err(tus_error)?;
     }
@@ -188,7 +192,7 @@ async fn append(state: &AppState, actor: &Actor, id: &str, request: Request) -> 
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     check_version(headers)?;
-    if headers.get(header::CONTENT_TYPE).is_none_or(|v| v.as_bytes() != OFFSET_STREAM.as_bytes()) {
+    if !carries_bytes(headers) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("a PATCH carries Content-Type: {OFFSET_STREAM}"),

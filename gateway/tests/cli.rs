@@ -1,8 +1,10 @@
 //! The README's first command: `vellum-gateway standalone` with the shipped config serves,
 //! prints its URL and an admin token that works, and stops cleanly on SIGTERM.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+
+#[path = "support/banner.rs"]
+mod banner;
 
 #[test]
 fn help_lists_standalone_and_its_environment_twins() {
@@ -39,21 +41,8 @@ fn start(data: &std::path::Path) -> (std::process::Child, String, String) {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut url = None;
-    let mut token = None;
-    while let Some(Ok(line)) = lines.next() {
-        if let Some(rest) = line.strip_prefix("Vellum standalone gateway serving at ") {
-            url = Some(rest.trim().to_owned());
-        }
-        if let Some(rest) = line.trim().strip_prefix("export TOKEN=") {
-            token = Some(rest.to_owned());
-            break;
-        }
-    }
-    // Keep draining stdout so the process never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, url.expect("the URL is printed"), token.expect("a token is printed"))
+    let (url, token) = banner::read_banner(&mut child);
+    (child, url, token)
 }
 
 fn sigterm(child: &std::process::Child) {

@@ -144,6 +144,59 @@ fn parse_checksum(value: &str) -> Result<String, DocError> {
     }
 }
 
+/// How many chunks (segments) a session holds and their total size.
+async fn received<'c>(conn: impl sqlx::Executor<'c, Database = sqlx::Any>, id: &str) -> Result<(u64, u64), DocError> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size), 0) AS BIGINT) AS bytes FROM upload_chunks WHERE session_id = $1",
+    )
+    .bind(id)
+    .fetch_one(conn)
+    .await?;
+    Ok((u(row.try_get("n")?), u(row.try_get("bytes")?)))
+}
+
+/// Inside a write: refuses with `Conflict` unless the session still takes data.
+async fn ensure_active(tx: &mut sqlx::AnyConnection, id: &str) -> Result<(), DocError> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM upload_sessions WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if status.as_deref() == Some("ACTIVE") {
+        Ok(())
+    } else {
+        Err(DocError::Conflict(format!("upload session {id} stopped taking data")))
+    }
+}
+
+/// Inside a write: records chunk (or segment) `n` of a session and touches the session.
+async fn insert_chunk(
+    tx: &mut sqlx::AnyConnection,
+    id: &str,
+    n: u64,
+    stored: &StoredBlob,
+    now: i64,
+) -> Result<(), DocError> {
+    sqlx::query(
+        "INSERT INTO upload_chunks (session_id, n, size, sha256, tier, object_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id)
+    .bind(i(n))
+    .bind(i(stored.size))
+    .bind(&stored.sha256)
+    .bind(&stored.tier)
+    .bind(&stored.object_key)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE upload_sessions SET updated_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
 /// Why a session operation failed, beyond the document errors.
 fn gone(id: &str, status: &str) -> DocError {
     DocError::Gone(format!("upload session {id} is {}", status.to_ascii_lowercase()))
@@ -188,11 +241,7 @@ impl Documents {
     }
 
     async fn view(&self, id: &str, s: &SessionRow) -> Result<Session, DocError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size), 0) AS BIGINT) AS bytes FROM upload_chunks WHERE session_id = $1")
-            .bind(id)
-            .fetch_one(self.meta().pool())
-            .await?;
-        let (count, bytes) = (u(row.try_get("n")?), u(row.try_get("bytes")?));
+        let (count, bytes) = received(self.meta().pool(), id).await?;
         let status = if s.status == "ACTIVE" && self.clock().now_ms() >= s.expires_at { "EXPIRED" } else { &s.status };
         #[allow(clippy::cast_precision_loss)]
         let progress = if s.status == "COMPLETED" || s.total_size == 0 {
@@ -325,14 +374,7 @@ impl Documents {
                 let stored = &stored;
                 Box::pin(async move {
                     let r = async {
-                        let status: Option<String> =
-                            sqlx::query_scalar("SELECT status FROM upload_sessions WHERE id = $1")
-                                .bind(id)
-                                .fetch_optional(&mut *tx)
-                                .await?;
-                        if status.as_deref() != Some("ACTIVE") {
-                            return Err(DocError::Conflict(format!("upload session {id} stopped taking chunks")));
-                        }
+                        ensure_active(&mut tx, id).await?;
                         let old: Option<String> =
                             sqlx::query_scalar("SELECT object_key FROM upload_chunks WHERE session_id = $1 AND n = $2")
                                 .bind(id)
@@ -344,24 +386,7 @@ impl Documents {
                             .bind(i(n))
                             .execute(&mut *tx)
                             .await?;
-                        sqlx::query(
-                            "INSERT INTO upload_chunks (session_id, n, size, sha256, tier, object_key, created_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                        )
-                        .bind(id)
-                        .bind(i(n))
-                        .bind(i(stored.size))
-                        .bind(&stored.sha256)
-                        .bind(&stored.tier)
-                        .bind(&stored.object_key)
-                        .bind(self.clock().now_ms())
-                        .execute(&mut *tx)
-                        .await?;
-                        sqlx::query("UPDATE upload_sessions SET updated_at = $1 WHERE id = $2")
-                            .bind(self.clock().now_ms())
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
+                        insert_chunk(&mut tx, id, n, stored, self.clock().now_ms()).await?;
                         Ok(old)
                     }
                     .await;

@@ -13,9 +13,8 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde_json::{Map, Value, json};
-use sqlx::Row;
 
-use super::{SESSION_TTL_MS, SessionRow, i, u};
+use super::{SESSION_TTL_MS, SessionRow, ensure_active, i, insert_chunk, received};
 use crate::documents::{Actor, DocError, Documents, NewDocument, Uploaded};
 
 /// The protocol version this server speaks.
@@ -130,34 +129,28 @@ fn until_error(
     })
 }
 
+fn tus_upload(id: &str, session: &SessionRow, offset: u64) -> TusUpload {
+    TusUpload {
+        id: id.to_owned(),
+        offset,
+        length: session.total_size,
+        expires_at_ms: session.expires_at,
+        metadata: session.tus_metadata.clone(),
+        document_id: session.document_id,
+        completed: None,
+    }
+}
+
 impl Documents {
     async fn tus_session(&self, actor: &Actor, id: &str) -> Result<SessionRow, DocError> {
         let session = self.session(actor, id).await?;
         if session.protocol == "tus" { Ok(session) } else { Err(DocError::SessionNotFound(id.to_owned())) }
     }
 
-    async fn received(&self, id: &str) -> Result<(u64, u64), DocError> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size), 0) AS BIGINT) AS bytes FROM upload_chunks \
-             WHERE session_id = $1",
-        )
-        .bind(id)
-        .fetch_one(self.meta().pool())
-        .await?;
-        Ok((u(row.try_get("n")?), u(row.try_get("bytes")?)))
-    }
-
     async fn tus_view(&self, id: &str, session: &SessionRow) -> Result<TusUpload, DocError> {
-        let offset = if session.status == "COMPLETED" { session.total_size } else { self.received(id).await?.1 };
-        Ok(TusUpload {
-            id: id.to_owned(),
-            offset,
-            length: session.total_size,
-            expires_at_ms: session.expires_at,
-            metadata: session.tus_metadata.clone(),
-            document_id: session.document_id,
-            completed: None,
-        })
+        let offset =
+            if session.status == "COMPLETED" { session.total_size } else { received(self.meta().pool(), id).await?.1 };
+        Ok(tus_upload(id, session, offset))
     }
 
     /// Creates a tus upload of `length` bytes. An empty upload is complete at once.
@@ -229,7 +222,7 @@ impl Documents {
             };
         }
         self.check_active(id, &session)?;
-        let (_, current) = self.received(id).await?;
+        let (_, current) = received(self.meta().pool(), id).await?;
         if offset != current {
             return Err(DocError::Conflict(format!(
                 "Upload-Offset {offset} does not match the upload's offset {current}"
@@ -280,9 +273,11 @@ impl Documents {
         }
         let session = self.takeover(id, self.tus_session(actor, id).await?)?;
         let uploaded = self.finish(actor, id, &session).await?;
-        let mut done = self.tus_view(id, &self.tus_session(actor, id).await?).await?;
-        done.completed = Some(uploaded);
-        Ok(done)
+        Ok(TusUpload {
+            document_id: Some(uploaded.document.id),
+            completed: Some(uploaded),
+            ..tus_upload(id, &session, session.total_size)
+        })
     }
 
     /// Records a segment, if the upload is still active and still at `offset`.
@@ -291,48 +286,15 @@ impl Documents {
             .write(|mut tx| {
                 Box::pin(async move {
                     let r = async {
-                        let status: Option<String> =
-                            sqlx::query_scalar("SELECT status FROM upload_sessions WHERE id = $1")
-                                .bind(id)
-                                .fetch_optional(&mut *tx)
-                                .await?;
-                        if status.as_deref() != Some("ACTIVE") {
-                            return Err(DocError::Conflict(format!("upload {id} stopped taking data")));
-                        }
-                        let row = sqlx::query(
-                            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size), 0) AS BIGINT) AS bytes FROM upload_chunks \
-                             WHERE session_id = $1",
-                        )
-                        .bind(id)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                        let (segments, bytes): (i64, i64) = (row.try_get("n")?, row.try_get("bytes")?);
-                        if u(bytes) != offset {
+                        ensure_active(&mut tx, id).await?;
+                        let (segments, bytes) = received(&mut *tx, id).await?;
+                        if bytes != offset {
                             return Err(DocError::Conflict(format!(
                                 "Upload-Offset {offset} does not match the upload's offset {bytes}: another request \
                                  appended first"
                             )));
                         }
-                        let now = self.clock().now_ms();
-                        sqlx::query(
-                            "INSERT INTO upload_chunks (session_id, n, size, sha256, tier, object_key, created_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                        )
-                        .bind(id)
-                        .bind(segments)
-                        .bind(i(stored.size))
-                        .bind(&stored.sha256)
-                        .bind(&stored.tier)
-                        .bind(&stored.object_key)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                        sqlx::query("UPDATE upload_sessions SET updated_at = $1 WHERE id = $2")
-                            .bind(now)
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
-                        Ok(())
+                        insert_chunk(&mut tx, id, segments, stored, self.clock().now_ms()).await
                     }
                     .await;
                     (tx, r)
