@@ -16,3 +16,4 @@ pub mod events;
 pub mod signing;
 pub mod store;
 pub mod uploads;
+pub mod webhooks;
