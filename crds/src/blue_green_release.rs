@@ -54,6 +54,13 @@ pub struct BlueGreenReleaseSpec {
     /// When and how the new color is promoted.
     #[serde(default)]
     pub promotion: Promotion,
+    /// Non-public networks (CIDRs such as 10.20.0.0/16, or single addresses) that webhook
+    /// deliveries may reach. Loopback, private, link-local, shared and cloud-metadata
+    /// addresses are refused unless listed here; the check applies to the address a
+    /// delivery actually connects to, after DNS resolution.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub webhook_allowed_cidrs: Vec<String>,
 }
 
 /// The gateway Deployment of each color.

@@ -80,7 +80,9 @@ pub fn parse_documents(text: &str, origin: &str, sources: &mut Sources) -> Resul
                 sources.secrets.insert(name, data);
             }
             ("vellum.dev/v1alpha1", "BlueGreenRelease") => {
-                // Deploying is the operator's business; standalone mode runs one version.
+                // Deploying is the operator's business; standalone mode runs one version
+                // and takes only the platform-wide settings from it.
+                sources.releases.push(serde_json::from_value(value).map_err(parse_err)?);
             }
             _ => {
                 return Err(fail(format!(

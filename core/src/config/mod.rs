@@ -14,7 +14,7 @@ use vellum_crds::retention_policy::{AgeBasis, DocumentSelector, ExpirationAction
 use vellum_crds::shard_set::Routing;
 use vellum_crds::storage_tier::{Compression, TierClass};
 use vellum_crds::webhook::{DeactivationRule, EventFilter, EventType, HttpHeader, RateLimit, RetryPolicy};
-use vellum_crds::{RetentionPolicy, ShardSet, StorageTier, Webhook};
+use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook};
 
 pub use load::{LoadError, load_dir, parse_documents};
 pub use secret::{SecretBundle, SecretHandle, SecretStore, SecretValue};
@@ -34,6 +34,9 @@ pub struct PlatformConfig {
     /// The metadata shards, when the platform has a ShardSet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<ShardsConfig>,
+    /// The non-public networks webhook deliveries may reach.
+    #[serde(default)]
+    pub webhook_destinations: crate::webhooks::DestinationPolicy,
 }
 
 /// A storage tier, ready for `object_store`.
@@ -119,6 +122,7 @@ pub struct Sources {
     pub webhooks: Vec<Webhook>,
     pub retention_policies: Vec<RetentionPolicy>,
     pub shard_sets: Vec<ShardSet>,
+    pub releases: Vec<BlueGreenRelease>,
     pub secrets: SecretStore,
 }
 
@@ -378,6 +382,26 @@ impl<'a> Compiler<'a> {
             }
         }
     }
+
+    fn webhook_destinations(&mut self) -> crate::webhooks::DestinationPolicy {
+        let mut policy = crate::webhooks::DestinationPolicy::default();
+        for release in &self.sources.releases {
+            match crate::webhooks::DestinationPolicy::parse(
+                release.spec.webhook_allowed_cidrs.iter().map(String::as_str),
+            ) {
+                Ok(more) => policy.allowed_cidrs.extend(more.allowed_cidrs),
+                Err(message) => self.errors.push(err(
+                    "BlueGreenRelease",
+                    &name_of(&release.metadata),
+                    reasons::INVALID_SPEC,
+                    format!("webhookAllowedCidrs: {message}"),
+                )),
+            }
+        }
+        policy.allowed_cidrs.sort();
+        policy.allowed_cidrs.dedup();
+        policy
+    }
 }
 
 /// Compiles the sources. Every problem is reported, not just the first, so a person fixes
@@ -388,8 +412,10 @@ pub fn compile(sources: &Sources) -> Result<(PlatformConfig, SecretBundle), Vec<
     let webhooks = compiler.webhooks();
     let retention_policies = compiler.retention_policies(&tiers);
     let shards = compiler.shards();
+    let webhook_destinations = compiler.webhook_destinations();
     if compiler.errors.is_empty() {
-        Ok((PlatformConfig { tiers, default_tier, webhooks, retention_policies, shards }, compiler.bundle))
+        let config = PlatformConfig { tiers, default_tier, webhooks, retention_policies, shards, webhook_destinations };
+        Ok((config, compiler.bundle))
     } else {
         Err(compiler.errors)
     }

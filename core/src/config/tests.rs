@@ -170,3 +170,37 @@ fn tier_credentials_come_from_a_secret_that_exists() {
     assert_eq!(handles.keys().collect::<Vec<_>>(), ["aws_access_key_id", "aws_secret_access_key"]);
     assert_eq!(bundle.get(&handles["aws_secret_access_key"]).unwrap().expose(), b"key");
 }
+
+#[test]
+fn the_webhook_allow_list_comes_from_the_release_and_bad_cidrs_are_named() {
+    let release = |cidrs: &str| {
+        format!(
+            "{TIERS}---
+apiVersion: vellum.dev/v1alpha1
+kind: BlueGreenRelease
+metadata: {{name: docs}}
+spec:
+  version: '1'
+  gateway: {{image: 'vellum/gateway:1'}}
+  workers: {{image: 'vellum/workers:1'}}
+  shardSetRef: shards
+  nats: {{url: 'nats://nats:4222'}}
+  jwt: {{algorithm: HS256, secretRef: {{name: jwt, key: secret}}}}
+  webhookAllowedCidrs: {cidrs}
+"
+        )
+    };
+    let (config, _) = compile(&parse(&release("['127.0.0.0/8', '10.1.2.3']"))).unwrap();
+    let allowed: Vec<String> = config.webhook_destinations.allowed_cidrs.iter().map(ToString::to_string).collect();
+    assert_eq!(allowed, ["10.1.2.3/32", "127.0.0.0/8"]);
+    assert!(config.webhook_destinations.check("127.0.0.1".parse().unwrap()).is_ok());
+    assert!(config.webhook_destinations.check("192.168.0.1".parse().unwrap()).is_err());
+
+    let errors = compile(&parse(&release("['10.0.0.0/40']"))).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].resource, "BlueGreenRelease/docs");
+    assert!(errors[0].message.contains("10.0.0.0/40"), "{}", errors[0].message);
+
+    let (config, _) = compile(&parse(TIERS)).unwrap();
+    assert!(config.webhook_destinations.allowed_cidrs.is_empty(), "nothing non-public by default");
+}
