@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde_json::{Map, Value, json};
 use sqlx::Row;
 use tokio::sync::{Notify, broadcast};
@@ -134,28 +135,84 @@ impl Bus {
     /// Relays the outbox to the bus until `stop` resolves. An event is marked published
     /// once it has been handed to the bus.
     pub async fn relay(&self, meta: Metadata, clock: Clock, stop: impl std::future::Future<Output = ()>) {
-        tokio::pin!(stop);
-        loop {
-            match outbox::pending(&meta, 256).await {
-                Ok(batch) if !batch.is_empty() => {
+        relay(&meta, &clock, self, &self.wake, Duration::from_secs(1), stop).await;
+    }
+}
+
+impl Sink for Bus {
+    fn publish<'a>(&'a self, batch: &'a [Pending]) -> BoxFuture<'a, Result<(), String>> {
+        for pending in batch {
+            // No subscriber is not an error: the event is still delivered to everyone
+            // listening, which is no one.
+            let _ = self.sender.send(Arc::new(pending.event.clone()));
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// Where the relay hands outbox events: NATS JetStream in a cluster, the in-process bus
+/// (and the webhook queue) standalone. `publish` resolves once the destination has
+/// accepted every event of the batch; only then are they marked published, so a crash or
+/// an unreachable destination delays events and never loses one. Destinations must
+/// tolerate an event twice (a crash between acceptance and marking): JetStream drops it
+/// by its `Nats-Msg-Id`, the webhook queue by its event id.
+pub trait Sink: Send + Sync {
+    fn publish<'a>(&'a self, batch: &'a [Pending]) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// Events the relay reads from the outbox at a time.
+const RELAY_BATCH: i64 = 256;
+
+/// Relays the outbox to `sink`, in outbox order, until `stop` resolves. `wake` is notified
+/// after commits that wrote events in this process; other processes' events are found by
+/// polling every `idle`. A failing sink is retried with a backoff from 100 ms to 10 s.
+pub async fn relay(
+    meta: &Metadata,
+    clock: &Clock,
+    sink: &dyn Sink,
+    wake: &Notify,
+    idle: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let pause = match outbox::pending(meta, RELAY_BATCH).await {
+            Ok(batch) if !batch.is_empty() => match sink.publish(&batch).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
                     let seqs: Vec<i64> = batch.iter().map(|p| p.seq).collect();
-                    for pending in batch {
-                        // No subscriber is not an error: the event is still delivered to
-                        // everyone listening, which is no one.
-                        let _ = self.sender.send(Arc::new(pending.event));
+                    match outbox::mark_published(meta, &seqs, clock.now_ms()).await {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "marking relayed events published");
+                            Some(backoff)
+                        }
                     }
-                    if let Err(e) = outbox::mark_published(&meta, &seqs, clock.now_ms()).await {
-                        tracing::warn!(error = %e, "marking relayed events published");
-                    }
-                    continue;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "reading the outbox"),
+                Err(e) => {
+                    tracing::warn!(error = %e, events = batch.len(), retry_in = ?backoff, "publishing outbox events");
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    Some(pause)
+                }
+            },
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the outbox");
+                Some(Duration::from_secs(1))
             }
+        };
+        if let Some(pause) = pause {
             tokio::select! {
                 () = &mut stop => return,
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        } else {
+            tokio::select! {
+                () = &mut stop => return,
+                () = wake.notified() => {}
+                () = tokio::time::sleep(idle) => {}
             }
         }
     }

@@ -1,19 +1,115 @@
 //! `vellum-workers`: the command-line entry point of the workers.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vellum_workers::Settings;
+use vellum_workers::run::{Options, run};
 
 /// Vellum's asynchronous workers: the outbox relay that publishes document events to NATS
-/// JetStream, signed webhook delivery with retries, tier migration, retention runs and shard
-/// rebalancing.
-///
-/// This build runs none of them yet; each arrives as a subcommand (`vellum-workers run`,
-/// `vellum-workers retention --policy NAME`) with the feature it runs.
+/// JetStream, and signed webhook delivery with retries, a delivery log and automatic
+/// deactivation. Tier migration, retention runs and shard rebalancing come as their own
+/// subcommands.
 #[derive(Debug, Parser)]
 #[command(name = "vellum-workers", version, about, long_about)]
-struct Cli {}
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "VELLUM_LOG", default_value = "info", global = true)]
+    log: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "VELLUM_LOG_JSON", global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    Cli::parse();
-    eprintln!("vellum-workers: no worker is available in this build; see --help");
-    std::process::exit(2);
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Relay the outbox to JetStream and deliver webhooks, until SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The metadata database (postgres://... or sqlite://...).
+    #[arg(long, env = "VELLUM_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// The NATS server, with JetStream enabled.
+    #[arg(long, env = "VELLUM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// The directory of the platform's resources and Secrets (YAML).
+    #[arg(long, env = "VELLUM_CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// Seconds between reads of the config directory.
+    #[arg(long, env = "VELLUM_CONFIG_RELOAD_SECONDS", default_value_t = 10)]
+    config_reload_seconds: u64,
+    /// Milliseconds between polls of the outbox for new events.
+    #[arg(long, env = "VELLUM_RELAY_POLL_MS", default_value_t = 100)]
+    relay_poll_ms: u64,
+    /// Days finished deliveries stay in the delivery log.
+    #[arg(long, env = "VELLUM_DELIVERY_LOG_DAYS", default_value_t = 30)]
+    delivery_log_days: u64,
+    /// Hours a rotated-out signing key keeps signing beside the new one.
+    #[arg(long, env = "VELLUM_KEY_GRACE_HOURS", default_value_t = 24)]
+    key_grace_hours: u64,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => {
+                let options = Options {
+                    database_url: args.database_url,
+                    nats_url: args.nats_url,
+                    config_dir: args.config_dir,
+                    reload: Duration::from_secs(args.config_reload_seconds.max(1)),
+                    relay_poll: Duration::from_millis(args.relay_poll_ms.max(10)),
+                    log_retention: Duration::from_secs(args.delivery_log_days * 24 * 3600),
+                    settings: Settings {
+                        key_grace: Duration::from_secs(args.key_grace_hours * 3600),
+                        ..Settings::default()
+                    },
+                };
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                let mut worker = tokio::spawn(run(options, stopped));
+                tokio::select! {
+                    () = shutdown_signal() => {
+                        tracing::info!("shutting down: finishing attempts in flight");
+                        stop.send_replace(true);
+                        worker.await.context("the worker panicked")?
+                    }
+                    result = &mut worker => result.context("the worker panicked")?,
+                }
+            }
+        }
+    })
 }

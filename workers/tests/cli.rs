@@ -1,15 +1,21 @@
-//! The command line says what the workers are and does not pretend to run any.
+//! The command line says what the workers do, and refuses to run without what they need.
 
 use std::process::Command;
 
 #[test]
-fn help_describes_the_workers_and_running_them_says_none_runs_yet() {
+fn help_describes_the_workers_and_run_names_what_is_missing() {
     let help = Command::new(env!("CARGO_BIN_EXE_vellum-workers")).arg("--help").output().unwrap();
     assert!(help.status.success());
     let text = String::from_utf8(help.stdout).unwrap();
-    assert!(text.contains("webhook delivery") && text.contains("runs none of them yet"), "{text}");
+    assert!(text.contains("webhook delivery") && text.contains("run"), "{text}");
 
-    let run = Command::new(env!("CARGO_BIN_EXE_vellum-workers")).output().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_vellum-workers"))
+        .arg("run")
+        .env_remove("VELLUM_DATABASE_URL")
+        .env_remove("VELLUM_CONFIG_DIR")
+        .output()
+        .unwrap();
     assert_eq!(run.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&run.stderr).contains("no worker"));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("--database-url") && stderr.contains("--config-dir"), "{stderr}");
 }

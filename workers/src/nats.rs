@@ -1,0 +1,155 @@
+//! Events over NATS JetStream: the outbox relay's sink, and the durable consumer that turns
+//! the stream into webhook deliveries.
+//!
+//! Every event is published to `vellum.events.<EVENT_TYPE>` in the `VELLUM_EVENTS` stream
+//! with its id as `Nats-Msg-Id`, so that a batch published again after a crash (accepted,
+//! but not yet marked published in the outbox) is dropped by the stream's duplicate
+//! window. The webhook consumer acknowledges an event only once its deliveries are in the
+//! log; an event it never acknowledges is redelivered.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use vellum_core::events::{Event, Pending, Sink, type_name};
+
+use crate::delivery::Engine;
+
+/// The stream holding every document event.
+pub const STREAM: &str = "VELLUM_EVENTS";
+/// Subjects of the stream: `vellum.events.<EVENT_TYPE>`.
+pub const SUBJECTS: &str = "vellum.events.>";
+/// The durable consumer webhook workers share.
+pub const WEBHOOK_CONSUMER: &str = "vellum-webhooks";
+
+/// The subject an event is published on.
+pub fn subject(event: &Event) -> String {
+    format!("vellum.events.{}", type_name(event.event_type))
+}
+
+/// How long the stream keeps events, which bounds how far back an SSE client can resume.
+pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Creates the events stream if it does not exist.
+pub async fn ensure_stream(js: &jetstream::Context) -> Result<stream::Stream, String> {
+    js.get_or_create_stream(stream::Config {
+        name: STREAM.to_owned(),
+        subjects: vec![SUBJECTS.to_owned()],
+        storage: stream::StorageType::File,
+        max_age: RETENTION,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("creating the JetStream stream {STREAM}: {e}"))
+}
+
+/// The relay's sink in a cluster: publishes a batch and waits for JetStream to acknowledge
+/// every event of it.
+#[derive(Clone, Debug)]
+pub struct JetStreamSink {
+    js: jetstream::Context,
+}
+
+impl JetStreamSink {
+    pub fn new(js: jetstream::Context) -> Self {
+        Self { js }
+    }
+}
+
+impl Sink for JetStreamSink {
+    fn publish<'a>(&'a self, batch: &'a [Pending]) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut acks = Vec::with_capacity(batch.len());
+            for pending in batch {
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(pending.event.payload.to_string().into())
+                    .message_id(&pending.event.id);
+                let ack = self
+                    .js
+                    .send_publish(subject(&pending.event), publish)
+                    .await
+                    .map_err(|e| format!("publishing event {}: {e}", pending.event.id))?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.map_err(|e| format!("JetStream did not acknowledge an event: {e}"))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Parses an event from a stream message.
+pub fn event_of(payload: &[u8]) -> Result<Event, String> {
+    let payload: serde_json::Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
+    let id = payload["eventId"].as_str().ok_or("no eventId")?.to_owned();
+    let event_type = serde_json::from_value(payload["eventType"].clone()).map_err(|e| format!("eventType: {e}"))?;
+    Ok(Event { id, event_type, payload })
+}
+
+/// Consumes the stream durably into the webhook delivery log until `stop` resolves,
+/// reconnecting (with backoff) whenever NATS goes away.
+pub async fn consume_into_webhooks(
+    js: jetstream::Context,
+    engine: Engine,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let run = consume_once(&js, &engine);
+        tokio::select! {
+            () = &mut stop => return,
+            result = run => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "consuming events for webhooks");
+                }
+            }
+        }
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn consume_once(js: &jetstream::Context, engine: &Engine) -> Result<(), String> {
+    let stream = ensure_stream(js).await?;
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            WEBHOOK_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(WEBHOOK_CONSUMER.to_owned()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 10_000,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("creating the consumer {WEBHOOK_CONSUMER}: {e}"))?;
+    let mut messages = consumer
+        .stream()
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| format!("pulling from {WEBHOOK_CONSUMER}: {e}"))?;
+    tracing::info!(consumer = WEBHOOK_CONSUMER, "consuming events for webhooks");
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| format!("reading from {WEBHOOK_CONSUMER}: {e}"))?;
+        match event_of(&message.payload) {
+            Ok(event) => {
+                // Not acknowledged on failure: JetStream redelivers after ack_wait.
+                engine.ingest(&event).await.map_err(|e| format!("queueing webhook deliveries: {e}"))?;
+            }
+            Err(e) => tracing::warn!(subject = %message.subject, error = %e, "skipping a malformed event"),
+        }
+        message.ack().await.map_err(|e| format!("acknowledging an event: {e}"))?;
+    }
+    Err("the message stream ended".into())
+}

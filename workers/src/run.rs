@@ -1,0 +1,111 @@
+//! `vellum-workers run`: the outbox relay to JetStream, the durable webhook consumer and
+//! the delivery engine, against a metadata database, a NATS server and a platform config.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{Notify, watch};
+use vellum_core::clock::Clock;
+use vellum_core::config::{PlatformConfig, SecretBundle, compile, load_dir};
+use vellum_core::events::relay;
+use vellum_core::store::Metadata;
+use vellum_core::webhooks;
+
+use crate::delivery::{Engine, Settings};
+use crate::nats::{JetStreamSink, consume_into_webhooks, ensure_stream};
+use crate::sender::Sender;
+
+/// What `run` needs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub database_url: String,
+    pub nats_url: String,
+    /// The directory of the platform's resources and Secrets (YAML), read again every
+    /// `reload` so that changed webhooks take effect without a restart.
+    pub config_dir: PathBuf,
+    pub reload: Duration,
+    /// How often the outbox is polled for events other processes wrote.
+    pub relay_poll: Duration,
+    /// How long finished deliveries stay in the log.
+    pub log_retention: Duration,
+    pub settings: Settings,
+}
+
+fn load(dir: &std::path::Path) -> anyhow::Result<(PlatformConfig, SecretBundle)> {
+    let sources = load_dir(dir).with_context(|| format!("reading the platform config in {}", dir.display()))?;
+    compile(&sources).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("the platform config in {} is not valid:\n  {}", dir.display(), lines.join("\n  "))
+    })
+}
+
+/// Runs until `stop` turns true; attempts in flight finish before it returns.
+pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let (config, secrets) = load(&options.config_dir)?;
+    let meta = Metadata::open(&options.database_url).await.context("opening the metadata database")?;
+    let clock = Clock::system();
+    let sender = Sender::new(config.webhook_destinations.clone()).context("building the HTTP client")?;
+    let engine = Engine::new(meta.clone(), clock.clone(), sender, options.settings.clone());
+    engine.set_endpoints(crate::configured_endpoints(&config, &secrets)).await?;
+
+    // Start even while NATS is away: the outbox keeps the events until it is back.
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .name("vellum-workers")
+        .connect(&options.nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", options.nats_url))?;
+    let js = async_nats::jetstream::new(client);
+    if let Err(e) = ensure_stream(&js).await {
+        tracing::warn!(error = %e, "JetStream is not reachable yet; events wait in the outbox");
+    }
+
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let relay_task = tokio::spawn({
+        let (meta, clock, sink, poll) =
+            (meta.clone(), clock.clone(), JetStreamSink::new(js.clone()), options.relay_poll);
+        let stop = until_stopped(stop.clone());
+        async move { relay(&meta, &clock, &sink, &Notify::new(), poll, stop).await }
+    });
+    let consumer_task = tokio::spawn(consume_into_webhooks(js.clone(), engine.clone(), until_stopped(stop.clone())));
+    tracing::info!(endpoints = engine.endpoints().len(), "workers running");
+
+    let mut current = config;
+    let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            () = tokio::time::sleep(options.reload) => {}
+        }
+        match load(&options.config_dir) {
+            Ok((config, secrets)) => {
+                if config != current {
+                    if config.webhook_destinations != current.webhook_destinations {
+                        tracing::warn!("the webhook destination allow-list changed; it takes effect on restart");
+                    }
+                    engine.set_endpoints(crate::configured_endpoints(&config, &secrets)).await?;
+                    tracing::info!(endpoints = engine.endpoints().len(), "platform config reloaded");
+                    current = config;
+                }
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "keeping the previous platform config"),
+        }
+        if last_prune.elapsed() >= Duration::from_secs(3600) {
+            last_prune = tokio::time::Instant::now();
+            let retention = i64::try_from(options.log_retention.as_millis()).unwrap_or(i64::MAX);
+            match webhooks::prune(&meta, clock.now_ms().saturating_sub(retention)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deliveries = n, "pruned the webhook delivery log"),
+                Err(e) => tracing::warn!(error = %e, "pruning the webhook delivery log"),
+            }
+        }
+    }
+    engine.shutdown().await;
+    let _ = relay_task.await;
+    let _ = consumer_task.await;
+    Ok(())
+}
