@@ -51,6 +51,10 @@ struct RunArgs {
     /// Days finished deliveries stay in the delivery log.
     #[arg(long, env = "VELLUM_DELIVERY_LOG_DAYS", default_value_t = 30)]
     delivery_log_days: u64,
+    /// Seconds beyond an endpoint's timeout before a delivery held by a worker that died is
+    /// sent again by another.
+    #[arg(long, env = "VELLUM_LEASE_MARGIN_SECONDS", default_value_t = 30)]
+    lease_margin_seconds: u64,
     /// Hours a rotated-out signing key keeps signing beside the new one.
     #[arg(long, env = "VELLUM_KEY_GRACE_HOURS", default_value_t = 24)]
     key_grace_hours: u64,
@@ -96,6 +100,7 @@ fn main() -> anyhow::Result<()> {
                     log_retention: Duration::from_secs(args.delivery_log_days * 24 * 3600),
                     settings: Settings {
                         key_grace: Duration::from_secs(args.key_grace_hours * 3600),
+                        lease_margin: Duration::from_secs(args.lease_margin_seconds),
                         ..Settings::default()
                     },
                 };
