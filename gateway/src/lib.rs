@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod standalone;
 pub mod tus;
 pub mod uploads;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,7 @@ pub struct AppState {
     /// The URL clients reach this gateway at, for the links it hands out.
     pub public_url: Arc<str>,
     pub metrics: Arc<metrics::Metrics>,
+    pub webhooks: Arc<webhooks::WebhookService>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -50,6 +52,7 @@ pub fn app(state: AppState) -> Router {
         .merge(api)
         // The seed's clients call `/api/documents/...`; the same routes answer there.
         .nest("/api/documents", documents::router().into())
+        .nest("/api/webhooks", webhooks::router().into())
         .route("/openapi.json", axum::routing::get(move || std::future::ready(axum::Json(Arc::clone(&spec)))))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {

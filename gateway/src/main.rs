@@ -47,6 +47,11 @@ struct StandaloneArgs {
     /// default.
     #[arg(long, env = "VELLUM_DATABASE_URL")]
     database_url: Option<String>,
+    /// Non-public networks webhooks may reach (CIDR or address; repeat or comma-separate),
+    /// beside the platform config's allow-list: `--allow-webhook-cidr 127.0.0.1` for a
+    /// receiver on this machine.
+    #[arg(long = "allow-webhook-cidr", env = "VELLUM_ALLOW_WEBHOOK_CIDRS", value_delimiter = ',')]
+    allow_webhook_cidr: Vec<String>,
     /// The URL clients reach the gateway at, used in the links it hands out.
     #[arg(long, env = "VELLUM_PUBLIC_URL")]
     public_url: Option<String>,
@@ -134,6 +139,7 @@ async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         auth: args.jwt.settings()?,
         max_upload_bytes: args.max_upload_bytes,
         public_url: args.public_url,
+        allow_webhook_cidrs: args.allow_webhook_cidr,
     };
     let running = standalone::start(options).await?;
     let url = &running.url;

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::{AppState, documents, health, metrics, tus, uploads};
+use crate::{AppState, documents, health, metrics, tus, uploads, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,7 +14,7 @@ use crate::{AppState, documents, health, metrics, tus, uploads};
         title = "Vellum gateway API",
         description = "Documents: upload (one request, chunked sessions or tus 1.0), version, download with \
             Range and ETag, search, delete, legal hold, signed links. Errors answer a JSON body with status, \
-            error and message. The same document routes also answer under /api/documents.",
+            error and message. The same document and webhook routes also answer under /api/documents and /api/webhooks.",
     ),
     modifiers(&BearerJwt),
     security(("bearer" = [])),
@@ -42,6 +42,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .nest("/api/v1/links", documents::links_router())
         .nest("/api/v1/upload", uploads::router())
         .nest("/api/v1/tus", tus::router())
+        .nest("/api/v1/webhooks", webhooks::router())
         .merge(health::router())
         .merge(metrics::router())
 }

@@ -15,10 +15,13 @@ use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::{compile, load_dir};
 use vellum_core::documents::Documents;
-use vellum_core::events::Bus;
+use vellum_core::events::{Bus, relay};
 use vellum_core::store::Metadata;
+use vellum_core::webhooks::DestinationPolicy;
+use vellum_workers::{Engine, LocalSink, Sender, Settings};
 
 use crate::auth::{Auth, AuthSettings};
+use crate::webhooks::WebhookService;
 use crate::{AppState, app};
 
 /// What standalone mode needs to start.
@@ -37,6 +40,9 @@ pub struct Options {
     pub max_upload_bytes: u64,
     /// The URL clients reach the gateway at; `http://<listen>` when absent.
     pub public_url: Option<String>,
+    /// Non-public networks webhooks may reach, beside the platform config's allow-list
+    /// (a local receiver on 127.0.0.1 while developing, say).
+    pub allow_webhook_cidrs: Vec<String>,
 }
 
 /// A running standalone gateway.
@@ -90,7 +96,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
 
     let sources = load_dir(&options.config_dir)
         .with_context(|| format!("reading the platform config in {}", options.config_dir.display()))?;
-    let (config, secrets) = compile(&sources).map_err(|errors| {
+    let (mut config, secrets) = compile(&sources).map_err(|errors| {
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow::anyhow!(
             "the platform config in {} is not valid:\n  {}",
@@ -99,6 +105,9 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         )
     })?;
     let tiers = Tiers::open(&config, &secrets, &data_dir).context("opening the storage tiers")?;
+    let extra = DestinationPolicy::parse(options.allow_webhook_cidrs.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("--allow-webhook-cidr: {e}"))?;
+    config.webhook_destinations.allowed_cidrs.extend(extra.allowed_cidrs);
 
     let database_url =
         options.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("vellum.db").display()));
@@ -113,6 +122,9 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
 
     let clock = Clock::system();
     let bus = Bus::new();
+    let sender = Sender::new(config.webhook_destinations.clone()).context("building the webhook HTTP client")?;
+    let engine = Engine::new(meta.clone(), clock.clone(), sender, Settings::default());
+    let webhooks = WebhookService::start(engine.clone(), sources, clock.clone()).await?;
     let docs = Documents::new(meta.clone(), tiers, clock.clone(), Some(bus.clone()), options.max_upload_bytes);
 
     let listener =
@@ -126,16 +138,20 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         link_key: link_key.into(),
         public_url: url.trim_end_matches('/').into(),
         metrics: Arc::new(crate::metrics::Metrics::new()),
+        webhooks: Arc::new(webhooks),
     };
 
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // Events become webhook deliveries (durably) and then reach the in-process bus, in
+    // outbox order, woken by every commit that wrote one.
     let relay = tokio::spawn({
-        let (bus, meta, clock) = (bus.clone(), meta.clone(), clock.clone());
+        let (meta, clock, wake) = (meta.clone(), clock.clone(), Arc::clone(&bus.wake));
+        let sink = LocalSink { engine: engine.clone(), bus: bus.clone() };
         let stop = until_stopped(stopped.clone());
-        async move { bus.relay(meta, clock, stop).await }
+        async move { relay(&meta, &clock, &sink, &wake, Duration::from_secs(1), stop).await }
     });
     let sweeper = tokio::spawn({
         let docs = Arc::clone(&state.docs);
@@ -175,6 +191,7 @@ impl Running {
         }
         self.relay.await.ok();
         self.sweeper.await.ok();
+        self.state.webhooks.engine().shutdown().await;
         Ok(())
     }
 }

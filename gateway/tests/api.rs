@@ -48,6 +48,7 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
         },
         max_upload_bytes: 1 << 20,
         public_url: None,
+        allow_webhook_cidrs: vec!["127.0.0.1".into()],
     };
     let running = standalone::start(options).await.unwrap();
     let base = running.url.clone();
@@ -108,8 +109,209 @@ on_both!(
     versions_restore_and_deletion,
     auth_and_ownership,
     bad_input_gets_precise_errors,
-    signed_links_expire_and_resist_forgery
+    signed_links_expire_and_resist_forgery,
+    webhook_api
 );
+
+/// A receiver on loopback that records deliveries and answers with `status`.
+async fn webhook_receiver(status: u16) -> (String, std::sync::Arc<std::sync::Mutex<Vec<(HeaderMap, String)>>>) {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<(HeaderMap, String)>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap, body: String| {
+        let record = Arc::clone(&record);
+        async move {
+            let mut h = HeaderMap::new();
+            for (k, v) in &headers {
+                h.insert(
+                    header::HeaderName::from_bytes(k.as_str().as_bytes()).unwrap(),
+                    header::HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+                );
+            }
+            record.lock().unwrap().push((h, body));
+            (axum::http::StatusCode::from_u16(status).unwrap(), r#"{"received":true}"#)
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/docs", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[allow(clippy::too_many_lines)]
+async fn webhook_api(gw: Gateway) {
+    let admin = gw.token("root", &["user", "admin"]);
+    let (url, seen) = webhook_receiver(200).await;
+    let create = |body: Value| gw.client.post(gw.url("/api/webhooks")).bearer_auth(&admin).json(&body).send();
+
+    // The seed's request, answered in the seed's shape.
+    let response = create(json!({
+        "name": "Document Upload Notifier",
+        "url": url,
+        "secret": "your-webhook-secret-for-hmac",
+        "eventTypes": ["DOCUMENT_UPLOADED", "DOCUMENT_ARCHIVED", "DOCUMENT_DELETED"],
+        "retryCount": 3,
+        "timeoutSeconds": 30
+    }))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let hook: Value = response.json().await.unwrap();
+    let id = hook["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("document-upload-notifier-"), "{id}");
+    assert_eq!(hook["name"], "Document Upload Notifier");
+    assert_eq!(hook["active"], true);
+    assert_eq!(hook["eventTypes"], json!(["DOCUMENT_UPLOADED", "DOCUMENT_ARCHIVED", "DOCUMENT_DELETED"]));
+    assert!(hook["createdAt"].as_str().unwrap().ends_with('Z'));
+    assert!(!hook.to_string().contains("your-webhook-secret"), "the secret is never shown");
+
+    // Users may not manage webhooks; bad input gets precise errors.
+    let user = gw.client.get(gw.url("/api/webhooks")).bearer_auth(gw.token("ann", &["user"])).send().await.unwrap();
+    assert!(error_of(user, StatusCode::FORBIDDEN).await.contains("admin"));
+    let bad = [
+        (json!({"name": "x", "url": "http://10.0.0.1/h", "secret": "s"}), "private"),
+        (json!({"name": "x", "url": "ftp://example.com/", "secret": "s"}), "scheme"),
+        (json!({"name": "x", "url": "http://example.com/", "secret": "whsec_!!"}), "base64"),
+        (json!({"name": "x", "url": "http://example.com/", "secret": "s", "retryCount": 99}), "retryCount"),
+        (json!({"name": "", "url": "http://example.com/", "secret": "s"}), "name"),
+    ];
+    for (body, expected) in bad {
+        let message = error_of(create(body.clone()).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(message.contains(expected), "{body}: {message}");
+        assert!(!message.contains("whsec_!!"), "secrets stay out of errors");
+    }
+    let unknown = create(json!({"name": "x", "url": "http://example.com/", "secret": "s", "eventTypes": ["NOPE"]}))
+        .await
+        .unwrap();
+    assert!(error_of(unknown, StatusCode::UNPROCESSABLE_ENTITY).await.contains("NOPE"));
+
+    // An upload is delivered, signed both ways with the secret as given.
+    let doc = gw.upload("ann", "contract.pdf", b"%PDF-1.7 q4").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while seen.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no delivery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (headers, body) = seen.lock().unwrap()[0].clone();
+    let payload: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(payload["eventType"], "DOCUMENT_UPLOADED");
+    assert_eq!(payload["documentId"], doc["id"]);
+    assert_eq!(payload["filename"], "contract.pdf");
+    assert_eq!(payload["uploadedBy"], "ann");
+    assert_eq!(headers["x-event-type"], "DOCUMENT_UPLOADED");
+    assert_eq!(
+        headers["x-webhook-signature"],
+        vellum_core::signing::legacy_signature(b"your-webhook-secret-for-hmac", body.as_bytes()).as_str()
+    );
+    assert!(headers["webhook-signature"].to_str().unwrap().starts_with("v1,"));
+
+    // Stats, delivery log and test, in the seed's shapes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let stats: Value = loop {
+        let stats: Value = gw
+            .client
+            .get(gw.url(&format!("/api/webhooks/{id}/stats")))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if stats["totalCalls"] == 1 || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stats["webhookId"], id.as_str());
+    assert_eq!(
+        (stats["totalCalls"].as_i64(), stats["successCount"].as_i64(), stats["failureCount"].as_i64()),
+        (Some(1), Some(1), Some(0))
+    );
+    assert_eq!(stats["successRate"], 100.0);
+    assert_eq!(stats["active"], true);
+    assert!(stats["lastTriggered"].is_string());
+    assert_eq!(stats["recentEvents"][0]["eventType"], "DOCUMENT_UPLOADED");
+    let log: Value = gw
+        .client
+        .get(gw.url(&format!("/api/webhooks/{id}/events?page=0&size=20")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(log["totalElements"], 1);
+    assert_eq!(log["content"][0]["status"], "SUCCESS");
+    assert_eq!(log["content"][0]["attemptLog"][0]["statusCode"], 200);
+    assert_eq!(log["content"][0]["attemptLog"][0]["responseBody"], r#"{"received":true}"#);
+    let bad_page = gw
+        .client
+        .get(gw.url(&format!("/api/webhooks/{id}/events?size=1000")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    error_of(bad_page, StatusCode::BAD_REQUEST).await;
+    let test: Value = gw
+        .client
+        .post(gw.url(&format!("/api/webhooks/{id}/test")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(test["success"], true);
+    assert_eq!(test["responseCode"], 200);
+    assert_eq!(test["responseBody"], r#"{"received":true}"#);
+    assert!(test["durationMs"].is_i64());
+    assert_eq!(seen.lock().unwrap().last().unwrap().0["x-event-type"], "WEBHOOK_TEST");
+
+    // Listed under both paths; replay of nothing FAILED replays nothing; delete.
+    let list: Value =
+        gw.client.get(gw.url("/api/v1/webhooks")).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["source"], "api");
+    let replay: Value = gw
+        .client
+        .post(gw.url(&format!("/api/webhooks/{id}/replay")))
+        .bearer_auth(&admin)
+        .json(&json!({"since": "2020-01-01T00:00:00Z"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replay["replayed"], 0);
+    let both = gw
+        .client
+        .post(gw.url(&format!("/api/webhooks/{id}/replay")))
+        .bearer_auth(&admin)
+        .json(&json!({"since": "2020-01-01T00:00:00Z", "deliveryId": 1}))
+        .send()
+        .await
+        .unwrap();
+    error_of(both, StatusCode::BAD_REQUEST).await;
+    let reactivated: Value = gw
+        .client
+        .post(gw.url(&format!("/api/webhooks/{id}/reactivate")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reactivated["active"], true);
+    let gone = gw.client.delete(gw.url(&format!("/api/webhooks/{id}"))).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(gone.status(), StatusCode::NO_CONTENT);
+    let missing = gw.client.get(gw.url(&format!("/api/webhooks/{id}/stats"))).bearer_auth(&admin).send().await.unwrap();
+    error_of(missing, StatusCode::NOT_FOUND).await;
+}
 
 async fn uploads_downloads_and_conditional_requests(gw: Gateway) {
     // Multipart, with fields after the file.
@@ -598,6 +800,7 @@ async fn an_upload_session_moves_between_replicas() {
         auth: AuthSettings { secret: Some(b"test-secret".to_vec()), ..AuthSettings::default() },
         max_upload_bytes: 1 << 20,
         public_url: None,
+        allow_webhook_cidrs: vec!["127.0.0.1".into()],
     })
     .await
     .unwrap();
@@ -894,6 +1097,7 @@ async fn the_openapi_document_matches_the_routes() {
         "DELETE /api/v1/documents/{id}/legal-hold",
         "DELETE /api/v1/tus/{id}",
         "DELETE /api/v1/upload/{session}",
+        "DELETE /api/v1/webhooks/{id}",
         "GET /api/v1/documents",
         "GET /api/v1/documents/{id}",
         "GET /api/v1/documents/{id}/content",
@@ -904,6 +1108,10 @@ async fn the_openapi_document_matches_the_routes() {
         "GET /api/v1/upload/{session}",
         "GET /api/v1/upload/{session}/chunks",
         "GET /api/v1/upload/{session}/missing-chunks",
+        "GET /api/v1/webhooks",
+        "GET /api/v1/webhooks/{id}",
+        "GET /api/v1/webhooks/{id}/events",
+        "GET /api/v1/webhooks/{id}/stats",
         "GET /healthz",
         "GET /metrics",
         "GET /readyz",
@@ -921,6 +1129,10 @@ async fn the_openapi_document_matches_the_routes() {
         "POST /api/v1/upload/initiate",
         "POST /api/v1/upload/{session}/chunk/{n}",
         "POST /api/v1/upload/{session}/complete",
+        "POST /api/v1/webhooks",
+        "POST /api/v1/webhooks/{id}/reactivate",
+        "POST /api/v1/webhooks/{id}/replay",
+        "POST /api/v1/webhooks/{id}/test",
         "PUT /api/v1/documents/{id}/legal-hold",
         "PUT /api/v1/documents/{id}/metadata",
         "PUT /api/v1/upload/{session}/chunk/{n}",
@@ -928,7 +1140,7 @@ async fn the_openapi_document_matches_the_routes() {
     let listed: Vec<String> = operations.iter().map(|(m, p)| format!("{m} {p}")).collect();
     assert_eq!(listed, expected);
 
-    let token = gw.token("alice", &["user"]);
+    let token = gw.token("alice", &["user", "admin"]);
     for (method, path) in &operations {
         let concrete = path.replace("{id}", "1").replace("{n}", "1").replace("{session}", "s").replace("{token}", "t");
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();

@@ -605,3 +605,84 @@ pub async fn stats(meta: &Metadata, webhook: &str) -> Result<Stats, StoreError> 
         recent_events,
     })
 }
+
+/// A webhook created through the gateway's API. In standalone mode it lives here, and is
+/// compiled with the platform config's webhooks as a Webhook resource would be.
+#[derive(Clone, Debug)]
+pub struct ApiWebhook {
+    /// The resource name it compiles to (DNS-1123).
+    pub id: String,
+    /// The name the creator gave it.
+    pub display_name: String,
+    pub spec: crate::crds::webhook::WebhookSpec,
+    /// The signing secret as given.
+    pub secret: crate::config::SecretValue,
+    pub created_by: String,
+    pub created_at: i64,
+}
+
+/// Stores a new API webhook; `false` when the id is taken.
+pub async fn create_api(meta: &Metadata, webhook: &ApiWebhook) -> Result<bool, StoreError> {
+    let spec = serde_json::to_string(&webhook.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let secret = STANDARD.encode(webhook.secret.expose());
+    let inserted = sqlx::query(
+        "INSERT INTO webhooks (name, display_name, spec, secret, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(&webhook.id)
+    .bind(&webhook.display_name)
+    .bind(&spec)
+    .bind(&secret)
+    .bind(&webhook.created_by)
+    .bind(webhook.created_at)
+    .execute(meta.pool())
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Every API webhook, oldest first.
+pub async fn api_webhooks(meta: &Metadata) -> Result<Vec<ApiWebhook>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT name, display_name, spec, secret, created_by, created_at FROM webhooks WHERE spec IS NOT NULL \
+         ORDER BY created_at, name",
+    )
+    .fetch_all(meta.pool())
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let spec: String = row.try_get("spec")?;
+            let secret: String = row.try_get("secret")?;
+            Ok(ApiWebhook {
+                id: row.try_get("name")?,
+                display_name: row.try_get::<Option<String>, _>("display_name")?.unwrap_or_default(),
+                spec: serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt(format!("webhook spec: {e}")))?,
+                secret: crate::config::SecretValue::new(
+                    STANDARD.decode(secret).map_err(|_| StoreError::Corrupt("webhook secret".into()))?,
+                ),
+                created_by: row.try_get::<Option<String>, _>("created_by")?.unwrap_or_default(),
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Deletes an API webhook with its log; `false` when there is none of that id.
+pub async fn delete_api(meta: &Metadata, id: &str) -> Result<bool, StoreError> {
+    let deleted = sqlx::query("DELETE FROM webhooks WHERE name = $1 AND spec IS NOT NULL")
+        .bind(id)
+        .execute(meta.pool())
+        .await?
+        .rows_affected();
+    if deleted == 1 {
+        sqlx::query("DELETE FROM webhook_attempts WHERE webhook = $1").bind(id).execute(meta.pool()).await?;
+        sqlx::query("DELETE FROM webhook_deliveries WHERE webhook = $1").bind(id).execute(meta.pool()).await?;
+    }
+    Ok(deleted == 1)
+}
+
+/// When each known endpoint was first seen (or created), by name.
+pub async fn created_at(meta: &Metadata) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+    let rows = sqlx::query("SELECT name, created_at FROM webhooks").fetch_all(meta.pool()).await?;
+    rows.iter().map(|row| Ok((row.try_get("name")?, row.try_get("created_at")?))).collect()
+}
