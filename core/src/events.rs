@@ -72,22 +72,22 @@ pub mod outbox {
         .bind(limit)
         .fetch_all(meta.pool())
         .await?;
-        rows.iter()
-            .map(|row| {
-                let event_type: String = row.try_get("event_type")?;
-                let payload: String = row.try_get("payload")?;
-                Ok(Pending {
-                    seq: row.try_get("seq")?,
-                    event: Event {
-                        id: row.try_get("id")?,
-                        event_type: serde_json::from_value(serde_json::Value::String(event_type.clone()))
-                            .map_err(|_| StoreError::Corrupt(format!("outbox event type {event_type}")))?,
-                        payload: serde_json::from_str(&payload)
-                            .map_err(|e| StoreError::Corrupt(format!("outbox payload: {e}")))?,
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(pending_of).collect()
+    }
+
+    fn pending_of(row: &sqlx::any::AnyRow) -> Result<Pending, StoreError> {
+        let event_type: String = row.try_get("event_type")?;
+        let payload: String = row.try_get("payload")?;
+        Ok(Pending {
+            seq: row.try_get("seq")?,
+            event: Event {
+                id: row.try_get("id")?,
+                event_type: serde_json::from_value(serde_json::Value::String(event_type.clone()))
+                    .map_err(|_| StoreError::Corrupt(format!("outbox event type {event_type}")))?,
+                payload: serde_json::from_str(&payload)
+                    .map_err(|e| StoreError::Corrupt(format!("outbox payload: {e}")))?,
+            },
+        })
     }
 
     /// Marks events published, once their destination has acknowledged them.
@@ -102,6 +102,20 @@ pub mod outbox {
         Ok(())
     }
 
+    /// Published events after sequence number `after`, oldest first: the history a client
+    /// resuming a stream reads.
+    pub async fn published_after(meta: &Metadata, after: i64, limit: i64) -> Result<Vec<Pending>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, id, event_type, payload FROM outbox WHERE seq > $1 AND published_at IS NOT NULL \
+             ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(meta.pool())
+        .await?;
+        rows.iter().map(pending_of).collect()
+    }
+
     /// How many events wait to be published.
     pub async fn depth(meta: &Metadata) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetch_one(meta.pool()).await?)
@@ -112,7 +126,7 @@ pub mod outbox {
 /// from the outbox, in outbox order.
 #[derive(Clone, Debug)]
 pub struct Bus {
-    sender: broadcast::Sender<Arc<Event>>,
+    sender: broadcast::Sender<Arc<Pending>>,
     /// Woken after a commit that wrote to the outbox, so the relay need not poll fast.
     pub wake: Arc<Notify>,
 }
@@ -128,7 +142,8 @@ impl Bus {
         Self { sender: broadcast::channel(4096).0, wake: Arc::new(Notify::new()) }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+    /// Events as they are relayed, with their outbox sequence number.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Pending>> {
         self.sender.subscribe()
     }
 
@@ -144,7 +159,7 @@ impl Sink for Bus {
         for pending in batch {
             // No subscriber is not an error: the event is still delivered to everyone
             // listening, which is no one.
-            let _ = self.sender.send(Arc::new(pending.event.clone()));
+            let _ = self.sender.send(Arc::new(pending.clone()));
         }
         Box::pin(std::future::ready(Ok(())))
     }

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod health;
 pub mod metrics;
 pub mod openapi;
+pub mod realtime;
 pub mod standalone;
 pub mod tus;
 pub mod uploads;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub public_url: Arc<str>,
     pub metrics: Arc<metrics::Metrics>,
     pub webhooks: Arc<webhooks::WebhookService>,
+    /// Real-time notifications: what WebSocket and SSE clients read.
+    pub hub: Arc<realtime::Hub>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -53,6 +56,10 @@ pub fn app(state: AppState) -> Router {
         // The seed's clients call `/api/documents/...`; the same routes answer there.
         .nest("/api/documents", documents::router().into())
         .nest("/api/webhooks", webhooks::router().into())
+        // The seed's WebSocket clients connect to /ws, or to the job-status endpoints.
+        .route("/ws", axum::routing::get(realtime::websocket))
+        .route("/ws/job-status", axum::routing::get(realtime::websocket))
+        .route("/ws/job-status-native", axum::routing::get(realtime::websocket))
         .route("/openapi.json", axum::routing::get(move || std::future::ready(axum::Json(Arc::clone(&spec)))))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::{AppState, documents, health, metrics, tus, uploads, webhooks};
+use crate::{AppState, documents, health, metrics, realtime, tus, uploads, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -43,6 +43,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .nest("/api/v1/upload", uploads::router())
         .nest("/api/v1/tus", tus::router())
         .nest("/api/v1/webhooks", webhooks::router())
+        .nest("/api/v1/websocket", realtime::router())
+        .routes(utoipa_axum::routes!(realtime::sse))
         .merge(health::router())
         .merge(metrics::router())
 }

@@ -21,6 +21,7 @@ use vellum_core::webhooks::DestinationPolicy;
 use vellum_workers::{Engine, LocalSink, Sender, Settings};
 
 use crate::auth::{Auth, AuthSettings};
+use crate::realtime::Hub;
 use crate::webhooks::WebhookService;
 use crate::{AppState, app};
 
@@ -58,6 +59,7 @@ pub struct Running {
     server: JoinHandle<std::io::Result<()>>,
     relay: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    hub_feed: JoinHandle<()>,
 }
 
 /// Reads a key file from the data directory, or creates it with 32 random bytes.
@@ -125,6 +127,8 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let sender = Sender::new(config.webhook_destinations.clone()).context("building the webhook HTTP client")?;
     let engine = Engine::new(meta.clone(), clock.clone(), sender, Settings::default());
     let webhooks = WebhookService::start(engine.clone(), sources, clock.clone()).await?;
+    let hub = Arc::new(Hub::new(meta.clone(), clock.clone()));
+    let hub_feed = hub.feed_from(&bus);
     let docs = Documents::new(meta.clone(), tiers, clock.clone(), Some(bus.clone()), options.max_upload_bytes);
 
     let listener =
@@ -139,6 +143,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         public_url: url.trim_end_matches('/').into(),
         metrics: Arc::new(crate::metrics::Metrics::new()),
         webhooks: Arc::new(webhooks),
+        hub: Arc::clone(&hub),
     };
 
     let (stop, stopped) = watch::channel(false);
@@ -176,7 +181,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         async move { axum::serve(listener, router).with_graceful_shutdown(stop).await }
     });
     tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), "standalone gateway serving");
-    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper })
+    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper, hub_feed })
 }
 
 impl Running {
@@ -192,6 +197,7 @@ impl Running {
         self.relay.await.ok();
         self.sweeper.await.ok();
         self.state.webhooks.engine().shutdown().await;
+        self.hub_feed.abort();
         Ok(())
     }
 }

@@ -1104,6 +1104,7 @@ async fn the_openapi_document_matches_the_routes() {
         "GET /api/v1/documents/{id}/download",
         "GET /api/v1/documents/{id}/versions",
         "GET /api/v1/documents/{id}/versions/{n}/content",
+        "GET /api/v1/events/stream",
         "GET /api/v1/links/{token}",
         "GET /api/v1/upload/{session}",
         "GET /api/v1/upload/{session}/chunks",
@@ -1112,6 +1113,8 @@ async fn the_openapi_document_matches_the_routes() {
         "GET /api/v1/webhooks/{id}",
         "GET /api/v1/webhooks/{id}/events",
         "GET /api/v1/webhooks/{id}/stats",
+        "GET /api/v1/websocket/stats",
+        "GET /api/v1/websocket/user/{userId}/status",
         "GET /healthz",
         "GET /metrics",
         "GET /readyz",
@@ -1133,6 +1136,8 @@ async fn the_openapi_document_matches_the_routes() {
         "POST /api/v1/webhooks/{id}/reactivate",
         "POST /api/v1/webhooks/{id}/replay",
         "POST /api/v1/webhooks/{id}/test",
+        "POST /api/v1/websocket/broadcast/maintenance",
+        "POST /api/v1/websocket/broadcast/system",
         "PUT /api/v1/documents/{id}/legal-hold",
         "PUT /api/v1/documents/{id}/metadata",
         "PUT /api/v1/upload/{session}/chunk/{n}",
@@ -1142,7 +1147,12 @@ async fn the_openapi_document_matches_the_routes() {
 
     let token = gw.token("alice", &["user", "admin"]);
     for (method, path) in &operations {
-        let concrete = path.replace("{id}", "1").replace("{n}", "1").replace("{session}", "s").replace("{token}", "t");
+        let concrete = path
+            .replace("{id}", "1")
+            .replace("{n}", "1")
+            .replace("{session}", "s")
+            .replace("{token}", "t")
+            .replace("{userId}", "u");
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let response = gw.client.request(method.clone(), gw.url(&concrete)).bearer_auth(&token).send().await.unwrap();
         if method != reqwest::Method::HEAD && response.status() == StatusCode::NOT_FOUND {

@@ -1,0 +1,511 @@
+//! Real-time notifications: the WebSocket JSON protocol of the seed clients at `/ws`, and
+//! Server-Sent Events at `/api/v1/events/stream` with `Last-Event-ID` resume from the event
+//! history. Both are authenticated by the same JWTs as the API (`Authorization` header or
+//! `token` query parameter, since browsers cannot set headers on either).
+//!
+//! Every connection reads from one bounded broadcast of the [`Hub`]; a client that cannot
+//! keep up is disconnected with a reason rather than allowed to hold the others back (an
+//! SSE client then resumes from the history with its `Last-Event-ID`).
+//!
+//! Who sees what: a document event reaches the document's owner and admins; webhook
+//! deactivations reach admins; system and maintenance notices reach everyone.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use vellum_core::clock::Clock;
+use vellum_core::crds::webhook::EventType;
+use vellum_core::documents::Actor;
+use vellum_core::events::{Bus, Pending, outbox, type_name};
+use vellum_core::store::Metadata;
+
+use crate::AppState;
+use crate::auth::Admin;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::JsonBody;
+
+/// Notices buffered for the slowest client before it is disconnected.
+pub const CLIENT_BUFFER: usize = 1024;
+
+/// Who may see a notice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Audience {
+    Everyone,
+    Admins,
+    /// One user (and admins).
+    User(String),
+}
+
+impl Audience {
+    fn admits(&self, actor: &Actor) -> bool {
+        match self {
+            Self::Everyone => true,
+            Self::Admins => actor.admin,
+            Self::User(user) => actor.admin || *user == actor.user,
+        }
+    }
+}
+
+/// Something connected clients are told.
+#[derive(Clone, Debug)]
+pub struct Notice {
+    /// The event's place in the history (the SSE id), for events that have one.
+    pub seq: Option<i64>,
+    pub audience: Audience,
+    /// `documents`, `notifications` or `webhooks`: what a client may subscribe to.
+    pub channel: &'static str,
+    /// The job this notice is about, for `subscribe_job` clients.
+    pub job_id: Option<String>,
+    /// The message's `type` (`DOCUMENT_UPLOADED`, `system_notification`, ...).
+    pub kind: String,
+    /// The JSON message sent over the WebSocket JSON protocol.
+    pub message: Value,
+    /// The data of the SSE event.
+    pub data: Value,
+}
+
+impl Notice {
+    /// The notice for a relayed document or platform event.
+    pub fn of_event(pending: &Pending) -> Self {
+        let event = &pending.event;
+        let kind = type_name(event.event_type);
+        let owner = event.payload.get("uploadedBy").and_then(Value::as_str).map(str::to_owned);
+        let (audience, channel) = match event.event_type {
+            EventType::WebhookDeactivated => (Audience::Admins, "webhooks"),
+            _ => (owner.map_or(Audience::Admins, Audience::User), "documents"),
+        };
+        let timestamp = event.payload.get("timestamp").cloned().unwrap_or(Value::Null);
+        Self {
+            seq: Some(pending.seq),
+            audience,
+            channel,
+            job_id: event.payload.get("jobId").and_then(Value::as_str).map(str::to_owned),
+            message: json!({"type": kind, "eventId": event.id, "timestamp": timestamp, "data": event.payload}),
+            data: event.payload.clone(),
+            kind,
+        }
+    }
+
+    /// A system or maintenance notice for everyone.
+    pub fn system(kind: &str, message: &str, level: &str, now_ms: i64, extra: Value) -> Self {
+        let mut body = json!({"type": kind, "message": message, "level": level, "timestamp": now_ms});
+        if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+            body.extend(extra);
+        }
+        Self {
+            seq: None,
+            audience: Audience::Everyone,
+            channel: "notifications",
+            job_id: None,
+            kind: kind.to_owned(),
+            data: body.clone(),
+            message: body,
+        }
+    }
+}
+
+/// Connection statistics.
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicI64,
+    job_subscriptions: AtomicI64,
+    channel_subscriptions: AtomicI64,
+}
+
+/// The fan-out point of this gateway: fed by the event relay (the in-process bus
+/// standalone) and by admin broadcasts; read by every WebSocket and SSE connection.
+#[derive(Debug)]
+pub struct Hub {
+    sender: broadcast::Sender<Arc<Notice>>,
+    counters: Counters,
+    users: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    meta: Metadata,
+    clock: Clock,
+}
+
+impl Hub {
+    pub fn new(meta: Metadata, clock: Clock) -> Self {
+        Self {
+            sender: broadcast::channel(CLIENT_BUFFER).0,
+            counters: Counters::default(),
+            users: std::sync::Mutex::default(),
+            meta,
+            clock,
+        }
+    }
+
+    pub fn publish(&self, notice: Notice) {
+        let _ = self.sender.send(Arc::new(notice));
+    }
+
+    /// Forwards the bus's events until the bus closes.
+    pub fn feed_from(self: &Arc<Self>, bus: &Bus) -> JoinHandle<()> {
+        let mut events = bus.subscribe();
+        let hub = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(pending) => hub.publish(Notice::of_event(&pending)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(dropped = n, "the notification hub fell behind the event bus");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    fn connected(&self, user: &str) -> Connection<'_> {
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        *self.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(user.to_owned()).or_default() += 1;
+        Connection { hub: self, user: user.to_owned(), jobs: 0, channels: 0 }
+    }
+}
+
+/// Keeps the statistics right however a connection ends.
+struct Connection<'a> {
+    hub: &'a Hub,
+    user: String,
+    jobs: i64,
+    channels: i64,
+}
+
+impl Connection<'_> {
+    fn jobs(&mut self, delta: i64) {
+        self.jobs += delta;
+        self.hub.counters.job_subscriptions.fetch_add(delta, Ordering::Relaxed);
+    }
+    fn channels(&mut self, delta: i64) {
+        self.channels += delta;
+        self.hub.counters.channel_subscriptions.fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        let c = &self.hub.counters;
+        c.connections.fetch_sub(1, Ordering::Relaxed);
+        c.job_subscriptions.fetch_sub(self.jobs, Ordering::Relaxed);
+        c.channel_subscriptions.fetch_sub(self.channels, Ordering::Relaxed);
+        let mut users = self.hub.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = users.get_mut(&self.user) {
+            *n -= 1;
+            if *n <= 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// The caller of a streaming endpoint: a bearer token in `Authorization` or in `?token=`.
+#[derive(Debug)]
+pub struct StreamUser(pub Actor);
+
+impl FromRequestParts<AppState> for StreamUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let from_header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::to_owned);
+        let from_query = parts.uri.query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned())
+        });
+        let Some(token) = from_header.or(from_query) else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "a token is required (Authorization header or ?token=)",
+            ));
+        };
+        let actor = state.auth.verify(token.trim()).map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, m))?;
+        Ok(Self(actor))
+    }
+}
+
+/// `GET /ws`: the WebSocket JSON protocol.
+pub async fn websocket(
+    State(state): State<AppState>,
+    StreamUser(actor): StreamUser,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let hub = Arc::clone(&state.hub);
+    upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| json_session(socket, hub, actor)).into_response()
+}
+
+/// What a JSON-protocol client sends.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientMessage {
+    Ping,
+    SubscribeJob {
+        #[serde(rename = "jobId")]
+        job_id: String,
+    },
+    UnsubscribeJob {
+        #[serde(rename = "jobId")]
+        job_id: String,
+    },
+    SubscribeChannel {
+        channel: String,
+    },
+    UnsubscribeChannel {
+        channel: String,
+    },
+}
+
+const CHANNELS: [&str; 3] = ["documents", "notifications", "webhooks"];
+
+async fn json_session(socket: WebSocket, hub: Arc<Hub>, actor: Actor) {
+    let mut notices = hub.sender.subscribe();
+    let mut connection = hub.connected(&actor.user);
+    let (mut tx, mut rx) = socket.split();
+    let now = || hub.clock.now_ms();
+    let hello = json!({
+        "type": "connection_established",
+        "userId": actor.user,
+        "username": actor.user,
+        "timestamp": now(),
+        "message": "WebSocket connection established successfully",
+    });
+    if tx.send(Message::Text(hello.to_string().into())).await.is_err() {
+        return;
+    }
+    let mut jobs: HashSet<String> = HashSet::new();
+    let mut channels: HashSet<String> = HashSet::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
+    heartbeat.tick().await;
+    loop {
+        let reply = tokio::select! {
+            incoming = rx.next() => match incoming {
+                Some(Ok(Message::Text(text))) => Some(match serde_json::from_str::<ClientMessage>(&text) {
+                    Ok(ClientMessage::Ping) => json!({"type": "pong", "timestamp": now()}),
+                    Ok(ClientMessage::SubscribeJob { job_id }) => {
+                        if jobs.insert(job_id.clone()) { connection.jobs(1); }
+                        json!({"type": "subscribed", "jobId": job_id, "timestamp": now()})
+                    }
+                    Ok(ClientMessage::UnsubscribeJob { job_id }) => {
+                        if jobs.remove(&job_id) { connection.jobs(-1); }
+                        json!({"type": "unsubscribed", "jobId": job_id, "timestamp": now()})
+                    }
+                    Ok(ClientMessage::SubscribeChannel { channel }) if CHANNELS.contains(&channel.as_str()) => {
+                        if channels.insert(channel.clone()) { connection.channels(1); }
+                        json!({"type": "subscribed", "channel": channel, "timestamp": now()})
+                    }
+                    Ok(ClientMessage::SubscribeChannel { channel }) => json!({"type": "error", "timestamp": now(),
+                        "message": format!("no channel {channel:?}; channels are {}", CHANNELS.join(", "))}),
+                    Ok(ClientMessage::UnsubscribeChannel { channel }) => {
+                        if channels.remove(&channel) { connection.channels(-1); }
+                        json!({"type": "unsubscribed", "channel": channel, "timestamp": now()})
+                    }
+                    Err(e) => json!({"type": "error", "timestamp": now(), "message": format!("unreadable message: {e}")}),
+                }),
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Ok(_)) => None,
+            },
+            notice = notices.recv() => match notice {
+                Ok(notice) => {
+                    // Without channel subscriptions a client gets every channel it may see.
+                    let wanted = if let Some(job) = &notice.job_id {
+                        jobs.contains(job)
+                    } else {
+                        channels.is_empty() || channels.contains(notice.channel)
+                    };
+                    (wanted && notice.audience.admits(&actor)).then(|| notice.message.clone())
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let reason = format!("client cannot keep up: {n} notifications dropped; reconnect");
+                    let _ = tx.send(Message::Close(Some(CloseFrame { code: 1013, reason: reason.into() }))).await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = heartbeat.tick() => {
+                if tx.send(Message::Ping(Vec::new().into())).await.is_err() { return; }
+                None
+            }
+        };
+        if let Some(reply) = reply
+            && tx.send(Message::Text(reply.to_string().into())).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn sse_event(notice: &Notice) -> SseEvent {
+    let event = SseEvent::default().event(notice.kind.clone()).data(notice.data.to_string());
+    match notice.seq {
+        Some(seq) => event.id(seq.to_string()),
+        None => event,
+    }
+}
+
+/// Events of the history a resuming client missed, read in pages.
+const HISTORY_PAGE: i64 = 500;
+
+#[utoipa::path(get, path = "/api/v1/events/stream", tag = "notifications",
+    summary = "Server-Sent Events: document and platform events as they happen",
+    description = "Each event has the event type as `event`, the JSON payload as `data` and its place in the history \
+        as `id`. Reconnect with `Last-Event-ID` (or `?lastEventId=`) to receive exactly what was missed first. \
+        The token may be given as `?token=` since EventSource cannot set headers.",
+    params(("token" = Option<String>, Query), ("lastEventId" = Option<i64>, Query)),
+    responses((status = 200, content_type = "text/event-stream"), (status = 401, body = ErrorBody)))]
+pub async fn sse(
+    State(state): State<AppState>,
+    StreamUser(actor): StreamUser,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let from_query = uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "lastEventId").map(|(_, v)| v.into_owned())
+    });
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(from_query)
+        .map(|v| v.trim().parse::<i64>().map_err(|_| ApiError::bad_request("Last-Event-ID must be an event id")))
+        .transpose()?;
+    let hub = Arc::clone(&state.hub);
+    // Subscribe before reading the history, so nothing falls between the two.
+    let mut live = hub.sender.subscribe();
+    let (mut out, stream) = futures::channel::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        let _connection = hub.connected(&actor.user);
+        let mut last_sent = last;
+        if let Some(mut after) = last {
+            loop {
+                let page = match outbox::published_after(&hub.meta, after, HISTORY_PAGE).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the event history");
+                        return;
+                    }
+                };
+                let Some(tail) = page.last() else { break };
+                after = tail.seq;
+                for pending in &page {
+                    let notice = Notice::of_event(pending);
+                    if notice.audience.admits(&actor) && out.send(Ok(sse_event(&notice))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            last_sent = Some(after);
+        }
+        loop {
+            match live.recv().await {
+                Ok(notice) => {
+                    let seen = notice.seq.zip(last_sent).is_some_and(|(seq, sent)| seq <= sent);
+                    if seen || !notice.audience.admits(&actor) {
+                        continue;
+                    }
+                    if out.send(Ok(sse_event(&notice))).await.is_err() {
+                        return;
+                    }
+                }
+                // The client reconnects with its Last-Event-ID and reads what it missed
+                // from the history.
+                Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// A notice an admin sends to everyone.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Broadcast {
+    pub message: String,
+    /// info, warning or error (default info).
+    pub level: Option<String>,
+    /// For maintenance notices: when it starts (free text, as the sender writes it).
+    pub scheduled_at: Option<String>,
+}
+
+fn broadcast_notice(state: &AppState, kind: &str, request: Broadcast) -> Result<Json<Value>, ApiError> {
+    if request.message.trim().is_empty() || request.message.len() > 4096 {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "message must have 1 to 4096 bytes"));
+    }
+    let level =
+        request.level.unwrap_or_else(|| if kind == "maintenance_notification" { "warning" } else { "info" }.into());
+    if !["info", "warning", "error"].contains(&level.as_str()) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "level must be info, warning or error"));
+    }
+    let extra = request.scheduled_at.map_or(json!({}), |at| json!({"scheduledAt": at}));
+    let receivers = state.hub.sender.receiver_count();
+    state.hub.publish(Notice::system(kind, &request.message, &level, state.hub.clock.now_ms(), extra));
+    Ok(Json(json!({"errorMessage": "Notification sent", "data": {"type": kind, "receivers": receivers}})))
+}
+
+#[utoipa::path(post, path = "/broadcast/system", tag = "notifications", summary = "Send a system notification to everyone connected",
+    request_body = Broadcast, responses((status = 200), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn broadcast_system(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    JsonBody(request): JsonBody<Broadcast>,
+) -> Result<Json<Value>, ApiError> {
+    broadcast_notice(&state, "system_notification", request)
+}
+
+#[utoipa::path(post, path = "/broadcast/maintenance", tag = "notifications", summary = "Send a maintenance notice to everyone connected",
+    request_body = Broadcast, responses((status = 200), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn broadcast_maintenance(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    JsonBody(request): JsonBody<Broadcast>,
+) -> Result<Json<Value>, ApiError> {
+    broadcast_notice(&state, "maintenance_notification", request)
+}
+
+#[utoipa::path(get, path = "/stats", tag = "notifications", summary = "Connection statistics of this gateway",
+    responses((status = 200), (status = 403, body = ErrorBody)))]
+async fn stats(State(state): State<AppState>, Admin(_): Admin) -> Json<Value> {
+    let c = &state.hub.counters;
+    Json(json!({
+        "errorMessage": "WebSocket statistics retrieved successfully",
+        "data": {
+            "activeConnections": c.connections.load(Ordering::Relaxed),
+            "activeJobSubscriptions": c.job_subscriptions.load(Ordering::Relaxed),
+            "activeChannelSubscriptions": c.channel_subscriptions.load(Ordering::Relaxed),
+        }
+    }))
+}
+
+#[utoipa::path(get, path = "/user/{userId}/status", tag = "notifications", summary = "Whether a user is connected to this gateway",
+    params(("userId" = String, Path)), responses((status = 200), (status = 403, body = ErrorBody)))]
+async fn user_status(State(state): State<AppState>, Admin(_): Admin, Path(user): Path<String>) -> Json<Value> {
+    let n = state.hub.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&user).copied().unwrap_or(0);
+    Json(json!({"userId": user, "connected": n > 0, "connections": n}))
+}
+
+/// The management routes, under `/api/v1/websocket`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(broadcast_system))
+        .routes(routes!(broadcast_maintenance))
+        .routes(routes!(stats))
+        .routes(routes!(user_status))
+}

@@ -1,0 +1,318 @@
+//! Real-time notifications over a socket: the WebSocket JSON protocol of the seed clients,
+//! SSE with Last-Event-ID resume, admin broadcasts and statistics, and a slow client
+//! disconnected with a reason instead of holding the others back.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use vellum_gateway::auth::AuthSettings;
+use vellum_gateway::realtime::Notice;
+use vellum_gateway::standalone::{self, Running};
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Gateway {
+    running: Running,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn gateway() -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(
+        config.join("tiers.yaml"),
+        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, default: true, backend: {url: 'memory://'}}\n",
+    )
+    .unwrap();
+    let options = standalone::Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        config_dir: config,
+        database_url: None,
+        auth: AuthSettings { secret: Some(b"test-secret".to_vec()), ..AuthSettings::default() },
+        max_upload_bytes: 1 << 20,
+        public_url: None,
+        allow_webhook_cidrs: vec![],
+    };
+    Gateway { running: standalone::start(options).await.unwrap(), client: reqwest::Client::new(), _dir: dir }
+}
+
+impl Gateway {
+    fn token(&self, user: &str, roles: &[&str]) -> String {
+        self.running.state.auth.mint(user, roles, Duration::from_secs(600)).unwrap()
+    }
+
+    async fn upload(&self, user: &str, filename: &str) -> Value {
+        let form = Form::new().part("file", Part::bytes(filename.as_bytes().to_vec()).file_name(filename.to_owned()));
+        let response = self
+            .client
+            .post(format!("{}/api/v1/documents", self.running.url))
+            .bearer_auth(self.token(user, &["user"]))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        response.json().await.unwrap()
+    }
+
+    async fn ws(&self, user: &str, roles: &[&str]) -> Ws {
+        let url = format!("{}/ws?token={}", self.running.url.replace("http://", "ws://"), self.token(user, roles));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let hello = next_json(&mut ws).await;
+        assert_eq!(hello["type"], "connection_established");
+        assert_eq!(hello["userId"], user);
+        ws
+    }
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let message =
+            tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a message").unwrap().unwrap();
+        match message {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, message: Value) {
+    ws.send(Message::Text(message.to_string().into())).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_json_protocol_delivers_each_user_their_events_and_broadcasts_to_all() {
+    let gw = gateway().await;
+    let mut alice = gw.ws("alice", &["user"]).await;
+    let mut bob = gw.ws("bob", &["user"]).await;
+    let mut admin = gw.ws("root", &["user", "admin"]).await;
+
+    send(&mut alice, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut alice).await["type"], "pong");
+    send(&mut alice, json!({"type": "subscribe_channel", "channel": "nope"})).await;
+    let error = next_json(&mut alice).await;
+    assert_eq!(error["type"], "error");
+    assert!(error["message"].as_str().unwrap().contains("documents"));
+    send(&mut alice, json!({"type": "dance"})).await;
+    assert_eq!(next_json(&mut alice).await["type"], "error", "an unknown message is answered, not fatal");
+    send(&mut alice, json!({"type": "subscribe_job", "jobId": "job-123"})).await;
+    assert_eq!(next_json(&mut alice).await["type"], "subscribed");
+
+    let doc = gw.upload("alice", "alice.txt").await;
+    let event = next_json(&mut alice).await;
+    assert_eq!(event["type"], "DOCUMENT_UPLOADED");
+    assert_eq!(event["data"]["documentId"], doc["id"]);
+    assert_eq!(event["data"]["filename"], "alice.txt");
+    assert!(event["eventId"].is_string());
+    assert_eq!(next_json(&mut admin).await["data"]["filename"], "alice.txt", "admins see every event");
+    // Bob does not see Alice's documents: his first event is his own upload.
+    gw.upload("bob", "bob.txt").await;
+    assert_eq!(next_json(&mut bob).await["data"]["filename"], "bob.txt");
+
+    // Statistics and an admin broadcast.
+    let admin_token = gw.token("root", &["user", "admin"]);
+    let stats: Value = gw
+        .client
+        .get(format!("{}/api/v1/websocket/stats", gw.running.url))
+        .bearer_auth(&admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["data"]["activeConnections"], 3);
+    assert_eq!(stats["data"]["activeJobSubscriptions"], 1);
+    let user_status: Value = gw
+        .client
+        .get(format!("{}/api/v1/websocket/user/alice/status", gw.running.url))
+        .bearer_auth(&admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(user_status["connected"], true);
+    let sent = gw
+        .client
+        .post(format!("{}/api/v1/websocket/broadcast/system", gw.running.url))
+        .bearer_auth(&admin_token)
+        .json(&json!({"message": "System maintenance in 30 minutes", "level": "warning"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::OK);
+    for ws in [&mut alice, &mut bob] {
+        let notice = next_json(ws).await;
+        assert_eq!(notice["type"], "system_notification");
+        assert_eq!(notice["message"], "System maintenance in 30 minutes");
+        assert_eq!(notice["level"], "warning");
+    }
+    let forbidden = gw
+        .client
+        .post(format!("{}/api/v1/websocket/broadcast/system", gw.running.url))
+        .bearer_auth(gw.token("bob", &["user"]))
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+
+    // No token, or a bad one: refused before the upgrade.
+    let ws_base = gw.running.url.replace("http://", "ws://");
+    for url in [format!("{ws_base}/ws"), format!("{ws_base}/ws?token=not-a-jwt")] {
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+            other => panic!("expected 401, got {other:?}"),
+        }
+    }
+    drop(gw);
+}
+
+/// Reads SSE events (id, event, data) from a streaming response until `n` have arrived.
+async fn read_events(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    n: usize,
+) -> Vec<(Option<i64>, String, Value)> {
+    let mut events = Vec::new();
+    while events.len() < n {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let (mut id, mut event, mut data) = (None, String::new(), String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().parse().unwrap());
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    v.trim().clone_into(&mut event);
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            if !data.is_empty() {
+                events.push((id, event, serde_json::from_str(&data).unwrap()));
+            }
+        }
+        if events.len() >= n {
+            break;
+        }
+        let chunk =
+            tokio::time::timeout(Duration::from_secs(10), response.chunk()).await.expect("SSE data").unwrap().unwrap();
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    events
+}
+
+#[tokio::test]
+async fn an_sse_client_resuming_with_last_event_id_gets_exactly_what_it_missed() {
+    let gw = gateway().await;
+    let url = format!("{}/api/v1/events/stream?token={}", gw.running.url, gw.token("alice", &["user"]));
+    let mut stream = gw.client.get(&url).send().await.unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut buffer = String::new();
+    for n in 0..3 {
+        gw.upload("alice", &format!("first-{n}.txt")).await;
+    }
+    gw.upload("bob", "not-for-alice.txt").await;
+    let first = read_events(&mut stream, &mut buffer, 3).await;
+    assert_eq!(
+        first.iter().map(|e| e.2["filename"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["first-0.txt", "first-1.txt", "first-2.txt"]
+    );
+    assert!(first.iter().all(|e| e.1 == "DOCUMENT_UPLOADED"));
+    let last_id = first[2].0.unwrap();
+    drop(stream);
+
+    // Missed while away.
+    gw.upload("alice", "missed-0.txt").await;
+    gw.upload("bob", "still-not-for-alice.txt").await;
+    gw.upload("alice", "missed-1.txt").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut resumed = gw
+        .client
+        .get(format!("{}/api/v1/events/stream", gw.running.url))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .header("Last-Event-ID", last_id.to_string())
+        .send()
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    let missed = read_events(&mut resumed, &mut buffer, 2).await;
+    assert_eq!(
+        missed.iter().map(|e| e.2["filename"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["missed-0.txt", "missed-1.txt"]
+    );
+    assert!(missed.iter().all(|e| e.0.unwrap() > last_id));
+    // Then live, without repeating anything.
+    gw.upload("alice", "live.txt").await;
+    let live = read_events(&mut resumed, &mut buffer, 1).await;
+    assert_eq!(live[0].2["filename"], "live.txt");
+    assert!(live[0].0.unwrap() > missed[1].0.unwrap());
+
+    let bad = gw
+        .client
+        .get(format!("{}/api/v1/events/stream", gw.running.url))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cannot_keep_up_is_closed_with_a_reason_and_others_are_not_held_back() {
+    const NOTICES: usize = 10_000;
+    let gw = gateway().await;
+    let mut slow = gw.ws("slow", &["user"]).await;
+    let mut fine = gw.ws("fine", &["user"]).await;
+    // The fine client reads as notices come.
+    let reader = tokio::spawn(async move {
+        let mut received = 0;
+        while received < NOTICES {
+            match tokio::time::timeout(Duration::from_secs(20), fine.next()).await {
+                Ok(Some(Ok(Message::Text(_)))) => received += 1,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                other => panic!("the fine client was cut off after {received}: {other:?}"),
+            }
+        }
+        received
+    });
+    // 20 MB of notices (more than the socket buffers hold), paced so that a client reading
+    // along keeps up, while the slow client reads nothing and its socket fills.
+    let hub = &gw.running.state.hub;
+    let padding = "x".repeat(2000);
+    for batch in 0..NOTICES / 20 {
+        for n in 0..20 {
+            hub.publish(Notice::system(
+                "system_notification",
+                &format!("{} {padding}", batch * 20 + n),
+                "info",
+                0,
+                json!({}),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    assert_eq!(reader.await.unwrap(), NOTICES, "the fine client got every notice");
+    // The slow client reads only now: what it was sent, then a close with the reason.
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), slow.next()).await.expect("progress") {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close frame with a reason"),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 1013);
+    assert!(close.reason.contains("cannot keep up"), "{}", close.reason);
+}
