@@ -122,6 +122,37 @@ impl Notice {
     }
 }
 
+impl Notice {
+    /// A job's progress, for the user who owns it and clients subscribed to the job (the
+    /// seed's `job_status_update`). Upload sessions are jobs whose id is the session id.
+    pub fn job_update(user: &str, job_id: &str, now_ms: i64, data: Value) -> Self {
+        let message = json!({"type": "job_status_update", "jobId": job_id, "timestamp": now_ms, "data": data});
+        Self {
+            seq: None,
+            audience: Audience::User(user.to_owned()),
+            channel: "notifications",
+            job_id: Some(job_id.to_owned()),
+            kind: "job_status_update".into(),
+            data: message.clone(),
+            message,
+        }
+    }
+
+    /// A job's end (the seed's `job_completed`).
+    pub fn job_completed(user: &str, job_id: &str, now_ms: i64, result: Value) -> Self {
+        let message = json!({"type": "job_completed", "jobId": job_id, "timestamp": now_ms, "result": result});
+        Self {
+            seq: None,
+            audience: Audience::User(user.to_owned()),
+            channel: "notifications",
+            job_id: Some(job_id.to_owned()),
+            kind: "job_completed".into(),
+            data: message.clone(),
+            message,
+        }
+    }
+}
+
 /// Connection statistics.
 #[derive(Debug, Default)]
 struct Counters {
@@ -150,6 +181,10 @@ impl Hub {
             meta,
             clock,
         }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     pub fn publish(&self, notice: Notice) {

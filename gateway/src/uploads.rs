@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
 use serde::Deserialize;
+use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vellum_core::documents::Uploaded;
@@ -17,6 +18,7 @@ use crate::AppState;
 use crate::auth::User;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{JsonBody, QueryParams};
+use crate::realtime::Notice;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -99,6 +101,15 @@ async fn put_chunk(
     let checksum = header.or(params.checksum);
     let body = Box::pin(request.into_body().into_data_stream().map_err(std::io::Error::other));
     let session = state.docs.put_chunk(&actor, &id, n, checksum.as_deref(), body).await?;
+    let progress = json!({
+        "status": "uploading",
+        "progress": session.progress,
+        "uploadedChunks": session.uploaded_chunks,
+        "totalChunks": session.total_chunks,
+        "uploadedBytes": session.uploaded_bytes,
+        "message": format!("chunk {n} of {} received", session.total_chunks),
+    });
+    state.hub.publish(Notice::job_update(&actor.user, &id, state.hub.now_ms(), progress));
     Ok(axum::Json(session).into_response())
 }
 
@@ -126,6 +137,8 @@ async fn missing(State(state): State<AppState>, User(actor): User, Path(id): Pat
         (status = 422, description = "Checksum mismatch", body = ErrorBody)))]
 async fn complete(State(state): State<AppState>, User(actor): User, Path(id): Path<String>) -> ApiResult<Response> {
     let uploaded = state.docs.complete_upload(&actor, &id).await?;
+    let result = json!({"success": true, "documentId": uploaded.document.id, "filename": uploaded.document.filename});
+    state.hub.publish(Notice::job_completed(&actor.user, &id, state.hub.now_ms(), result));
     Ok(crate::documents::created(&state, &uploaded))
 }
 

@@ -316,3 +316,61 @@ async fn a_client_that_cannot_keep_up_is_closed_with_a_reason_and_others_are_not
     assert_eq!(u16::from(close.code), 1013);
     assert!(close.reason.contains("cannot keep up"), "{}", close.reason);
 }
+
+#[tokio::test]
+async fn upload_progress_reaches_the_owner_subscribed_to_the_session_as_job_updates() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &["user"]);
+    let init = json!({"filename": "big.bin", "totalSize": 20, "chunkSize": 10});
+    let session: Value = gw
+        .client
+        .post(format!("{}/api/v1/upload/initiate", gw.running.url))
+        .bearer_auth(&token)
+        .json(&init)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = session["sessionId"].as_str().unwrap().to_owned();
+    let mut alice = gw.ws("alice", &["user"]).await;
+    let mut bob = gw.ws("bob", &["user"]).await;
+    for ws in [&mut alice, &mut bob] {
+        send(ws, json!({"type": "subscribe_job", "jobId": id})).await;
+        assert_eq!(next_json(ws).await["type"], "subscribed");
+    }
+    for n in 0..2 {
+        let put = gw
+            .client
+            .put(format!("{}/api/v1/upload/{id}/chunk/{n}", gw.running.url))
+            .bearer_auth(&token)
+            .body(vec![b'x'; 10])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), StatusCode::OK);
+        let update = next_json(&mut alice).await;
+        assert_eq!(update["type"], "job_status_update");
+        assert_eq!(update["jobId"], id.as_str());
+        assert_eq!(update["data"]["uploadedChunks"], n + 1);
+    }
+    let done = gw
+        .client
+        .post(format!("{}/api/v1/upload/{id}/complete", gw.running.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), StatusCode::CREATED);
+    let mut completed = next_json(&mut alice).await;
+    if completed["type"] == "DOCUMENT_UPLOADED" {
+        completed = next_json(&mut alice).await;
+    }
+    assert_eq!(completed["type"], "job_completed");
+    assert_eq!(completed["result"]["success"], true);
+    assert_eq!(completed["result"]["filename"], "big.bin");
+    // Bob subscribed to Alice's session but sees none of it: his next message is his pong.
+    send(&mut bob, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut bob).await["type"], "pong");
+}
