@@ -125,7 +125,7 @@ impl Notice {
 impl Notice {
     /// A job's progress, for the user who owns it and clients subscribed to the job (the
     /// seed's `job_status_update`). Upload sessions are jobs whose id is the session id.
-    pub fn job_update(user: &str, job_id: &str, now_ms: i64, data: Value) -> Self {
+    pub fn job_update(user: &str, job_id: &str, now_ms: i64, data: &Value) -> Self {
         let message = json!({"type": "job_status_update", "jobId": job_id, "timestamp": now_ms, "data": data});
         Self {
             seq: None,
@@ -139,7 +139,7 @@ impl Notice {
     }
 
     /// A job's end (the seed's `job_completed`).
-    pub fn job_completed(user: &str, job_id: &str, now_ms: i64, result: Value) -> Self {
+    pub fn job_completed(user: &str, job_id: &str, now_ms: i64, result: &Value) -> Self {
         let message = json!({"type": "job_completed", "jobId": job_id, "timestamp": now_ms, "result": result});
         Self {
             seq: None,
