@@ -199,8 +199,11 @@ async fn dispatch(inner: Arc<Inner>, mut endpoint_rx: watch::Receiver<Endpoint>,
         if *stop.borrow() {
             break;
         }
-        if endpoint_rx.has_changed().unwrap_or(false) {
-            endpoint = endpoint_rx.borrow_and_update().clone();
+        // Compared rather than asked `has_changed`: waking on `changed()` below has already
+        // marked the new value seen.
+        let latest = endpoint_rx.borrow_and_update().clone();
+        if latest.config != endpoint.config || latest.keys != endpoint.keys {
+            endpoint = latest;
             if endpoint.config.max_concurrency.max(1) != concurrency {
                 concurrency = endpoint.config.max_concurrency.max(1);
                 permits = Arc::new(Semaphore::new(concurrency as usize));
@@ -230,7 +233,9 @@ async fn dispatch(inner: Arc<Inner>, mut endpoint_rx: watch::Receiver<Endpoint>,
                             if let Some(rate) = &rate {
                                 rate.until_ready().await;
                             }
-                            let (inner, endpoint, wake) = (Arc::clone(&inner), endpoint.clone(), Arc::clone(&wake));
+                            // The newest config and keys: they may have changed while leasing.
+                            let endpoint = endpoint_rx.borrow().clone();
+                            let (inner, wake) = (Arc::clone(&inner), Arc::clone(&wake));
                             tasks.spawn(async move {
                                 let deactivated = attempt(&inner, &endpoint, &delivery).await;
                                 drop(permit);
