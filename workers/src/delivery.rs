@@ -192,10 +192,16 @@ async fn dispatch(inner: Arc<Inner>, mut endpoint_rx: watch::Receiver<Endpoint>,
     let mut concurrency = endpoint.config.max_concurrency.max(1);
     let mut permits = Arc::new(Semaphore::new(concurrency as usize));
     let mut rate = limiter(&endpoint.config).map(Arc::new);
-    let mut tasks = JoinSet::new();
-    let mut active = (true, tokio::time::Instant::now() - Duration::from_secs(60));
+    let mut tasks: JoinSet<bool> = JoinSet::new();
+    // Whether the endpoint is active, and when that was read; `None` asks for a fresh read.
+    let mut active = true;
+    let mut checked: Option<tokio::time::Instant> = None;
     loop {
-        while tasks.try_join_next().is_some() {}
+        while let Some(done) = tasks.try_join_next() {
+            if matches!(done, Ok(true)) {
+                checked = None;
+            }
+        }
         if *stop.borrow() {
             break;
         }
@@ -209,17 +215,18 @@ async fn dispatch(inner: Arc<Inner>, mut endpoint_rx: watch::Receiver<Endpoint>,
                 permits = Arc::new(Semaphore::new(concurrency as usize));
             }
             rate = limiter(&endpoint.config).map(Arc::new);
-            active.1 -= Duration::from_secs(60);
+            checked = None;
         }
-        // Another worker may have deactivated (or an admin reactivated) the endpoint.
-        if active.1.elapsed() >= Duration::from_secs(1) {
+        // Another worker may have deactivated (or an admin reactivated) the endpoint; a
+        // deactivation by one of our own attempts is read at once.
+        if checked.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             match webhooks::activation(&inner.meta, &name).await {
-                Ok(a) => active = (a.active, tokio::time::Instant::now()),
+                Ok(a) => (active, checked) = (a.active, Some(tokio::time::Instant::now())),
                 Err(e) => tracing::warn!(webhook = %name, error = %e, "reading the endpoint's state"),
             }
         }
         let mut wait = inner.settings.idle_poll;
-        if !endpoint.config.paused && active.0 {
+        if !endpoint.config.paused && active {
             let free = permits.available_permits();
             if free > 0 {
                 let now = inner.clock.now_ms();
@@ -235,14 +242,15 @@ async fn dispatch(inner: Arc<Inner>, mut endpoint_rx: watch::Receiver<Endpoint>,
                             }
                             // The newest config and keys: they may have changed while leasing.
                             let endpoint = endpoint_rx.borrow().clone();
-                            let (inner, wake) = (Arc::clone(&inner), Arc::clone(&wake));
+                            let inner = Arc::clone(&inner);
                             tasks.spawn(async move {
                                 let deactivated = attempt(&inner, &endpoint, &delivery).await;
                                 drop(permit);
                                 if deactivated {
                                     tracing::warn!(webhook = %endpoint.name, "endpoint deactivated");
                                 }
-                                wake.notify_one();
+                                // Its end wakes the dispatcher through `join_next`, with the verdict.
+                                deactivated
                             });
                         }
                         continue;
@@ -266,11 +274,13 @@ async fn dispatch(inner: Arc<Inner>, mut endpoint_rx: watch::Receiver<Endpoint>,
             () = wake.notified() => {}
             _ = endpoint_rx.changed() => {}
             _ = stop.changed() => {}
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if matches!(done, Ok(true)) {
+                    checked = None;
+                }
+            }
             () = tokio::time::sleep(wait) => {}
         }
-        // A deactivation recorded by one of our attempts shows at once.
-        active.1 -= Duration::from_secs(1);
     }
     while tasks.join_next().await.is_some() {}
 }
