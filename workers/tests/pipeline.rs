@@ -6,6 +6,7 @@
 //! every event still reaches every endpoint, signed.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -145,7 +146,7 @@ async fn enqueue(meta: &Metadata, n: i64) -> String {
 }
 
 fn config_dir(dir: &std::path::Path, port: u16, whsec: &str) {
-    let yaml = format!(
+    let mut yaml = format!(
         r"
 apiVersion: v1
 kind: Secret
@@ -156,28 +157,6 @@ apiVersion: vellum.dev/v1alpha1
 kind: StorageTier
 metadata: {{name: hot}}
 spec: {{class: HOT, default: true, backend: {{url: 'memory://'}}}}
----
-apiVersion: vellum.dev/v1alpha1
-kind: Webhook
-metadata: {{name: plain}}
-spec:
-  url: http://127.0.0.1:{port}/plain
-  secretRef: {{name: hook-keys, key: plain}}
-  retry: {{maxRetries: 10, initialBackoffSeconds: 1, maxBackoffSeconds: 2, jitter: false}}
-  timeoutSeconds: 2
-  # Every first attempt fails on purpose here; that must not deactivate the endpoint.
-  deactivation: {{enabled: false}}
----
-apiVersion: vellum.dev/v1alpha1
-kind: Webhook
-metadata: {{name: whsec}}
-spec:
-  url: http://127.0.0.1:{port}/whsec
-  secretRef: {{name: hook-keys, key: whsec}}
-  retry: {{maxRetries: 10, initialBackoffSeconds: 1, maxBackoffSeconds: 2, jitter: false}}
-  timeoutSeconds: 2
-  # Every first attempt fails on purpose here; that must not deactivate the endpoint.
-  deactivation: {{enabled: false}}
 ---
 apiVersion: vellum.dev/v1alpha1
 kind: BlueGreenRelease
@@ -192,6 +171,24 @@ spec:
   webhookAllowedCidrs: ['127.0.0.1']
 "
     );
+    // One endpoint per secret form, each signed with its own key of the Secret.
+    for name in ["plain", "whsec"] {
+        writeln!(
+            yaml,
+            r"---
+apiVersion: vellum.dev/v1alpha1
+kind: Webhook
+metadata: {{name: {name}}}
+spec:
+  url: http://127.0.0.1:{port}/{name}
+  secretRef: {{name: hook-keys, key: {name}}}
+  retry: {{maxRetries: 10, initialBackoffSeconds: 1, maxBackoffSeconds: 2, jitter: false}}
+  timeoutSeconds: 2
+  # Every first attempt fails on purpose here; that must not deactivate the endpoint.
+  deactivation: {{enabled: false}}"
+        )
+        .unwrap();
+    }
     std::fs::File::create(dir.join("platform.yaml")).unwrap().write_all(yaml.as_bytes()).unwrap();
 }
 
