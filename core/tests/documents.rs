@@ -27,12 +27,7 @@ struct Env {
 
 async fn env(postgres: bool, tier_store: Option<Arc<dyn ObjectStore>>, compression: bool) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let (url, db) = if postgres {
-        let db = TestDatabase::new().await.unwrap();
-        (db.url.clone(), Some(db))
-    } else {
-        (format!("sqlite://{}", dir.path().join("meta.db").display()), None)
-    };
+    let (url, db) = TestDatabase::or_sqlite(postgres, dir.path()).await.unwrap();
     let meta = Metadata::open(&url).await.unwrap();
     let store = tier_store.unwrap_or_else(|| Arc::new(InMemory::new()));
     let compression = Compression { enabled: compression, ..Compression::default() };

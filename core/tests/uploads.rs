@@ -25,12 +25,7 @@ struct Env {
 
 async fn env(postgres: bool) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let (url, db) = if postgres {
-        let db = TestDatabase::new().await.unwrap();
-        (db.url.clone(), Some(db))
-    } else {
-        (format!("sqlite://{}", dir.path().join("meta.db").display()), None)
-    };
+    let (url, db) = TestDatabase::or_sqlite(postgres, dir.path()).await.unwrap();
     let meta = Metadata::open(&url).await.unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let tier = Tier::from_store("hot", TierClass::Hot, None, Compression::default(), Arc::clone(&store));

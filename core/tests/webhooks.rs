@@ -21,12 +21,7 @@ struct Env {
 
 async fn env(postgres: bool) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let (url, db) = if postgres {
-        let db = TestDatabase::new().await.unwrap();
-        (db.url.clone(), Some(db))
-    } else {
-        (format!("sqlite://{}", dir.path().join("meta.db").display()), None)
-    };
+    let (url, db) = TestDatabase::or_sqlite(postgres, dir.path()).await.unwrap();
     Env { meta: Metadata::open(&url).await.unwrap(), _db: db, _dir: dir }
 }
 

@@ -21,6 +21,18 @@ impl TestDatabase {
         Self::on(&env::get(env::DATABASE_URL, env::DATABASE_URL_DEFAULT)).await
     }
 
+    /// The metadata database of a test that runs on both dialects: a fresh Postgres
+    /// database, or a SQLite file in `dir`. Keep the returned database for as long as the
+    /// test runs; dropping it drops the Postgres database.
+    pub async fn or_sqlite(postgres: bool, dir: &std::path::Path) -> Result<(String, Option<Self>), KitError> {
+        if postgres {
+            let db = Self::new().await?;
+            Ok((db.url.clone(), Some(db)))
+        } else {
+            Ok((format!("sqlite://{}", dir.join("meta.db").display()), None))
+        }
+    }
+
     /// Creates a database on the server of `admin_url`, whose role may create databases.
     pub async fn on(admin_url: &str) -> Result<Self, KitError> {
         let unreachable = |e: sqlx::Error| KitError::Unreachable {
