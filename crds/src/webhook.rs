@@ -71,6 +71,11 @@ pub struct WebhookSpec {
     pub deactivation: DeactivationRule,
 }
 
+/// Headers Vellum sets on every delivery, besides those starting with `webhook-`; a
+/// Webhook's extra `headers` may not name them (the schema's CEL rule says the same).
+pub const RESERVED_HEADERS: [&str; 6] =
+    ["x-webhook-signature", "x-event-type", "x-timestamp", "content-type", "content-length", "host"];
+
 fn default_timeout_seconds() -> u32 {
     30
 }

@@ -223,15 +223,7 @@ fn validate(request: &CreateWebhook, engine: &Engine) -> Result<(), ApiError> {
     if request.event_types.len() > 16 {
         return Err(unprocessable("at most 16 eventTypes"));
     }
-    for h in &request.headers {
-        let lower = h.name.to_ascii_lowercase();
-        if lower.starts_with("webhook-")
-            || ["x-webhook-signature", "x-event-type", "x-timestamp", "content-type", "content-length", "host"]
-                .contains(&lower.as_str())
-        {
-            return Err(unprocessable(format!("header {} is set by Vellum and cannot be overridden", h.name)));
-        }
-    }
+    // Reserved headers are refused by the config compiler, which every webhook passes.
     Ok(())
 }
 

@@ -174,6 +174,11 @@ async fn webhook_api(gw: Gateway) {
         (json!({"name": "x", "url": "http://example.com/", "secret": "whsec_!!"}), "base64"),
         (json!({"name": "x", "url": "http://example.com/", "secret": "s", "retryCount": 99}), "retryCount"),
         (json!({"name": "", "url": "http://example.com/", "secret": "s"}), "name"),
+        (
+            json!({"name": "x", "url": "http://example.com/", "secret": "s",
+                   "headers": [{"name": "Webhook-Signature", "value": "v1,forged"}]}),
+            "cannot be overridden",
+        ),
     ];
     for (body, expected) in bad {
         let message = error_of(create(body.clone()).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;

@@ -260,6 +260,15 @@ impl<'a> Compiler<'a> {
                 self.errors.push(err("Webhook", &name, reasons::INVALID_SPEC, message));
                 continue;
             }
+            let reserved = spec.headers.iter().find(|h| {
+                let lower = h.name.to_ascii_lowercase();
+                lower.starts_with("webhook-") || vellum_crds::webhook::RESERVED_HEADERS.contains(&lower.as_str())
+            });
+            if let Some(header) = reserved {
+                let message = format!("header {} is set by Vellum and cannot be overridden", header.name);
+                self.errors.push(err("Webhook", &name, reasons::INVALID_SPEC, message));
+                continue;
+            }
             let config = WebhookConfig {
                 url: spec.url.clone(),
                 signing_key,

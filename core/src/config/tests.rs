@@ -112,6 +112,14 @@ apiVersion: vellum.dev/v1alpha1
 kind: Webhook
 metadata: {{name: bad-key}}
 spec: {{url: 'https://example.com', secretRef: {{name: keys, key: bad}}}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: Webhook
+metadata: {{name: forged-header}}
+spec:
+  url: 'https://example.com'
+  secretRef: {{name: keys, key: other}}
+  headers: [{{name: X-Webhook-Signature, value: forged}}]
 "
     );
     let errors = compile(&parse(&yaml)).unwrap_err();
@@ -124,6 +132,7 @@ spec: {{url: 'https://example.com', secretRef: {{name: keys, key: bad}}}}
         ("Webhook/no-secret", "SecretNotFound"),
         ("Webhook/no-key", "SecretKeyMissing"),
         ("Webhook/bad-key", "InvalidSpec"),
+        ("Webhook/forged-header", "InvalidSpec"),
     ] {
         assert!(got.contains(&expected), "missing {expected:?} in {errors:#?}");
     }
