@@ -126,29 +126,26 @@ impl Notice {
     /// A job's progress, for the user who owns it and clients subscribed to the job (the
     /// seed's `job_status_update`). Upload sessions are jobs whose id is the session id.
     pub fn job_update(user: &str, job_id: &str, now_ms: i64, data: &Value) -> Self {
-        let message = json!({"type": "job_status_update", "jobId": job_id, "timestamp": now_ms, "data": data});
-        Self {
-            seq: None,
-            audience: Audience::User(user.to_owned()),
-            channel: "notifications",
-            job_id: Some(job_id.to_owned()),
-            kind: "job_status_update".into(),
-            data: message.clone(),
-            message,
-        }
+        Self::job("job_status_update", user, job_id, json!({"timestamp": now_ms, "data": data}))
     }
 
     /// A job's end (the seed's `job_completed`).
     pub fn job_completed(user: &str, job_id: &str, now_ms: i64, result: &Value) -> Self {
-        let message = json!({"type": "job_completed", "jobId": job_id, "timestamp": now_ms, "result": result});
+        Self::job("job_completed", user, job_id, json!({"timestamp": now_ms, "result": result}))
+    }
+
+    /// A job message of `kind`: `fields` with the type and the job id added.
+    fn job(kind: &str, user: &str, job_id: &str, mut fields: Value) -> Self {
+        fields["type"] = json!(kind);
+        fields["jobId"] = json!(job_id);
         Self {
             seq: None,
             audience: Audience::User(user.to_owned()),
             channel: "notifications",
             job_id: Some(job_id.to_owned()),
-            kind: "job_completed".into(),
-            data: message.clone(),
-            message,
+            kind: kind.to_owned(),
+            data: fields.clone(),
+            message: fields,
         }
     }
 }

@@ -269,11 +269,13 @@ async fn create(
     // Compile first: the webhook is stored only if the platform config accepts it.
     let mut api = webhooks::api_webhooks(service.engine.meta()).await.map_err(store_error)?;
     api.push(webhook.clone());
-    service.compile_with(&api).map_err(unprocessable)?;
+    let (config, secrets) = service.compile_with(&api).map_err(unprocessable)?;
     if !webhooks::create_api(service.engine.meta(), &webhook).await.map_err(store_error)? {
         return Err(ApiError::new(StatusCode::CONFLICT, format!("webhook {id} exists")));
     }
-    service.apply().await?;
+    // What was compiled is what is stored now: the change lock keeps others out meanwhile.
+    let endpoints = vellum_workers::configured_endpoints(&config, &secrets);
+    service.engine.set_endpoints(endpoints).await.map_err(store_error)?;
     drop(guard);
     tracing::info!(webhook = %id, by = %actor.user, "webhook created");
     Ok((StatusCode::CREATED, Json(view(&state, &id).await?)).into_response())
