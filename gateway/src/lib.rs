@@ -11,7 +11,9 @@ pub mod health;
 pub mod metrics;
 pub mod openapi;
 pub mod realtime;
+pub mod sockjs;
 pub mod standalone;
+pub mod stomp;
 pub mod tus;
 pub mod uploads;
 pub mod webhooks;
@@ -56,8 +58,12 @@ pub fn app(state: AppState) -> Router {
         // The seed's clients call `/api/documents/...`; the same routes answer there.
         .nest("/api/documents", documents::router().into())
         .nest("/api/webhooks", webhooks::router().into())
-        // The seed's WebSocket clients connect to /ws, or to the job-status endpoints.
+        // The seed's WebSocket clients connect to /ws (JSON or STOMP), to SockJS under /ws,
+        // or to the job-status endpoints.
         .route("/ws", axum::routing::get(realtime::websocket))
+        .route("/ws/info", axum::routing::get(sockjs::info))
+        .route("/ws/websocket", axum::routing::get(sockjs::raw_websocket))
+        .route("/ws/{server}/{session}/websocket", axum::routing::get(sockjs::websocket))
         .route("/ws/job-status", axum::routing::get(realtime::websocket))
         .route("/ws/job-status-native", axum::routing::get(realtime::websocket))
         .route("/openapi.json", axum::routing::get(move || std::future::ready(axum::Json(Arc::clone(&spec)))))

@@ -20,9 +20,9 @@ use axum::Json;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::Response;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -41,6 +41,7 @@ use crate::AppState;
 use crate::auth::Admin;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::JsonBody;
+use crate::stomp::{self, Framing};
 
 /// Notices buffered for the slowest client before it is disconnected.
 pub const CLIENT_BUFFER: usize = 1024;
@@ -55,7 +56,7 @@ pub enum Audience {
 }
 
 impl Audience {
-    fn admits(&self, actor: &Actor) -> bool {
+    pub(crate) fn admits(&self, actor: &Actor) -> bool {
         match self {
             Self::Everyone => true,
             Self::Admins => actor.admin,
@@ -74,6 +75,8 @@ pub struct Notice {
     pub channel: &'static str,
     /// The job this notice is about, for `subscribe_job` clients.
     pub job_id: Option<String>,
+    /// The kind of that job (`uploads`): the STOMP topic `/topic/<kind>` carries it.
+    pub job_kind: Option<&'static str>,
     /// The message's `type` (`DOCUMENT_UPLOADED`, `system_notification`, ...).
     pub kind: String,
     /// The JSON message sent over the WebSocket JSON protocol.
@@ -98,6 +101,7 @@ impl Notice {
             audience,
             channel,
             job_id: event.payload.get("jobId").and_then(Value::as_str).map(str::to_owned),
+            job_kind: None,
             message: json!({"type": kind, "eventId": event.id, "timestamp": timestamp, "data": event.payload}),
             data: event.payload.clone(),
             kind,
@@ -115,6 +119,7 @@ impl Notice {
             audience: Audience::Everyone,
             channel: "notifications",
             job_id: None,
+            job_kind: None,
             kind: kind.to_owned(),
             data: body.clone(),
             message: body,
@@ -124,18 +129,19 @@ impl Notice {
 
 impl Notice {
     /// A job's progress, for the user who owns it and clients subscribed to the job (the
-    /// seed's `job_status_update`). Upload sessions are jobs whose id is the session id.
-    pub fn job_update(user: &str, job_id: &str, now_ms: i64, data: &Value) -> Self {
-        Self::job("job_status_update", user, job_id, json!({"timestamp": now_ms, "data": data}))
+    /// seed's `job_status_update`). Upload sessions are jobs of kind `uploads` whose id is
+    /// the session id.
+    pub fn job_update(job_kind: &'static str, user: &str, job_id: &str, now_ms: i64, data: &Value) -> Self {
+        Self::job(job_kind, "job_status_update", user, job_id, json!({"timestamp": now_ms, "data": data}))
     }
 
     /// A job's end (the seed's `job_completed`).
-    pub fn job_completed(user: &str, job_id: &str, now_ms: i64, result: &Value) -> Self {
-        Self::job("job_completed", user, job_id, json!({"timestamp": now_ms, "result": result}))
+    pub fn job_completed(job_kind: &'static str, user: &str, job_id: &str, now_ms: i64, result: &Value) -> Self {
+        Self::job(job_kind, "job_completed", user, job_id, json!({"timestamp": now_ms, "result": result}))
     }
 
     /// A job message of `kind`: `fields` with the type and the job id added.
-    fn job(kind: &str, user: &str, job_id: &str, mut fields: Value) -> Self {
+    fn job(job_kind: &'static str, kind: &str, user: &str, job_id: &str, mut fields: Value) -> Self {
         fields["type"] = json!(kind);
         fields["jobId"] = json!(job_id);
         Self {
@@ -143,6 +149,7 @@ impl Notice {
             audience: Audience::User(user.to_owned()),
             channel: "notifications",
             job_id: Some(job_id.to_owned()),
+            job_kind: Some(job_kind),
             kind: kind.to_owned(),
             data: fields.clone(),
             message: fields,
@@ -162,7 +169,7 @@ struct Counters {
 /// standalone) and by admin broadcasts; read by every WebSocket and SSE connection.
 #[derive(Debug)]
 pub struct Hub {
-    sender: broadcast::Sender<Arc<Notice>>,
+    pub(crate) sender: broadcast::Sender<Arc<Notice>>,
     counters: Counters,
     users: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     meta: Metadata,
@@ -205,7 +212,7 @@ impl Hub {
         })
     }
 
-    fn connected(&self, user: &str) -> Connection<'_> {
+    pub(crate) fn connected(&self, user: &str) -> Connection<'_> {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         *self.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(user.to_owned()).or_default() += 1;
         Connection { hub: self, user: user.to_owned(), jobs: 0, channels: 0 }
@@ -213,7 +220,7 @@ impl Hub {
 }
 
 /// Keeps the statistics right however a connection ends.
-struct Connection<'a> {
+pub(crate) struct Connection<'a> {
     hub: &'a Hub,
     user: String,
     jobs: i64,
@@ -221,11 +228,11 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
-    fn jobs(&mut self, delta: i64) {
+    pub(crate) fn jobs(&mut self, delta: i64) {
         self.jobs += delta;
         self.hub.counters.job_subscriptions.fetch_add(delta, Ordering::Relaxed);
     }
-    fn channels(&mut self, delta: i64) {
+    pub(crate) fn channels(&mut self, delta: i64) {
         self.channels += delta;
         self.hub.counters.channel_subscriptions.fetch_add(delta, Ordering::Relaxed);
     }
@@ -255,34 +262,60 @@ impl FromRequestParts<AppState> for StreamUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let from_header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::to_owned);
-        let from_query = parts.uri.query().and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned())
-        });
-        let Some(token) = from_header.or(from_query) else {
+        let Some(token) = bearer_token(&parts.headers, &parts.uri) else {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "a token is required (Authorization header or ?token=)",
             ));
         };
-        let actor = state.auth.verify(token.trim()).map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, m))?;
+        let actor = state.auth.verify(&token).map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, m))?;
         Ok(Self(actor))
     }
 }
 
-/// `GET /ws`: the WebSocket JSON protocol.
+/// The bearer token of a request: the `Authorization` header, else the `token` query parameter.
+pub(crate) fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Option<String> {
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::to_owned);
+    let from_query = || {
+        uri.query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned())
+        })
+    };
+    from_header.or_else(from_query).map(|t| t.trim().to_owned())
+}
+
+/// The caller of a STOMP endpoint, who may instead authenticate in `CONNECT`: `None` without
+/// a token, 401 for a bad one.
+pub(crate) fn optional_actor(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Result<Option<Actor>, ApiError> {
+    bearer_token(headers, uri)
+        .map(|token| state.auth.verify(&token).map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, m)))
+        .transpose()
+}
+
+/// `GET /ws`: STOMP when the client asks for a `v1x.stomp` subprotocol (the token may then
+/// come in `CONNECT`), otherwise the WebSocket JSON protocol.
 pub async fn websocket(
     State(state): State<AppState>,
-    StreamUser(actor): StreamUser,
+    headers: HeaderMap,
+    uri: Uri,
     upgrade: WebSocketUpgrade,
-) -> Response {
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.protocols(stomp::SUBPROTOCOLS).max_message_size(stomp::MAX_FRAME);
     let hub = Arc::clone(&state.hub);
-    upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| json_session(socket, hub, actor)).into_response()
+    if upgrade.selected_protocol().is_some() {
+        let actor = optional_actor(&state, &headers, &uri)?;
+        let auth = Arc::clone(&state.auth);
+        return Ok(upgrade.on_upgrade(move |socket| stomp::session(socket, Framing::Raw, hub, auth, actor)));
+    }
+    let Some(token) = bearer_token(&headers, &uri) else {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "a token is required (Authorization header or ?token=)"));
+    };
+    let actor = state.auth.verify(&token).map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, m))?;
+    Ok(upgrade.on_upgrade(move |socket| json_session(socket, hub, actor)))
 }
 
 /// What a JSON-protocol client sends.
@@ -407,7 +440,7 @@ pub async fn sse(
     State(state): State<AppState>,
     StreamUser(actor): StreamUser,
     headers: HeaderMap,
-    uri: axum::http::Uri,
+    uri: Uri,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let from_query = uri.query().and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "lastEventId").map(|(_, v)| v.into_owned())

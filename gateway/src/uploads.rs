@@ -33,6 +33,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 const TAG: &str = "chunked uploads";
 
+/// The job kind of upload sessions in real-time notices (STOMP topic `/topic/uploads`).
+pub const UPLOAD_JOBS: &str = "uploads";
+
 /// The uploaded chunks of a session.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -109,7 +112,7 @@ async fn put_chunk(
         "uploadedBytes": session.uploaded_bytes,
         "message": format!("chunk {n} of {} received", session.total_chunks),
     });
-    state.hub.publish(Notice::job_update(&actor.user, &id, state.hub.now_ms(), &progress));
+    state.hub.publish(Notice::job_update(UPLOAD_JOBS, &actor.user, &id, state.hub.now_ms(), &progress));
     Ok(axum::Json(session).into_response())
 }
 
@@ -138,7 +141,7 @@ async fn missing(State(state): State<AppState>, User(actor): User, Path(id): Pat
 async fn complete(State(state): State<AppState>, User(actor): User, Path(id): Path<String>) -> ApiResult<Response> {
     let uploaded = state.docs.complete_upload(&actor, &id).await?;
     let result = json!({"success": true, "documentId": uploaded.document.id, "filename": uploaded.document.filename});
-    state.hub.publish(Notice::job_completed(&actor.user, &id, state.hub.now_ms(), &result));
+    state.hub.publish(Notice::job_completed(UPLOAD_JOBS, &actor.user, &id, state.hub.now_ms(), &result));
     Ok(crate::documents::created(&state, &uploaded))
 }
 

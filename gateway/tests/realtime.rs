@@ -6,62 +6,17 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
-use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use vellum_gateway::auth::AuthSettings;
 use vellum_gateway::realtime::Notice;
-use vellum_gateway::standalone::{self, Running};
+
+mod support;
+
+use support::{Gateway, gateway};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-struct Gateway {
-    running: Running,
-    client: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
-
-async fn gateway() -> Gateway {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(
-        config.join("tiers.yaml"),
-        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, default: true, backend: {url: 'memory://'}}\n",
-    )
-    .unwrap();
-    let options = standalone::Options {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("data"),
-        config_dir: config,
-        database_url: None,
-        auth: AuthSettings { secret: Some(b"test-secret".to_vec()), ..AuthSettings::default() },
-        max_upload_bytes: 1 << 20,
-        public_url: None,
-        allow_webhook_cidrs: vec![],
-    };
-    Gateway { running: standalone::start(options).await.unwrap(), client: reqwest::Client::new(), _dir: dir }
-}
-
 impl Gateway {
-    fn token(&self, user: &str, roles: &[&str]) -> String {
-        self.running.state.auth.mint(user, roles, Duration::from_secs(600)).unwrap()
-    }
-
-    async fn upload(&self, user: &str, filename: &str) -> Value {
-        let form = Form::new().part("file", Part::bytes(filename.as_bytes().to_vec()).file_name(filename.to_owned()));
-        let response = self
-            .client
-            .post(format!("{}/api/v1/documents", self.running.url))
-            .bearer_auth(self.token(user, &["user"]))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED);
-        response.json().await.unwrap()
-    }
-
     async fn ws(&self, user: &str, roles: &[&str]) -> Ws {
         let url = format!("{}/ws?token={}", self.running.url.replace("http://", "ws://"), self.token(user, roles));
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();

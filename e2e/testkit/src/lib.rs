@@ -44,6 +44,9 @@ pub mod env {
     /// A Python interpreter with the tus client (`tuspy`) installed, for protocol tests
     /// with stock clients. `scripts/test` makes one in its state directory.
     pub const PYTHON: &str = "VELLUM_TEST_PYTHON";
+    /// A `node_modules` with the STOMP and SockJS clients; `scripts/test` makes one in its
+    /// state directory.
+    pub const NODE_MODULES: &str = "VELLUM_TEST_NODE_MODULES";
 
     pub(crate) fn get(name: &str, default: &str) -> String {
         std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
@@ -81,6 +84,21 @@ impl KitError {
     }
 }
 
+/// Where `scripts/test` keeps what it installs (`VELLUM_TEST_STATE_DIR`, else
+/// `$XDG_STATE_HOME/vellum-test`, else `~/.local/state/vellum-test`).
+fn state_dir() -> std::path::PathBuf {
+    std::env::var_os("VELLUM_TEST_STATE_DIR").map_or_else(
+        || {
+            let base = std::env::var_os("XDG_STATE_HOME").map_or_else(
+                || std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/state"),
+                std::path::PathBuf::from,
+            );
+            base.join("vellum-test")
+        },
+        std::path::PathBuf::from,
+    )
+}
+
 /// The Python interpreter that has the stock protocol clients the tests drive: the one
 /// [`env::PYTHON`] names, or the one `scripts/test` installs in its state directory.
 ///
@@ -90,17 +108,7 @@ pub fn python() -> std::path::PathBuf {
     if let Some(path) = std::env::var_os(env::PYTHON).filter(|p| !p.is_empty()) {
         return path.into();
     }
-    let state = std::env::var_os("VELLUM_TEST_STATE_DIR").map_or_else(
-        || {
-            let base = std::env::var_os("XDG_STATE_HOME").map_or_else(
-                || std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/state"),
-                std::path::PathBuf::from,
-            );
-            base.join("vellum-test")
-        },
-        std::path::PathBuf::from,
-    );
-    let python = state.join("py/bin/python");
+    let python = state_dir().join("py/bin/python");
     assert!(
         python.exists(),
         "no Python with the tus client at {}: run `scripts/test --services-only` (which installs it), \
@@ -109,6 +117,27 @@ pub fn python() -> std::path::PathBuf {
         env::PYTHON
     );
     python
+}
+
+/// The `node_modules` holding the stock JavaScript clients the tests drive (`@stomp/stompjs`,
+/// `sockjs-client`, `ws`, pinned by `e2e/testkit/js`): the one [`env::NODE_MODULES`] names,
+/// or the one `scripts/test` installs in its state directory.
+///
+/// # Panics
+/// When there is none, with a message saying how to get it.
+pub fn node_modules() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os(env::NODE_MODULES).filter(|p| !p.is_empty()) {
+        return path.into();
+    }
+    let modules = state_dir().join("js/node_modules");
+    assert!(
+        modules.join("@stomp/stompjs").exists(),
+        "no JavaScript test clients at {}: run `scripts/test --services-only` (which installs them), \
+         or point {} at a node_modules that has @stomp/stompjs, sockjs-client and ws",
+        modules.display(),
+        env::NODE_MODULES
+    );
+    modules
 }
 
 /// A name no other test run will pick: `prefix` and 12 hex digits of a random UUID.

@@ -1,0 +1,524 @@
+//! STOMP 1.1/1.2 over WebSocket, for the seed front ends built on `@stomp/stompjs`: on `/ws`
+//! when the client asks for a `v1x.stomp` subprotocol, on SockJS's `/ws/websocket`, and inside
+//! SockJS sessions (see [`crate::sockjs`]).
+//!
+//! The gateway is a publishing broker: clients `CONNECT` (the JWT in an `Authorization`
+//! header, or already on the upgrade request), `SUBSCRIBE` to the destinations below and
+//! receive `MESSAGE`s whose body is the same JSON the WebSocket JSON protocol sends. A client
+//! never sees more than the JSON protocol would show it: document events of its own
+//! documents (admins: all), its own jobs, broadcasts.
+//!
+//! | destination | what arrives |
+//! |---|---|
+//! | `/topic/documents`, `/topic/file-changes` | document events |
+//! | `/topic/notifications` | system and maintenance notices |
+//! | `/topic/webhooks` | webhook deactivations (admins) |
+//! | `/topic/uploads` | progress and completion of upload sessions |
+//! | `/topic/jobs/{jobId}` | one job's progress and completion |
+//! | `/user/queue/notifications` | everything addressed to the user: own document events, own jobs, broadcasts |
+//! | `/user/queue/upload-progress` | the user's upload sessions |
+//! | `/user/queue/sync` | events of the user's own documents |
+
+pub mod frame;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use vellum_core::documents::Actor;
+
+use self::frame::{Decoder, Frame, Item, negotiate, parse_heart_beat};
+use crate::auth::Auth;
+use crate::realtime::{Audience, Hub, Notice};
+
+/// The WebSocket subprotocols of STOMP, in our order of preference.
+pub const SUBPROTOCOLS: [&str; 3] = ["v12.stomp", "v11.stomp", "v10.stomp"];
+/// The largest frame a client may send (it only sends commands).
+pub const MAX_FRAME: usize = 64 * 1024;
+/// Heart-beats the server offers: it can send every 10 s and wants one every 10 s.
+const SERVER_HEART_BEAT: (u64, u64) = (10_000, 10_000);
+/// How long a client has to send `CONNECT`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Subscriptions one connection may hold.
+const MAX_SUBSCRIPTIONS: usize = 64;
+
+/// What a subscription receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    Documents,
+    Notifications,
+    Webhooks,
+    /// Every job of one kind (`/topic/uploads`).
+    Jobs(&'static str),
+    Job(String),
+    UserNotifications,
+    UserUploadProgress,
+    UserSync,
+}
+
+/// Job kinds with a topic of their own.
+const JOB_KINDS: [&str; 1] = [crate::uploads::UPLOAD_JOBS];
+
+impl Destination {
+    pub fn parse(destination: &str) -> Result<Self, String> {
+        Ok(match destination {
+            "/topic/documents" | "/topic/file-changes" => Self::Documents,
+            "/topic/notifications" => Self::Notifications,
+            "/topic/webhooks" => Self::Webhooks,
+            "/user/queue/notifications" => Self::UserNotifications,
+            "/user/queue/upload-progress" => Self::UserUploadProgress,
+            "/user/queue/sync" => Self::UserSync,
+            other => {
+                if let Some(job) = other.strip_prefix("/topic/jobs/").filter(|j| !j.is_empty() && !j.contains('/')) {
+                    Self::Job(job.to_owned())
+                } else if let Some(kind) =
+                    other.strip_prefix("/topic/").and_then(|k| JOB_KINDS.into_iter().find(|j| *j == k))
+                {
+                    Self::Jobs(kind)
+                } else {
+                    return Err(format!(
+                        "no destination {other:?}; subscribe to /topic/documents, /topic/file-changes, \
+                         /topic/notifications, /topic/webhooks, /topic/uploads, /topic/jobs/{{jobId}}, \
+                         /user/queue/notifications, /user/queue/upload-progress or /user/queue/sync"
+                    ));
+                }
+            }
+        })
+    }
+
+    /// Whether a subscriber of this destination receives `notice` (which `actor` may see).
+    pub fn wants(&self, notice: &Notice, actor: &Actor) -> bool {
+        let personal = match &notice.audience {
+            Audience::User(user) => *user == actor.user,
+            Audience::Everyone => true,
+            Audience::Admins => actor.admin,
+        };
+        match self {
+            Self::Documents => notice.channel == "documents",
+            Self::Notifications => notice.channel == "notifications" && notice.job_id.is_none(),
+            Self::Webhooks => notice.channel == "webhooks",
+            Self::Jobs(kind) => notice.job_kind == Some(kind),
+            Self::Job(id) => notice.job_id.as_ref() == Some(id),
+            Self::UserNotifications => personal,
+            Self::UserUploadProgress => personal && notice.job_kind == Some(crate::uploads::UPLOAD_JOBS),
+            Self::UserSync => personal && notice.channel == "documents",
+        }
+    }
+}
+
+/// How STOMP frames travel in WebSocket messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// One or more frames per message, as `@stomp/stompjs` sends over a plain WebSocket.
+    Raw,
+    /// SockJS's websocket transport: `o` on open, `a["..."]` arrays of strings, `c[code,"reason"]`.
+    SockJs,
+}
+
+struct Subscription {
+    id: String,
+    destination: String,
+    parsed: Destination,
+    /// `client` or `client-individual` acknowledgement: messages carry an `ack` header.
+    acks: bool,
+}
+
+/// The sending half of a connection, in its framing.
+struct Wire {
+    tx: SplitSink<WebSocket, Message>,
+    framing: Framing,
+}
+
+impl Wire {
+    async fn send_data(&mut self, data: &str) -> bool {
+        let message = match self.framing {
+            Framing::Raw => data.to_owned(),
+            Framing::SockJs => format!("a{}", Value::from(vec![data])),
+        };
+        self.tx.send(Message::Text(message.into())).await.is_ok()
+    }
+
+    async fn send(&mut self, frame: &Frame) -> bool {
+        self.send_data(&String::from_utf8_lossy(&frame.encode())).await
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        if self.framing == Framing::SockJs {
+            let _ = self.tx.send(Message::Text(format!("c{}", serde_json::json!([code, reason])).into())).await;
+        }
+        let reason: String = reason.chars().take(120).collect();
+        let _ = self.tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+    }
+
+    /// An `ERROR` frame, then the end of the connection, as the specification requires.
+    async fn fail(&mut self, message: &str, detail: &str, code: u16) {
+        let frame = Frame::new("ERROR").header("message", message).body("text/plain", detail.as_bytes().to_vec());
+        self.send(&frame).await;
+        self.close(code, message).await;
+    }
+}
+
+/// Bytes from the next WebSocket message into the decoder; `Err` with a reason when the
+/// connection is over or the message is not in this framing.
+async fn read(rx: &mut SplitStream<WebSocket>, framing: Framing, decoder: &mut Decoder) -> Result<(), Option<String>> {
+    loop {
+        let bytes = match rx.next().await {
+            Some(Ok(Message::Text(text))) => text.as_str().as_bytes().to_vec(),
+            Some(Ok(Message::Binary(bytes))) if framing == Framing::Raw => bytes.to_vec(),
+            Some(Ok(Message::Binary(_))) => return Err(Some("SockJS messages are text".into())),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return Err(None),
+        };
+        match framing {
+            Framing::Raw => decoder.push(&bytes),
+            Framing::SockJs => {
+                if bytes.is_empty() {
+                    continue;
+                }
+                let strings = match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(Value::Array(items)) => items,
+                    Ok(one @ Value::String(_)) => vec![one],
+                    _ => return Err(Some("SockJS messages are JSON arrays of strings".into())),
+                };
+                for item in strings {
+                    let Value::String(s) = item else {
+                        return Err(Some("SockJS messages are JSON arrays of strings".into()));
+                    };
+                    decoder.push(s.as_bytes());
+                }
+            }
+        }
+        return Ok(());
+    }
+}
+
+/// The bearer token of a `CONNECT` frame: `Authorization: Bearer ...`, or `token`/`passcode`.
+fn token_of(connect: &Frame) -> Option<String> {
+    let bearer = ["Authorization", "authorization"]
+        .into_iter()
+        .find_map(|h| connect.get(h))
+        .map(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v));
+    bearer.or_else(|| connect.get("token")).or_else(|| connect.get("passcode")).map(|t| t.trim().to_owned())
+}
+
+/// Serves one STOMP connection. `actor` is set when the upgrade request carried a token.
+pub async fn session(socket: WebSocket, framing: Framing, hub: Arc<Hub>, auth: Arc<Auth>, actor: Option<Actor>) {
+    let (tx, mut rx) = socket.split();
+    let mut wire = Wire { tx, framing };
+    if framing == Framing::SockJs && wire.tx.send(Message::Text("o".into())).await.is_err() {
+        return;
+    }
+    let mut decoder = Decoder::new(MAX_FRAME);
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            match decoder.next_item() {
+                Ok(Some(Item::HeartBeat)) => {}
+                Ok(Some(Item::Frame(frame))) => return Ok(frame),
+                Ok(None) => read(&mut rx, framing, &mut decoder).await.map_err(|e| e.map(|e| ("bad frame", e)))?,
+                Err(e) => return Err(Some(("malformed frame", e.0))),
+            }
+        }
+    })
+    .await;
+    let connect = match connect {
+        Ok(Ok(frame)) => frame,
+        Ok(Err(None)) => return,
+        Ok(Err(Some((message, detail)))) => return wire.fail(message, &detail, 1002).await,
+        Err(_) => return wire.fail("no CONNECT", "send CONNECT within 10 seconds of opening", 1008).await,
+    };
+    let Some((actor, heart_beat, version)) = accept(&mut wire, &connect, actor, &auth).await else { return };
+    let mut notices = hub.sender.subscribe();
+    let connection = hub.connected(&actor.user);
+    let (send_every, expect_every) = negotiate(heart_beat, SERVER_HEART_BEAT);
+    let mut connected = Frame::new("CONNECTED")
+        .header("version", version)
+        .header("heart-beat", format!("{},{}", SERVER_HEART_BEAT.0, SERVER_HEART_BEAT.1))
+        .header("server", concat!("Vellum/", env!("CARGO_PKG_VERSION")));
+    if !actor.user.contains(['\n', '\r']) {
+        connected = connected.header("user-name", actor.user.clone());
+    }
+    if let Some(receipt) = connect.get("receipt") {
+        connected = connected.header("receipt-id", receipt);
+    }
+    if !wire.send(&connected).await {
+        return;
+    }
+    let mut state = Connected { wire, actor, connection, subscriptions: Vec::new(), message_ids: 0 };
+    let mut beat = (send_every > 0).then(|| {
+        let period = Duration::from_millis(send_every);
+        tokio::time::interval_at(Instant::now() + period, period)
+    });
+    // A client is given twice its interval (network delays) before it counts as gone.
+    let grace = Duration::from_millis(expect_every.saturating_mul(2));
+    let mut deadline = Instant::now() + grace;
+    loop {
+        tokio::select! {
+            incoming = read(&mut rx, framing, &mut decoder) => {
+                match incoming {
+                    Ok(()) => deadline = Instant::now() + grace,
+                    Err(None) => return,
+                    Err(Some(detail)) => return state.wire.fail("bad frame", &detail, 1002).await,
+                }
+                loop {
+                    match decoder.next_item() {
+                        Ok(Some(Item::HeartBeat)) => {}
+                        Ok(Some(Item::Frame(frame))) => {
+                            if !state.handle(frame).await {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return state.wire.fail("malformed frame", &e.0, 1002).await,
+                    }
+                }
+            }
+            notice = notices.recv() => match notice {
+                Ok(notice) => {
+                    if !state.deliver(&notice).await {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let detail = format!("{n} notifications were dropped; reconnect");
+                    return state.wire.fail("client cannot keep up", &detail, 1013).await;
+                }
+                Err(broadcast::error::RecvError::Closed) => return state.wire.close(1001, "gateway shutting down").await,
+            },
+            () = async { match beat.as_mut() { Some(b) => { b.tick().await; } None => std::future::pending().await } } => {
+                if !state.wire.send_data("\n").await {
+                    return;
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if expect_every > 0 => {
+                let detail = format!("nothing received for {} ms (heart-beat {expect_every} ms)", grace.as_millis());
+                return state.wire.fail("heart-beat timeout", &detail, 1001).await;
+            }
+        }
+    }
+}
+
+/// Checks `CONNECT`: the command, the version and the token. Answers `ERROR` and `None`
+/// when the client cannot be connected.
+async fn accept(
+    wire: &mut Wire,
+    connect: &Frame,
+    actor: Option<Actor>,
+    auth: &Auth,
+) -> Option<(Actor, (u64, u64), &'static str)> {
+    if !matches!(connect.command.as_str(), "CONNECT" | "STOMP") {
+        let detail = format!("the first frame must be CONNECT, not {}", connect.command);
+        wire.fail("not connected", &detail, 1002).await;
+        return None;
+    }
+    let versions: Vec<&str> = connect.get("accept-version").unwrap_or("1.0").split(',').map(str::trim).collect();
+    let Some(version) = ["1.2", "1.1"].into_iter().find(|v| versions.contains(v)) else {
+        let frame = Frame::new("ERROR")
+            .header("version", "1.1,1.2")
+            .header("message", "unsupported protocol version")
+            .body("text/plain", b"this server speaks STOMP 1.1 and 1.2".to_vec());
+        wire.send(&frame).await;
+        wire.close(1002, "unsupported protocol version").await;
+        return None;
+    };
+    let heart_beat = match parse_heart_beat(connect.get("heart-beat")) {
+        Ok(hb) => hb,
+        Err(e) => {
+            wire.fail("bad heart-beat header", &e.0, 1002).await;
+            return None;
+        }
+    };
+    let actor = match (token_of(connect), actor) {
+        (Some(token), _) => match auth.verify(&token) {
+            Ok(actor) => actor,
+            Err(message) => {
+                wire.fail("authentication failed", &message, 1008).await;
+                return None;
+            }
+        },
+        (None, Some(actor)) => actor,
+        (None, None) => {
+            let detail = "send the JWT as an Authorization: Bearer header of CONNECT, or as ?token= on the URL";
+            wire.fail("authentication required", detail, 1008).await;
+            return None;
+        }
+    };
+    Some((actor, heart_beat, version))
+}
+
+/// A connection after `CONNECTED`.
+struct Connected<'a> {
+    wire: Wire,
+    actor: Actor,
+    connection: crate::realtime::Connection<'a>,
+    subscriptions: Vec<Subscription>,
+    message_ids: u64,
+}
+
+impl Connected<'_> {
+    /// Acts on a client frame; `false` when the connection is over.
+    async fn handle(&mut self, frame: Frame) -> bool {
+        let result = match frame.command.as_str() {
+            "SUBSCRIBE" => self.subscribe(&frame),
+            "UNSUBSCRIBE" => match frame.get("id") {
+                Some(id) => {
+                    if let Some(i) = self.subscriptions.iter().position(|s| s.id == id) {
+                        let gone = self.subscriptions.swap_remove(i);
+                        self.count(&gone.parsed, -1);
+                    }
+                    Ok(())
+                }
+                None => Err(("UNSUBSCRIBE needs an id header".to_owned(), String::new())),
+            },
+            // Messages are delivered once, at most; acknowledgements change nothing.
+            "ACK" | "NACK" => match frame.get("id").or_else(|| frame.get("message-id")) {
+                Some(_) => Ok(()),
+                None => Err((format!("{} needs an id header", frame.command), String::new())),
+            },
+            "DISCONNECT" => {
+                if let Some(receipt) = frame.get("receipt") {
+                    self.wire.send(&Frame::new("RECEIPT").header("receipt-id", receipt)).await;
+                }
+                self.wire.close(1000, "disconnected").await;
+                return false;
+            }
+            "SEND" | "BEGIN" | "COMMIT" | "ABORT" => Err((
+                format!("{} is not accepted", frame.command),
+                "this gateway only publishes: subscribe to destinations, and use the HTTP API to act".to_owned(),
+            )),
+            "CONNECT" | "STOMP" => Err(("already connected".to_owned(), String::new())),
+            other => Err((format!("unknown command {other}"), String::new())),
+        };
+        match result {
+            Ok(()) => match frame.get("receipt") {
+                Some(receipt) => self.wire.send(&Frame::new("RECEIPT").header("receipt-id", receipt)).await,
+                None => true,
+            },
+            Err((message, detail)) => {
+                let detail = if detail.is_empty() { message.clone() } else { detail };
+                self.wire.fail(&message, &detail, 1002).await;
+                false
+            }
+        }
+    }
+
+    fn subscribe(&mut self, frame: &Frame) -> Result<(), (String, String)> {
+        let (Some(id), Some(destination)) = (frame.get("id"), frame.get("destination")) else {
+            return Err(("SUBSCRIBE needs id and destination headers".to_owned(), String::new()));
+        };
+        let acks = match frame.get("ack").unwrap_or("auto") {
+            "auto" => false,
+            "client" | "client-individual" => true,
+            other => return Err((format!("unknown ack mode {other:?}"), String::new())),
+        };
+        if self.subscriptions.iter().any(|s| s.id == id) {
+            return Err((format!("subscription id {id:?} is already in use"), String::new()));
+        }
+        if self.subscriptions.len() >= MAX_SUBSCRIPTIONS {
+            return Err((format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"), String::new()));
+        }
+        let parsed = Destination::parse(destination).map_err(|detail| ("unknown destination".to_owned(), detail))?;
+        self.count(&parsed, 1);
+        self.subscriptions.push(Subscription { id: id.to_owned(), destination: destination.to_owned(), parsed, acks });
+        Ok(())
+    }
+
+    fn count(&mut self, destination: &Destination, delta: i64) {
+        match destination {
+            Destination::Job(_) => self.connection.jobs(delta),
+            _ => self.connection.channels(delta),
+        }
+    }
+
+    /// Sends `notice` to every subscription that wants it; `false` when the client is gone.
+    async fn deliver(&mut self, notice: &Notice) -> bool {
+        if !notice.audience.admits(&self.actor) {
+            return true;
+        }
+        let mut body: Option<Vec<u8>> = None;
+        for i in 0..self.subscriptions.len() {
+            let sub = &self.subscriptions[i];
+            if !sub.parsed.wants(notice, &self.actor) {
+                continue;
+            }
+            self.message_ids += 1;
+            let id = self.message_ids.to_string();
+            let mut frame = Frame::new("MESSAGE")
+                .header("destination", sub.destination.clone())
+                .header("subscription", sub.id.clone())
+                .header("message-id", id.clone());
+            if sub.acks {
+                frame = frame.header("ack", id);
+            }
+            let body = body.get_or_insert_with(|| notice.message.to_string().into_bytes()).clone();
+            if !self.wire.send(&frame.body("application/json", body)).await {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn actor(user: &str, admin: bool) -> Actor {
+        Actor { user: user.into(), admin }
+    }
+
+    #[test]
+    fn destinations_are_parsed_or_refused_with_the_list() {
+        assert_eq!(Destination::parse("/topic/file-changes"), Ok(Destination::Documents));
+        assert_eq!(Destination::parse("/topic/uploads"), Ok(Destination::Jobs("uploads")));
+        assert_eq!(Destination::parse("/topic/jobs/abc"), Ok(Destination::Job("abc".into())));
+        for bad in ["/topic/extractions", "/topic/jobs/", "/topic/jobs/a/b", "/queue/x", ""] {
+            let error = Destination::parse(bad).unwrap_err();
+            assert!(error.contains("/topic/documents"), "{error}");
+        }
+    }
+
+    #[test]
+    fn each_destination_gets_its_share() {
+        let alice = actor("alice", false);
+        let admin = actor("root", true);
+        let upload = Notice::job_update("uploads", "alice", "s1", 0, &json!({}));
+        let system = Notice::system("system_notification", "hi", "info", 0, json!({}));
+        let mut doc = Notice::system("DOCUMENT_UPLOADED", "", "info", 0, json!({}));
+        doc.channel = "documents";
+        doc.audience = Audience::User("alice".into());
+        let wants = |d: &Destination, n: &Notice, a: &Actor| d.wants(n, a);
+        assert!(wants(&Destination::Documents, &doc, &alice));
+        assert!(!wants(&Destination::Documents, &upload, &alice));
+        assert!(wants(&Destination::Jobs("uploads"), &upload, &alice));
+        assert!(wants(&Destination::Job("s1".into()), &upload, &alice));
+        assert!(!wants(&Destination::Job("s2".into()), &upload, &alice));
+        assert!(wants(&Destination::Notifications, &system, &alice));
+        assert!(!wants(&Destination::Notifications, &upload, &alice));
+        for n in [&doc, &upload, &system] {
+            assert!(wants(&Destination::UserNotifications, n, &alice));
+        }
+        // An admin sees alice's events on topics, but they are not the admin's own.
+        assert!(wants(&Destination::Documents, &doc, &admin));
+        assert!(!wants(&Destination::UserNotifications, &doc, &admin));
+        assert!(!wants(&Destination::UserUploadProgress, &upload, &admin));
+        assert!(wants(&Destination::UserUploadProgress, &upload, &alice));
+        assert!(wants(&Destination::UserSync, &doc, &alice));
+        assert!(!wants(&Destination::UserSync, &system, &alice));
+    }
+
+    #[test]
+    fn connect_tokens_come_from_authorization_or_token_headers() {
+        let frame = Frame::new("CONNECT").header("Authorization", "Bearer abc ");
+        assert_eq!(token_of(&frame).as_deref(), Some("abc"));
+        let frame = Frame::new("CONNECT").header("passcode", "xyz");
+        assert_eq!(token_of(&frame).as_deref(), Some("xyz"));
+        assert_eq!(token_of(&Frame::new("CONNECT")), None);
+    }
+}
