@@ -3,6 +3,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod auth;
+pub mod cluster;
 pub mod content;
 pub mod documents;
 pub mod error;

@@ -29,6 +29,22 @@ enum Command {
     /// Runs the gateway and its workers on the embedded defaults: SQLite metadata, local-file
     /// tiers and the in-process event bus. No cluster, database or object store needed.
     Standalone(StandaloneArgs),
+    /// Runs one gateway replica of a cluster: Postgres metadata, events through NATS
+    /// JetStream (real-time clients of every replica see every event), webhook delivery by
+    /// `vellum-workers run`. Replicas must share the JWT keys and the link key.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: StandaloneArgs,
+    /// The NATS server with JetStream the replicas share.
+    #[arg(long, env = "VELLUM_NATS_URL")]
+    nats_url: String,
+    /// The key signing download links, shared by the replicas (at least 32 bytes).
+    #[arg(long, env = "VELLUM_LINK_KEY", hide_env_values = true)]
+    link_key: String,
 }
 
 #[derive(Debug, Args)]
@@ -113,17 +129,45 @@ impl JwtArgs {
     }
 }
 
-async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
-    let options = standalone::Options {
+async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.common.database_url.as_deref().is_some_and(|u| u.starts_with("postgres")),
+        "serve needs --database-url postgres://…: the replicas share one metadata database"
+    );
+    anyhow::ensure!(
+        args.common.jwt.jwt_secret.is_some()
+            || !args.common.jwt.jwt_public_key.is_empty()
+            || args.common.jwt.jwt_jwks.is_some(),
+        "serve needs --jwt-secret, --jwt-public-key or --jwt-jwks: the replicas must accept the same tokens"
+    );
+    anyhow::ensure!(args.link_key.len() >= 32, "--link-key must have at least 32 bytes");
+    let mut options = options(&args.common)?;
+    options.nats_url = Some(args.nats_url);
+    options.link_key = Some(args.link_key.into_bytes());
+    let running = standalone::start(options).await?;
+    println!("Vellum gateway replica serving at {}", running.url);
+    shutdown_signal().await;
+    println!("shutting down: finishing in-flight requests");
+    running.shutdown().await
+}
+
+fn options(args: &StandaloneArgs) -> anyhow::Result<standalone::Options> {
+    Ok(standalone::Options {
         listen: args.listen,
         data_dir: args.data_dir.clone(),
         config_dir: args.config_dir.clone(),
-        database_url: args.database_url,
+        database_url: args.database_url.clone(),
         auth: args.jwt.settings()?,
         max_upload_bytes: args.max_upload_bytes,
-        public_url: args.public_url,
-        allow_webhook_cidrs: args.allow_webhook_cidr,
-    };
+        public_url: args.public_url.clone(),
+        allow_webhook_cidrs: args.allow_webhook_cidr.clone(),
+        nats_url: None,
+        link_key: None,
+    })
+}
+
+async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
+    let options = options(&args)?;
     let running = standalone::start(options).await?;
     let url = &running.url;
     println!("Vellum standalone gateway serving at {url}");
@@ -151,6 +195,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Standalone(args) => run_standalone(args).await,
+            Command::Serve(args) => run_serve(args).await,
         }
     })
 }

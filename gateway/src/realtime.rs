@@ -26,7 +26,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::{SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
+use std::sync::OnceLock;
+
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -174,6 +176,11 @@ pub struct Hub {
     users: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     meta: Metadata,
     clock: Clock,
+    /// In a cluster: where notices that are not events go to reach the other replicas.
+    remote: OnceLock<mpsc::Sender<Arc<Notice>>>,
+    /// In a cluster: the event stream, the history SSE clients resume from (the outbox
+    /// otherwise).
+    stream: OnceLock<async_nats::jetstream::Context>,
 }
 
 impl Hub {
@@ -184,6 +191,26 @@ impl Hub {
             users: std::sync::Mutex::default(),
             meta,
             clock,
+            remote: OnceLock::new(),
+            stream: OnceLock::new(),
+        }
+    }
+
+    /// Sends this replica's notices that are not events to the other replicas too.
+    pub(crate) fn set_remote(&self, remote: mpsc::Sender<Arc<Notice>>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// Resumes SSE clients from the event stream instead of the outbox.
+    pub fn use_stream_history(&self, js: async_nats::jetstream::Context) {
+        let _ = self.stream.set(js);
+    }
+
+    /// Events after `after` in the history, at most `limit`.
+    async fn history(&self, after: i64, limit: i64) -> Result<Vec<Pending>, String> {
+        match self.stream.get() {
+            Some(js) => crate::cluster::history(js, after, usize::try_from(limit).unwrap_or(1)).await,
+            None => outbox::published_after(&self.meta, after, limit).await.map_err(|e| e.to_string()),
         }
     }
 
@@ -191,7 +218,21 @@ impl Hub {
         self.clock.now_ms()
     }
 
+    /// Tells this replica's clients, and in a cluster the other replicas' (events reach
+    /// those through the stream instead).
     pub fn publish(&self, notice: Notice) {
+        let notice = Arc::new(notice);
+        if notice.seq.is_none()
+            && let Some(remote) = self.remote.get()
+            && remote.try_send(Arc::clone(&notice)).is_err()
+        {
+            tracing::warn!(kind = %notice.kind, "notices to the other gateways are backed up; one was dropped");
+        }
+        let _ = self.sender.send(notice);
+    }
+
+    /// Tells this replica's clients only.
+    pub(crate) fn publish_local(&self, notice: Notice) {
         let _ = self.sender.send(Arc::new(notice));
     }
 
@@ -339,7 +380,7 @@ enum ClientMessage {
     },
 }
 
-const CHANNELS: [&str; 3] = ["documents", "notifications", "webhooks"];
+pub(crate) const CHANNELS: [&str; 3] = ["documents", "notifications", "webhooks"];
 
 async fn json_session(socket: WebSocket, hub: Arc<Hub>, actor: Actor) {
     let mut notices = hub.sender.subscribe();
@@ -461,7 +502,7 @@ pub async fn sse(
         let mut last_sent = last;
         if let Some(mut after) = last {
             loop {
-                let page = match outbox::published_after(&hub.meta, after, HISTORY_PAGE).await {
+                let page = match hub.history(after, HISTORY_PAGE).await {
                     Ok(page) => page,
                     Err(e) => {
                         tracing::warn!(error = %e, "reading the event history");

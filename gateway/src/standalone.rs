@@ -15,9 +15,10 @@ use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::{compile, load_dir};
 use vellum_core::documents::Documents;
-use vellum_core::events::{Bus, relay};
+use vellum_core::events::{Bus, Sink, relay};
 use vellum_core::store::Metadata;
 use vellum_core::webhooks::DestinationPolicy;
+use vellum_workers::nats::JetStreamSink;
 use vellum_workers::{Engine, LocalSink, Sender, Settings};
 
 use crate::auth::{Auth, AuthSettings};
@@ -44,6 +45,13 @@ pub struct Options {
     /// Non-public networks webhooks may reach, beside the platform config's allow-list
     /// (a local receiver on 127.0.0.1 while developing, say).
     pub allow_webhook_cidrs: Vec<String>,
+    /// Cluster mode: events go through this NATS server's JetStream, and real-time clients
+    /// of every replica sharing it (and the database) see the same events. The in-process
+    /// bus otherwise.
+    pub nats_url: Option<String>,
+    /// The key signing download links; replicas of a cluster must share it. Generated in
+    /// the data directory when absent.
+    pub link_key: Option<Vec<u8>>,
 }
 
 /// A running standalone gateway.
@@ -59,7 +67,7 @@ pub struct Running {
     server: JoinHandle<std::io::Result<()>>,
     relay: JoinHandle<()>,
     sweeper: JoinHandle<()>,
-    hub_feed: JoinHandle<()>,
+    hub_feeds: Vec<JoinHandle<()>>,
 }
 
 /// Reads a key file from the data directory, or creates it with 32 random bytes.
@@ -120,7 +128,11 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         auth_settings.secret = Some(key_file(&data_dir.join("jwt-secret"))?);
     }
     let auth = Auth::new(&auth_settings).context("setting up token checking")?;
-    let link_key = key_file(&data_dir.join("link-key"))?;
+    let link_key = match options.link_key.clone() {
+        Some(key) if !key.is_empty() => key,
+        Some(_) => bail!("the link key is empty"),
+        None => key_file(&data_dir.join("link-key"))?,
+    };
 
     let clock = Clock::system();
     let bus = Bus::new();
@@ -128,7 +140,17 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let engine = Engine::new(meta.clone(), clock.clone(), sender, Settings::default());
     let webhooks = WebhookService::start(engine.clone(), sources, clock.clone()).await?;
     let hub = Arc::new(Hub::new(meta.clone(), clock.clone()));
-    let hub_feed = hub.feed_from(&bus);
+    let nats = match &options.nats_url {
+        Some(url) => Some(crate::cluster::nats_client(url).await?),
+        None => None,
+    };
+    let hub_feeds = match &nats {
+        Some(client) => {
+            hub.use_stream_history(async_nats::jetstream::new(client.clone()));
+            crate::cluster::connect(&hub, client.clone())
+        }
+        None => vec![hub.feed_from(&bus)],
+    };
     let docs = Documents::new(meta.clone(), tiers, clock.clone(), Some(bus.clone()), options.max_upload_bytes);
 
     let listener =
@@ -150,38 +172,42 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // Events become webhook deliveries (durably) and then reach the in-process bus, in
-    // outbox order, woken by every commit that wrote one.
+    // Standalone, events become webhook deliveries (durably) and then reach the in-process
+    // bus; in a cluster they go to JetStream, where the workers turn them into deliveries
+    // and every replica's clients see them. In outbox order, woken by every commit here
+    // that wrote one (the workers' relay picks up what a dead replica left).
     let relay = tokio::spawn({
         let (meta, clock, wake) = (meta.clone(), clock.clone(), Arc::clone(&bus.wake));
-        let sink = LocalSink { engine: engine.clone(), bus: bus.clone() };
+        let sink: Box<dyn Sink> = match &nats {
+            Some(client) => Box::new(JetStreamSink::new(async_nats::jetstream::new(client.clone()))),
+            None => Box::new(LocalSink { engine: engine.clone(), bus: bus.clone() }),
+        };
         let stop = until_stopped(stopped.clone());
-        async move { relay(&meta, &clock, &sink, &wake, Duration::from_secs(1), stop).await }
+        async move { relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await }
     });
-    let sweeper = tokio::spawn({
-        let docs = Arc::clone(&state.docs);
-        let mut stop = stopped.clone();
-        async move {
-            loop {
-                match docs.expire_uploads().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(sessions = n, "expired upload sessions"),
-                    Err(e) => tracing::warn!(error = %e, "expiring upload sessions"),
-                }
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return,
-                    () = tokio::time::sleep(Duration::from_secs(600)) => {}
-                }
-            }
-        }
-    });
+    let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
     let server = tokio::spawn({
         let router = app(state.clone());
         let stop = until_stopped(stopped);
         async move { axum::serve(listener, router).with_graceful_shutdown(stop).await }
     });
-    tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), "standalone gateway serving");
-    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper, hub_feed })
+    tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), cluster = nats.is_some(), "gateway serving");
+    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper, hub_feeds })
+}
+
+/// Expires abandoned upload sessions every 10 minutes until `stop` turns true.
+async fn sweep_uploads(docs: Arc<Documents>, mut stop: watch::Receiver<bool>) {
+    loop {
+        match docs.expire_uploads().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "expired upload sessions"),
+            Err(e) => tracing::warn!(error = %e, "expiring upload sessions"),
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(Duration::from_secs(600)) => {}
+        }
+    }
 }
 
 impl Running {
@@ -197,7 +223,9 @@ impl Running {
         self.relay.await.ok();
         self.sweeper.await.ok();
         self.state.webhooks.engine().shutdown().await;
-        self.hub_feed.abort();
+        for feed in self.hub_feeds {
+            feed.abort();
+        }
         Ok(())
     }
 }

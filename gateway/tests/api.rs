@@ -49,6 +49,8 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
         max_upload_bytes: 1 << 20,
         public_url: None,
         allow_webhook_cidrs: vec!["127.0.0.1".into()],
+        nats_url: None,
+        link_key: None,
     };
     let running = standalone::start(options).await.unwrap();
     let base = running.url.clone();
@@ -806,6 +808,8 @@ async fn an_upload_session_moves_between_replicas() {
         max_upload_bytes: 1 << 20,
         public_url: None,
         allow_webhook_cidrs: vec!["127.0.0.1".into()],
+        nats_url: None,
+        link_key: None,
     })
     .await
     .unwrap();

@@ -143,3 +143,27 @@ fn tokio_stream(
 ) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+#[test]
+fn serve_refuses_settings_replicas_cannot_share_with_the_reason() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vellum-gateway"))
+            .arg("serve")
+            .args(args)
+            .env_remove("VELLUM_DATABASE_URL")
+            .env_remove("VELLUM_JWT_SECRET")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let nats = ["--nats-url", "nats://127.0.0.1:1", "--link-key", "0123456789abcdef0123456789abcdef"];
+    assert!(run(&nats).contains("serve needs --database-url postgres://"));
+    let with_db = [&nats[..], &["--database-url", "postgres://nowhere/db"]].concat();
+    assert!(run(&with_db).contains("serve needs --jwt-secret"));
+    let short_key =
+        ["--nats-url", "x", "--link-key", "k3y-too-small", "--database-url", "postgres://x/y", "--jwt-secret", "s"];
+    let stderr = run(&short_key);
+    assert!(stderr.contains("--link-key must have at least 32 bytes"), "{stderr}");
+    assert!(!stderr.contains("k3y-too-small"), "the key is not echoed");
+}

@@ -62,7 +62,7 @@ pub enum Destination {
 }
 
 /// Job kinds with a topic of their own.
-const JOB_KINDS: [&str; 1] = [crate::uploads::UPLOAD_JOBS];
+pub(crate) const JOB_KINDS: [&str; 1] = [crate::uploads::UPLOAD_JOBS];
 
 impl Destination {
     pub fn parse(destination: &str) -> Result<Self, String> {

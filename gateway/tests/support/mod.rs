@@ -33,6 +33,8 @@ pub async fn gateway() -> Gateway {
         max_upload_bytes: 1 << 20,
         public_url: None,
         allow_webhook_cidrs: vec![],
+        nats_url: None,
+        link_key: None,
     };
     Gateway { running: standalone::start(options).await.unwrap(), client: reqwest::Client::new(), _dir: dir }
 }

@@ -1,0 +1,247 @@
+//! Two gateway replicas sharing Postgres and a private NATS server: a client on one
+//! replica sees what happens through the other, SSE resumes from the JetStream history on
+//! either, and killing NATS mid-stream neither loses an event nor repeats one to a
+//! WebSocket client.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use vellum_gateway::auth::AuthSettings;
+use vellum_gateway::standalone::{self, Running};
+use vellum_testkit::{NatsProcess, TestDatabase};
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Cluster {
+    a: Running,
+    b: Running,
+    nats: NatsProcess,
+    client: reqwest::Client,
+    _db: TestDatabase,
+    _dir: tempfile::TempDir,
+}
+
+async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> Running {
+    standalone::start(standalone::Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        // Shared, as a volume would be: the file tier holds the documents both serve.
+        data_dir: dir.join("data"),
+        config_dir: dir.join("config"),
+        database_url: Some(database_url.to_owned()),
+        auth: AuthSettings { secret: Some(b"cluster-secret".to_vec()), ..AuthSettings::default() },
+        max_upload_bytes: 1 << 20,
+        public_url: None,
+        allow_webhook_cidrs: vec![],
+        nats_url: Some(nats_url.to_owned()),
+        link_key: Some(b"a link key both replicas share, 32+ bytes".to_vec()),
+    })
+    .await
+    .unwrap()
+}
+
+async fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::write(
+        dir.path().join("config/tiers.yaml"),
+        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, default: true, backend: {url: 'file://tiers/hot'}}\n",
+    )
+    .unwrap();
+    let db = TestDatabase::new().await.unwrap();
+    let nats = NatsProcess::start().unwrap();
+    let a = replica(dir.path(), &db.url, &nats.url()).await;
+    let b = replica(dir.path(), &db.url, &nats.url()).await;
+    let cluster = Cluster { a, b, nats, client: reqwest::Client::new(), _db: db, _dir: dir };
+    // The replicas follow the stream from when they started: wait until B sees A's events.
+    let mut probe = cluster.ws(&cluster.b, "root", &["user", "admin"]).await;
+    cluster.upload(&cluster.a, "root", "warm-up.txt").await;
+    assert_eq!(next_json(&mut probe).await["data"]["filename"], "warm-up.txt");
+    cluster
+}
+
+impl Cluster {
+    fn token(&self, user: &str, roles: &[&str]) -> String {
+        self.a.state.auth.mint(user, roles, Duration::from_secs(600)).unwrap()
+    }
+
+    async fn upload(&self, via: &Running, user: &str, filename: &str) -> Value {
+        let form = Form::new().part("file", Part::bytes(filename.as_bytes().to_vec()).file_name(filename.to_owned()));
+        let response = self
+            .client
+            .post(format!("{}/api/v1/documents", via.url))
+            .bearer_auth(self.token(user, &["user"]))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{:?}", response.text().await);
+        response.json().await.unwrap()
+    }
+
+    async fn ws(&self, on: &Running, user: &str, roles: &[&str]) -> Ws {
+        let url = format!("{}/ws?token={}", on.url.replace("http://", "ws://"), self.token(user, roles));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        assert_eq!(next_json(&mut ws).await["type"], "connection_established");
+        ws
+    }
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    try_next_json(ws, Duration::from_secs(15)).await.expect("a message within 15 s")
+}
+
+async fn try_next_json(ws: &mut Ws, wait: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let message = tokio::time::timeout_at(deadline, ws.next()).await.ok()?.unwrap().unwrap();
+        match message {
+            Message::Text(text) => return Some(serde_json::from_str(&text).unwrap()),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// SSE events (id, data) from a streaming response until `n` have arrived.
+async fn read_events(response: &mut reqwest::Response, buffer: &mut String, n: usize) -> Vec<(i64, Value)> {
+    let mut events = Vec::new();
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|v| v.trim().parse().unwrap());
+            let data = block.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim);
+            if let (Some(id), Some(data)) = (id, data) {
+                events.push((id, serde_json::from_str(data).unwrap()));
+            }
+        }
+        if events.len() >= n {
+            return events;
+        }
+        let chunk =
+            tokio::time::timeout(Duration::from_secs(15), response.chunk()).await.expect("SSE data").unwrap().unwrap();
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn clients_of_one_replica_see_uploads_progress_and_broadcasts_made_through_the_other() {
+    let c = cluster().await;
+    let mut alice_on_b = c.ws(&c.b, "alice", &["user"]).await;
+
+    let doc = c.upload(&c.a, "alice", "through-a.txt").await;
+    let event = next_json(&mut alice_on_b).await;
+    assert_eq!(event["type"], "DOCUMENT_UPLOADED");
+    assert_eq!(event["data"]["documentId"], doc["id"]);
+    // The document itself is there on B too.
+    let token = c.token("alice", &["user"]);
+    let got = c.client.get(format!("{}/api/v1/documents/{}", c.b.url, doc["id"]));
+    assert_eq!(got.bearer_auth(&token).send().await.unwrap().status(), StatusCode::OK);
+
+    // Progress of a chunked upload made through A, watched on B.
+    let session: Value = c
+        .client
+        .post(format!("{}/api/v1/upload/initiate", c.a.url))
+        .bearer_auth(&token)
+        .json(&json!({"filename": "big.bin", "totalSize": 10, "chunkSize": 10}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = session["sessionId"].as_str().unwrap();
+    alice_on_b.send(Message::Text(json!({"type": "subscribe_job", "jobId": id}).to_string().into())).await.unwrap();
+    assert_eq!(next_json(&mut alice_on_b).await["type"], "subscribed");
+    let put = c.client.put(format!("{}/api/v1/upload/{id}/chunk/0", c.a.url)).bearer_auth(&token).body(vec![1u8; 10]);
+    assert_eq!(put.send().await.unwrap().status(), StatusCode::OK);
+    let update = next_json(&mut alice_on_b).await;
+    assert_eq!(update["type"], "job_status_update");
+    assert_eq!(update["jobId"], id);
+
+    // An admin broadcast sent to A.
+    let sent = c
+        .client
+        .post(format!("{}/api/v1/websocket/broadcast/system", c.a.url))
+        .bearer_auth(c.token("root", &["user", "admin"]))
+        .json(&json!({"message": "hello from A"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::OK);
+    let notice = next_json(&mut alice_on_b).await;
+    assert_eq!(
+        (notice["type"].as_str(), notice["message"].as_str()),
+        (Some("system_notification"), Some("hello from A"))
+    );
+
+    // SSE on B; then, away, two uploads through A; back on A with Last-Event-ID: exactly those.
+    let stream_url = |on: &Running| format!("{}/api/v1/events/stream", on.url);
+    let mut sse = c.client.get(stream_url(&c.b)).bearer_auth(&token).send().await.unwrap();
+    let mut buffer = String::new();
+    c.upload(&c.a, "alice", "seen.txt").await;
+    let seen = read_events(&mut sse, &mut buffer, 1).await;
+    assert_eq!(seen[0].1["filename"], "seen.txt");
+    drop(sse);
+    c.upload(&c.a, "alice", "missed-1.txt").await;
+    c.upload(&c.a, "bob", "not-alices.txt").await;
+    c.upload(&c.b, "alice", "missed-2.txt").await;
+    // They reached the stream (B's client sees them) before resuming.
+    for name in ["seen.txt", "missed-1.txt", "missed-2.txt"] {
+        assert_eq!(next_json(&mut alice_on_b).await["data"]["filename"], name);
+    }
+    let mut resumed = c
+        .client
+        .get(stream_url(&c.a))
+        .bearer_auth(&token)
+        .header("Last-Event-ID", seen[0].0.to_string())
+        .send()
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    let missed = read_events(&mut resumed, &mut buffer, 2).await;
+    let names: Vec<&str> = missed.iter().map(|e| e.1["filename"].as_str().unwrap()).collect();
+    assert_eq!(names, ["missed-1.txt", "missed-2.txt"]);
+    c.upload(&c.b, "alice", "live.txt").await;
+    let live = read_events(&mut resumed, &mut buffer, 1).await;
+    assert_eq!(live[0].1["filename"], "live.txt", "then live, with nothing repeated");
+    assert!(live[0].0 > missed[1].0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_nats_mid_stream_neither_loses_nor_repeats_an_event_to_a_websocket_client() {
+    const UPLOADS: usize = 24;
+    let mut c = cluster().await;
+    let mut watcher = c.ws(&c.b, "carol", &["user"]).await;
+    let mut expected = HashSet::new();
+    for n in 0..UPLOADS {
+        if n == UPLOADS / 3 {
+            c.nats.kill();
+        }
+        if n == 2 * UPLOADS / 3 {
+            c.nats.restart().unwrap();
+        }
+        // Uploads go on while NATS is down: events wait in the outbox.
+        let via = if n % 2 == 0 { &c.a } else { &c.b };
+        let doc = c.upload(via, "carol", &format!("doc-{n}.txt")).await;
+        expected.insert(doc["id"].to_string());
+    }
+    let mut received = Vec::new();
+    while received.len() < UPLOADS {
+        let event = try_next_json(&mut watcher, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("only {} of {UPLOADS} events arrived", received.len()));
+        received.push(event["data"]["documentId"].to_string());
+    }
+    // Anything repeated would arrive now.
+    if let Some(extra) = try_next_json(&mut watcher, Duration::from_secs(2)).await {
+        panic!("an event beyond the {UPLOADS} uploads: {extra}");
+    }
+    let distinct: HashSet<String> = received.iter().cloned().collect();
+    assert_eq!(distinct.len(), UPLOADS, "no event twice");
+    assert_eq!(distinct, expected, "every upload's event");
+}
