@@ -337,6 +337,15 @@ pub(crate) fn optional_actor(state: &AppState, headers: &HeaderMap, uri: &Uri) -
         .transpose()
 }
 
+/// Clients send short commands, so a small read buffer (tungstenite's default is 128 KiB
+/// per connection, most of an idle connection's memory) and a bounded message size.
+pub(crate) fn sized(upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
+    upgrade.read_buffer_size(READ_BUFFER).max_message_size(stomp::MAX_FRAME)
+}
+
+/// The read buffer of a WebSocket connection.
+const READ_BUFFER: usize = 4 * 1024;
+
 /// `GET /ws`: STOMP when the client asks for a `v1x.stomp` subprotocol (the token may then
 /// come in `CONNECT`), otherwise the WebSocket JSON protocol.
 pub async fn websocket(
@@ -345,7 +354,7 @@ pub async fn websocket(
     uri: Uri,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let upgrade = upgrade.protocols(stomp::SUBPROTOCOLS).max_message_size(stomp::MAX_FRAME);
+    let upgrade = sized(upgrade.protocols(stomp::SUBPROTOCOLS));
     let hub = Arc::clone(&state.hub);
     if upgrade.selected_protocol().is_some() {
         let actor = optional_actor(&state, &headers, &uri)?;

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::realtime::optional_actor;
+use crate::realtime::{optional_actor, sized};
 use crate::stomp::{self, Framing};
 
 /// `GET /ws/info`: what the client may use.
@@ -64,7 +64,5 @@ fn upgraded(
 ) -> Result<Response, ApiError> {
     let actor = optional_actor(state, headers, uri)?;
     let (hub, auth) = (Arc::clone(&state.hub), Arc::clone(&state.auth));
-    Ok(upgrade
-        .max_message_size(stomp::MAX_FRAME)
-        .on_upgrade(move |socket| stomp::session(socket, framing, hub, auth, actor)))
+    Ok(sized(upgrade).on_upgrade(move |socket| stomp::session(socket, framing, hub, auth, actor)))
 }
