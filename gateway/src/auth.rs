@@ -104,6 +104,11 @@ pub enum AuthConfigError {
     RateLimit,
 }
 
+/// The token of an `Authorization` value in the bearer scheme (`Bearer <token>`).
+pub(crate) fn bearer(value: &str) -> Option<&str> {
+    value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))
+}
+
 impl Auth {
     pub fn new(settings: &AuthSettings) -> Result<Self, AuthConfigError> {
         let mut keys = Vec::new();
@@ -257,7 +262,7 @@ impl FromRequestParts<AppState> for User {
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(bearer)
             .ok_or_else(|| unauthorized("the Authorization header is not a bearer token"))?;
         let actor = state.auth.verify(token.trim()).map_err(|m| unauthorized(&m))?;
         if let Err(wait) = state.auth.admit(&actor.user) {

@@ -93,21 +93,12 @@ impl WireNotice {
     }
 }
 
-/// A NATS client that connects in the background: the gateway starts even while NATS is
-/// away, and events wait in the outbox until it is back.
-pub async fn nats_client(url: &str) -> anyhow::Result<async_nats::Client> {
-    use anyhow::Context;
-    async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
-        .name("vellum-gateway")
-        .connect(url)
-        .await
-        .with_context(|| format!("connecting to NATS at {url}"))
-}
-
-/// Connects `hub` to the other replicas through NATS until the tasks are aborted.
-pub fn connect(hub: &Arc<Hub>, client: async_nats::Client) -> Vec<tokio::task::JoinHandle<()>> {
+/// Connects `hub` to the other replicas through NATS until the tasks are aborted: it is fed
+/// from the stream and the notices subject, sends its own notices there, and resumes SSE
+/// clients from the stream.
+pub fn connect(hub: &Arc<Hub>, client: &async_nats::Client) -> Vec<tokio::task::JoinHandle<()>> {
+    let js = jetstream::new(client.clone());
+    hub.use_stream_history(js.clone());
     let origin = uuid::Uuid::new_v4().to_string();
     let (outgoing, mut queue) = mpsc::channel::<Arc<Notice>>(OUTGOING);
     hub.set_remote(outgoing);
@@ -148,7 +139,7 @@ pub fn connect(hub: &Arc<Hub>, client: async_nats::Client) -> Vec<tokio::task::J
             }
         }
     });
-    let events = tokio::spawn(feed_events(Arc::clone(hub), jetstream::new(client)));
+    let events = tokio::spawn(feed_events(Arc::clone(hub), js));
     vec![send, receive, events]
 }
 
@@ -182,21 +173,27 @@ async fn follow(hub: &Hub, js: &jetstream::Context, last: &mut Option<u64>) -> R
     let mut messages = consumer.messages().await.map_err(|e| format!("reading the stream: {e}"))?;
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| format!("reading the stream: {e}"))?;
-        let seq = message.info().map_err(|e| format!("a message without metadata: {e}"))?.stream_sequence;
+        let (seq, pending) = pending_of(&message)?;
         if last.is_some_and(|l| seq <= l) {
             continue;
         }
         *last = Some(seq);
-        match event_of(&message.payload) {
-            Ok(event) => hub.publish_local(Notice::of_event(&Pending { seq: seq_id(seq), event })),
-            Err(e) => tracing::warn!(error = %e, seq, "an unreadable event in the stream"),
+        if let Some(pending) = pending {
+            hub.publish_local(Notice::of_event(&pending));
         }
     }
     Err("the stream ended".into())
 }
 
-fn seq_id(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
+/// A stream message's sequence, and its event with the sequence as its place in the
+/// history (`None`, logged, for a message that is not an event).
+fn pending_of(message: &jetstream::Message) -> Result<(u64, Option<Pending>), String> {
+    let seq = message.info().map_err(|e| format!("a message without metadata: {e}"))?.stream_sequence;
+    let pending = event_of(&message.payload)
+        .map(|event| Pending { seq: i64::try_from(seq).unwrap_or(i64::MAX), event })
+        .inspect_err(|e| tracing::warn!(error = %e, seq, "an unreadable event in the stream"))
+        .ok();
+    Ok((seq, pending))
 }
 
 /// Events of the stream after `after`, at most `limit`: what an SSE client missed.
@@ -217,11 +214,7 @@ pub async fn history(js: &jetstream::Context, after: i64, limit: usize) -> Resul
     let mut events = Vec::new();
     while let Some(message) = batch.next().await {
         let message = message.map_err(|e| format!("reading the event history: {e}"))?;
-        let seq = message.info().map_err(|e| format!("a message without metadata: {e}"))?.stream_sequence;
-        match event_of(&message.payload) {
-            Ok(event) => events.push(Pending { seq: seq_id(seq), event }),
-            Err(e) => tracing::warn!(error = %e, seq, "an unreadable event in the stream"),
-        }
+        events.extend(pending_of(&message)?.1);
     }
     let name = consumer.cached_info().name.clone();
     let _ = stream.delete_consumer(&name).await;

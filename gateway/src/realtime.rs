@@ -12,8 +12,8 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Json;
@@ -26,8 +26,6 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::{SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::sync::OnceLock;
-
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use utoipa::ToSchema;
@@ -202,7 +200,7 @@ impl Hub {
     }
 
     /// Resumes SSE clients from the event stream instead of the outbox.
-    pub fn use_stream_history(&self, js: async_nats::jetstream::Context) {
+    pub(crate) fn use_stream_history(&self, js: async_nats::jetstream::Context) {
         let _ = self.stream.set(js);
     }
 
@@ -303,14 +301,7 @@ impl FromRequestParts<AppState> for StreamUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Some(token) = bearer_token(&parts.headers, &parts.uri) else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "a token is required (Authorization header or ?token=)",
-            ));
-        };
-        let actor = state.auth.verify(&token).map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, m))?;
-        Ok(Self(actor))
+        required_actor(state, &parts.headers, &parts.uri).map(Self)
     }
 }
 
@@ -319,7 +310,7 @@ pub(crate) fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Option<String> {
     let from_header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(crate::auth::bearer)
         .map(str::to_owned);
     let from_query = || {
         uri.query().and_then(|q| {
@@ -329,12 +320,18 @@ pub(crate) fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Option<String> {
     from_header.or_else(from_query).map(|t| t.trim().to_owned())
 }
 
-/// The caller of a STOMP endpoint, who may instead authenticate in `CONNECT`: `None` without
-/// a token, 401 for a bad one.
+/// The caller named by a request's token: `None` without a token, 401 for a bad one. (A
+/// STOMP client may instead authenticate in `CONNECT`.)
 pub(crate) fn optional_actor(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Result<Option<Actor>, ApiError> {
     bearer_token(headers, uri)
         .map(|token| state.auth.verify(&token).map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, m)))
         .transpose()
+}
+
+/// The caller named by a request's token; 401 without one or for a bad one.
+fn required_actor(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Result<Actor, ApiError> {
+    optional_actor(state, headers, uri)?
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "a token is required (Authorization header or ?token=)"))
 }
 
 /// Clients send short commands, so a small read buffer (tungstenite's default is 128 KiB
@@ -361,10 +358,7 @@ pub async fn websocket(
         let auth = Arc::clone(&state.auth);
         return Ok(upgrade.on_upgrade(move |socket| stomp::session(socket, Framing::Raw, hub, auth, actor)));
     }
-    let Some(token) = bearer_token(&headers, &uri) else {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "a token is required (Authorization header or ?token=)"));
-    };
-    let actor = state.auth.verify(&token).map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, m))?;
+    let actor = required_actor(&state, &headers, &uri)?;
     Ok(upgrade.on_upgrade(move |socket| json_session(socket, hub, actor)))
 }
 

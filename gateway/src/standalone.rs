@@ -141,14 +141,11 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let webhooks = WebhookService::start(engine.clone(), sources, clock.clone()).await?;
     let hub = Arc::new(Hub::new(meta.clone(), clock.clone()));
     let nats = match &options.nats_url {
-        Some(url) => Some(crate::cluster::nats_client(url).await?),
+        Some(url) => Some(vellum_workers::nats::connect(url, "vellum-gateway").await.map_err(anyhow::Error::msg)?),
         None => None,
     };
     let hub_feeds = match &nats {
-        Some(client) => {
-            hub.use_stream_history(async_nats::jetstream::new(client.clone()));
-            crate::cluster::connect(&hub, client.clone())
-        }
+        Some(client) => crate::cluster::connect(&hub, client),
         None => vec![hub.feed_from(&bus)],
     };
     let docs = Documents::new(meta.clone(), tiers, clock.clone(), Some(bus.clone()), options.max_upload_bytes);

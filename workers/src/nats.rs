@@ -23,6 +23,18 @@ pub const SUBJECTS: &str = "vellum.events.>";
 /// The durable consumer webhook workers share.
 pub const WEBHOOK_CONSUMER: &str = "vellum-webhooks";
 
+/// A client that connects in the background, so that its process starts even while NATS
+/// is away (events wait in the outbox until it is back). `name` shows in NATS's monitoring.
+pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, String> {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .name(name)
+        .connect(url)
+        .await
+        .map_err(|e| format!("connecting to NATS at {url}: {e}"))
+}
+
 /// The subject an event is published on.
 pub fn subject(event: &Event) -> String {
     format!("vellum.events.{}", type_name(event.event_type))

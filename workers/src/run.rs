@@ -50,13 +50,7 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
     engine.set_endpoints(crate::configured_endpoints(&config, &secrets)).await?;
 
     // Start even while NATS is away: the outbox keeps the events until it is back.
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
-        .name("vellum-workers")
-        .connect(&options.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", options.nats_url))?;
+    let client = crate::nats::connect(&options.nats_url, "vellum-workers").await.map_err(anyhow::Error::msg)?;
     let js = async_nats::jetstream::new(client);
     if let Err(e) = ensure_stream(&js).await {
         tracing::warn!(error = %e, "JetStream is not reachable yet; events wait in the outbox");

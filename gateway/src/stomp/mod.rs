@@ -202,7 +202,7 @@ fn token_of(connect: &Frame) -> Option<String> {
     let bearer = ["Authorization", "authorization"]
         .into_iter()
         .find_map(|h| connect.get(h))
-        .map(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v));
+        .map(|v| crate::auth::bearer(v).unwrap_or(v));
     bearer.or_else(|| connect.get("token")).or_else(|| connect.get("passcode")).map(|t| t.trim().to_owned())
 }
 
