@@ -21,7 +21,6 @@
 //! (default 10000; needs twice as many file descriptors as `ulimit -n` gives one process).
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,23 +39,11 @@ use vellum_core::webhooks::DestinationPolicy;
 use vellum_testkit::TestDatabase;
 use vellum_workers::{Configured, Engine, Sender, Settings};
 
-#[path = "../tests/support/banner.rs"]
-mod banner;
+mod support;
+
+use support::{Gateway, knob, memory, mib, percentile};
 
 const KEY: &[u8] = b"benchmark-signing-key";
-
-fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[index]
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
@@ -65,16 +52,6 @@ fn ms(d: Duration) -> String {
 #[allow(clippy::cast_precision_loss)]
 fn per_second(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
-}
-
-/// A process's resident memory in bytes, from `/proc/<pid>/status`.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// A local webhook receiver: counts requests and notes when each document's event arrived.
@@ -209,19 +186,6 @@ async fn engine_deliveries(url: &str, events: &[Event], concurrency: usize, rece
     elapsed
 }
 
-struct Gateway {
-    child: Child,
-    url: String,
-    token: String,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_gateway(work: &std::path::Path, database_url: &str, hook_url: &str, concurrency: usize) -> Gateway {
     let config = work.join("config");
     std::fs::create_dir_all(&config).unwrap();
@@ -236,20 +200,7 @@ fn start_gateway(work: &std::path::Path, database_url: &str, hook_url: &str, con
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vellum-gateway"))
-        .args(["standalone", "--listen", "127.0.0.1:0", "--rate-limit", "0", "--allow-webhook-cidr", "127.0.0.1"])
-        .args(["--log", "warn"])
-        .arg("--config-dir")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(work.join("data"))
-        .args(["--database-url", database_url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let (url, token) = banner::read_banner(&mut child);
-    Gateway { child, url, token }
+    Gateway::start(work, database_url, &["--allow-webhook-cidr", "127.0.0.1", "--log", "warn"])
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -353,7 +304,7 @@ async fn main() {
     // 3. Idle WebSocket connections.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pid = gateway.child.id();
-    let before = rss(pid);
+    let before = memory(pid, "VmRSS:");
     let open = Arc::new(Mutex::new(Vec::with_capacity(connections)));
     let next = Arc::new(AtomicUsize::new(0));
     let gateway = Arc::new(gateway);
@@ -371,7 +322,7 @@ async fn main() {
         opener.await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss(pid);
+    let after = memory(pid, "VmRSS:");
     let held = open.lock().unwrap().len();
 
     println!("notifications benchmark (one run, side by side)");
@@ -402,8 +353,8 @@ async fn main() {
     let per = (after.saturating_sub(before)) as f64 / held as f64;
     println!(
         "  idle WebSockets: {held} open, gateway RSS {:.1} MiB -> {:.1} MiB, {:.1} KiB per connection",
-        before as f64 / f64::from(1 << 20),
-        after as f64 / f64::from(1 << 20),
+        mib(before),
+        mib(after),
         per / 1024.0
     );
 }

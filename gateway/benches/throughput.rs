@@ -22,7 +22,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -30,50 +30,9 @@ use futures::StreamExt;
 use rand::RngCore;
 use vellum_testkit::TestDatabase;
 
-#[path = "../tests/support/banner.rs"]
-mod banner;
+mod support;
 
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn mib(bytes: u64) -> f64 {
-    #[allow(clippy::cast_precision_loss)]
-    let v = bytes as f64 / f64::from(1 << 20);
-    v
-}
-
-/// A process's resident memory, from `/proc/<pid>/status` (`VmRSS` now, `VmHWM` peak), in bytes.
-fn memory(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[index]
-}
-
-struct Gateway {
-    child: Child,
-    url: String,
-    token: String,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-    }
-}
+use support::{Gateway, knob, memory, mib, percentile};
 
 fn start_gateway(work: &Path, database_url: &str) -> Gateway {
     let config = work.join("config");
@@ -84,19 +43,7 @@ fn start_gateway(work: &Path, database_url: &str) -> Gateway {
          spec: {class: HOT, default: true, backend: {url: 'file://tiers/hot'}, compression: {enabled: true}}\n",
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vellum-gateway"))
-        .args(["standalone", "--listen", "127.0.0.1:0", "--rate-limit", "0", "--max-upload-bytes", "1099511627776"])
-        .arg("--config-dir")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(work.join("data"))
-        .args(["--database-url", database_url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let (url, token) = banner::read_banner(&mut child);
-    Gateway { child, url, token }
+    Gateway::start(work, database_url, &["--max-upload-bytes", "1099511627776"])
 }
 
 /// Incompressible bytes, written in 1 MiB blocks.

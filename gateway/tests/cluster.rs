@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
-use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use vellum_gateway::auth::AuthSettings;
 use vellum_gateway::standalone::{self, Running};
 use vellum_testkit::{NatsProcess, TestDatabase};
+
+mod support;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -70,17 +71,7 @@ impl Cluster {
     }
 
     async fn upload(&self, via: &Running, user: &str, filename: &str) -> Value {
-        let form = Form::new().part("file", Part::bytes(filename.as_bytes().to_vec()).file_name(filename.to_owned()));
-        let response = self
-            .client
-            .post(format!("{}/api/v1/documents", via.url))
-            .bearer_auth(self.token(user, &["user"]))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED, "{:?}", response.text().await);
-        response.json().await.unwrap()
+        support::upload(&self.client, &via.url, &self.token(user, &["user"]), filename).await
     }
 
     async fn ws(&self, on: &Running, user: &str, roles: &[&str]) -> Ws {
@@ -143,22 +134,11 @@ async fn clients_of_one_replica_see_uploads_progress_and_broadcasts_made_through
     assert_eq!(got.bearer_auth(&token).send().await.unwrap().status(), StatusCode::OK);
 
     // Progress of a chunked upload made through A, watched on B.
-    let session: Value = c
-        .client
-        .post(format!("{}/api/v1/upload/initiate", c.a.url))
-        .bearer_auth(&token)
-        .json(&json!({"filename": "big.bin", "totalSize": 10, "chunkSize": 10}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = session["sessionId"].as_str().unwrap();
+    let id = support::initiate(&c.client, &c.a.url, &token, 10, 10).await;
+    let id = id.as_str();
     alice_on_b.send(Message::Text(json!({"type": "subscribe_job", "jobId": id}).to_string().into())).await.unwrap();
     assert_eq!(next_json(&mut alice_on_b).await["type"], "subscribed");
-    let put = c.client.put(format!("{}/api/v1/upload/{id}/chunk/0", c.a.url)).bearer_auth(&token).body(vec![1u8; 10]);
-    assert_eq!(put.send().await.unwrap().status(), StatusCode::OK);
+    support::put_chunk(&c.client, &c.a.url, &token, id, 0, vec![1u8; 10]).await;
     let update = next_json(&mut alice_on_b).await;
     assert_eq!(update["type"], "job_status_update");
     assert_eq!(update["jobId"], id);

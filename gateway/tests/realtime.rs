@@ -276,19 +276,8 @@ async fn a_client_that_cannot_keep_up_is_closed_with_a_reason_and_others_are_not
 async fn upload_progress_reaches_the_owner_subscribed_to_the_session_as_job_updates() {
     let gw = gateway().await;
     let token = gw.token("alice", &["user"]);
-    let init = json!({"filename": "big.bin", "totalSize": 20, "chunkSize": 10});
-    let session: Value = gw
-        .client
-        .post(format!("{}/api/v1/upload/initiate", gw.running.url))
-        .bearer_auth(&token)
-        .json(&init)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = session["sessionId"].as_str().unwrap().to_owned();
+    let (client, base) = (&gw.client, gw.running.url.as_str());
+    let id = support::initiate(client, base, &token, 20, 10).await;
     let mut alice = gw.ws("alice", &["user"]).await;
     let mut bob = gw.ws("bob", &["user"]).await;
     for ws in [&mut alice, &mut bob] {
@@ -296,28 +285,13 @@ async fn upload_progress_reaches_the_owner_subscribed_to_the_session_as_job_upda
         assert_eq!(next_json(ws).await["type"], "subscribed");
     }
     for n in 0..2 {
-        let put = gw
-            .client
-            .put(format!("{}/api/v1/upload/{id}/chunk/{n}", gw.running.url))
-            .bearer_auth(&token)
-            .body(vec![b'x'; 10])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(put.status(), StatusCode::OK);
+        support::put_chunk(client, base, &token, &id, n, vec![b'x'; 10]).await;
         let update = next_json(&mut alice).await;
         assert_eq!(update["type"], "job_status_update");
         assert_eq!(update["jobId"], id.as_str());
         assert_eq!(update["data"]["uploadedChunks"], n + 1);
     }
-    let done = gw
-        .client
-        .post(format!("{}/api/v1/upload/{id}/complete", gw.running.url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(done.status(), StatusCode::CREATED);
+    support::complete(client, base, &token, &id).await;
     let mut completed = next_json(&mut alice).await;
     if completed["type"] == "DOCUMENT_UPLOADED" {
         completed = next_json(&mut alice).await;

@@ -160,18 +160,8 @@ async fn stompjs_over_websocket_and_sockjs_receives_what_each_user_may_see() {
 async fn upload_progress_reaches_the_owners_queue_and_the_job_topic() {
     let gw = gateway().await;
     let token = gw.token("alice", &["user"]);
-    let session: Value = gw
-        .client
-        .post(format!("{}/api/v1/upload/initiate", gw.running.url))
-        .bearer_auth(&token)
-        .json(&json!({"filename": "big.bin", "totalSize": 20, "chunkSize": 10}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = session["sessionId"].as_str().unwrap().to_owned();
+    let (client, base) = (&gw.client, gw.running.url.as_str());
+    let id = support::initiate(client, base, &token, 20, 10).await;
     let job_topic = format!("/topic/jobs/{id}");
     let mut alice = StompClient::start("ws", &ws_url(&gw, "/ws"), Some(&token), &["/user/queue/upload-progress"]);
     alice.ready().await;
@@ -185,15 +175,7 @@ async fn upload_progress_reaches_the_owners_queue_and_the_job_topic() {
     admin.ready().await;
 
     for n in 0..2 {
-        let put = gw
-            .client
-            .put(format!("{}/api/v1/upload/{id}/chunk/{n}", gw.running.url))
-            .bearer_auth(&token)
-            .body(vec![b'x'; 10])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(put.status(), StatusCode::OK);
+        support::put_chunk(client, base, &token, &id, n, vec![b'x'; 10]).await;
         let update = alice.message().await;
         assert_eq!(update["destination"], "/user/queue/upload-progress");
         assert_eq!(update["body"]["type"], "job_status_update");
@@ -203,14 +185,7 @@ async fn upload_progress_reaches_the_owners_queue_and_the_job_topic() {
         assert_eq!(watched["destination"], job_topic.as_str());
         assert_eq!(watched["body"], update["body"]);
     }
-    let done = gw
-        .client
-        .post(format!("{}/api/v1/upload/{id}/complete", gw.running.url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(done.status(), StatusCode::CREATED);
+    support::complete(client, base, &token, &id).await;
     let completed = alice.message().await;
     assert_eq!(completed["body"]["type"], "job_completed");
     assert_eq!(completed["body"]["result"]["filename"], "big.bin");

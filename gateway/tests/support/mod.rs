@@ -1,11 +1,12 @@
-//! The harness the socket tests share: a standalone gateway on a free port, tokens, uploads.
+//! The harness the socket tests share: a standalone gateway on a free port, tokens, and
+//! uploads (whole, or chunked session by session) to any gateway's base URL.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::multipart::{Form, Part};
-use serde_json::Value;
+use serde_json::{Value, json};
 use vellum_gateway::auth::AuthSettings;
 use vellum_gateway::standalone::{self, Running};
 
@@ -45,16 +46,37 @@ impl Gateway {
     }
 
     pub async fn upload(&self, user: &str, filename: &str) -> Value {
-        let form = Form::new().part("file", Part::bytes(filename.as_bytes().to_vec()).file_name(filename.to_owned()));
-        let response = self
-            .client
-            .post(format!("{}/api/v1/documents", self.running.url))
-            .bearer_auth(self.token(user, &["user"]))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED);
-        response.json().await.unwrap()
+        upload(&self.client, &self.running.url, &self.token(user, &["user"]), filename).await
     }
+}
+
+/// Uploads a document named and filled with `filename`; returns the created document.
+pub async fn upload(client: &reqwest::Client, base: &str, token: &str, filename: &str) -> Value {
+    let form = Form::new().part("file", Part::bytes(filename.as_bytes().to_vec()).file_name(filename.to_owned()));
+    let response =
+        client.post(format!("{base}/api/v1/documents")).bearer_auth(token).multipart(form).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED, "{:?}", response.text().await);
+    response.json().await.unwrap()
+}
+
+/// Starts a chunked upload session; returns its id.
+pub async fn initiate(client: &reqwest::Client, base: &str, token: &str, total: u64, chunk: u64) -> String {
+    let init = json!({"filename": "big.bin", "totalSize": total, "chunkSize": chunk});
+    let response =
+        client.post(format!("{base}/api/v1/upload/initiate")).bearer_auth(token).json(&init).send().await.unwrap();
+    let session: Value = response.json().await.unwrap();
+    session["sessionId"].as_str().unwrap().to_owned()
+}
+
+/// Sends chunk `n` of a session.
+pub async fn put_chunk(client: &reqwest::Client, base: &str, token: &str, id: &str, n: u64, bytes: Vec<u8>) {
+    let url = format!("{base}/api/v1/upload/{id}/chunk/{n}");
+    let response = client.put(url).bearer_auth(token).body(bytes).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+/// Completes a session into a document.
+pub async fn complete(client: &reqwest::Client, base: &str, token: &str, id: &str) {
+    let response = client.post(format!("{base}/api/v1/upload/{id}/complete")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
 }
