@@ -1,6 +1,6 @@
 //! The webhook delivery log on SQLite and Postgres: ingestion is idempotent, leases keep
 //! two dispatchers apart, attempts schedule retries and end deliveries, the deactivation
-//! rule and 410 deactivate with an event, replays requeue FAILED deliveries, and the log
+//! rule and 410 deactivate with an event, batches of outcomes are recorded in one go, replays requeue FAILED deliveries, and the log
 //! is pruned without touching pending work.
 
 use std::time::Duration;
@@ -10,7 +10,7 @@ use vellum_core::config::{SecretHandle, WebhookConfig};
 use vellum_core::crds::webhook::{DeactivationRule, EventType, RetryPolicy};
 use vellum_core::events::{Event, outbox};
 use vellum_core::store::Metadata;
-use vellum_core::webhooks::{self, Attempt, Endpoint, Next, Replay};
+use vellum_core::webhooks::{self, Attempt, Endpoint, Next, Outcome, Replay};
 use vellum_testkit::TestDatabase;
 
 struct Env {
@@ -185,6 +185,100 @@ async fn deactivation_and_replay(env: Env) {
     assert_eq!(stats.pending, 8);
 }
 
+async fn batches_lease_once_and_record_every_outcome(env: Env) {
+    let meta = &env.meta;
+    let now = 1_767_225_600_000;
+    let endpoints = [endpoint("batch", vec![])];
+    // More than one statement's worth of rows (200) per batch.
+    let n = 250;
+    for i in 0..n {
+        webhooks::ingest(meta, &endpoints, &event(EventType::DocumentUploaded, now + i), now + i).await.unwrap();
+    }
+    // Racing dispatchers never lease the same delivery twice, and together lease all.
+    let lease = Duration::from_secs(30);
+    let (a, b) = tokio::join!(
+        webhooks::claim_due(meta, "batch", now + n, 150, lease),
+        webhooks::claim_due(meta, "batch", now + n, 150, lease)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut seqs: Vec<i64> = a.iter().chain(&b).map(|d| d.seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), a.len() + b.len(), "no delivery leased twice");
+    let mut rest = webhooks::claim_due(meta, "batch", now + n, 300, lease).await.unwrap();
+    assert_eq!(seqs.len() + rest.len(), 250);
+    assert!(a.windows(2).all(|w| w[0].seq < w[1].seq), "oldest first");
+    let mut all: Vec<_> = a.into_iter().chain(b).collect();
+    all.append(&mut rest);
+    all.sort_by_key(|d| d.seq);
+
+    // Every third delivered, every third retried, every third failed for good.
+    let outcomes: Vec<Outcome> = all
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let (attempt, next) = match i % 3 {
+                0 => (Attempt { success: true, status_code: Some(204), ..Attempt::default() }, Next::Delivered),
+                1 => (failure(now), Next::RetryAt(now + 10_000)),
+                _ => (Attempt { error: Some("connection refused".into()), ..Attempt::default() }, Next::Failed),
+            };
+            Outcome { delivery: d.clone(), attempt, next, gone: false, finished_at: now + 500 }
+        })
+        .collect();
+    let lenient = DeactivationRule { failure_rate_percent: 100, ..DeactivationRule::default() };
+    assert_eq!(webhooks::record_attempts(meta, "batch", &outcomes, &lenient, now + 500).await.unwrap(), None);
+
+    let stats = webhooks::stats(meta, "batch").await.unwrap();
+    assert_eq!(stats.pending, 83);
+    let (log, total) = webhooks::deliveries(meta, "batch", 0, 300).await.unwrap();
+    assert_eq!(total, 250);
+    for record in &log {
+        let i = all.iter().position(|d| d.seq == record.id).unwrap();
+        assert_eq!(record.attempts, 1);
+        assert_eq!(record.attempt_log.len(), 1, "delivery {}", record.id);
+        match i % 3 {
+            0 => {
+                assert_eq!(record.status, "SUCCESS");
+                assert_eq!(record.completed_at, Some(now + 500));
+                assert_eq!(record.last_status_code, Some(204));
+            }
+            1 => {
+                assert_eq!(record.status, "PENDING");
+                assert_eq!(record.next_attempt_at, Some(now + 10_000));
+                assert_eq!(record.last_error.as_deref(), Some("HTTP 500"));
+            }
+            _ => {
+                assert_eq!(record.status, "FAILED");
+                assert_eq!(record.last_status_code, None);
+                assert_eq!(record.last_error.as_deref(), Some("connection refused"));
+            }
+        }
+    }
+    // The retries fall due at their time, with their attempt counted.
+    assert!(webhooks::claim_due(meta, "batch", now + 9_999, 300, lease).await.unwrap().is_empty());
+    let retries = webhooks::claim_due(meta, "batch", now + 10_000, 300, lease).await.unwrap();
+    assert_eq!(retries.len(), 83);
+    assert!(retries.iter().all(|d| d.attempts == 1));
+
+    // The window counted the whole batch: one more batch of failures crosses the rule.
+    let failed: Vec<Outcome> = retries
+        .iter()
+        .map(|d| Outcome {
+            delivery: d.clone(),
+            attempt: failure(now + 10_000),
+            next: Next::Failed,
+            gone: false,
+            finished_at: now + 10_001,
+        })
+        .collect();
+    let strict = DeactivationRule { failure_rate_percent: 70, ..DeactivationRule::default() };
+    let reason = webhooks::record_attempts(meta, "batch", &failed, &strict, now + 10_001)
+        .await
+        .unwrap()
+        .expect("249 failures of 333 calls deactivate");
+    assert!(reason.contains("249 of the last 333"), "{reason}");
+}
+
 async fn key_rotation_keeps_the_old_key_for_the_grace_period(env: Env) {
     let meta = &env.meta;
     let now = 1_767_225_600_000;
@@ -206,4 +300,9 @@ macro_rules! on_both {
     };
 }
 
-on_both!(delivery_lifecycle, deactivation_and_replay, key_rotation_keeps_the_old_key_for_the_grace_period);
+on_both!(
+    delivery_lifecycle,
+    deactivation_and_replay,
+    batches_lease_once_and_record_every_outcome,
+    key_rotation_keeps_the_old_key_for_the_grace_period,
+);

@@ -4,7 +4,8 @@
 //! 1. Webhook deliveries per second from the delivery engine (the one `vellum-workers run`
 //!    and standalone mode use: leased from the Postgres delivery log, signed twice, sent,
 //!    every attempt recorded) to a local receiver, against a bare HTTP client (`reqwest`, the
-//!    same concurrency) sending the same bodies and headers to the same receiver.
+//!    same concurrency) sending the same bodies and headers to the same receiver; then the
+//!    same against a receiver that takes 20 ms to answer, as one doing real work does.
 //! 2. Upload → webhook and upload → WebSocket latency, p50 and p99, through the release
 //!    `vellum-gateway standalone` binary in its own process on Postgres: from the start of
 //!    each upload request to the arrival of its event (goal: p99 under 100 ms).
@@ -45,6 +46,9 @@ use support::{Gateway, knob, memory, mib, percentile};
 
 const KEY: &[u8] = b"benchmark-signing-key";
 
+/// How long the receiver's `/slow` path takes to answer: a receiver doing real work.
+const SLOW_RECEIVER: Duration = Duration::from_millis(20);
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -64,9 +68,12 @@ struct Receiver {
 impl Receiver {
     async fn start(&self) -> String {
         let me = self.clone();
-        let app = axum::Router::new().fallback(move |body: Bytes| {
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: Bytes| {
             let me = me.clone();
             async move {
+                if uri.path() == "/slow" {
+                    tokio::time::sleep(SLOW_RECEIVER).await;
+                }
                 let now = Instant::now();
                 if let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(&body)
                     && let Some(id) = event.get("documentId")
@@ -271,6 +278,18 @@ async fn main() {
     }
     let bare_best = *bare.iter().min().unwrap();
     let engine_best = *engine.iter().min().unwrap();
+    // The same against a receiver taking 20 ms per request, with a fifth of the events.
+    let slow_hook = hook.replace("/hook", "/slow");
+    let slow_n = (deliveries / 5).max(1);
+    let (mut slow_bare, mut slow_engine) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let fresh: Vec<Event> = (0..slow_n).map(event).collect();
+        slow_bare.push(bare_client(&slow_hook, &fresh, concurrency, &receiver).await);
+        let fresh: Vec<Event> = (0..slow_n).map(event).collect();
+        slow_engine.push(engine_deliveries(&slow_hook, &fresh, concurrency, &receiver).await);
+    }
+    let slow_bare_best = *slow_bare.iter().min().unwrap();
+    let slow_engine_best = *slow_engine.iter().min().unwrap();
 
     // 2. Latency through the gateway process.
     let work = tempfile::tempdir().unwrap();
@@ -334,6 +353,14 @@ async fn main() {
         bare_best.as_secs_f64() / engine_best.as_secs_f64(),
         engine.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
         bare.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+    );
+    println!(
+        "  the same to a receiver taking {} per request, {slow_n} events: engine {:.0}/s, bare client {:.0}/s, \
+         ratio {:.2} (best of two each)",
+        ms(SLOW_RECEIVER),
+        per_second(slow_n, slow_engine_best),
+        per_second(slow_n, slow_bare_best),
+        slow_bare_best.as_secs_f64() / slow_engine_best.as_secs_f64(),
     );
     println!(
         "  upload request ({n_uploads} uploads): p50 {}, p99 {}",

@@ -5,20 +5,21 @@
 //! endpoint holds only its own deliveries back. Retries wait in the database, not in
 //! memory, so a restarted worker picks up exactly where the log says.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use vellum_core::clock::Clock;
 use vellum_core::config::WebhookConfig;
 use vellum_core::events::Event;
 use vellum_core::store::{Metadata, StoreError};
 use vellum_core::webhooks::rules::{Verdict, next_retry};
-use vellum_core::webhooks::{self, Delivery, Endpoint, Next};
+use vellum_core::webhooks::{self, Delivery, Endpoint, Next, Outcome};
 
 use crate::sender::Sender;
 
@@ -183,39 +184,83 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// One endpoint's dispatcher: leases due deliveries as concurrency allows and sends each in
-/// its own task.
+/// Finished attempts waiting to be recorded, per endpoint; an attempt holds its slot until
+/// its outcome is queued here, so a database slower than the endpoint slows sending down
+/// rather than piling outcomes up in memory.
+const RECORD_QUEUE: usize = 512;
+
+/// Most deliveries one dispatcher holds leased at a time.
+const LEASE_WINDOW_MAX: usize = 256;
+
+/// Most attempts recorded in one transaction.
+const RECORD_BATCH: usize = 256;
+
+/// How many deliveries a dispatcher holds leased (started or waiting) at most, and how
+/// many must be free of that window before it leases more. Leasing in batches keeps the
+/// log's round trips far fewer than the deliveries; a rate-limited endpoint leases only a
+/// couple it can start now, since deliveries waiting for their turn would spend their
+/// lease waiting.
+fn lease_window(concurrency: usize, rate_limited: bool) -> (usize, usize) {
+    if rate_limited {
+        (concurrency.min(2), 1)
+    } else {
+        let window = (8 * concurrency).min(LEASE_WINDOW_MAX).max(concurrency);
+        (window, (window / 2).max(1))
+    }
+}
+
+/// One endpoint's dispatcher: leases due deliveries a batch at a time (see
+/// [`lease_window`]: a slot that frees finds the next delivery already leased),
+/// sends each in its own task as concurrency and the rate limit allow, and hands the
+/// outcomes to the endpoint's recorder, which writes them in batches.
+#[allow(clippy::too_many_lines)]
 async fn dispatch(inner: Arc<Inner>, mut endpoint_rx: watch::Receiver<Endpoint>, wake: Arc<Notify>) {
     let mut stop = inner.stop.subscribe();
     let mut endpoint = endpoint_rx.borrow_and_update().clone();
     let name = endpoint.name.clone();
-    let mut concurrency = endpoint.config.max_concurrency.max(1);
-    let mut permits = Arc::new(Semaphore::new(concurrency as usize));
+    let mut concurrency = endpoint.config.max_concurrency.max(1) as usize;
+    let mut permits = Arc::new(Semaphore::new(concurrency));
     let mut rate = limiter(&endpoint.config).map(Arc::new);
-    let mut tasks: JoinSet<bool> = JoinSet::new();
+    // Set by the recorder when a batch deactivated the endpoint.
+    let recheck = Arc::new(AtomicBool::new(false));
+    let (outcomes, queued) = mpsc::channel::<Outcome>(RECORD_QUEUE);
+    let recorder = tokio::spawn(record(
+        Arc::clone(&inner),
+        name.clone(),
+        endpoint_rx.clone(),
+        queued,
+        Arc::clone(&wake),
+        Arc::clone(&recheck),
+    ));
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    // Leased deliveries not yet started.
+    let mut leased: VecDeque<Delivery> = VecDeque::new();
+    // When the last lease found less than it asked for, the log is not asked again before
+    // this time (the next delivery falls due, or the idle poll), unless woken.
+    let mut drained_until: Option<tokio::time::Instant> = None;
     // Whether the endpoint is active, and when that was read; `None` asks for a fresh read.
     let mut active = true;
     let mut checked: Option<tokio::time::Instant> = None;
     loop {
-        while let Some(done) = tasks.try_join_next() {
-            if matches!(done, Ok(true)) {
-                checked = None;
-            }
-        }
+        while tasks.try_join_next().is_some() {}
         if *stop.borrow() {
             break;
+        }
+        if recheck.swap(false, Ordering::AcqRel) {
+            checked = None;
         }
         // Compared rather than asked `has_changed`: waking on `changed()` below has already
         // marked the new value seen.
         let latest = endpoint_rx.borrow_and_update().clone();
         if latest.config != endpoint.config || latest.keys != endpoint.keys {
             endpoint = latest;
-            if endpoint.config.max_concurrency.max(1) != concurrency {
-                concurrency = endpoint.config.max_concurrency.max(1);
-                permits = Arc::new(Semaphore::new(concurrency as usize));
+            if endpoint.config.max_concurrency.max(1) as usize != concurrency {
+                concurrency = endpoint.config.max_concurrency.max(1) as usize;
+                permits = Arc::new(Semaphore::new(concurrency));
             }
             rate = limiter(&endpoint.config).map(Arc::new);
             checked = None;
+            drained_until = None;
         }
         // Another worker may have deactivated (or an admin reactivated) the endpoint; a
         // deactivation by one of our own attempts is read at once.
@@ -225,70 +270,139 @@ async fn dispatch(inner: Arc<Inner>, mut endpoint_rx: watch::Receiver<Endpoint>,
                 Err(e) => tracing::warn!(webhook = %name, error = %e, "reading the endpoint's state"),
             }
         }
-        let mut wait = inner.settings.idle_poll;
-        if !endpoint.config.paused && active {
-            let free = permits.available_permits();
-            if free > 0 {
-                let now = inner.clock.now_ms();
-                let lease =
-                    Duration::from_secs(u64::from(endpoint.config.timeout_seconds)) + inner.settings.lease_margin;
-                let limit = if rate.is_some() { free.min(2) } else { free };
-                match webhooks::claim_due(&inner.meta, &name, now, i64::try_from(limit).unwrap_or(1), lease).await {
-                    Ok(claimed) if !claimed.is_empty() => {
-                        for delivery in claimed {
-                            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break };
-                            if let Some(rate) = &rate {
-                                rate.until_ready().await;
-                            }
-                            // The newest config and keys: they may have changed while leasing.
-                            let endpoint = endpoint_rx.borrow().clone();
-                            let inner = Arc::clone(&inner);
-                            tasks.spawn(async move {
-                                let deactivated = attempt(&inner, &endpoint, &delivery).await;
-                                drop(permit);
-                                if deactivated {
-                                    tracing::warn!(webhook = %endpoint.name, "endpoint deactivated");
-                                }
-                                // Its end wakes the dispatcher through `join_next`, with the verdict.
-                                deactivated
-                            });
+        let now = tokio::time::Instant::now();
+        if drained_until.is_some_and(|until| until <= now) {
+            drained_until = None;
+        }
+        if endpoint.config.paused || !active {
+            release(&inner, &name, &mut leased).await;
+        } else {
+            let (window, refill) = lease_window(concurrency, rate.is_some());
+            let held = leased.len() + tasks.len();
+            if drained_until.is_none() && held + refill <= window {
+                let limit = window - held;
+                // Long enough for the last of them to wait its turn behind every delivery
+                // held before it, each taking the whole timeout, and then be sent.
+                let rounds = u32::try_from(window.div_ceil(concurrency)).unwrap_or(u32::MAX);
+                let lease = Duration::from_secs(u64::from(endpoint.config.timeout_seconds)) * rounds
+                    + inner.settings.lease_margin;
+                let now_ms = inner.clock.now_ms();
+                match webhooks::claim_due(&inner.meta, &name, now_ms, i64::try_from(limit).unwrap_or(1), lease).await {
+                    Ok(claimed) => {
+                        if claimed.len() < limit {
+                            drained_until = Some(now + next_look(&inner, &name, now_ms).await);
                         }
-                        continue;
+                        leased.extend(claimed);
                     }
-                    Ok(_) => match webhooks::next_due(&inner.meta, &name).await {
-                        Ok(Some(due)) => {
-                            let until = u64::try_from((due - now).max(1)).unwrap_or(1);
-                            wait = wait.min(Duration::from_millis(until));
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(webhook = %name, error = %e, "reading the next due delivery"),
-                    },
                     Err(e) => {
                         tracing::warn!(webhook = %name, error = %e, "leasing deliveries");
-                        wait = Duration::from_secs(1);
+                        drained_until = Some(now + Duration::from_secs(1));
                     }
                 }
             }
+            while !leased.is_empty() {
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else { break };
+                if let Some(rate) = &rate {
+                    rate.until_ready().await;
+                }
+                let Some(delivery) = leased.pop_front() else { break };
+                // The newest config and keys: they may have changed while leasing.
+                let endpoint = endpoint_rx.borrow().clone();
+                let inner = Arc::clone(&inner);
+                let outcomes = outcomes.clone();
+                tasks.spawn(async move {
+                    let outcome = attempt(&inner, &endpoint, delivery).await;
+                    // Fails only when the recorder is gone (the engine is being torn down):
+                    // the lease then runs out and the delivery is sent again.
+                    let _ = outcomes.send(outcome).await;
+                    drop(permit);
+                });
+            }
         }
+        let wait = drained_until.unwrap_or(now + inner.settings.idle_poll);
         tokio::select! {
-            () = wake.notified() => {}
+            () = wake.notified() => drained_until = None,
             _ = endpoint_rx.changed() => {}
             _ = stop.changed() => {}
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if matches!(done, Ok(true)) {
-                    checked = None;
-                }
-            }
-            () = tokio::time::sleep(wait) => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = tokio::time::sleep_until(wait) => drained_until = None,
         }
     }
+    release(&inner, &name, &mut leased).await;
     while tasks.join_next().await.is_some() {}
+    drop(outcomes);
+    let _ = recorder.await;
 }
 
-/// Sends one delivery and records the attempt; returns whether it deactivated the
-/// endpoint. If recording fails for good the lease runs out and the delivery is sent
-/// again: at least once.
-async fn attempt(inner: &Inner, endpoint: &Endpoint, delivery: &Delivery) -> bool {
+/// How long a dispatcher whose lease came back short waits before asking the log again:
+/// until its next pending delivery falls due, at most the idle poll.
+async fn next_look(inner: &Inner, name: &str, now_ms: i64) -> Duration {
+    match webhooks::next_due(&inner.meta, name).await {
+        Ok(Some(due)) => {
+            let until = u64::try_from((due - now_ms).max(1)).unwrap_or(1);
+            inner.settings.idle_poll.min(Duration::from_millis(until))
+        }
+        Ok(None) => inner.settings.idle_poll,
+        Err(e) => {
+            tracing::warn!(webhook = %name, error = %e, "reading the next due delivery");
+            Duration::from_secs(1)
+        }
+    }
+}
+
+/// Gives leased deliveries that were not started back to the log (the endpoint was paused
+/// or deactivated, or the dispatcher is stopping), so another dispatcher need not wait out
+/// their leases.
+async fn release(inner: &Inner, name: &str, leased: &mut VecDeque<Delivery>) {
+    for delivery in leased.drain(..) {
+        if let Err(e) = webhooks::release(&inner.meta, delivery.seq).await {
+            tracing::warn!(webhook = %name, error = %e, "releasing a leased delivery; it is retried when its lease runs out");
+        }
+    }
+}
+
+/// One endpoint's recorder: writes finished attempts in batches of whatever has queued up
+/// since the last write, in one transaction each. A batch that cannot be written after
+/// several tries is dropped with a warning: its leases run out and its deliveries are sent
+/// again (at least once).
+async fn record(
+    inner: Arc<Inner>,
+    name: String,
+    endpoint: watch::Receiver<Endpoint>,
+    mut queued: mpsc::Receiver<Outcome>,
+    wake: Arc<Notify>,
+    recheck: Arc<AtomicBool>,
+) {
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while queued.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        let rule = endpoint.borrow().config.deactivation.clone();
+        let mut backoff = Duration::from_millis(50);
+        for _ in 0..8 {
+            match webhooks::record_attempts(&inner.meta, &name, &batch, &rule, inner.clock.now_ms()).await {
+                Ok(deactivated) => {
+                    if let Some(reason) = deactivated {
+                        tracing::warn!(webhook = %name, %reason, "endpoint deactivated");
+                        recheck.store(true, Ordering::Release);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(webhook = %name, error = %e, attempts = batch.len(), "recording webhook attempts");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
+        // Retries scheduled or a deactivation: the dispatcher looks at the log again.
+        if recheck.load(Ordering::Acquire) || batch.iter().any(|o| matches!(o.next, Next::RetryAt(_))) {
+            wake.notify_one();
+        }
+        batch.clear();
+    }
+}
+
+/// Sends one delivery and decides what follows from it.
+async fn attempt(inner: &Inner, endpoint: &Endpoint, delivery: Delivery) -> Outcome {
     let started = inner.clock.now_ms();
     let sent = inner
         .sender
@@ -308,26 +422,5 @@ async fn attempt(inner: &Inner, endpoint: &Endpoint, delivery: &Delivery) -> boo
     };
     tracing::debug!(webhook = %endpoint.name, event = %delivery.event_id, attempt = attempts,
         status = ?sent.attempt.status_code, outcome = ?next, "webhook attempt");
-    let mut backoff = Duration::from_millis(50);
-    for _ in 0..8 {
-        match webhooks::record_attempt(
-            &inner.meta,
-            delivery,
-            &sent.attempt,
-            next,
-            gone,
-            &endpoint.config.deactivation,
-            now,
-        )
-        .await
-        {
-            Ok(deactivated) => return deactivated.is_some(),
-            Err(e) => {
-                tracing::warn!(webhook = %endpoint.name, error = %e, "recording a webhook attempt");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
-        }
-    }
-    false
+    Outcome { delivery, attempt: sent.attempt, next, gone, finished_at: now }
 }

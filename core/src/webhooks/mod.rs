@@ -2,10 +2,11 @@
 //!
 //! The delivery log is also the queue: an event becomes one `PENDING` delivery per endpoint
 //! that wants it ([`ingest`], idempotent per event and endpoint), a dispatcher leases due
-//! deliveries ([`claim_due`]), sends them and records each attempt ([`record_attempt`]),
-//! which schedules the retry, ends the delivery, and deactivates the endpoint when its
-//! rule says so, all in one transaction. A dispatcher that dies mid-delivery loses its
-//! lease and another takes the delivery over: at least once, never lost.
+//! deliveries ([`claim_due`]), sends them and records finished attempts in batches
+//! ([`record_attempts`]): each batch writes the attempts, schedules the retries, ends the
+//! deliveries and deactivates the endpoint when its rule says so, all in one transaction.
+//! A dispatcher that dies mid-delivery loses its lease and another takes the delivery
+//! over: at least once, never lost.
 
 pub mod destination;
 pub mod rules;
@@ -22,7 +23,7 @@ use sqlx::any::AnyRow;
 use crate::config::WebhookConfig;
 use crate::crds::webhook::{DeactivationRule, EventType};
 use crate::events::{Event, type_name};
-use crate::store::{Metadata, StoreError};
+use crate::store::{Metadata, StoreError, Tx};
 
 pub use destination::DestinationPolicy;
 
@@ -187,7 +188,9 @@ pub async fn ingest(
     Ok(queued)
 }
 
-/// Leases up to `limit` due deliveries of one endpoint for `lease`, oldest first.
+/// Leases up to `limit` due deliveries of one endpoint for `lease`, oldest first, in one
+/// statement. Two dispatchers racing for the same rows each get only those they won: the
+/// conditions are checked again on the row being updated.
 pub async fn claim_due(
     meta: &Metadata,
     webhook: &str,
@@ -195,19 +198,23 @@ pub async fn claim_due(
     limit: i64,
     lease: Duration,
 ) -> Result<Vec<Delivery>, StoreError> {
-    let candidates = sqlx::query(
-        "SELECT seq, webhook, event_id, event_type, event_timestamp, body, attempts FROM webhook_deliveries \
-         WHERE webhook = $1 AND status = 'PENDING' AND next_attempt_at <= $2 \
-         AND (lease_until IS NULL OR lease_until < $2) ORDER BY next_attempt_at, seq LIMIT $3",
+    let lease_until = now_ms.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+    let rows = sqlx::query(
+        "UPDATE webhook_deliveries SET lease_until = $1 WHERE seq IN (SELECT seq FROM webhook_deliveries \
+         WHERE webhook = $2 AND status = 'PENDING' AND next_attempt_at <= $3 \
+         AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_attempt_at, seq LIMIT $4) \
+         AND status = 'PENDING' AND (lease_until IS NULL OR lease_until < $3) \
+         RETURNING seq, webhook, event_id, event_type, event_timestamp, body, attempts, next_attempt_at",
     )
+    .bind(lease_until)
     .bind(webhook)
     .bind(now_ms)
     .bind(limit)
     .fetch_all(meta.pool())
     .await?;
-    let lease_until = now_ms.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
-    let mut claimed = Vec::with_capacity(candidates.len());
-    for row in candidates {
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let due: i64 = row.try_get("next_attempt_at")?;
         let delivery = Delivery {
             seq: row.try_get("seq")?,
             webhook: row.try_get("webhook")?,
@@ -217,22 +224,11 @@ pub async fn claim_due(
             body: row.try_get("body")?,
             attempts: row.try_get("attempts")?,
         };
-        // Two dispatchers may read the same candidates; the conditional update lets one win.
-        let won = sqlx::query(
-            "UPDATE webhook_deliveries SET lease_until = $1 WHERE seq = $2 AND status = 'PENDING' \
-             AND (lease_until IS NULL OR lease_until < $3)",
-        )
-        .bind(lease_until)
-        .bind(delivery.seq)
-        .bind(now_ms)
-        .execute(meta.pool())
-        .await?
-        .rows_affected();
-        if won == 1 {
-            claimed.push(delivery);
-        }
+        claimed.push((due, delivery));
     }
-    Ok(claimed)
+    // RETURNING keeps no order.
+    claimed.sort_by_key(|(due, d)| (*due, d.seq));
+    Ok(claimed.into_iter().map(|(_, d)| d).collect())
 }
 
 /// The earliest time one of an endpoint's pending deliveries falls due, if any.
@@ -246,10 +242,23 @@ pub async fn next_due(meta: &Metadata, webhook: &str) -> Result<Option<i64>, Sto
     .await?)
 }
 
-/// Records one attempt and what follows from it, in one transaction: the attempt row, the
-/// delivery's new state, the endpoint's counters, and, when `gone` or the rule says so,
-/// the endpoint's deactivation with a `WEBHOOK_DEACTIVATED` event. Returns the reason of a
-/// deactivation this attempt caused.
+/// One finished attempt of a delivery and what follows from it.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub delivery: Delivery,
+    pub attempt: Attempt,
+    pub next: Next,
+    /// The endpoint answered 410 Gone: it is deactivated at once.
+    pub gone: bool,
+    /// When the attempt ended (ms): the delivery's completion time if it ends here.
+    pub finished_at: i64,
+}
+
+/// Rows written per statement by [`record_attempts`] (well under both databases' limits on
+/// bound parameters).
+const RECORD_CHUNK: usize = 200;
+
+/// Records one attempt; see [`record_attempts`].
 pub async fn record_attempt(
     meta: &Metadata,
     delivery: &Delivery,
@@ -259,50 +268,113 @@ pub async fn record_attempt(
     rule: &DeactivationRule,
     now_ms: i64,
 ) -> Result<Option<String>, StoreError> {
-    let attempt_no = delivery.attempts + 1;
+    let outcome = Outcome { delivery: delivery.clone(), attempt: attempt.clone(), next, gone, finished_at: now_ms };
+    record_attempts(meta, &delivery.webhook, std::slice::from_ref(&outcome), rule, now_ms).await
+}
+
+/// `VALUES` rows of `columns` placeholders each, numbered from `$1`.
+fn values_rows(rows: usize, columns: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..columns {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(r * columns + c + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Writes one chunk of outcomes: their attempt rows and their deliveries' new states.
+async fn write_outcomes(tx: &mut Tx, webhook: &str, chunk: &[Outcome]) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO webhook_attempts (delivery, webhook, attempt, started_at, duration_ms, \
+         status_code, success, error, response_body) VALUES {}",
+        values_rows(chunk.len(), 9)
+    );
+    let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for o in chunk {
+        insert = insert
+            .bind(o.delivery.seq)
+            .bind(webhook)
+            .bind(o.delivery.attempts + 1)
+            .bind(o.attempt.started_at)
+            .bind(o.attempt.duration_ms)
+            .bind(o.attempt.status_code.map(i64::from))
+            .bind(i64::from(o.attempt.success))
+            .bind(o.attempt.error.as_deref())
+            .bind(o.attempt.response_body.as_deref());
+    }
+    insert.execute(&mut **tx).await?;
+    // `VALUES` columns are column1, column2, ... on both databases; the casts
+    // type the columns whose every row is NULL.
+    let sql = format!(
+        "UPDATE webhook_deliveries SET status = CAST(v.column2 AS TEXT), \
+         attempts = CAST(v.column3 AS BIGINT), next_attempt_at = CAST(v.column4 AS BIGINT), \
+         lease_until = NULL, completed_at = CAST(v.column5 AS BIGINT), \
+         last_status_code = CAST(v.column6 AS BIGINT), last_error = CAST(v.column7 AS TEXT) \
+         FROM (VALUES {}) AS v WHERE webhook_deliveries.seq = CAST(v.column1 AS BIGINT)",
+        values_rows(chunk.len(), 7)
+    );
+    let mut update = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for o in chunk {
+        let (status, next_at, completed) = match o.next {
+            Next::Delivered => (SUCCESS, None, Some(o.finished_at)),
+            Next::RetryAt(at) => (PENDING, Some(at), None),
+            Next::Failed => (FAILED, None, Some(o.finished_at)),
+        };
+        update = update
+            .bind(o.delivery.seq)
+            .bind(status)
+            .bind(o.delivery.attempts + 1)
+            .bind(next_at)
+            .bind(completed)
+            .bind(o.attempt.status_code.map(i64::from))
+            .bind(o.attempt.error.as_deref());
+    }
+    update.execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Records finished attempts of one endpoint in one transaction: their attempt rows, their
+/// deliveries' new states, the endpoint's counters, and, when an attempt met 410 Gone or
+/// the rule says so, the endpoint's deactivation with a `WEBHOOK_DEACTIVATED` event.
+/// Returns the reason of a deactivation these attempts caused.
+///
+/// A dispatcher records its attempts in batches: the endpoint's counter row is written
+/// once per batch rather than once per attempt, so concurrent attempts do not queue on
+/// its lock.
+pub async fn record_attempts(
+    meta: &Metadata,
+    webhook: &str,
+    outcomes: &[Outcome],
+    rule: &DeactivationRule,
+    now_ms: i64,
+) -> Result<Option<String>, StoreError> {
+    if outcomes.is_empty() {
+        return Ok(None);
+    }
+    let failures = i64::try_from(outcomes.iter().filter(|o| !o.attempt.success).count()).unwrap_or(i64::MAX);
+    let calls = i64::try_from(outcomes.len()).unwrap_or(i64::MAX);
+    let gone = outcomes.iter().any(|o| o.gone);
     meta.write(|mut owned| {
         Box::pin(async move {
             let r = async {
                 let tx = &mut owned;
-                sqlx::query(
-                    "INSERT INTO webhook_attempts (delivery, webhook, attempt, started_at, duration_ms, status_code, \
-                     success, error, response_body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                )
-                .bind(delivery.seq)
-                .bind(&delivery.webhook)
-                .bind(attempt_no)
-                .bind(attempt.started_at)
-                .bind(attempt.duration_ms)
-                .bind(attempt.status_code.map(i64::from))
-                .bind(i64::from(attempt.success))
-                .bind(&attempt.error)
-                .bind(&attempt.response_body)
-                .execute(&mut **tx)
-                .await?;
-                let (status, next_at, completed) = match next {
-                    Next::Delivered => (SUCCESS, None, Some(now_ms)),
-                    Next::RetryAt(at) => (PENDING, Some(at), None),
-                    Next::Failed => (FAILED, None, Some(now_ms)),
-                };
-                sqlx::query(
-                    "UPDATE webhook_deliveries SET status = $1, attempts = $2, next_attempt_at = $3, lease_until = NULL, \
-                     completed_at = $4, last_status_code = $5, last_error = $6 WHERE seq = $7",
-                )
-                .bind(status)
-                .bind(attempt_no)
-                .bind(next_at)
-                .bind(completed)
-                .bind(attempt.status_code.map(i64::from))
-                .bind(&attempt.error)
-                .bind(delivery.seq)
-                .execute(&mut **tx)
-                .await?;
+                for chunk in outcomes.chunks(RECORD_CHUNK) {
+                    write_outcomes(tx, webhook, chunk).await?;
+                }
                 let row = sqlx::query(
-                    "UPDATE webhooks SET window_calls = window_calls + 1, window_failures = window_failures + $1 \
-                     WHERE name = $2 RETURNING window_calls, window_failures, active",
+                    "UPDATE webhooks SET window_calls = window_calls + $1, window_failures = window_failures + $2 \
+                     WHERE name = $3 RETURNING window_calls, window_failures, active",
                 )
-                .bind(i64::from(!attempt.success))
-                .bind(&delivery.webhook)
+                .bind(calls)
+                .bind(failures)
+                .bind(webhook)
                 .fetch_optional(&mut **tx)
                 .await?;
                 let Some(row) = row else { return Ok(None) };
@@ -327,11 +399,11 @@ pub async fn record_attempt(
                     )
                     .bind(reason)
                     .bind(now_ms)
-                    .bind(&delivery.webhook)
+                    .bind(webhook)
                     .execute(&mut **tx)
                     .await?;
                     let mut fields = serde_json::Map::new();
-                    fields.insert("webhookId".into(), json!(delivery.webhook));
+                    fields.insert("webhookId".into(), json!(webhook));
                     fields.insert("reason".into(), json!(reason));
                     fields.insert("totalCalls".into(), json!(calls));
                     fields.insert("failureCount".into(), json!(failures));
