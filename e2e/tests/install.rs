@@ -1,0 +1,55 @@
+//! The install manifests and the examples, applied with kubectl to the Kubernetes API
+//! simulator as a platform team applies them: the CRDs are established, every example is
+//! accepted, `kubectl get` shows the Webhook's printer columns, and deleting everything
+//! leaves nothing behind.
+//!
+//! (The operator's reconciliation of these resources is tested once the simulator runs
+//! pods.)
+
+use std::path::Path;
+
+use kube_sim::{Options, Simulator};
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+async fn kubectl(sim: &Simulator, args: &[&str]) -> String {
+    let out = sim.kubectl(args, None).await.expect("kubectl runs (set KUBE_SIM_KUBECTL or put kubectl on the PATH)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "kubectl {args:?} failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[tokio::test]
+async fn the_install_manifests_and_examples_apply_and_delete_cleanly() {
+    let sim = Simulator::start(Options::default()).await.unwrap();
+    let install = repo().join("manifests/install.yaml");
+    let examples = repo().join("manifests/examples");
+    let (install, examples) = (install.to_str().unwrap(), examples.to_str().unwrap());
+
+    kubectl(&sim, &["apply", "-f", install]).await;
+    kubectl(&sim, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=10s"]).await;
+    let crds = kubectl(&sim, &["get", "crd", "-o", "name"]).await;
+    for kind in ["storagetiers", "retentionpolicies", "webhooks", "shardsets", "bluegreenreleases"] {
+        assert!(crds.contains(&format!("{kind}.vellum.dev")), "{crds}");
+    }
+
+    let applied = kubectl(&sim, &["apply", "-f", examples]).await;
+    for resource in
+        ["webhook.vellum.dev/", "storagetier.vellum.dev/", "shardset.vellum.dev/", "bluegreenrelease.vellum.dev/"]
+    {
+        assert!(applied.contains(resource), "{resource} in {applied}");
+    }
+    let table = kubectl(&sim, &["get", "wh"]).await;
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(&header[..3], ["NAME", "URL", "ACTIVE"], "{table}");
+    assert!(table.contains("contracts-notifier") && table.contains("https://contracts.example.com"), "{table}");
+    let all = kubectl(&sim, &["get", "vellum"]).await;
+    assert!(all.contains("contracts-notifier"), "the vellum category lists every kind: {all}");
+
+    kubectl(&sim, &["delete", "-f", examples, "--wait=true"]).await;
+    kubectl(&sim, &["delete", "-f", install, "--wait=true"]).await;
+    let left = kubectl(&sim, &["get", "crd,ns", "-o", "name"]).await;
+    assert!(!left.contains("vellum"), "nothing of Vellum is left: {left}");
+}
