@@ -17,6 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::meta;
 use crate::patch::{self, PatchType};
 use crate::registry::ResourceType;
+use crate::schema::{self, Admission};
 use crate::select::{FieldSelector, LabelSelector};
 use crate::status::{self, ApiError};
 use crate::store::{Change, DeleteOptions, Event, Propagation, Store};
@@ -280,17 +281,42 @@ fn list(sim: &Sim, target: &Target, params: &Params, headers: &HeaderMap) -> Res
     })))
 }
 
+fn strict(params: &Params) -> bool {
+    params.get("fieldValidation").is_some_and(|v| v == "Strict")
+}
+
+/// A custom resource's schema applied as the API server does before storing: defaults,
+/// unknown fields pruned (refused when `strict`), then validation (422 with field paths).
+fn admit(t: &ResourceType, object: &mut Value, strict: bool) -> Result<(), ApiError> {
+    let Some(schema) = t.crd.as_ref().and_then(|c| c.schema.as_ref()) else { return Ok(()) };
+    match schema::admit(schema, object, strict) {
+        Ok(()) => Ok(()),
+        Err(Admission::Unknown(fields)) => {
+            let fields: Vec<String> = fields.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+            Err(ApiError::bad_request(format!(
+                "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+                fields.join(", "),
+                kind = t.kind,
+                version = t.version,
+            )))
+        }
+        Err(Admission::Invalid(errors)) => Err(ApiError::invalid(t, meta::name(object), &errors)),
+    }
+}
+
 fn create(sim: &Sim, target: &Target, params: &Params, body: &Bytes) -> Result<Response, ApiError> {
     if target.t.namespaced && target.namespace.is_none() {
         return Err(ApiError::method_not_allowed());
     }
-    let object = parse_body(body)?;
+    let mut object = parse_body(body)?;
+    admit(&target.t, &mut object, strict(params))?;
     let created = sim.store.create(&target.t, namespace_of(target), object, dry_run(params)?)?;
     Ok(json_response(StatusCode::CREATED, &created))
 }
 
 fn update(sim: &Sim, target: &Target, params: &Params, body: &Bytes) -> Result<Response, ApiError> {
-    let object = parse_body(body)?;
+    let mut object = parse_body(body)?;
+    admit(&target.t, &mut object, strict(params))?;
     let name = target.name.as_deref().unwrap_or_default();
     let status = target.subresource.as_deref() == Some("status");
     let updated = sim.store.update(&target.t, namespace_of(target), name, object, status, dry_run(params)?)?;
@@ -326,19 +352,23 @@ fn patch(sim: &Sim, target: &Target, params: &Params, headers: &HeaderMap, body:
             if let Some(m) = meta::metadata_mut(&mut object) {
                 m.insert("name".into(), json!(name));
             }
+            admit(&target.t, &mut object, strict(params))?;
             let created = sim.store.create(&target.t, ns, object, dry)?;
             return Ok(json_response(StatusCode::CREATED, &created));
         }
         let t = target.t.clone();
         let manager = manager.clone();
+        let strict = strict(params);
         let updated = sim.store.modify(&target.t, ns, name, status, dry, move |live| {
             let previous = managed_fields(&live, &manager);
             let (mut next, fields) = patch::apply(&live, &patch_body, previous.as_ref())?;
             set_managed(&mut next, &manager, &t, &fields);
+            admit(&t, &mut next, strict)?;
             Ok(next)
         })?;
         return Ok(ok(&updated));
     }
+    let (t, strict) = (target.t.clone(), strict(params));
     let updated = sim.store.modify(&target.t, ns, name, status, dry, move |live| {
         let mut next = match kind {
             PatchType::Json => patch::json_patch(&live, &patch_body)?,
@@ -351,6 +381,7 @@ fn patch(sim: &Sim, target: &Target, params: &Params, headers: &HeaderMap, body:
         {
             m.remove("resourceVersion");
         }
+        admit(&t, &mut next, strict)?;
         Ok(next)
     })?;
     Ok(ok(&updated))

@@ -1,5 +1,6 @@
 //! The real `kubectl` against the simulator (`KUBE_SIM_KUBECTL`, else `kubectl` on the
-//! PATH): apply of a CRD and its objects, printer columns, patches of every type,
+//! PATH): apply of a CRD and its objects, schema defaults and validation, printer columns,
+//! patches of every type,
 //! server-side apply, describe, wait, deletion held by a finalizer, and the errors a real
 //! API server gives.
 
@@ -46,7 +47,16 @@ spec:
     schema:
       openAPIV3Schema:
         type: object
-        x-kubernetes-preserve-unknown-fields: true
+        properties:
+          spec:
+            type: object
+            required: [size]
+            properties:
+              size: {type: integer, minimum: 1, maximum: 10}
+              color: {type: string, enum: [red, blue], default: red}
+          status:
+            type: object
+            x-kubernetes-preserve-unknown-fields: true
 ";
 
 const DEPLOYMENT: &str = r"
@@ -179,4 +189,43 @@ async fn kubectl_applies_gets_patches_waits_and_deletes() {
     ok(&sim, &["apply", "-n", "team", "-f", "-"], Some(widget)).await;
     ok(&sim, &["delete", "namespace", "team"], None).await;
     assert!(fails(&sim, &["get", "-n", "team", "wd", "w1"], None).await.contains("not found"));
+}
+
+#[tokio::test]
+async fn a_crd_schema_defaults_refuses_unknown_fields_and_names_violations() {
+    let sim = Simulator::start(Options::default()).await.unwrap();
+    ok(&sim, &["apply", "-f", "-"], Some(CRD)).await;
+    ok(&sim, &["wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=10s"], None).await;
+    // The CRD's schema: defaults, unknown fields refused (kubectl asks for strict field
+    // validation), and violations named by field.
+    ok(
+        &sim,
+        &["apply", "-f", "-"],
+        Some("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: plain}\nspec: {size: 1}\n"),
+    )
+    .await;
+    let color = ok(&sim, &["get", "wd", "plain", "-o", "jsonpath={.spec.color}"], None).await;
+    assert_eq!(color, "red", "defaulted");
+    let too_big = fails(
+        &sim,
+        &["apply", "-f", "-"],
+        Some("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: big}\nspec: {size: 11, color: green}\n"),
+    )
+    .await;
+    assert!(too_big.contains("is invalid") && too_big.contains("spec.size: Invalid value: 11"), "{too_big}");
+    assert!(too_big.contains(r#"spec.color: Unsupported value: "green""#), "{too_big}");
+    let unknown = fails(
+        &sim,
+        &["apply", "-f", "-"],
+        Some("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: odd}\nspec: {size: 2, junk: 1}\n"),
+    )
+    .await;
+    assert!(unknown.contains(r#"unknown field "spec.junk""#), "{unknown}");
+    let missing = fails(
+        &sim,
+        &["apply", "-f", "-"],
+        Some("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: empty}\nspec: {}\n"),
+    )
+    .await;
+    assert!(missing.contains("spec.size: Required value"), "{missing}");
 }
