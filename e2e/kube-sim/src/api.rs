@@ -14,6 +14,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::managed;
 use crate::meta;
 use crate::patch::{self, PatchType};
 use crate::registry::ResourceType;
@@ -146,10 +147,10 @@ fn route(
     match (method.clone(), target.name.is_some()) {
         (Method::GET, false) if flag(params, "watch") => watch(sim, &target, params),
         (Method::GET, false) => list(sim, &target, params, headers),
-        (Method::POST, false) => create(sim, &target, params, body),
+        (Method::POST, false) => create(sim, &target, params, headers, body),
         (Method::DELETE, false) => delete_collection(sim, &target, params, body),
         (Method::GET, true) => get(sim, &target, headers),
-        (Method::PUT, true) => update(sim, &target, params, body),
+        (Method::PUT, true) => update(sim, &target, params, headers, body),
         (Method::PATCH, true) => patch(sim, &target, params, headers, body),
         (Method::DELETE, true) => delete(sim, &target, params, body),
         _ => Err(ApiError::method_not_allowed()),
@@ -304,22 +305,46 @@ fn admit(t: &ResourceType, object: &mut Value, strict: bool) -> Result<(), ApiEr
     }
 }
 
-fn create(sim: &Sim, target: &Target, params: &Params, body: &Bytes) -> Result<Response, ApiError> {
+fn create(
+    sim: &Sim,
+    target: &Target,
+    params: &Params,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
     if target.t.namespaced && target.namespace.is_none() {
         return Err(ApiError::method_not_allowed());
     }
     let mut object = parse_body(body)?;
     admit(&target.t, &mut object, strict(params))?;
+    // The creator owns every field it set.
+    if let Some(m) = meta::metadata_mut(&mut object) {
+        m.remove("managedFields");
+    }
+    let fields = patch::field_set(&object, "");
+    managed::record(&mut object, &update_manager(params, headers), "Update", &target.t.api_version(), &fields, &[]);
     let created = sim.store.create(&target.t, namespace_of(target), object, dry_run(params)?)?;
     Ok(json_response(StatusCode::CREATED, &created))
 }
 
-fn update(sim: &Sim, target: &Target, params: &Params, body: &Bytes) -> Result<Response, ApiError> {
+fn update(
+    sim: &Sim,
+    target: &Target,
+    params: &Params,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
     let mut object = parse_body(body)?;
     admit(&target.t, &mut object, strict(params))?;
     let name = target.name.as_deref().unwrap_or_default();
     let status = target.subresource.as_deref() == Some("status");
-    let updated = sim.store.update(&target.t, namespace_of(target), name, object, status, dry_run(params)?)?;
+    let manager = update_manager(params, headers);
+    let api_version = target.t.api_version();
+    let updated = sim.store.modify(&target.t, namespace_of(target), name, status, dry_run(params)?, move |live| {
+        // Without a resourceVersion an update is unconditional.
+        track_update(&live, &mut object, &manager, &api_version);
+        Ok(object)
+    })?;
     Ok(ok(&updated))
 }
 
@@ -348,7 +373,7 @@ fn patch(sim: &Sim, target: &Target, params: &Params, headers: &HeaderMap, body:
         if sim.store.get(&target.t, ns, name).is_err() {
             let mut object = patch_body.clone();
             let (_, fields) = patch::apply(&json!({}), &patch_body, None)?;
-            set_managed(&mut object, manager, &target.t, &fields);
+            managed::record(&mut object, manager, "Apply", &target.t.api_version(), &fields, &[]);
             if let Some(m) = meta::metadata_mut(&mut object) {
                 m.insert("name".into(), json!(name));
             }
@@ -358,17 +383,24 @@ fn patch(sim: &Sim, target: &Target, params: &Params, headers: &HeaderMap, body:
         }
         let t = target.t.clone();
         let manager = manager.clone();
-        let strict = strict(params);
+        let (strict, force) = (strict(params), flag(params, "force"));
+        let name_owned = name.to_owned();
         let updated = sim.store.modify(&target.t, ns, name, status, dry, move |live| {
-            let previous = managed_fields(&live, &manager);
+            let previous = managed::applied_by(&live, &manager);
             let (mut next, fields) = patch::apply(&live, &patch_body, previous.as_ref())?;
-            set_managed(&mut next, &manager, &t, &fields);
+            let found = managed::conflicts(&live, &patch_body, &fields, &manager);
+            if !found.is_empty() && !force {
+                return Err(apply_conflict(&t, &name_owned, &found));
+            }
+            let taken: Vec<managed::Path> = found.into_iter().map(|c| c.path).collect();
+            managed::record(&mut next, &manager, "Apply", &t.api_version(), &fields, &taken);
             admit(&t, &mut next, strict)?;
             Ok(next)
         })?;
         return Ok(ok(&updated));
     }
     let (t, strict) = (target.t.clone(), strict(params));
+    let manager = update_manager(params, headers);
     let updated = sim.store.modify(&target.t, ns, name, status, dry, move |live| {
         let mut next = match kind {
             PatchType::Json => patch::json_patch(&live, &patch_body)?,
@@ -381,40 +413,59 @@ fn patch(sim: &Sim, target: &Target, params: &Params, headers: &HeaderMap, body:
         {
             m.remove("resourceVersion");
         }
+        track_update(&live, &mut next, &manager, &t.api_version());
         admit(&t, &mut next, strict)?;
         Ok(next)
     })?;
     Ok(ok(&updated))
 }
 
-/// The fields a manager last applied.
-fn managed_fields(object: &Value, manager: &str) -> Option<Value> {
-    object.pointer("/metadata/managedFields")?.as_array()?.iter().find_map(|e| {
-        (e.get("manager").and_then(Value::as_str) == Some(manager)
-            && e.get("operation").and_then(Value::as_str) == Some("Apply"))
-        .then(|| e.get("fieldsV1").cloned())
-        .flatten()
+/// The manager of a write that names none: the client's program, as the API server takes
+/// it from the User-Agent.
+fn update_manager(params: &Params, headers: &HeaderMap) -> String {
+    params.get("fieldManager").filter(|m| !m.is_empty()).cloned().unwrap_or_else(|| {
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ua| ua.split('/').next())
+            .filter(|m| !m.is_empty())
+            .unwrap_or("unknown")
+            .to_owned()
     })
 }
 
-fn set_managed(object: &mut Value, manager: &str, t: &ResourceType, fields: &Value) {
-    let Some(m) = meta::metadata_mut(object) else { return };
-    let entry = json!({
-        "manager": manager,
-        "operation": "Apply",
-        "apiVersion": t.api_version(),
-        "time": meta::now(),
-        "fieldsType": "FieldsV1",
-        "fieldsV1": fields,
-    });
-    let list = m.entry("managedFields").or_insert_with(|| json!([]));
-    if let Some(entries) = list.as_array_mut() {
-        entries.retain(|e| {
-            !(e.get("manager").and_then(Value::as_str) == Some(manager)
-                && e.get("operation").and_then(Value::as_str) == Some("Apply"))
-        });
-        entries.push(entry);
+/// Records that `manager` changed whatever differs between `live` and `next`.
+fn track_update(live: &Value, next: &mut Value, manager: &str, api_version: &str) {
+    // Ownership is the server's to keep: whatever the client sent back is ignored.
+    if let Some(m) = meta::metadata_mut(next) {
+        match live.pointer("/metadata/managedFields") {
+            Some(v) => m.insert("managedFields".into(), v.clone()),
+            None => m.remove("managedFields"),
+        };
     }
+    let taken = managed::changed(live, next);
+    managed::record(next, manager, "Update", api_version, &taken, &managed::leaves(&taken));
+}
+
+fn apply_conflict(t: &ResourceType, name: &str, found: &[managed::Conflict]) -> ApiError {
+    let lines: Vec<String> = found
+        .iter()
+        .map(|c| format!("conflict with \"{}\" using {}: {}", c.manager, c.api_version, managed::display(&c.path)))
+        .collect();
+    let noun = if found.len() == 1 { "conflict" } else { "conflicts" };
+    let mut error =
+        ApiError::new(409, "Conflict", format!("Apply failed with {} {noun}: {}", found.len(), lines.join("\n")));
+    error.details = Some(json!({
+        "name": name,
+        "group": t.group,
+        "kind": t.plural,
+        "causes": found.iter().map(|c| json!({
+            "reason": "FieldManagerConflict",
+            "message": format!("conflict with \"{}\" using {}", c.manager, c.api_version),
+            "field": managed::display(&c.path),
+        })).collect::<Vec<_>>(),
+    }));
+    error
 }
 
 fn delete_options(params: &Params, body: &Bytes) -> Result<DeleteOptions, ApiError> {

@@ -15,6 +15,7 @@
 //! ```
 
 pub mod api;
+pub mod managed;
 pub mod meta;
 pub mod openapi;
 pub mod patch;

@@ -1,5 +1,5 @@
 //! kube-rs against the simulator: typed CRUD, optimistic concurrency, server-side apply, a
-//! `watcher` that sees every change (and resumes after its watch is cut), and a
+//! conflicts between field managers, a `watcher` that sees every change (and resumes after its watch is cut), and a
 //! `Controller` reconciling a custom resource served from a CRD.
 
 use std::sync::Arc;
@@ -79,6 +79,37 @@ async fn typed_clients_create_update_conflict_patch_apply_and_delete() {
     let managers: Vec<String> =
         reapplied.metadata.managed_fields.unwrap().into_iter().filter_map(|m| m.manager).collect();
     assert_eq!(managers, vec!["kube-sim-test".to_owned()]);
+
+    // Another manager applying a field with a different value conflicts unless it forces.
+    let other = Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "applied"},
+        "data": {"a": "changed"}}));
+    let err = cms.patch("applied", &PatchParams::apply("other"), &other).await.unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 409 && s.reason == "Conflict"
+            && s.message.contains(r#"conflict with "kube-sim-test""#) && s.message.contains(".data.a")),
+        "{err:?}"
+    );
+    let forced = cms.patch("applied", &PatchParams::apply("other").force(), &other).await.unwrap();
+    assert_eq!(forced.data.unwrap()["a"], "changed");
+    // The same value is shared, not a conflict; a plain patch takes what it changed.
+    let same = Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "applied"},
+        "data": {"a": "changed"}}));
+    cms.patch("applied", &PatchParams::apply("third"), &same).await.unwrap();
+    let patched = cms
+        .patch(
+            "applied",
+            &PatchParams { field_manager: Some("editor".into()), ..PatchParams::default() },
+            &Patch::Merge(json!({"data": {"a": "edited"}})),
+        )
+        .await
+        .unwrap();
+    let entries = patched.metadata.managed_fields.unwrap();
+    let editor = entries.iter().find(|e| e.manager.as_deref() == Some("editor")).expect("an Update entry");
+    assert_eq!(editor.operation.as_deref(), Some("Update"));
+    assert!(
+        !entries.iter().any(|e| e.manager.as_deref() == Some("other")),
+        "its only field was taken by the edit: {entries:?}"
+    );
 
     let listed = cms.list(&ListParams::default().labels("app=demo")).await.unwrap();
     assert_eq!(listed.items.len(), 1);

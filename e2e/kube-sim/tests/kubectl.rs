@@ -229,3 +229,19 @@ async fn a_crd_schema_defaults_refuses_unknown_fields_and_names_violations() {
     .await;
     assert!(missing.contains("spec.size: Required value"), "{missing}");
 }
+
+#[tokio::test]
+async fn server_side_apply_conflicts_with_another_manager_until_forced() {
+    let sim = Simulator::start(Options::default()).await.unwrap();
+    ok(&sim, &["apply", "-f", "-"], Some(CRD)).await;
+    ok(&sim, &["wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=10s"], None).await;
+    let widget = "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w1}\nspec: {size: 3, color: blue}\n";
+    ok(&sim, &["apply", "--server-side", "--field-manager=platform", "-f", "-"], Some(widget)).await;
+    // A field someone else changed conflicts with the next apply until it is forced.
+    ok(&sim, &["patch", "wd", "w1", "--type=merge", "-p", r#"{"spec":{"size":4}}"#], None).await;
+    let conflict = fails(&sim, &["apply", "--server-side", "--field-manager=platform", "-f", "-"], Some(widget)).await;
+    assert!(conflict.contains(r#"conflict with "kubectl-patch""#) && conflict.contains(".spec.size"), "{conflict}");
+    ok(&sim, &["apply", "--server-side", "--field-manager=platform", "--force-conflicts", "-f", "-"], Some(widget))
+        .await;
+    assert_eq!(ok(&sim, &["get", "wd", "w1", "-o", "jsonpath={.spec.size}"], None).await, "3");
+}
