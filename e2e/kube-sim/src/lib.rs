@@ -15,6 +15,7 @@
 //! ```
 
 pub mod api;
+pub mod controllers;
 pub mod managed;
 pub mod meta;
 pub mod openapi;
@@ -64,12 +65,13 @@ pub fn kubeconfig(url: &str) -> String {
     )
 }
 
-/// The cluster's controllers: for now the namespace controller, a few times a second.
+/// The cluster's controllers, a few times a second.
 async fn controllers(store: Store) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let ips = std::sync::atomic::AtomicU32::new(0);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     loop {
         tick.tick().await;
-        store.terminate_namespaces();
+        controllers::run_once(&store, &ips);
     }
 }
 

@@ -747,7 +747,7 @@ impl KindHooks {
 }
 
 /// Kind-specific checks and defaults before a write.
-fn hooks(_state: &State, t: &ResourceType, object: &mut Value) -> Result<KindHooks, ApiError> {
+fn hooks(state: &State, t: &ResourceType, object: &mut Value) -> Result<KindHooks, ApiError> {
     let mut hooks = KindHooks::default();
     match (t.group.as_str(), t.kind.as_str()) {
         ("apiextensions.k8s.io", "CustomResourceDefinition") => {
@@ -763,6 +763,18 @@ fn hooks(_state: &State, t: &ResourceType, object: &mut Value) -> Result<KindHoo
                 ],
             });
             hooks.crd = Some(types);
+        }
+        ("", "Service") => {
+            let headless = object.pointer("/spec/clusterIP").and_then(Value::as_str).is_some();
+            if !headless && object.get("spec").is_some_and(Value::is_object) {
+                let n = state.rv;
+                object["spec"]["clusterIP"] = json!(format!("10.96.{}.{}", (n / 250) % 250, n % 250 + 1));
+                object["spec"]["clusterIPs"] =
+                    object["spec"]["clusterIP"].clone().as_str().map(|ip| json!([ip])).unwrap_or_default();
+            }
+            if object.pointer("/spec/type").is_none() && object.get("spec").is_some_and(Value::is_object) {
+                object["spec"]["type"] = json!("ClusterIP");
+            }
         }
         ("", "Namespace") => {
             if object.pointer("/spec/finalizers").is_none() {

@@ -245,3 +245,53 @@ async fn server_side_apply_conflicts_with_another_manager_until_forced() {
         .await;
     assert_eq!(ok(&sim, &["get", "wd", "w1", "-o", "jsonpath={.spec.size}"], None).await, "3");
 }
+
+#[tokio::test]
+async fn deployments_roll_out_and_services_get_endpoints() {
+    let sim = Simulator::start(Options::default()).await.unwrap();
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 8080, targetPort: 80}]\n";
+    ok(&sim, &["apply", "-f", "-"], Some(DEPLOYMENT)).await;
+    ok(&sim, &["apply", "-f", "-"], Some(service)).await;
+    let rolled = ok(&sim, &["rollout", "status", "deploy/web", "--timeout=30s"], None).await;
+    assert!(rolled.contains("successfully rolled out"), "{rolled}");
+    let pods = ok(&sim, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.phase}"], None).await;
+    assert_eq!(pods, "Running Running");
+    let table = ok(&sim, &["get", "deploy", "web"], None).await;
+    assert!(table.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(1) == Some("2/2")), "{table}");
+
+    // A new template replaces every pod.
+    ok(&sim, &["apply", "-f", "-"], Some(&DEPLOYMENT.replace("web:1", "web:2"))).await;
+    ok(&sim, &["rollout", "status", "deploy/web", "--timeout=30s"], None).await;
+    let images =
+        ok(&sim, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.containers[0].image}"], None).await;
+    assert_eq!(images, "web:2 web:2");
+
+    // The Service's endpoints are its ready pods, on the target port.
+    let mut addresses = String::new();
+    for _ in 0..50 {
+        addresses = ok(
+            &sim,
+            &["get", "endpoints", "web", "-o", "jsonpath={.subsets[0].addresses[*].ip} {.subsets[0].ports[0].port}"],
+            None,
+        )
+        .await;
+        if addresses.split_whitespace().count() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let parts: Vec<&str> = addresses.split_whitespace().collect();
+    assert_eq!(parts.len(), 3, "{addresses}");
+    assert_ne!(parts[0], parts[1], "an address per pod");
+    assert_eq!(parts[2], "80");
+    let cluster_ip = ok(&sim, &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"], None).await;
+    assert!(cluster_ip.starts_with("10.96."), "{cluster_ip}");
+
+    // Scaling down, then deleting, takes the pods away.
+    ok(&sim, &["patch", "deploy", "web", "-p", r#"{"spec":{"replicas":1}}"#], None).await;
+    ok(&sim, &["rollout", "status", "deploy/web", "--timeout=30s"], None).await;
+    let count = ok(&sim, &["get", "pods", "-l", "app=web", "-o", "name"], None).await;
+    assert_eq!(count.lines().count(), 1, "{count}");
+    ok(&sim, &["delete", "deploy", "web"], None).await;
+    ok(&sim, &["wait", "--for=delete", "pod", "-l", "app=web", "--timeout=10s"], None).await;
+}
