@@ -372,7 +372,7 @@ fn patch(sim: &Sim, target: &Target, params: &Params, headers: &HeaderMap, body:
         }
         if sim.store.get(&target.t, ns, name).is_err() {
             let mut object = patch_body.clone();
-            let (_, fields) = patch::apply(&json!({}), &patch_body, None)?;
+            let fields = patch::field_set(&patch_body, "");
             managed::record(&mut object, manager, "Apply", &target.t.api_version(), &fields, &[]);
             if let Some(m) = meta::metadata_mut(&mut object) {
                 m.insert("name".into(), json!(name));

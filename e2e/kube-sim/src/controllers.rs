@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::meta;
 use crate::registry::ResourceType;
-use crate::select::LabelSelector;
+use crate::select::{LabelSelector, labels_of};
 use crate::store::{DeleteOptions, Store};
 
 /// Marks Endpoints the endpoints controller manages (and so deletes with their Service).
@@ -95,6 +95,21 @@ fn scaled(value: Option<&Value>, total: i64, default_percent: i64, round_up: boo
     }
 }
 
+/// The live pods a Deployment owns.
+fn owned_pods(store: &Store, pods: &ResourceType, namespace: &str, uid: &str) -> Vec<Value> {
+    store
+        .list(pods, Some(namespace))
+        .0
+        .into_iter()
+        .filter(|p| meta::owner_uids(p).iter().any(|u| u == uid) && !meta::deleting(p))
+        .collect()
+}
+
+/// The template hash a pod was made from.
+fn template_hash_of(pod: &Value) -> &str {
+    meta::str_at(pod, "/metadata/labels/pod-template-hash").unwrap_or_default()
+}
+
 fn template_hash(template: &Value) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     template.to_string().hash(&mut hasher);
@@ -117,14 +132,8 @@ fn deployment_pass(
     let replicas = d.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
     let template = d.pointer("/spec/template").cloned().unwrap_or_default();
     let hash = template_hash(&template);
-    let owned: Vec<Value> = store
-        .list(pods_t, Some(ns))
-        .0
-        .into_iter()
-        .filter(|p| meta::owner_uids(p).iter().any(|u| u == uid) && !meta::deleting(p))
-        .collect();
-    let hash_of = |p: &Value| meta::str_at(p, "/metadata/labels/pod-template-hash").unwrap_or_default().to_owned();
-    let (current, old): (Vec<&Value>, Vec<&Value>) = owned.iter().partition(|p| hash_of(p) == hash);
+    let owned = owned_pods(store, pods_t, ns, uid);
+    let (current, old): (Vec<&Value>, Vec<&Value>) = owned.iter().partition(|p| template_hash_of(p) == hash);
     let recreate = d.pointer("/spec/strategy/type").and_then(Value::as_str) == Some("Recreate");
     let surge =
         if recreate { 0 } else { scaled(d.pointer("/spec/strategy/rollingUpdate/maxSurge"), replicas, 25, true) };
@@ -173,12 +182,7 @@ fn deployment_pass(
     }
 
     // Status, as rollout status reads it.
-    let owned: Vec<Value> = store
-        .list(pods_t, Some(ns))
-        .0
-        .into_iter()
-        .filter(|p| meta::owner_uids(p).iter().any(|u| u == uid) && !meta::deleting(p))
-        .collect();
+    let owned = owned_pods(store, pods_t, ns, uid);
     let previous = d.get("status").cloned().unwrap_or_default();
     let status = deployment_status(d, &owned, &hash, replicas, min_available);
     if status != previous {
@@ -192,9 +196,8 @@ fn deployment_pass(
 /// A Deployment's status from the pods it owns.
 fn deployment_status(d: &Value, owned: &[Value], hash: &str, replicas: i64, min_available: i64) -> Value {
     let name = meta::name(d);
-    let hash_of = |p: &Value| meta::str_at(p, "/metadata/labels/pod-template-hash").unwrap_or_default().to_owned();
     let count = |f: &dyn Fn(&Value) -> bool| i64::try_from(owned.iter().filter(|p| f(p)).count()).unwrap_or(0);
-    let updated = count(&|p| hash_of(p) == hash);
+    let updated = count(&|p| template_hash_of(p) == hash);
     let ready = count(&is_ready);
     let available = ready;
     let total = i64::try_from(owned.len()).unwrap_or(0);
@@ -339,7 +342,7 @@ fn endpoints_pass(store: &Store, services: &ResourceType, endpoints: &ResourceTy
     }
     // Endpoints this controller made for a Service that is gone.
     for ep in store.list(endpoints, None).0 {
-        let managed = meta::str_at(&ep, &format!("/metadata/labels/{}", MANAGED_BY.replace('/', "~1"))).is_some();
+        let managed = labels_of(&ep).contains_key(MANAGED_BY);
         let ns = meta::namespace(&ep);
         let name = meta::name(&ep);
         if managed && !all_services.iter().any(|s| meta::namespace(s) == ns && meta::name(s) == name) {

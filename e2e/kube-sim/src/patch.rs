@@ -216,7 +216,7 @@ pub fn field_set(object: &Value, field: &str) -> Value {
                 }
                 if k == "metadata" && field.is_empty() {
                     let mut m = Map::new();
-                    if let Some(Value::Object(meta)) = Some(v) {
+                    if let Value::Object(meta) = v {
                         for key in ["labels", "annotations"] {
                             if let Some(inner) = meta.get(key) {
                                 m.insert(format!("f:{key}"), field_set(inner, key));

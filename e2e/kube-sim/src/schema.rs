@@ -271,12 +271,10 @@ fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<(String, St
 /// a custom resource. `Err` carries either the unknown fields (strict) or the violations.
 pub fn admit(schema: &Value, object: &mut Value, strict: bool) -> Result<(), Admission> {
     default(schema, object);
-    let mut copy = object.clone();
-    let unknown = prune(schema, &mut copy, "", true);
+    let unknown = prune(schema, object, "", true);
     if strict && !unknown.is_empty() {
         return Err(Admission::Unknown(unknown));
     }
-    *object = copy;
     let errors = validate(schema, object, "");
     if errors.is_empty() { Ok(()) } else { Err(Admission::Invalid(errors)) }
 }

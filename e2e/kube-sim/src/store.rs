@@ -182,13 +182,7 @@ impl Store {
     pub fn list_and_subscribe(&self, t: &ResourceType, namespace: Option<&str>) -> (Vec<Value>, Subscription) {
         let state = self.lock();
         let live = self.events.subscribe();
-        let items = state
-            .objects
-            .iter()
-            .filter(|((k, ns, _), _)| *k == t.key() && namespace.is_none_or(|n| n == ns))
-            .map(|(_, o)| served(t, o))
-            .collect();
-        (items, Subscription { backlog: Vec::new(), live, rv: state.rv })
+        (items(&state, t, namespace), Subscription { backlog: Vec::new(), live, rv: state.rv })
     }
 
     pub fn get(&self, t: &ResourceType, namespace: &str, name: &str) -> Result<Value, ApiError> {
@@ -201,22 +195,7 @@ impl Store {
     /// list is consistent at.
     pub fn list(&self, t: &ResourceType, namespace: Option<&str>) -> (Vec<Value>, u64) {
         let state = self.lock();
-        let items = state
-            .objects
-            .iter()
-            .filter(|((k, ns, _), _)| *k == t.key() && namespace.is_none_or(|n| n == ns))
-            .map(|(_, o)| served(t, o))
-            .collect();
-        (items, state.rv)
-    }
-
-    /// Every object of every namespaced type in a namespace (for tests and the kubelet).
-    pub fn namespace_is_active(&self, namespace: &str) -> bool {
-        let state = self.lock();
-        state
-            .objects
-            .get(&("/namespaces".to_owned(), String::new(), namespace.to_owned()))
-            .is_some_and(|ns| !meta::deleting(ns))
+        (items(&state, t, namespace), state.rv)
     }
 
     pub fn create(
@@ -300,7 +279,7 @@ impl Store {
         state.rv = rv;
         state.objects.insert(key.clone(), object.clone());
         self.emit(&mut state, &key, Change::Added, &object, None);
-        kind_hooks.after(self, &mut state, &object);
+        kind_hooks.after(&mut state, &object);
         Ok(served(t, &object))
     }
 
@@ -449,7 +428,7 @@ impl Store {
         object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
         state.objects.insert(key.clone(), object.clone());
         self.emit(state, &key, Change::Modified, &object, Some(&current));
-        kind_hooks.after(self, state, &object);
+        kind_hooks.after(state, &object);
         self.collect(state);
         Ok(served(t, &object))
     }
@@ -687,6 +666,16 @@ impl Store {
     }
 }
 
+/// Every object of a type (in a namespace, or all), in key order, as served.
+fn items(state: &State, t: &ResourceType, namespace: Option<&str>) -> Vec<Value> {
+    state
+        .objects
+        .iter()
+        .filter(|((k, ns, _), _)| *k == t.key() && namespace.is_none_or(|n| n == ns))
+        .map(|(_, o)| served(t, o))
+        .collect()
+}
+
 fn has_dependents(state: &State, uid: &str) -> bool {
     state.objects.values().any(|o| meta::owner_uids(o).iter().any(|u| u == uid))
 }
@@ -705,24 +694,20 @@ pub fn served(t: &ResourceType, object: &Value) -> Value {
 
 fn check_kind(t: &ResourceType, object: &Value) -> Result<(), ApiError> {
     let kind = meta::str_at(object, "/kind").unwrap_or(&t.kind);
+    if kind != t.kind {
+        return Err(ApiError::bad_request(format!(
+            "the kind in the data ({kind}) does not match the expected kind ({})",
+            t.kind
+        )));
+    }
     let api_version = meta::str_at(object, "/apiVersion").map_or_else(|| t.api_version(), str::to_owned);
-    if kind != t.kind || api_version != t.api_version() {
+    if api_version != t.api_version() {
         return Err(ApiError::bad_request(format!(
             "the API version in the data ({api_version}) does not match the expected API version ({})",
             t.api_version()
-        ))
-        .with_kind_message(kind, &t.kind));
+        )));
     }
     Ok(())
-}
-
-impl ApiError {
-    fn with_kind_message(mut self, got: &str, want: &str) -> Self {
-        if got != want {
-            self.message = format!("the kind in the data ({got}) does not match the expected kind ({want})");
-        }
-        self
-    }
 }
 
 fn random_suffix() -> String {
@@ -739,7 +724,7 @@ struct KindHooks {
 }
 
 impl KindHooks {
-    fn after(self, _store: &Store, state: &mut State, object: &Value) {
+    fn after(self, state: &mut State, object: &Value) {
         if let Some(types) = self.crd {
             state.registry.set_crd(meta::name(object), types);
         }
