@@ -228,7 +228,10 @@ fn get(sim: &Sim, target: &Target, headers: &HeaderMap) -> Result<Response, ApiE
     let name = target.name.as_deref().unwrap_or_default();
     let object = sim.store.get(&target.t, namespace_of(target), name)?;
     if target.subresource.as_deref() == Some("log") {
-        return Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], String::new()).into_response());
+        // Pods are marked running without a process (as kwok does): there is no log to read.
+        return Err(ApiError::bad_request(format!(
+            "container logs are not available: pod \"{name}\" runs without a process in this simulator"
+        )));
     }
     if wants_table(headers) {
         return Ok(ok(&table::table(&target.t, &[object], &sim.store.resource_version().to_string(), "Metadata")));

@@ -256,6 +256,8 @@ async fn deployments_roll_out_and_services_get_endpoints() {
     assert!(rolled.contains("successfully rolled out"), "{rolled}");
     let pods = ok(&sim, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.phase}"], None).await;
     assert_eq!(pods, "Running Running");
+    let no_logs = fails(&sim, &["logs", "deploy/web"], None).await;
+    assert!(no_logs.contains("container logs are not available"), "{no_logs}");
     let table = ok(&sim, &["get", "deploy", "web"], None).await;
     assert!(table.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(1) == Some("2/2")), "{table}");
 
