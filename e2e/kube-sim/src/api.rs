@@ -28,6 +28,7 @@ use crate::table;
 #[derive(Clone, Debug)]
 pub struct Sim {
     pub store: Store,
+    pub kubelet: crate::kubelet::Kubelet,
 }
 
 type Params = HashMap<String, String>;
@@ -64,7 +65,12 @@ async fn handle(
 ) -> Response {
     let path = uri.path().trim_matches('/').to_owned();
     let segs: Vec<&str> = if path.is_empty() { vec![] } else { path.split('/').collect() };
-    let result = route(&sim, &method, &segs, &params, &headers, &body);
+    let result = match (&method, segs.as_slice()) {
+        (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name, "log"]) => {
+            crate::kubelet::logs::serve(&sim.kubelet, &sim.store, ns, name, &params)
+        }
+        _ => route(&sim, &method, &segs, &params, &headers, &body),
+    };
     let response = result.unwrap_or_else(IntoResponse::into_response);
     tracing::debug!(%method, %uri, status = %response.status(), "request");
     response
@@ -227,12 +233,6 @@ fn wants_table(headers: &HeaderMap) -> bool {
 fn get(sim: &Sim, target: &Target, headers: &HeaderMap) -> Result<Response, ApiError> {
     let name = target.name.as_deref().unwrap_or_default();
     let object = sim.store.get(&target.t, namespace_of(target), name)?;
-    if target.subresource.as_deref() == Some("log") {
-        // Pods are marked running without a process (as kwok does): there is no log to read.
-        return Err(ApiError::bad_request(format!(
-            "container logs are not available: pod \"{name}\" runs without a process in this simulator"
-        )));
-    }
     if wants_table(headers) {
         return Ok(ok(&table::table(&target.t, &[object], &sim.store.resource_version().to_string(), "Metadata")));
     }
@@ -489,6 +489,10 @@ fn delete_options(params: &Params, body: &Bytes) -> Result<DeleteOptions, ApiErr
         uid: meta::str_at(&body, "/preconditions/uid").map(str::to_owned),
         resource_version: meta::str_at(&body, "/preconditions/resourceVersion").map(str::to_owned),
         dry_run: dry,
+        grace_period: body
+            .get("gracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .or_else(|| params.get("gracePeriodSeconds").and_then(|g| g.parse().ok())),
     })
 }
 

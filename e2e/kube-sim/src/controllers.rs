@@ -1,12 +1,10 @@
 //! The cluster's controllers, each a pass over the store that the simulator runs a few
 //! times a second: Deployments own Pods (rolling replacement when the template changes,
-//! status as `kubectl rollout status` reads it), the kubelet brings Pods up (for now the
-//! kwok-like mode: running and ready without starting anything), Services get a cluster IP
-//! and Endpoints from their ready Pods, and terminating namespaces are emptied.
+//! status as `kubectl rollout status` reads it), Services get Endpoints from their ready
+//! Pods, and terminating namespaces are emptied. Pods are run by the [`crate::kubelet`].
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::{Value, json};
 
@@ -19,7 +17,7 @@ use crate::store::{DeleteOptions, Store};
 const MANAGED_BY: &str = "kube-sim.dev/managed-by";
 
 /// Runs every controller once.
-pub fn run_once(store: &Store, ips: &AtomicU32) {
+pub fn run_once(store: &Store) {
     store.terminate_namespaces();
     let registry = store.registry();
     let (Some(pods), Some(deployments), Some(services), Some(endpoints)) = (
@@ -30,7 +28,6 @@ pub fn run_once(store: &Store, ips: &AtomicU32) {
     ) else {
         return;
     };
-    kubelet(store, &pods, ips);
     for deployment in store.list(&deployments, None).0 {
         if let Err(e) = deployment_pass(store, &deployments, &pods, &deployment) {
             tracing::debug!(deployment = meta::name(&deployment), error = %e, "deployment controller");
@@ -43,43 +40,6 @@ fn is_ready(pod: &Value) -> bool {
     pod.pointer("/status/conditions")
         .and_then(Value::as_array)
         .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
-/// The kwok-like kubelet: a new Pod is scheduled, gets an address of its own on loopback and
-/// is marked running and ready at once.
-fn kubelet(store: &Store, pods: &ResourceType, ips: &AtomicU32) {
-    for pod in store.list(pods, None).0 {
-        if pod.pointer("/status/phase").is_some() || meta::deleting(&pod) {
-            continue;
-        }
-        let n = ips.fetch_add(1, Ordering::Relaxed);
-        let ip = format!("127.1.{}.{}", (n / 250) % 250, n % 250 + 1);
-        let now = meta::now();
-        let statuses: Vec<Value> = pod
-            .pointer("/spec/containers")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|c| {
-                json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": true, "started": true,
-                       "restartCount": 0, "state": {"running": {"startedAt": now}}})
-            })
-            .collect();
-        let condition = |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": now});
-        let mut next = pod.clone();
-        next["status"] = json!({
-            "phase": "Running",
-            "hostIP": "127.0.0.1",
-            "podIP": ip,
-            "podIPs": [{"ip": ip}],
-            "startTime": now,
-            "conditions": [condition("PodScheduled"), condition("Initialized"), condition("ContainersReady"), condition("Ready")],
-            "containerStatuses": statuses,
-        });
-        if let Err(e) = store.update(pods, meta::namespace(&pod), meta::name(&pod), next, true, false) {
-            tracing::debug!(pod = meta::name(&pod), error = %e, "kubelet");
-        }
-    }
 }
 
 /// `25%` of `total`, rounded up or down, or a plain number.
@@ -367,7 +327,18 @@ mod tests {
     #[test]
     fn a_deployment_rolls_its_pods_to_a_new_template() {
         let store = Store::new();
-        let ips = AtomicU32::new(0);
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::kubelet::Config {
+            images: vec![],
+            kwok: true,
+            restart_backoff: std::time::Duration::from_secs(1),
+            api_server: ([127, 0, 0, 1], 6443).into(),
+        };
+        let kubelet = crate::kubelet::Kubelet::new(store.clone(), config, dir.path().to_owned());
+        let run_once = |store: &Store| {
+            run_once(store);
+            kubelet.sync();
+        };
         let reg = store.registry();
         let deployments = reg.by_kind("apps/v1", "Deployment").cloned().unwrap();
         let pods = reg.by_kind("v1", "Pod").cloned().unwrap();
@@ -376,7 +347,7 @@ mod tests {
                      "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}}}});
         store.create(&deployments, "default", d, false).unwrap();
         for _ in 0..10 {
-            run_once(&store, &ips);
+            run_once(&store);
         }
         let status = store.get(&deployments, "default", "web").unwrap()["status"].clone();
         assert_eq!((status["replicas"].as_i64(), status["availableReplicas"].as_i64()), (Some(3), Some(3)), "{status}");
@@ -384,7 +355,7 @@ mod tests {
         d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("web:2");
         store.update(&deployments, "default", "web", d, false, false).unwrap();
         for _ in 0..20 {
-            run_once(&store, &ips);
+            run_once(&store);
         }
         let (all, _) = store.list(&pods, Some("default"));
         assert_eq!(all.len(), 3);

@@ -5,7 +5,9 @@
 //! the built-in types a platform operator touches, CustomResourceDefinitions and the custom
 //! resources they serve, and the verbs with the API server's semantics (resource versions,
 //! watches that resume, optimistic concurrency, the four patch types, finalizers, garbage
-//! collection). It knows nothing of any particular operator.
+//! collection), controllers for Deployments, Jobs, CronJobs and Services, and a kubelet that
+//! runs pods as local processes, each on a loopback address of its own. It knows nothing of
+//! any particular operator.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -16,8 +18,10 @@
 
 pub mod api;
 pub mod controllers;
+pub mod kubelet;
 pub mod managed;
 pub mod meta;
+pub mod network;
 pub mod openapi;
 pub mod patch;
 pub mod registry;
@@ -29,10 +33,13 @@ pub mod table;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use kubelet::{ImageRule, Kubelet, Runtime};
 pub use store::Store;
 
 /// How to start a simulator.
@@ -42,6 +49,14 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// Where to write the kubeconfig; a private temporary directory when `None`.
     pub kubeconfig: Option<PathBuf>,
+    /// Which executable each container image runs (or that it runs as kwok does).
+    pub images: Vec<ImageRule>,
+    /// Images no rule names are marked running and ready without a process (kwok mode)
+    /// instead of failing to pull.
+    pub kwok: bool,
+    /// The first delay before restarting a crashed container (1 s when `None`; doubles up to
+    /// five minutes, as a kubelet's back-off).
+    pub restart_backoff: Option<Duration>,
 }
 
 /// A running simulator; it stops when dropped.
@@ -49,8 +64,10 @@ pub struct Options {
 pub struct Simulator {
     addr: SocketAddr,
     store: Store,
+    kubelet: Kubelet,
     kubeconfig: PathBuf,
     _dir: Option<tempfile::TempDir>,
+    _state: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     controllers: JoinHandle<()>,
@@ -65,13 +82,14 @@ pub fn kubeconfig(url: &str) -> String {
     )
 }
 
-/// The cluster's controllers, a few times a second.
-async fn controllers(store: Store) {
-    let ips = std::sync::atomic::AtomicU32::new(0);
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+/// The cluster's controllers and the kubelet, a few times a second.
+async fn controllers(store: Store, kubelet: Kubelet) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        controllers::run_once(&store, &ips);
+        controllers::run_once(&store);
+        kubelet.sync();
     }
 }
 
@@ -89,9 +107,17 @@ impl Simulator {
             (Some(dir), path)
         };
         std::fs::write(&path, kubeconfig(&format!("http://{addr}")))?;
-        let store = Store::new();
-        let app = api::router(api::Sim { store: store.clone() });
-        let controllers = tokio::spawn(controllers(store.clone()));
+        let store = Store::with_network(Arc::new(network::Network::reserve()?));
+        let state = tempfile::Builder::new().prefix("kube-sim-").tempdir()?;
+        let config = kubelet::Config {
+            images: options.images,
+            kwok: options.kwok,
+            restart_backoff: options.restart_backoff.unwrap_or(Duration::from_secs(1)),
+            api_server: addr,
+        };
+        let kubelet = Kubelet::new(store.clone(), config, state.path().join("pods"));
+        let app = api::router(api::Sim { store: store.clone(), kubelet: kubelet.clone() });
+        let controllers = tokio::spawn(controllers(store.clone(), kubelet.clone()));
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -102,7 +128,17 @@ impl Simulator {
             }
         });
         tracing::info!(%addr, kubeconfig = %path.display(), "kube-sim serving");
-        Ok(Self { addr, store, kubeconfig: path, _dir: dir, stop: Some(stop), server: Some(server), controllers })
+        Ok(Self {
+            addr,
+            store,
+            kubelet,
+            kubeconfig: path,
+            _dir: dir,
+            _state: state,
+            stop: Some(stop),
+            server: Some(server),
+            controllers,
+        })
     }
 
     /// `http://127.0.0.1:PORT`
@@ -156,6 +192,7 @@ impl Simulator {
 
     async fn shutdown(&mut self) {
         self.controllers.abort();
+        self.kubelet.shutdown();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -170,6 +207,7 @@ impl Simulator {
 impl Drop for Simulator {
     fn drop(&mut self) {
         self.controllers.abort();
+        self.kubelet.shutdown();
         if let Some(server) = self.server.take() {
             server.abort();
         }

@@ -16,6 +16,14 @@ struct Args {
     /// Where to write a kubeconfig naming the simulator.
     #[arg(long, default_value = "kube-sim.kubeconfig", env = "KUBE_SIM_KUBECONFIG")]
     kubeconfig: PathBuf,
+    /// Which executable a container image runs: `PATTERN=EXECUTABLE` (`*` matches anything;
+    /// a pattern without a tag matches every tag), or `PATTERN=kwok` to mark its pods
+    /// running and ready without starting anything. May be repeated.
+    #[arg(long = "image", value_name = "PATTERN=EXECUTABLE")]
+    images: Vec<kube_sim::ImageRule>,
+    /// Every image no `--image` rule names runs as kwok does (instead of failing to pull).
+    #[arg(long, env = "KUBE_SIM_KWOK")]
+    kwok: bool,
     /// Log filter (tracing's env-filter syntax).
     #[arg(long, default_value = "info", env = "KUBE_SIM_LOG")]
     log: String,
@@ -28,6 +36,9 @@ async fn main() -> anyhow::Result<()> {
     let sim = kube_sim::Simulator::start(kube_sim::Options {
         listen: Some(args.listen),
         kubeconfig: Some(args.kubeconfig.clone()),
+        images: args.images,
+        kwok: args.kwok,
+        restart_backoff: None,
     })
     .await?;
     println!("kube-sim serving at {}; KUBECONFIG={}", sim.url(), args.kubeconfig.display());

@@ -65,8 +65,18 @@ pub fn owner_uids(object: &Value) -> Vec<String> {
 
 /// The time now as the API server writes timestamps (RFC 3339, whole seconds, UTC).
 pub fn now() -> String {
-    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| time::OffsetDateTime::now_utc());
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    format_time(time::OffsetDateTime::now_utc())
+}
+
+/// A timestamp as the API writes it: RFC 3339, whole seconds, UTC.
+pub fn format_time(at: time::OffsetDateTime) -> String {
+    let at = at.replace_nanosecond(0).unwrap_or(at);
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// A timestamp the API wrote.
+pub fn parse_time(text: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
 }
 
 /// Why a name is not a DNS-1123 subdomain (most objects) or label (namespaces), if it is not.

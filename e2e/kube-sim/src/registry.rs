@@ -124,6 +124,7 @@ const BUILTINS: &[Builtin] = &[
     b("", "v1", "Service", "services", true, &["svc"], true, true),
     b("", "v1", "Endpoints", "endpoints", true, &["ep"], false, false),
     b("", "v1", "Pod", "pods", true, &["po"], true, true),
+    b("", "v1", "Node", "nodes", false, &["no"], true, true),
     b("", "v1", "Event", "events", true, &["ev"], false, false),
     b("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"], false, false),
     b("apps", "v1", "Deployment", "deployments", true, &["deploy"], true, true),

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::meta;
+use crate::network::Network;
 use crate::registry::{Registry, ResourceType};
 use crate::status::ApiError;
 
@@ -93,6 +94,8 @@ pub struct DeleteOptions {
     pub uid: Option<String>,
     pub resource_version: Option<String>,
     pub dry_run: bool,
+    /// `gracePeriodSeconds`: how long a pod's containers get to stop (`None`: the pod's own).
+    pub grace_period: Option<i64>,
 }
 
 /// The shared store. Cheap to clone.
@@ -100,6 +103,7 @@ pub struct DeleteOptions {
 pub struct Store {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<Event>,
+    network: Arc<Network>,
 }
 
 /// A watch's starting point: the changes it missed, then the live feed.
@@ -133,6 +137,11 @@ impl Default for Store {
 
 impl Store {
     pub fn new() -> Self {
+        Self::with_network(Arc::new(Network::unreserved(1)))
+    }
+
+    /// A store whose Services take their cluster IPs from `network`.
+    pub fn with_network(network: Arc<Network>) -> Self {
         let state = State {
             rv: 1,
             registry: Registry::default(),
@@ -140,13 +149,18 @@ impl Store {
             history: VecDeque::new(),
             compacted: 0,
         };
-        let store = Self { state: Arc::new(Mutex::new(state)), events: broadcast::channel(65_536).0 };
+        let store = Self { state: Arc::new(Mutex::new(state)), events: broadcast::channel(65_536).0, network };
         let ns = store.registry().by_kind("v1", "Namespace").cloned().expect("namespaces are built in");
         for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
             store.create(&ns, "", object, false).expect("the initial namespaces are valid");
         }
         store
+    }
+
+    /// The addresses of this simulator's pods and Services.
+    pub fn network(&self) -> &Arc<Network> {
+        &self.network
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -253,7 +267,7 @@ impl Store {
         {
             map.remove("status");
         }
-        let kind_hooks = hooks(&state, t, &mut object)?;
+        let kind_hooks = hooks(&self.network, t, &mut object, None)?;
         let rv = state.rv + 1;
         {
             let m =
@@ -377,7 +391,7 @@ impl Store {
                 }
             }
         }
-        let kind_hooks = hooks(state, t, &mut object)?;
+        let kind_hooks = hooks(&self.network, t, &mut object, Some(&current))?;
         let spec_changed = spec_of(&object) != spec_of(&current);
         // Metadata the server owns.
         {
@@ -473,6 +487,22 @@ impl Store {
         if options.dry_run {
             return Ok((served(t, &current), false));
         }
+        if let Some(grace) = pod_grace(t, &current, options) {
+            // A pod on a node is deleted gracefully: marked, and removed by its kubelet once
+            // its containers stopped (or at once with a grace period of 0).
+            let mut object = current.clone();
+            let marked = current.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64);
+            if marked.is_none_or(|m| grace < m) {
+                let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(grace);
+                object["metadata"]["deletionTimestamp"] = json!(meta::format_time(at));
+                object["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                state.rv += 1;
+                object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+                state.objects.insert(key.clone(), object.clone());
+                self.emit(&mut state, &key, Change::Modified, &object, Some(&current));
+            }
+            return Ok((served(t, &object), false));
+        }
         let mut finalizers = meta::finalizers(&current);
         match options.propagation {
             Propagation::Foreground
@@ -516,6 +546,11 @@ impl Store {
 
     fn remove(&self, state: &mut State, key: &ObjKey) {
         if let Some(object) = state.objects.remove(key) {
+            if key.0 == "/services"
+                && let Some(Ok(ip)) = meta::str_at(&object, "/spec/clusterIP").map(str::parse)
+            {
+                self.network.release(ip);
+            }
             state.rv += 1;
             let mut gone = object.clone();
             gone["metadata"]["resourceVersion"] = json!(state.rv.to_string());
@@ -710,6 +745,22 @@ fn check_kind(t: &ResourceType, object: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The grace period of a pod deletion that must wait for its kubelet, if this one must: the
+/// pod is bound to a node, has not finished, and the period is not zero.
+fn pod_grace(t: &ResourceType, pod: &Value, options: &DeleteOptions) -> Option<i64> {
+    if t.kind != "Pod" || !t.group.is_empty() {
+        return None;
+    }
+    let bound = meta::str_at(pod, "/spec/nodeName").is_some_and(|n| !n.is_empty());
+    let finished = matches!(meta::str_at(pod, "/status/phase"), Some("Succeeded" | "Failed"));
+    let grace = options
+        .grace_period
+        .or_else(|| pod.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+        .unwrap_or(30)
+        .max(0);
+    (bound && !finished && grace > 0).then_some(grace)
+}
+
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let bytes = uuid::Uuid::new_v4();
@@ -732,7 +783,12 @@ impl KindHooks {
 }
 
 /// Kind-specific checks and defaults before a write.
-fn hooks(state: &State, t: &ResourceType, object: &mut Value) -> Result<KindHooks, ApiError> {
+fn hooks(
+    network: &Network,
+    t: &ResourceType,
+    object: &mut Value,
+    current: Option<&Value>,
+) -> Result<KindHooks, ApiError> {
     let mut hooks = KindHooks::default();
     match (t.group.as_str(), t.kind.as_str()) {
         ("apiextensions.k8s.io", "CustomResourceDefinition") => {
@@ -750,15 +806,36 @@ fn hooks(state: &State, t: &ResourceType, object: &mut Value) -> Result<KindHook
             hooks.crd = Some(types);
         }
         ("", "Service") => {
-            let headless = object.pointer("/spec/clusterIP").and_then(Value::as_str).is_some();
-            if !headless && object.get("spec").is_some_and(Value::is_object) {
-                let n = state.rv;
-                object["spec"]["clusterIP"] = json!(format!("10.96.{}.{}", (n / 250) % 250, n % 250 + 1));
-                object["spec"]["clusterIPs"] =
-                    object["spec"]["clusterIP"].clone().as_str().map(|ip| json!([ip])).unwrap_or_default();
-            }
-            if object.pointer("/spec/type").is_none() && object.get("spec").is_some_and(Value::is_object) {
-                object["spec"]["type"] = json!("ClusterIP");
+            let name = meta::name(object).to_owned();
+            if let Some(spec) = object.get_mut("spec").filter(|s| s.is_object()) {
+                let old = current.and_then(|c| meta::str_at(c, "/spec/clusterIP")).map(str::to_owned);
+                let given = spec.get("clusterIP").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+                let ip = match (old, given) {
+                    (Some(old), Some(new)) if old != new => {
+                        return Err(ApiError::invalid(
+                            t,
+                            &name,
+                            &[(
+                                "spec.clusterIPs[0]".into(),
+                                format!("Invalid value: []string{{\"{new}\"}}: may not change once set"),
+                            )],
+                        ));
+                    }
+                    // An update that leaves the address out keeps it, as on a real server.
+                    (Some(old), _) => old,
+                    (None, Some(given)) => {
+                        if let Ok(ip) = given.parse() {
+                            network.claim(ip);
+                        }
+                        given
+                    }
+                    (None, None) => network.service_ip().to_string(),
+                };
+                spec["clusterIPs"] = json!([ip]);
+                spec["clusterIP"] = json!(ip);
+                if spec.get("type").is_none() {
+                    spec["type"] = json!("ClusterIP");
+                }
             }
         }
         ("", "Namespace") => {

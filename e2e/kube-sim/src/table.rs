@@ -120,8 +120,13 @@ fn cells(t: &ResourceType, object: &Value) -> Vec<Value> {
             let ready = statuses.iter().filter(|s| s.get("ready").and_then(Value::as_bool) == Some(true)).count();
             let restarts: i64 = statuses.iter().filter_map(|s| s.get("restartCount").and_then(Value::as_i64)).sum();
             cells.push(json!(format!("{ready}/{total}")));
-            cells.push(json!(meta::str_at(object, "/status/phase").unwrap_or("Pending")));
-            cells.push(json!(restarts.to_string()));
+            cells.push(json!(pod_status(object)));
+            let last = statuses
+                .iter()
+                .filter_map(|s| meta::str_at(s, "/lastState/terminated/finishedAt"))
+                .max()
+                .map(|at| format!(" ({} ago)", age(at)));
+            cells.push(json!(format!("{restarts}{}", last.filter(|_| restarts > 0).unwrap_or_default())));
         }
         "Deployment" => {
             cells.push(json!(format!("{}/{}", int("/status/readyReplicas"), int("/spec/replicas"))));
@@ -133,6 +138,62 @@ fn cells(t: &ResourceType, object: &Value) -> Vec<Value> {
     }
     cells.push(json!(age(meta::str_at(object, "/metadata/creationTimestamp").unwrap_or_default())));
     cells
+}
+
+/// The STATUS column of a pod, as the API server's printer words it: the reason a container
+/// waits or ended, `Init:…` while initialising, `Terminating` once deleted.
+fn pod_status(pod: &Value) -> String {
+    let list = |p: &str| pod.pointer(p).and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut reason = meta::str_at(pod, "/status/reason")
+        .or_else(|| meta::str_at(pod, "/status/phase"))
+        .unwrap_or("Pending")
+        .to_owned();
+    let ended = |t: &Value| match meta::str_at(t, "/reason") {
+        Some(r) if !r.is_empty() => r.to_owned(),
+        _ => match t.get("signal").and_then(Value::as_i64) {
+            Some(sig) if sig != 0 => format!("Signal:{sig}"),
+            _ => format!("ExitCode:{}", t.get("exitCode").and_then(Value::as_i64).unwrap_or(0)),
+        },
+    };
+    let init = list("/status/initContainerStatuses");
+    let total_init = list("/spec/initContainers").len();
+    let mut initializing = false;
+    for (i, s) in init.iter().enumerate() {
+        if let Some(t) = s.pointer("/state/terminated") {
+            if t.get("exitCode").and_then(Value::as_i64) == Some(0) {
+                continue;
+            }
+            reason = format!("Init:{}", ended(t));
+        } else if let Some(w) =
+            meta::str_at(s, "/state/waiting/reason").filter(|r| !r.is_empty() && *r != "PodInitializing")
+        {
+            reason = format!("Init:{w}");
+        } else {
+            reason = format!("Init:{i}/{total_init}");
+        }
+        initializing = true;
+        break;
+    }
+    if !initializing {
+        let mut running = false;
+        for s in list("/status/containerStatuses").iter().rev() {
+            if let Some(w) = meta::str_at(s, "/state/waiting/reason").filter(|r| !r.is_empty()) {
+                w.clone_into(&mut reason);
+            } else if let Some(t) = s.pointer("/state/terminated") {
+                reason = ended(t);
+            } else if s.pointer("/state/running").is_some() && s.get("ready").and_then(Value::as_bool) == Some(true) {
+                running = true;
+            }
+        }
+        if reason == "Completed" && running {
+            let ready = list("/status/conditions").iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if ready { "Running" } else { "NotReady" }.clone_into(&mut reason);
+        }
+    }
+    if meta::deleting(pod) {
+        "Terminating".clone_into(&mut reason);
+    }
+    reason
 }
 
 /// A `meta.k8s.io/v1` Table of these objects; `include` is `None`, `Metadata` or `Object`.

@@ -246,27 +246,102 @@ async fn server_side_apply_conflicts_with_another_manager_until_forced() {
     assert_eq!(ok(&sim, &["get", "wd", "w1", "-o", "jsonpath={.spec.size}"], None).await, "3");
 }
 
-#[tokio::test]
-async fn deployments_roll_out_and_services_get_endpoints() {
-    let sim = Simulator::start(Options::default()).await.unwrap();
-    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 8080, targetPort: 80}]\n";
-    ok(&sim, &["apply", "-f", "-"], Some(DEPLOYMENT)).await;
-    ok(&sim, &["apply", "-f", "-"], Some(service)).await;
-    let rolled = ok(&sim, &["rollout", "status", "deploy/web", "--timeout=30s"], None).await;
-    assert!(rolled.contains("successfully rolled out"), "{rolled}");
-    let pods = ok(&sim, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.phase}"], None).await;
-    assert_eq!(pods, "Running Running");
-    let no_logs = fails(&sim, &["logs", "deploy/web"], None).await;
-    assert!(no_logs.contains("container logs are not available"), "{no_logs}");
-    let table = ok(&sim, &["get", "deploy", "web"], None).await;
-    assert!(table.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(1) == Some("2/2")), "{table}");
+/// A Deployment whose pods run Python's HTTP server, each on its own address, serving a
+/// page from a ConfigMap volume mounted (privately) at the same path in every pod.
+fn web_server(www: &str, image: &str, replicas: u32) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: site}}
+data: {{index.html: "hello from the simulator"}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, labels: {{app: web}}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: web
+        image: '{image}'
+        command: [python3, -u, -m, http.server, --bind, $(POD_IP), --directory, {www}, '8080']
+        env:
+        - name: POD_IP
+          valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe:
+          httpGet: {{path: /index.html, port: http}}
+          periodSeconds: 1
+        livenessProbe:
+          tcpSocket: {{port: 8080}}
+          periodSeconds: 2
+        volumeMounts: [{{name: site, mountPath: {www}}}]
+      volumes: [{{name: site, configMap: {{name: site}}}}]
+"#
+    )
+}
 
-    // A new template replaces every pod.
-    ok(&sim, &["apply", "-f", "-"], Some(&DEPLOYMENT.replace("web:1", "web:2"))).await;
-    ok(&sim, &["rollout", "status", "deploy/web", "--timeout=30s"], None).await;
-    let images =
-        ok(&sim, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.containers[0].image}"], None).await;
-    assert_eq!(images, "web:2 web:2");
+fn python_images() -> Vec<kube_sim::ImageRule> {
+    vec!["python=python3".parse().unwrap()]
+}
+
+async fn fetch(url: &str) -> Option<String> {
+    let response = reqwest::get(url).await.ok()?;
+    response.status().is_success().then_some(())?;
+    response.text().await.ok()
+}
+
+/// Whether a process is gone (or only a zombie waiting to be reaped).
+fn gone(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(true, |stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_run_real_processes_roll_out_and_services_get_endpoints() {
+    let started = std::time::Instant::now();
+    let sim = Simulator::start(Options { images: python_images(), ..Options::default() }).await.unwrap();
+    let www = format!("/srv/kube-sim-test-{}", std::process::id());
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: http}]\n";
+    ok(&sim, &["apply", "-f", "-"], Some(&web_server(&www, "python:3", 3))).await;
+    ok(&sim, &["apply", "-f", "-"], Some(service)).await;
+    let rolled = ok(&sim, &["rollout", "status", "deploy/web", "--timeout=60s"], None).await;
+    assert!(rolled.contains("successfully rolled out"), "{rolled}");
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(30), "three replicas ready in {took:?}");
+    let pods = ok(&sim, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.podIP}"], None).await;
+    let ips: Vec<&str> = pods.split_whitespace().collect();
+    assert_eq!(ips.len(), 3, "{pods}");
+    assert_eq!(ips.iter().collect::<std::collections::HashSet<_>>().len(), 3, "an address per pod");
+    for ip in &ips {
+        // Every replica listens on the same port of its own address and serves the volume.
+        let page = fetch(&format!("http://{ip}:8080/index.html")).await;
+        assert_eq!(page.as_deref(), Some("hello from the simulator"), "{ip}");
+    }
+    assert!(!std::path::Path::new(&www).join("index.html").exists(), "the volume is mounted privately");
+    let table = ok(&sim, &["get", "deploy", "web"], None).await;
+    assert!(table.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(1) == Some("3/3")), "{table}");
+
+    // The server's own output, through kubectl logs.
+    let logs = ok(&sim, &["logs", "deploy/web", "--tail=5"], None).await;
+    assert!(logs.contains("GET /index.html HTTP/1.1\" 200"), "{logs}");
+
+    // A changed ConfigMap reaches the running pods' files, as a kubelet refreshes volumes.
+    ok(&sim, &["patch", "configmap", "site", "-p", r#"{"data":{"index.html":"changed"}}"#], None).await;
+    let mut page = None;
+    for _ in 0..100 {
+        page = fetch(&format!("http://{}:8080/index.html", ips[0])).await;
+        if page.as_deref() == Some("changed") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(page.as_deref(), Some("changed"));
 
     // The Service's endpoints are its ready pods, on the target port.
     let mut addresses = String::new();
@@ -277,23 +352,134 @@ async fn deployments_roll_out_and_services_get_endpoints() {
             None,
         )
         .await;
-        if addresses.split_whitespace().count() == 3 {
+        if addresses.split_whitespace().count() == 4 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let parts: Vec<&str> = addresses.split_whitespace().collect();
-    assert_eq!(parts.len(), 3, "{addresses}");
-    assert_ne!(parts[0], parts[1], "an address per pod");
-    assert_eq!(parts[2], "80");
+    assert_eq!(parts.len(), 4, "{addresses}");
+    assert_eq!(parts[3], "8080");
     let cluster_ip = ok(&sim, &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"], None).await;
-    assert!(cluster_ip.starts_with("10.96."), "{cluster_ip}");
+    assert!(cluster_ip.starts_with("127."), "{cluster_ip}");
 
-    // Scaling down, then deleting, takes the pods away.
-    ok(&sim, &["patch", "deploy", "web", "-p", r#"{"spec":{"replicas":1}}"#], None).await;
-    ok(&sim, &["rollout", "status", "deploy/web", "--timeout=30s"], None).await;
-    let count = ok(&sim, &["get", "pods", "-l", "app=web", "-o", "name"], None).await;
-    assert_eq!(count.lines().count(), 1, "{count}");
-    ok(&sim, &["delete", "deploy", "web"], None).await;
-    ok(&sim, &["wait", "--for=delete", "pod", "-l", "app=web", "--timeout=10s"], None).await;
+    // A new template replaces every pod; the old ones are stopped.
+    let old = ok(
+        &sim,
+        &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.containerStatuses[0].containerID}"],
+        None,
+    )
+    .await;
+    ok(&sim, &["apply", "-f", "-"], Some(&web_server(&www, "python:3.11", 3))).await;
+    ok(&sim, &["rollout", "status", "deploy/web", "--timeout=60s"], None).await;
+    let images =
+        ok(&sim, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.containers[0].image}"], None).await;
+    assert_eq!(images, "python:3.11 python:3.11 python:3.11");
+    let replaced: Vec<String> =
+        old.split_whitespace().map(|id| id.trim_start_matches("kube-sim://").to_owned()).collect();
+    for _ in 0..50 {
+        if replaced.iter().all(|p| gone(p)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(replaced.iter().all(|p| gone(p)), "replaced pods' processes stopped: {replaced:?}");
+
+    // Nothing the simulator started outlives it.
+    let live = ok(
+        &sim,
+        &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.containerStatuses[0].containerID}"],
+        None,
+    )
+    .await;
+    let survivors: Vec<String> =
+        live.split_whitespace().map(|id| id.trim_start_matches("kube-sim://").to_owned()).collect();
+    assert_eq!(survivors.len(), 3);
+    assert!(survivors.iter().all(|p| !gone(p)));
+    sim.stop().await;
+    for _ in 0..50 {
+        if survivors.iter().all(|p| gone(p)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(survivors.iter().all(|p| gone(p)), "pods stopped with the simulator: {survivors:?}");
+    assert!(!std::path::Path::new(&www).exists(), "the mount point the kubelet made is removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_restart_by_policy_and_unknown_images_fail_to_pull() {
+    let sim = Simulator::start(Options {
+        images: vec!["sh=sh".parse().unwrap(), "fake/*=kwok".parse().unwrap()],
+        restart_backoff: Some(std::time::Duration::from_millis(200)),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let pods = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: crash}
+spec:
+  containers:
+  - {name: main, image: sh, command: [sh, -c, 'echo "run $(GREETING)"; exit 3'], env: [{name: GREETING, value: hi}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: once}
+spec:
+  restartPolicy: Never
+  initContainers:
+  - {name: setup, image: sh, command: [sh, -c, 'echo set up']}
+  containers:
+  - {name: main, image: sh, command: [sh, -c, 'echo done; exit 0']}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: scale}
+spec:
+  containers:
+  - {name: main, image: 'fake/thing:1'}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: nowhere}
+spec:
+  containers:
+  - {name: main, image: 'unknown/image:1'}
+"#;
+    ok(&sim, &["apply", "-f", "-"], Some(pods)).await;
+    ok(&sim, &["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/once", "--timeout=30s"], None).await;
+    assert_eq!(ok(&sim, &["logs", "once"], None).await, "done\n");
+    assert_eq!(ok(&sim, &["logs", "once", "-c", "setup"], None).await, "set up\n");
+    ok(&sim, &["wait", "--for=condition=Ready", "pod/scale", "--timeout=10s"], None).await;
+    let kwok_logs = fails(&sim, &["logs", "scale"], None).await;
+    assert!(kwok_logs.contains("without a process (kwok mode)"), "{kwok_logs}");
+
+    let mut restarts = 0;
+    for _ in 0..100 {
+        let out =
+            ok(&sim, &["get", "pod", "crash", "-o", "jsonpath={.status.containerStatuses[0].restartCount}"], None)
+                .await;
+        restarts = out.parse().unwrap_or(0);
+        if restarts >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(restarts >= 2, "a failing container restarts ({restarts})");
+    let last = ok(
+        &sim,
+        &["get", "pod", "crash", "-o", "jsonpath={.status.containerStatuses[0].lastState.terminated.exitCode}"],
+        None,
+    )
+    .await;
+    assert_eq!(last, "3");
+    assert_eq!(ok(&sim, &["logs", "crash", "--previous"], None).await, "run hi\n");
+    let table = ok(&sim, &["get", "pod", "nowhere"], None).await;
+    assert!(table.contains("ErrImagePull") || table.contains("ImagePullBackOff"), "{table}");
+    let described = ok(&sim, &["describe", "pod", "crash"], None).await;
+    assert!(described.contains("Back-off restarting failed container"), "{described}");
+    ok(&sim, &["delete", "pod", "crash", "once", "scale", "nowhere", "--wait=true", "--timeout=20s"], None).await;
+    assert_eq!(ok(&sim, &["get", "pods", "-o", "name"], None).await, "");
 }
