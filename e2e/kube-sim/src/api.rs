@@ -69,6 +69,20 @@ async fn handle(
         (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name, "log"]) => {
             crate::kubelet::logs::serve(&sim.kubelet, &sim.store, ns, name, &params)
         }
+        (_, ["api", "v1", "namespaces", ns, kind @ ("pods" | "services"), target, "proxy", rest @ ..]) => {
+            crate::services::forward(
+                &sim.store,
+                ns,
+                kind,
+                target,
+                &rest.join("/"),
+                uri.query(),
+                method.clone(),
+                &headers,
+                body,
+            )
+            .await
+        }
         _ => route(&sim, &method, &segs, &params, &headers, &body),
     };
     let response = result.unwrap_or_else(IntoResponse::into_response);

@@ -27,6 +27,7 @@ pub mod patch;
 pub mod registry;
 pub mod schema;
 pub mod select;
+pub mod services;
 pub mod status;
 pub mod store;
 pub mod table;
@@ -65,6 +66,7 @@ pub struct Simulator {
     addr: SocketAddr,
     store: Store,
     kubelet: Kubelet,
+    proxies: services::Proxies,
     kubeconfig: PathBuf,
     _dir: Option<tempfile::TempDir>,
     _state: tempfile::TempDir,
@@ -83,13 +85,14 @@ pub fn kubeconfig(url: &str) -> String {
 }
 
 /// The cluster's controllers and the kubelet, a few times a second.
-async fn controllers(store: Store, kubelet: Kubelet) {
+async fn controllers(store: Store, kubelet: Kubelet, proxies: services::Proxies) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         controllers::run_once(&store);
         kubelet.sync();
+        proxies.sync(&store);
     }
 }
 
@@ -117,7 +120,8 @@ impl Simulator {
         };
         let kubelet = Kubelet::new(store.clone(), config, state.path().join("pods"));
         let app = api::router(api::Sim { store: store.clone(), kubelet: kubelet.clone() });
-        let controllers = tokio::spawn(controllers(store.clone(), kubelet.clone()));
+        let proxies = services::Proxies::default();
+        let controllers = tokio::spawn(controllers(store.clone(), kubelet.clone(), proxies.clone()));
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -132,6 +136,7 @@ impl Simulator {
             addr,
             store,
             kubelet,
+            proxies,
             kubeconfig: path,
             _dir: dir,
             _state: state,
@@ -193,6 +198,7 @@ impl Simulator {
     async fn shutdown(&mut self) {
         self.controllers.abort();
         self.kubelet.shutdown();
+        self.proxies.shutdown();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -208,6 +214,7 @@ impl Drop for Simulator {
     fn drop(&mut self) {
         self.controllers.abort();
         self.kubelet.shutdown();
+        self.proxies.shutdown();
         if let Some(server) = self.server.take() {
             server.abort();
         }

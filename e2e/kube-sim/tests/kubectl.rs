@@ -303,6 +303,7 @@ fn gone(pid: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, as a user walks through it
 async fn deployments_run_real_processes_roll_out_and_services_get_endpoints() {
     let started = std::time::Instant::now();
     let sim = Simulator::start(Options { images: python_images(), ..Options::default() }).await.unwrap();
@@ -362,6 +363,30 @@ async fn deployments_run_real_processes_roll_out_and_services_get_endpoints() {
     assert_eq!(parts[3], "8080");
     let cluster_ip = ok(&sim, &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"], None).await;
     assert!(cluster_ip.starts_with("127."), "{cluster_ip}");
+
+    // The Service answers on its own address, balancing across the pods, and through the API
+    // server's proxy paths, as do the pods.
+    for _ in 0..12 {
+        assert_eq!(fetch(&format!("http://{cluster_ip}/index.html?via=service")).await.as_deref(), Some("changed"));
+    }
+    let names = ok(&sim, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"], None).await;
+    let mut reached = 0;
+    for pod in names.split_whitespace() {
+        if ok(&sim, &["logs", pod], None).await.contains("GET /index.html?via=service") {
+            reached += 1;
+        }
+    }
+    assert!(reached >= 2, "connections to the Service are spread over its pods ({reached} of 3 reached)");
+    let proxied =
+        ok(&sim, &["get", "--raw", "/api/v1/namespaces/default/services/web:http/proxy/index.html"], None).await;
+    assert_eq!(proxied, "changed");
+    let pod = ok(&sim, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[0].metadata.name}"], None).await;
+    let proxied =
+        ok(&sim, &["get", "--raw", &format!("/api/v1/namespaces/default/pods/{pod}:8080/proxy/index.html")], None)
+            .await;
+    assert_eq!(proxied, "changed");
+    let missing = fails(&sim, &["get", "--raw", "/api/v1/namespaces/default/services/nope/proxy/"], None).await;
+    assert!(missing.contains("NotFound") || missing.contains("not found"), "{missing}");
 
     // A new template replaces every pod; the old ones are stopped.
     let old = ok(
