@@ -34,9 +34,12 @@ pub fn run_once(store: &Store) {
         }
     }
     endpoints_pass(store, &services, &endpoints, &pods);
+    let now = time::OffsetDateTime::now_utc();
+    crate::jobs::cronjob_pass(store, now);
+    crate::jobs::job_pass(store, now);
 }
 
-fn is_ready(pod: &Value) -> bool {
+pub fn is_ready(pod: &Value) -> bool {
     pod.pointer("/status/conditions")
         .and_then(Value::as_array)
         .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))

@@ -18,6 +18,7 @@
 
 pub mod api;
 pub mod controllers;
+pub mod jobs;
 pub mod kubelet;
 pub mod managed;
 pub mod meta;

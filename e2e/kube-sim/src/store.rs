@@ -287,6 +287,9 @@ impl Store {
                 m.insert("generation".into(), json!(1));
             }
         }
+        if (t.group.as_str(), t.kind.as_str()) == ("batch", "Job") {
+            crate::jobs::admit_job(t, &mut object)?;
+        }
         if dry_run {
             return Ok(served(t, &object));
         }
@@ -838,6 +841,7 @@ fn hooks(
                 }
             }
         }
+        ("batch", "CronJob") => crate::jobs::admit_cronjob(t, object)?,
         ("", "Namespace") => {
             if object.pointer("/spec/finalizers").is_none() {
                 object["spec"] = json!({"finalizers": ["kubernetes"]});

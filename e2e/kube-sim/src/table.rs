@@ -41,8 +41,12 @@ pub fn age(timestamp: &str) -> String {
     let Ok(then) = time::OffsetDateTime::parse(timestamp, &time::format_description::well_known::Rfc3339) else {
         return "<unknown>".into();
     };
-    let secs = (time::OffsetDateTime::now_utc() - then).whole_seconds().max(0);
-    match secs {
+    short((time::OffsetDateTime::now_utc() - then).whole_seconds())
+}
+
+/// A duration as kubectl shows ages: `45s`, `12m`, `5h`, `3d`.
+fn short(secs: i64) -> String {
+    match secs.max(0) {
         s if s < 120 => format!("{s}s"),
         s if s < 3600 * 2 => format!("{}m", s / 60),
         s if s < 86_400 * 2 => format!("{}h", s / 3600),
@@ -94,9 +98,33 @@ fn columns(t: &ResourceType) -> Vec<Value> {
             }
         }
         "Namespace" => cols.push(column("Status", "string", "The status of the namespace")),
+        "Job" => {
+            for (n, k) in [("Status", "string"), ("Completions", "string"), ("Duration", "string")] {
+                cols.push(column(n, k, ""));
+            }
+        }
+        "CronJob" => {
+            for (n, k) in [
+                ("Schedule", "string"),
+                ("Timezone", "string"),
+                ("Suspend", "boolean"),
+                ("Active", "integer"),
+                ("Last Schedule", "string"),
+            ] {
+                cols.push(column(n, k, ""));
+            }
+        }
+        "Node" => {
+            for (n, k) in [("Status", "string"), ("Roles", "string")] {
+                cols.push(column(n, k, ""));
+            }
+        }
         _ => {}
     }
     cols.push(column("Age", "string", "CreationTimestamp"));
+    if t.kind == "Node" {
+        cols.push(column("Version", "string", ""));
+    }
     cols
 }
 
@@ -134,9 +162,59 @@ fn cells(t: &ResourceType, object: &Value) -> Vec<Value> {
             cells.push(json!(int("/status/availableReplicas").to_string()));
         }
         "Namespace" => cells.push(json!(meta::str_at(object, "/status/phase").unwrap_or("Active"))),
+        "Job" => {
+            let conditions =
+                object.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+            let has = |kind: &str| conditions.iter().any(|c| c["type"] == kind && c["status"] == "True");
+            let status = if has("Complete") {
+                "Complete"
+            } else if has("Failed") {
+                "Failed"
+            } else if has("Suspended") {
+                "Suspended"
+            } else {
+                "Running"
+            };
+            cells.push(json!(status));
+            let completions = object.pointer("/spec/completions").and_then(Value::as_i64);
+            let succeeded = int("/status/succeeded");
+            cells.push(json!(completions.map_or_else(
+                || format!("{succeeded}/1 of {}", int("/spec/parallelism")),
+                |c| format!("{succeeded}/{c}")
+            )));
+            let start = meta::str_at(object, "/status/startTime").and_then(meta::parse_time);
+            let end = meta::str_at(object, "/status/completionTime")
+                .and_then(meta::parse_time)
+                .unwrap_or_else(time::OffsetDateTime::now_utc);
+            cells.push(json!(start.map(|s| short((end - s).whole_seconds())).unwrap_or_default()));
+        }
+        "CronJob" => {
+            cells.push(json!(meta::str_at(object, "/spec/schedule").unwrap_or_default()));
+            cells.push(json!(meta::str_at(object, "/spec/timeZone").unwrap_or("<none>")));
+            cells.push(json!(object.pointer("/spec/suspend").and_then(Value::as_bool).unwrap_or(false)));
+            cells.push(json!(object.pointer("/status/active").and_then(Value::as_array).map_or(0, Vec::len)));
+            cells
+                .push(json!(meta::str_at(object, "/status/lastScheduleTime").map_or_else(|| "<none>".to_owned(), age)));
+        }
+        "Node" => {
+            let ready = object
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+            cells.push(json!(if ready { "Ready" } else { "NotReady" }));
+            let roles: Vec<&str> = object
+                .pointer("/metadata/labels")
+                .and_then(Value::as_object)
+                .map(|l| l.keys().filter_map(|k| k.strip_prefix("node-role.kubernetes.io/")).collect())
+                .unwrap_or_default();
+            cells.push(json!(if roles.is_empty() { "<none>".to_owned() } else { roles.join(",") }));
+        }
         _ => {}
     }
     cells.push(json!(age(meta::str_at(object, "/metadata/creationTimestamp").unwrap_or_default())));
+    if t.kind == "Node" {
+        cells.push(json!(meta::str_at(object, "/status/nodeInfo/kubeletVersion").unwrap_or_default()));
+    }
     cells
 }
 

@@ -508,3 +508,87 @@ spec:
     ok(&sim, &["delete", "pod", "crash", "once", "scale", "nowhere", "--wait=true", "--timeout=20s"], None).await;
     assert_eq!(ok(&sim, &["get", "pods", "-o", "name"], None).await, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_to_completion_or_fail_past_their_backoff_limit() {
+    let sim = Simulator::start(Options {
+        images: vec!["sh=sh".parse().unwrap()],
+        restart_backoff: Some(std::time::Duration::from_millis(100)),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let jobs = r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {name: ok}
+spec:
+  completions: 3
+  parallelism: 2
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - {name: main, image: sh, command: [sh, -c, 'echo "pod $(NAME) done"'],
+         env: [{name: NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: bad}
+spec:
+  backoffLimit: 1
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - {name: main, image: sh, command: [sh, -c, 'echo failing; exit 2']}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly}
+spec:
+  schedule: "0 3 * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: OnFailure
+          containers: [{name: main, image: sh, command: [sh, -c, 'true']}]
+"#;
+    ok(&sim, &["apply", "-f", "-"], Some(jobs)).await;
+    ok(&sim, &["wait", "--for=condition=complete", "job/ok", "--timeout=30s"], None).await;
+    ok(&sim, &["wait", "--for=condition=failed", "job/bad", "--timeout=30s"], None).await;
+    let table = ok(&sim, &["get", "jobs"], None).await;
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("ok")[1..3], ["Complete", "3/3"], "{table}");
+    assert_eq!(row("bad")[1..3], ["Failed", "0/1"], "{table}");
+    let reason = ok(
+        &sim,
+        &["get", "job", "bad", "-o", "jsonpath={.status.conditions[?(@.type==\"Failed\")].reason} {.status.failed}"],
+        None,
+    )
+    .await;
+    assert_eq!(reason, "BackoffLimitExceeded 2");
+    let logs = ok(&sim, &["logs", "job/ok"], None).await;
+    assert!(logs.starts_with("pod ok-") && logs.ends_with(" done\n"), "{logs}");
+    let pods = ok(&sim, &["get", "pods", "-l", "job-name=ok", "-o", "jsonpath={.items[*].status.phase}"], None).await;
+    assert_eq!(pods, "Succeeded Succeeded Succeeded");
+    let cron = ok(&sim, &["get", "cronjobs"], None).await;
+    assert!(cron.contains("0 3 * * *") && cron.contains("<none>"), "{cron}");
+    let bad_schedule = "apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: broken}\nspec:\n  schedule: 'every minute'\n  jobTemplate: {spec: {template: {spec: {restartPolicy: Never, containers: [{name: c, image: sh}]}}}}\n";
+    let refused = fails(&sim, &["apply", "-f", "-"], Some(bad_schedule)).await;
+    assert!(refused.contains("spec.schedule: Invalid value: \"every minute\""), "{refused}");
+    // Deleting a Job takes its pods with it.
+    ok(&sim, &["delete", "job", "ok", "bad"], None).await;
+    ok(&sim, &["wait", "--for=delete", "pod", "-l", "job-name", "--timeout=20s"], None).await;
+    let nodes = ok(&sim, &["get", "nodes"], None).await;
+    assert!(nodes.contains("kube-sim") && nodes.contains("Ready"), "{nodes}");
+}
