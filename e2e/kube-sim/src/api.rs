@@ -404,7 +404,8 @@ fn patch(sim: &Sim, target: &Target, params: &Params, headers: &HeaderMap, body:
         let name_owned = name.to_owned();
         let updated = sim.store.modify(&target.t, ns, name, status, dry, move |live| {
             let previous = managed::applied_by(&live, &manager);
-            let (mut next, fields) = patch::apply(&live, &patch_body, previous.as_ref())?;
+            let others = managed::owned_by_others(&live, &manager);
+            let (mut next, fields) = patch::apply(&live, &patch_body, previous.as_ref(), &others)?;
             let found = managed::conflicts(&live, &patch_body, &fields, &manager);
             if !found.is_empty() && !force {
                 return Err(apply_conflict(&t, &name_owned, &found));

@@ -213,6 +213,24 @@ pub fn applied_by(object: &Value, manager: &str) -> Option<Value> {
     entries(object).into_iter().find(|e| is(e, manager, "Apply")).and_then(|e| e.get("fieldsV1").cloned())
 }
 
+/// The union of the fields every other owner (any manager but this applier, or this
+/// manager's updates) holds: fields the applier stops applying stay while they are in it.
+pub fn owned_by_others(object: &Value, manager: &str) -> Value {
+    fn union(into: &mut Value, set: &Value) {
+        let (Some(into), Value::Object(set)) = (into.as_object_mut(), set) else { return };
+        for (k, v) in set {
+            union(into.entry(k.clone()).or_insert_with(|| json!({})), v);
+        }
+    }
+    let mut all = json!({});
+    for entry in entries(object).iter().filter(|e| !is(e, manager, "Apply")) {
+        if let Some(fields) = entry.get("fieldsV1") {
+            union(&mut all, fields);
+        }
+    }
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

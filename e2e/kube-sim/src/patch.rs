@@ -192,14 +192,19 @@ fn merge_list(field: &str, current: &[Value], patch: &[Value]) -> Result<Vec<Val
 /// Server-side apply of `applied` (the manager's whole intent) onto `live`: the applied
 /// fields merge in as a strategic merge would, and fields this manager applied before but
 /// no longer does are removed. Returns the new object and the manager's field set.
-pub fn apply(live: &Value, applied: &Value, previous: Option<&Value>) -> Result<(Value, Value), ApiError> {
+pub fn apply(
+    live: &Value,
+    applied: &Value,
+    previous: Option<&Value>,
+    others: &Value,
+) -> Result<(Value, Value), ApiError> {
     let Value::Object(a) = applied else {
         return Err(ApiError::bad_request("an apply patch must be an object"));
     };
     let mut merged = strategic_merge(live, &Value::Object(a.clone()))?;
     let fields = field_set(applied, "");
     if let Some(previous) = previous {
-        remove_unapplied(&mut merged, previous, &fields);
+        remove_unapplied(&mut merged, previous, &fields, others);
     }
     Ok((merged, fields))
 }
@@ -261,11 +266,13 @@ pub fn field_set(object: &Value, field: &str) -> Value {
 }
 
 /// Removes from `object` the fields in `previous` that are not in `current`.
-fn remove_unapplied(object: &mut Value, previous: &Value, current: &Value) {
+fn remove_unapplied(object: &mut Value, previous: &Value, current: &Value, others: &Value) {
+    static NONE: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value::Object(Map::new()));
     let (Value::Object(prev), Some(obj)) = (previous, object.as_object_mut()) else { return };
     for (entry, sub) in prev {
         let Some(name) = entry.strip_prefix("f:") else { continue };
         let still = current.get(entry.as_str());
+        let shared = others.get(entry.as_str());
         match still {
             // A map the manager owned parts of: those parts go, and the map with them if
             // nothing else is left in it.
@@ -273,25 +280,28 @@ fn remove_unapplied(object: &mut Value, previous: &Value, current: &Value) {
                 && obj.get(name).is_some_and(Value::is_object) =>
             {
                 if let Some(child) = obj.get_mut(name) {
-                    remove_unapplied(child, sub, &Value::Object(Map::new()));
-                    if child.as_object().is_some_and(Map::is_empty) && name != "metadata" {
+                    remove_unapplied(child, sub, &NONE, shared.unwrap_or(&NONE));
+                    if child.as_object().is_some_and(Map::is_empty) && name != "metadata" && shared.is_none() {
                         obj.remove(name);
                     }
                 }
             }
+            // Another manager owns it too: it stays.
+            None if shared.is_some() => {}
             None => {
                 obj.remove(name);
             }
             Some(cur) => {
                 if let Some(child) = obj.get_mut(name) {
                     match child {
-                        Value::Object(_) => remove_unapplied(child, sub, cur),
+                        Value::Object(_) => remove_unapplied(child, sub, cur, shared.unwrap_or(&NONE)),
                         Value::Array(items) => {
                             // Keyed items this manager no longer applies go.
                             for key in
                                 sub.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default()
                             {
-                                if key.starts_with("k:") && cur.get(key.as_str()).is_none() {
+                                let kept = shared.is_some_and(|s| s.get(key.as_str()).is_some());
+                                if key.starts_with("k:") && cur.get(key.as_str()).is_none() && !kept {
                                     items.retain(|item| !matches_key(item, &key));
                                 }
                             }
@@ -358,12 +368,18 @@ mod tests {
     fn apply_removes_what_the_manager_no_longer_applies() {
         let first = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "labels": {"a": "1"}},
                            "data": {"x": "1", "y": "2"}});
+        let none = json!({});
         let (live, fields) =
-            apply(&json!({"metadata": {"name": "c"}, "data": {"other": "kept"}}), &first, None).unwrap();
+            apply(&json!({"metadata": {"name": "c"}, "data": {"other": "kept"}}), &first, None, &none).unwrap();
         assert_eq!(fields["f:data"], json!({"f:x": {}, "f:y": {}}));
         let second = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"x": "3"}});
-        let (live, _) = apply(&live, &second, Some(&fields)).unwrap();
-        assert_eq!(live["data"], json!({"x": "3", "other": "kept"}));
-        assert!(live["metadata"].get("labels").is_none(), "the label it stopped applying: {live}");
+        let (after, _) = apply(&live, &second, Some(&fields), &none).unwrap();
+        assert_eq!(after["data"], json!({"x": "3", "other": "kept"}));
+        assert!(after["metadata"].get("labels").is_none(), "the label it stopped applying: {after}");
+        // A field another manager also owns stays when the applier stops applying it.
+        let others = json!({"f:data": {"f:y": {}}, "f:metadata": {"f:labels": {"f:a": {}}}});
+        let (shared, _) = apply(&live, &second, Some(&fields), &others).unwrap();
+        assert_eq!(shared["data"], json!({"x": "3", "y": "2", "other": "kept"}));
+        assert_eq!(shared["metadata"]["labels"], json!({"a": "1"}));
     }
 }
