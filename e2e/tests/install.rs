@@ -3,19 +3,20 @@
 //! accepted, `kubectl get` shows the Webhook's printer columns, and deleting everything
 //! leaves nothing behind.
 //!
-//! (The operator's reconciliation of these resources is tested once the simulator runs
-//! pods.)
+//! Runs against the cluster `VELLUM_E2E_KUBECONFIG` names, else a simulator.
 
 use std::path::Path;
 
-use kube_sim::{Options, Simulator};
+use kube_sim::Options;
+use vellum_e2e::Cluster;
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-async fn kubectl(sim: &Simulator, args: &[&str]) -> String {
-    let out = sim.kubectl(args, None).await.expect("kubectl runs (set KUBE_SIM_KUBECTL or put kubectl on the PATH)");
+async fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
+    let out =
+        cluster.kubectl(args, None).await.expect("kubectl runs (set KUBE_SIM_KUBECTL or put kubectl on the PATH)");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "kubectl {args:?} failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
     stdout
@@ -23,7 +24,7 @@ async fn kubectl(sim: &Simulator, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn the_install_manifests_and_examples_apply_and_delete_cleanly() {
-    let sim = Simulator::start(Options::default()).await.unwrap();
+    let sim = Cluster::start(Options::default()).await.unwrap();
     let install = repo().join("manifests/install.yaml");
     let examples = repo().join("manifests/examples");
     let (install, examples) = (install.to_str().unwrap(), examples.to_str().unwrap());
