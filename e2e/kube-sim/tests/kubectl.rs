@@ -592,3 +592,56 @@ spec:
     let nodes = ok(&sim, &["get", "nodes"], None).await;
     assert!(nodes.contains("kube-sim") && nodes.contains("Ready"), "{nodes}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_probes_see_the_pods_mounts_and_a_pod_ignoring_sigterm_is_killed_after_its_grace() {
+    let sim = Simulator::start(Options { images: vec!["sh=sh".parse().unwrap()], ..Options::default() }).await.unwrap();
+    let dir = format!("/run/kube-sim-test-{}/probe", std::process::id());
+    let pod = format!(
+        r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: probe}}
+data: {{ok: "yes"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: stubborn}}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: main
+    image: sh
+    command: [sh, -c, 'trap "echo ignoring TERM" TERM; echo started; while true; do sleep 0.1; done']
+    readinessProbe:
+      exec: {{command: [sh, -c, 'test "$(cat {dir}/ok)" = yes']}}
+      periodSeconds: 1
+    volumeMounts: [{{name: probe, mountPath: {dir}}}]
+  volumes: [{{name: probe, configMap: {{name: probe}}}}]
+"#
+    );
+    ok(&sim, &["apply", "-f", "-"], Some(&pod)).await;
+    ok(&sim, &["wait", "--for=condition=Ready", "pod/stubborn", "--timeout=20s"], None).await;
+    let id =
+        ok(&sim, &["get", "pod", "stubborn", "-o", "jsonpath={.status.containerStatuses[0].containerID}"], None).await;
+    let pid = id.trim_start_matches("kube-sim://").to_owned();
+    let started = std::time::Instant::now();
+    ok(&sim, &["delete", "pod", "stubborn", "--wait=true", "--timeout=20s"], None).await;
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(1500),
+        "SIGTERM was ignored, so the grace period ran out: {took:?}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "then SIGKILL: {took:?}");
+    for _ in 0..50 {
+        if gone(&pid) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(gone(&pid));
+    let events = ok(&sim, &["get", "events", "-o", "jsonpath={.items[*].reason}"], None).await;
+    for reason in ["Scheduled", "Started", "Killing"] {
+        assert!(events.contains(reason), "{events}");
+    }
+}
