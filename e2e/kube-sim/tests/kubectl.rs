@@ -461,6 +461,14 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: ticker}
+spec:
+  restartPolicy: Never
+  containers:
+  - {name: main, image: sh, command: [sh, -c, 'sleep 0.5; for i in 1 2 3; do echo tick $i; sleep 0.3; done']}
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: scale}
 spec:
   containers:
@@ -474,6 +482,9 @@ spec:
   - {name: main, image: 'unknown/image:1'}
 "#;
     ok(&sim, &["apply", "-f", "-"], Some(pods)).await;
+    ok(&sim, &["wait", "--for=condition=Ready", "pod/ticker", "--timeout=30s"], None).await;
+    // Following a running container streams its lines and ends with it.
+    assert_eq!(ok(&sim, &["logs", "-f", "ticker"], None).await, "tick 1\ntick 2\ntick 3\n");
     ok(&sim, &["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/once", "--timeout=30s"], None).await;
     assert_eq!(ok(&sim, &["logs", "once"], None).await, "done\n");
     assert_eq!(ok(&sim, &["logs", "once", "-c", "setup"], None).await, "set up\n");
@@ -505,7 +516,8 @@ spec:
     assert!(table.contains("ErrImagePull") || table.contains("ImagePullBackOff"), "{table}");
     let described = ok(&sim, &["describe", "pod", "crash"], None).await;
     assert!(described.contains("Back-off restarting failed container"), "{described}");
-    ok(&sim, &["delete", "pod", "crash", "once", "scale", "nowhere", "--wait=true", "--timeout=20s"], None).await;
+    ok(&sim, &["delete", "pod", "crash", "once", "ticker", "scale", "nowhere", "--wait=true", "--timeout=20s"], None)
+        .await;
     assert_eq!(ok(&sim, &["get", "pods", "-o", "name"], None).await, "");
 }
 

@@ -80,6 +80,66 @@ impl Format {
     }
 }
 
+/// A followed log: one container run's file, read from where the last read stopped.
+struct Follow {
+    first: Option<String>,
+    offset: u64,
+    store: Store,
+    t: crate::registry::ResourceType,
+    namespace: String,
+    name: String,
+    uid: String,
+    container: String,
+    run: i64,
+    path: std::path::PathBuf,
+    format: Format,
+}
+
+impl Follow {
+    /// The whole lines appended since the last read.
+    async fn appended(&mut self) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut file = tokio::fs::File::open(&self.path).await.ok()?;
+        file.seek(std::io::SeekFrom::Start(self.offset)).await.ok()?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).await.ok()?;
+        let end = bytes.iter().rposition(|b| *b == b'\n')?;
+        self.offset += u64::try_from(end + 1).ok()?;
+        Some(self.format.render(&parse_log(&String::from_utf8_lossy(&bytes[..=end]))))
+    }
+
+    /// Whether this run of the container is over: the pod gone, or the container ended or
+    /// restarted.
+    fn over(&self) -> bool {
+        match self.store.get(&self.t, &self.namespace, &self.name) {
+            Ok(pod) if meta::uid(&pod) == self.uid => {
+                let status = container_status(&pod, &self.container).cloned().unwrap_or_default();
+                status.get("restartCount").and_then(Value::as_i64).unwrap_or(0) != self.run
+                    || status.pointer("/state/running").is_none()
+            }
+            _ => true,
+        }
+    }
+
+    /// The next piece of the log, `None` once the run is over and everything was read.
+    async fn next(&mut self) -> Option<String> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
+        loop {
+            // Checked before reading, so that lines written just before the end are read.
+            let over = self.over();
+            if let Some(text) = self.appended().await {
+                return Some(text);
+            }
+            if over {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// Serves a pod's log.
 pub fn serve<S: BuildHasher>(
     kubelet: &Kubelet,
@@ -143,41 +203,22 @@ pub fn serve<S: BuildHasher>(
         return Ok((StatusCode::OK, plain, text).into_response());
     }
     // Follow: what is there, then what is appended while this run of the container lasts.
-    let offset = std::fs::metadata(&path).map_or(0, |m| m.len());
-    let store = store.clone();
-    let state =
-        (Some(text), offset, store, t, namespace.to_owned(), name.to_owned(), uid, container, run, path, format);
-    let stream = futures::stream::unfold(state, |mut s| async move {
-        if let Some(first) = s.0.take() {
-            return Some((Ok::<_, std::io::Error>(first), s));
-        }
-        loop {
-            let len = std::fs::metadata(&s.9).map_or(0, |m| m.len());
-            if len > s.1 {
-                let bytes = std::fs::read(&s.9).unwrap_or_default();
-                let end = bytes[usize::try_from(s.1).unwrap_or(0)..].iter().rposition(|b| *b == b'\n');
-                if let Some(end) = end {
-                    let start = usize::try_from(s.1).unwrap_or(0);
-                    let chunk = String::from_utf8_lossy(&bytes[start..=start + end]).into_owned();
-                    s.1 += u64::try_from(end + 1).unwrap_or(0);
-                    let text = s.10.render(&parse_log(&chunk));
-                    return Some((Ok(text), s));
-                }
-            }
-            // The run is over when the pod is gone or the container ended or restarted.
-            let over = match s.2.get(&s.3, &s.4, &s.5) {
-                Ok(pod) if meta::uid(&pod) == s.6 => {
-                    let st = container_status(&pod, &s.7).cloned().unwrap_or_default();
-                    st.get("restartCount").and_then(Value::as_i64).unwrap_or(0) != s.8
-                        || st.pointer("/state/running").is_none()
-                }
-                _ => true,
-            };
-            if over && std::fs::metadata(&s.9).map_or(0, |m| m.len()) <= s.1 {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let follow = Follow {
+        first: Some(text),
+        offset: std::fs::metadata(&path).map_or(0, |m| m.len()),
+        store: store.clone(),
+        t,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        uid,
+        container,
+        run,
+        path,
+        format,
+    };
+    let stream = futures::stream::unfold(follow, |mut f| async move {
+        let text = f.next().await?;
+        Some((Ok::<_, std::io::Error>(text), f))
     });
     Ok((StatusCode::OK, plain, Body::from_stream(stream)).into_response())
 }
