@@ -10,7 +10,7 @@
 #![warn(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 use kube_sim::{Options, Simulator};
 
@@ -48,23 +48,6 @@ impl Cluster {
 
     /// Runs `kubectl` (`KUBE_SIM_KUBECTL`, else the one on the PATH) against the cluster.
     pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> std::io::Result<Output> {
-        use tokio::io::AsyncWriteExt;
-        let binary = std::env::var("KUBE_SIM_KUBECTL").unwrap_or_else(|_| "kubectl".into());
-        let mut child = tokio::process::Command::new(binary)
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("KUBECACHEDIR", self.cache.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        if let Some(mut input) = child.stdin.take() {
-            if let Some(text) = stdin {
-                input.write_all(text.as_bytes()).await?;
-            }
-            drop(input);
-        }
-        child.wait_with_output().await
+        kube_sim::run_kubectl(&self.kubeconfig, self.cache.path(), args, stdin).await
     }
 }

@@ -234,14 +234,7 @@ fn pod_for(d: &Value, template: &Value, hash: &str) -> Value {
 fn target_port(port: &Value, pod: &Value) -> Option<i64> {
     match port.get("targetPort") {
         Some(Value::Number(n)) => n.as_i64(),
-        Some(Value::String(name)) => pod
-            .pointer("/spec/containers")?
-            .as_array()?
-            .iter()
-            .flat_map(|c| c.get("ports").and_then(Value::as_array).cloned().unwrap_or_default())
-            .find(|p| p.get("name").and_then(Value::as_str) == Some(name))?
-            .get("containerPort")?
-            .as_i64(),
+        Some(Value::String(name)) => meta::pod_port(pod, name).map(i64::from),
         _ => port.get("port").and_then(Value::as_i64),
     }
 }

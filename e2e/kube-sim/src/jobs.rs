@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::meta;
 use crate::registry::ResourceType;
 use crate::status::ApiError;
-use crate::store::{DeleteOptions, Propagation, Store};
+use crate::store::{DeleteOptions, Store};
 
 const CONTROLLER_UID: &str = "batch.kubernetes.io/controller-uid";
 const JOB_NAME: &str = "batch.kubernetes.io/job-name";
@@ -134,6 +134,16 @@ fn phase(pod: &Value) -> &str {
     meta::str_at(pod, "/status/phase").unwrap_or("Pending")
 }
 
+/// A pod that still runs (or will): not finished, not being deleted.
+fn pod_active(pod: &Value) -> bool {
+    !matches!(phase(pod), "Succeeded" | "Failed") && !meta::deleting(pod)
+}
+
+/// A Job that still runs: not finished, not being deleted.
+fn job_active(job: &Value) -> bool {
+    finished(job).is_none() && !meta::deleting(job)
+}
+
 /// One pass of the Job controller over every Job.
 pub fn job_pass(store: &Store, now: time::OffsetDateTime) {
     let registry = store.registry();
@@ -167,8 +177,7 @@ fn expire(
         meta::str_at(job, since).and_then(meta::parse_time),
     ) && now >= at + time::Duration::seconds(ttl)
     {
-        let options = DeleteOptions { propagation: Propagation::Background, ..DeleteOptions::default() };
-        store.delete(jobs_t, meta::namespace(job), meta::name(job), &options)?;
+        store.delete(jobs_t, meta::namespace(job), meta::name(job), &DeleteOptions::default())?;
     }
     Ok(())
 }
@@ -190,8 +199,7 @@ fn sync_job(
         return expire(store, jobs_t, job, done, now);
     }
     let pods = owned(store, pods_t, ns, uid);
-    let active: Vec<&Value> =
-        pods.iter().filter(|p| !matches!(phase(p), "Succeeded" | "Failed") && !meta::deleting(p)).collect();
+    let active: Vec<&Value> = pods.iter().filter(|p| pod_active(p)).collect();
     let succeeded = count(pods.iter().filter(|p| phase(p) == "Succeeded").count());
     // Restarts of OnFailure pods count against the back-off limit, as failed pods do.
     let restarts: i64 = pods
@@ -257,12 +265,7 @@ fn sync_job(
             store.create(pods_t, ns, pod_for(job), false)?;
         }
     }
-    let active_now = count(
-        owned(store, pods_t, ns, uid)
-            .iter()
-            .filter(|p| !matches!(phase(p), "Succeeded" | "Failed") && !meta::deleting(p))
-            .count(),
-    );
+    let active_now = count(owned(store, pods_t, ns, uid).iter().filter(|p| pod_active(p)).count());
     let counts = Counts {
         active: active_now,
         succeeded,
@@ -402,14 +405,13 @@ fn sync_cronjob(
     if !suspended && let Some(at) = due(&cron, last, now) {
         let deadline = cj.pointer("/spec/startingDeadlineSeconds").and_then(Value::as_i64);
         let too_late = deadline.is_some_and(|d| now > at + time::Duration::seconds(d));
-        let active: Vec<&Value> = jobs.iter().filter(|j| finished(j).is_none() && !meta::deleting(j)).collect();
+        let active: Vec<&Value> = jobs.iter().filter(|j| job_active(j)).collect();
         let policy = meta::str_at(cj, "/spec/concurrencyPolicy").unwrap_or("Allow");
         let skip = too_late || (policy == "Forbid" && !active.is_empty());
         if !skip {
             if policy == "Replace" {
                 for j in &active {
-                    let options = DeleteOptions { propagation: Propagation::Background, ..DeleteOptions::default() };
-                    store.delete(jobs_t, ns, meta::name(j), &options)?;
+                    store.delete(jobs_t, ns, meta::name(j), &DeleteOptions::default())?;
                 }
             }
             let minutes = at.unix_timestamp() / 60;
@@ -445,13 +447,12 @@ fn sync_cronjob(
         done.sort_by_key(|j| meta::str_at(j, "/metadata/creationTimestamp").unwrap_or_default().to_owned());
         let excess = done.len().saturating_sub(usize::try_from(limit).unwrap_or(usize::MAX));
         for j in done.into_iter().take(excess) {
-            let options = DeleteOptions { propagation: Propagation::Background, ..DeleteOptions::default() };
-            let _ = store.delete(jobs_t, ns, meta::name(j), &options);
+            let _ = store.delete(jobs_t, ns, meta::name(j), &DeleteOptions::default());
         }
     }
     let active: Vec<Value> = jobs
         .iter()
-        .filter(|j| finished(j).is_none() && !meta::deleting(j))
+        .filter(|j| job_active(j))
         .map(|j| json!({"apiVersion": "batch/v1", "kind": "Job", "name": meta::name(j), "namespace": ns, "uid": meta::uid(j)}))
         .collect();
     if active.is_empty() {

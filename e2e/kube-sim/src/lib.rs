@@ -85,6 +85,35 @@ pub fn kubeconfig(url: &str) -> String {
     )
 }
 
+/// Runs `kubectl` (`KUBE_SIM_KUBECTL`, else `kubectl` on the PATH) against the cluster
+/// `kubeconfig` names, with its discovery cache in `cache` (one per cluster), `stdin` as its
+/// input; returns what it printed and how it ended.
+pub async fn run_kubectl(
+    kubeconfig: &Path,
+    cache: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> std::io::Result<std::process::Output> {
+    use tokio::io::AsyncWriteExt;
+    let binary = std::env::var("KUBE_SIM_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let mut child = tokio::process::Command::new(binary)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("KUBECACHEDIR", cache)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    if let Some(mut input) = child.stdin.take() {
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).await?;
+        }
+        drop(input);
+    }
+    child.wait_with_output().await
+}
+
 /// The cluster's controllers and the kubelet, a few times a second.
 async fn controllers(store: Store, kubelet: Kubelet, proxies: services::Proxies) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -169,26 +198,8 @@ impl Simulator {
     /// Runs `kubectl` (`KUBE_SIM_KUBECTL`, else `kubectl` on the PATH) against this
     /// simulator with `stdin` as its input, and returns what it printed and how it ended.
     pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> std::io::Result<std::process::Output> {
-        use tokio::io::AsyncWriteExt;
-        let binary = std::env::var("KUBE_SIM_KUBECTL").unwrap_or_else(|_| "kubectl".into());
         let dir = self.kubeconfig.parent().unwrap_or_else(|| Path::new("."));
-        let mut child = tokio::process::Command::new(binary)
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            // kubectl caches discovery under $HOME/.kube: one cache per simulator.
-            .env("KUBECACHEDIR", dir.join("cache"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        if let Some(mut input) = child.stdin.take() {
-            if let Some(text) = stdin {
-                input.write_all(text.as_bytes()).await?;
-            }
-            drop(input);
-        }
-        child.wait_with_output().await
+        run_kubectl(&self.kubeconfig, &dir.join("cache"), args, stdin).await
     }
 
     /// Stops serving; open watches end.

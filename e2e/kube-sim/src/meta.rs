@@ -63,6 +63,23 @@ pub fn owner_uids(object: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The number of the port named `name` in a container's `ports`.
+pub fn container_port(container: &Value, name: &str) -> Option<u16> {
+    container
+        .get("ports")?
+        .as_array()?
+        .iter()
+        .find(|p| str_at(p, "/name") == Some(name))?
+        .get("containerPort")?
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+}
+
+/// The number of the port named `name` in any container of a pod.
+pub fn pod_port(pod: &Value, name: &str) -> Option<u16> {
+    pod.pointer("/spec/containers")?.as_array()?.iter().find_map(|c| container_port(c, name))
+}
+
 /// The time now as the API server writes timestamps (RFC 3339, whole seconds, UTC).
 pub fn now() -> String {
     format_time(time::OffsetDateTime::now_utc())

@@ -193,7 +193,7 @@ fn resolve(store: &Store, namespace: &str, kind: &str, segment: &str) -> Result<
             Some(p) => p
                 .parse()
                 .ok()
-                .or_else(|| named_port(&pod, p))
+                .or_else(|| meta::pod_port(&pod, p))
                 .ok_or_else(|| ApiError::bad_request(format!("no such port \"{p}\" on pod {name}")))?,
         };
         return Ok(SocketAddr::new(ip, number));
@@ -216,17 +216,6 @@ fn resolve(store: &Store, namespace: &str, kind: &str, segment: &str) -> Result<
         .first()
         .copied()
         .ok_or_else(|| unavailable(format!("no endpoints available for service \"{name}\"")))
-}
-
-fn named_port(pod: &Value, name: &str) -> Option<u16> {
-    pod.pointer("/spec/containers")?
-        .as_array()?
-        .iter()
-        .flat_map(|c| c.get("ports").and_then(Value::as_array).cloned().unwrap_or_default())
-        .find(|p| meta::str_at(p, "/name") == Some(name))?
-        .get("containerPort")?
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
 }
 
 /// Forwards a request to a pod or Service, as the API server's proxy does.

@@ -267,7 +267,6 @@ impl Store {
         {
             map.remove("status");
         }
-        let kind_hooks = hooks(&self.network, t, &mut object, None)?;
         let rv = state.rv + 1;
         {
             let m =
@@ -287,9 +286,8 @@ impl Store {
                 m.insert("generation".into(), json!(1));
             }
         }
-        if (t.group.as_str(), t.kind.as_str()) == ("batch", "Job") {
-            crate::jobs::admit_job(t, &mut object)?;
-        }
+        // After the server's metadata, which a kind's defaults may name (a Job's uid).
+        let kind_hooks = hooks(&self.network, t, &mut object, None)?;
         if dry_run {
             return Ok(served(t, &object));
         }
@@ -842,6 +840,8 @@ fn hooks(
             }
         }
         ("batch", "CronJob") => crate::jobs::admit_cronjob(t, object)?,
+        // A Job's selector and template labels are set once, when it is created.
+        ("batch", "Job") if current.is_none() => crate::jobs::admit_job(t, object)?,
         ("", "Namespace") => {
             if object.pointer("/spec/finalizers").is_none() {
                 object["spec"] = json!({"finalizers": ["kubernetes"]});

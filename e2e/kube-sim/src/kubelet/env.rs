@@ -73,28 +73,18 @@ pub fn source_data(
     let object = store.get(t, namespace, name).map_err(|_| {
         Waiting::new("CreateContainerConfigError", format!("{} \"{name}\" not found", kind.to_ascii_lowercase()))
     })?;
+    // A Secret's `data` and a ConfigMap's `binaryData` are base64; the other field is text
+    // (a Secret's `stringData` wins over its `data`).
+    let (encoded, text) = if kind == "Secret" { ("data", "stringData") } else { ("binaryData", "data") };
+    let entries = |field: &str| object.get(field).and_then(Value::as_object).cloned().unwrap_or_default();
     let mut data = BTreeMap::new();
-    if kind == "Secret" {
-        for field in ["data"] {
-            for (k, v) in object.get(field).and_then(Value::as_object).into_iter().flatten() {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(v.as_str().unwrap_or_default())
-                    .unwrap_or_default();
-                data.insert(k.clone(), bytes);
-            }
-        }
-        for (k, v) in object.get("stringData").and_then(Value::as_object).into_iter().flatten() {
-            data.insert(k.clone(), v.as_str().unwrap_or_default().as_bytes().to_vec());
-        }
-    } else {
-        for (k, v) in object.get("data").and_then(Value::as_object).into_iter().flatten() {
-            data.insert(k.clone(), v.as_str().unwrap_or_default().as_bytes().to_vec());
-        }
-        for (k, v) in object.get("binaryData").and_then(Value::as_object).into_iter().flatten() {
-            let bytes =
-                base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default()).unwrap_or_default();
-            data.insert(k.clone(), bytes);
-        }
+    for (k, v) in entries(encoded) {
+        let bytes =
+            base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default()).unwrap_or_default();
+        data.insert(k, bytes);
+    }
+    for (k, v) in entries(text) {
+        data.insert(k, v.as_str().unwrap_or_default().as_bytes().to_vec());
     }
     Ok(data)
 }

@@ -61,15 +61,7 @@ fn port(target: &Target, port: Option<&Value>) -> Result<u16, String> {
             if let Ok(n) = name.parse() {
                 return Ok(n);
             }
-            target
-                .container
-                .get("ports")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
-                .and_then(|p| p.get("containerPort").and_then(Value::as_u64))
-                .and_then(|p| u16::try_from(p).ok())
+            meta::container_port(&target.container, name)
                 .ok_or_else(|| format!("couldn't find port: {name} in container"))
         }
         _ => Err("no port".into()),

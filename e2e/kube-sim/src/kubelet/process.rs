@@ -55,6 +55,9 @@ fn on_path(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
 }
 
+/// Whether `setpriv` is there to set the parent-death signal (looked up once).
+static SETPRIV: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| on_path("setpriv"));
+
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
@@ -62,9 +65,8 @@ fn quote(s: &str) -> String {
 /// The command line that starts a container: `setpriv` sets the parent-death signal (and
 /// `unshare` makes the mount namespace and `sh` mounts the volumes first, when there are any).
 fn command(launch: &Launch) -> Command {
-    let setpriv = on_path("setpriv");
     let mut argv: Vec<String> = Vec::new();
-    if setpriv {
+    if *SETPRIV {
         argv.extend(["setpriv", "--pdeathsig", "KILL", "--"].map(str::to_owned));
     }
     argv.extend(launch.argv.iter().cloned());
