@@ -320,12 +320,12 @@ impl Tiers {
         Ok(Self { tiers, default: default.to_owned() })
     }
 
-    pub fn get(&self, name: &str) -> Result<&Arc<Tier>, BlobError> {
-        self.tiers.get(name).ok_or_else(|| BlobError::UnknownTier(name.to_owned()))
+    pub fn get(&self, name: &str) -> Result<Arc<Tier>, BlobError> {
+        self.tiers.get(name).cloned().ok_or_else(|| BlobError::UnknownTier(name.to_owned()))
     }
 
-    pub fn default_tier(&self) -> &Arc<Tier> {
-        &self.tiers[&self.default]
+    pub fn default_tier(&self) -> Arc<Tier> {
+        Arc::clone(&self.tiers[&self.default])
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Tier>> {

@@ -98,6 +98,20 @@ pub mod conditions {
         pub const FAILURE_RATE_EXCEEDED: &str = "FailureRateExceeded";
         pub const ENDPOINT_GONE: &str = "EndpointGone";
         pub const PAUSED: &str = "Paused";
+        pub const INVALID_CREDENTIALS: &str = "InvalidCredentials";
+        pub const BUCKET_NOT_FOUND: &str = "BucketNotFound";
+        pub const SHARD_SET_NOT_FOUND: &str = "ShardSetNotFound";
+        /// A platform-wide problem: no default tier, a resource the release depends on is invalid.
+        pub const INVALID_CONFIG: &str = "InvalidConfig";
+        pub const MIGRATING: &str = "Migrating";
+        pub const MIGRATION_FAILED: &str = "MigrationFailed";
+        pub const DEPLOYING: &str = "Deploying";
+        /// A BlueGreenRelease's version changed, and rolling out a second color is not
+        /// supported by this operator yet.
+        pub const NEW_VERSION_REFUSED: &str = "NewVersionRefused";
+        /// A RetentionPolicy waits for a BlueGreenRelease whose workers will run it.
+        pub const WAITING_FOR_RELEASE: &str = "WaitingForRelease";
+        pub const DELIVERY_LOG_UNAVAILABLE: &str = "DeliveryLogUnavailable";
     }
 }
 

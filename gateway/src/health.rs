@@ -43,6 +43,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "checks": {"database": check(&database), "defaultTier": check(&tier)},
+        "configHash": state.metrics.config_hash(),
     });
     (status, axum::Json(body)).into_response()
 }

@@ -60,6 +60,14 @@ struct StandaloneArgs {
     /// platform team applies to a cluster.
     #[arg(long, env = "VELLUM_CONFIG_DIR", default_value = "config/standalone")]
     config_dir: PathBuf,
+    /// Where the secret values of a compiled config (`secrets.json`, from the platform
+    /// Secret the operator writes) are mounted.
+    #[arg(long, env = "VELLUM_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// Seconds between reads of a compiled config; a changed one takes effect without a
+    /// restart.
+    #[arg(long, env = "VELLUM_CONFIG_RELOAD_SECONDS", default_value_t = 5)]
+    config_reload_seconds: u64,
     /// Metadata database (`sqlite://…` or `postgres://…`); SQLite in the data directory by
     /// default.
     #[arg(long, env = "VELLUM_DATABASE_URL")]
@@ -156,6 +164,8 @@ fn options(args: &StandaloneArgs) -> anyhow::Result<standalone::Options> {
         listen: args.listen,
         data_dir: args.data_dir.clone(),
         config_dir: args.config_dir.clone(),
+        secrets_dir: args.secrets_dir.clone(),
+        config_reload: std::time::Duration::from_secs(args.config_reload_seconds.max(1)),
         database_url: args.database_url.clone(),
         auth: args.jwt.settings()?,
         max_upload_bytes: args.max_upload_bytes,

@@ -29,6 +29,11 @@ struct RouteLabels {
     route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConfigLabels {
+    hash: String,
+}
+
 /// The gateway's metrics, registered under the `vellum_gateway` prefix.
 pub struct Metrics {
     registry: Registry,
@@ -39,6 +44,9 @@ pub struct Metrics {
     /// Bytes of uploads that were already stored, and were not stored again.
     pub deduplicated_bytes: Counter,
     outbox_depth: Gauge,
+    /// 1 for the hash of the platform config in use, 0 for those used before.
+    config: Family<ConfigLabels, Gauge>,
+    config_hash: std::sync::Mutex<String>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -78,7 +86,34 @@ impl Metrics {
         );
         registry.register("deduplicated_bytes", "Uploaded bytes that were already stored", deduplicated_bytes.clone());
         registry.register("outbox_depth", "Events written and not yet published", outbox_depth.clone());
-        Self { registry, requests, latency, bytes_in, bytes_out, deduplicated_bytes, outbox_depth }
+        let config = Family::<ConfigLabels, Gauge>::default();
+        registry.register("platform_config_info", "The platform config in use (1), by content hash", config.clone());
+        Self {
+            registry,
+            requests,
+            latency,
+            bytes_in,
+            bytes_out,
+            deduplicated_bytes,
+            outbox_depth,
+            config,
+            config_hash: std::sync::Mutex::new(String::new()),
+        }
+    }
+
+    /// Records the content hash of the platform config now in use.
+    pub fn set_config_hash(&self, hash: &str) {
+        let mut current = self.config_hash.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !current.is_empty() {
+            self.config.get_or_create(&ConfigLabels { hash: current.clone() }).set(0);
+        }
+        self.config.get_or_create(&ConfigLabels { hash: hash.to_owned() }).set(1);
+        hash.clone_into(&mut current);
+    }
+
+    /// The content hash of the platform config in use.
+    pub fn config_hash(&self) -> String {
+        self.config_hash.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
 

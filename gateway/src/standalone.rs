@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
-use vellum_core::config::{compile, load_dir};
+use vellum_core::config::{CONFIG_FILE, load_dir, read_platform};
 use vellum_core::documents::Documents;
 use vellum_core::events::{Bus, Sink, relay};
 use vellum_core::store::Metadata;
@@ -23,7 +23,7 @@ use vellum_workers::{Engine, LocalSink, Sender, Settings};
 
 use crate::auth::{Auth, AuthSettings};
 use crate::realtime::Hub;
-use crate::webhooks::WebhookService;
+use crate::webhooks::{WebhookBase, WebhookService};
 use crate::{AppState, app};
 
 /// What standalone mode needs to start.
@@ -32,8 +32,14 @@ pub struct Options {
     pub listen: SocketAddr,
     /// Where the database, the local tiers and the generated keys live.
     pub data_dir: PathBuf,
-    /// The directory of StorageTier, Webhook, RetentionPolicy and Secret YAML.
+    /// The directory of StorageTier, Webhook, RetentionPolicy and Secret YAML, or of the
+    /// compiled `platform.json` the operator writes into the platform ConfigMap.
     pub config_dir: PathBuf,
+    /// Where the compiled config's `secrets.json` is (the platform Secret's mount).
+    pub secrets_dir: Option<PathBuf>,
+    /// How often a compiled config is read again; a change (a StorageTier, a Webhook) takes
+    /// effect without a restart.
+    pub config_reload: Duration,
     /// The metadata database; SQLite in the data directory when absent.
     pub database_url: Option<String>,
     /// Token checking; a secret is generated (and kept in the data directory) when none
@@ -67,6 +73,7 @@ pub struct Running {
     server: JoinHandle<std::io::Result<()>>,
     relay: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    reloader: Option<JoinHandle<()>>,
     hub_feeds: Vec<JoinHandle<()>>,
 }
 
@@ -104,16 +111,16 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
     let data_dir = options.data_dir.canonicalize().context("resolving the data directory")?;
 
-    let sources = load_dir(&options.config_dir)
-        .with_context(|| format!("reading the platform config in {}", options.config_dir.display()))?;
-    let (mut config, secrets) = compile(&sources).map_err(|errors| {
-        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!(
-            "the platform config in {} is not valid:\n  {}",
-            options.config_dir.display(),
-            lines.join("\n  ")
-        )
-    })?;
+    let compiled = options.config_dir.join(CONFIG_FILE).exists();
+    let (mut config, secrets) =
+        read_platform(&options.config_dir, options.secrets_dir.as_deref()).map_err(anyhow::Error::msg)?;
+    // Webhooks created through the API are compiled beside the platform's own: beside its
+    // resources (standalone) or beside the operator's compiled config.
+    let base = if compiled {
+        WebhookBase::Compiled(config.clone(), secrets.clone())
+    } else {
+        WebhookBase::Sources(load_dir(&options.config_dir).context("reading the platform config")?)
+    };
     let tiers = Tiers::open(&config, &secrets, &data_dir).context("opening the storage tiers")?;
     let extra = DestinationPolicy::parse(options.allow_webhook_cidrs.iter().map(String::as_str))
         .map_err(|e| anyhow::anyhow!("--allow-webhook-cidr: {e}"))?;
@@ -138,7 +145,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let bus = Bus::new();
     let sender = Sender::new(config.webhook_destinations.clone()).context("building the webhook HTTP client")?;
     let engine = Engine::new(meta.clone(), clock.clone(), sender, Settings::default());
-    let webhooks = WebhookService::start(engine.clone(), sources, clock.clone()).await?;
+    let webhooks = WebhookService::start(engine.clone(), base, clock.clone()).await?;
     let hub = Arc::new(Hub::new(meta.clone(), clock.clone()));
     let nats = match &options.nats_url {
         Some(url) => Some(vellum_workers::nats::connect(url, "vellum-gateway").await.map_err(anyhow::Error::msg)?),
@@ -165,6 +172,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         hub: Arc::clone(&hub),
     };
 
+    state.metrics.set_config_hash(&config.content_hash());
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -183,13 +191,59 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         async move { relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await }
     });
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
+    let reloader = compiled.then(|| {
+        tokio::spawn(reload(state.clone(), options.clone(), data_dir.clone(), config.content_hash(), stopped.clone()))
+    });
     let server = tokio::spawn({
         let router = app(state.clone());
         let stop = until_stopped(stopped);
         async move { axum::serve(listener, router).with_graceful_shutdown(stop).await }
     });
     tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), cluster = nats.is_some(), "gateway serving");
-    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper, hub_feeds })
+    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper, reloader, hub_feeds })
+}
+
+/// Reads the compiled config every `config_reload` until `stop` turns true, and applies a
+/// changed one: new tiers for uploads and downloads, new webhook endpoints. A config that
+/// does not read or open keeps the previous one serving, with a warning.
+async fn reload(
+    state: AppState,
+    options: Options,
+    data_dir: PathBuf,
+    mut hash: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(options.config_reload) => {}
+        }
+        let (config, secrets) = match read_platform(&options.config_dir, options.secrets_dir.as_deref()) {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the previous platform config");
+                continue;
+            }
+        };
+        let new_hash = config.content_hash();
+        if new_hash == hash {
+            continue;
+        }
+        let tiers = match Tiers::open(&config, &secrets, &data_dir) {
+            Ok(tiers) => tiers,
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the previous platform config: a tier does not open");
+                continue;
+            }
+        };
+        state.docs.set_tiers(tiers);
+        if let Err(e) = state.webhooks.rebase(WebhookBase::Compiled(config.clone(), secrets)).await {
+            tracing::warn!(error = %e, "the new platform config's webhooks were not applied");
+        }
+        state.metrics.set_config_hash(&new_hash);
+        tracing::info!(hash = %new_hash, tiers = config.tiers.len(), webhooks = config.webhooks.len(), "platform config reloaded");
+        hash = new_hash;
+    }
 }
 
 /// Expires abandoned upload sessions every 10 minutes until `stop` turns true.
@@ -219,6 +273,9 @@ impl Running {
         }
         self.relay.await.ok();
         self.sweeper.await.ok();
+        if let Some(reloader) = self.reloader {
+            reloader.await.ok();
+        }
         self.state.webhooks.engine().shutdown().await;
         for feed in self.hub_feeds {
             feed.abort();

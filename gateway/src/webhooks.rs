@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vellum_core::clock::Clock;
-use vellum_core::config::{PlatformConfig, SecretBundle, SecretValue, Sources, compile};
+use vellum_core::config::{PlatformConfig, SecretBundle, SecretValue, Sources, compile, compile_webhooks};
 use vellum_core::crds::Webhook;
 use vellum_core::crds::webhook::{EventFilter, EventType, HttpHeader, RetryPolicy, WebhookSpec};
 use vellum_core::signing::parse_signing_key;
@@ -38,10 +38,19 @@ const TAG: &str = "webhooks";
 #[derive(Debug)]
 pub struct WebhookService {
     engine: Engine,
-    /// The platform config's own resources; API webhooks are compiled beside them.
-    sources: Sources,
+    /// The platform config's own webhooks; API webhooks are compiled beside them.
+    base: std::sync::RwLock<WebhookBase>,
     clock: Clock,
     changes: Mutex<()>,
+}
+
+/// What webhooks created through the API are compiled beside.
+#[derive(Clone, Debug)]
+pub enum WebhookBase {
+    /// The platform's resource YAML (standalone mode): compiled together, as one config.
+    Sources(Sources),
+    /// A config the operator compiled: API webhooks are compiled alone and added to it.
+    Compiled(PlatformConfig, SecretBundle),
 }
 
 /// Secrets of API webhooks are named after them, as a Secret in a cluster would be.
@@ -51,8 +60,8 @@ fn secret_name(id: &str) -> String {
 
 impl WebhookService {
     /// Compiles the config with the stored API webhooks and starts delivering to them all.
-    pub async fn start(engine: Engine, sources: Sources, clock: Clock) -> anyhow::Result<Self> {
-        let service = Self { engine, sources, clock, changes: Mutex::new(()) };
+    pub async fn start(engine: Engine, base: WebhookBase, clock: Clock) -> anyhow::Result<Self> {
+        let service = Self { engine, base: std::sync::RwLock::new(base), clock, changes: Mutex::new(()) };
         let api = webhooks::api_webhooks(service.engine.meta()).await?;
         let (config, secrets) = service.compile_with(&api).map_err(|e| anyhow::anyhow!("{e}"))?;
         service.engine.set_endpoints(vellum_workers::configured_endpoints(&config, &secrets)).await?;
@@ -63,15 +72,41 @@ impl WebhookService {
         &self.engine
     }
 
+    /// Replaces the platform's own webhooks (a reloaded config) and delivers to the result.
+    pub async fn rebase(&self, base: WebhookBase) -> anyhow::Result<()> {
+        let _guard = self.changes.lock().await;
+        *self.base.write().unwrap_or_else(std::sync::PoisonError::into_inner) = base;
+        self.apply().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        Ok(())
+    }
+
     fn compile_with(&self, api: &[ApiWebhook]) -> Result<(PlatformConfig, SecretBundle), String> {
-        let mut sources = self.sources.clone();
-        for w in api {
-            sources.webhooks.push(Webhook::new(&w.id, w.spec.clone()));
-            let mut data = BTreeMap::new();
-            data.insert("secret".to_owned(), w.secret.expose().to_vec());
-            sources.secrets.insert(secret_name(&w.id), data);
+        let joined = |errors: Vec<vellum_core::config::ConfigError>| {
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        };
+        let webhooks: Vec<Webhook> = api.iter().map(|w| Webhook::new(&w.id, w.spec.clone())).collect();
+        let secrets = api.iter().map(|w| {
+            let data = BTreeMap::from([("secret".to_owned(), w.secret.expose().to_vec())]);
+            (secret_name(&w.id), data)
+        });
+        let base = self.base.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match base {
+            WebhookBase::Sources(mut sources) => {
+                sources.webhooks.extend(webhooks);
+                sources.secrets.extend(secrets);
+                compile(&sources).map_err(joined)
+            }
+            WebhookBase::Compiled(mut config, mut bundle) => {
+                let (more, values) = compile_webhooks(webhooks, secrets.collect()).map_err(joined)?;
+                for (name, webhook) in more {
+                    if config.webhooks.insert(name.clone(), webhook).is_some() {
+                        return Err(format!("Webhook/{name}: defined twice"));
+                    }
+                }
+                bundle.0.extend(values.0);
+                Ok((config, bundle))
+            }
         }
-        compile(&sources).map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
     }
 
     async fn apply(&self) -> Result<PlatformConfig, ApiError> {

@@ -39,6 +39,8 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("data"),
         config_dir: config,
+        secrets_dir: None,
+        config_reload: std::time::Duration::from_secs(5),
         database_url: db.as_ref().map(|d| d.url.clone()),
         auth: AuthSettings {
             secret: Some(b"test-secret".to_vec()),
@@ -803,6 +805,8 @@ async fn an_upload_session_moves_between_replicas() {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: first.dir.path().join("data"),
         config_dir: first.dir.path().join("config"),
+        secrets_dir: None,
+        config_reload: std::time::Duration::from_secs(5),
         database_url: Some(db_url),
         auth: AuthSettings { secret: Some(b"test-secret".to_vec()), ..AuthSettings::default() },
         max_upload_bytes: 1 << 20,

@@ -33,6 +33,8 @@ async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> R
         // Shared, as a volume would be: the file tier holds the documents both serve.
         data_dir: dir.join("data"),
         config_dir: dir.join("config"),
+        secrets_dir: None,
+        config_reload: std::time::Duration::from_secs(5),
         database_url: Some(database_url.to_owned()),
         auth: AuthSettings { secret: Some(b"cluster-secret".to_vec()), ..AuthSettings::default() },
         max_upload_bytes: 1 << 20,

@@ -1,7 +1,10 @@
-//! The Vellum operator: kube-runtime controllers for the five Vellum resources, and the
-//! generators of the manifests that install it.
-//!
-//! Only the manifest generators exist so far; the controllers follow.
+//! The Vellum operator: kube-runtime controllers that provision a document platform from
+//! its custom resources, and the generated manifests that install it.
 #![warn(clippy::unwrap_used)]
 
+pub mod builders;
+pub mod context;
+pub mod controllers;
 pub mod manifests;
+pub mod metrics;
+pub mod run;

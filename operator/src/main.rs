@@ -8,9 +8,10 @@ use vellum_operator::manifests;
 
 /// The Vellum Kubernetes operator.
 ///
-/// This build generates the manifests that install Vellum: the five CustomResourceDefinitions
-/// (from the Rust API types), the RBAC and the operator Deployment. The controllers that
-/// provision a platform from the custom resources (`vellum-operator run`) are not part of it yet.
+/// `run` provisions document platforms from StorageTier, Webhook, RetentionPolicy, ShardSet
+/// and BlueGreenRelease resources; the other commands generate the manifests that install
+/// it: the five CustomResourceDefinitions (from the Rust API types), the RBAC and the
+/// operator Deployment.
 #[derive(Debug, Parser)]
 #[command(name = "vellum-operator", version, about, long_about)]
 struct Cli {
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the controllers, while this replica holds the leader-election Lease.
+    Run(RunArgs),
     /// Print the CustomResourceDefinitions of StorageTier, RetentionPolicy, Webhook, ShardSet
     /// and BlueGreenRelease as one YAML stream, ready for `kubectl apply -f -`.
     Crds,
@@ -48,8 +51,58 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "VELLUM_METRICS_LISTEN", default_value = "127.0.0.1:8080")]
+    metrics_listen: std::net::SocketAddr,
+    /// Namespace of the leader-election Lease; the pod's own by default.
+    #[arg(long, env = "POD_NAMESPACE", default_value = manifests::DEFAULT_NAMESPACE)]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "vellum-operator-leader")]
+    lease_name: String,
+    /// This replica's identity in the Lease; the pod name by default.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds the leader holds the Lease without renewing it: how long a dead leader's
+    /// work waits for another replica.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
+    /// Seconds between looks at healthy resources (tier probes, delivery statistics).
+    #[arg(long, default_value_t = 60)]
+    resync_seconds: u64,
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "VELLUM_LOG_JSON")]
+    log_json: bool,
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let identity =
+        args.identity.unwrap_or_else(|| format!("vellum-operator-{}", hex::encode(rand::random::<[u8; 4]>())));
+    let options = vellum_operator::run::Options {
+        metrics_listen: args.metrics_listen,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        identity,
+        lease_seconds: args.lease_seconds.max(2),
+        resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+    };
+    vellum_operator::run::run(client, options, vellum_core::process::shutdown_signal()).await
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run(args) => {
+            vellum_core::process::init_logging(&args.log, args.log_json).map_err(anyhow::Error::msg)?;
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+            runtime.block_on(run(args))?;
+        }
         Command::Crds => print!("{}", manifests::crds_yaml()),
         Command::InstallManifest { namespace, image, replicas, log_level } => {
             let opts = manifests::InstallOptions { namespace, image, replicas, log_level };

@@ -84,32 +84,33 @@ fn rule(api_group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
     }
 }
 
-const MANAGE: &[&str] = &["get", "list", "watch", "create", "update", "patch", "delete"];
-
 /// The cluster-wide permissions of the operator: read its own resources and write their
 /// status, and manage the objects it provisions for them. No wildcards.
 pub fn operator_cluster_rules() -> Vec<PolicyRule> {
+    // Exactly what the controllers call: watches (list, watch), reads of what they published
+    // (get), server-side apply (patch, and create when the object is new), and deletes of
+    // what a resource stopped asking for.
+    const APPLY: &[&str] = &["list", "watch", "create", "patch"];
     let plurals: Vec<String> = vellum_crds::all_crds().into_iter().map(|crd| crd.spec.names.plural).collect();
     let own: Vec<&str> = plurals.iter().map(String::as_str).collect();
     let status: Vec<String> = plurals.iter().map(|p| format!("{p}/status")).collect();
-    let finalizers: Vec<String> = plurals.iter().map(|p| format!("{p}/finalizers")).collect();
     vec![
-        rule(GROUP, &own, &["get", "list", "watch", "update", "patch"]),
-        rule(GROUP, &status.iter().map(String::as_str).collect::<Vec<_>>(), &["get", "update", "patch"]),
-        rule(GROUP, &finalizers.iter().map(String::as_str).collect::<Vec<_>>(), &["update"]),
-        rule("", &["configmaps", "secrets", "services", "serviceaccounts"], MANAGE),
-        rule("", &["events"], &["create", "patch"]),
+        rule(GROUP, &own, &["get", "list", "watch", "patch"]),
+        rule(GROUP, &status.iter().map(String::as_str).collect::<Vec<_>>(), &["patch"]),
+        rule("", &["configmaps", "secrets"], &["get", "list", "watch", "create", "patch"]),
+        rule("", &["services"], APPLY),
         rule("events.k8s.io", &["events"], &["create", "patch"]),
-        rule("apps", &["deployments"], MANAGE),
-        rule("batch", &["jobs", "cronjobs"], MANAGE),
-        rule("autoscaling", &["horizontalpodautoscalers"], MANAGE),
-        rule("policy", &["poddisruptionbudgets"], MANAGE),
+        rule("apps", &["deployments"], APPLY),
+        rule("batch", &["jobs"], APPLY),
+        rule("batch", &["cronjobs"], &["list", "watch", "create", "patch", "delete"]),
+        rule("autoscaling", &["horizontalpodautoscalers"], &["list", "watch", "create", "patch", "delete"]),
+        rule("policy", &["poddisruptionbudgets"], APPLY),
     ]
 }
 
 /// Permissions the operator needs in its own namespace only: the leader-election Lease.
 pub fn leader_election_rules() -> Vec<PolicyRule> {
-    vec![rule("coordination.k8s.io", &["leases"], &["get", "list", "watch", "create", "update", "patch"])]
+    vec![rule("coordination.k8s.io", &["leases"], &["get", "create", "patch"])]
 }
 
 /// What varies between installs of the plain manifest.
@@ -181,10 +182,11 @@ pub fn build_operator_deployment(opts: &InstallOptions) -> Deployment {
     let container = Container {
         name: "operator".into(),
         image: Some(opts.image.clone()),
-        args: Some(vec!["run".into(), format!("--metrics-listen=0.0.0.0:{METRICS_PORT}")]),
+        args: Some(vec!["run".into(), format!("--metrics-listen=$(POD_IP):{METRICS_PORT}")]),
         env: Some(vec![
             EnvVar { name: "RUST_LOG".into(), value: Some(opts.log_level.clone()), ..EnvVar::default() },
             field_env("POD_NAME", "metadata.name"),
+            field_env("POD_IP", "status.podIP"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
         ]),
         ports: Some(vec![ContainerPort {

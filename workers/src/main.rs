@@ -30,6 +30,13 @@ struct Cli {
 enum Command {
     /// Relay the outbox to JetStream and deliver webhooks, until SIGTERM.
     Run(RunArgs),
+    /// Bring a metadata database's schema up to date and exit: what the operator's
+    /// migration Job runs on every shard before the gateways of a new version start.
+    Migrate {
+        /// The metadata database (postgres://... or sqlite://...).
+        #[arg(long, env = "VELLUM_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -40,9 +47,13 @@ struct RunArgs {
     /// The NATS server, with JetStream enabled.
     #[arg(long, env = "VELLUM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
-    /// The directory of the platform's resources and Secrets (YAML).
+    /// The directory of the platform's resources and Secrets (YAML), or of the compiled
+    /// `platform.json` the operator writes.
     #[arg(long, env = "VELLUM_CONFIG_DIR")]
     config_dir: PathBuf,
+    /// Where the compiled config's secret values (`secrets.json`) are mounted.
+    #[arg(long, env = "VELLUM_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
     /// Seconds between reads of the config directory.
     #[arg(long, env = "VELLUM_CONFIG_RELOAD_SECONDS", default_value_t = 10)]
     config_reload_seconds: u64,
@@ -72,6 +83,7 @@ fn main() -> anyhow::Result<()> {
                     database_url: args.database_url,
                     nats_url: args.nats_url,
                     config_dir: args.config_dir,
+                    secrets_dir: args.secrets_dir,
                     reload: Duration::from_secs(args.config_reload_seconds.max(1)),
                     relay_poll: Duration::from_millis(args.relay_poll_ms.max(10)),
                     log_retention: Duration::from_secs(args.delivery_log_days * 24 * 3600),
@@ -91,6 +103,14 @@ fn main() -> anyhow::Result<()> {
                     }
                     result = &mut worker => result.context("the worker panicked")?,
                 }
+            }
+            Command::Migrate { database_url } => {
+                let meta = vellum_core::store::Metadata::open(&database_url)
+                    .await
+                    .context("migrating the metadata database")?;
+                let version = meta.schema_version().await.context("reading the schema version")?;
+                println!("schema is at version {version}");
+                Ok(())
             }
         }
     })

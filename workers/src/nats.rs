@@ -25,8 +25,16 @@ pub const WEBHOOK_CONSUMER: &str = "vellum-webhooks";
 
 /// A client that connects in the background, so that its process starts even while NATS
 /// is away (events wait in the outbox until it is back). `name` shows in NATS's monitoring.
+/// With `VELLUM_NATS_CREDENTIALS` naming a `.creds` file, it authenticates with it.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, String> {
-    async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new();
+    // A `.creds` file (JWT and NKey seed), as the operator mounts it from the platform Secret.
+    if let Some(path) = std::env::var_os("VELLUM_NATS_CREDENTIALS").filter(|p| !p.is_empty()) {
+        let shown = std::path::Path::new(&path).display().to_string();
+        options =
+            options.credentials_file(&path).await.map_err(|e| format!("reading NATS credentials {shown}: {e}"))?;
+    }
+    options
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .name(name)

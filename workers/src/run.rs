@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::{Notify, watch};
 use vellum_core::clock::Clock;
-use vellum_core::config::{PlatformConfig, SecretBundle, compile, load_dir};
+use vellum_core::config::{PlatformConfig, SecretBundle, read_platform};
 use vellum_core::events::relay;
 use vellum_core::store::Metadata;
 use vellum_core::webhooks;
@@ -24,6 +24,9 @@ pub struct Options {
     /// The directory of the platform's resources and Secrets (YAML), read again every
     /// `reload` so that changed webhooks take effect without a restart.
     pub config_dir: PathBuf,
+    /// Where the compiled config's secret values are, when `config_dir` holds a compiled
+    /// config.
+    pub secrets_dir: Option<PathBuf>,
     pub reload: Duration,
     /// How often the outbox is polled for events other processes wrote.
     pub relay_poll: Duration,
@@ -32,17 +35,13 @@ pub struct Options {
     pub settings: Settings,
 }
 
-fn load(dir: &std::path::Path) -> anyhow::Result<(PlatformConfig, SecretBundle)> {
-    let sources = load_dir(dir).with_context(|| format!("reading the platform config in {}", dir.display()))?;
-    compile(&sources).map_err(|errors| {
-        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("the platform config in {} is not valid:\n  {}", dir.display(), lines.join("\n  "))
-    })
+fn load(options: &Options) -> anyhow::Result<(PlatformConfig, SecretBundle)> {
+    read_platform(&options.config_dir, options.secrets_dir.as_deref()).map_err(anyhow::Error::msg)
 }
 
 /// Runs until `stop` turns true; attempts in flight finish before it returns.
 pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let (config, secrets) = load(&options.config_dir)?;
+    let (config, secrets) = load(&options)?;
     let meta = Metadata::open(&options.database_url).await.context("opening the metadata database")?;
     let clock = Clock::system();
     let sender = Sender::new(config.webhook_destinations.clone()).context("building the HTTP client")?;
@@ -75,7 +74,7 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
             _ = stop.wait_for(|s| *s) => break,
             () = tokio::time::sleep(options.reload) => {}
         }
-        match load(&options.config_dir) {
+        match load(&options) {
             Ok((config, secrets)) => {
                 if config != current {
                     if config.webhook_destinations != current.webhook_destinations {

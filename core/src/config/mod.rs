@@ -3,6 +3,7 @@
 //! for the platform's Secret). The operator feeds it from the Kubernetes API, standalone
 //! mode from a directory of the same YAML ([`load_dir`]). One code path, two sources.
 
+mod files;
 mod load;
 mod secret;
 
@@ -16,6 +17,7 @@ use vellum_crds::storage_tier::{Compression, TierClass};
 use vellum_crds::webhook::{DeactivationRule, EventFilter, EventType, HttpHeader, RateLimit, RetryPolicy};
 use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook};
 
+pub use files::{CONFIG_FILE, SECRETS_FILE, read_platform};
 pub use load::{LoadError, load_dir, parse_documents};
 pub use secret::{SecretBundle, SecretHandle, SecretStore, SecretValue};
 
@@ -428,6 +430,18 @@ pub fn compile(sources: &Sources) -> Result<(PlatformConfig, SecretBundle), Vec<
     } else {
         Err(compiler.errors)
     }
+}
+
+/// Compiles Webhook resources alone (as the gateway does for those created through its API,
+/// beside a config compiled elsewhere), with the same validation as [`compile`].
+pub fn compile_webhooks(
+    webhooks: Vec<Webhook>,
+    secrets: SecretStore,
+) -> Result<(BTreeMap<String, WebhookConfig>, SecretBundle), Vec<ConfigError>> {
+    let sources = Sources { webhooks, secrets, ..Sources::default() };
+    let mut compiler = Compiler { sources: &sources, bundle: SecretBundle::default(), errors: Vec::new() };
+    let webhooks = compiler.webhooks();
+    if compiler.errors.is_empty() { Ok((webhooks, compiler.bundle)) } else { Err(compiler.errors) }
 }
 
 impl PlatformConfig {

@@ -6,6 +6,7 @@
 mod model;
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -104,7 +105,9 @@ pub struct Content {
 #[derive(Clone, Debug)]
 pub struct Documents {
     meta: Metadata,
-    tiers: Tiers,
+    /// Swapped whole when the platform config changes; a read in progress keeps the tier
+    /// it started with.
+    tiers: Arc<std::sync::RwLock<Tiers>>,
     clock: Clock,
     bus: Option<Bus>,
     /// The largest document accepted, in bytes.
@@ -292,15 +295,22 @@ fn like_pattern(words: &str) -> String {
 
 impl Documents {
     pub fn new(meta: Metadata, tiers: Tiers, clock: Clock, bus: Option<Bus>, max_upload: u64) -> Self {
-        Self { meta, tiers, clock, bus, max_upload }
+        Self { meta, tiers: Arc::new(std::sync::RwLock::new(tiers)), clock, bus, max_upload }
     }
 
     pub fn meta(&self) -> &Metadata {
         &self.meta
     }
 
-    pub fn tiers(&self) -> &Tiers {
-        &self.tiers
+    /// The tiers as they are now.
+    pub fn tiers(&self) -> Tiers {
+        self.tiers.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the tiers, when the platform config changed. Blobs in a tier that is gone
+    /// stay where they are, unread until the tier comes back.
+    pub fn set_tiers(&self, tiers: Tiers) {
+        *self.tiers.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tiers;
     }
 
     pub fn clock(&self) -> &Clock {
@@ -331,14 +341,14 @@ impl Documents {
         content_type: &str,
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     ) -> Result<StoredBlob, DocError> {
-        let tier = self.tiers.default_tier();
+        let tier = self.tiers().default_tier();
         Ok(tier.write(body, tier.compresses(content_type), self.max_upload).await?)
     }
 
     /// Deletes the new copy of a blob that turned out to be stored already, or that no
     /// committed transaction recorded.
     pub async fn discard(&self, blob: &StoredBlob) {
-        if let Ok(tier) = self.tiers.get(&blob.tier)
+        if let Ok(tier) = self.tiers().get(&blob.tier)
             && let Err(e) = tier.delete(&blob.object_key).await
         {
             tracing::warn!(error = %e, key = %blob.object_key, "deleting an unrecorded blob copy");
@@ -897,7 +907,7 @@ impl Documents {
             })
             .await?;
         for (tier, key) in freed {
-            match self.tiers.get(&tier) {
+            match self.tiers().get(&tier) {
                 Ok(tier) => {
                     if let Err(e) = tier.delete(&key).await {
                         // The row is gone, so the copy is unreferenced garbage: a leak, not a loss.
@@ -972,7 +982,7 @@ impl Documents {
 
     /// Streams the bytes of `content`, or the `range` of them.
     pub async fn read(&self, content: &Content, range: Option<std::ops::Range<u64>>) -> Result<ByteStream, DocError> {
-        let tier = self.tiers.get(&content.tier)?;
+        let tier = self.tiers().get(&content.tier)?;
         Ok(tier.read(&content.object_key, content.codec, range).await?)
     }
 }

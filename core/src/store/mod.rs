@@ -122,11 +122,25 @@ impl Metadata {
         migrator.run(&self.pool).await.map_err(StoreError::Migrate)
     }
 
+    /// How many documents this database holds.
+    pub async fn count_documents(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM documents").fetch_one(&self.pool).await?)
+    }
+
     /// The schema version: the newest migration applied.
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success").fetch_one(&self.pool).await?;
-        Ok(version.unwrap_or(0))
+        let version: Result<Option<i64>, sqlx::Error> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success").fetch_one(&self.pool).await;
+        match version {
+            Ok(version) => Ok(version.unwrap_or(0)),
+            // A database no migration has touched yet.
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("42P01") || e.message().contains("no such table") =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn dialect(&self) -> Dialect {

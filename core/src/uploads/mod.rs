@@ -525,7 +525,7 @@ impl Documents {
             tags: session.tags.clone(),
             metadata: session.metadata.clone(),
         })?;
-        let tiers = self.tiers().clone();
+        let tiers = self.tiers();
         let bytes: crate::blob::ByteStream = Box::pin(
             futures::stream::iter(chunks)
                 .then(move |(tier, key)| {

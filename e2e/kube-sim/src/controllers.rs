@@ -329,6 +329,7 @@ mod tests {
             kwok: true,
             restart_backoff: std::time::Duration::from_secs(1),
             api_server: ([127, 0, 0, 1], 6443).into(),
+            kubeconfig: None,
         };
         let kubelet = crate::kubelet::Kubelet::new(store.clone(), config, dir.path().to_owned());
         let run_once = |store: &Store| {

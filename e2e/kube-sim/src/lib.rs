@@ -147,6 +147,7 @@ impl Simulator {
             kwok: options.kwok,
             restart_backoff: options.restart_backoff.unwrap_or(Duration::from_secs(1)),
             api_server: addr,
+            kubeconfig: Some(path.clone()),
         };
         let kubelet = Kubelet::new(store.clone(), config, state.path().join("pods"));
         let app = api::router(api::Sim { store: store.clone(), kubelet: kubelet.clone() });

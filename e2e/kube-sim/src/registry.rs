@@ -126,6 +126,7 @@ const BUILTINS: &[Builtin] = &[
     b("", "v1", "Pod", "pods", true, &["po"], true, true),
     b("", "v1", "Node", "nodes", false, &["no"], true, true),
     b("", "v1", "Event", "events", true, &["ev"], false, false),
+    b("events.k8s.io", "v1", "Event", "events", true, &[], false, false),
     b("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"], false, false),
     b("apps", "v1", "Deployment", "deployments", true, &["deploy"], true, true),
     b("batch", "v1", "Job", "jobs", true, &[], true, true),

@@ -29,6 +29,8 @@ pub async fn gateway() -> Gateway {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("data"),
         config_dir: config,
+        secrets_dir: None,
+        config_reload: std::time::Duration::from_secs(5),
         database_url: None,
         auth: AuthSettings { secret: Some(b"test-secret".to_vec()), ..AuthSettings::default() },
         max_upload_bytes: 1 << 20,

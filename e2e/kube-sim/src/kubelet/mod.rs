@@ -96,6 +96,11 @@ pub struct Config {
     pub restart_backoff: Duration,
     /// The API server's address, given to containers as `KUBERNETES_SERVICE_HOST`/`PORT`.
     pub api_server: SocketAddr,
+    /// A kubeconfig for the API server, given to containers as `KUBECONFIG` where a real
+    /// kubelet would mount a ServiceAccount token: the simulator serves plain HTTP, which
+    /// in-cluster configuration does not accept, and every client library reads
+    /// `KUBECONFIG` first. Pods with `automountServiceAccountToken: false` do not get it.
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -590,6 +595,11 @@ impl PodCtx {
             ("KUBERNETES_SERVICE_HOST".to_owned(), api.ip().to_string()),
             ("KUBERNETES_SERVICE_PORT".to_owned(), api.port().to_string()),
         ];
+        if let Some(path) = &self.kubelet.inner.config.kubeconfig
+            && pod.pointer("/spec/automountServiceAccountToken").and_then(Value::as_bool) != Some(false)
+        {
+            vars.push(("KUBECONFIG".to_owned(), path.display().to_string()));
+        }
         if pod.pointer("/spec/enableServiceLinks").and_then(Value::as_bool) != Some(false) {
             let registry = self.store().registry();
             if let Some(t) = registry.by_kind("v1", "Service") {

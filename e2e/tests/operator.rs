@@ -1,0 +1,355 @@
+//! The operator provisions a platform on the simulator the way a platform team uses it:
+//! `kubectl apply` of the install manifest (two operator replicas, one leading) and of a
+//! platform's resources, then `Ready` conditions, an upload through the active Service
+//! (real gateway and worker processes against real Postgres, NATS and S3), the webhook
+//! delivery seen by a receiver here and in `kubectl get wh`, a StorageTier change the
+//! gateways pick up without a restart, a bad resource reported with a reason while the rest
+//! keeps working, and deletion leaving nothing behind.
+//!
+//! The simulator runs the workspace's own binaries as the images: build them first
+//! (`cargo test --workspace` does).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube_sim::Options;
+use serde_json::Value;
+use vellum_e2e::Cluster;
+use vellum_testkit::{TestBucket, TestDatabase};
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// A binary of the workspace, built beside this test.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/debug/deps/operator-… → target/debug/<name>
+    let path = exe.parent().and_then(Path::parent).expect("target directory").join(name);
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+async fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> String {
+    let out = cluster.kubectl(args, stdin).await.expect("kubectl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "kubectl {args:?} failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+async fn get_json(cluster: &Cluster, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&kubectl(cluster, &all, None).await).expect("kubectl prints JSON")
+}
+
+/// Polls `check` every half second until it returns `Some`, or fails after `limit` with
+/// what `describe` says.
+async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => panic!("{what}: not within {limit:?}: {last}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+fn condition<'a>(object: &'a Value, type_: &str) -> Option<&'a Value> {
+    object["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)
+}
+
+async fn ready(cluster: &Cluster, resource: &str, namespace: &str) -> Result<Value, String> {
+    let out =
+        cluster.kubectl(&["get", resource, "-n", namespace, "-o", "json"], None).await.map_err(|e| e.to_string())?;
+    let object: Value =
+        serde_json::from_slice(&out.stdout).map_err(|_| String::from_utf8_lossy(&out.stderr).into_owned())?;
+    match condition(&object, "Ready") {
+        Some(c) if c["status"] == "True" => Ok(object),
+        other => Err(format!("{resource}: {}", other.map_or_else(|| "no Ready condition".into(), ToString::to_string))),
+    }
+}
+
+/// A webhook receiver: records every request's body.
+async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let seen = Arc::clone(&seen);
+            move |body: axum::body::Bytes| async move {
+                if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                    seen.lock().unwrap().push(value);
+                }
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+const JWT_SECRET: &str = "an-e2e-hs256-secret-of-at-least-32-bytes";
+
+fn token() -> String {
+    let claims = serde_json::json!({
+        "sub": "e2e", "roles": ["admin", "user"], "iss": "https://auth.e2e", "aud": "vellum-e2e",
+        "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn platform(database_url: &str, bucket: &vellum_testkit::S3Bucket, hook: &str, cost: &str) -> String {
+    let nats = std::env::var("VELLUM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    format!(
+        r"
+apiVersion: v1
+kind: Secret
+metadata: {{name: platform-secrets}}
+stringData:
+  shard-a: '{database_url}'
+  hs256: '{JWT_SECRET}'
+  hook: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: s3-credentials}}
+stringData:
+  aws_access_key_id: '{access}'
+  aws_secret_access_key: '{secret}'
+---
+apiVersion: vellum.dev/v1alpha1
+kind: StorageTier
+metadata: {{name: hot}}
+spec:
+  class: HOT
+  default: true
+  costPerGbMonth: {cost}
+  backend:
+    url: 's3://{bucket_name}'
+    endpoint: '{endpoint}'
+    region: '{region}'
+    options: {{aws_allow_http: 'true', aws_virtual_hosted_style_request: 'false'}}
+    secretRef: {{name: s3-credentials}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: ShardSet
+metadata: {{name: metadata}}
+spec:
+  shards:
+    - name: shard-a
+      urlSecretRef: {{name: platform-secrets, key: shard-a}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: Webhook
+metadata: {{name: receiver}}
+spec:
+  url: '{hook}'
+  secretRef: {{name: platform-secrets, key: hook}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: RetentionPolicy
+metadata: {{name: temporary-files}}
+spec:
+  selector: {{tags: [temporary]}}
+  expiration: {{afterDays: 30, action: DELETE}}
+  schedule: '0 3 * * *'
+---
+apiVersion: vellum.dev/v1alpha1
+kind: BlueGreenRelease
+metadata: {{name: docs}}
+spec:
+  version: 1.0.0
+  gateway: {{image: 'vellum/gateway:1.0.0', replicas: 2}}
+  workers: {{image: 'vellum/workers:1.0.0', replicas: 1}}
+  shardSetRef: metadata
+  nats: {{url: '{nats}'}}
+  jwt:
+    secretRef: {{name: platform-secrets, key: hs256}}
+    issuer: https://auth.e2e
+    audience: vellum-e2e
+  webhookAllowedCidrs: [127.0.0.0/8]
+",
+        access = bucket.access_key,
+        secret = bucket.secret_key,
+        bucket_name = bucket.name,
+        endpoint = bucket.endpoint,
+        region = bucket.region,
+    )
+}
+
+#[tokio::test]
+#[allow(clippy::too_many_lines)] // one platform's life, in order
+async fn the_operator_provisions_a_working_platform_from_its_resources() {
+    let images = [
+        ("vellum/operator", "vellum-operator"),
+        ("vellum/gateway", "vellum-gateway"),
+        ("vellum/workers", "vellum-workers"),
+    ]
+    .iter()
+    .map(|(image, bin)| format!("{image}={}", binary(bin).display()).parse().unwrap())
+    .collect();
+    let cluster = Cluster::start(Options { images, ..Options::default() }).await.unwrap();
+    let database = TestDatabase::new().await.unwrap();
+    let bucket = TestBucket::new().await.unwrap();
+    let (hook, deliveries) = receiver().await;
+
+    let install = repo().join("manifests/install.yaml");
+    kubectl(&cluster, &["apply", "-f", install.to_str().unwrap()], None).await;
+    kubectl(&cluster, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=30s"], None).await;
+    kubectl(
+        &cluster,
+        &["-n", "vellum-system", "rollout", "status", "deployment/vellum-operator", "--timeout=60s"],
+        None,
+    )
+    .await;
+
+    kubectl(&cluster, &["apply", "-f", "-"], Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: docs}\n")).await;
+    let yaml = platform(&database.url, &bucket, &hook, "0.023");
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&yaml)).await;
+
+    let limit = Duration::from_secs(120);
+    for resource in [
+        "storagetier/hot",
+        "shardset/metadata",
+        "webhook/receiver",
+        "retentionpolicy/temporary-files",
+        "bluegreenrelease/docs",
+    ] {
+        eventually(limit, resource, || ready(&cluster, resource, "docs")).await;
+    }
+    let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+    assert_eq!(release["status"]["phase"], "Stable", "{release}");
+    assert_eq!(release["status"]["activeColor"], "blue");
+    assert_eq!(release["status"]["activeVersion"], "1.0.0");
+    let tier = get_json(&cluster, &["-n", "docs", "get", "storagetier/hot"]).await;
+    assert_eq!(tier["status"]["reachable"], true, "{tier}");
+    let cron = get_json(&cluster, &["-n", "docs", "get", "cronjob/temporary-files-retention"]).await;
+    assert_eq!(cron["spec"]["schedule"], "0 3 * * *");
+
+    // Exactly one operator replica leads.
+    let lease = get_json(&cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
+    assert!(holder.starts_with("vellum-operator-"), "{lease}");
+
+    // An upload through the active Service reaches the webhook receiver.
+    let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
+    let ip = service["spec"]["clusterIP"].as_str().unwrap().to_owned();
+    let base = format!("http://{ip}:80");
+    let http = reqwest::Client::new();
+    let form = reqwest::multipart::Form::new()
+        .part("file", reqwest::multipart::Part::bytes(b"hello platform".to_vec()).file_name("hello.txt"));
+    let uploaded =
+        http.post(format!("{base}/api/v1/documents")).bearer_auth(token()).multipart(form).send().await.unwrap();
+    assert_eq!(uploaded.status(), 201, "{}", uploaded.text().await.unwrap_or_default());
+    eventually(limit, "a delivery at the receiver", || {
+        let seen = deliveries.lock().unwrap().len();
+        async move { if seen > 0 { Ok(()) } else { Err("none yet".into()) } }
+    })
+    .await;
+    eventually(limit, "the delivery in kubectl get wh", || async {
+        let table = kubectl(&cluster, &["-n", "docs", "get", "wh", "receiver"], None).await;
+        let webhook = get_json(&cluster, &["-n", "docs", "get", "wh/receiver"]).await;
+        if webhook["status"]["successCount"].as_i64().unwrap_or(0) >= 1 {
+            Ok(table)
+        } else {
+            Err(webhook["status"].to_string())
+        }
+    })
+    .await;
+
+    // A changed StorageTier reaches the running gateways without a restart.
+    let pods_before = kubectl(
+        &cluster,
+        &["-n", "docs", "get", "pods", "-l", "app.kubernetes.io/component=gateway", "-o", "name"],
+        None,
+    )
+    .await;
+    let yaml = platform(&database.url, &bucket, &hook, "0.05");
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&yaml)).await;
+    let hash = eventually(limit, "a new config hash", || async {
+        let cm = get_json(&cluster, &["-n", "docs", "get", "configmap/docs-platform"]).await;
+        let config: Value =
+            serde_json::from_str(cm["data"]["platform.json"].as_str().unwrap_or("{}")).unwrap_or_default();
+        if config["tiers"]["hot"]["costPerGbMonth"] == 0.05 {
+            Ok(cm["metadata"]["annotations"]["vellum.dev/config-hash"].as_str().unwrap_or_default().to_owned())
+        } else {
+            Err(config["tiers"].to_string())
+        }
+    })
+    .await;
+    eventually(limit, "the gateways serving the new config", || {
+        let (http, base, hash) = (http.clone(), base.clone(), hash.clone());
+        async move {
+            // Every replica behind the Service, round-robin: ask a few times.
+            for _ in 0..4 {
+                let body: Value = http
+                    .get(format!("{base}/readyz"))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if body["configHash"] != hash.as_str() {
+                    return Err(body.to_string());
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
+    let pods_after = kubectl(
+        &cluster,
+        &["-n", "docs", "get", "pods", "-l", "app.kubernetes.io/component=gateway", "-o", "name"],
+        None,
+    )
+    .await;
+    assert_eq!(pods_before, pods_after, "no gateway pod was replaced");
+
+    // A bad resource says why, and the rest keeps working.
+    let bad = "apiVersion: vellum.dev/v1alpha1\nkind: Webhook\nmetadata: {name: orphan}\nspec: {url: 'https://example.com/hook', secretRef: {name: missing, key: k}}\n";
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(bad)).await;
+    let orphan = eventually(limit, "the orphan's reason", || async {
+        let webhook = get_json(&cluster, &["-n", "docs", "get", "wh/orphan"]).await;
+        match condition(&webhook, "Ready") {
+            Some(c) if c["status"] == "False" => Ok(c.clone()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(orphan["reason"], "SecretNotFound", "{orphan}");
+    assert!(orphan["message"].as_str().unwrap().contains("missing"), "{orphan}");
+    let release = eventually(limit, "the release noting what it left out", || async {
+        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+        match condition(&release, "Degraded") {
+            Some(c) if c["status"] == "True" => Ok(release),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(condition(&release, "Ready").unwrap()["status"], "True", "{release}");
+
+    // Deleting the platform leaves nothing the operator made.
+    kubectl(&cluster, &["delete", "namespace", "docs", "--wait=true", "--timeout=60s"], None).await;
+    let left = kubectl(
+        &cluster,
+        &["get", "all,configmap,secret,cronjob,job", "-n", "docs", "-o", "name", "--ignore-not-found"],
+        None,
+    )
+    .await;
+    assert!(left.trim().is_empty(), "left behind: {left}");
+}

@@ -1,0 +1,291 @@
+//! What every controller shares: the client, caches of the resources a platform is compiled
+//! from, the event recorder, metrics, database pools, and the helpers that apply objects and
+//! status with server-side apply and turn errors into backed-off requeues.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use vellum_core::config::{SecretStore, Sources};
+use vellum_core::store::Metadata;
+use vellum_crds::common::Conditions;
+use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook};
+
+use crate::metrics::Metrics;
+
+/// Why a reconcile failed; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Read-only caches of everything a platform is compiled from, kept by reflectors.
+#[derive(Clone)]
+pub struct Caches {
+    pub tiers: Store<StorageTier>,
+    pub webhooks: Store<Webhook>,
+    pub policies: Store<RetentionPolicy>,
+    pub shard_sets: Store<ShardSet>,
+    pub releases: Store<BlueGreenRelease>,
+    pub secrets: Store<Secret>,
+}
+
+impl Debug for Caches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caches").finish_non_exhaustive()
+    }
+}
+
+fn in_namespace<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, namespace: &str) -> Vec<K> {
+    let mut items: Vec<K> =
+        store.state().iter().filter(|o| o.namespace().as_deref() == Some(namespace)).map(|o| (**o).clone()).collect();
+    items.sort_by_key(ResourceExt::name_any);
+    items
+}
+
+impl Caches {
+    /// The Secrets of a namespace, as the compiler takes them.
+    pub fn secrets(&self, namespace: &str) -> SecretStore {
+        in_namespace(&self.secrets, namespace)
+            .into_iter()
+            .map(|s| {
+                let mut data: std::collections::BTreeMap<String, Vec<u8>> =
+                    s.data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+                for (k, v) in s.string_data.clone().unwrap_or_default() {
+                    data.insert(k, v.into_bytes());
+                }
+                (s.name_any(), data)
+            })
+            .collect()
+    }
+
+    /// Everything one namespace's platform is compiled from.
+    pub fn sources(&self, namespace: &str) -> Sources {
+        Sources {
+            tiers: self.tiers_in(namespace),
+            webhooks: in_namespace(&self.webhooks, namespace),
+            retention_policies: in_namespace(&self.policies, namespace),
+            shard_sets: in_namespace(&self.shard_sets, namespace),
+            releases: self.releases_in(namespace),
+            secrets: self.secrets(namespace),
+        }
+    }
+
+    pub fn tiers_in(&self, namespace: &str) -> Vec<StorageTier> {
+        in_namespace(&self.tiers, namespace)
+    }
+
+    pub fn releases_in(&self, namespace: &str) -> Vec<BlueGreenRelease> {
+        in_namespace(&self.releases, namespace)
+    }
+
+    pub fn shard_set(&self, namespace: &str, name: &str) -> Option<ShardSet> {
+        self.shard_sets.get(&ObjectRef::new(name).within(namespace)).map(|s| (*s).clone())
+    }
+
+    /// The release a namespace's platform is run by: the first by name.
+    pub fn release_of(&self, namespace: &str) -> Option<BlueGreenRelease> {
+        self.releases_in(namespace).into_iter().next()
+    }
+
+    /// References to every object of `store` in `namespace`, for watches that wake all of
+    /// them when something they share changes.
+    pub fn refs_in<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, namespace: &str) -> Vec<ObjectRef<K>> {
+        in_namespace(store, namespace).iter().map(ObjectRef::from_obj).collect()
+    }
+}
+
+/// The controllers' shared context.
+pub struct Context {
+    pub client: Client,
+    pub caches: Caches,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Metadata database pools by URL, opened on first use.
+    databases: tokio::sync::Mutex<HashMap<String, Metadata>>,
+    /// Consecutive failures per object, for the backoff of its next retry.
+    failures: Mutex<HashMap<String, u32>>,
+    /// How long a tier or shard probe may take.
+    pub probe_timeout: Duration,
+    /// How often healthy resources are looked at again (probes, delivery statistics).
+    pub resync: Duration,
+}
+
+impl Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub fn new(client: Client, caches: Caches, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            caches,
+            recorder,
+            metrics,
+            databases: tokio::sync::Mutex::default(),
+            failures: Mutex::default(),
+            probe_timeout: Duration::from_secs(10),
+            resync: Duration::from_secs(60),
+        }
+    }
+
+    /// A pool on the metadata database at `url`, opened once and kept. Errors never quote
+    /// the URL, which holds a password.
+    pub async fn database(&self, url: &str) -> Result<Metadata, String> {
+        let mut pools = self.databases.lock().await;
+        if let Some(pool) = pools.get(url) {
+            return Ok(pool.clone());
+        }
+        let pool = tokio::time::timeout(self.probe_timeout, Metadata::connect(url))
+            .await
+            .map_err(|_| format!("no answer within {} s", self.probe_timeout.as_secs()))?
+            .map_err(|e| redact(&e.to_string(), url))?;
+        pools.insert(url.to_owned(), pool.clone());
+        Ok(pool)
+    }
+
+    /// The URL of the metadata database a namespace's platform keeps its delivery log in
+    /// (the first shard of its release's ShardSet), once all of those exist.
+    pub fn platform_database_url(&self, namespace: &str) -> Option<String> {
+        let release = self.caches.release_of(namespace)?;
+        let set = self.caches.shard_set(namespace, &release.spec.shard_set_ref)?;
+        let shard = set.spec.shards.first()?;
+        let secrets = self.caches.secrets(namespace);
+        let value = secrets.get(&shard.url_secret_ref.name)?.get(&shard.url_secret_ref.key)?;
+        String::from_utf8(value.clone()).ok()
+    }
+
+    /// A pool on the platform's metadata database, when the platform has one.
+    pub async fn platform_database(&self, namespace: &str) -> Result<Option<Metadata>, String> {
+        match self.platform_database_url(namespace) {
+            Some(url) => self.database(&url).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Forgets the pool of a namespace's platform database after it failed.
+    pub async fn forget_database_of(&self, namespace: &str) {
+        if let Some(url) = self.platform_database_url(namespace) {
+            self.forget_database(&url).await;
+        }
+    }
+
+    /// Forgets a pool that stopped working, so the next use connects again.
+    pub async fn forget_database(&self, url: &str) {
+        self.databases.lock().await.remove(url);
+    }
+
+    /// Records a successful reconcile of `key`: its backoff starts over.
+    pub fn succeeded(&self, key: &str) {
+        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+    }
+
+    /// The requeue after the `n`th consecutive failure of `key`: 1 s doubling to 5 min.
+    pub fn backoff(&self, key: &str) -> Action {
+        let mut failures = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = failures.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        let delay = Duration::from_secs(1u64 << (*n - 1).min(9)).min(Duration::from_secs(300));
+        Action::requeue(delay)
+    }
+
+    /// Publishes a Kubernetes Event about `object`; failing to is logged, not fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, warning: bool, reason: &str, note: String) {
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::debug!(error = %e, "publishing an event");
+        }
+    }
+}
+
+/// Replaces every occurrence of a secret value in a message.
+pub fn redact(message: &str, secret: &str) -> String {
+    if secret.is_empty() { message.to_owned() } else { message.replace(secret, "<redacted>") }
+}
+
+/// Server-side applies `object` under `manager`, taking over fields others set.
+pub async fn apply<K>(client: &Client, manager: &str, object: &K) -> Result<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let namespace = object.meta().namespace.clone().unwrap_or_default();
+    let name = object.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), &namespace);
+    Ok(api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(object)).await?)
+}
+
+/// Server-side applies the status of `object` under `manager`.
+pub async fn apply_status<K, S>(client: &Client, manager: &str, object: &K, status: &S) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + DeserializeOwned,
+    S: Serialize,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&object.name_any(), &PatchParams::apply(manager).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+/// A condition of `type_`, keeping the transition time of `previous` when the status did
+/// not change.
+pub fn condition(
+    previous: &Conditions,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = match previous.get(type_) {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(k8s_openapi::jiff::Timestamp::now()),
+    };
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// A key naming one object, for backoff and logs.
+pub fn key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        object.meta().namespace.as_deref().unwrap_or(""),
+        object.meta().name.as_deref().unwrap_or("")
+    )
+}

@@ -1,0 +1,281 @@
+//! `vellum-operator run`: caches, the five controllers, leader election through a Lease,
+//! and the metrics and health endpoints.
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook};
+
+use crate::context::{Caches, Context, Error, key};
+use crate::controllers::{release, retention, shards, tier, webhook};
+use crate::metrics::Metrics;
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: SocketAddr,
+    /// Namespace of the leader-election Lease (the operator's own).
+    pub lease_namespace: String,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// This replica's identity in the Lease (its pod name).
+    pub identity: String,
+    /// Seconds a leader holds the Lease without renewing it.
+    pub lease_seconds: u64,
+    /// How often healthy resources are looked at again.
+    pub resync: Duration,
+}
+
+/// A reflector over every object of `K`, run in the background; its store fills as the
+/// watch lists.
+fn cache<K>(client: &Client) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            if let Err(e) = item {
+                tracing::warn!(error = %e, kind = %K::kind(&()), "cache watch");
+            }
+        }
+    });
+    reader
+}
+
+/// Wraps a reconcile with metrics, logging and success bookkeeping.
+async fn observed<K, F>(name: &'static str, object: Arc<K>, ctx: Arc<Context>, run: F) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()>,
+    F: Future<Output = Result<Action, Error>>,
+{
+    let started = Instant::now();
+    let result = run.await;
+    ctx.metrics.reconciled(name, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&key(object.as_ref()));
+    }
+    result
+}
+
+fn error_policy<K: Resource<DynamicType = ()>>(name: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+    move |object, error, ctx| {
+        let reason = match error {
+            Error::Kube(kube::Error::Api(s)) => s.reason.clone(),
+            Error::Kube(_) => "Transport".to_owned(),
+            Error::Other(_) => "Other".to_owned(),
+        };
+        ctx.metrics.failed(name, &reason);
+        tracing::warn!(controller = name, object = %key(object.as_ref()), error = %error, "reconcile failed; retrying with backoff");
+        ctx.backoff(&key(object.as_ref()))
+    }
+}
+
+/// Drains a controller's output, logging what it could not even attempt.
+async fn drain<K, E, S>(name: &'static str, stream: S)
+where
+    K: Resource + Debug,
+    E: std::error::Error,
+    S: Stream<Item = Result<(ObjectRef<K>, Action), E>>,
+    K::DynamicType: Debug + Eq + Hash,
+{
+    stream
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(controller = name, error = %e, "controller");
+            }
+        })
+        .await;
+}
+
+/// Every object of `K` in the namespace of `object`: a change to something a whole
+/// platform shares wakes all of them.
+fn all_in_namespace<K, O>(store: Store<K>) -> impl Fn(O) -> Vec<ObjectRef<K>> + Send + Sync + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    O: ResourceExt,
+{
+    move |object: O| Caches::refs_in(&store, &object.namespace().unwrap_or_default())
+}
+
+/// Runs the controllers until `shutdown` resolves.
+pub async fn controllers(
+    client: Client,
+    options: Options,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let caches = Caches {
+        tiers: cache::<StorageTier>(&client),
+        webhooks: cache::<Webhook>(&client),
+        policies: cache::<RetentionPolicy>(&client),
+        shard_sets: cache::<ShardSet>(&client),
+        releases: cache::<BlueGreenRelease>(&client),
+        secrets: cache::<Secret>(&client),
+    };
+    let filled = tokio::try_join!(
+        caches.tiers.wait_until_ready(),
+        caches.webhooks.wait_until_ready(),
+        caches.policies.wait_until_ready(),
+        caches.shard_sets.wait_until_ready(),
+        caches.releases.wait_until_ready(),
+        caches.secrets.wait_until_ready(),
+    );
+    if filled.is_err() {
+        tracing::error!("a cache stopped before it was filled");
+        return;
+    }
+    let reporter = Reporter { controller: "vellum-operator".into(), instance: Some(options.identity.clone()) };
+    let mut ctx =
+        Context::new(client.clone(), caches.clone(), Recorder::new(client.clone(), reporter), Arc::clone(&metrics));
+    ctx.resync = options.resync;
+    let ctx = Arc::new(ctx);
+    tracing::info!("caches filled; controllers running");
+
+    let wc = watcher::Config::default;
+    let tiers = Controller::new(Api::<StorageTier>::all(client.clone()), wc())
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.tiers.clone()))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            |o, c| observed("storagetier", Arc::clone(&o), Arc::clone(&c), tier::reconcile(o, c)),
+            error_policy("storagetier"),
+            Arc::clone(&ctx),
+        );
+    let webhooks = Controller::new(Api::<Webhook>::all(client.clone()), wc())
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.webhooks.clone()))
+        .watches(Api::<BlueGreenRelease>::all(client.clone()), wc(), all_in_namespace(caches.webhooks.clone()))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            |o, c| observed("webhook", Arc::clone(&o), Arc::clone(&c), webhook::reconcile(o, c)),
+            error_policy("webhook"),
+            Arc::clone(&ctx),
+        );
+    let policies = Controller::new(Api::<RetentionPolicy>::all(client.clone()), wc())
+        .owns(Api::<CronJob>::all(client.clone()), wc())
+        .watches(Api::<StorageTier>::all(client.clone()), wc(), all_in_namespace(caches.policies.clone()))
+        .watches(Api::<BlueGreenRelease>::all(client.clone()), wc(), all_in_namespace(caches.policies.clone()))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            |o, c| observed("retentionpolicy", Arc::clone(&o), Arc::clone(&c), retention::reconcile(o, c)),
+            error_policy("retentionpolicy"),
+            Arc::clone(&ctx),
+        );
+    let sets = Controller::new(Api::<ShardSet>::all(client.clone()), wc())
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.shard_sets.clone()))
+        .watches(Api::<Job>::all(client.clone()), wc(), all_in_namespace(caches.shard_sets.clone()))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            |o, c| observed("shardset", Arc::clone(&o), Arc::clone(&c), shards::reconcile(o, c)),
+            error_policy("shardset"),
+            Arc::clone(&ctx),
+        );
+    let releases = Controller::new(Api::<BlueGreenRelease>::all(client.clone()), wc())
+        .owns(Api::<Deployment>::all(client.clone()), wc())
+        .owns(Api::<Job>::all(client.clone()), wc())
+        .owns(Api::<ConfigMap>::all(client.clone()), wc())
+        .owns(Api::<Service>::all(client.clone()), wc())
+        .owns(Api::<HorizontalPodAutoscaler>::all(client.clone()), wc())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), wc())
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
+        .watches(Api::<StorageTier>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
+        .watches(Api::<Webhook>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
+        .watches(Api::<RetentionPolicy>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
+        .watches(Api::<ShardSet>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            |o, c| observed("bluegreenrelease", Arc::clone(&o), Arc::clone(&c), release::reconcile(o, c)),
+            error_policy("bluegreenrelease"),
+            ctx,
+        );
+    tokio::join!(
+        drain("storagetier", tiers),
+        drain("webhook", webhooks),
+        drain("retentionpolicy", policies),
+        drain("shardset", sets),
+        drain("bluegreenrelease", releases),
+    );
+}
+
+/// Runs the operator: metrics and health at once, the controllers while this replica holds
+/// the Lease. Losing the Lease ends the process (its pod restarts and waits its turn), so
+/// that two replicas never act at once.
+pub async fn run(
+    client: Client,
+    options: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let server = tokio::spawn(crate::metrics::serve(options.metrics_listen, Arc::clone(&metrics)));
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &options.lease_name)
+        .with_namespace(&options.lease_namespace)
+        .with_identity(&options.identity)
+        .with_duration(options.lease_seconds)
+        .with_grace(options.lease_seconds.div_ceil(3).max(1))
+        .with_field_manager(format!("vellum-operator/{}", options.identity))
+        .build()
+        .await?;
+    let (mut leading, lease_task) = manager.watch().await;
+    // A replica waiting for the Lease is ready: it stands by to take over at once.
+    metrics.set_ready(true);
+    tracing::info!(identity = %options.identity, lease = %options.lease_name, "waiting for the leader-election Lease");
+    futures::pin_mut!(shutdown);
+    loop {
+        if *leading.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            () = &mut shutdown => { drop(leading); let _ = lease_task.await; return Ok(()); }
+            changed = leading.changed() => if changed.is_err() { anyhow::bail!("the leader-election task stopped") },
+        }
+    }
+    metrics.set_leader(true);
+    tracing::info!(identity = %options.identity, "leading: starting the controllers");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let stop = futures::FutureExt::shared(Box::pin(stop));
+    let mut controllers = tokio::spawn(controllers(client, options.clone(), Arc::clone(&metrics), stop));
+    let lost = loop {
+        tokio::select! {
+            () = &mut shutdown => break false,
+            changed = leading.changed() => {
+                if changed.is_err() || !*leading.borrow_and_update() { break true; }
+            }
+            _ = &mut controllers => anyhow::bail!("the controllers stopped"),
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), &mut controllers).await;
+    metrics.set_leader(false);
+    drop(leading);
+    let _ = lease_task.await;
+    server.abort();
+    if lost {
+        anyhow::bail!("lost the leader-election Lease: stopping so that another replica leads alone");
+    }
+    Ok(())
+}
