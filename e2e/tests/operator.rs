@@ -203,6 +203,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     .map(|(image, bin)| format!("{image}={}", binary(bin).display()).parse().unwrap())
     .collect();
     let cluster = Cluster::start(Options { images, ..Options::default() }).await.unwrap();
+    let t0 = tokio::time::Instant::now();
     let database = TestDatabase::new().await.unwrap();
     let bucket = TestBucket::new().await.unwrap();
     let (hook, deliveries) = receiver().await;
@@ -320,7 +321,36 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     .await;
     assert_eq!(pods_before, pods_after, "no gateway pod was replaced");
 
-    // A bad resource says why, and the rest keeps working.
+    // Only the leader acts; killed, it hands over within the lease duration (15 s).
+    let operators = kubectl(
+        &cluster,
+        &["-n", "vellum-system", "get", "pods", "-l", "app.kubernetes.io/component=operator", "-o", "name"],
+        None,
+    )
+    .await;
+    let mut leading = Vec::new();
+    for pod in operators.lines() {
+        let log = kubectl(&cluster, &["-n", "vellum-system", "logs", pod], None).await;
+        if log.contains("leading: starting the controllers") {
+            leading.push(pod.trim_start_matches("pod/").to_owned());
+        }
+    }
+    assert_eq!(leading, [holder.clone()], "exactly the Lease holder runs the controllers");
+    println!("{:?}: killing the leader", t0.elapsed());
+    let killed = tokio::time::Instant::now();
+    kubectl(&cluster, &["-n", "vellum-system", "delete", "pod", &holder, "--grace-period=0", "--force"], None).await;
+    let next = eventually(limit, "another replica leading", || async {
+        let lease = get_json(&cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
+        let now = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
+        if now.is_empty() || now == holder { Err(lease.to_string()) } else { Ok(now) }
+    })
+    .await;
+    let handed_over = killed.elapsed();
+    assert!(handed_over < Duration::from_secs(30), "hand-over took {handed_over:?}");
+    println!("leader {holder} killed; {next} leads after {handed_over:?}");
+
+    let started = tokio::time::Instant::now();
+    // A bad resource says why (the new leader is the one acting), and the rest keeps working.
     let bad = "apiVersion: vellum.dev/v1alpha1\nkind: Webhook\nmetadata: {name: orphan}\nspec: {url: 'https://example.com/hook', secretRef: {name: missing, key: k}}\n";
     kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(bad)).await;
     let orphan = eventually(limit, "the orphan's reason", || async {
@@ -343,6 +373,8 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     .await;
     assert_eq!(condition(&release, "Ready").unwrap()["status"], "True", "{release}");
 
+    println!("the new leader reported the bad resource after {:?}", started.elapsed());
+    let started = tokio::time::Instant::now();
     // Deleting the platform leaves nothing the operator made.
     kubectl(&cluster, &["delete", "namespace", "docs", "--wait=true", "--timeout=60s"], None).await;
     let left = kubectl(
@@ -352,4 +384,5 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     )
     .await;
     assert!(left.trim().is_empty(), "left behind: {left}");
+    println!("the platform was deleted in {:?}; {:?} since the start", started.elapsed(), t0.elapsed());
 }

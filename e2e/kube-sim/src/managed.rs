@@ -146,11 +146,13 @@ pub fn conflicts(live: &Value, applied: &Value, fields: &Value, manager: &str) -
 /// `Update` adds to it), and takes `taken` away from every other manager.
 pub fn record(object: &mut Value, manager: &str, operation: &str, api_version: &str, fields: &Value, taken: &[Path]) {
     let mut list = entries(object);
+    let pruned = prune_missing(object, &mut list);
     // A write that changed nothing leaves ownership (and its timestamps) alone.
-    if operation != "Apply" && leaves(fields).is_empty() {
+    if !pruned && operation != "Apply" && leaves(fields).is_empty() {
         return;
     }
-    if operation == "Apply"
+    if !pruned
+        && operation == "Apply"
         && taken.is_empty()
         && list.iter().any(|e| is(e, manager, operation) && e.get("fieldsV1") == Some(fields))
     {
@@ -195,6 +197,25 @@ pub fn record(object: &mut Value, manager: &str, operation: &str, api_version: &
             m.insert("managedFields".into(), Value::Array(list));
         }
     }
+}
+
+/// Drops, from every manager's set, the fields the object no longer has: a write that
+/// removed a field (a patch setting it to null, say) removed its ownership too, as on a
+/// real API server. Whether anything was dropped.
+fn prune_missing(object: &Value, list: &mut [Value]) -> bool {
+    let mut pruned = false;
+    for entry in list.iter_mut() {
+        let Some(set) = entry.get_mut("fieldsV1") else { continue };
+        for path in leaves(set) {
+            // `.` marks a list item or map owned as a whole: the item itself must exist.
+            let probe = if path.last().is_some_and(|k| k == ".") { &path[..path.len() - 1] } else { &path[..] };
+            if value_at(object, probe).is_none() {
+                remove(set, &path);
+                pruned = true;
+            }
+        }
+    }
+    pruned
 }
 
 /// The fields a write changed (added or given a new value), as a set.
@@ -263,5 +284,20 @@ mod tests {
         let path: Path = vec!["f:spec".into(), "f:containers".into(), r#"k:{"name":"web"}"#.into(), "f:image".into()];
         assert_eq!(value_at(&object, &path), Some(&json!("a")));
         assert_eq!(display(&path), r#".spec.containers[name="web"].image"#);
+    }
+
+    #[test]
+    fn a_field_removed_by_an_update_is_no_ones_and_applies_without_conflict() {
+        let mut live = json!({"metadata": {"name": "l"}, "spec": {"holderIdentity": "a", "leaseTransitions": 1}});
+        let first = json!({"spec": {"holderIdentity": "a"}});
+        record(&mut live, "a", "Apply", "coordination.k8s.io/v1", &field_set(&first, ""), &[]);
+        // Another writer deletes the field (a strategic merge patch with null).
+        let mut released = live.clone();
+        released["spec"].as_object_mut().unwrap().remove("holderIdentity");
+        let taken = changed(&live, &released);
+        record(&mut released, "b", "Update", "coordination.k8s.io/v1", &taken, &leaves(&taken));
+        assert!(applied_by(&released, "a").is_none(), "ownership of a removed field is gone: {released}");
+        let next = json!({"spec": {"holderIdentity": "b"}});
+        assert!(conflicts(&released, &next, &field_set(&next, ""), "b").is_empty());
     }
 }
