@@ -335,7 +335,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
             leading.push(pod.trim_start_matches("pod/").to_owned());
         }
     }
-    assert_eq!(leading, [holder.clone()], "exactly the Lease holder runs the controllers");
+    assert_eq!(leading, std::slice::from_ref(&holder), "exactly the Lease holder runs the controllers");
     println!("{:?}: killing the leader", t0.elapsed());
     let killed = tokio::time::Instant::now();
     kubectl(&cluster, &["-n", "vellum-system", "delete", "pod", &holder, "--grace-period=0", "--force"], None).await;
