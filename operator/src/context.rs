@@ -18,7 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use vellum_core::config::{SecretStore, Sources};
+use vellum_core::config::{SecretStore, Sources, lookup, secret_data};
 use vellum_core::store::Metadata;
 use vellum_crds::common::Conditions;
 use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook};
@@ -63,17 +63,7 @@ fn in_namespace<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, namespa
 impl Caches {
     /// The Secrets of a namespace, as the compiler takes them.
     pub fn secrets(&self, namespace: &str) -> SecretStore {
-        in_namespace(&self.secrets, namespace)
-            .into_iter()
-            .map(|s| {
-                let mut data: std::collections::BTreeMap<String, Vec<u8>> =
-                    s.data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-                for (k, v) in s.string_data.clone().unwrap_or_default() {
-                    data.insert(k, v.into_bytes());
-                }
-                (s.name_any(), data)
-            })
-            .collect()
+        in_namespace(&self.secrets, namespace).into_iter().map(|s| (s.name_any(), secret_data(&s))).collect()
     }
 
     /// Everything one namespace's platform is compiled from.
@@ -170,8 +160,8 @@ impl Context {
         let set = self.caches.shard_set(namespace, &release.spec.shard_set_ref)?;
         let shard = set.spec.shards.first()?;
         let secrets = self.caches.secrets(namespace);
-        let value = secrets.get(&shard.url_secret_ref.name)?.get(&shard.url_secret_ref.key)?;
-        String::from_utf8(value.clone()).ok()
+        let value = lookup(&secrets, &shard.url_secret_ref.name, &shard.url_secret_ref.key).ok()?;
+        String::from_utf8(value.to_vec()).ok()
     }
 
     /// A pool on the platform's metadata database, when the platform has one.

@@ -2,7 +2,6 @@
 //! mode: StorageTier, Webhook, RetentionPolicy and ShardSet resources, and the v1 Secrets
 //! they name.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -71,13 +70,7 @@ pub fn parse_documents(text: &str, origin: &str, sources: &mut Sources) -> Resul
             ("v1", "Secret") => {
                 let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(value).map_err(parse_err)?;
                 let name = secret.metadata.name.clone().ok_or_else(|| fail("Secret without metadata.name".into()))?;
-                let mut data: BTreeMap<String, Vec<u8>> =
-                    secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-                // As on a real API server, stringData wins over data for the same key.
-                for (k, v) in secret.string_data.unwrap_or_default() {
-                    data.insert(k, v.into_bytes());
-                }
-                sources.secrets.insert(name, data);
+                sources.secrets.insert(name, super::secret_data(&secret));
             }
             ("vellum.dev/v1alpha1", "BlueGreenRelease") => {
                 // Deploying is the operator's business; standalone mode runs one version

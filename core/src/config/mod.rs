@@ -19,7 +19,7 @@ use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webh
 
 pub use files::{CONFIG_FILE, SECRETS_FILE, read_platform};
 pub use load::{LoadError, load_dir, parse_documents};
-pub use secret::{SecretBundle, SecretHandle, SecretStore, SecretValue};
+pub use secret::{SecretBundle, SecretHandle, SecretProblem, SecretStore, SecretValue, lookup, secret_data};
 
 /// Everything the gateway and the workers need to know about one platform.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -160,7 +160,8 @@ impl<'a> Compiler<'a> {
     fn secret(&mut self, (kind, name): (&str, &str), secret: &str) -> Option<&'a BTreeMap<String, Vec<u8>>> {
         let data = self.sources.secrets.get(secret);
         if data.is_none() {
-            self.errors.push(err(kind, name, reasons::SECRET_NOT_FOUND, format!("Secret {secret} does not exist")));
+            let (reason, message) = secret::secret_not_found(secret);
+            self.errors.push(err(kind, name, reason, message));
         }
         data
     }
@@ -174,14 +175,15 @@ impl<'a> Compiler<'a> {
 
     /// Looks up one secret value, records it in the bundle and returns its handle, or records
     /// why it cannot.
-    fn take(&mut self, owner: (&str, &str), secret: &str, key: &str) -> Option<SecretHandle> {
-        let data = self.secret(owner, secret)?;
-        let Some(value) = data.get(key) else {
-            let (kind, name) = owner;
-            self.errors.push(err(kind, name, reasons::SECRET_KEY_MISSING, format!("Secret {secret} has no key {key}")));
-            return None;
-        };
-        Some(self.keep(secret, key, value))
+    fn take(&mut self, (kind, name): (&str, &str), secret: &str, key: &str) -> Option<SecretHandle> {
+        let sources = self.sources;
+        match lookup(&sources.secrets, secret, key) {
+            Ok(value) => Some(self.keep(secret, key, value)),
+            Err((reason, message)) => {
+                self.errors.push(err(kind, name, reason, message));
+                None
+            }
+        }
     }
 
     /// Records every value of a Secret in the bundle and returns their handles by key, or

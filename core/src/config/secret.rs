@@ -65,3 +65,29 @@ impl SecretBundle {
 
 /// Secrets as they come from Kubernetes or from YAML files: name → key → bytes.
 pub type SecretStore = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
+
+/// The data of a Kubernetes Secret as the compiler takes it: `data`, with `stringData`
+/// winning for the same key, as on a real API server.
+pub fn secret_data(secret: &k8s_openapi::api::core::v1::Secret) -> BTreeMap<String, Vec<u8>> {
+    let mut data: BTreeMap<String, Vec<u8>> =
+        secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+    for (k, v) in secret.string_data.iter().flatten() {
+        data.insert(k.clone(), v.clone().into_bytes());
+    }
+    data
+}
+
+/// Why a Secret named by a resource cannot be used: the reason and message of a condition.
+pub type SecretProblem = (&'static str, String);
+
+pub(super) fn secret_not_found(name: &str) -> SecretProblem {
+    (vellum_crds::conditions::reasons::SECRET_NOT_FOUND, format!("Secret {name} does not exist"))
+}
+
+/// One value of `store`, or why there is none (`SecretNotFound`, `SecretKeyMissing`).
+pub fn lookup<'a>(store: &'a SecretStore, name: &str, key: &str) -> Result<&'a [u8], SecretProblem> {
+    let data = store.get(name).ok_or_else(|| secret_not_found(name))?;
+    data.get(key).map(Vec::as_slice).ok_or_else(|| {
+        (vellum_crds::conditions::reasons::SECRET_KEY_MISSING, format!("Secret {name} has no key {key}"))
+    })
+}

@@ -12,7 +12,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
-use vellum_core::config::{CONFIG_FILE, ConfigError, PlatformConfig, SECRETS_FILE, SecretBundle, Sources, compile};
+use vellum_core::config::{
+    CONFIG_FILE, ConfigError, PlatformConfig, SECRETS_FILE, SecretBundle, Sources, compile, lookup,
+};
 use vellum_crds::blue_green_release::{BlueGreenReleaseStatus, Color, JwtAlgorithm, Phase};
 use vellum_crds::common::Conditions;
 use vellum_crds::conditions::{self, reasons};
@@ -79,10 +81,6 @@ struct Progress {
     active_version: Option<String>,
 }
 
-fn text(value: &[u8]) -> Option<&str> {
-    std::str::from_utf8(value).ok()
-}
-
 /// The values of the platform Secret.
 fn secret_data(
     release: &BlueGreenRelease,
@@ -92,19 +90,12 @@ fn secret_data(
     link_key: Vec<u8>,
 ) -> std::result::Result<(BTreeMap<String, Vec<u8>>, ReleaseFacts), Blocked> {
     let spec = &release.spec;
-    let lookup = |name: &str, key: &str| -> std::result::Result<Vec<u8>, Blocked> {
-        let secret = sources
-            .secrets
-            .get(name)
-            .ok_or_else(|| blocked(reasons::SECRET_NOT_FOUND, format!("Secret {name} does not exist")))?;
-        secret
-            .get(key)
-            .cloned()
-            .ok_or_else(|| blocked(reasons::SECRET_KEY_MISSING, format!("Secret {name} has no key {key}")))
+    let value = |name: &str, key: &str| -> std::result::Result<Vec<u8>, Blocked> {
+        lookup(&sources.secrets, name, key).map(<[u8]>::to_vec).map_err(|(reason, message)| blocked(reason, message))
     };
     let mut data = BTreeMap::new();
     data.insert(SECRETS_FILE.to_owned(), bundle.to_json().into_bytes());
-    let jwt = lookup(&spec.jwt.secret_ref.name, &spec.jwt.secret_ref.key)?;
+    let jwt = value(&spec.jwt.secret_ref.name, &spec.jwt.secret_ref.key)?;
     let jwt_is_jwks = spec.jwt.algorithm != JwtAlgorithm::HS256 && jwt.trim_ascii_start().starts_with(b"{");
     data.insert(secret_keys::JWT_KEY.to_owned(), jwt);
     data.insert(secret_keys::LINK_KEY.to_owned(), link_key);
@@ -113,7 +104,7 @@ fn secret_data(
     })?;
     for (i, shard) in shards.shards.iter().enumerate() {
         let url = bundle.get(&shard.url).map(|v| v.expose().to_vec()).unwrap_or_default();
-        if text(&url).is_none_or(str::is_empty) {
+        if std::str::from_utf8(&url).ok().is_none_or(str::is_empty) {
             return Err(blocked(
                 reasons::INVALID_SPEC,
                 format!("the URL of shard {} is empty or not UTF-8", shard.name),
@@ -126,7 +117,7 @@ fn secret_data(
     }
     let nats_credentials = match &spec.nats.credentials_secret_ref {
         Some(r) => {
-            data.insert(secret_keys::NATS_CREDENTIALS.to_owned(), lookup(&r.name, &r.key)?);
+            data.insert(secret_keys::NATS_CREDENTIALS.to_owned(), value(&r.name, &r.key)?);
             true
         }
         None => false,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use vellum_core::config::{ShardsConfig, Sources, compile};
+use vellum_core::config::{ShardsConfig, Sources, compile, lookup};
 use vellum_crds::common::Conditions;
 use vellum_crds::conditions::{self, reasons};
 use vellum_crds::shard_set::{ShardSetStatus, ShardStatus};
@@ -32,7 +32,8 @@ async fn probe(ctx: &Context, url: &str) -> std::result::Result<(i64, i64, f64),
     let db = ctx.database(url).await?;
     let probe = async {
         let version = db.schema_version().await.map_err(|e| redact(&e.to_string(), url))?;
-        let documents: i64 = if version > 0 { sqlx_count(&db).await.map_err(|e| redact(&e, url))? } else { 0 };
+        let documents: i64 =
+            if version > 0 { db.count_documents().await.map_err(|e| redact(&e.to_string(), url))? } else { 0 };
         Ok::<_, String>((version, documents))
     };
     let result = tokio::time::timeout(ctx.probe_timeout, probe)
@@ -48,10 +49,6 @@ async fn probe(ctx: &Context, url: &str) -> std::result::Result<(i64, i64, f64),
     }
 }
 
-async fn sqlx_count(db: &vellum_core::store::Metadata) -> std::result::Result<i64, String> {
-    db.count_documents().await.map_err(|e| e.to_string())
-}
-
 pub async fn reconcile(set: Arc<ShardSet>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = set.namespace().unwrap_or_default();
     let name = set.name_any();
@@ -60,20 +57,10 @@ pub async fn reconcile(set: Arc<ShardSet>, ctx: Arc<Context>) -> Result<Action> 
     let secrets = ctx.caches.secrets(&namespace);
     let mut shards = Vec::new();
     for shard in &set.spec.shards {
-        let url = secrets
-            .get(&shard.url_secret_ref.name)
-            .ok_or_else(|| (reasons::SECRET_NOT_FOUND, format!("Secret {} does not exist", shard.url_secret_ref.name)))
-            .and_then(|data| {
-                data.get(&shard.url_secret_ref.key).ok_or_else(|| {
-                    (
-                        reasons::SECRET_KEY_MISSING,
-                        format!("Secret {} has no key {}", shard.url_secret_ref.name, shard.url_secret_ref.key),
-                    )
-                })
-            })
-            .and_then(|v| {
-                String::from_utf8(v.clone()).map_err(|_| (reasons::INVALID_SPEC, "the URL is not UTF-8".to_owned()))
-            });
+        let r = &shard.url_secret_ref;
+        let url = lookup(&secrets, &r.name, &r.key).and_then(|v| {
+            String::from_utf8(v.to_vec()).map_err(|_| (reasons::INVALID_SPEC, "the URL is not UTF-8".to_owned()))
+        });
         let status = match url {
             Err((_, message)) => {
                 ShardStatus { name: shard.name.clone(), ready: false, message: Some(message), ..ShardStatus::default() }
