@@ -403,10 +403,5 @@ fn strip_nulls(value: Value) -> Value {
     }
 }
 
-/// The object a resource's owner reference points to, for tests and for matching.
-pub fn owner_uid<K: Resource>(object: &K) -> Option<&str> {
-    object.meta().owner_references.as_ref()?.first().map(|r| r.uid.as_str())
-}
-
 #[cfg(test)]
 mod tests;
