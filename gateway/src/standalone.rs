@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
-use vellum_core::config::{CONFIG_FILE, load_dir, read_platform};
+use vellum_core::config::{CONFIG_FILE, compile_dir, read_platform};
 use vellum_core::documents::Documents;
 use vellum_core::events::{Bus, Sink, relay};
 use vellum_core::store::Metadata;
@@ -111,16 +111,20 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
     let data_dir = options.data_dir.canonicalize().context("resolving the data directory")?;
 
+    // Webhooks created through the API are compiled beside the platform's own: beside the
+    // operator's compiled config, or beside the resources of the directory (standalone).
     let compiled = options.config_dir.join(CONFIG_FILE).exists();
-    let (mut config, secrets) =
-        read_platform(&options.config_dir, options.secrets_dir.as_deref()).map_err(anyhow::Error::msg)?;
-    // Webhooks created through the API are compiled beside the platform's own: beside its
-    // resources (standalone) or beside the operator's compiled config.
-    let base = if compiled {
-        WebhookBase::Compiled(config.clone(), secrets.clone())
+    let (base, mut config, secrets) = if compiled {
+        let (config, secrets) =
+            read_platform(&options.config_dir, options.secrets_dir.as_deref()).map_err(anyhow::Error::msg)?;
+        (WebhookBase::Compiled(config.clone(), secrets.clone()), config, secrets)
     } else {
-        WebhookBase::Sources(load_dir(&options.config_dir).context("reading the platform config")?)
+        let (sources, config, secrets) = compile_dir(&options.config_dir).map_err(anyhow::Error::msg)?;
+        (WebhookBase::Sources(sources), config, secrets)
     };
+    // The hash of the config as read, which reloads compare with and the ConfigMap carries;
+    // the command line's extra webhook networks below are not part of it.
+    let config_hash = config.content_hash();
     let tiers = Tiers::open(&config, &secrets, &data_dir).context("opening the storage tiers")?;
     let extra = DestinationPolicy::parse(options.allow_webhook_cidrs.iter().map(String::as_str))
         .map_err(|e| anyhow::anyhow!("--allow-webhook-cidr: {e}"))?;
@@ -172,7 +176,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         hub: Arc::clone(&hub),
     };
 
-    state.metrics.set_config_hash(&config.content_hash());
+    state.metrics.set_config_hash(&config_hash);
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -191,9 +195,8 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         async move { relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await }
     });
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
-    let reloader = compiled.then(|| {
-        tokio::spawn(reload(state.clone(), options.clone(), data_dir.clone(), config.content_hash(), stopped.clone()))
-    });
+    let reloader = compiled
+        .then(|| tokio::spawn(reload(state.clone(), options.clone(), data_dir.clone(), config_hash, stopped.clone())));
     let server = tokio::spawn({
         let router = app(state.clone());
         let stop = until_stopped(stopped);
@@ -236,10 +239,13 @@ async fn reload(
                 continue;
             }
         };
-        state.docs.set_tiers(tiers);
+        // Webhooks first: if they cannot be applied, nothing changes and the next read
+        // tries the whole config again.
         if let Err(e) = state.webhooks.rebase(WebhookBase::Compiled(config.clone(), secrets)).await {
-            tracing::warn!(error = %e, "the new platform config's webhooks were not applied");
+            tracing::warn!(error = %e, "keeping the previous platform config: its webhooks were not applied");
+            continue;
         }
+        state.docs.set_tiers(tiers);
         state.metrics.set_config_hash(&new_hash);
         tracing::info!(hash = %new_hash, tiers = config.tiers.len(), webhooks = config.webhooks.len(), "platform config reloaded");
         hash = new_hash;

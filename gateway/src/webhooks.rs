@@ -72,11 +72,16 @@ impl WebhookService {
         &self.engine
     }
 
-    /// Replaces the platform's own webhooks (a reloaded config) and delivers to the result.
+    /// Replaces the platform's own webhooks (a reloaded config) and delivers to the result;
+    /// when that fails, the previous ones stay.
     pub async fn rebase(&self, base: WebhookBase) -> anyhow::Result<()> {
         let _guard = self.changes.lock().await;
-        *self.base.write().unwrap_or_else(std::sync::PoisonError::into_inner) = base;
-        self.apply().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let write = || self.base.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let previous = std::mem::replace(&mut *write(), base);
+        if let Err(e) = self.apply().await {
+            *write() = previous;
+            anyhow::bail!("{}", e.message);
+        }
         Ok(())
     }
 

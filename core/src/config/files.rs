@@ -8,7 +8,7 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use super::{PlatformConfig, SecretBundle, SecretHandle, SecretValue, compile, load_dir};
+use super::{PlatformConfig, SecretBundle, SecretHandle, SecretValue, Sources, compile, load_dir};
 
 /// File name of the compiled config in the platform ConfigMap.
 pub const CONFIG_FILE: &str = "platform.json";
@@ -59,11 +59,17 @@ pub fn read_platform(config_dir: &Path, secrets_dir: Option<&Path>) -> Result<(P
         }
         return Ok((config, secrets));
     }
+    compile_dir(config_dir).map(|(_, config, secrets)| (config, secrets))
+}
+
+/// Reads the resource YAML of `config_dir` and compiles it, keeping the resources too.
+pub fn compile_dir(config_dir: &Path) -> Result<(Sources, PlatformConfig, SecretBundle), String> {
     let sources = load_dir(config_dir).map_err(|e| format!("reading the platform config: {e}"))?;
-    compile(&sources).map_err(|errors| {
+    let (config, secrets) = compile(&sources).map_err(|errors| {
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         format!("the platform config in {} is not valid:\n  {}", config_dir.display(), lines.join("\n  "))
-    })
+    })?;
+    Ok((sources, config, secrets))
 }
 
 impl PlatformConfig {
