@@ -193,11 +193,21 @@ impl Tier {
     pub async fn write_under(
         &self,
         prefix: &str,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        compress: bool,
+        limit: u64,
+    ) -> Result<StoredBlob, BlobError> {
+        self.write_at(new_object_key(prefix), body, compress, limit).await
+    }
+
+    /// [`Self::write`], to the key given (one from [`new_object_key`]).
+    pub async fn write_at(
+        &self,
+        object_key: String,
         mut body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
         compress: bool,
         limit: u64,
     ) -> Result<StoredBlob, BlobError> {
-        let object_key = format!("{prefix}/{}", uuid::Uuid::new_v4().simple());
         let path = ObjectPath::from(object_key.as_str());
         let writer = BufWriter::new(Arc::clone(&self.store), path.clone());
         let mut sink: Pin<Box<dyn tokio::io::AsyncWrite + Send>> = if compress {
@@ -331,6 +341,11 @@ impl Tiers {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Tier>> {
         self.tiers.values()
     }
+}
+
+/// A key of its own for a new stored copy, under `prefix`.
+pub fn new_object_key(prefix: &str) -> String {
+    format!("{prefix}/{}", uuid::Uuid::new_v4().simple())
 }
 
 /// A stream of one `Bytes` value, for tests and small bodies.

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod documents;
 pub mod events;
+pub mod lifecycle;
 pub mod process;
 pub mod signing;
 pub mod store;

@@ -7,6 +7,7 @@
 
 pub mod delivery;
 pub mod nats;
+pub mod retention;
 pub mod run;
 pub mod sender;
 

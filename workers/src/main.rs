@@ -5,14 +5,20 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vellum_core::blob::Tiers;
+use vellum_core::clock::Clock;
+use vellum_core::config::{PlatformConfig, read_platform};
+use vellum_core::documents::{Documents, Grace, MigrationStep};
 use vellum_core::process::{init_logging, shutdown_signal};
+use vellum_core::store::Metadata;
 use vellum_workers::Settings;
+use vellum_workers::retention::{RunSettings, drain_tier, run_policy};
 use vellum_workers::run::{Options, run};
 
 /// Vellum's asynchronous workers: the outbox relay that publishes document events to NATS
 /// JetStream, and signed webhook delivery with retries, a delivery log and automatic
-/// deactivation. Tier migration, retention runs and shard rebalancing come as their own
-/// subcommands.
+/// deactivation; retention runs (tier transitions, expiration, archiving) and tier
+/// draining.
 #[derive(Debug, Parser)]
 #[command(name = "vellum-workers", version, about, long_about)]
 struct Cli {
@@ -37,6 +43,96 @@ enum Command {
         #[arg(long, env = "VELLUM_DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
+    /// Run one retention policy over every document and exit, printing what it did as
+    /// JSON: what the operator's CronJob runs. An unfinished run of the same policy is
+    /// resumed where it stopped.
+    Retention {
+        /// The RetentionPolicy to run.
+        #[arg(long)]
+        policy: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        run: RunSettingsArgs,
+    },
+    /// Move every blob out of a storage tier into another, so that the tier can be
+    /// removed; prints what it did as JSON and fails while blobs remain.
+    Drain {
+        /// The tier to empty.
+        #[arg(long)]
+        tier: String,
+        /// The tier the blobs move to.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        run: RunSettingsArgs,
+    },
+}
+
+/// Where the documents are: the metadata database, the platform config and the local tiers.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// The metadata database (postgres://... or sqlite://...).
+    #[arg(long, env = "VELLUM_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// The directory of the platform's resources and Secrets (YAML), or of the compiled
+    /// `platform.json` the operator writes.
+    #[arg(long, env = "VELLUM_CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// Where the compiled config's secret values (`secrets.json`) are mounted.
+    #[arg(long, env = "VELLUM_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// The directory `file://<relative path>` tiers are resolved against.
+    #[arg(long, env = "VELLUM_DATA_DIR", default_value = ".vellum")]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunSettingsArgs {
+    /// Documents (or blobs) read per batch.
+    #[arg(long, default_value_t = 500)]
+    batch: i64,
+    /// Blob moves and expirations in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Seconds a moved blob's old copy stays readable for downloads that began before the move.
+    #[arg(long, default_value_t = 300)]
+    source_grace_seconds: i64,
+}
+
+impl RunSettingsArgs {
+    fn settings(&self) -> RunSettings {
+        let grace = Grace { source_ms: self.source_grace_seconds.max(0) * 1000, ..Grace::default() };
+        RunSettings { batch: self.batch.max(1), concurrency: self.concurrency.max(1), grace }
+    }
+}
+
+impl StoreArgs {
+    async fn open(&self) -> anyhow::Result<(Documents, PlatformConfig)> {
+        let (config, secrets) =
+            read_platform(&self.config_dir, self.secrets_dir.as_deref()).map_err(anyhow::Error::msg)?;
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("creating the data directory {}", self.data_dir.display()))?;
+        let data_dir = self.data_dir.canonicalize().context("resolving the data directory")?;
+        let tiers = Tiers::open(&config, &secrets, &data_dir).context("opening the storage tiers")?;
+        let meta = Metadata::open(&self.database_url).await.context("opening the metadata database")?;
+        Ok((Documents::new(meta, tiers, Clock::system(), None, u64::MAX), config))
+    }
+}
+
+/// In debug builds, `VELLUM_FAULT_ABORT_AT=<step>` stops the process dead (no cleanup,
+/// as a kill would) when a tier migration reaches that step: how the fault-injection
+/// tests kill a worker mid-migration. Release builds ignore it.
+fn fault_hook() -> impl Fn(MigrationStep) + Send + Sync {
+    let at = if cfg!(debug_assertions) { std::env::var("VELLUM_FAULT_ABORT_AT").ok() } else { None };
+    move |step: MigrationStep| {
+        if at.as_deref() == Some(step.name()) {
+            eprintln!("fault injection: aborting after the migration step {:?}", step.name());
+            std::process::abort();
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,6 +199,22 @@ fn main() -> anyhow::Result<()> {
                     }
                     result = &mut worker => result.context("the worker panicked")?,
                 }
+            }
+            Command::Retention { policy, store, run } => {
+                let (docs, config) = store.open().await?;
+                let hook = fault_hook();
+                let report = run_policy(&docs, &config, &policy, run.settings(), &hook).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(())
+            }
+            Command::Drain { tier, to, store, run } => {
+                let (docs, _) = store.open().await?;
+                let report = drain_tier(&docs, &tier, &to, run.settings()).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                if report.remaining > 0 {
+                    anyhow::bail!("{} blobs remain in storage tier {tier}", report.remaining);
+                }
+                Ok(())
             }
             Command::Migrate { database_url } => {
                 let meta = vellum_core::store::Metadata::open(&database_url)

@@ -3,6 +3,7 @@
 //! use it for their own changes. Every change that emits an event writes the event to the
 //! outbox in the same transaction.
 
+mod lifecycle;
 mod model;
 
 use std::fmt::Write as _;
@@ -17,6 +18,7 @@ use serde_json::{Map, Value, json};
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
+pub use lifecycle::{Grace, MigrationStep, Savings, StepHook, TierUsage, Usage};
 pub use model::*;
 
 use crate::blob::{BlobError, ByteStream, Codec, StoredBlob, Tiers};
@@ -116,7 +118,7 @@ pub struct Documents {
 
 const DOCUMENT_COLUMNS: &str = "d.id, d.owner, d.filename, d.file_type, d.content_type, d.title, d.description, \
      d.tags, d.metadata, d.current_version, d.size, d.sha256, d.legal_hold, d.created_at, d.updated_at, d.deleted_at, \
-     b.tier";
+     d.archived_at, d.archive_id, b.tier";
 
 /// A random id below 2^53, so that JavaScript clients read it exactly.
 fn new_document_id() -> i64 {
@@ -147,6 +149,8 @@ fn document_from_row(row: &AnyRow) -> Result<Document, StoreError> {
         created_at: rfc3339(row.try_get("created_at")?),
         updated_at: rfc3339(row.try_get("updated_at")?),
         deleted_at: deleted_at.map(rfc3339),
+        archived_at: row.try_get::<Option<i64>, _>("archived_at")?.map(rfc3339),
+        archive_id: row.try_get("archive_id")?,
     })
 }
 
@@ -315,6 +319,11 @@ impl Documents {
 
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// Wakes the event relay, after a transaction written outside this type enqueued events.
+    pub fn wake_relay(&self) {
+        self.committed_events();
     }
 
     fn committed_events(&self) {
@@ -967,6 +976,7 @@ impl Documents {
         .await?
         .ok_or(DocError::VersionNotFound { id, version })?;
         let codec: String = row.try_get("compression")?;
+        self.touch(id).await;
         Ok(Content {
             document,
             version,
@@ -980,9 +990,44 @@ impl Documents {
         })
     }
 
-    /// Streams the bytes of `content`, or the `range` of them.
+    /// Streams the bytes of `content`, or the `range` of them. When the copy it names is
+    /// gone (a tier migration moved the blob since `content` was looked up, and its source
+    /// has been collected), the blob is looked up again and read where it is now.
     pub async fn read(&self, content: &Content, range: Option<std::ops::Range<u64>>) -> Result<ByteStream, DocError> {
         let tier = self.tiers().get(&content.tier)?;
-        Ok(tier.read(&content.object_key, content.codec, range).await?)
+        match tier.read(&content.object_key, content.codec, range.clone()).await {
+            Err(BlobError::Store { source: object_store::Error::NotFound { .. }, .. }) => {
+                let row = sqlx::query("SELECT tier, object_key, compression FROM blobs WHERE sha256 = $1")
+                    .bind(&content.sha256)
+                    .fetch_optional(self.meta.pool())
+                    .await?
+                    .ok_or(DocError::NotFound(content.document.id))?;
+                let codec: String = row.try_get("compression")?;
+                let codec =
+                    Codec::parse(&codec).ok_or_else(|| StoreError::Corrupt(format!("blob compression {codec}")))?;
+                let tier = self.tiers().get(&row.try_get::<String, _>("tier")?)?;
+                Ok(tier.read(&row.try_get::<String, _>("object_key")?, codec, range).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Notes that a document was read, for policies that age documents by last access.
+    /// At most one write an hour per document: the age counts in days.
+    async fn touch(&self, id: i64) {
+        let now = self.clock.now_ms();
+        let result = sqlx::query(
+            "UPDATE documents SET last_accessed_at = $1 WHERE id = $2 \
+             AND (last_accessed_at IS NULL OR last_accessed_at < $3)",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(now - 3_600_000)
+        .execute(self.meta.pool())
+        .await;
+        if let Err(e) = result {
+            // A missed access time makes a document age a little early; the read goes on.
+            tracing::warn!(error = %e, id, "recording a document's last access");
+        }
     }
 }

@@ -44,6 +44,12 @@ pub struct Document {
     pub updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deleted_at: Option<String>,
+    /// When a retention policy archived the document; absent unless it is archived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_at: Option<String>,
+    /// The archive's id, as DOCUMENT_ARCHIVED announced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_id: Option<String>,
 }
 
 /// The answer to an upload.

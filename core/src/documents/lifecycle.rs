@@ -1,0 +1,658 @@
+//! What retention runs and the lifecycle endpoints do to documents: move a blob between
+//! tiers without ever making it unreadable, archive and restore, expire versions, collect
+//! copies nothing refers to, and account for what the tiers hold and cost.
+//!
+//! A tier migration of one blob goes in four steps, each durable before the next:
+//! 1. **claim**: the target key is recorded in `blob_garbage` (due in a day), so that if
+//!    the migration never finishes, its copy is collected rather than orphaned;
+//! 2. **copy**: the original bytes stream from the source tier into the target (compressed
+//!    as the target tier compresses), hashed on the way: a source that no longer matches
+//!    its checksum is never copied;
+//! 3. **verify**: the copy is read back from the target and its SHA-256 compared;
+//! 4. **switch**: one transaction points the blob row at the copy, takes the claim back,
+//!    and records the source in `blob_garbage`, due after a grace period for reads that
+//!    looked the blob up before the switch.
+//!
+//! The source is deleted by [`Documents::collect_garbage`] once due. A crash between any
+//! two steps leaves the blob row pointing at a complete, verified copy, and at most one
+//! copy waiting in `blob_garbage`; the next run moves the blob again.
+
+use std::collections::BTreeSet;
+
+use futures::TryStreamExt;
+use serde::Serialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+use super::{DocError, Documents, Tx, with};
+use crate::blob::{Codec, Tier, new_object_key};
+use crate::config::PlatformConfig;
+use crate::crds::webhook::EventType;
+use crate::events::Event;
+use crate::lifecycle::{DocumentFacts, VersionFacts};
+use crate::store::StoreError;
+
+/// The steps of a tier migration, after each of which a test may stop the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationStep {
+    /// The target key is recorded as garbage-to-be.
+    Claimed,
+    /// The bytes are in the target tier.
+    Copied,
+    /// The copy read back with the right checksum.
+    Verified,
+    /// The metadata points at the copy; the source waits in `blob_garbage`.
+    Switched,
+}
+
+impl MigrationStep {
+    pub const ALL: [MigrationStep; 4] =
+        [MigrationStep::Claimed, MigrationStep::Copied, MigrationStep::Verified, MigrationStep::Switched];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationStep::Claimed => "claimed",
+            MigrationStep::Copied => "copied",
+            MigrationStep::Verified => "verified",
+            MigrationStep::Switched => "switched",
+        }
+    }
+}
+
+/// How long copies wait in `blob_garbage`.
+#[derive(Clone, Copy, Debug)]
+pub struct Grace {
+    /// How long a migration's source stays readable after the switch, for reads that
+    /// looked the blob up before it.
+    pub source_ms: i64,
+    /// How long a migration may take between claiming its target and switching to it.
+    pub claim_ms: i64,
+}
+
+impl Default for Grace {
+    fn default() -> Self {
+        Self { source_ms: 5 * 60_000, claim_ms: 24 * 3_600_000 }
+    }
+}
+
+/// Observes the steps of a migration (fault injection in tests; nothing in production).
+pub type StepHook<'a> = &'a (dyn Fn(MigrationStep) + Send + Sync);
+
+/// What a tier holds and costs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TierUsage {
+    pub tier: String,
+    /// The tier's class, or none when the tier is no longer configured.
+    pub class: Option<String>,
+    pub objects: i64,
+    /// Bytes as stored (after compression).
+    pub bytes: i64,
+    /// Bytes before compression.
+    pub original_bytes: i64,
+    pub cost_per_gb_month: Option<f64>,
+    pub estimated_monthly_cost: f64,
+}
+
+/// What compression, deduplication and tiering save each month, against every version
+/// stored separately and uncompressed in the default tier.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Savings {
+    pub compression: f64,
+    pub deduplication: f64,
+    pub tiering: f64,
+    pub total: f64,
+}
+
+/// Storage usage of the whole platform.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub tiers: Vec<TierUsage>,
+    /// Bytes of every version, as if each were stored on its own and uncompressed.
+    pub logical_bytes: i64,
+    pub stored_bytes: i64,
+    pub objects: i64,
+    pub estimated_monthly_cost: f64,
+    /// The cost without compression, deduplication and tiering.
+    pub baseline_monthly_cost: f64,
+    pub monthly_savings: Savings,
+}
+
+const GIB: f64 = 1_073_741_824.0;
+
+#[allow(clippy::cast_precision_loss)]
+fn monthly(bytes: i64, cost_per_gb: f64) -> f64 {
+    bytes as f64 / GIB * cost_per_gb
+}
+
+/// Where a blob is now.
+struct Located {
+    tier: String,
+    object_key: String,
+    codec: Codec,
+}
+
+async fn locate(tx: &mut Tx, sha256: &str) -> Result<Option<Located>, DocError> {
+    let row = sqlx::query("SELECT tier, object_key, compression FROM blobs WHERE sha256 = $1")
+        .bind(sha256)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let codec: String = row.try_get("compression")?;
+    Ok(Some(Located {
+        tier: row.try_get("tier")?,
+        object_key: row.try_get("object_key")?,
+        codec: Codec::parse(&codec).ok_or_else(|| StoreError::Corrupt(format!("blob compression {codec}")))?,
+    }))
+}
+
+/// Hashes the original bytes of a stored copy.
+async fn checksum(tier: &Tier, object_key: &str, codec: Codec) -> Result<(String, u64), DocError> {
+    let mut stream = tier.read(object_key, codec, None).await?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream
+        .try_next()
+        .await
+        .map_err(|e| DocError::Storage(crate::blob::BlobError::Write { tier: tier.name.clone(), source: e }))?
+    {
+        size += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+impl Documents {
+    /// Moves the blob `sha256` to `to_tier` (see the module's documentation for the steps).
+    /// Returns the bytes moved: 0 when the blob is already there or is gone.
+    pub async fn move_blob(
+        &self,
+        sha256: &str,
+        to_tier: &str,
+        grace: Grace,
+        hook: StepHook<'_>,
+    ) -> Result<u64, DocError> {
+        let mut tx = self.meta.pool().begin().await?;
+        let located = locate(&mut tx, sha256).await;
+        let content_type: Option<String> =
+            sqlx::query_scalar("SELECT content_type FROM versions WHERE sha256 = $1 LIMIT 1")
+                .bind(sha256)
+                .fetch_optional(&mut *tx)
+                .await?;
+        tx.rollback().await.ok();
+        let Some(from) = located? else { return Ok(0) };
+        if from.tier == to_tier {
+            return Ok(0);
+        }
+        let tiers = self.tiers();
+        let source = tiers.get(&from.tier)?;
+        let target = tiers.get(to_tier)?;
+        let content_type = content_type.unwrap_or_else(|| "application/octet-stream".to_owned());
+
+        let key = new_object_key("blobs");
+        let now = self.clock.now_ms();
+        sqlx::query("INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3)")
+            .bind(to_tier)
+            .bind(&key)
+            .bind(now + grace.claim_ms)
+            .execute(self.meta.pool())
+            .await?;
+        hook(MigrationStep::Claimed);
+
+        let bytes = source.read(&from.object_key, from.codec, None).await?;
+        let copy = target.write_at(key.clone(), bytes, target.compresses(&content_type), u64::MAX).await?;
+        if copy.sha256 != sha256 {
+            return Err(DocError::ChecksumMismatch(format!(
+                "the blob {sha256} read from storage tier {} has the checksum {}: it was not moved",
+                from.tier, copy.sha256
+            )));
+        }
+        hook(MigrationStep::Copied);
+
+        let (there, _) = checksum(&target, &key, copy.codec).await?;
+        if there != sha256 {
+            return Err(DocError::ChecksumMismatch(format!(
+                "the copy of blob {sha256} in storage tier {to_tier} reads back as {there}: it was not switched to"
+            )));
+        }
+        hook(MigrationStep::Verified);
+
+        let switched = self
+            .write(|mut owned| {
+                let (from, key, copy) = (&from, &key, &copy);
+                Box::pin(async move {
+                    let r = async {
+                        let tx = &mut owned;
+                        let now = self.clock.now_ms();
+                        let moved = sqlx::query(
+                            "UPDATE blobs SET tier = $1, object_key = $2, stored_size = $3, compression = $4 \
+                             WHERE sha256 = $5 AND tier = $6 AND object_key = $7",
+                        )
+                        .bind(to_tier)
+                        .bind(key)
+                        .bind(i64::try_from(copy.stored_size).unwrap_or(i64::MAX))
+                        .bind(copy.codec.as_str())
+                        .bind(sha256)
+                        .bind(&from.tier)
+                        .bind(&from.object_key)
+                        .execute(&mut **tx)
+                        .await?
+                        .rows_affected();
+                        if moved == 0 {
+                            // Moved or purged meanwhile: the copy stays claimed as garbage.
+                            return Ok(false);
+                        }
+                        let claimed = sqlx::query(
+                            "DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before > $3",
+                        )
+                        .bind(to_tier)
+                        .bind(key)
+                        .bind(now)
+                        .execute(&mut **tx)
+                        .await?
+                        .rows_affected();
+                        if claimed == 0 {
+                            return Err(DocError::Conflict(format!(
+                                "the copy of blob {sha256} in {to_tier} outlived its claim and may be collected; \
+                                 the blob stays in {}",
+                                from.tier
+                            )));
+                        }
+                        sqlx::query("INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3)")
+                            .bind(&from.tier)
+                            .bind(&from.object_key)
+                            .bind(now + grace.source_ms)
+                            .execute(&mut **tx)
+                            .await?;
+                        Ok(true)
+                    }
+                    .await;
+                    (owned, r)
+                })
+            })
+            .await?;
+        hook(MigrationStep::Switched);
+        Ok(if switched { copy.size } else { 0 })
+    }
+
+    /// Deletes the stored copies in `blob_garbage` that are due and that no blob row refers
+    /// to. Returns how many were deleted. Copies in a tier that is not configured wait.
+    pub async fn collect_garbage(&self) -> Result<u64, DocError> {
+        let tiers = self.tiers();
+        let mut deleted = 0;
+        let mut skipped: BTreeSet<(String, String)> = BTreeSet::new();
+        loop {
+            let now = self.clock.now_ms();
+            let rows = sqlx::query(
+                "SELECT g.tier, g.object_key FROM blob_garbage g WHERE g.not_before <= $1 AND NOT EXISTS \
+                 (SELECT 1 FROM blobs b WHERE b.tier = g.tier AND b.object_key = g.object_key) \
+                 ORDER BY g.not_before, g.object_key LIMIT $2",
+            )
+            .bind(now)
+            .bind(i64::try_from(skipped.len()).unwrap_or(i64::MAX) + 256)
+            .fetch_all(self.meta.pool())
+            .await?;
+            let mut progressed = false;
+            for row in &rows {
+                let (tier, key): (String, String) = (row.try_get("tier")?, row.try_get("object_key")?);
+                if skipped.contains(&(tier.clone(), key.clone())) {
+                    continue;
+                }
+                let Ok(store) = tiers.get(&tier) else {
+                    skipped.insert((tier, key));
+                    continue;
+                };
+                store.delete(&key).await?;
+                sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before <= $3")
+                    .bind(&tier)
+                    .bind(&key)
+                    .bind(now)
+                    .execute(self.meta.pool())
+                    .await?;
+                deleted += 1;
+                progressed = true;
+            }
+            if !progressed {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Up to `limit` documents with ids above `after`, in id order, with their versions,
+    /// as the lifecycle rules see them. Soft-deleted documents are left out.
+    pub async fn lifecycle_page(&self, after: i64, limit: i64) -> Result<Vec<DocumentFacts>, DocError> {
+        let rows = sqlx::query(
+            "SELECT id, owner, file_type, tags, legal_hold, archived_at, last_accessed_at, lifecycle_error \
+             FROM documents WHERE id > $1 AND deleted_at IS NULL ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.meta.pool())
+        .await?;
+        let mut docs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let tags: String = row.try_get("tags")?;
+            docs.push(DocumentFacts {
+                id: row.try_get("id")?,
+                owner: row.try_get("owner")?,
+                file_type: row.try_get("file_type")?,
+                tags: serde_json::from_str(&tags).map_err(|e| StoreError::Corrupt(format!("document tags: {e}")))?,
+                legal_hold: row.try_get::<i64, _>("legal_hold")? != 0,
+                archived: row.try_get::<Option<i64>, _>("archived_at")?.is_some(),
+                last_accessed_at: row.try_get("last_accessed_at")?,
+                failed: row.try_get("lifecycle_error")?,
+                versions: Vec::new(),
+            });
+        }
+        let (Some(first), Some(last)) = (docs.first().map(|d| d.id), docs.last().map(|d| d.id)) else {
+            return Ok(docs);
+        };
+        let rows = sqlx::query(
+            "SELECT v.document_id, v.version, v.created_at, v.sha256, v.size, v.content_type, b.tier \
+             FROM versions v JOIN blobs b ON b.sha256 = v.sha256 \
+             WHERE v.document_id >= $1 AND v.document_id <= $2 ORDER BY v.document_id, v.version DESC",
+        )
+        .bind(first)
+        .bind(last)
+        .fetch_all(self.meta.pool())
+        .await?;
+        let mut at = 0;
+        for row in &rows {
+            let id: i64 = row.try_get("document_id")?;
+            while at < docs.len() && docs[at].id < id {
+                at += 1;
+            }
+            let Some(doc) = docs.get_mut(at).filter(|d| d.id == id) else { continue };
+            doc.versions.push(VersionFacts {
+                version: row.try_get("version")?,
+                created_at: row.try_get("created_at")?,
+                sha256: row.try_get("sha256")?,
+                size: row.try_get("size")?,
+                content_type: row.try_get("content_type")?,
+                tier: row.try_get("tier")?,
+            });
+        }
+        Ok(docs)
+    }
+
+    /// One document as the lifecycle rules see it, if the actor may see it.
+    pub async fn lifecycle_facts(&self, actor: &super::Actor, id: i64) -> Result<DocumentFacts, DocError> {
+        self.get(actor, id).await?;
+        self.lifecycle_page(id - 1, 1).await?.into_iter().find(|d| d.id == id).ok_or(DocError::NotFound(id))
+    }
+
+    /// Records (or, with `None`, clears) the failure of a lifecycle action on a document.
+    pub async fn set_lifecycle_error(&self, id: i64, error: Option<&str>) -> Result<(), DocError> {
+        sqlx::query("UPDATE documents SET lifecycle_error = $1 WHERE id = $2")
+            .bind(error)
+            .bind(id)
+            .execute(self.meta.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes one noncurrent version; its blob goes to `blob_garbage` when no other
+    /// version refers to it. Refused under legal hold and for the current version.
+    pub async fn expire_version(&self, id: i64, version: i64, grace: Grace) -> Result<(), DocError> {
+        self.write(|mut owned| {
+            Box::pin(async move {
+                let r = async {
+                    let tx = &mut owned;
+                    let now = self.clock.now_ms();
+                    let row = sqlx::query("SELECT current_version, legal_hold FROM documents WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut **tx)
+                        .await?
+                        .ok_or(DocError::NotFound(id))?;
+                    if row.try_get::<i64, _>("legal_hold")? != 0 {
+                        return Err(DocError::Conflict(format!("document {id} is under legal hold")));
+                    }
+                    if row.try_get::<i64, _>("current_version")? == version {
+                        return Err(DocError::Conflict(format!("version {version} of document {id} is current")));
+                    }
+                    let sha: String =
+                        sqlx::query_scalar("SELECT sha256 FROM versions WHERE document_id = $1 AND version = $2")
+                            .bind(id)
+                            .bind(version)
+                            .fetch_optional(&mut **tx)
+                            .await?
+                            .ok_or(DocError::VersionNotFound { id, version })?;
+                    sqlx::query("DELETE FROM versions WHERE document_id = $1 AND version = $2")
+                        .bind(id)
+                        .bind(version)
+                        .execute(&mut **tx)
+                        .await?;
+                    release_blob(tx, &sha, now + grace.source_ms).await?;
+                    Ok(())
+                }
+                .await;
+                (owned, r)
+            })
+        })
+        .await
+    }
+
+    /// Moves every version of a document to `tier` and marks it archived, announcing
+    /// DOCUMENT_ARCHIVED. Returns the bytes moved.
+    pub async fn archive(
+        &self,
+        id: i64,
+        tier: &str,
+        policy: &str,
+        grace: Grace,
+        hook: StepHook<'_>,
+    ) -> Result<u64, DocError> {
+        let moved = self.move_versions(id, tier, grace, hook).await?;
+        let actor = super::Actor { user: format!("policy:{policy}"), admin: true };
+        self.write(|mut owned| {
+            let actor = &actor;
+            Box::pin(async move {
+                let r = async {
+                    let tx = &mut owned;
+                    let now = self.clock.now_ms();
+                    let doc = super::load(tx, actor, id, false).await?;
+                    if doc.archive_id.is_some() {
+                        return Ok(());
+                    }
+                    let archive_id = uuid::Uuid::new_v4().to_string();
+                    sqlx::query(
+                        "UPDATE documents SET archived_at = $1, archive_id = $2, updated_at = $1, lifecycle_error = NULL \
+                         WHERE id = $3",
+                    )
+                    .bind(now)
+                    .bind(&archive_id)
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+                    let doc = super::load(tx, actor, id, false).await?;
+                    let fields = with(
+                        super::document_fields(&doc),
+                        json!({"archiveId": archive_id, "storageTier": tier, "policy": policy}),
+                    );
+                    Event::new(EventType::DocumentArchived, now, fields).enqueue(tx, now).await?;
+                    Ok(())
+                }
+                .await;
+                (owned, r)
+            })
+        })
+        .await?;
+        Ok(moved)
+    }
+
+    /// Brings an archived document back to the default tier, announcing DOCUMENT_RESTORED.
+    pub async fn restore_archived(
+        &self,
+        actor: &super::Actor,
+        id: i64,
+        grace: Grace,
+    ) -> Result<super::Document, DocError> {
+        let doc = self.get(actor, id).await?;
+        if doc.archive_id.is_none() {
+            return Err(DocError::Conflict(format!("document {id} is not archived")));
+        }
+        let default = self.tiers().default_tier().name.clone();
+        self.move_versions(id, &default, grace, &|_| {}).await?;
+        self.write(|mut owned| {
+            Box::pin(async move {
+                let r = async {
+                    let tx = &mut owned;
+                    let now = self.clock.now_ms();
+                    let doc = super::load(tx, actor, id, false).await?;
+                    let Some(archive_id) = doc.archive_id.clone() else { return Ok(doc) };
+                    sqlx::query(
+                        "UPDATE documents SET archived_at = NULL, archive_id = NULL, updated_at = $1 WHERE id = $2",
+                    )
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+                    let doc = super::load(tx, actor, id, false).await?;
+                    let fields =
+                        with(super::document_fields(&doc), json!({"archiveId": archive_id, "restoredBy": actor.user}));
+                    Event::new(EventType::DocumentRestored, now, fields).enqueue(tx, now).await?;
+                    Ok(doc)
+                }
+                .await;
+                (owned, r)
+            })
+        })
+        .await
+    }
+
+    /// Moves the current version of a document to `tier` on request, hotter or colder
+    /// (promotion back from a cold tier, say). Archived documents are restored instead.
+    pub async fn move_document(
+        &self,
+        actor: &super::Actor,
+        id: i64,
+        tier: &str,
+        grace: Grace,
+    ) -> Result<super::Document, DocError> {
+        let doc = self.get(actor, id).await?;
+        if doc.archive_id.is_some() {
+            return Err(DocError::Conflict(format!("document {id} is archived: restore it instead")));
+        }
+        self.tiers().get(tier).map_err(|_| DocError::Invalid(format!("there is no storage tier {tier:?}")))?;
+        if doc.storage_tier != tier {
+            let sha = doc.checksum.trim_start_matches("sha256:").to_owned();
+            self.move_blob(&sha, tier, grace, &|_| {}).await?;
+            self.write(|mut owned| {
+                Box::pin(async move {
+                    let r = async {
+                        let tx = &mut owned;
+                        let now = self.clock.now_ms();
+                        let doc = super::load(tx, actor, id, false).await?;
+                        let fields = with(
+                            super::document_fields(&doc),
+                            json!({"changedFields": ["storageTier"], "updatedBy": actor.user}),
+                        );
+                        Event::new(EventType::DocumentUpdated, now, fields).enqueue(tx, now).await?;
+                        Ok(())
+                    }
+                    .await;
+                    (owned, r)
+                })
+            })
+            .await?;
+        }
+        self.get(actor, id).await
+    }
+
+    /// Moves the blob of every version of a document to `tier`.
+    async fn move_versions(&self, id: i64, tier: &str, grace: Grace, hook: StepHook<'_>) -> Result<u64, DocError> {
+        let shas: Vec<String> = sqlx::query_scalar("SELECT DISTINCT sha256 FROM versions WHERE document_id = $1")
+            .bind(id)
+            .fetch_all(self.meta.pool())
+            .await?;
+        let mut moved = 0;
+        for sha in shas {
+            moved += self.move_blob(&sha, tier, grace, hook).await?;
+        }
+        Ok(moved)
+    }
+
+    /// Bytes and objects per tier, their monthly cost, and what compression,
+    /// deduplication and tiering save.
+    pub async fn usage(&self, config: &PlatformConfig) -> Result<Usage, DocError> {
+        let rows = sqlx::query(
+            "SELECT tier, COUNT(*) AS objects, CAST(COALESCE(SUM(stored_size), 0) AS BIGINT) AS stored, \
+             CAST(COALESCE(SUM(size), 0) AS BIGINT) AS original FROM blobs GROUP BY tier ORDER BY tier",
+        )
+        .fetch_all(self.meta.pool())
+        .await?;
+        let logical: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM versions")
+            .fetch_one(self.meta.pool())
+            .await?;
+        let default_cost = config.tiers.get(&config.default_tier).and_then(|t| t.cost_per_gb_month).unwrap_or(0.0);
+        let mut usage = Usage { logical_bytes: logical, ..Usage::default() };
+        let mut seen = BTreeSet::new();
+        let (mut unique, mut compression, mut tiering) = (0i64, 0.0, 0.0);
+        for row in &rows {
+            let tier: String = row.try_get("tier")?;
+            let (objects, bytes, original): (i64, i64, i64) =
+                (row.try_get("objects")?, row.try_get("stored")?, row.try_get("original")?);
+            let configured = config.tiers.get(&tier);
+            let cost = configured.and_then(|t| t.cost_per_gb_month);
+            let estimated = monthly(bytes, cost.unwrap_or(0.0));
+            compression += monthly(original - bytes, default_cost);
+            tiering += monthly(bytes, default_cost) - estimated;
+            unique += original;
+            usage.objects += objects;
+            usage.stored_bytes += bytes;
+            usage.estimated_monthly_cost += estimated;
+            seen.insert(tier.clone());
+            usage.tiers.push(TierUsage {
+                tier,
+                class: configured.map(|t| format!("{:?}", t.class).to_uppercase()),
+                objects,
+                bytes,
+                original_bytes: original,
+                cost_per_gb_month: cost,
+                estimated_monthly_cost: estimated,
+            });
+        }
+        for (name, tier) in &config.tiers {
+            if !seen.contains(name) {
+                usage.tiers.push(TierUsage {
+                    tier: name.clone(),
+                    class: Some(format!("{:?}", tier.class).to_uppercase()),
+                    cost_per_gb_month: tier.cost_per_gb_month,
+                    ..TierUsage::default()
+                });
+            }
+        }
+        usage.tiers.sort_by(|a, b| a.tier.cmp(&b.tier));
+        let deduplication = monthly(logical - unique, default_cost);
+        usage.baseline_monthly_cost = monthly(logical, default_cost);
+        usage.monthly_savings =
+            Savings { compression, deduplication, tiering, total: compression + deduplication + tiering };
+        Ok(usage)
+    }
+}
+
+/// Deletes the blob row of `sha` when no version or document refers to it any more, and
+/// hands its copy to `blob_garbage`, due at `not_before`.
+async fn release_blob(tx: &mut Tx, sha: &str, not_before: i64) -> Result<(), StoreError> {
+    let row = sqlx::query(
+        "SELECT tier, object_key FROM blobs b WHERE sha256 = $1 AND NOT EXISTS \
+         (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
+         AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256)",
+    )
+    .bind(sha)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(row) = row {
+        sqlx::query("DELETE FROM blobs WHERE sha256 = $1").bind(sha).execute(&mut **tx).await?;
+        sqlx::query("INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3)")
+            .bind(row.try_get::<String, _>("tier")?)
+            .bind(row.try_get::<String, _>("object_key")?)
+            .bind(not_before)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
