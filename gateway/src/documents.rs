@@ -42,6 +42,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(restore))
         .routes(routes!(hold, release))
         .routes(routes!(create_link))
+        .merge(crate::lifecycle::document_router())
         .merge(uploads)
 }
 

@@ -9,6 +9,7 @@ pub mod documents;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;
 pub mod realtime;
@@ -46,6 +47,20 @@ pub struct AppState {
     pub webhooks: Arc<webhooks::WebhookService>,
     /// Real-time notifications: what WebSocket and SSE clients read.
     pub hub: Arc<realtime::Hub>,
+    /// The platform config in use, swapped whole when it changes.
+    pub platform: Arc<std::sync::RwLock<Arc<vellum_core::config::PlatformConfig>>>,
+}
+
+impl AppState {
+    /// The platform config as it is now.
+    pub fn platform(&self) -> Arc<vellum_core::config::PlatformConfig> {
+        Arc::clone(&self.platform.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Replaces the platform config, after a reload.
+    pub fn set_platform(&self, config: vellum_core::config::PlatformConfig) {
+        *self.platform.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+    }
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -1,5 +1,6 @@
 //! `/metrics` in the Prometheus text format: requests by route and status, latency
-//! histograms, bytes in and out, deduplicated bytes, and the outbox depth.
+//! histograms, bytes in and out, deduplicated bytes, the outbox depth, and per tier the
+//! objects, bytes and monthly cost (refreshed at most once a minute).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +31,11 @@ struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConfigLabels {
     hash: String,
 }
@@ -47,6 +53,17 @@ pub struct Metrics {
     /// 1 for the hash of the platform config in use, 0 for those used before.
     config: Family<ConfigLabels, Gauge>,
     config_hash: std::sync::Mutex<String>,
+    tier_objects: Family<TierLabels, Gauge>,
+    tier_bytes: Family<TierLabels, Gauge>,
+    tier_cost: Family<TierLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    savings: Family<KindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// When the storage gauges were last computed (they cost a scan of the blobs).
+    usage_at: std::sync::Mutex<Option<Instant>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -88,7 +105,24 @@ impl Metrics {
         registry.register("outbox_depth", "Events written and not yet published", outbox_depth.clone());
         let config = Family::<ConfigLabels, Gauge>::default();
         registry.register("platform_config_info", "The platform config in use (1), by content hash", config.clone());
+        let tier_objects = Family::<TierLabels, Gauge>::default();
+        let tier_bytes = Family::<TierLabels, Gauge>::default();
+        let tier_cost = Family::<TierLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let savings = Family::<KindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register("storage_objects", "Stored blobs, by tier", tier_objects.clone());
+        registry.register("storage_bytes", "Stored bytes (after compression), by tier", tier_bytes.clone());
+        registry.register("storage_monthly_cost", "Estimated monthly cost, by tier", tier_cost.clone());
+        registry.register(
+            "storage_monthly_savings",
+            "Estimated monthly savings, by kind (compression, deduplication, tiering)",
+            savings.clone(),
+        );
         Self {
+            tier_objects,
+            tier_bytes,
+            tier_cost,
+            savings,
+            usage_at: std::sync::Mutex::new(None),
             registry,
             requests,
             latency,
@@ -109,6 +143,31 @@ impl Metrics {
         }
         self.config.get_or_create(&ConfigLabels { hash: hash.to_owned() }).set(1);
         hash.clone_into(&mut current);
+    }
+
+    /// Records what the tiers hold and cost.
+    pub fn set_storage_usage(&self, usage: &vellum_core::documents::Usage) {
+        for tier in &usage.tiers {
+            let labels = TierLabels { tier: tier.tier.clone() };
+            self.tier_objects.get_or_create(&labels).set(tier.objects);
+            self.tier_bytes.get_or_create(&labels).set(tier.bytes);
+            self.tier_cost.get_or_create(&labels).set(tier.estimated_monthly_cost);
+        }
+        let s = &usage.monthly_savings;
+        for (kind, value) in
+            [("compression", s.compression), ("deduplication", s.deduplication), ("tiering", s.tiering)]
+        {
+            self.savings.get_or_create(&KindLabels { kind: kind.to_owned() }).set(value);
+        }
+        *self.usage_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Whether the storage gauges are older than a minute.
+    fn usage_stale(&self) -> bool {
+        self.usage_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none_or(|at| at.elapsed() > std::time::Duration::from_secs(60))
     }
 
     /// The content hash of the platform config in use.
@@ -146,6 +205,12 @@ pub fn router() -> utoipa_axum::router::OpenApiRouter<AppState> {
 async fn scrape(State(state): State<AppState>) -> Response {
     if let Ok(depth) = vellum_core::events::outbox::depth(state.docs.meta()).await {
         state.metrics.outbox_depth.set(depth);
+    }
+    if state.metrics.usage_stale() {
+        match state.docs.usage(&state.platform()).await {
+            Ok(usage) => state.metrics.set_storage_usage(&usage),
+            Err(e) => tracing::warn!(error = %e, "computing storage usage"),
+        }
     }
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.metrics.registry) {

@@ -74,6 +74,7 @@ pub struct Running {
     relay: JoinHandle<()>,
     sweeper: JoinHandle<()>,
     reloader: Option<JoinHandle<()>>,
+    scheduler: Option<JoinHandle<()>>,
     hub_feeds: Vec<JoinHandle<()>>,
 }
 
@@ -174,6 +175,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         metrics: Arc::new(crate::metrics::Metrics::new()),
         webhooks: Arc::new(webhooks),
         hub: Arc::clone(&hub),
+        platform: Arc::new(std::sync::RwLock::new(Arc::new(config.clone()))),
     };
 
     state.metrics.set_config_hash(&config_hash);
@@ -197,13 +199,15 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
     let reloader = compiled
         .then(|| tokio::spawn(reload(state.clone(), options.clone(), data_dir.clone(), config_hash, stopped.clone())));
+    // In a cluster the operator's CronJobs run the retention policies.
+    let scheduler = (!compiled).then(|| tokio::spawn(schedule_retention(state.clone(), stopped.clone())));
     let server = tokio::spawn({
         let router = app(state.clone());
         let stop = until_stopped(stopped);
         async move { axum::serve(listener, router).with_graceful_shutdown(stop).await }
     });
     tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), cluster = nats.is_some(), "gateway serving");
-    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper, reloader, hub_feeds })
+    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper, reloader, scheduler, hub_feeds })
 }
 
 /// Reads the compiled config every `config_reload` until `stop` turns true, and applies a
@@ -246,9 +250,40 @@ async fn reload(
             continue;
         }
         state.docs.set_tiers(tiers);
+        state.set_platform(config.clone());
         state.metrics.set_config_hash(&new_hash);
         tracing::info!(hash = %new_hash, tiers = config.tiers.len(), webhooks = config.webhooks.len(), "platform config reloaded");
         hash = new_hash;
+    }
+}
+
+/// Runs each retention policy at the times its schedule names, as the operator's CronJobs
+/// do in a cluster. A run that fails is logged and tried again at the policy's next time;
+/// an unfinished run is resumed by the next.
+async fn schedule_retention(state: AppState, mut stop: watch::Receiver<bool>) {
+    let mut checked = state.docs.clock().now_ms();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(Duration::from_secs(20)) => {}
+        }
+        let now = state.docs.clock().now_ms();
+        let config = state.platform();
+        for (name, policy) in &config.retention_policies {
+            let due = vellum_core::lifecycle::next_run(&policy.schedule, checked).is_some_and(|at| at <= now);
+            if policy.suspend || !due {
+                continue;
+            }
+            let settings = vellum_workers::retention::RunSettings::default();
+            match vellum_workers::retention::run_policy(&state.docs, &config, name, settings, &|_| {}).await {
+                Ok(report) => {
+                    let (matched, transitioned, expired) = (report.matched, report.transitioned, report.expired);
+                    tracing::info!(policy = %name, matched, transitioned, expired, errors = report.errors, "retention run");
+                }
+                Err(e) => tracing::warn!(policy = %name, error = %e, "retention run failed"),
+            }
+        }
+        checked = now;
     }
 }
 
@@ -281,6 +316,9 @@ impl Running {
         self.sweeper.await.ok();
         if let Some(reloader) = self.reloader {
             reloader.await.ok();
+        }
+        if let Some(scheduler) = self.scheduler {
+            scheduler.await.ok();
         }
         self.state.webhooks.engine().shutdown().await;
         for feed in self.hub_feeds {

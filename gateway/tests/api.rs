@@ -19,6 +19,21 @@ spec:
   default: true
   backend: {url: 'file://tiers/hot'}
   compression: {enabled: true}
+  costPerGbMonth: 0.023
+---
+apiVersion: vellum.dev/v1alpha1
+kind: StorageTier
+metadata: {name: cold}
+spec:
+  class: COLD
+  backend: {url: 'file://tiers/cold'}
+  costPerGbMonth: 0.004
+---
+apiVersion: vellum.dev/v1alpha1
+kind: RetentionPolicy
+metadata: {name: cool-down}
+spec:
+  transitions: [{afterDays: 30, toTier: cold}]
 ";
 
 struct Gateway {
@@ -1115,10 +1130,12 @@ async fn the_openapi_document_matches_the_routes() {
         "GET /api/v1/documents/{id}",
         "GET /api/v1/documents/{id}/content",
         "GET /api/v1/documents/{id}/download",
+        "GET /api/v1/documents/{id}/lifecycle",
         "GET /api/v1/documents/{id}/versions",
         "GET /api/v1/documents/{id}/versions/{n}/content",
         "GET /api/v1/events/stream",
         "GET /api/v1/links/{token}",
+        "GET /api/v1/storage/usage",
         "GET /api/v1/upload/{session}",
         "GET /api/v1/upload/{session}/chunks",
         "GET /api/v1/upload/{session}/missing-chunks",
@@ -1138,6 +1155,8 @@ async fn the_openapi_document_matches_the_routes() {
         "PATCH /api/v1/tus/{id}",
         "POST /api/v1/documents",
         "POST /api/v1/documents/{id}/links",
+        "POST /api/v1/documents/{id}/restore",
+        "POST /api/v1/documents/{id}/tier",
         "POST /api/v1/documents/{id}/versions",
         "POST /api/v1/documents/{id}/versions/{n}/restore",
         "POST /api/v1/tus",
@@ -1181,4 +1200,72 @@ async fn the_openapi_document_matches_the_routes() {
     // The seed's alias answers too, without being documented twice.
     let alias = gw.get("alice", "/api/documents").send().await.unwrap();
     assert_eq!(alias.status(), StatusCode::OK);
+}
+
+/// A document's lifecycle on the API: its next action and date, a move to another tier on
+/// request, restore refused for a document that is not archived, and storage usage (admins).
+#[tokio::test]
+async fn lifecycle_and_storage_usage() {
+    let gw = gateway(false, 1000).await;
+    let doc = gw.upload("alice", "plan.txt", b"a plan worth keeping for a while").await;
+    let id = doc["id"].as_i64().unwrap();
+    let alice = gw.token("alice", &["user"]);
+    let life: Value =
+        gw.get("alice", &format!("/api/v1/documents/{id}/lifecycle")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(life["storageTier"], "hot");
+    assert_eq!(life["nextAction"]["action"], "TRANSITION");
+    assert_eq!(life["nextAction"]["tier"], "cold");
+    assert_eq!(life["nextAction"]["policy"], "cool-down");
+    let due = vellum_core::clock::parse_rfc3339(life["nextAction"]["dueAt"].as_str().unwrap()).unwrap();
+    let created = vellum_core::clock::parse_rfc3339(doc["createdAt"].as_str().unwrap()).unwrap();
+    assert_eq!(due - created, 30 * 86_400_000);
+    let other = gw.get("bob", &format!("/api/v1/documents/{id}/lifecycle")).send().await.unwrap();
+    error_of(other, StatusCode::NOT_FOUND).await;
+
+    let tier = format!("/api/v1/documents/{id}/tier");
+    let moved: Value = gw
+        .client
+        .post(gw.url(&tier))
+        .bearer_auth(&alice)
+        .json(&json!({"tier": "cold"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(moved["storageTier"], "cold");
+    let body = gw.get("alice", &format!("/api/v1/documents/{id}/content")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(&body[..], b"a plan worth keeping for a while");
+    let life: Value =
+        gw.get("alice", &format!("/api/v1/documents/{id}/lifecycle")).send().await.unwrap().json().await.unwrap();
+    assert!(life["nextAction"].is_null(), "nothing colder to go to: {life}");
+    let unknown =
+        gw.client.post(gw.url(&tier)).bearer_auth(&alice).json(&json!({"tier": "tape"})).send().await.unwrap();
+    assert!(error_of(unknown, StatusCode::BAD_REQUEST).await.contains("tape"));
+    let malformed = gw.client.post(gw.url(&tier)).bearer_auth(&alice).json(&json!({"tier": 7})).send().await.unwrap();
+    assert_eq!(malformed.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let restore =
+        gw.client.post(gw.url(&format!("/api/v1/documents/{id}/restore"))).bearer_auth(&alice).send().await.unwrap();
+    assert!(error_of(restore, StatusCode::CONFLICT).await.contains("not archived"));
+
+    let refused = gw.get("alice", "/api/v1/storage/usage").send().await.unwrap();
+    error_of(refused, StatusCode::FORBIDDEN).await;
+    let usage: Value = gw
+        .client
+        .get(gw.url("/api/v1/storage/usage"))
+        .bearer_auth(gw.token("root", &["admin"]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tiers = usage["tiers"].as_array().unwrap();
+    let cold = tiers.iter().find(|t| t["tier"] == "cold").unwrap();
+    assert_eq!((cold["objects"].as_i64(), cold["class"].as_str()), (Some(1), Some("COLD")));
+    assert_eq!(tiers.iter().find(|t| t["tier"] == "hot").unwrap()["objects"], 0);
+    assert!(usage["monthlySavings"]["tiering"].as_f64().unwrap() > 0.0, "{usage}");
+    let metrics = gw.client.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("vellum_gateway_storage_objects{tier=\"cold\"} 1"), "{metrics}");
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use sqlx::Row;
@@ -299,10 +300,13 @@ async fn apply(
         }
     }
     let failed: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
-    let bytes_each: Vec<u64> = futures::stream::iter(moves)
+    // Boxed futures in a Vec rather than a mapped stream: a mapped stream of borrowing
+    // futures trips the compiler's Send check where a caller spawns the run.
+    let move_futures: Vec<BoxFuture<'_, u64>> = moves
+        .into_iter()
         .map(|(sha, tier)| {
             let failed = &failed;
-            async move {
+            Box::pin(async move {
                 match docs.move_blob(sha, tier, settings.grace, hook).await {
                     Ok(bytes) => bytes,
                     Err(e) => {
@@ -314,22 +318,23 @@ async fn apply(
                         0
                     }
                 }
-            }
+            }) as BoxFuture<'_, u64>
         })
-        .buffer_unordered(settings.concurrency.max(1))
-        .collect()
-        .await;
+        .collect();
+    let bytes_each: Vec<u64> =
+        futures::stream::iter(move_futures).buffer_unordered(settings.concurrency.max(1)).collect().await;
     report.bytes_moved += bytes_each.iter().map(|b| i64::try_from(*b).unwrap_or(i64::MAX)).sum::<i64>();
     let failed = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
 
-    let outcomes: Vec<(i64, i64, i64)> = futures::stream::iter(plans)
+    let failed = &failed;
+    let action_futures: Vec<BoxFuture<'_, (i64, i64, i64)>> = plans
+        .iter()
         .map(|(doc, actions)| {
-            let failed = &failed;
-            async move { run_actions(docs, doc, actions, failed, settings.grace, hook).await }
+            Box::pin(run_actions(docs, doc, actions, failed, settings.grace, hook)) as BoxFuture<'_, _>
         })
-        .buffer_unordered(settings.concurrency.max(1))
-        .collect()
-        .await;
+        .collect();
+    let outcomes: Vec<(i64, i64, i64)> =
+        futures::stream::iter(action_futures).buffer_unordered(settings.concurrency.max(1)).collect().await;
     for (transitioned, expired, errors) in outcomes {
         report.transitioned += transitioned;
         report.expired += expired;
@@ -424,14 +429,17 @@ pub async fn drain_tier(
                 .fetch_all(docs.meta().pool())
                 .await?;
         let Some(last) = shas.last().cloned() else { break };
-        let results: Vec<(String, Result<u64, DocError>)> = futures::stream::iter(shas)
-            .map(|sha| async move {
-                let r = docs.move_blob(&sha, to, settings.grace, &|_| {}).await;
-                (sha, r)
+        let move_futures: Vec<BoxFuture<'_, (String, Result<u64, DocError>)>> = shas
+            .into_iter()
+            .map(|sha| {
+                Box::pin(async move {
+                    let r = docs.move_blob(&sha, to, settings.grace, &|_| {}).await;
+                    (sha, r)
+                }) as BoxFuture<'_, _>
             })
-            .buffer_unordered(settings.concurrency.max(1))
-            .collect()
-            .await;
+            .collect();
+        let results: Vec<(String, Result<u64, DocError>)> =
+            futures::stream::iter(move_futures).buffer_unordered(settings.concurrency.max(1)).collect().await;
         for (sha, result) in results {
             match result {
                 Ok(bytes) => {
