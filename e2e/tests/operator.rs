@@ -240,6 +240,9 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     assert_eq!(tier["status"]["reachable"], true, "{tier}");
     let cron = get_json(&cluster, &["-n", "docs", "get", "cronjob/temporary-files-retention"]).await;
     assert_eq!(cron["spec"]["schedule"], "0 3 * * *");
+    let policy = get_json(&cluster, &["-n", "docs", "get", "retentionpolicy/temporary-files"]).await;
+    let next = policy["status"]["nextRun"].as_str().unwrap_or_default();
+    assert!(next.ends_with("T03:00:00Z"), "the next run is the schedule's: {policy}");
 
     // Exactly one operator replica leads.
     let lease = get_json(&cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;

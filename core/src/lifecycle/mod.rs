@@ -12,6 +12,8 @@
 //! - documents only ever move to colder tiers here: a version in a colder class than a
 //!   rule names stays where it is (promotion back is an explicit request).
 //!
+//! ([`last_finished_run`] alone reads a store: the runs the workers recorded.)
+//!
 //! Ages count in whole days from the upload of the version (`UPLOAD`) or from the later of
 //! that and the document's last download (`LAST_ACCESS`); a rule of `afterDays: 30` is due
 //! 30 × 24 hours after that moment. A noncurrent version's age for expiry counts from the
@@ -286,4 +288,44 @@ pub fn next_run(schedule: &str, after_ms: i64) -> Option<i64> {
     let after = chrono::DateTime::from_timestamp_millis(after_ms)?;
     let next = cron.find_next_occurrence(&after, false).ok()?;
     Some(next.timestamp_millis())
+}
+
+/// The record of one retention run, as `retention_runs` keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunRecord {
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub dry_run: bool,
+    pub matched: i64,
+    pub transitioned: i64,
+    pub expired: i64,
+    pub bytes_moved: i64,
+    pub errors: i64,
+}
+
+/// The most recent finished run of `policy` in a metadata database (what the operator
+/// shows in the policy's status).
+pub async fn last_finished_run(
+    meta: &crate::store::Metadata,
+    policy: &str,
+) -> Result<Option<RunRecord>, crate::store::StoreError> {
+    use sqlx::Row;
+    let row = sqlx::query(
+        "SELECT started_at, finished_at, dry_run, matched, transitioned, expired, bytes_moved, errors \
+         FROM retention_runs WHERE policy = $1 AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
+    )
+    .bind(policy)
+    .fetch_optional(meta.pool())
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(RunRecord {
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        dry_run: row.try_get::<i64, _>("dry_run")? != 0,
+        matched: row.try_get("matched")?,
+        transitioned: row.try_get("transitioned")?,
+        expired: row.try_get("expired")?,
+        bytes_moved: row.try_get("bytes_moved")?,
+        errors: row.try_get("errors")?,
+    }))
 }

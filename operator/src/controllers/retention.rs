@@ -10,6 +10,7 @@ use kube::runtime::controller::Action;
 use vellum_core::config::{Sources, compile};
 use vellum_crds::common::Conditions;
 use vellum_crds::conditions::{self, reasons};
+use vellum_crds::retention_policy::RunSummary;
 use vellum_crds::{RetentionPolicy, field_managers};
 
 use crate::builders::{self, ReleaseFacts};
@@ -69,16 +70,46 @@ pub async fn reconcile(policy: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Resul
     let ready_condition =
         condition(&previous.conditions, conditions::READY, ready, reason, message.clone(), generation);
     let now = Some((ready_condition.status.clone(), ready_condition.reason.clone()));
+    // The last run, as the workers recorded it in the platform's metadata database, and
+    // the next one the schedule names.
+    let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+    let next_run = (ready && !policy.spec.suspend)
+        .then(|| vellum_core::lifecycle::next_run(&policy.spec.schedule, now_ms))
+        .flatten()
+        .and_then(super::webhook::time_of);
+    let mut last_run = previous.last_run.clone();
+    if let Ok(Some(db)) = ctx.platform_database(&namespace).await {
+        match vellum_core::lifecycle::last_finished_run(&db, &policy.name_any()).await {
+            Ok(Some(run)) => {
+                last_run = Some(RunSummary {
+                    start_time: super::webhook::time_of(run.started_at),
+                    completion_time: run.finished_at.and_then(super::webhook::time_of),
+                    dry_run: run.dry_run,
+                    matched: run.matched,
+                    transitioned: run.transitioned,
+                    expired: run.expired,
+                    bytes_moved: run.bytes_moved,
+                    errors: run.errors,
+                });
+            }
+            Ok(None) => {}
+            // A database not migrated yet has no runs; a failing one is the ShardSet's to report.
+            Err(e) => tracing::debug!(error = %e, "reading the last retention run"),
+        }
+    }
     let status = vellum_crds::retention_policy::RetentionPolicyStatus {
         conditions: Conditions(vec![ready_condition]),
         observed_generation: generation,
+        last_run,
+        next_run,
         ..previous
     };
     apply_status(&ctx.client, field_managers::RETENTION_POLICY, policy.as_ref(), &status).await?;
     if was != now {
         ctx.event(policy.as_ref(), !ready, if ready { "Scheduled" } else { reason }, message).await;
     }
-    Ok(Action::await_change())
+    // Runs happen on the schedule, outside any watched object: look again in a while.
+    Ok(Action::requeue(std::time::Duration::from_secs(60)))
 }
 
 /// A delete of something already gone succeeded.

@@ -65,7 +65,7 @@ pub async fn check_destination(
     Ok(())
 }
 
-fn time_of(ms: i64) -> Option<Time> {
+pub fn time_of(ms: i64) -> Option<Time> {
     k8s_openapi::jiff::Timestamp::from_millisecond(ms).ok().map(Time)
 }
 
