@@ -129,16 +129,17 @@ fn monthly(bytes: i64, cost_per_gb: f64) -> f64 {
 }
 
 /// Where a blob is now.
-struct Located {
-    tier: String,
-    object_key: String,
-    codec: Codec,
+pub(super) struct Located {
+    pub(super) tier: String,
+    pub(super) object_key: String,
+    pub(super) codec: Codec,
 }
 
-async fn locate(tx: &mut Tx, sha256: &str) -> Result<Option<Located>, DocError> {
+/// Where the blob `sha256` is stored now, if it still is.
+pub(super) async fn locate(conn: &mut sqlx::AnyConnection, sha256: &str) -> Result<Option<Located>, DocError> {
     let row = sqlx::query("SELECT tier, object_key, compression FROM blobs WHERE sha256 = $1")
         .bind(sha256)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *conn)
         .await?;
     let Some(row) = row else { return Ok(None) };
     let codec: String = row.try_get("compression")?;
@@ -637,19 +638,10 @@ impl Documents {
 /// Deletes the blob row of `sha` when no version or document refers to it any more, and
 /// hands its copy to `blob_garbage`, due at `not_before`.
 async fn release_blob(tx: &mut Tx, sha: &str, not_before: i64) -> Result<(), StoreError> {
-    let row = sqlx::query(
-        "SELECT tier, object_key FROM blobs b WHERE sha256 = $1 AND NOT EXISTS \
-         (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
-         AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256)",
-    )
-    .bind(sha)
-    .fetch_optional(&mut **tx)
-    .await?;
-    if let Some(row) = row {
-        sqlx::query("DELETE FROM blobs WHERE sha256 = $1").bind(sha).execute(&mut **tx).await?;
+    if let Some((tier, object_key)) = super::forget_unreferenced_blob(tx, sha).await? {
         sqlx::query("INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3)")
-            .bind(row.try_get::<String, _>("tier")?)
-            .bind(row.try_get::<String, _>("object_key")?)
+            .bind(tier)
+            .bind(object_key)
             .bind(not_before)
             .execute(&mut **tx)
             .await?;

@@ -258,6 +258,25 @@ async fn insert_version(
     Ok(())
 }
 
+/// Deletes the row of blob `sha` if no version or document refers to it any more, and
+/// returns where its copy is stored (`tier`, `object_key`): the caller deletes the copy.
+///
+/// In a serializable transaction: a concurrent upload that links to this blob either
+/// commits first (and the blob stays) or fails and retries (and stores its own copy).
+async fn forget_unreferenced_blob(tx: &mut Tx, sha: &str) -> Result<Option<(String, String)>, StoreError> {
+    let row = sqlx::query(
+        "SELECT tier, object_key FROM blobs b WHERE sha256 = $1 AND NOT EXISTS \
+         (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
+         AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256)",
+    )
+    .bind(sha)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    sqlx::query("DELETE FROM blobs WHERE sha256 = $1").bind(sha).execute(&mut **tx).await?;
+    Ok(Some((row.try_get("tier")?, row.try_get("object_key")?)))
+}
+
 /// Makes the tag index of a document say `tags`.
 async fn replace_tags(tx: &mut Tx, id: i64, tags: &[String]) -> Result<(), StoreError> {
     sqlx::query("DELETE FROM document_tags WHERE document_id = $1").bind(id).execute(&mut **tx).await?;
@@ -887,24 +906,7 @@ impl Documents {
                         sqlx::query("DELETE FROM documents WHERE id = $1").bind(id).execute(&mut **tx).await?;
                         let mut freed = Vec::new();
                         for sha in shas {
-                            // In a serializable transaction: a concurrent upload that links to
-                            // this blob either commits first (and the blob stays) or fails and
-                            // retries (and stores its own copy).
-                            let row = sqlx::query(
-                                "SELECT tier, object_key FROM blobs b WHERE sha256 = $1 AND NOT EXISTS \
-                             (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
-                             AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256)",
-                            )
-                            .bind(&sha)
-                            .fetch_optional(&mut **tx)
-                            .await?;
-                            if let Some(row) = row {
-                                sqlx::query("DELETE FROM blobs WHERE sha256 = $1")
-                                    .bind(&sha)
-                                    .execute(&mut **tx)
-                                    .await?;
-                                freed.push((row.try_get("tier")?, row.try_get("object_key")?));
-                            }
+                            freed.extend(forget_unreferenced_blob(tx, &sha).await?);
                         }
                         let fields = with(document_fields(&doc), json!({"deletedBy": actor.user, "permanent": true}));
                         Event::new(EventType::DocumentDeleted, now, fields).enqueue(tx, now).await?;
@@ -997,16 +999,13 @@ impl Documents {
         let tier = self.tiers().get(&content.tier)?;
         match tier.read(&content.object_key, content.codec, range.clone()).await {
             Err(BlobError::Store { source: object_store::Error::NotFound { .. }, .. }) => {
-                let row = sqlx::query("SELECT tier, object_key, compression FROM blobs WHERE sha256 = $1")
-                    .bind(&content.sha256)
-                    .fetch_optional(self.meta.pool())
+                let mut conn = self.meta.pool().acquire().await?;
+                let now = lifecycle::locate(&mut conn, &content.sha256)
                     .await?
                     .ok_or(DocError::NotFound(content.document.id))?;
-                let codec: String = row.try_get("compression")?;
-                let codec =
-                    Codec::parse(&codec).ok_or_else(|| StoreError::Corrupt(format!("blob compression {codec}")))?;
-                let tier = self.tiers().get(&row.try_get::<String, _>("tier")?)?;
-                Ok(tier.read(&row.try_get::<String, _>("object_key")?, codec, range).await?)
+                drop(conn);
+                let tier = self.tiers().get(&now.tier)?;
+                Ok(tier.read(&now.object_key, now.codec, range).await?)
             }
             other => Ok(other?),
         }
