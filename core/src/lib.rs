@@ -15,6 +15,7 @@ pub mod documents;
 pub mod events;
 pub mod lifecycle;
 pub mod process;
+pub mod routing;
 pub mod signing;
 pub mod store;
 pub mod uploads;

@@ -120,7 +120,8 @@ struct Received {
 }
 
 async fn receive(state: &AppState, request: Request, default_content_type: Option<String>) -> ApiResult<Received> {
-    let docs = &state.docs;
+    // Bytes go to the tiers, which every shard shares; the metadata comes later.
+    let docs = state.docs.primary();
     if is_multipart(request.headers()) {
         let mut form =
             Multipart::from_request(request, state).await.map_err(|r| ApiError::bad_request(r.body_text()))?;
@@ -232,7 +233,7 @@ pub(crate) fn count_upload(state: &AppState, uploaded: &Uploaded) {
     ))]
 async fn upload(State(state): State<AppState>, User(actor): User, request: Request) -> ApiResult<Response> {
     let received = receive(&state, request, None).await?;
-    let docs = &state.docs;
+    let docs = state.docs.for_new();
     let prepared = (|| {
         let params = &received.params;
         let Some(filename) = received.filename.clone() else {
@@ -282,11 +283,11 @@ async fn upload_version(
     request: Request,
 ) -> ApiResult<Response> {
     // Check access (and existence) before taking the bytes.
-    let current = state.docs.get(&actor, id).await?;
+    let current = state.docs.of(id).get(&actor, id).await?;
     let received = receive(&state, request, Some(current.content_type)).await?;
     let params = &received.params;
     if params.title.is_some() || params.tags.is_some() || params.metadata.is_some() || params.description.is_some() {
-        state.docs.discard(&received.blob).await;
+        state.docs.primary().discard(&received.blob).await;
         return Err(ApiError::bad_request(
             "a new version takes only file, filename and changeDescription; change metadata with PATCH",
         ));
@@ -296,14 +297,14 @@ async fn upload_version(
         content_type: received.content_type.clone(),
         change_description: params.change_description.clone(),
     };
-    let uploaded = state.docs.record_version(&actor, id, new, received.blob).await?;
+    let uploaded = state.docs.of(id).record_version(&actor, id, new, received.blob).await?;
     Ok(created(&state, &uploaded))
 }
 
 #[utoipa::path(get, path = "/{id}", tag = TAG, summary = "A document's metadata", params(("id" = i64, Path)),
     responses((status = 200, body = Document), (status = 404, body = ErrorBody)))]
 async fn get_document(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.get(&actor, id).await?).into_response())
+    Ok(axum::Json(state.docs.of(id).get(&actor, id).await?).into_response())
 }
 
 #[utoipa::path(patch, path = "/{id}", tag = TAG,
@@ -316,7 +317,7 @@ async fn update(
     DocId(id): DocId,
     JsonBody(patch): JsonBody<MetadataPatch>,
 ) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.update(&actor, id, patch).await?).into_response())
+    Ok(axum::Json(state.docs.of(id).update(&actor, id, patch).await?).into_response())
 }
 
 #[utoipa::path(put, path = "/{id}/metadata", tag = TAG, summary = "Change metadata (the seed's path)",
@@ -410,7 +411,7 @@ async fn download(
     QueryParams(p): QueryParams<VersionParam>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let content = state.docs.content(&actor, id, p.version).await?;
+    let content = state.docs.of(id).content(&actor, id, p.version).await?;
     serve(&state, &content, &headers).await
 }
 
@@ -437,14 +438,14 @@ async fn download_version(
     Path((_, n)): Path<(String, i64)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let content = state.docs.content(&actor, id, Some(n)).await?;
+    let content = state.docs.of(id).content(&actor, id, Some(n)).await?;
     serve(&state, &content, &headers).await
 }
 
 #[utoipa::path(get, path = "/{id}/versions", tag = TAG, summary = "A document's versions, newest first",
     params(("id" = i64, Path)), responses((status = 200, body = VersionHistory), (status = 404, body = ErrorBody)))]
 async fn versions(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.versions(&actor, id).await?).into_response())
+    Ok(axum::Json(state.docs.of(id).versions(&actor, id).await?).into_response())
 }
 
 #[utoipa::path(post, path = "/{id}/versions/{n}/restore", tag = TAG,
@@ -457,7 +458,7 @@ async fn restore(
     DocId(id): DocId,
     Path((_, n)): Path<(String, i64)>,
 ) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.restore_version(&actor, id, n).await?).into_response())
+    Ok(axum::Json(state.docs.of(id).restore_version(&actor, id, n).await?).into_response())
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -478,9 +479,9 @@ async fn delete(
     QueryParams(p): QueryParams<DeleteParams>,
 ) -> ApiResult<Response> {
     if p.permanent {
-        state.docs.purge(&actor, id).await?;
+        state.docs.of(id).purge(&actor, id).await?;
     } else {
-        state.docs.delete(&actor, id).await?;
+        state.docs.of(id).delete(&actor, id).await?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -489,14 +490,14 @@ async fn delete(
     params(("id" = i64, Path)),
     responses((status = 200, body = Document), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn hold(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.set_legal_hold(&actor, id, true).await?).into_response())
+    Ok(axum::Json(state.docs.of(id).set_legal_hold(&actor, id, true).await?).into_response())
 }
 
 #[utoipa::path(delete, path = "/{id}/legal-hold", tag = TAG, summary = "Release a legal hold (admins)",
     params(("id" = i64, Path)),
     responses((status = 200, body = Document), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn release(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.set_legal_hold(&actor, id, false).await?).into_response())
+    Ok(axum::Json(state.docs.of(id).set_legal_hold(&actor, id, false).await?).into_response())
 }
 
 // Signed links: `<id>.<version>.<expiry ms>.<signature>`, the signature an HMAC-SHA256 of
@@ -531,7 +532,7 @@ async fn create_link(
     if seconds == 0 || seconds > MAX_LINK_SECONDS {
         return Err(ApiError::bad_request(format!("expiresInSeconds must be between 1 and {MAX_LINK_SECONDS}")));
     }
-    let content = state.docs.content(&actor, id, request.version).await?;
+    let content = state.docs.of(id).content(&actor, id, request.version).await?;
     let expires = state.docs.clock().now_ms() + i64::try_from(seconds * 1000).unwrap_or(i64::MAX);
     let payload = format!("{id}.{}.{expires}", content.version);
     let signature = URL_SAFE_NO_PAD.encode(link_mac(&state.link_key, &payload).finalize().into_bytes());
@@ -579,6 +580,6 @@ async fn follow_link(
     }
     // The signature is the permission: the link reads as its creator could.
     let reader = Actor { user: String::new(), admin: true };
-    let content = state.docs.content(&reader, id, Some(version)).await?;
+    let content = state.docs.of(id).content(&reader, id, Some(version)).await?;
     serve(&state, &content, &headers).await
 }

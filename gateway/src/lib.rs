@@ -29,7 +29,7 @@ use axum::response::IntoResponse;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use vellum_core::documents::Documents;
+use vellum_core::documents::Library;
 
 use crate::auth::Auth;
 use crate::error::ApiError;
@@ -37,7 +37,7 @@ use crate::error::ApiError;
 /// Everything a handler needs, cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    pub docs: Arc<Documents>,
+    pub docs: Arc<Library>,
     pub auth: Arc<Auth>,
     /// Key of the HMAC that signs download links.
     pub link_key: Arc<[u8]>,

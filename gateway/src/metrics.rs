@@ -203,8 +203,9 @@ pub fn router() -> utoipa_axum::router::OpenApiRouter<AppState> {
 #[utoipa::path(get, path = "/metrics", tag = "operations", summary = "Prometheus metrics (OpenMetrics text)",
     security(()), responses((status = 200, content_type = "application/openmetrics-text", body = String)))]
 async fn scrape(State(state): State<AppState>) -> Response {
-    if let Ok(depth) = vellum_core::events::outbox::depth(state.docs.meta()).await {
-        state.metrics.outbox_depth.set(depth);
+    let depths = state.docs.shards().iter().map(|shard| vellum_core::events::outbox::depth(shard.meta()));
+    if let Ok(depths) = futures::future::try_join_all(depths).await {
+        state.metrics.outbox_depth.set(depths.into_iter().sum());
     }
     if state.metrics.usage_stale() {
         match state.docs.usage(&state.platform()).await {

@@ -14,8 +14,9 @@ use tokio::task::JoinHandle;
 use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::{CONFIG_FILE, compile_dir, read_platform};
-use vellum_core::documents::Documents;
+use vellum_core::documents::{Documents, Library, library_of, open_shards};
 use vellum_core::events::{Bus, Sink, relay};
+use vellum_core::routing::RoutingTable;
 use vellum_core::store::Metadata;
 use vellum_core::webhooks::DestinationPolicy;
 use vellum_workers::nats::JetStreamSink;
@@ -71,7 +72,7 @@ pub struct Running {
     pub state: AppState,
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
-    relay: JoinHandle<()>,
+    relays: Vec<JoinHandle<()>>,
     sweeper: JoinHandle<()>,
     reloader: Option<JoinHandle<()>>,
     scheduler: Option<JoinHandle<()>>,
@@ -133,7 +134,15 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
 
     let database_url =
         options.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("vellum.db").display()));
-    let meta = Metadata::open(&database_url).await.context("opening the metadata database")?;
+    let shards = open_shards(&config, &secrets, &database_url).await.map_err(anyhow::Error::msg)?;
+    if shards.len() > 1 && options.nats_url.is_none() {
+        bail!(
+            "the ShardSet has {} shards: several metadata shards need the NATS event stream (--nats-url), \
+             which orders their events",
+            shards.len()
+        );
+    }
+    let meta = shards[0].clone();
 
     let mut auth_settings = options.auth.clone();
     if auth_settings.secret.is_none() && auth_settings.public_keys_pem.is_empty() && auth_settings.jwks.is_none() {
@@ -160,7 +169,8 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         Some(client) => crate::cluster::connect(&hub, client),
         None => vec![hub.feed_from(&bus)],
     };
-    let docs = Documents::new(meta.clone(), tiers, clock.clone(), Some(bus.clone()), options.max_upload_bytes);
+    let (per_shard, buses) = shard_documents(&shards, &tiers, &clock, &bus, options.max_upload_bytes);
+    let docs = library_of(&config, per_shard).map_err(anyhow::Error::msg)?;
 
     let listener =
         TcpListener::bind(options.listen).await.with_context(|| format!("listening on {}", options.listen))?;
@@ -187,15 +197,19 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     // bus; in a cluster they go to JetStream, where the workers turn them into deliveries
     // and every replica's clients see them. In outbox order, woken by every commit here
     // that wrote one (the workers' relay picks up what a dead replica left).
-    let relay = tokio::spawn({
-        let (meta, clock, wake) = (meta.clone(), clock.clone(), Arc::clone(&bus.wake));
-        let sink: Box<dyn Sink> = match &nats {
-            Some(client) => Box::new(JetStreamSink::new(async_nats::jetstream::new(client.clone()))),
-            None => Box::new(LocalSink { engine: engine.clone(), bus: bus.clone() }),
-        };
-        let stop = until_stopped(stopped.clone());
-        async move { relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await }
-    });
+    let relays = shards
+        .iter()
+        .zip(&buses)
+        .map(|(meta, shard_bus)| {
+            let (meta, clock, wake) = (meta.clone(), clock.clone(), Arc::clone(&shard_bus.wake));
+            let sink: Box<dyn Sink> = match &nats {
+                Some(client) => Box::new(JetStreamSink::new(async_nats::jetstream::new(client.clone()))),
+                None => Box::new(LocalSink { engine: engine.clone(), bus: bus.clone() }),
+            };
+            let stop = until_stopped(stopped.clone());
+            tokio::spawn(async move { relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await })
+        })
+        .collect();
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
     let reloader = compiled
         .then(|| tokio::spawn(reload(state.clone(), options.clone(), data_dir.clone(), config_hash, stopped.clone())));
@@ -207,7 +221,25 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         async move { axum::serve(listener, router).with_graceful_shutdown(stop).await }
     });
     tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), cluster = nats.is_some(), "gateway serving");
-    Ok(Running { addr, url, admin_token, state, stop, server, relay, sweeper, reloader, scheduler, hub_feeds })
+    Ok(Running { addr, url, admin_token, state, stop, server, relays, sweeper, reloader, scheduler, hub_feeds })
+}
+
+/// One document service per metadata shard, each with its own outbox wake-up (and relay);
+/// the first shard's relay feeds the in-process `bus` when there is no NATS.
+fn shard_documents(
+    shards: &[Metadata],
+    tiers: &Tiers,
+    clock: &Clock,
+    bus: &Bus,
+    max_upload: u64,
+) -> (Vec<Documents>, Vec<Bus>) {
+    let buses: Vec<Bus> = (0..shards.len()).map(|i| if i == 0 { bus.clone() } else { Bus::new() }).collect();
+    let docs = shards
+        .iter()
+        .zip(&buses)
+        .map(|(meta, bus)| Documents::new(meta.clone(), tiers.clone(), clock.clone(), Some(bus.clone()), max_upload))
+        .collect();
+    (docs, buses)
 }
 
 /// Reads the compiled config every `config_reload` until `stop` turns true, and applies a
@@ -249,6 +281,14 @@ async fn reload(
             tracing::warn!(error = %e, "keeping the previous platform config: its webhooks were not applied");
             continue;
         }
+        if let Some(set) = &config.shards
+            && RoutingTable::build(set).is_ok_and(|table| table.version() != state.docs.table().version())
+        {
+            tracing::warn!(
+                shard_set = %set.shard_set,
+                "the ShardSet's routing changed; this gateway keeps routing as it started until it restarts"
+            );
+        }
         state.docs.set_tiers(tiers);
         state.set_platform(config.clone());
         state.metrics.set_config_hash(&new_hash);
@@ -275,12 +315,14 @@ async fn schedule_retention(state: AppState, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             let settings = vellum_workers::retention::RunSettings::default();
-            match vellum_workers::retention::run_policy(&state.docs, &config, name, settings, &|_| {}).await {
-                Ok(report) => {
-                    let (matched, transitioned, expired) = (report.matched, report.transitioned, report.expired);
-                    tracing::info!(policy = %name, matched, transitioned, expired, errors = report.errors, "retention run");
+            for (shard, docs) in state.docs.table().names().iter().zip(state.docs.shards()) {
+                match vellum_workers::retention::run_policy(docs, &config, name, settings, &|_| {}).await {
+                    Ok(report) => {
+                        let (matched, transitioned, expired) = (report.matched, report.transitioned, report.expired);
+                        tracing::info!(policy = %name, %shard, matched, transitioned, expired, errors = report.errors, "retention run");
+                    }
+                    Err(e) => tracing::warn!(policy = %name, %shard, error = %e, "retention run failed"),
                 }
-                Err(e) => tracing::warn!(policy = %name, error = %e, "retention run failed"),
             }
         }
         checked = now;
@@ -288,7 +330,7 @@ async fn schedule_retention(state: AppState, mut stop: watch::Receiver<bool>) {
 }
 
 /// Expires abandoned upload sessions every 10 minutes until `stop` turns true.
-async fn sweep_uploads(docs: Arc<Documents>, mut stop: watch::Receiver<bool>) {
+async fn sweep_uploads(docs: Arc<Library>, mut stop: watch::Receiver<bool>) {
     loop {
         match docs.expire_uploads().await {
             Ok(0) => {}
@@ -312,7 +354,9 @@ impl Running {
         } else {
             tracing::warn!("in-flight requests did not finish within the grace period");
         }
-        self.relay.await.ok();
+        for relay in self.relays {
+            relay.await.ok();
+        }
         self.sweeper.await.ok();
         if let Some(reloader) = self.reloader {
             reloader.await.ok();

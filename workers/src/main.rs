@@ -8,9 +8,8 @@ use clap::{Parser, Subcommand};
 use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, read_platform};
-use vellum_core::documents::{Documents, Grace, MigrationStep};
+use vellum_core::documents::{Documents, Grace, Library, MigrationStep, library_of, open_shards};
 use vellum_core::process::{init_logging, shutdown_signal};
-use vellum_core::store::Metadata;
 use vellum_workers::Settings;
 use vellum_workers::retention::{RunSettings, drain_tier, run_policy};
 use vellum_workers::run::{Options, run};
@@ -110,15 +109,20 @@ impl RunSettingsArgs {
 }
 
 impl StoreArgs {
-    async fn open(&self) -> anyhow::Result<(Documents, PlatformConfig)> {
+    /// The platform's documents on every shard, and its config.
+    async fn open(&self) -> anyhow::Result<(Library, PlatformConfig)> {
         let (config, secrets) =
             read_platform(&self.config_dir, self.secrets_dir.as_deref()).map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&self.data_dir)
             .with_context(|| format!("creating the data directory {}", self.data_dir.display()))?;
         let data_dir = self.data_dir.canonicalize().context("resolving the data directory")?;
         let tiers = Tiers::open(&config, &secrets, &data_dir).context("opening the storage tiers")?;
-        let meta = Metadata::open(&self.database_url).await.context("opening the metadata database")?;
-        Ok((Documents::new(meta, tiers, Clock::system(), None, u64::MAX), config))
+        let shards = open_shards(&config, &secrets, &self.database_url).await.map_err(anyhow::Error::msg)?;
+        let shards = shards
+            .into_iter()
+            .map(|meta| Documents::new(meta, tiers.clone(), Clock::system(), None, u64::MAX))
+            .collect();
+        Ok((library_of(&config, shards).map_err(anyhow::Error::msg)?, config))
     }
 }
 
@@ -201,18 +205,42 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Command::Retention { policy, store, run } => {
-                let (docs, config) = store.open().await?;
+                let (library, config) = store.open().await?;
                 let hook = fault_hook();
-                let report = run_policy(&docs, &config, &policy, run.settings(), &hook).await?;
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                // Shard by shard, each run recorded (and resumed) in its own database.
+                for (shard, docs) in library.table().names().iter().zip(library.shards()) {
+                    let report = run_policy(docs, &config, &policy, run.settings(), &hook)
+                        .await
+                        .with_context(|| format!("shard {shard}"))?;
+                    if library.shards().len() == 1 {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&serde_json::json!({"shard": shard, "report": report}))?
+                        );
+                    }
+                }
                 Ok(())
             }
             Command::Drain { tier, to, store, run } => {
-                let (docs, _) = store.open().await?;
-                let report = drain_tier(&docs, &tier, &to, run.settings()).await?;
-                println!("{}", serde_json::to_string_pretty(&report)?);
-                if report.remaining > 0 {
-                    anyhow::bail!("{} blobs remain in storage tier {tier}", report.remaining);
+                let (library, _) = store.open().await?;
+                let mut remaining = 0;
+                for (shard, docs) in library.table().names().iter().zip(library.shards()) {
+                    let report =
+                        drain_tier(docs, &tier, &to, run.settings()).await.with_context(|| format!("shard {shard}"))?;
+                    remaining += report.remaining;
+                    if library.shards().len() == 1 {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&serde_json::json!({"shard": shard, "report": report}))?
+                        );
+                    }
+                }
+                if remaining > 0 {
+                    anyhow::bail!("{remaining} blobs remain in storage tier {tier}");
                 }
                 Ok(())
             }

@@ -8,8 +8,8 @@ use anyhow::Context;
 use tokio::sync::{Notify, watch};
 use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, SecretBundle, read_platform};
+use vellum_core::documents::open_shards;
 use vellum_core::events::relay;
-use vellum_core::store::Metadata;
 use vellum_core::webhooks;
 
 use crate::delivery::{Engine, Settings};
@@ -42,7 +42,9 @@ fn load(options: &Options) -> anyhow::Result<(PlatformConfig, SecretBundle)> {
 /// Runs until `stop` turns true; attempts in flight finish before it returns.
 pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let (config, secrets) = load(&options)?;
-    let meta = Metadata::open(&options.database_url).await.context("opening the metadata database")?;
+    // Every shard's outbox is relayed; the first shard keeps the delivery log.
+    let shards = open_shards(&config, &secrets, &options.database_url).await.map_err(anyhow::Error::msg)?;
+    let meta = shards[0].clone();
     let clock = Clock::system();
     let sender = Sender::new(config.webhook_destinations.clone()).context("building the HTTP client")?;
     let engine = Engine::new(meta.clone(), clock.clone(), sender, options.settings.clone());
@@ -58,12 +60,14 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let relay_task = tokio::spawn({
-        let (meta, clock, sink, poll) =
-            (meta.clone(), clock.clone(), JetStreamSink::new(js.clone()), options.relay_poll);
-        let stop = until_stopped(stop.clone());
-        async move { relay(&meta, &clock, &sink, &Notify::new(), poll, stop).await }
-    });
+    let relay_tasks: Vec<_> = shards
+        .into_iter()
+        .map(|meta| {
+            let (clock, sink, poll) = (clock.clone(), JetStreamSink::new(js.clone()), options.relay_poll);
+            let stop = until_stopped(stop.clone());
+            tokio::spawn(async move { relay(&meta, &clock, &sink, &Notify::new(), poll, stop).await })
+        })
+        .collect();
     let consumer_task = tokio::spawn(consume_into_webhooks(js.clone(), engine.clone(), until_stopped(stop.clone())));
     tracing::info!(endpoints = engine.endpoints().len(), "workers running");
 
@@ -98,7 +102,9 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
         }
     }
     engine.shutdown().await;
-    let _ = relay_task.await;
+    for relay_task in relay_tasks {
+        let _ = relay_task.await;
+    }
     let _ = consumer_task.await;
     Ok(())
 }

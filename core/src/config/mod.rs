@@ -380,7 +380,13 @@ impl<'a> Compiler<'a> {
                         });
                     }
                 }
-                Some(ShardsConfig { shard_set: set_name, shards, routing: set.spec.routing.clone() })
+                let config = ShardsConfig { shard_set: set_name.clone(), shards, routing: set.spec.routing.clone() };
+                if config.shards.len() == set.spec.shards.len()
+                    && let Err(message) = crate::routing::RoutingTable::build(&config)
+                {
+                    self.errors.push(err("ShardSet", &set_name, reasons::INVALID_SPEC, message));
+                }
+                Some(config)
             }
             many => {
                 for set in many {

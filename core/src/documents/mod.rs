@@ -3,6 +3,7 @@
 //! use it for their own changes. Every change that emits an event writes the event to the
 //! outbox in the same transaction.
 
+mod library;
 mod lifecycle;
 mod model;
 
@@ -18,13 +19,17 @@ use serde_json::{Map, Value, json};
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
-pub use lifecycle::{Grace, MigrationStep, Savings, StepHook, TierUsage, Usage};
+pub use library::{Library, library_of, open_shards};
+pub use lifecycle::{
+    Grace, MigrationStep, Savings, StepHook, TierUsage, Usage, UsageCounts, monthly_cost, usage_counts,
+};
 pub use model::*;
 
 use crate::blob::{BlobError, ByteStream, Codec, StoredBlob, Tiers};
 use crate::clock::{Clock, rfc3339};
 use crate::crds::webhook::EventType;
 use crate::events::{Bus, Event};
+use crate::routing::RoutingTable;
 use crate::store::{Metadata, StoreError, Tx};
 
 /// Why a document operation failed; each maps to one HTTP status.
@@ -114,14 +119,22 @@ pub struct Documents {
     bus: Option<Bus>,
     /// The largest document accepted, in bytes.
     pub max_upload: u64,
+    /// This database's place among the platform's shards: the documents and upload
+    /// sessions it creates get ids the routing table sends to it.
+    placement: Option<(Arc<RoutingTable>, usize)>,
 }
+
+/// Tries at drawing an id that routes to a shard before giving up: a shard's share of the
+/// hash space is at least 2^-32, so a shard that ever gets a new document (which is chosen
+/// by the same routing) finds one in a handful of draws.
+const PLACEMENT_DRAWS: usize = 1 << 20;
 
 const DOCUMENT_COLUMNS: &str = "d.id, d.owner, d.filename, d.file_type, d.content_type, d.title, d.description, \
      d.tags, d.metadata, d.current_version, d.size, d.sha256, d.legal_hold, d.created_at, d.updated_at, d.deleted_at, \
      d.archived_at, d.archive_id, b.tier";
 
 /// A random id below 2^53, so that JavaScript clients read it exactly.
-fn new_document_id() -> i64 {
+pub fn random_document_id() -> i64 {
     rand::random_range(1..(1i64 << 53))
 }
 
@@ -300,6 +313,24 @@ fn encode_cursor(created_at_ms: i64, id: i64) -> String {
     URL_SAFE_NO_PAD.encode(format!("{created_at_ms}:{id}"))
 }
 
+/// The page size a listing asks for, checked.
+fn page_limit(query: &ListQuery) -> Result<u32, DocError> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(DocError::Invalid(format!("limit must be between 1 and {MAX_PAGE}")));
+    }
+    Ok(limit)
+}
+
+/// A page of `items` (newest first, with their creation times), at most `limit` of them,
+/// with the cursor of the next page when there is more.
+fn page_of(mut items: Vec<(i64, Document)>, more: bool, limit: usize) -> Page {
+    let more = more || items.len() > limit;
+    items.truncate(limit);
+    let next_cursor = if more { items.last().map(|(at, doc)| encode_cursor(*at, doc.id)) } else { None };
+    Page { items: items.into_iter().map(|(_, doc)| doc).collect(), next_cursor }
+}
+
 fn decode_cursor(cursor: &str) -> Result<(i64, i64), DocError> {
     let bad = || DocError::Invalid(format!("cursor {cursor:?} is not one this API returned"));
     let text = URL_SAFE_NO_PAD.decode(cursor).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(bad)?;
@@ -318,7 +349,47 @@ fn like_pattern(words: &str) -> String {
 
 impl Documents {
     pub fn new(meta: Metadata, tiers: Tiers, clock: Clock, bus: Option<Bus>, max_upload: u64) -> Self {
-        Self { meta, tiers: Arc::new(std::sync::RwLock::new(tiers)), clock, bus, max_upload }
+        Self { meta, tiers: Arc::new(std::sync::RwLock::new(tiers)), clock, bus, max_upload, placement: None }
+    }
+
+    /// Places this database at `index` of the platform's routing `table`.
+    #[must_use]
+    pub fn placed(mut self, table: Arc<RoutingTable>, index: usize) -> Self {
+        self.placement = Some((table, index));
+        self
+    }
+
+    /// Shares `other`'s tiers: a config reload that replaces them reaches both.
+    #[must_use]
+    pub fn sharing_tiers_with(mut self, other: &Documents) -> Self {
+        self.tiers = Arc::clone(&other.tiers);
+        self
+    }
+
+    /// Whether the routing table sends document `id` here.
+    pub fn owns_id(&self, id: i64) -> bool {
+        self.placement.as_ref().is_none_or(|(table, index)| table.shard_of_id(id) == *index)
+    }
+
+    /// Whether the routing table sends the record named `key` here.
+    pub fn owns_key(&self, key: &str) -> bool {
+        self.placement.as_ref().is_none_or(|(table, index)| table.shard_of_key(key) == *index)
+    }
+
+    /// A new document id that routes here.
+    fn new_document_id(&self) -> Result<i64, DocError> {
+        (0..PLACEMENT_DRAWS)
+            .map(|_| random_document_id())
+            .find(|id| self.owns_id(*id))
+            .ok_or_else(|| DocError::Conflict("no document id routes to this shard; its range is too narrow".into()))
+    }
+
+    /// A new record name (from `draw`) that routes here.
+    pub(crate) fn new_key(&self, draw: impl Fn() -> String) -> Result<String, DocError> {
+        (0..PLACEMENT_DRAWS)
+            .map(|_| draw())
+            .find(|key| self.owns_key(key))
+            .ok_or_else(|| DocError::Conflict("no session id routes to this shard; its range is too narrow".into()))
     }
 
     pub fn meta(&self) -> &Metadata {
@@ -426,7 +497,7 @@ impl Documents {
                         let tx = &mut owned;
                     let now = self.clock.now_ms();
                     let deduplicated = record_blob(tx, blob, now).await?;
-                    let id = new_document_id();
+                    let id = self.new_document_id()?;
                     let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
                     sqlx::query(
                         "INSERT INTO documents (id, owner, filename, file_type, content_type, title, description, tags, \
@@ -687,10 +758,18 @@ impl Documents {
 
     /// A page of the documents the actor may see, newest first.
     pub async fn list(&self, actor: &Actor, query: &ListQuery) -> Result<Page, DocError> {
-        let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-        if limit == 0 || limit > MAX_PAGE {
-            return Err(DocError::Invalid(format!("limit must be between 1 and {MAX_PAGE}")));
-        }
+        let (items, more) = self.list_keyed(actor, query).await?;
+        Ok(page_of(items, more, page_limit(query)? as usize))
+    }
+
+    /// Up to a page of the documents the actor may see, newest first, each with its
+    /// creation time in ms (the listing's order), and whether more follow.
+    pub(crate) async fn list_keyed(
+        &self,
+        actor: &Actor,
+        query: &ListQuery,
+    ) -> Result<(Vec<(i64, Document)>, bool), DocError> {
+        let limit = page_limit(query)?;
         let mut sql = format!(
             "SELECT {DOCUMENT_COLUMNS} FROM documents d JOIN blobs b ON b.sha256 = d.sha256 WHERE d.deleted_at IS NULL"
         );
@@ -750,13 +829,10 @@ impl Documents {
         }
         let rows = q.fetch_all(self.meta.pool()).await?;
         let mut items = Vec::with_capacity(rows.len());
-        let mut last = None;
         for row in rows.iter().take(limit as usize) {
-            items.push(document_from_row(row)?);
-            last = Some((row.try_get::<i64, _>("created_at")?, row.try_get::<i64, _>("id")?));
+            items.push((row.try_get::<i64, _>("created_at")?, document_from_row(row)?));
         }
-        let next_cursor = if rows.len() > limit as usize { last.map(|(at, id)| encode_cursor(at, id)) } else { None };
-        Ok(Page { items, next_cursor })
+        Ok((items, rows.len() > limit as usize))
     }
 
     /// A document's versions, newest first.

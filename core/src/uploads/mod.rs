@@ -289,7 +289,7 @@ impl Documents {
             )));
         }
         let expected = init.checksum.as_deref().map(parse_checksum).transpose()?;
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = self.new_key(|| uuid::Uuid::new_v4().to_string())?;
         let now = self.clock().now_ms();
         sqlx::query(
             "INSERT INTO upload_sessions (id, owner, filename, content_type, title, description, tags, metadata, \

@@ -160,7 +160,7 @@ impl Documents {
         if length > self.max_upload {
             return Err(DocError::TooLarge { limit: self.max_upload });
         }
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = self.new_key(|| uuid::Uuid::new_v4().simple().to_string())?;
         let now = self.clock().now_ms();
         sqlx::query(
             "INSERT INTO upload_sessions (id, owner, filename, content_type, title, description, tags, metadata, \

@@ -1,0 +1,294 @@
+//! A gateway over a ShardSet of real Postgres databases: every document lands on the shard
+//! its id routes to and is served from there without a lookup, chunked uploads complete on
+//! their session's shard, listings gather every shard in one order across pages, usage
+//! adds the shards up, and every shard's events reach the stream. One shard works like a
+//! plain database; several without NATS are refused with a clear message.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::Row;
+use vellum_core::config::compile_dir;
+use vellum_core::routing::RoutingTable;
+use vellum_gateway::auth::AuthSettings;
+use vellum_gateway::standalone::{self, Running};
+use vellum_testkit::{NatsProcess, TestDatabase};
+
+mod support;
+
+fn options(dir: &std::path::Path, nats_url: Option<String>) -> standalone::Options {
+    standalone::Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("data"),
+        config_dir: dir.join("config"),
+        secrets_dir: None,
+        config_reload: Duration::from_secs(5),
+        database_url: None,
+        auth: AuthSettings { secret: Some(b"shard-secret".to_vec()), ..AuthSettings::default() },
+        max_upload_bytes: 1 << 20,
+        public_url: None,
+        allow_webhook_cidrs: vec![],
+        nats_url,
+        link_key: None,
+    }
+}
+
+/// Writes a tier, a ShardSet of `dbs` under `routing` (YAML of `spec.routing`) and the
+/// Secret with their URLs; `starts` gives Range routing's `rangeStart`s.
+fn write_config(dir: &std::path::Path, dbs: &[TestDatabase], routing: &str, starts: Option<&[&str]>) {
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(
+        config.join("tiers.yaml"),
+        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, default: true, backend: {url: 'file://tiers/hot'}}\n",
+    )
+    .unwrap();
+    let mut shards = String::new();
+    let mut urls = String::new();
+    for (i, db) in dbs.iter().enumerate() {
+        let start = starts.map(|s| format!(", rangeStart: '{}'", s[i])).unwrap_or_default();
+        writeln!(shards, "  - {{name: s{i}, urlSecretRef: {{name: shard-urls, key: s{i}}}{start}}}").unwrap();
+        writeln!(urls, "  s{i}: '{}'", db.url).unwrap();
+    }
+    std::fs::write(
+        config.join("shards.yaml"),
+        format!(
+            "apiVersion: vellum.dev/v1alpha1\nkind: ShardSet\nmetadata: {{name: docs}}\nspec:\n  routing: {routing}\n  shards:\n{shards}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: shard-urls}}\nstringData:\n{urls}"
+        ),
+    )
+    .unwrap();
+}
+
+async fn databases(n: usize) -> Vec<TestDatabase> {
+    futures::future::try_join_all((0..n).map(|_| TestDatabase::new())).await.unwrap()
+}
+
+/// The document ids each database holds.
+async fn ids_by_shard(dbs: &[TestDatabase]) -> Vec<HashSet<i64>> {
+    let mut all = Vec::new();
+    for db in dbs {
+        let pool = db.pool().await.unwrap();
+        let rows = sqlx::query("SELECT id FROM documents").fetch_all(&pool).await.unwrap();
+        all.push(rows.iter().map(|r| r.get::<i64, _>("id")).collect());
+        pool.close().await;
+    }
+    all
+}
+
+/// An RFC 3339 time with its milliseconds written out, so that times compare as text.
+fn millis(time: &str) -> String {
+    let bare = time.trim_end_matches('Z');
+    let (whole, fraction) = bare.split_once('.').unwrap_or((bare, ""));
+    format!("{whole}.{fraction:0<3}Z")
+}
+
+fn token(gw: &Running, user: &str, roles: &[&str]) -> String {
+    gw.state.auth.mint(user, roles, Duration::from_secs(600)).unwrap()
+}
+
+/// Every page of `/api/v1/documents?limit=<limit>` as `token` sees it.
+async fn list_all(client: &reqwest::Client, gw: &Running, token: &str, limit: u32) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{}/api/v1/documents?limit={limit}", gw.url);
+        if let Some(c) = &cursor {
+            write!(url, "&cursor={c}").unwrap();
+        }
+        let page: Value = client.get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+        let got = page["items"].as_array().unwrap();
+        assert!(got.len() <= limit as usize);
+        items.extend(got.iter().cloned());
+        match page["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return items,
+        }
+    }
+}
+
+#[tokio::test]
+#[allow(clippy::too_many_lines)] // one walk through a sharded platform, step by step
+async fn eight_shards_route_serve_and_list_every_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let dbs = databases(8).await;
+    write_config(dir.path(), &dbs, "{strategy: ConsistentHash, virtualNodes: 64}", None);
+    let (_, config, _) = compile_dir(&dir.path().join("config")).unwrap();
+    let table = RoutingTable::build(config.shards.as_ref().unwrap()).unwrap();
+    let nats = NatsProcess::start().unwrap();
+    let gw = standalone::start(options(dir.path(), Some(nats.url()))).await.unwrap();
+    let client = reqwest::Client::new();
+    let (alice, bob) = (token(&gw, "alice", &["user"]), token(&gw, "bob", &["user"]));
+    let admin = token(&gw, "root", &["admin", "user"]);
+
+    let mut uploaded = BTreeMap::new();
+    for i in 0..48 {
+        let (user, tok) = if i % 3 == 0 { ("bob", &bob) } else { ("alice", &alice) };
+        let name = format!("doc-{i:02}.txt");
+        let doc = support::upload(&client, &gw.url, tok, &name).await;
+        uploaded.insert(doc["id"].as_i64().unwrap(), (user, name));
+    }
+    // A chunked upload: its session and its document live on the session's shard.
+    let session = support::initiate(&client, &gw.url, &alice, 10, 4).await;
+    for (n, chunk) in [b"0123".to_vec(), b"4567".to_vec(), b"89".to_vec()].into_iter().enumerate() {
+        support::put_chunk(&client, &gw.url, &alice, &session, n as u64, chunk).await;
+    }
+    let done: Value = client
+        .post(format!("{}/api/v1/upload/{session}/complete", gw.url))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chunked = done["documentId"].as_i64().or_else(|| done["id"].as_i64()).expect("the completed document's id");
+    assert_eq!(table.shard_of_id(chunked), table.shard_of_key(&session), "the document joins its session's shard");
+    uploaded.insert(chunked, ("alice", "big.bin".to_owned()));
+
+    // Each document is on exactly the shard its id routes to, and the shards share them.
+    let held = ids_by_shard(&dbs).await;
+    for id in uploaded.keys() {
+        let on: Vec<usize> = (0..8).filter(|s| held[*s].contains(id)).collect();
+        assert_eq!(on, vec![table.shard_of_id(*id)], "document {id}");
+    }
+    assert_eq!(held.iter().map(HashSet::len).sum::<usize>(), uploaded.len());
+    let used = held.iter().filter(|ids| !ids.is_empty()).count();
+    assert!(used >= 5, "49 documents over 8 shards landed on only {used}");
+
+    // Served from their shards: metadata, bytes, versions, delete.
+    for (id, (user, name)) in &uploaded {
+        let tok = if *user == "bob" { &bob } else { &alice };
+        let doc: Value = client
+            .get(format!("{}/api/v1/documents/{id}", gw.url))
+            .bearer_auth(tok)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(doc["filename"], name.as_str());
+        let bytes = client
+            .get(format!("{}/api/v1/documents/{id}/download", gw.url))
+            .bearer_auth(tok)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let expected = if name == "big.bin" { b"0123456789".to_vec() } else { name.as_bytes().to_vec() };
+        assert_eq!(bytes.as_ref(), expected.as_slice(), "document {id}");
+    }
+    let (&first, _) = uploaded.iter().find(|(_, (user, _))| *user == "alice").unwrap();
+    let version = client
+        .post(format!("{}/api/v1/documents/{first}/versions", gw.url))
+        .bearer_auth(&alice)
+        .body("second version")
+        .header("X-Filename", "v2.txt")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(version.status(), StatusCode::CREATED, "{:?}", version.text().await);
+    let history: Value = client
+        .get(format!("{}/api/v1/documents/{first}/versions", gw.url))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["versions"].as_array().map(Vec::len), Some(2), "{history}");
+    let gone = *uploaded.keys().last().unwrap();
+    let owner = if uploaded[&gone].0 == "bob" { &bob } else { &alice };
+    let deleted = client.delete(format!("{}/api/v1/documents/{gone}", gw.url)).bearer_auth(owner).send().await.unwrap();
+    assert!(deleted.status().is_success(), "{}", deleted.status());
+    uploaded.remove(&gone);
+    let missing = client.get(format!("{}/api/v1/documents/{gone}", gw.url)).bearer_auth(owner).send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+    // Listings gather every shard, newest first, across pages, each document once.
+    let listed = list_all(&client, &gw, &admin, 7).await;
+    let keys: Vec<(String, i64)> =
+        listed.iter().map(|d| (millis(d["createdAt"].as_str().unwrap()), d["id"].as_i64().unwrap())).collect();
+    let ids: Vec<i64> = keys.iter().map(|k| k.1).collect();
+    assert_eq!(ids.iter().copied().collect::<HashSet<_>>(), uploaded.keys().copied().collect::<HashSet<_>>());
+    assert_eq!(ids.len(), uploaded.len(), "a document listed twice");
+    let mut ordered = keys.clone();
+    ordered.sort_by(|a, b| b.cmp(a));
+    assert_eq!(keys, ordered, "the listing is not newest first");
+    let bobs = list_all(&client, &gw, &bob, 5).await;
+    let expected_bobs = uploaded.values().filter(|(user, _)| *user == "bob").count();
+    assert_eq!(bobs.len(), expected_bobs);
+    assert!(bobs.iter().all(|d| uploaded[&d["id"].as_i64().unwrap()].0 == "bob"));
+
+    // Usage adds the shards up; readiness checks them all and names the routing.
+    let usage: Value = client
+        .get(format!("{}/api/v1/storage/usage", gw.url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Every listed document's blob, the second version's, and the soft-deleted one's.
+    assert_eq!(usage["objects"].as_i64(), Some(i64::try_from(uploaded.len()).unwrap() + 2), "{usage}");
+    let ready: Value = client.get(format!("{}/readyz", gw.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["routingVersion"], table.version());
+
+    // Every shard's outbox reaches the stream: one upload event per document, at least.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut stream = js.get_stream(vellum_workers::nats::STREAM).await.unwrap();
+        let messages = stream.info().await.unwrap().state.messages;
+        if messages >= 49 + 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {messages} events reached the stream");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn range_routing_and_a_single_shard_work_and_several_shards_need_nats() {
+    // Two shards split at the middle of the hash space.
+    let dir = tempfile::tempdir().unwrap();
+    let dbs = databases(2).await;
+    write_config(dir.path(), &dbs, "{strategy: Range}", Some(&["", "8"]));
+    let err = standalone::start(options(dir.path(), None)).await.unwrap_err();
+    assert!(format!("{err:#}").contains("need the NATS event stream"), "{err:#}");
+    let nats = NatsProcess::start().unwrap();
+    let gw = standalone::start(options(dir.path(), Some(nats.url()))).await.unwrap();
+    let client = reqwest::Client::new();
+    let alice = token(&gw, "alice", &["user"]);
+    let mut ids = Vec::new();
+    for i in 0..16 {
+        ids.push(support::upload(&client, &gw.url, &alice, &format!("r{i}.txt")).await["id"].as_i64().unwrap());
+    }
+    let held = ids_by_shard(&dbs).await;
+    for id in &ids {
+        let high = vellum_core::routing::id_hash(*id) >= 1 << 63;
+        assert!(held[usize::from(high)].contains(id), "document {id} is not in its half");
+    }
+    assert_eq!(list_all(&client, &gw, &alice, 3).await.len(), 16);
+    gw.shutdown().await.unwrap();
+
+    // One shard: no NATS needed, everything on it.
+    let dir = tempfile::tempdir().unwrap();
+    let one = databases(1).await;
+    write_config(dir.path(), &one, "{strategy: ConsistentHash}", None);
+    let gw = standalone::start(options(dir.path(), None)).await.unwrap();
+    let alice = token(&gw, "alice", &["user"]);
+    let doc = support::upload(&client, &gw.url, &alice, "only.txt").await;
+    assert_eq!(ids_by_shard(&one).await[0], HashSet::from([doc["id"].as_i64().unwrap()]));
+    assert_eq!(list_all(&client, &gw, &alice, 10).await.len(), 1);
+    gw.shutdown().await.unwrap();
+}
