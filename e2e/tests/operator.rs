@@ -316,6 +316,14 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
         }
     })
     .await;
+    // The tier's status counts what the platform's shards keep there, priced anew.
+    eventually(limit, "the tier's objects and cost in its status", || async {
+        let tier = get_json(&cluster, &["-n", "docs", "get", "storagetier/hot"]).await;
+        let status = &tier["status"];
+        let counted = status["objects"].as_i64().unwrap_or(0) >= 1 && status["bytes"].as_i64().unwrap_or(0) > 0;
+        if counted && status["estimatedMonthlyCost"].as_f64().is_some() { Ok(()) } else { Err(status.to_string()) }
+    })
+    .await;
     let pods_after = kubectl(
         &cluster,
         &["-n", "docs", "get", "pods", "-l", "app.kubernetes.io/component=gateway", "-o", "name"],

@@ -172,6 +172,44 @@ impl Context {
         }
     }
 
+    /// Pools on every shard of a namespace's platform, in the ShardSet's order (none when
+    /// the platform has no release or ShardSet yet, or a shard's URL is not in its Secret).
+    pub async fn platform_shards(&self, namespace: &str) -> Result<Vec<Metadata>, String> {
+        let Some(release) = self.caches.release_of(namespace) else { return Ok(Vec::new()) };
+        let Some(set) = self.caches.shard_set(namespace, &release.spec.shard_set_ref) else { return Ok(Vec::new()) };
+        let secrets = self.caches.secrets(namespace);
+        let mut shards = Vec::new();
+        for shard in &set.spec.shards {
+            let r = &shard.url_secret_ref;
+            let Some(url) = lookup(&secrets, &r.name, &r.key).ok().and_then(|v| String::from_utf8(v.to_vec()).ok())
+            else {
+                return Ok(Vec::new());
+            };
+            match self.database(&url).await {
+                Ok(db) => shards.push(db),
+                Err(e) => return Err(format!("shard {}: {e}", shard.name)),
+            }
+        }
+        Ok(shards)
+    }
+
+    /// What the blobs of every shard of a namespace's platform hold (none before the
+    /// platform has databases with a schema).
+    pub async fn platform_usage(&self, namespace: &str) -> Option<vellum_core::documents::UsageCounts> {
+        let shards = self.platform_shards(namespace).await.ok()?;
+        let mut total: Option<vellum_core::documents::UsageCounts> = None;
+        for db in &shards {
+            match vellum_core::documents::usage_counts(db).await {
+                Ok(counts) => total.get_or_insert_default().add(&counts),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading storage usage");
+                    return None;
+                }
+            }
+        }
+        total
+    }
+
     /// Forgets the pool of a namespace's platform database after it failed.
     pub async fn forget_database_of(&self, namespace: &str) {
         if let Some(url) = self.platform_database_url(namespace) {

@@ -303,6 +303,23 @@ pub struct RunRecord {
     pub errors: i64,
 }
 
+impl RunRecord {
+    /// One run from the same run's records on several shards: counters added up, from
+    /// the earliest start to the latest finish.
+    pub fn combine(records: impl IntoIterator<Item = RunRecord>) -> Option<RunRecord> {
+        records.into_iter().reduce(|a, b| RunRecord {
+            started_at: a.started_at.min(b.started_at),
+            finished_at: a.finished_at.max(b.finished_at),
+            dry_run: a.dry_run && b.dry_run,
+            matched: a.matched + b.matched,
+            transitioned: a.transitioned + b.transitioned,
+            expired: a.expired + b.expired,
+            bytes_moved: a.bytes_moved + b.bytes_moved,
+            errors: a.errors + b.errors,
+        })
+    }
+}
+
 /// The most recent finished run of `policy` in a metadata database (what the operator
 /// shows in the policy's status).
 pub async fn last_finished_run(

@@ -312,3 +312,55 @@ fn schedules_name_their_next_run() {
     assert_eq!(next_run("every day", T0), None);
     assert_eq!(next_run("0 3 * * * *", T0), None, "six fields are not a Kubernetes schedule");
 }
+
+#[test]
+fn a_run_over_several_shards_adds_up_from_first_start_to_last_finish() {
+    let a = RunRecord {
+        started_at: 10,
+        finished_at: Some(50),
+        matched: 3,
+        transitioned: 2,
+        bytes_moved: 100,
+        ..RunRecord::default()
+    };
+    let b =
+        RunRecord { started_at: 5, finished_at: Some(40), matched: 4, expired: 1, errors: 1, ..RunRecord::default() };
+    let run = RunRecord::combine([a, b]).unwrap();
+    assert_eq!((run.started_at, run.finished_at), (5, Some(50)));
+    assert_eq!((run.matched, run.transitioned, run.expired, run.bytes_moved, run.errors), (7, 2, 1, 100, 1));
+    assert!(RunRecord::combine([]).is_none());
+}
+
+#[test]
+fn shards_usage_adds_up_and_tiering_savings_price_the_target_tiers_against_the_default() {
+    use crate::documents::UsageCounts;
+    const GIB: i64 = 1 << 30;
+    let mut tiers = tiers();
+    for (name, cost) in [("hot", 0.10), ("warm", 0.05), ("cold", 0.01)] {
+        tiers.get_mut(name).unwrap().cost_per_gb_month = Some(cost);
+    }
+    let config = crate::config::PlatformConfig {
+        tiers,
+        default_tier: "hot".into(),
+        webhooks: BTreeMap::new(),
+        retention_policies: BTreeMap::new(),
+        shards: None,
+        webhook_destinations: crate::webhooks::DestinationPolicy::default(),
+    };
+    let mut total = UsageCounts { logical_bytes: 4 * GIB, tiers: [("hot".into(), (1, GIB, GIB))].into() };
+    let other = UsageCounts {
+        logical_bytes: 6 * GIB,
+        tiers: [("warm".into(), (2, 2 * GIB, 2 * GIB)), ("cold".into(), (3, 3 * GIB, 3 * GIB))].into(),
+    };
+    total.add(&other);
+    total.add(&UsageCounts { logical_bytes: 0, tiers: [("cold".into(), (1, GIB, GIB))].into() });
+    assert_eq!(total.tiers["cold"], (4, 4 * GIB, 4 * GIB));
+    assert_eq!(total.logical_bytes, 10 * GIB);
+    // 2 GiB in warm save 0.05 each, 4 GiB in cold 0.09 each; hot saves nothing; a tier
+    // named twice counts once.
+    let savings = total.tiering_savings(&config, ["warm", "cold", "cold", "hot"]);
+    assert!((savings - (2.0 * 0.05 + 4.0 * 0.09)).abs() < 1e-9, "{savings}");
+    let usage = total.priced(&config);
+    assert!((usage.monthly_savings.tiering - savings).abs() < 1e-9);
+    assert_eq!(usage.objects, 7);
+}

@@ -77,32 +77,52 @@ pub async fn reconcile(policy: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Resul
         .then(|| vellum_core::lifecycle::next_run(&policy.spec.schedule, now_ms))
         .flatten()
         .and_then(super::webhook::time_of);
+    // Each shard records its part of a run; together they are the run.
     let mut last_run = previous.last_run.clone();
-    if let Ok(Some(db)) = ctx.platform_database(&namespace).await {
-        match vellum_core::lifecycle::last_finished_run(&db, &policy.name_any()).await {
-            Ok(Some(run)) => {
-                last_run = Some(RunSummary {
-                    start_time: super::webhook::time_of(run.started_at),
-                    completion_time: run.finished_at.and_then(super::webhook::time_of),
-                    dry_run: run.dry_run,
-                    matched: run.matched,
-                    transitioned: run.transitioned,
-                    expired: run.expired,
-                    bytes_moved: run.bytes_moved,
-                    errors: run.errors,
-                });
-            }
+    let shards = ctx.platform_shards(&namespace).await.unwrap_or_default();
+    let mut records = Vec::new();
+    for db in &shards {
+        match vellum_core::lifecycle::last_finished_run(db, &policy.name_any()).await {
+            Ok(Some(run)) => records.push(run),
             Ok(None) => {}
             // A database not migrated yet has no runs; a failing one is the ShardSet's to report.
             Err(e) => tracing::debug!(error = %e, "reading the last retention run"),
         }
+    }
+    if let Some(run) = vellum_core::lifecycle::RunRecord::combine(records) {
+        last_run = Some(RunSummary {
+            start_time: super::webhook::time_of(run.started_at),
+            completion_time: run.finished_at.and_then(super::webhook::time_of),
+            dry_run: run.dry_run,
+            matched: run.matched,
+            transitioned: run.transitioned,
+            expired: run.expired,
+            bytes_moved: run.bytes_moved,
+            errors: run.errors,
+        });
+    }
+    // What the tiers this policy moves documents to save against the default tier.
+    let mut estimated_monthly_savings = previous.estimated_monthly_savings;
+    let with_tiers =
+        Sources { tiers: sources.tiers.clone(), retention_policies: vec![(*policy).clone()], ..Sources::default() };
+    if let (Ok((config, _)), true) = (compile(&with_tiers), ready)
+        && let Some(compiled) = config.retention_policies.get(&policy.name_any())
+        && let Some(counts) = ctx.platform_usage(&namespace).await
+    {
+        let targets = compiled
+            .transitions
+            .iter()
+            .map(|(_, tier)| tier.as_str())
+            .chain(compiled.expiration.as_ref().and_then(|e| e.archive_tier.as_deref()));
+        let savings = counts.tiering_savings(&config, targets);
+        estimated_monthly_savings = Some((savings * 100.0).round() / 100.0);
     }
     let status = vellum_crds::retention_policy::RetentionPolicyStatus {
         conditions: Conditions(vec![ready_condition]),
         observed_generation: generation,
         last_run,
         next_run,
-        ..previous
+        estimated_monthly_savings,
     };
     apply_status(&ctx.client, field_managers::RETENTION_POLICY, policy.as_ref(), &status).await?;
     if was != now {

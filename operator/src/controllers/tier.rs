@@ -113,11 +113,23 @@ pub async fn reconcile(tier: Arc<StorageTier>, ctx: Arc<Context>) -> Result<Acti
         condition(&previous.conditions, conditions::READY, verdict.ready, verdict.reason, &verdict.message, generation);
     let changed =
         previous.conditions.get(conditions::READY).is_none_or(|c| c.status != ready.status || c.reason != ready.reason);
+    // What the platform's shards keep in this tier, priced by its costPerGbMonth.
+    let (mut objects, mut bytes, mut estimated_monthly_cost) =
+        (previous.objects, previous.bytes, previous.estimated_monthly_cost);
+    if let Some(counts) = ctx.platform_usage(&tier.namespace().unwrap_or_default()).await {
+        let (count, stored, _) = counts.tiers.get(&tier.name_any()).copied().unwrap_or_default();
+        objects = Some(count);
+        bytes = Some(stored);
+        let cost = vellum_core::documents::monthly_cost(stored, tier.spec.cost_per_gb_month.unwrap_or(0.0));
+        estimated_monthly_cost = Some((cost * 10_000.0).round() / 10_000.0);
+    }
     let status = StorageTierStatus {
         conditions: vellum_crds::common::Conditions(vec![ready]),
         observed_generation: generation,
         reachable: verdict.reachable,
-        ..previous
+        objects,
+        bytes,
+        estimated_monthly_cost,
     };
     apply_status(&ctx.client, field_managers::STORAGE_TIER, tier.as_ref(), &status).await?;
     if changed {
