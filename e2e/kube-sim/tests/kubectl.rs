@@ -476,6 +476,14 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: scale-once}
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - {name: main, image: 'fake/job:1'}
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: nowhere}
 spec:
   containers:
@@ -489,6 +497,8 @@ spec:
     assert_eq!(ok(&sim, &["logs", "once"], None).await, "done\n");
     assert_eq!(ok(&sim, &["logs", "once", "-c", "setup"], None).await, "set up\n");
     ok(&sim, &["wait", "--for=condition=Ready", "pod/scale", "--timeout=10s"], None).await;
+    // A kwok container of a pod that runs to completion completes, as kwok's stages have it.
+    ok(&sim, &["wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/scale-once", "--timeout=10s"], None).await;
     let kwok_logs = fails(&sim, &["logs", "scale"], None).await;
     assert!(kwok_logs.contains("without a process (kwok mode)"), "{kwok_logs}");
 
@@ -516,8 +526,9 @@ spec:
     assert!(table.contains("ErrImagePull") || table.contains("ImagePullBackOff"), "{table}");
     let described = ok(&sim, &["describe", "pod", "crash"], None).await;
     assert!(described.contains("Back-off restarting failed container"), "{described}");
-    ok(&sim, &["delete", "pod", "crash", "once", "ticker", "scale", "nowhere", "--wait=true", "--timeout=20s"], None)
-        .await;
+    let all =
+        ["delete", "pod", "crash", "once", "ticker", "scale", "scale-once", "nowhere", "--wait=true", "--timeout=20s"];
+    ok(&sim, &all, None).await;
     assert_eq!(ok(&sim, &["get", "pods", "-o", "name"], None).await, "");
 }
 

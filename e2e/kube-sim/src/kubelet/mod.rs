@@ -3,7 +3,7 @@
 //! names an executable through the rules given at start, the environment, volumes, probes,
 //! restart policy, logs and graceful termination are those of a real kubelet. Images ruled
 //! `kwok` (or every image, in the global kwok mode) are marked running and ready without
-//! starting anything, for scale tests. An image no rule names fails to pull, as on a node
+//! starting anything, for scale tests (and, in pods that run to completion, completed). An image no rule names fails to pull, as on a node
 //! that cannot reach its registry.
 
 pub mod env;
@@ -346,20 +346,36 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>, message: Option<String>
 /// A kwok pod: running and ready at once.
 fn kwok_status(pod: &Value, ip: Ipv4Addr) -> Value {
     let now = meta::now();
+    // A pod that runs to completion (a Job's) has completed; any other runs on.
+    let completes = !restarts(meta::str_at(pod, "/spec/restartPolicy").unwrap_or("Always"), 0);
+    let state = if completes {
+        json!({"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}})
+    } else {
+        json!({"running": {"startedAt": now}})
+    };
     let statuses: Vec<Value> = pod
         .pointer("/spec/containers")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .map(|c| {
-            json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": true, "started": true,
-                   "restartCount": 0, "state": {"running": {"startedAt": now}}})
+            json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": !completes, "started": !completes,
+                   "restartCount": 0, "state": state})
         })
         .collect();
-    let conditions =
-        ["PodScheduled", "Initialized", "ContainersReady", "Ready"].map(|k| condition(k, true, None, None, &now));
+    let conditions = if completes {
+        let done = Some("PodCompleted");
+        [
+            condition("PodScheduled", true, None, None, &now),
+            condition("Initialized", true, done, None, &now),
+            condition("ContainersReady", false, done, None, &now),
+            condition("Ready", false, done, None, &now),
+        ]
+    } else {
+        ["PodScheduled", "Initialized", "ContainersReady", "Ready"].map(|k| condition(k, true, None, None, &now))
+    };
     json!({
-        "phase": "Running",
+        "phase": if completes { "Succeeded" } else { "Running" },
         "hostIP": "127.0.0.1",
         "hostIPs": [{"ip": "127.0.0.1"}],
         "podIP": ip.to_string(),
@@ -842,11 +858,20 @@ async fn run_container(
         let launch = match prepared {
             Ok(Some(launch)) => launch,
             Ok(None) => {
-                // kwok: running and ready, nothing started.
+                // kwok: running and ready, nothing started. A container of a pod that runs
+                // to completion (a Job's) completes at once, as kwok's pod-complete stage has it.
                 ctx.update(index, |c| {
                     c.state = json!({"running": {"startedAt": meta::now()}});
                     (c.ready, c.started, c.created) = (true, true, true);
                 });
+                if !restarts(policy, 0) {
+                    ctx.update(index, |c| {
+                        c.state =
+                            json!({"terminated": {"exitCode": 0, "reason": "Completed", "finishedAt": meta::now()}});
+                        (c.ready, c.done) = (false, Some(0));
+                    });
+                    return Some(0);
+                }
                 stopped(&mut stop).await;
                 ctx.update(index, |c| {
                     c.state = json!({"terminated": {"exitCode": 0, "reason": "Completed", "finishedAt": meta::now()}});
