@@ -65,6 +65,68 @@ where
     reader
 }
 
+/// What a person asked of an object: its spec (the generation), its annotations, its
+/// finalizers and whether it is being deleted, but not its status, which the operator
+/// writes itself: a change there must not trigger another reconcile.
+fn intent<K: Resource>(object: &K) -> u64 {
+    use std::hash::Hasher;
+    let meta = object.meta();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut hasher);
+    meta.annotations.hash(&mut hasher);
+    meta.finalizers.hash(&mut hasher);
+    meta.deletion_timestamp.as_ref().map(|t| t.0.as_millisecond()).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The objects of a watch whose intent changed (see [`intent`]), and every deleted one.
+/// Status-only updates pass no further, so that a controller writing status, or a status
+/// another controller watches, never starts a reconcile loop; timed requeues still
+/// refresh what a status shows.
+fn intent_changes<K>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+{
+    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    events.flat_map(move |event| {
+        let passed: Vec<Result<K, watcher::Error>> = match event {
+            Err(e) => vec![Err(e)],
+            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
+                let uid = object.meta().uid.clone().unwrap_or_default();
+                let hash = intent(&object);
+                if seen.insert(uid, hash) == Some(hash) { Vec::new() } else { vec![Ok(object)] }
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                seen.remove(object.meta().uid.as_deref().unwrap_or_default());
+                vec![Ok(object)]
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => Vec::new(),
+        };
+        futures::stream::iter(passed)
+    })
+}
+
+/// A controller's primary resource: a store of every object, and the objects whose intent
+/// changed.
+fn primary<K>(client: &Client) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let events = watcher(Api::<K>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(writer);
+    (reader, intent_changes(events))
+}
+
+/// Objects of another kind whose intent changed.
+fn spec_changes<K>(client: &Client) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    intent_changes(watcher(Api::<K>::all(client.clone()), watcher::Config::default()).default_backoff())
+}
+
 /// Wraps a reconcile with metrics, logging and success bookkeeping.
 async fn observed<K, F>(name: &'static str, object: Arc<K>, ctx: Arc<Context>, run: F) -> Result<Action, Error>
 where
@@ -155,7 +217,11 @@ pub async fn controllers(
     tracing::info!("caches filled; controllers running");
 
     let wc = watcher::Config::default;
-    let tiers = Controller::new(Api::<StorageTier>::all(client.clone()), wc())
+    // Each controller reconciles its own objects when what a person asked of them changes
+    // (not their status), and other kinds' objects likewise, except the ShardSet's
+    // readiness, which releases wait on.
+    let (reader, trigger) = primary::<StorageTier>(&client);
+    let tiers = Controller::for_stream(trigger, reader)
         .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.tiers.clone()))
         .graceful_shutdown_on(shutdown.clone())
         .run(
@@ -163,26 +229,29 @@ pub async fn controllers(
             error_policy("storagetier"),
             Arc::clone(&ctx),
         );
-    let webhooks = Controller::new(Api::<Webhook>::all(client.clone()), wc())
+    let (reader, trigger) = primary::<Webhook>(&client);
+    let webhooks = Controller::for_stream(trigger, reader)
         .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.webhooks.clone()))
-        .watches(Api::<BlueGreenRelease>::all(client.clone()), wc(), all_in_namespace(caches.webhooks.clone()))
+        .watches_stream(spec_changes::<BlueGreenRelease>(&client), all_in_namespace(caches.webhooks.clone()))
         .graceful_shutdown_on(shutdown.clone())
         .run(
             |o, c| observed("webhook", Arc::clone(&o), Arc::clone(&c), webhook::reconcile(o, c)),
             error_policy("webhook"),
             Arc::clone(&ctx),
         );
-    let policies = Controller::new(Api::<RetentionPolicy>::all(client.clone()), wc())
+    let (reader, trigger) = primary::<RetentionPolicy>(&client);
+    let policies = Controller::for_stream(trigger, reader)
         .owns(Api::<CronJob>::all(client.clone()), wc())
-        .watches(Api::<StorageTier>::all(client.clone()), wc(), all_in_namespace(caches.policies.clone()))
-        .watches(Api::<BlueGreenRelease>::all(client.clone()), wc(), all_in_namespace(caches.policies.clone()))
+        .watches_stream(spec_changes::<StorageTier>(&client), all_in_namespace(caches.policies.clone()))
+        .watches_stream(spec_changes::<BlueGreenRelease>(&client), all_in_namespace(caches.policies.clone()))
         .graceful_shutdown_on(shutdown.clone())
         .run(
             |o, c| observed("retentionpolicy", Arc::clone(&o), Arc::clone(&c), retention::reconcile(o, c)),
             error_policy("retentionpolicy"),
             Arc::clone(&ctx),
         );
-    let sets = Controller::new(Api::<ShardSet>::all(client.clone()), wc())
+    let (reader, trigger) = primary::<ShardSet>(&client);
+    let sets = Controller::for_stream(trigger, reader)
         .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.shard_sets.clone()))
         .watches(Api::<Job>::all(client.clone()), wc(), all_in_namespace(caches.shard_sets.clone()))
         .graceful_shutdown_on(shutdown.clone())
@@ -191,7 +260,8 @@ pub async fn controllers(
             error_policy("shardset"),
             Arc::clone(&ctx),
         );
-    let releases = Controller::new(Api::<BlueGreenRelease>::all(client.clone()), wc())
+    let (reader, trigger) = primary::<BlueGreenRelease>(&client);
+    let releases = Controller::for_stream(trigger, reader)
         .owns(Api::<Deployment>::all(client.clone()), wc())
         .owns(Api::<Job>::all(client.clone()), wc())
         .owns(Api::<ConfigMap>::all(client.clone()), wc())
@@ -199,9 +269,9 @@ pub async fn controllers(
         .owns(Api::<HorizontalPodAutoscaler>::all(client.clone()), wc())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), wc())
         .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
-        .watches(Api::<StorageTier>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
-        .watches(Api::<Webhook>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
-        .watches(Api::<RetentionPolicy>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
+        .watches_stream(spec_changes::<StorageTier>(&client), all_in_namespace(caches.releases.clone()))
+        .watches_stream(spec_changes::<Webhook>(&client), all_in_namespace(caches.releases.clone()))
+        .watches_stream(spec_changes::<RetentionPolicy>(&client), all_in_namespace(caches.releases.clone()))
         .watches(Api::<ShardSet>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
         .graceful_shutdown_on(shutdown)
         .run(
