@@ -29,13 +29,39 @@ use crate::table;
 pub struct Sim {
     pub store: Store,
     pub kubelet: crate::kubelet::Kubelet,
+    pub requests: Requests,
+}
+
+/// Requests served, by client: the product of the `User-Agent` (`kubectl`, `vellum-operator`),
+/// for scale runs that count what a controller asks of the API.
+#[derive(Clone, Debug, Default)]
+pub struct Requests(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>);
+
+impl Requests {
+    fn count(&self, agent: &str) {
+        let product = agent.split(['/', ' ']).next().filter(|p| !p.is_empty()).unwrap_or("(none)");
+        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *counts.entry(product.to_owned()).or_default() += 1;
+    }
+
+    /// Requests so far, by client.
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
 }
 
 type Params = HashMap<String, String>;
 
-/// The router: every path goes through [`handle`].
+/// The router: every path goes through [`handle`], counted by client.
 pub fn router(sim: Sim) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(sim)
+    let requests = sim.requests.clone();
+    axum::Router::new().fallback(handle).with_state(sim).layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let agent = request.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            requests.count(agent);
+            next.run(request)
+        },
+    ))
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response {

@@ -74,6 +74,7 @@ pub struct Simulator {
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     controllers: JoinHandle<()>,
+    requests: api::Requests,
 }
 
 /// A kubeconfig naming a simulator at `url`, as `kubectl` and kube-rs read it.
@@ -150,7 +151,8 @@ impl Simulator {
             kubeconfig: Some(path.clone()),
         };
         let kubelet = Kubelet::new(store.clone(), config, state.path().join("pods"));
-        let app = api::router(api::Sim { store: store.clone(), kubelet: kubelet.clone() });
+        let requests = api::Requests::default();
+        let app = api::router(api::Sim { store: store.clone(), kubelet: kubelet.clone(), requests: requests.clone() });
         let proxies = services::Proxies::default();
         let controllers = tokio::spawn(controllers(store.clone(), kubelet.clone(), proxies.clone()));
         let (stop, stopped) = oneshot::channel::<()>();
@@ -174,6 +176,7 @@ impl Simulator {
             stop: Some(stop),
             server: Some(server),
             controllers,
+            requests,
         })
     }
 
@@ -189,6 +192,11 @@ impl Simulator {
     /// The kubeconfig file naming this simulator.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// API requests served so far, by client (the `User-Agent`'s product).
+    pub fn requests(&self) -> std::collections::BTreeMap<String, u64> {
+        self.requests.snapshot()
     }
 
     /// Direct access to the objects (for tests that arrange state without a client).
