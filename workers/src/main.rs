@@ -126,6 +126,17 @@ impl StoreArgs {
     }
 }
 
+/// Prints one shard's report as JSON: alone on a single shard, named among several.
+fn print_report(library: &Library, shard: &str, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    let json = if library.shards().len() == 1 {
+        serde_json::to_string_pretty(report)?
+    } else {
+        serde_json::to_string_pretty(&serde_json::json!({"shard": shard, "report": report}))?
+    };
+    println!("{json}");
+    Ok(())
+}
+
 /// In debug builds, `VELLUM_FAULT_ABORT_AT=<step>` stops the process dead (no cleanup,
 /// as a kill would) when a tier migration reaches that step: how the fault-injection
 /// tests kill a worker mid-migration. Release builds ignore it.
@@ -212,14 +223,7 @@ fn main() -> anyhow::Result<()> {
                     let report = run_policy(docs, &config, &policy, run.settings(), &hook)
                         .await
                         .with_context(|| format!("shard {shard}"))?;
-                    if library.shards().len() == 1 {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
-                    } else {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&serde_json::json!({"shard": shard, "report": report}))?
-                        );
-                    }
+                    print_report(&library, shard, &report)?;
                 }
                 Ok(())
             }
@@ -230,14 +234,7 @@ fn main() -> anyhow::Result<()> {
                     let report =
                         drain_tier(docs, &tier, &to, run.settings()).await.with_context(|| format!("shard {shard}"))?;
                     remaining += report.remaining;
-                    if library.shards().len() == 1 {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
-                    } else {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&serde_json::json!({"shard": shard, "report": report}))?
-                        );
-                    }
+                    print_report(&library, shard, &report)?;
                 }
                 if remaining > 0 {
                     anyhow::bail!("{remaining} blobs remain in storage tier {tier}");
