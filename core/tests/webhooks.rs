@@ -177,6 +177,14 @@ async fn deactivation_and_replay(env: Env) {
     let gone = Attempt { status_code: Some(410), ..failure(now + 300) };
     let reason = webhooks::record_attempt(meta, &due[0], &gone, Next::Failed, true, &rule, now + 300).await.unwrap();
     assert!(reason.unwrap().contains("410"));
+    // The batched summaries the operator reads agree with the per-endpoint statistics.
+    let summaries = webhooks::summaries(meta).await.unwrap();
+    let (summary, stats) = (&summaries["flaky"], webhooks::stats(meta, "flaky").await.unwrap());
+    assert!(!summary.active);
+    assert!(summary.deactivation_reason.as_deref().unwrap().contains("410"));
+    assert_eq!((summary.total_calls, summary.success_count), (stats.total_calls, stats.success_count));
+    assert_eq!(summary.success_rate(), Some(stats.success_rate));
+    assert_eq!(summary.last_failure.as_ref().and_then(|f| f.1), Some(410), "the latest failure is the 410");
 
     // Pruning keeps pending deliveries.
     let pruned = webhooks::prune(meta, now + 1_000_000).await.unwrap();
@@ -230,6 +238,11 @@ async fn batches_lease_once_and_record_every_outcome(env: Env) {
 
     let stats = webhooks::stats(meta, "batch").await.unwrap();
     assert_eq!(stats.pending, 83);
+    let summaries = webhooks::summaries(meta).await.unwrap();
+    let summary = &summaries["batch"];
+    assert_eq!((summary.total_calls, summary.success_count), (250, 84));
+    assert_eq!(summary.last_failure.as_ref().and_then(|f| f.2.as_deref()), Some("connection refused"));
+    assert!(!summaries.contains_key("never-seen"));
     let (log, total) = webhooks::deliveries(meta, "batch", 0, 300).await.unwrap();
     assert_eq!(total, 250);
     for record in &log {

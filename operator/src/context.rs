@@ -36,6 +36,12 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Every endpoint's delivery summary, by Webhook name.
+pub type DeliverySummaries = HashMap<String, vellum_core::webhooks::Summary>;
+
+/// How long one read of a platform's delivery summaries serves its Webhooks' statuses.
+pub const SUMMARIES_FRESH: Duration = Duration::from_secs(1);
+
 /// Read-only caches of everything a platform is compiled from, kept by reflectors.
 #[derive(Clone)]
 pub struct Caches {
@@ -110,6 +116,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Metadata database pools by URL, opened on first use.
     databases: tokio::sync::Mutex<HashMap<String, Metadata>>,
+    /// Delivery summaries of each namespace's platform, and when they were read: one read
+    /// serves every Webhook reconciled within [`SUMMARIES_FRESH`].
+    summaries: tokio::sync::Mutex<HashMap<String, (std::time::Instant, Arc<DeliverySummaries>)>>,
     /// Consecutive failures per object, for the backoff of its next retry.
     failures: Mutex<HashMap<String, u32>>,
     /// How long a tier or shard probe may take.
@@ -132,6 +141,7 @@ impl Context {
             recorder,
             metrics,
             databases: tokio::sync::Mutex::default(),
+            summaries: tokio::sync::Mutex::default(),
             failures: Mutex::default(),
             probe_timeout: Duration::from_secs(10),
             resync: Duration::from_secs(60),
@@ -208,6 +218,30 @@ impl Context {
             }
         }
         total
+    }
+
+    /// The delivery summaries of every endpoint of a namespace's platform, read at most once
+    /// per [`SUMMARIES_FRESH`]: a burst of Webhook reconciles shares one read (the lock is
+    /// held while reading, so concurrent reconciles wait for it rather than read again).
+    pub async fn delivery_summaries(
+        &self,
+        namespace: &str,
+        db: &Metadata,
+    ) -> Result<Arc<DeliverySummaries>, vellum_core::store::StoreError> {
+        let mut cached = self.summaries.lock().await;
+        if let Some((read, summaries)) = cached.get(namespace)
+            && read.elapsed() < SUMMARIES_FRESH
+        {
+            return Ok(Arc::clone(summaries));
+        }
+        let summaries = Arc::new(vellum_core::webhooks::summaries(db).await?);
+        cached.insert(namespace.to_owned(), (std::time::Instant::now(), Arc::clone(&summaries)));
+        Ok(summaries)
+    }
+
+    /// Makes the next reconcile read the summaries afresh (after a reactivation).
+    pub async fn forget_summaries(&self, namespace: &str) {
+        self.summaries.lock().await.remove(namespace);
     }
 
     /// Forgets the pool of a namespace's platform database after it failed.

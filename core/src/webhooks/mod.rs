@@ -11,6 +11,7 @@
 pub mod destination;
 pub mod rules;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::Engine;
@@ -676,6 +677,70 @@ pub async fn stats(meta: &Metadata, webhook: &str) -> Result<Stats, StoreError> 
         pending,
         recent_events,
     })
+}
+
+/// What a Webhook resource's status shows of its endpoint's delivery log.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub total_calls: i64,
+    pub success_count: i64,
+    /// When the last attempt started (ms since the epoch).
+    pub last_triggered: Option<i64>,
+    pub active: bool,
+    pub deactivation_reason: Option<String>,
+    /// The latest FAILED delivery: when it failed, its last status code and error.
+    pub last_failure: Option<(Option<i64>, Option<i64>, Option<String>)>,
+}
+
+impl Summary {
+    /// An endpoint with nothing in the log yet.
+    pub fn unseen() -> Self {
+        Self { active: true, ..Self::default() }
+    }
+
+    /// Successful calls in percent of all calls, to two decimals; `None` without calls.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn success_rate(&self) -> Option<f64> {
+        (self.total_calls > 0).then(|| (self.success_count as f64 * 10_000.0 / self.total_calls as f64).round() / 100.0)
+    }
+}
+
+/// The summaries of every endpoint in the log, in three statements whatever their number:
+/// what an operator reconciling a thousand Webhooks reads once rather than per Webhook.
+/// Endpoints never seen are absent (see [`Summary::unseen`]).
+pub async fn summaries(meta: &Metadata) -> Result<HashMap<String, Summary>, StoreError> {
+    let mut found: HashMap<String, Summary> = HashMap::new();
+    let rows = sqlx::query(
+        "SELECT webhook, COUNT(*) AS total, COALESCE(SUM(CASE WHEN success = 1 THEN 1 ELSE 0 END), 0) AS ok, \
+         MAX(started_at) AS last FROM webhook_attempts GROUP BY webhook",
+    )
+    .fetch_all(meta.pool())
+    .await?;
+    for row in &rows {
+        let summary = found.entry(row.try_get("webhook")?).or_insert_with(Summary::unseen);
+        summary.total_calls = row.try_get("total")?;
+        summary.success_count = row.try_get("ok")?;
+        summary.last_triggered = row.try_get("last")?;
+    }
+    let rows = sqlx::query("SELECT name, active, deactivated_reason FROM webhooks").fetch_all(meta.pool()).await?;
+    for row in &rows {
+        let summary = found.entry(row.try_get("name")?).or_insert_with(Summary::unseen);
+        summary.active = row.try_get::<i64, _>("active")? == 1;
+        summary.deactivation_reason = row.try_get("deactivated_reason")?;
+    }
+    let rows = sqlx::query(
+        "SELECT webhook, completed_at, last_status_code, last_error FROM webhook_deliveries d \
+         WHERE status = 'FAILED' AND seq = (SELECT MAX(seq) FROM webhook_deliveries f \
+         WHERE f.webhook = d.webhook AND f.status = 'FAILED')",
+    )
+    .fetch_all(meta.pool())
+    .await?;
+    for row in &rows {
+        let summary = found.entry(row.try_get("webhook")?).or_insert_with(Summary::unseen);
+        summary.last_failure =
+            Some((row.try_get("completed_at")?, row.try_get("last_status_code")?, row.try_get("last_error")?));
+    }
+    Ok(found)
 }
 
 /// A webhook created through the gateway's API. In standalone mode it lives here, and is

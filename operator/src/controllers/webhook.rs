@@ -87,6 +87,7 @@ pub async fn reconcile(webhook: Arc<Webhook>, ctx: Arc<Context>) -> Result<Actio
             if previous.active == Some(false) && (reactivate_asked || spec_changed) {
                 let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
                 webhooks::reactivate(&db, &name, now).await.map_err(|e| crate::context::Error::Other(e.to_string()))?;
+                ctx.forget_summaries(&namespace).await;
                 ctx.event(webhook.as_ref(), false, "Reactivated", "deliveries resume".into()).await;
             }
             if reactivate_asked {
@@ -95,26 +96,21 @@ pub async fn reconcile(webhook: Arc<Webhook>, ctx: Arc<Context>) -> Result<Actio
                 let patch = json!({"metadata": {"annotations": {annotations::REACTIVATE: null}}});
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
             }
-            match webhooks::stats(&db, &name).await {
-                Ok(found) => {
+            match ctx.delivery_summaries(&namespace, &db).await {
+                Ok(all) => {
+                    let found = all.get(&name).cloned().unwrap_or_else(webhooks::Summary::unseen);
                     status.total_calls = found.total_calls;
                     status.success_count = found.success_count;
-                    status.failure_count = found.failure_count;
-                    status.success_rate = (found.total_calls > 0).then_some(found.success_rate);
+                    status.failure_count = found.total_calls - found.success_count;
+                    status.success_rate = found.success_rate();
                     status.active = Some(found.active);
                     status.deactivation_reason.clone_from(&found.deactivation_reason);
-                    status.last_triggered = None;
-                    status.last_failure =
-                        found.recent_events.iter().find(|d| d.status == "FAILED").map(|d| DeliveryFailure {
-                            time: d.completed_at.and_then(time_of),
-                            status_code: d.last_status_code.and_then(|c| i32::try_from(c).ok()),
-                            message: d.last_error.clone().unwrap_or_else(|| "failed".into()),
-                        });
-                    if let Some(last) = &found.last_triggered
-                        && let Ok(ts) = last.parse::<k8s_openapi::jiff::Timestamp>()
-                    {
-                        status.last_triggered = Some(Time(ts));
-                    }
+                    status.last_triggered = found.last_triggered.and_then(time_of);
+                    status.last_failure = found.last_failure.map(|(at, code, error)| DeliveryFailure {
+                        time: at.and_then(time_of),
+                        status_code: code.and_then(|c| i32::try_from(c).ok()),
+                        message: error.unwrap_or_else(|| "failed".into()),
+                    });
                 }
                 Err(e) => {
                     ctx.forget_database_of(&namespace).await;
