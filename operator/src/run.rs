@@ -1,6 +1,7 @@
 //! `vellum-operator run`: caches, the five controllers, leader election through a Lease,
 //! and the metrics and health endpoints.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::SocketAddr;
@@ -11,8 +12,9 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -20,7 +22,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook};
+use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook, labels};
 
 use crate::context::{Caches, Context, Error, key};
 use crate::controllers::{release, retention, shards, tier, webhook};
@@ -79,6 +81,35 @@ fn intent<K: Resource>(object: &K) -> u64 {
     hasher.finish()
 }
 
+/// The objects of a watch whose `key` changed (or that are seen for the first time), and
+/// every deleted one.
+fn changes_by<K, F>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    mut key: F,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+    F: FnMut(&K) -> u64 + Send + 'static,
+{
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    events.flat_map(move |event| {
+        let passed: Vec<Result<K, watcher::Error>> = match event {
+            Err(e) => vec![Err(e)],
+            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
+                let uid = object.meta().uid.clone().unwrap_or_default();
+                let hash = key(&object);
+                if seen.insert(uid, hash) == Some(hash) { Vec::new() } else { vec![Ok(object)] }
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                seen.remove(object.meta().uid.as_deref().unwrap_or_default());
+                vec![Ok(object)]
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => Vec::new(),
+        };
+        futures::stream::iter(passed)
+    })
+}
+
 /// The objects of a watch whose intent changed (see [`intent`]), and every deleted one.
 /// Status-only updates pass no further, so that a controller writing status, or a status
 /// another controller watches, never starts a reconcile loop; timed requeues still
@@ -89,18 +120,68 @@ fn intent_changes<K>(
 where
     K: Resource + Send + 'static,
 {
-    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    changes_by(events, intent)
+}
+
+/// What a release waits on in a ShardSet: its intent and its readiness (conditions, routing
+/// version, each shard's readiness and schema version), but not the latency and document
+/// counts every probe rewrites.
+fn shard_set_readiness(set: &ShardSet) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    intent(set).hash(&mut hasher);
+    if let Some(status) = &set.status {
+        for c in &status.conditions.0 {
+            (&c.type_, &c.status, &c.reason, c.observed_generation).hash(&mut hasher);
+        }
+        (status.observed_generation, status.routing_version, status.ready_shards).hash(&mut hasher);
+        for shard in &status.shards {
+            (&shard.name, shard.ready, shard.schema_version).hash(&mut hasher);
+        }
+    }
+    hasher.finish()
+}
+
+/// Releases whose arrival, change or departure changes what the Webhooks of their
+/// namespace are checked against: the allow-list and ShardSet of the namespace's first
+/// release by name (see [`Caches::release_of`]). A hundred releases created with the same
+/// allow-list wake a thousand Webhooks once, not a hundred times.
+fn webhook_inputs_changes(
+    events: impl Stream<Item = Result<watcher::Event<BlueGreenRelease>, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<BlueGreenRelease, watcher::Error>> + Send + 'static {
+    fn inputs(release: &BlueGreenRelease) -> u64 {
+        use std::hash::Hasher;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&release.spec.webhook_allowed_cidrs, &release.spec.shard_set_ref).hash(&mut hasher);
+        hasher.finish()
+    }
+    let mut namespaces: HashMap<String, std::collections::BTreeMap<String, u64>> = HashMap::new();
     events.flat_map(move |event| {
-        let passed: Vec<Result<K, watcher::Error>> = match event {
-            Err(e) => vec![Err(e)],
-            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
-                let uid = object.meta().uid.clone().unwrap_or_default();
-                let hash = intent(&object);
-                if seen.insert(uid, hash) == Some(hash) { Vec::new() } else { vec![Ok(object)] }
+        let mut changed = |release: &BlueGreenRelease, present: bool| {
+            let releases = namespaces.entry(release.namespace().unwrap_or_default()).or_default();
+            let before = releases.values().next().copied();
+            if present {
+                releases.insert(release.name_any(), inputs(release));
+            } else {
+                releases.remove(&release.name_any());
             }
-            Ok(watcher::Event::Delete(object)) => {
-                seen.remove(object.meta().uid.as_deref().unwrap_or_default());
-                vec![Ok(object)]
+            before != releases.values().next().copied()
+        };
+        let passed: Vec<Result<BlueGreenRelease, watcher::Error>> = match event {
+            Err(e) => vec![Err(e)],
+            Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r)) => {
+                if changed(&r, true) {
+                    vec![Ok(r)]
+                } else {
+                    Vec::new()
+                }
+            }
+            Ok(watcher::Event::Delete(r)) => {
+                if changed(&r, false) {
+                    vec![Ok(r)]
+                } else {
+                    Vec::new()
+                }
             }
             Ok(watcher::Event::Init | watcher::Event::InitDone) => Vec::new(),
         };
@@ -172,6 +253,12 @@ where
         .await;
 }
 
+/// Whether the operator made this object itself (the aggregated platform Secret of a
+/// release): nothing a person wrote changed, so nothing else needs to look again.
+fn ours(object: &impl ResourceExt) -> bool {
+    object.labels().get(labels::MANAGED_BY).is_some_and(|v| v == labels::MANAGED_BY_VALUE)
+}
+
 /// Every object of `K` in the namespace of `object`: a change to something a whole
 /// platform shares wakes all of them.
 fn all_in_namespace<K, O>(store: Store<K>) -> impl Fn(O) -> Vec<ObjectRef<K>> + Send + Sync + 'static
@@ -182,7 +269,53 @@ where
     move |object: O| Caches::refs_in(&store, &object.namespace().unwrap_or_default())
 }
 
+/// Like [`all_in_namespace`] for Secrets, but not for the operator's own.
+fn all_for_secret<K>(store: Store<K>) -> impl Fn(Secret) -> Vec<ObjectRef<K>> + Send + Sync + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    move |secret: Secret| {
+        if ours(&secret) { Vec::new() } else { Caches::refs_in(&store, &secret.namespace().unwrap_or_default()) }
+    }
+}
+
+/// The Webhooks a Secret matters to: those signing with it, or all of the namespace's
+/// when it holds the URL of the database their delivery log is in.
+fn webhooks_of_secret(caches: Caches) -> impl Fn(Secret) -> Vec<ObjectRef<Webhook>> + Send + Sync + 'static {
+    move |secret: Secret| {
+        if ours(&secret) {
+            return Vec::new();
+        }
+        let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+        let holds_log = caches
+            .release_of(&namespace)
+            .and_then(|r| caches.shard_set(&namespace, &r.spec.shard_set_ref))
+            .is_some_and(|set| set.spec.shards.first().is_some_and(|s| s.url_secret_ref.name == name));
+        caches
+            .webhooks
+            .state()
+            .iter()
+            .filter(|w| w.namespace().as_deref() == Some(namespace.as_str()))
+            .filter(|w| holds_log || w.spec.secret_ref.name == name)
+            .map(|w| ObjectRef::from_obj(w.as_ref()))
+            .collect()
+    }
+}
+
+/// Reconciles of one kind running at once: enough to hide API and database latency, few
+/// enough that a thousand objects changing at once queue here rather than exhaust the
+/// database pool or flood the API server.
+const CONCURRENCY: u16 = 16;
+
+/// How long a release waits for the changes around it to settle before compiling.
+const RELEASE_DEBOUNCE: Duration = Duration::from_millis(500);
+
+fn limits() -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(CONCURRENCY)
+}
+
 /// Runs the controllers until `shutdown` resolves.
+#[allow(clippy::too_many_lines)] // the five controllers and what wakes each, in one place
 pub async fn controllers(
     client: Client,
     options: Options,
@@ -222,7 +355,8 @@ pub async fn controllers(
     // readiness, which releases wait on.
     let (reader, trigger) = primary::<StorageTier>(&client);
     let tiers = Controller::for_stream(trigger, reader)
-        .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.tiers.clone()))
+        .with_config(limits())
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(caches.tiers.clone()))
         .graceful_shutdown_on(shutdown.clone())
         .run(
             |o, c| observed("storagetier", Arc::clone(&o), Arc::clone(&c), tier::reconcile(o, c)),
@@ -231,8 +365,12 @@ pub async fn controllers(
         );
     let (reader, trigger) = primary::<Webhook>(&client);
     let webhooks = Controller::for_stream(trigger, reader)
-        .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.webhooks.clone()))
-        .watches_stream(spec_changes::<BlueGreenRelease>(&client), all_in_namespace(caches.webhooks.clone()))
+        .with_config(limits())
+        .watches(Api::<Secret>::all(client.clone()), wc(), webhooks_of_secret(caches.clone()))
+        .watches_stream(
+            webhook_inputs_changes(watcher(Api::all(client.clone()), wc()).default_backoff()),
+            all_in_namespace(caches.webhooks.clone()),
+        )
         .graceful_shutdown_on(shutdown.clone())
         .run(
             |o, c| observed("webhook", Arc::clone(&o), Arc::clone(&c), webhook::reconcile(o, c)),
@@ -241,6 +379,7 @@ pub async fn controllers(
         );
     let (reader, trigger) = primary::<RetentionPolicy>(&client);
     let policies = Controller::for_stream(trigger, reader)
+        .with_config(limits())
         .owns(Api::<CronJob>::all(client.clone()), wc())
         .watches_stream(spec_changes::<StorageTier>(&client), all_in_namespace(caches.policies.clone()))
         .watches_stream(spec_changes::<BlueGreenRelease>(&client), all_in_namespace(caches.policies.clone()))
@@ -252,7 +391,8 @@ pub async fn controllers(
         );
     let (reader, trigger) = primary::<ShardSet>(&client);
     let sets = Controller::for_stream(trigger, reader)
-        .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.shard_sets.clone()))
+        .with_config(limits())
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(caches.shard_sets.clone()))
         .watches(Api::<Job>::all(client.clone()), wc(), all_in_namespace(caches.shard_sets.clone()))
         .graceful_shutdown_on(shutdown.clone())
         .run(
@@ -262,17 +402,25 @@ pub async fn controllers(
         );
     let (reader, trigger) = primary::<BlueGreenRelease>(&client);
     let releases = Controller::for_stream(trigger, reader)
+        // A release compiles the whole namespace: a burst of changes (a thousand Webhooks
+        // applied at once) is compiled once it settles, not once per change.
+        .with_config(limits().debounce(RELEASE_DEBOUNCE))
         .owns(Api::<Deployment>::all(client.clone()), wc())
         .owns(Api::<Job>::all(client.clone()), wc())
         .owns(Api::<ConfigMap>::all(client.clone()), wc())
         .owns(Api::<Service>::all(client.clone()), wc())
         .owns(Api::<HorizontalPodAutoscaler>::all(client.clone()), wc())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), wc())
-        .watches(Api::<Secret>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
+        .owns(Api::<ServiceAccount>::all(client.clone()), wc())
+        .owns(Api::<RoleBinding>::all(client.clone()), wc())
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(caches.releases.clone()))
         .watches_stream(spec_changes::<StorageTier>(&client), all_in_namespace(caches.releases.clone()))
         .watches_stream(spec_changes::<Webhook>(&client), all_in_namespace(caches.releases.clone()))
         .watches_stream(spec_changes::<RetentionPolicy>(&client), all_in_namespace(caches.releases.clone()))
-        .watches(Api::<ShardSet>::all(client.clone()), wc(), all_in_namespace(caches.releases.clone()))
+        .watches_stream(
+            changes_by(watcher(Api::<ShardSet>::all(client.clone()), wc()).default_backoff(), shard_set_readiness),
+            all_in_namespace(caches.releases.clone()),
+        )
         .graceful_shutdown_on(shutdown)
         .run(
             |o, c| observed("bluegreenrelease", Arc::clone(&o), Arc::clone(&c), release::reconcile(o, c)),
