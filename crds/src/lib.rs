@@ -45,6 +45,9 @@ pub mod labels {
     pub const PART_OF_VALUE: &str = "vellum";
     /// Value of `app.kubernetes.io/managed-by`.
     pub const MANAGED_BY_VALUE: &str = "vellum-operator";
+    /// Value of `app.kubernetes.io/managed-by` on what the gateway creates (a Webhook made
+    /// through `POST /api/webhooks`, and its Secret).
+    pub const MANAGED_BY_GATEWAY: &str = "vellum-gateway";
 }
 
 /// Annotations a person sets on a resource to ask the operator for something.
@@ -57,6 +60,10 @@ pub mod annotations {
     pub const REACTIVATE: &str = "vellum.dev/reactivate";
     /// On a ConfigMap: hash of the compiled platform config it holds.
     pub const CONFIG_HASH: &str = "vellum.dev/config-hash";
+    /// On a Webhook made through the gateway's API: the name its creator gave it.
+    pub const DISPLAY_NAME: &str = "vellum.dev/display-name";
+    /// On a Webhook made through the gateway's API: who created it.
+    pub const CREATED_BY: &str = "vellum.dev/created-by";
 }
 
 /// Finalizers, only for state that lives outside Kubernetes.

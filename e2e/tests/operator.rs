@@ -275,6 +275,47 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     })
     .await;
 
+    // A webhook created through the gateway's API becomes a Webhook resource and a Secret,
+    // made by the gateway's own ServiceAccount, compiled by the operator like any other.
+    let account = get_json(&cluster, &["-n", "docs", "get", "rolebinding/docs-gateway"]).await;
+    assert_eq!(account["roleRef"]["name"], "vellum-gateway", "{account}");
+    let created = http
+        .post(format!("{base}/api/webhooks"))
+        .bearer_auth(token())
+        .json(&serde_json::json!({
+            "name": "Made Through The API", "url": hook, "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "eventTypes": ["DOCUMENT_UPLOADED"],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("made-through-the-api-"), "{created}");
+    assert_eq!(created["source"], "api");
+    let made_resource = format!("webhook/{id}");
+    let made = eventually(limit, "the API's Webhook Ready", || ready(&cluster, &made_resource, "docs")).await;
+    assert_eq!(made["metadata"]["annotations"]["vellum.dev/display-name"], "Made Through The API");
+    let secret_name = made["spec"]["secretRef"]["name"].as_str().unwrap().to_owned();
+    let secret = get_json(&cluster, &["-n", "docs", "get", &format!("secret/{secret_name}")]).await;
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["name"], id.as_str(), "{secret}");
+    let listed: Value =
+        http.get(format!("{base}/api/webhooks")).bearer_auth(token()).send().await.unwrap().json().await.unwrap();
+    assert!(listed.as_array().unwrap().iter().any(|w| w["id"] == id.as_str() && w["source"] == "api"), "{listed}");
+    let refused = http.delete(format!("{base}/api/webhooks/receiver")).bearer_auth(token()).send().await.unwrap();
+    assert_eq!(refused.status(), 409, "an applied Webhook is not the API's to delete");
+    let deleted = http.delete(format!("{base}/api/webhooks/{id}")).bearer_auth(token()).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    for gone in [format!("webhook/{id}"), format!("secret/{secret_name}")] {
+        eventually(limit, "the API's webhook deleted", || async {
+            let out = cluster.kubectl(&["-n", "docs", "get", &gone], None).await.map_err(|e| e.to_string())?;
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            if !out.status.success() && stderr.contains("NotFound") { Ok(()) } else { Err(format!("{gone}: {stderr}")) }
+        })
+        .await;
+    }
+
     // A changed StorageTier reaches the running gateways without a restart.
     let pods_before = kubectl(
         &cluster,

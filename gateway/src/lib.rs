@@ -9,6 +9,7 @@ pub mod documents;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod kube_webhooks;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;

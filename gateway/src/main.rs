@@ -45,6 +45,11 @@ struct ServeArgs {
     /// The key signing download links, shared by the replicas (at least 32 bytes).
     #[arg(long, env = "VELLUM_LINK_KEY", hide_env_values = true)]
     link_key: String,
+    /// The namespace of this platform's resources: webhooks created through the API become
+    /// Webhook resources and Secrets there, through the Kubernetes API (the pod's
+    /// ServiceAccount). Without it they live in the metadata database.
+    #[arg(long, env = "VELLUM_KUBE_NAMESPACE")]
+    kube_namespace: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +157,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut options = options(&args.common)?;
     options.nats_url = Some(args.nats_url);
     options.link_key = Some(args.link_key.into_bytes());
+    options.kube_namespace = args.kube_namespace;
     let running = standalone::start(options).await?;
     println!("Vellum gateway replica serving at {}", running.url);
     shutdown_signal().await;
@@ -173,6 +179,7 @@ fn options(args: &StandaloneArgs) -> anyhow::Result<standalone::Options> {
         allow_webhook_cidrs: args.allow_webhook_cidr.clone(),
         nats_url: None,
         link_key: None,
+        kube_namespace: None,
     })
 }
 

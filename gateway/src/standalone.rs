@@ -59,6 +59,9 @@ pub struct Options {
     /// The key signing download links; replicas of a cluster must share it. Generated in
     /// the data directory when absent.
     pub link_key: Option<Vec<u8>>,
+    /// Cluster mode: the namespace whose Webhook resources and Secrets `POST /api/webhooks`
+    /// creates, through the Kubernetes API. The local store otherwise.
+    pub kube_namespace: Option<String>,
 }
 
 /// A running standalone gateway.
@@ -107,6 +110,22 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::write(path, bytes)
 }
 
+/// Token checking, and the key signing download links: as given, or generated once in the
+/// data directory.
+fn credentials(options: &Options, data_dir: &Path) -> anyhow::Result<(Auth, Vec<u8>)> {
+    let mut auth_settings = options.auth.clone();
+    if auth_settings.secret.is_none() && auth_settings.public_keys_pem.is_empty() && auth_settings.jwks.is_none() {
+        auth_settings.secret = Some(key_file(&data_dir.join("jwt-secret"))?);
+    }
+    let auth = Auth::new(&auth_settings).context("setting up token checking")?;
+    let link_key = match options.link_key.clone() {
+        Some(key) if !key.is_empty() => key,
+        Some(_) => bail!("the link key is empty"),
+        None => key_file(&data_dir.join("link-key"))?,
+    };
+    Ok((auth, link_key))
+}
+
 /// Starts standalone mode and returns once it serves.
 pub async fn start(options: Options) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&options.data_dir)
@@ -144,22 +163,14 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     }
     let meta = shards[0].clone();
 
-    let mut auth_settings = options.auth.clone();
-    if auth_settings.secret.is_none() && auth_settings.public_keys_pem.is_empty() && auth_settings.jwks.is_none() {
-        auth_settings.secret = Some(key_file(&data_dir.join("jwt-secret"))?);
-    }
-    let auth = Auth::new(&auth_settings).context("setting up token checking")?;
-    let link_key = match options.link_key.clone() {
-        Some(key) if !key.is_empty() => key,
-        Some(_) => bail!("the link key is empty"),
-        None => key_file(&data_dir.join("link-key"))?,
-    };
+    let (auth, link_key) = credentials(&options, &data_dir)?;
 
     let clock = Clock::system();
     let bus = Bus::new();
     let sender = Sender::new(config.webhook_destinations.clone()).context("building the webhook HTTP client")?;
     let engine = Engine::new(meta.clone(), clock.clone(), sender, Settings::default());
-    let webhooks = WebhookService::start(engine.clone(), base, clock.clone()).await?;
+    let kube = crate::kube_webhooks::KubeWebhooks::connect_to(options.kube_namespace.clone()).await?;
+    let webhooks = WebhookService::start(engine.clone(), base, clock.clone(), kube).await?;
     let hub = Arc::new(Hub::new(meta.clone(), clock.clone()));
     let nats = match &options.nats_url {
         Some(url) => Some(vellum_workers::nats::connect(url, "vellum-gateway").await.map_err(anyhow::Error::msg)?),

@@ -31,6 +31,7 @@ use crate::AppState;
 use crate::auth::Admin;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{JsonBody, QueryParams};
+use crate::kube_webhooks::{self, KubeWebhooks};
 
 const TAG: &str = "webhooks";
 
@@ -38,6 +39,8 @@ const TAG: &str = "webhooks";
 #[derive(Debug)]
 pub struct WebhookService {
     engine: Engine,
+    /// In a cluster: where webhooks made through the API go (Webhook resources and Secrets).
+    kube: Option<KubeWebhooks>,
     /// The platform config's own webhooks; API webhooks are compiled beside them.
     base: std::sync::RwLock<WebhookBase>,
     clock: Clock,
@@ -60,8 +63,16 @@ fn secret_name(id: &str) -> String {
 
 impl WebhookService {
     /// Compiles the config with the stored API webhooks and starts delivering to them all.
-    pub async fn start(engine: Engine, base: WebhookBase, clock: Clock) -> anyhow::Result<Self> {
-        let service = Self { engine, base: std::sync::RwLock::new(base), clock, changes: Mutex::new(()) };
+    /// With `kube`, webhooks made through the API become Webhook resources and Secrets
+    /// (delivered once the operator has compiled them and the config reloads); without, they
+    /// live in the local store.
+    pub async fn start(
+        engine: Engine,
+        base: WebhookBase,
+        clock: Clock,
+        kube: Option<KubeWebhooks>,
+    ) -> anyhow::Result<Self> {
+        let service = Self { engine, kube, base: std::sync::RwLock::new(base), clock, changes: Mutex::new(()) };
         let api = webhooks::api_webhooks(service.engine.meta()).await?;
         let (config, secrets) = service.compile_with(&api).map_err(|e| anyhow::anyhow!("{e}"))?;
         service.engine.set_endpoints(vellum_workers::configured_endpoints(&config, &secrets)).await?;
@@ -91,7 +102,7 @@ impl WebhookService {
         };
         let webhooks: Vec<Webhook> = api.iter().map(|w| Webhook::new(&w.id, w.spec.clone())).collect();
         let secrets = api.iter().map(|w| {
-            let data = BTreeMap::from([("secret".to_owned(), w.secret.expose().to_vec())]);
+            let data = BTreeMap::from([(kube_webhooks::SECRET_KEY.to_owned(), w.secret.expose().to_vec())]);
             (secret_name(&w.id), data)
         });
         let base = self.base.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
@@ -194,26 +205,58 @@ async fn views(state: &AppState) -> Result<Vec<WebhookView>, ApiError> {
     let service = &state.webhooks;
     let meta = service.engine.meta();
     let api = webhooks::api_webhooks(meta).await.map_err(store_error)?;
+    let mut made = match &service.kube {
+        Some(kube) => kube.made().await?,
+        None => BTreeMap::new(),
+    };
     let created = webhooks::created_at(meta).await.map_err(store_error)?;
     let mut out = Vec::new();
     for endpoint in service.engine.endpoints().iter() {
         let activation = webhooks::activation(meta, &endpoint.name).await.map_err(store_error)?;
-        let from_api = api.iter().find(|w| w.id == endpoint.name);
+        let from_api = api.iter().find(|w| w.id == endpoint.name).map(|w| w.display_name.clone());
+        let from_kube = made.remove(&endpoint.name);
+        let display = from_api.clone().or_else(|| from_kube.as_ref().map(|m| m.display_name.clone()));
         out.push(WebhookView {
             id: endpoint.name.clone(),
-            name: from_api.map_or_else(|| endpoint.name.clone(), |w| w.display_name.clone()),
+            name: display.clone().unwrap_or_else(|| endpoint.name.clone()),
             url: endpoint.config.url.clone(),
             active: activation.active,
             paused: endpoint.config.paused,
             event_types: endpoint.config.event_types.clone(),
             retry_count: endpoint.config.retry.max_retries,
             timeout_seconds: endpoint.config.timeout_seconds,
-            source: if from_api.is_some() { "api" } else { "config" }.to_owned(),
-            created_at: created.get(&endpoint.name).copied().and_then(webhooks::rfc3339),
+            source: if display.is_some() { "api" } else { "config" }.to_owned(),
+            created_at: created
+                .get(&endpoint.name)
+                .copied()
+                .or_else(|| from_kube.and_then(|m| m.created_at))
+                .and_then(webhooks::rfc3339),
             deactivation_reason: activation.deactivation_reason,
         });
     }
+    // Made in the cluster but not compiled into this gateway's config yet: listed, so that
+    // what was just created is there, and delivered to once the config reloads.
+    for (id, m) in made {
+        out.push(made_view(&id, &m));
+    }
     Ok(out)
+}
+
+/// A webhook made in the cluster, before this gateway's config holds it.
+fn made_view(id: &str, made: &kube_webhooks::Made) -> WebhookView {
+    WebhookView {
+        id: id.to_owned(),
+        name: made.display_name.clone(),
+        url: made.spec.url.clone(),
+        active: true,
+        paused: made.spec.paused,
+        event_types: made.spec.event_types.clone(),
+        retry_count: made.spec.retry.max_retries,
+        timeout_seconds: made.spec.timeout_seconds,
+        source: "api".to_owned(),
+        created_at: made.created_at.and_then(webhooks::rfc3339),
+        deactivation_reason: None,
+    }
 }
 
 async fn view(state: &AppState, id: &str) -> Result<WebhookView, ApiError> {
@@ -283,7 +326,10 @@ async fn create(
     validate(&request, &service.engine)?;
     let spec = WebhookSpec {
         url: request.url.clone(),
-        secret_ref: vellum_core::crds::common::SecretKeyRef { name: String::new(), key: "secret".into() },
+        secret_ref: vellum_core::crds::common::SecretKeyRef {
+            name: String::new(),
+            key: kube_webhooks::SECRET_KEY.into(),
+        },
         event_types: request.event_types.clone(),
         filter: request.filter.clone(),
         retry: RetryPolicy { max_retries: request.retry_count.unwrap_or(3), ..RetryPolicy::default() },
@@ -298,6 +344,10 @@ async fn create(
     let id = new_id(&request.name);
     let mut spec = spec;
     spec.secret_ref.name = secret_name(&id);
+    if let Some(kube) = &service.kube {
+        drop(guard);
+        return create_in_cluster(service, kube, &id, request, spec, &actor.user).await;
+    }
     let webhook = ApiWebhook {
         id: id.clone(),
         display_name: request.name.trim().to_owned(),
@@ -319,6 +369,38 @@ async fn create(
     drop(guard);
     tracing::info!(webhook = %id, by = %actor.user, "webhook created");
     Ok((StatusCode::CREATED, Json(view(&state, &id).await?)).into_response())
+}
+
+/// In a cluster: checks the webhook compiles beside the platform's (destination policy,
+/// headers, key), then creates its Webhook resource and Secret.
+async fn create_in_cluster(
+    service: &WebhookService,
+    kube: &KubeWebhooks,
+    id: &str,
+    request: CreateWebhook,
+    spec: WebhookSpec,
+    actor: &str,
+) -> Result<Response, ApiError> {
+    let display_name = request.name.trim().to_owned();
+    let secret = SecretValue::new(request.secret.into_bytes());
+    let check = ApiWebhook {
+        id: id.to_owned(),
+        display_name: display_name.clone(),
+        spec: spec.clone(),
+        secret: secret.clone(),
+        created_by: actor.to_owned(),
+        created_at: service.clock.now_ms(),
+    };
+    service.compile_with(std::slice::from_ref(&check)).map_err(unprocessable)?;
+    let created = kube.create(id, &display_name, actor, &spec, &secret).await?;
+    tracing::info!(webhook = %id, by = %actor, "webhook created as a Webhook resource");
+    let made = kube_webhooks::Made {
+        display_name,
+        created_by: actor.to_owned(),
+        created_at: created.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()),
+        spec,
+    };
+    Ok((StatusCode::CREATED, Json(made_view(id, &made))).into_response())
 }
 
 #[utoipa::path(get, path = "/", tag = TAG, summary = "List webhooks",
@@ -347,6 +429,19 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let service = &state.webhooks;
+    if let Some(kube) = &service.kube {
+        return match kube.get(&id).await? {
+            Some(webhook) if kube_webhooks::is_made(&webhook) => {
+                kube.delete(&webhook).await?;
+                Ok(StatusCode::NO_CONTENT)
+            }
+            Some(_) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("webhook {id} was applied as a Webhook resource; delete it with kubectl instead"),
+            )),
+            None => Err(ApiError::not_found(format!("no webhook {id}"))),
+        };
+    }
     let _guard = service.changes.lock().await;
     match service.find(&id).await? {
         None => Err(ApiError::not_found(format!("no webhook {id}"))),

@@ -68,6 +68,7 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
         allow_webhook_cidrs: vec!["127.0.0.1".into()],
         nats_url: None,
         link_key: None,
+        kube_namespace: None,
     };
     let running = standalone::start(options).await.unwrap();
     let base = running.url.clone();
@@ -829,6 +830,7 @@ async fn an_upload_session_moves_between_replicas() {
         allow_webhook_cidrs: vec!["127.0.0.1".into()],
         nats_url: None,
         link_key: None,
+        kube_namespace: None,
     })
     .await
     .unwrap();

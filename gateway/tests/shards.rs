@@ -33,6 +33,7 @@ fn options(dir: &std::path::Path, nats_url: Option<String>) -> standalone::Optio
         allow_webhook_cidrs: vec![],
         nats_url,
         link_key: None,
+        kube_namespace: None,
     }
 }
 

@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -61,6 +62,10 @@ pub mod names {
         format!("{release}-preview")
     }
     pub fn gateway_policy(release: &str) -> String {
+        format!("{release}-gateway")
+    }
+    /// The gateway pods' ServiceAccount, and its RoleBinding to the gateway role.
+    pub fn gateway_account(release: &str) -> String {
         format!("{release}-gateway")
     }
     /// The migration Job of one shard for one version: a new version migrates again.
@@ -194,6 +199,26 @@ pub struct ReleaseFacts {
     pub nats_credentials: bool,
 }
 
+/// The ServiceAccount the release's gateway pods run under.
+pub fn gateway_service_account(release: &BlueGreenRelease) -> ServiceAccount {
+    typed(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": metadata(release, &names::gateway_account(&release.name_any()), "gateway", None),
+    }))
+}
+
+/// Binds the gateway role (what the webhook API does through the Kubernetes API) to the
+/// gateway's ServiceAccount, in the release's namespace only.
+pub fn gateway_role_binding(release: &BlueGreenRelease) -> RoleBinding {
+    let account = names::gateway_account(&release.name_any());
+    typed(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": metadata(release, &account, "gateway", None),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": crate::manifests::GATEWAY_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": release.namespace()}],
+    }))
+}
+
 /// The gateway Deployment of one color.
 pub fn gateway_deployment(release: &BlueGreenRelease, color: Color, facts: &ReleaseFacts) -> Deployment {
     let name = release.name_any();
@@ -202,6 +227,8 @@ pub fn gateway_deployment(release: &BlueGreenRelease, color: Color, facts: &Rele
     let mut env = vec![json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})];
     env.extend(common_env(release, facts.nats_credentials));
     env.push(json!({"name": "VELLUM_LISTEN", "value": format!("$(POD_IP):{GATEWAY_PORT}")}));
+    // Webhooks created through the API become Webhook resources and Secrets here.
+    env.push(json!({"name": "VELLUM_KUBE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}));
     env.push(secret_env("VELLUM_LINK_KEY", &secret, secret_keys::LINK_KEY));
     let key_file = format!("{SECRETS_MOUNT}/{}", secret_keys::JWT_KEY);
     env.push(match spec.jwt.algorithm {
@@ -225,6 +252,7 @@ pub fn gateway_deployment(release: &BlueGreenRelease, color: Color, facts: &Rele
             "template": {
                 "metadata": {"labels": pod_labels(release, "gateway", color)},
                 "spec": {
+                    "serviceAccountName": names::gateway_account(&name),
                     "containers": [{
                         "name": "gateway",
                         "image": spec.gateway.image,
@@ -267,6 +295,8 @@ pub fn workers_deployment(release: &BlueGreenRelease, color: Color, facts: &Rele
             "template": {
                 "metadata": {"labels": pod_labels(release, "workers", color)},
                 "spec": {
+                    // The workers never call the Kubernetes API.
+                    "automountServiceAccountToken": false,
                     "containers": [{
                         "name": "workers",
                         "image": spec.workers.image,

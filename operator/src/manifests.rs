@@ -19,6 +19,9 @@ use vellum_crds::{GROUP, labels};
 
 /// Name of the operator's ServiceAccount, ClusterRole and Deployment.
 pub const OPERATOR_NAME: &str = "vellum-operator";
+/// Name of the ClusterRole every release's gateway ServiceAccount is bound to, in the
+/// release's namespace only.
+pub const GATEWAY_ROLE: &str = "vellum-gateway";
 /// Namespace the plain install manifest puts the operator in.
 pub const DEFAULT_NAMESPACE: &str = "vellum-system";
 /// Image the plain install manifest runs.
@@ -51,6 +54,10 @@ pub fn generated_files() -> Vec<GeneratedFile> {
     files.push(GeneratedFile {
         path: "charts/vellum/files/leader-election-rules.yaml".into(),
         content: format!("{HEADER}{}", to_yaml(&leader_election_rules())),
+    });
+    files.push(GeneratedFile {
+        path: "charts/vellum/files/gateway-rules.yaml".into(),
+        content: format!("{HEADER}{}", to_yaml(&gateway_rules())),
     });
     files.push(GeneratedFile {
         path: "manifests/install.yaml".into(),
@@ -105,6 +112,24 @@ pub fn operator_cluster_rules() -> Vec<PolicyRule> {
         rule("batch", &["cronjobs"], &["list", "watch", "create", "patch", "delete"]),
         rule("autoscaling", &["horizontalpodautoscalers"], &["list", "watch", "create", "patch", "delete"]),
         rule("policy", &["poddisruptionbudgets"], APPLY),
+        // Each release's gateway runs under its own ServiceAccount, bound to the gateway's
+        // ClusterRole in the release's namespace; binding that one role is all it may grant.
+        rule("", &["serviceaccounts"], APPLY),
+        rule("rbac.authorization.k8s.io", &["rolebindings"], APPLY),
+        PolicyRule {
+            resource_names: Some(vec![GATEWAY_ROLE.to_owned()]),
+            ..rule("rbac.authorization.k8s.io", &["clusterroles"], &["bind"])
+        },
+    ]
+}
+
+/// What a gateway may do, in its release's namespace only (a RoleBinding per release): the
+/// webhook API creates a Webhook and its signing Secret, lists and reads Webhooks, and
+/// deletes the ones it created. Nothing else: it never reads a Secret.
+pub fn gateway_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(GROUP, &["webhooks"], &["get", "list", "create", "delete"]),
+        rule("", &["secrets"], &["create", "delete"]),
     ]
 }
 
@@ -263,6 +288,11 @@ pub fn install_manifest(opts: &InstallOptions) -> String {
             name: OPERATOR_NAME.into(),
         },
         subjects: Some(vec![subject.clone()]),
+    }));
+    docs.push(to_yaml(&ClusterRole {
+        metadata: meta(GATEWAY_ROLE, None),
+        rules: Some(gateway_rules()),
+        ..ClusterRole::default()
     }));
     let election = format!("{OPERATOR_NAME}-leader-election");
     docs.push(to_yaml(&Role { metadata: meta(&election, Some(ns)), rules: Some(leader_election_rules()) }));

@@ -58,7 +58,7 @@ fn install_manifest_holds_every_crd_and_the_operator() {
 #[test]
 fn rbac_has_no_wildcards_and_covers_every_vellum_resource() {
     let rules = [manifests::operator_cluster_rules(), manifests::leader_election_rules()].concat();
-    for rule in &rules {
+    for rule in rules.iter().chain(&manifests::gateway_rules()) {
         let all = rule.api_groups.iter().flatten().chain(rule.resources.iter().flatten()).chain(rule.verbs.iter());
         for item in all {
             assert!(!item.contains('*'), "wildcard in {rule:?}");
@@ -98,4 +98,19 @@ fn chart_values_and_metadata_parse() {
     let rbac = std::fs::read_to_string(templates.join("rbac.yaml")).unwrap();
     assert!(rbac.contains(r#".Files.Get "files/operator-rules.yaml""#));
     assert!(rbac.contains(r#".Files.Get "files/leader-election-rules.yaml""#));
+    assert!(rbac.contains(r#".Files.Get "files/gateway-rules.yaml""#));
+    assert!(rbac.contains(&format!("name: {}\n", manifests::GATEWAY_ROLE)), "the role releases bind, by name");
+}
+
+#[test]
+fn the_operator_may_bind_the_gateway_role_and_nothing_else() {
+    let rules = manifests::operator_cluster_rules();
+    let bind: Vec<_> = rules.iter().filter(|r| r.verbs.iter().any(|v| v == "bind" || v == "escalate")).collect();
+    assert_eq!(bind.len(), 1);
+    assert_eq!(bind[0].resource_names.as_deref(), Some(&[manifests::GATEWAY_ROLE.to_owned()][..]));
+    assert_eq!(bind[0].verbs, ["bind"]);
+    // The gateway never reads Secrets: it creates a webhook's signing Secret and deletes it.
+    let gateway = manifests::gateway_rules();
+    let secrets = gateway.iter().find(|r| r.resources.iter().flatten().any(|x| x == "secrets")).unwrap();
+    assert_eq!(secrets.verbs, ["create", "delete"]);
 }

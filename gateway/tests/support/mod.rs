@@ -38,6 +38,7 @@ pub async fn gateway() -> Gateway {
         allow_webhook_cidrs: vec![],
         nats_url: None,
         link_key: None,
+        kube_namespace: None,
     };
     Gateway { running: standalone::start(options).await.unwrap(), client: reqwest::Client::new(), _dir: dir }
 }

@@ -149,3 +149,29 @@ fn retention_cron_jobs_run_the_policy_with_the_release_workers() {
     assert_eq!(pod.containers[0].image.as_deref(), Some("vellum/workers:1.0.0"));
     assert_eq!(pod.containers[0].args.as_deref().unwrap(), ["retention", "--policy", "tmp"]);
 }
+
+#[test]
+fn the_gateway_runs_under_its_own_account_bound_to_the_gateway_role_in_its_namespace() {
+    let r = release(RELEASE);
+    let account = gateway_service_account(&r);
+    assert_eq!(account.metadata.name.as_deref(), Some("docs-gateway"));
+    assert_eq!(account.metadata.namespace.as_deref(), Some("docs-ns"));
+    let binding = gateway_role_binding(&r);
+    assert_eq!(binding.metadata.namespace.as_deref(), Some("docs-ns"), "a RoleBinding: this namespace only");
+    assert_eq!((binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), ("ClusterRole", "vellum-gateway"));
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()),
+        ("ServiceAccount", "docs-gateway", Some("docs-ns"))
+    );
+    assert!(binding.metadata.owner_references.as_ref().is_some_and(|o| o[0].uid == "uid-1"));
+
+    let gateway = gateway_deployment(&r, Color::Blue, &ReleaseFacts::default());
+    let pod = gateway.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("docs-gateway"));
+    let env = pod.containers[0].env.clone().unwrap();
+    let ns = env.iter().find(|e| e.name == "VELLUM_KUBE_NAMESPACE").unwrap();
+    assert_eq!(ns.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "metadata.namespace");
+    let workers = workers_deployment(&r, Color::Blue, &ReleaseFacts::default()).spec.unwrap().template.spec.unwrap();
+    assert_eq!(workers.automount_service_account_token, Some(false), "the workers hold no API credentials");
+}

@@ -230,6 +230,8 @@ async fn progress(
         }));
     }
 
+    apply(&ctx.client, MANAGER, &builders::gateway_service_account(release)).await?;
+    apply(&ctx.client, MANAGER, &builders::gateway_role_binding(release)).await?;
     let gateway = apply(&ctx.client, MANAGER, &builders::gateway_deployment(release, color, &facts)).await?;
     apply(&ctx.client, MANAGER, &builders::workers_deployment(release, color, &facts)).await?;
     apply(&ctx.client, MANAGER, &builders::gateway_service(release, &names::active_service(&name), color)).await?;
