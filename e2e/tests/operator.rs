@@ -100,6 +100,10 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
 const JWT_SECRET: &str = "an-e2e-hs256-secret-of-at-least-32-bytes";
 
 fn token() -> String {
+    token_signed_with(JWT_SECRET)
+}
+
+fn token_signed_with(secret: &str) -> String {
     let claims = serde_json::json!({
         "sub": "e2e", "roles": ["admin", "user"], "iss": "https://auth.e2e", "aud": "vellum-e2e",
         "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600,
@@ -107,7 +111,7 @@ fn token() -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap()
 }
@@ -363,6 +367,31 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
         let status = &tier["status"];
         let counted = status["objects"].as_i64().unwrap_or(0) >= 1 && status["bytes"].as_i64().unwrap_or(0) > 0;
         if counted && status["estimatedMonthlyCost"].as_f64().is_some() { Ok(()) } else { Err(status.to_string()) }
+    })
+    .await;
+    // A rotated JWT secret reaches the running gateways too: tokens signed with the old
+    // one are refused and tokens signed with the new one accepted, by every replica.
+    let rotated = "a-rotated-e2e-hs256-secret-of-32-bytes-or-more";
+    let yaml = platform(&database.url, &bucket, &hook, "0.05").replace(JWT_SECRET, rotated);
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&yaml)).await;
+    eventually(limit, "the gateways checking tokens with the rotated key", || {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            for _ in 0..4 {
+                let status = |token: String| {
+                    let (http, base) = (http.clone(), base.clone());
+                    async move {
+                        let response = http.get(format!("{base}/api/v1/documents")).bearer_auth(token).send().await;
+                        response.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
+                    }
+                };
+                let (old, new) = (status(token()).await?, status(token_signed_with(rotated)).await?);
+                if (old, new) != (401, 200) {
+                    return Err(format!("old key {old}, rotated key {new}"));
+                }
+            }
+            Ok(())
+        }
     })
     .await;
     let pods_after = kubectl(

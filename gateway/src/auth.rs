@@ -4,8 +4,16 @@
 //! `iss` and `aud` are checked when configured, and a `roles` claim (an array, or a
 //! space-separated string) grants `admin`. Keys: an HS256 shared secret, RS256 or ES256
 //! public keys in PEM, or a JWKS file; a token's `kid` picks among JWKS keys.
+//!
+//! Keys given as files are read again by [`Auth::reload`]: a rotated key (a changed Secret
+//! behind the mounted file) takes effect without a restart. A key file that no longer
+//! parses leaves the keys in use as they were. To roll over without rejecting tokens
+//! already handed out, publish the new key beside the old one first (a JWKS with both,
+//! chosen by `kid`), then drop the old one.
 
 use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
@@ -30,11 +38,64 @@ pub struct AuthSettings {
     pub public_keys_pem: Vec<Vec<u8>>,
     /// A JWKS document (JSON).
     pub jwks: Option<String>,
+    /// Files the keys are read from, beside the values above, and read again on reload.
+    pub files: KeyFiles,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     /// Requests per second allowed to one user, and the burst above it.
     pub rate_per_second: u32,
     pub rate_burst: u32,
+}
+
+/// Key files: an HS256 secret (trailing line breaks ignored), PEM public keys, a JWKS.
+#[derive(Clone, Debug, Default)]
+pub struct KeyFiles {
+    pub secret: Option<PathBuf>,
+    pub public_keys: Vec<PathBuf>,
+    pub jwks: Option<PathBuf>,
+}
+
+impl KeyFiles {
+    pub fn is_empty(&self) -> bool {
+        self.secret.is_none() && self.public_keys.is_empty() && self.jwks.is_none()
+    }
+
+    /// The settings with the files' keys added.
+    fn read_into(&self, settings: &AuthSettings) -> Result<AuthSettings, AuthConfigError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| AuthConfigError::File { path: path.display().to_string(), message: e.to_string() })
+        };
+        let mut out = settings.clone();
+        if let Some(path) = &self.secret {
+            let mut secret = read(path)?;
+            while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                secret.pop();
+            }
+            if secret.is_empty() {
+                return Err(AuthConfigError::File { path: path.display().to_string(), message: "empty".into() });
+            }
+            out.secret = Some(secret);
+        }
+        for path in &self.public_keys {
+            out.public_keys_pem.push(read(path)?);
+        }
+        if let Some(path) = &self.jwks {
+            let text = String::from_utf8(read(path)?)
+                .map_err(|_| AuthConfigError::File { path: path.display().to_string(), message: "not UTF-8".into() })?;
+            out.jwks = Some(text);
+        }
+        Ok(out)
+    }
+}
+
+/// The keys in use, replaced whole when their files change.
+struct KeySet {
+    keys: Vec<Key>,
+    /// Mints tokens (standalone mode's admin token) when there is an HS256 secret.
+    encoding: Option<EncodingKey>,
+    /// SHA-256 over what the keys were built from, to tell whether a reload changed them.
+    fingerprint: [u8; 32],
 }
 
 struct Key {
@@ -45,16 +106,19 @@ struct Key {
 
 /// The token checker and the per-user limiter.
 pub struct Auth {
-    keys: Vec<Key>,
+    keys: RwLock<Arc<KeySet>>,
+    settings: AuthSettings,
     issuer: Option<String>,
     audience: Option<String>,
-    encoding: Option<EncodingKey>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auth").field("keys", &self.keys.len()).field("issuer", &self.issuer).finish_non_exhaustive()
+        f.debug_struct("Auth")
+            .field("keys", &self.key_set().keys.len())
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -100,6 +164,8 @@ pub enum AuthConfigError {
     PublicKey { index: usize, message: String },
     #[error("JWKS: {0}")]
     Jwks(String),
+    #[error("key file {path}: {message}")]
+    File { path: String, message: String },
     #[error("the rate limit must be at least 1 request per second")]
     RateLimit,
 }
@@ -109,46 +175,63 @@ pub(crate) fn bearer(value: &str) -> Option<&str> {
     value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))
 }
 
+/// The keys the settings (with their files read) give.
+fn key_set(settings: &AuthSettings) -> Result<KeySet, AuthConfigError> {
+    use sha2::{Digest, Sha256};
+    let mut keys = Vec::new();
+    if let Some(secret) = &settings.secret {
+        keys.push(Key { kid: None, algorithm: Algorithm::HS256, decoding: DecodingKey::from_secret(secret) });
+    }
+    for (index, pem) in settings.public_keys_pem.iter().enumerate() {
+        // An RSA key verifies RS256; anything else must be an EC key for ES256.
+        let (algorithm, key) = match DecodingKey::from_rsa_pem(pem) {
+            Ok(key) => (Algorithm::RS256, Ok(key)),
+            Err(_) => (Algorithm::ES256, DecodingKey::from_ec_pem(pem)),
+        };
+        let key = key.map_err(|e| AuthConfigError::PublicKey { index, message: e.to_string() })?;
+        keys.push(Key { kid: None, algorithm, decoding: key });
+    }
+    if let Some(jwks) = &settings.jwks {
+        let set: JwkSet = serde_json::from_str(jwks).map_err(|e| AuthConfigError::Jwks(e.to_string()))?;
+        for jwk in &set.keys {
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthConfigError::Jwks(e.to_string()))?;
+            let algorithm = match jwk.common.key_algorithm.map(|a| a.to_string()).as_deref() {
+                Some("ES256") => Algorithm::ES256,
+                Some("RS256") | None if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::RSA(_)) => {
+                    Algorithm::RS256
+                }
+                None if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_)) => {
+                    Algorithm::ES256
+                }
+                other => {
+                    return Err(AuthConfigError::Jwks(format!(
+                        "key {:?} has algorithm {other:?}; RS256 and ES256 are supported",
+                        jwk.common.key_id
+                    )));
+                }
+            };
+            keys.push(Key { kid: jwk.common.key_id.clone(), algorithm, decoding: key });
+        }
+    }
+    if keys.is_empty() {
+        return Err(AuthConfigError::NoKeys);
+    }
+    let mut hasher = Sha256::new();
+    for part in settings.secret.iter().chain(&settings.public_keys_pem) {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.update(settings.jwks.as_deref().unwrap_or_default());
+    Ok(KeySet {
+        keys,
+        encoding: settings.secret.as_deref().map(EncodingKey::from_secret),
+        fingerprint: hasher.finalize().into(),
+    })
+}
+
 impl Auth {
     pub fn new(settings: &AuthSettings) -> Result<Self, AuthConfigError> {
-        let mut keys = Vec::new();
-        if let Some(secret) = &settings.secret {
-            keys.push(Key { kid: None, algorithm: Algorithm::HS256, decoding: DecodingKey::from_secret(secret) });
-        }
-        for (index, pem) in settings.public_keys_pem.iter().enumerate() {
-            // An RSA key verifies RS256; anything else must be an EC key for ES256.
-            let (algorithm, key) = match DecodingKey::from_rsa_pem(pem) {
-                Ok(key) => (Algorithm::RS256, Ok(key)),
-                Err(_) => (Algorithm::ES256, DecodingKey::from_ec_pem(pem)),
-            };
-            let key = key.map_err(|e| AuthConfigError::PublicKey { index, message: e.to_string() })?;
-            keys.push(Key { kid: None, algorithm, decoding: key });
-        }
-        if let Some(jwks) = &settings.jwks {
-            let set: JwkSet = serde_json::from_str(jwks).map_err(|e| AuthConfigError::Jwks(e.to_string()))?;
-            for jwk in &set.keys {
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthConfigError::Jwks(e.to_string()))?;
-                let algorithm = match jwk.common.key_algorithm.map(|a| a.to_string()).as_deref() {
-                    Some("ES256") => Algorithm::ES256,
-                    Some("RS256") | None if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::RSA(_)) => {
-                        Algorithm::RS256
-                    }
-                    None if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_)) => {
-                        Algorithm::ES256
-                    }
-                    other => {
-                        return Err(AuthConfigError::Jwks(format!(
-                            "key {:?} has algorithm {other:?}; RS256 and ES256 are supported",
-                            jwk.common.key_id
-                        )));
-                    }
-                };
-                keys.push(Key { kid: jwk.common.key_id.clone(), algorithm, decoding: key });
-            }
-        }
-        if keys.is_empty() {
-            return Err(AuthConfigError::NoKeys);
-        }
+        let keys = key_set(&settings.files.read_into(settings)?)?;
         let limiter = if settings.rate_per_second == 0 {
             None
         } else {
@@ -158,18 +241,43 @@ impl Auth {
             Some(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
         };
         Ok(Self {
-            keys,
+            keys: RwLock::new(Arc::new(keys)),
+            settings: settings.clone(),
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
-            encoding: settings.secret.as_deref().map(EncodingKey::from_secret),
             limiter,
         })
+    }
+
+    fn key_set(&self) -> Arc<KeySet> {
+        Arc::clone(&self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Whether keys come from files that [`reload`](Self::reload) reads again.
+    pub fn reloads(&self) -> bool {
+        !self.settings.files.is_empty()
+    }
+
+    /// Reads the key files again and uses what they hold from now on: `Ok(true)` when the
+    /// keys changed. When a file cannot be read or parsed the keys in use stay.
+    pub fn reload(&self) -> Result<bool, AuthConfigError> {
+        if !self.reloads() {
+            return Ok(false);
+        }
+        let fresh = key_set(&self.settings.files.read_into(&self.settings)?)?;
+        let mut keys = self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if keys.fingerprint == fresh.fingerprint {
+            return Ok(false);
+        }
+        *keys = Arc::new(fresh);
+        Ok(true)
     }
 
     /// Checks a bearer token and returns who it names.
     pub fn verify(&self, token: &str) -> Result<Actor, String> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| "the token is not a JWT".to_owned())?;
-        let candidates: Vec<&Key> = self
+        let set = self.key_set();
+        let candidates: Vec<&Key> = set
             .keys
             .iter()
             .filter(|k| k.algorithm == header.alg && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid))
@@ -220,7 +328,8 @@ impl Auth {
 
     /// Mints an HS256 token (standalone mode's admin token, and tests).
     pub fn mint(&self, sub: &str, roles: &[&str], valid_for: Duration) -> Option<String> {
-        let key = self.encoding.as_ref()?;
+        let set = self.key_set();
+        let key = set.encoding.as_ref()?;
         let exp =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() + valid_for.as_secs();
         let claims = Claims {
@@ -357,6 +466,34 @@ mod tests {
         let wait = auth.admit("alice").unwrap_err();
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
         assert!(auth.admit("bob").is_ok(), "another user has a bucket of their own");
+    }
+
+    #[test]
+    fn a_rotated_key_file_takes_effect_on_reload_and_a_broken_one_keeps_the_keys_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwt-key");
+        std::fs::write(&path, "the-first-secret\n").unwrap();
+        let files = KeyFiles { secret: Some(path.clone()), ..KeyFiles::default() };
+        let auth = Auth::new(&AuthSettings { files, ..AuthSettings::default() }).unwrap();
+        assert!(auth.reloads());
+        let first = auth.mint("alice", &[], Duration::from_secs(60)).unwrap();
+        let direct =
+            Auth::new(&AuthSettings { secret: Some(b"the-first-secret".to_vec()), ..AuthSettings::default() }).unwrap();
+        assert!(direct.verify(&first).is_ok(), "the file's trailing line break is not part of the key");
+        assert!(!auth.reload().unwrap(), "nothing changed");
+
+        std::fs::write(&path, "the-second-secret").unwrap();
+        assert!(auth.reload().unwrap());
+        assert_eq!(auth.verify(&first), Err("the token's signature does not verify".into()));
+        let second = auth.mint("alice", &[], Duration::from_secs(60)).unwrap();
+        assert!(auth.verify(&second).is_ok());
+
+        std::fs::write(&path, "").unwrap();
+        assert!(matches!(auth.reload(), Err(AuthConfigError::File { .. })));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(auth.reload(), Err(AuthConfigError::File { .. })));
+        assert!(auth.verify(&second).is_ok(), "an unreadable file leaves the keys in use");
+        assert!(!self::auth().reloads(), "keys given as values have nothing to reload");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use vellum_core::process::{init_logging, shutdown_signal};
-use vellum_gateway::auth::AuthSettings;
+use vellum_gateway::auth::{AuthSettings, KeyFiles};
 use vellum_gateway::standalone;
 
 /// The Vellum gateway: the HTTP API application clients use to upload, version, tier and
@@ -98,10 +98,16 @@ struct JwtArgs {
     /// generated and kept in the data directory.
     #[arg(long, env = "VELLUM_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
-    /// RS256 or ES256 public key files (PEM); repeat or separate with commas.
+    /// A file holding the HS256 shared secret (a mounted Secret key): read again when it
+    /// changes, so a rotated secret takes effect without a restart.
+    #[arg(long, env = "VELLUM_JWT_SECRET_FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// RS256 or ES256 public key files (PEM); repeat or separate with commas. Read again
+    /// when they change.
     #[arg(long, env = "VELLUM_JWT_PUBLIC_KEY", value_delimiter = ',')]
     jwt_public_key: Vec<PathBuf>,
-    /// A JWKS file whose keys (chosen by `kid`) verify tokens.
+    /// A JWKS file whose keys (chosen by `kid`) verify tokens. Read again when it changes:
+    /// publish a new key beside the old one to roll over.
     #[arg(long, env = "VELLUM_JWT_JWKS")]
     jwt_jwks: Option<PathBuf>,
     /// Required `iss` claim.
@@ -119,26 +125,28 @@ struct JwtArgs {
 }
 
 impl JwtArgs {
-    fn settings(&self) -> anyhow::Result<AuthSettings> {
-        let public_keys_pem = self
-            .jwt_public_key
-            .iter()
-            .map(|p| std::fs::read(p).with_context(|| format!("reading the public key {}", p.display())))
-            .collect::<anyhow::Result<_>>()?;
-        let jwks = self
-            .jwt_jwks
-            .as_ref()
-            .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading the JWKS {}", p.display())))
-            .transpose()?;
-        Ok(AuthSettings {
+    /// Key files are read (and read again when they change) by the gateway itself.
+    fn settings(&self) -> AuthSettings {
+        AuthSettings {
             secret: self.jwt_secret.as_ref().map(|s| s.clone().into_bytes()),
-            public_keys_pem,
-            jwks,
+            files: KeyFiles {
+                secret: self.jwt_secret_file.clone(),
+                public_keys: self.jwt_public_key.clone(),
+                jwks: self.jwt_jwks.clone(),
+            },
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
             rate_per_second: self.rate_limit,
             rate_burst: self.rate_burst,
-        })
+            ..AuthSettings::default()
+        }
+    }
+
+    fn any_key(&self) -> bool {
+        self.jwt_secret.is_some()
+            || self.jwt_secret_file.is_some()
+            || !self.jwt_public_key.is_empty()
+            || self.jwt_jwks.is_some()
     }
 }
 
@@ -148,13 +156,11 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         "serve needs --database-url postgres://…: the replicas share one metadata database"
     );
     anyhow::ensure!(
-        args.common.jwt.jwt_secret.is_some()
-            || !args.common.jwt.jwt_public_key.is_empty()
-            || args.common.jwt.jwt_jwks.is_some(),
-        "serve needs --jwt-secret, --jwt-public-key or --jwt-jwks: the replicas must accept the same tokens"
+        args.common.jwt.any_key(),
+        "serve needs --jwt-secret, --jwt-secret-file, --jwt-public-key or --jwt-jwks: the replicas must accept the same tokens"
     );
     anyhow::ensure!(args.link_key.len() >= 32, "--link-key must have at least 32 bytes");
-    let mut options = options(&args.common)?;
+    let mut options = options(&args.common);
     options.nats_url = Some(args.nats_url);
     options.link_key = Some(args.link_key.into_bytes());
     options.kube_namespace = args.kube_namespace;
@@ -165,26 +171,26 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     running.shutdown().await
 }
 
-fn options(args: &StandaloneArgs) -> anyhow::Result<standalone::Options> {
-    Ok(standalone::Options {
+fn options(args: &StandaloneArgs) -> standalone::Options {
+    standalone::Options {
         listen: args.listen,
         data_dir: args.data_dir.clone(),
         config_dir: args.config_dir.clone(),
         secrets_dir: args.secrets_dir.clone(),
         config_reload: std::time::Duration::from_secs(args.config_reload_seconds.max(1)),
         database_url: args.database_url.clone(),
-        auth: args.jwt.settings()?,
+        auth: args.jwt.settings(),
         max_upload_bytes: args.max_upload_bytes,
         public_url: args.public_url.clone(),
         allow_webhook_cidrs: args.allow_webhook_cidr.clone(),
         nats_url: None,
         link_key: None,
         kube_namespace: None,
-    })
+    }
 }
 
 async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
-    let options = options(&args)?;
+    let options = options(&args);
     let running = standalone::start(options).await?;
     let url = &running.url;
     println!("Vellum standalone gateway serving at {url}");

@@ -79,6 +79,7 @@ pub struct Running {
     sweeper: JoinHandle<()>,
     reloader: Option<JoinHandle<()>>,
     scheduler: Option<JoinHandle<()>>,
+    /// Tasks that only read (real-time feeds, the JWT key watcher), aborted at shutdown.
     hub_feeds: Vec<JoinHandle<()>>,
 }
 
@@ -114,8 +115,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// data directory.
 fn credentials(options: &Options, data_dir: &Path) -> anyhow::Result<(Auth, Vec<u8>)> {
     let mut auth_settings = options.auth.clone();
-    if auth_settings.secret.is_none() && auth_settings.public_keys_pem.is_empty() && auth_settings.jwks.is_none() {
-        auth_settings.secret = Some(key_file(&data_dir.join("jwt-secret"))?);
+    if auth_settings.secret.is_none()
+        && auth_settings.public_keys_pem.is_empty()
+        && auth_settings.jwks.is_none()
+        && auth_settings.files.is_empty()
+    {
+        // Kept as a file, so that replacing it rotates the key without a restart.
+        let path = data_dir.join("jwt-secret");
+        key_file(&path)?;
+        auth_settings.files.secret = Some(path);
     }
     let auth = Auth::new(&auth_settings).context("setting up token checking")?;
     let link_key = match options.link_key.clone() {
@@ -176,7 +184,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         Some(url) => Some(vellum_workers::nats::connect(url, "vellum-gateway").await.map_err(anyhow::Error::msg)?),
         None => None,
     };
-    let hub_feeds = match &nats {
+    let mut hub_feeds = match &nats {
         Some(client) => crate::cluster::connect(&hub, client),
         None => vec![hub.feed_from(&bus)],
     };
@@ -222,6 +230,9 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         })
         .collect();
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
+    if state.auth.reloads() {
+        hub_feeds.push(tokio::spawn(watch_keys(Arc::clone(&state.auth), options.config_reload)));
+    }
     let reloader = compiled
         .then(|| tokio::spawn(reload(state.clone(), options.clone(), data_dir.clone(), config_hash, stopped.clone())));
     // In a cluster the operator's CronJobs run the retention policies.
@@ -233,6 +244,19 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     });
     tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), cluster = nats.is_some(), "gateway serving");
     Ok(Running { addr, url, admin_token, state, stop, server, relays, sweeper, reloader, scheduler, hub_feeds })
+}
+
+/// Reads the JWT key files every `every` and uses rotated keys from then on; a file that
+/// does not read or parse keeps the keys in use, with a warning. Aborted at shutdown.
+async fn watch_keys(auth: Arc<Auth>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match auth.reload() {
+            Ok(true) => tracing::info!("JWT keys reloaded: tokens are checked against the rotated keys"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "keeping the JWT keys in use"),
+        }
+    }
 }
 
 /// One document service per metadata shard, each with its own outbox wake-up (and relay);

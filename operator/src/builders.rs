@@ -232,7 +232,9 @@ pub fn gateway_deployment(release: &BlueGreenRelease, color: Color, facts: &Rele
     env.push(secret_env("VELLUM_LINK_KEY", &secret, secret_keys::LINK_KEY));
     let key_file = format!("{SECRETS_MOUNT}/{}", secret_keys::JWT_KEY);
     env.push(match spec.jwt.algorithm {
-        JwtAlgorithm::HS256 => secret_env("VELLUM_JWT_SECRET", &secret, secret_keys::JWT_KEY),
+        // A file of the mounted platform Secret, read again when it changes: a rotated key
+        // reaches the running gateways without a restart.
+        JwtAlgorithm::HS256 => json!({"name": "VELLUM_JWT_SECRET_FILE", "value": key_file}),
         JwtAlgorithm::RS256 | JwtAlgorithm::ES256 if facts.jwt_is_jwks => {
             json!({"name": "VELLUM_JWT_JWKS", "value": key_file})
         }

@@ -53,7 +53,8 @@ fn the_gateway_deployment_runs_serve_with_the_platform_mounted_and_owned_by_the_
     assert_eq!(pod_labels[labels::VERSION], "1.0.0");
     let env = env_of(&d);
     let get = |name: &str| env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
-    assert_eq!(get("VELLUM_JWT_SECRET").as_deref(), Some("secret:docs-platform/jwt-key"));
+    assert_eq!(get("VELLUM_JWT_SECRET_FILE").as_deref(), Some("/etc/vellum/secrets/jwt-key"));
+    assert_eq!(get("VELLUM_JWT_SECRET"), None, "an environment variable would need a restart to change");
     assert_eq!(get("VELLUM_DATABASE_URL").as_deref(), Some("secret:docs-platform/database-url"));
     assert_eq!(get("VELLUM_CONFIG_DIR").as_deref(), Some(CONFIG_MOUNT));
     assert_eq!(get("VELLUM_JWT_ISSUER").as_deref(), Some("https://auth"));
