@@ -290,6 +290,10 @@ async fn archive_restore_and_promotion() {
     );
     let err = p.docs.restore_archived(&alice(), contract.id, Grace::default()).await.unwrap_err();
     assert!(err.to_string().contains("not archived"), "{err}");
+    // The next run leaves what was just restored where it is.
+    p.clock.advance(DAY_MS);
+    assert_eq!(run(&p, "archive-contracts").await.expired, 0, "not archived again at once");
+    assert_eq!(tier_of(&p, contract.id).await, "hot");
 
     // Promotion on demand, both ways, and a clear error for a tier that does not exist.
     let moved = p.docs.move_document(&alice(), held.id, "cold", Grace::default()).await.unwrap();

@@ -327,7 +327,8 @@ impl Documents {
     /// as the lifecycle rules see them. Soft-deleted documents are left out.
     pub async fn lifecycle_page(&self, after: i64, limit: i64) -> Result<Vec<DocumentFacts>, DocError> {
         let rows = sqlx::query(
-            "SELECT id, owner, file_type, tags, legal_hold, archived_at, last_accessed_at, lifecycle_error \
+            "SELECT id, owner, file_type, tags, legal_hold, archived_at, last_accessed_at, lifecycle_error, \
+             lifecycle_restarted_at \
              FROM documents WHERE id > $1 AND deleted_at IS NULL ORDER BY id LIMIT $2",
         )
         .bind(after)
@@ -345,6 +346,7 @@ impl Documents {
                 legal_hold: row.try_get::<i64, _>("legal_hold")? != 0,
                 archived: row.try_get::<Option<i64>, _>("archived_at")?.is_some(),
                 last_accessed_at: row.try_get("last_accessed_at")?,
+                restarted_at: row.try_get("lifecycle_restarted_at")?,
                 failed: row.try_get("lifecycle_error")?,
                 versions: Vec::new(),
             });
@@ -506,7 +508,8 @@ impl Documents {
                     let doc = super::load(tx, actor, id, false).await?;
                     let Some(archive_id) = doc.archive_id.clone() else { return Ok(doc) };
                     sqlx::query(
-                        "UPDATE documents SET archived_at = NULL, archive_id = NULL, updated_at = $1 WHERE id = $2",
+                        "UPDATE documents SET archived_at = NULL, archive_id = NULL, updated_at = $1, \
+                         lifecycle_restarted_at = $1 WHERE id = $2",
                     )
                     .bind(now)
                     .bind(id)
@@ -547,6 +550,12 @@ impl Documents {
                     let r = async {
                         let tx = &mut owned;
                         let now = self.clock.now_ms();
+                        // Asked for: the next retention run must not undo it at once.
+                        sqlx::query("UPDATE documents SET lifecycle_restarted_at = $1 WHERE id = $2")
+                            .bind(now)
+                            .bind(id)
+                            .execute(&mut **tx)
+                            .await?;
                         let doc = super::load(tx, actor, id, false).await?;
                         let fields = with(
                             super::document_fields(&doc),

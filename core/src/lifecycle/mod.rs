@@ -18,6 +18,11 @@
 //! that and the document's last download (`LAST_ACCESS`); a rule of `afterDays: 30` is due
 //! 30 × 24 hours after that moment. A noncurrent version's age for expiry counts from the
 //! moment it stopped being current (the upload of the version after it).
+//!
+//! A restore from the archive or a move on request restarts the document's clock for
+//! transitions and archiving: their ages count from then, so the next run does not undo
+//! what a person just asked for. Deletion still counts from the upload: a restore never
+//! extends how long a document may be kept.
 
 #[cfg(test)]
 mod tests;
@@ -41,6 +46,9 @@ pub struct DocumentFacts {
     pub legal_hold: bool,
     pub archived: bool,
     pub last_accessed_at: Option<i64>,
+    /// When a restore or a move on request last restarted the document's clock for
+    /// transitions and archiving.
+    pub restarted_at: Option<i64>,
     /// The message of a lifecycle action that failed and has not succeeded since.
     pub failed: Option<String>,
     /// Newest first: the first is the current version.
@@ -145,6 +153,11 @@ fn age_origin(basis: AgeBasis, doc: &DocumentFacts, version: &VersionFacts) -> i
     }
 }
 
+/// [`age_origin`] for moves (transitions and archiving), which a restart resets.
+fn move_origin(basis: AgeBasis, doc: &DocumentFacts, version: &VersionFacts) -> i64 {
+    age_origin(basis, doc, version).max(doc.restarted_at.unwrap_or(i64::MIN))
+}
+
 fn after(origin: i64, days: u32) -> i64 {
     origin.saturating_add(i64::from(days).saturating_mul(DAY_MS))
 }
@@ -168,13 +181,16 @@ pub fn decide(doc: &DocumentFacts, policies: &[Policy<'_>], tiers: &BTreeMap<Str
         .iter()
         .filter_map(|p| {
             let e = p.config.expiration.as_ref()?;
-            let at_ms = after(age_origin(p.config.age_basis, doc, current), e.after_days);
-            let action = match e.action {
-                ExpirationAction::Delete => Action::Delete { policy: p.name.to_owned() },
-                ExpirationAction::Archive => {
-                    Action::Archive { tier: e.archive_tier.clone()?, policy: p.name.to_owned() }
+            let (action, origin) = match e.action {
+                ExpirationAction::Delete => {
+                    (Action::Delete { policy: p.name.to_owned() }, age_origin(p.config.age_basis, doc, current))
                 }
+                ExpirationAction::Archive => (
+                    Action::Archive { tier: e.archive_tier.clone()?, policy: p.name.to_owned() },
+                    move_origin(p.config.age_basis, doc, current),
+                ),
             };
+            let at_ms = after(origin, e.after_days);
             Some(Scheduled { at_ms, action })
         })
         .filter(|s| !(doc.archived && matches!(s.action, Action::Archive { .. })))
@@ -203,7 +219,7 @@ pub fn decide(doc: &DocumentFacts, policies: &[Policy<'_>], tiers: &BTreeMap<Str
         let Some(here) = class(&version.tier) else { continue };
         let mut due: Option<(TierClass, Scheduled)> = None;
         for p in &applicable {
-            let origin = age_origin(p.config.age_basis, doc, version);
+            let origin = move_origin(p.config.age_basis, doc, version);
             for (days, tier) in &p.config.transitions {
                 let Some(target) = class(tier) else { continue };
                 if target <= here {

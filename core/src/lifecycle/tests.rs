@@ -364,3 +364,30 @@ fn shards_usage_adds_up_and_tiering_savings_price_the_target_tiers_against_the_d
     assert!((usage.monthly_savings.tiering - savings).abs() < 1e-9);
     assert_eq!(usage.objects, 7);
 }
+
+#[test]
+fn a_restore_or_move_on_request_restarts_moves_but_never_deletion() {
+    let archive = RetentionConfig {
+        expiration: Some(ExpirationConfig {
+            after_days: 60,
+            action: ExpirationAction::Archive,
+            archive_tier: Some("frozen".into()),
+        }),
+        ..standard()
+    };
+    // Archived at day 60, restored to hot at day 100: the next run leaves it there.
+    let mut restored = doc("pdf", "hot");
+    restored.restarted_at = Some(day(100));
+    assert_eq!(due_kinds(&decide_with(&restored, &[("archive", &archive)], day(101))), Vec::<String>::new());
+    // Its clock counts from the restore: warm 30 days later, archived again 60 days later.
+    assert_eq!(due_kinds(&decide_with(&restored, &[("archive", &archive)], day(130))), ["v1->warm"]);
+    assert_eq!(due_kinds(&decide_with(&restored, &[("archive", &archive)], day(160))), ["ARCHIVE"]);
+    let plan = decide_with(&restored, &[("archive", &archive)], day(101));
+    assert_eq!(plan.next.map(|n| n.at_ms), Some(day(130)), "the next action is dated from the restore");
+    // Deletion is never pushed back by a restore.
+    let delete = RetentionConfig {
+        expiration: Some(ExpirationConfig { after_days: 90, action: ExpirationAction::Delete, archive_tier: None }),
+        ..policy(&[])
+    };
+    assert_eq!(due_kinds(&decide_with(&restored, &[("delete", &delete)], day(101))), ["DELETE"]);
+}
