@@ -89,6 +89,7 @@ on_both!(
     delete_purge_and_shared_blobs,
     legal_hold_blocks_deletion,
     bad_input_changes_nothing,
+    a_crashed_upload_leaves_garbage_not_an_orphan,
 );
 
 async fn upload_read_and_deduplicate(env: Env) {
@@ -322,6 +323,21 @@ async fn delete_purge_and_shared_blobs(env: Env) {
     assert_eq!(kinds.len(), 4);
     assert_eq!(kinds[0], ("alice".to_owned(), false));
     assert!(kinds[1..].iter().all(|(_, permanent)| *permanent));
+}
+
+async fn a_crashed_upload_leaves_garbage_not_an_orphan(env: Env) {
+    let alice = user("alice");
+    let kept = env.docs.upload(&alice, named("kept.txt"), once("kept bytes")).await.unwrap().document;
+    // The copy of an upload whose process died before the transaction recording it.
+    env.docs.store_bytes("text/plain", once("never recorded")).await.unwrap();
+    assert_eq!(objects(&env.store).await, 2);
+    assert_eq!(env.docs.collect_garbage().await.unwrap(), 0, "a young claim: the upload may still record it");
+    env.clock.advance(24 * 3_600_000);
+    assert_eq!(env.docs.collect_garbage().await.unwrap(), 1, "the unrecorded copy, and only it");
+    assert_eq!(objects(&env.store).await, 1);
+    assert_eq!(read_all(&env, &alice, kept.id, None).await, b"kept bytes");
+    env.clock.advance(365 * 24 * 3_600_000);
+    assert_eq!(env.docs.collect_garbage().await.unwrap(), 0, "a recorded upload holds no claim");
 }
 
 async fn legal_hold_blocks_deletion(env: Env) {

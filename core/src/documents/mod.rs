@@ -212,6 +212,9 @@ async fn load(tx: &mut Tx, actor: &Actor, id: i64, include_deleted: bool) -> Res
     Ok(doc)
 }
 
+/// How long an upload may take between claiming the key of its copy and recording it.
+const UPLOAD_CLAIM_MS: i64 = 24 * 3_600_000;
+
 /// Records a stored blob, or finds that its content was already stored. Returns whether
 /// it was (the new copy must then be deleted once the transaction commits).
 async fn record_blob(tx: &mut Tx, blob: &StoredBlob, now: i64) -> Result<bool, StoreError> {
@@ -222,6 +225,13 @@ async fn record_blob(tx: &mut Tx, blob: &StoredBlob, now: i64) -> Result<bool, S
     if existing.is_some() {
         return Ok(true);
     }
+    // Recorded: no longer garbage (see `Documents::store_bytes`). A duplicate copy keeps
+    // its claim until the upload deletes it, or the collector does after a crash.
+    sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2")
+        .bind(&blob.tier)
+        .bind(&blob.object_key)
+        .execute(&mut **tx)
+        .await?;
     sqlx::query(
         "INSERT INTO blobs (sha256, object_key, tier, size, stored_size, compression, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -441,7 +451,18 @@ impl Documents {
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     ) -> Result<StoredBlob, DocError> {
         let tier = self.tiers().default_tier();
-        Ok(tier.write(body, tier.compresses(content_type), self.max_upload).await?)
+        // Claimed as garbage before a byte is written, and unclaimed by the transaction that
+        // records it: a crash in between leaves a copy the collector deletes, never an
+        // orphan no row knows of.
+        let key = crate::blob::new_object_key("blobs");
+        sqlx::query("INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3)")
+            .bind(&tier.name)
+            .bind(&key)
+            .bind(self.clock.now_ms() + UPLOAD_CLAIM_MS)
+            .execute(self.meta.pool())
+            .await
+            .map_err(StoreError::from)?;
+        Ok(tier.write_at(key, body, tier.compresses(content_type), self.max_upload).await?)
     }
 
     /// Deletes the new copy of a blob that turned out to be stored already, or that no
