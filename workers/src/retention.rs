@@ -5,7 +5,6 @@
 //! a tier, and the schedule of policies in standalone mode.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -299,32 +298,26 @@ async fn apply(
             }
         }
     }
-    let failed: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
-    // Boxed futures in a Vec rather than a mapped stream: a mapped stream of borrowing
-    // futures trips the compiler's Send check where a caller spawns the run.
-    let move_futures: Vec<BoxFuture<'_, u64>> = moves
-        .into_iter()
-        .map(|(sha, tier)| {
-            let failed = &failed;
-            Box::pin(async move {
-                match docs.move_blob(sha, tier, settings.grace, hook).await {
-                    Ok(bytes) => bytes,
+    // Every blob of the batch at once: located, claimed and switched together.
+    let moves: Vec<(String, String)> = moves.into_iter().map(|(sha, tier)| (sha.to_owned(), tier.to_owned())).collect();
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    match docs.move_blobs(&moves, settings.grace, hook, settings.concurrency).await {
+        Ok(outcomes) => {
+            for ((sha, tier), outcome) in moves.iter().zip(outcomes) {
+                match outcome {
+                    Ok(bytes) => report.bytes_moved += i64::try_from(bytes).unwrap_or(i64::MAX),
                     Err(e) => {
                         tracing::warn!(error = %e, sha, tier, "moving a blob");
-                        failed
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(sha.to_owned(), e.to_string());
-                        0
+                        failed.insert(sha.clone(), e.to_string());
                     }
                 }
-            }) as BoxFuture<'_, u64>
-        })
-        .collect();
-    let bytes_each: Vec<u64> =
-        futures::stream::iter(move_futures).buffer_unordered(settings.concurrency.max(1)).collect().await;
-    report.bytes_moved += bytes_each.iter().map(|b| i64::try_from(*b).unwrap_or(i64::MAX)).sum::<i64>();
-    let failed = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, blobs = moves.len(), "moving a batch of blobs");
+            failed.extend(moves.iter().map(|(sha, _)| (sha.clone(), e.to_string())));
+        }
+    }
 
     let failed = &failed;
     let action_futures: Vec<BoxFuture<'_, (i64, i64, i64)>> = plans
@@ -429,18 +422,13 @@ pub async fn drain_tier(
                 .fetch_all(docs.meta().pool())
                 .await?;
         let Some(last) = shas.last().cloned() else { break };
-        let move_futures: Vec<BoxFuture<'_, (String, Result<u64, DocError>)>> = shas
-            .into_iter()
-            .map(|sha| {
-                Box::pin(async move {
-                    let r = docs.move_blob(&sha, to, settings.grace, &|_| {}).await;
-                    (sha, r)
-                }) as BoxFuture<'_, _>
-            })
-            .collect();
-        let results: Vec<(String, Result<u64, DocError>)> =
-            futures::stream::iter(move_futures).buffer_unordered(settings.concurrency.max(1)).collect().await;
-        for (sha, result) in results {
+        let moves: Vec<(String, String)> = shas.into_iter().map(|sha| (sha, to.to_owned())).collect();
+        let results: Vec<Result<u64, DocError>> =
+            match docs.move_blobs(&moves, settings.grace, &|_| {}, settings.concurrency).await {
+                Ok(outcomes) => outcomes,
+                Err(e) => moves.iter().map(|_| Err(DocError::Conflict(format!("the batch failed: {e}")))).collect(),
+            };
+        for ((sha, _), result) in moves.into_iter().zip(results) {
             match result {
                 Ok(bytes) => {
                     report.moved += 1;

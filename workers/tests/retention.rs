@@ -386,6 +386,42 @@ async fn reads_during_a_large_migration_all_succeed() {
 /// it again: every document stays readable with its checksum throughout, the rerun
 /// finishes the move, and no stored copy is left that nothing accounts for.
 #[tokio::test]
+async fn one_bad_blob_does_not_stop_the_rest_of_its_batch() {
+    let p = platform(false, true).await;
+    let mut docs = Vec::new();
+    for n in 0..6 {
+        let bytes = body(300 + n, 5_000);
+        docs.push((upload(&p, &alice(), &format!("b{n}.pdf"), &[], &bytes).await, bytes));
+    }
+    // The stored copy of one document no longer matches its checksum.
+    let rotten = &docs[2].0;
+    let row = sqlx::query("SELECT tier, object_key FROM blobs WHERE sha256 = $1")
+        .bind(rotten.checksum.trim_start_matches("sha256:"))
+        .fetch_one(p.docs.meta().pool())
+        .await
+        .unwrap();
+    let (tier, key): (String, String) = (row.get("tier"), row.get("object_key"));
+    let store = Arc::clone(p.docs.tiers().get(&tier).unwrap().store());
+    object_store::ObjectStoreExt::put(&*store, &key.as_str().into(), Bytes::from_static(b"rotten").into())
+        .await
+        .unwrap();
+
+    p.clock.advance(100 * DAY_MS);
+    let r = run(&p, "standard-lifecycle").await;
+    assert_eq!((r.transitioned, r.errors), (5, 1), "{r:?}");
+    for (n, (doc, bytes)) in docs.iter().enumerate() {
+        if n == 2 {
+            assert_eq!(tier_of(&p, doc.id).await, "hot", "a copy that does not verify is never switched to");
+            let failed = p.docs.lifecycle_facts(&admin(), doc.id).await.unwrap().failed.unwrap_or_default();
+            assert!(!failed.is_empty(), "the failure is recorded on the document");
+        } else {
+            assert_eq!(tier_of(&p, doc.id).await, "cold", "document {n}");
+            assert_eq!(&read(&p.docs, doc.id).await, bytes, "document {n}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_worker_killed_at_every_step_of_a_migration_loses_nothing() {
     for step in MigrationStep::ALL {
         let p = platform(false, false).await;

@@ -16,17 +16,24 @@
 //! The source is deleted by [`Documents::collect_garbage`] once due. A crash between any
 //! two steps leaves the blob row pointing at a complete, verified copy, and at most one
 //! copy waiting in `blob_garbage`; the next run moves the blob again.
+//!
+//! Retention runs and drains move a batch at a time ([`Documents::move_blobs`]): the same
+//! steps in the same order, with one statement locating the batch, one claiming every
+//! target, the copies running side by side, and one transaction switching every verified
+//! copy. One blob failing (a source that no longer verifies, an unreachable tier) fails
+//! alone.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use futures::TryStreamExt;
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use super::{DocError, Documents, Tx, with};
-use crate::blob::{Codec, Tier, new_object_key};
+use crate::blob::{Codec, StoredBlob, Tier, Tiers, new_object_key};
 use crate::config::PlatformConfig;
 use crate::crds::webhook::EventType;
 use crate::events::Event;
@@ -177,111 +184,164 @@ impl Documents {
         grace: Grace,
         hook: StepHook<'_>,
     ) -> Result<u64, DocError> {
-        let mut tx = self.meta.pool().begin().await?;
-        let located = locate(&mut tx, sha256).await;
-        let content_type: Option<String> =
-            sqlx::query_scalar("SELECT content_type FROM versions WHERE sha256 = $1 LIMIT 1")
-                .bind(sha256)
-                .fetch_optional(&mut *tx)
-                .await?;
-        tx.rollback().await.ok();
-        let Some(from) = located? else { return Ok(0) };
-        if from.tier == to_tier {
-            return Ok(0);
+        let moves = [(sha256.to_owned(), to_tier.to_owned())];
+        self.move_blobs(&moves, grace, hook, 1).await?.pop().unwrap_or(Ok(0))
+    }
+
+    /// Moves many blobs, each `(sha256, to_tier)` as [`Self::move_blob`] would, with the
+    /// same steps in the same order, but a batch at a time: one statement locates a batch,
+    /// one claims its targets, `concurrency` copies run at once, and one transaction
+    /// switches every verified copy. Returns each move's outcome, in order; `Err` only when
+    /// the metadata store failed for the whole batch.
+    pub async fn move_blobs(
+        &self,
+        moves: &[(String, String)],
+        grace: Grace,
+        hook: StepHook<'_>,
+        concurrency: usize,
+    ) -> Result<Vec<Result<u64, DocError>>, DocError> {
+        let mut outcomes = Vec::with_capacity(moves.len());
+        for batch in moves.chunks(MOVE_BATCH) {
+            outcomes.extend(self.move_batch(batch, grace, hook, concurrency).await?);
         }
+        Ok(outcomes)
+    }
+
+    async fn move_batch(
+        &self,
+        moves: &[(String, String)],
+        grace: Grace,
+        hook: StepHook<'_>,
+        concurrency: usize,
+    ) -> Result<Vec<Result<u64, DocError>>, DocError> {
+        let mut outcomes: Vec<Option<Result<u64, DocError>>> = moves.iter().map(|_| None).collect();
+        let shas: Vec<&str> = moves.iter().map(|(sha, _)| sha.as_str()).collect();
+        let mut located = self.locate_all(&shas).await?;
         let tiers = self.tiers();
-        let source = tiers.get(&from.tier)?;
-        let target = tiers.get(to_tier)?;
-        let content_type = content_type.unwrap_or_else(|| "application/octet-stream".to_owned());
 
-        let key = new_object_key("blobs");
+        // Where each copy goes, under a new key; blobs already there or gone move nowhere.
+        let mut planned: Vec<Planned<'_>> = Vec::new();
+        for (index, (sha, to)) in moves.iter().enumerate() {
+            let Some((from, content_type)) = located.remove(sha.as_str()) else {
+                outcomes[index] = Some(Ok(0));
+                continue;
+            };
+            if from.tier == *to {
+                outcomes[index] = Some(Ok(0));
+                continue;
+            }
+            if let Err(e) = tiers.get(to).and_then(|_| tiers.get(&from.tier)) {
+                outcomes[index] = Some(Err(e.into()));
+                continue;
+            }
+            planned.push(Planned { index, sha, to, from, content_type, key: new_object_key("blobs") });
+        }
+
+        // Every target key is claimed as garbage before a byte is written.
         let now = self.clock.now_ms();
-        sqlx::query("INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3)")
-            .bind(to_tier)
-            .bind(&key)
-            .bind(now + grace.claim_ms)
-            .execute(self.meta.pool())
-            .await?;
-        hook(MigrationStep::Claimed);
-
-        let bytes = source.read(&from.object_key, from.codec, None).await?;
-        let copy = target.write_at(key.clone(), bytes, target.compresses(&content_type), u64::MAX).await?;
-        if copy.sha256 != sha256 {
-            return Err(DocError::ChecksumMismatch(format!(
-                "the blob {sha256} read from storage tier {} has the checksum {}: it was not moved",
-                from.tier, copy.sha256
-            )));
+        for chunk in planned.chunks(CLAIM_ROWS) {
+            let values: Vec<String> =
+                (0..chunk.len()).map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect();
+            let sql = format!("INSERT INTO blob_garbage (tier, object_key, not_before) VALUES {}", values.join(", "));
+            let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for p in chunk {
+                insert = insert.bind(p.to).bind(&p.key).bind(now + grace.claim_ms);
+            }
+            insert.execute(self.meta.pool()).await?;
         }
-        hook(MigrationStep::Copied);
-
-        let (there, _) = checksum(&target, &key, copy.codec).await?;
-        if there != sha256 {
-            return Err(DocError::ChecksumMismatch(format!(
-                "the copy of blob {sha256} in storage tier {to_tier} reads back as {there}: it was not switched to"
-            )));
+        for _ in &planned {
+            hook(MigrationStep::Claimed);
         }
-        hook(MigrationStep::Verified);
 
+        // Copies, each read back and verified.
+        // Boxed futures in a Vec rather than a mapped stream: a mapped stream of borrowing
+        // futures trips the compiler's Send check where a caller spawns the work.
+        let copying: Vec<BoxFuture<'_, (usize, Result<StoredBlob, DocError>)>> = planned
+            .iter()
+            .enumerate()
+            .map(|(at, p)| {
+                let tiers = &tiers;
+                Box::pin(async move { (at, copy_verified(tiers, p, hook).await) }) as BoxFuture<'_, _>
+            })
+            .collect();
+        let copies: Vec<(usize, Result<StoredBlob, DocError>)> =
+            futures::stream::iter(copying).buffer_unordered(concurrency.max(1)).collect().await;
+        let mut verified: Vec<(&Planned<'_>, StoredBlob)> = Vec::new();
+        for (at, copy) in copies {
+            let p = &planned[at];
+            match copy {
+                Ok(copy) => verified.push((p, copy)),
+                // The claimed copy, if any, is collected once its claim runs out.
+                Err(e) => outcomes[p.index] = Some(Err(e)),
+            }
+        }
+
+        // One transaction switches every verified copy whose claim still holds.
         let switched = self
             .write(|mut owned| {
-                let (from, key, copy) = (&from, &key, &copy);
+                let verified = &verified;
                 Box::pin(async move {
                     let r = async {
                         let tx = &mut owned;
                         let now = self.clock.now_ms();
-                        let moved = sqlx::query(
-                            "UPDATE blobs SET tier = $1, object_key = $2, stored_size = $3, compression = $4 \
-                             WHERE sha256 = $5 AND tier = $6 AND object_key = $7",
-                        )
-                        .bind(to_tier)
-                        .bind(key)
-                        .bind(i64::try_from(copy.stored_size).unwrap_or(i64::MAX))
-                        .bind(copy.codec.as_str())
-                        .bind(sha256)
-                        .bind(&from.tier)
-                        .bind(&from.object_key)
-                        .execute(&mut **tx)
-                        .await?
-                        .rows_affected();
-                        if moved == 0 {
-                            // Moved or purged meanwhile: the copy stays claimed as garbage.
-                            return Ok(false);
+                        let mut out: Vec<Result<bool, DocError>> = Vec::with_capacity(verified.len());
+                        for (p, copy) in verified {
+                            out.push(switch(tx, p, copy, now, grace).await?);
                         }
-                        let claimed = sqlx::query(
-                            "DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before > $3",
-                        )
-                        .bind(to_tier)
-                        .bind(key)
-                        .bind(now)
-                        .execute(&mut **tx)
-                        .await?
-                        .rows_affected();
-                        if claimed == 0 {
-                            return Err(DocError::Conflict(format!(
-                                "the copy of blob {sha256} in {to_tier} outlived its claim and may be collected; \
-                                 the blob stays in {}",
-                                from.tier
-                            )));
-                        }
-                        sqlx::query("INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3)")
-                            .bind(&from.tier)
-                            .bind(&from.object_key)
-                            .bind(now + grace.source_ms)
-                            .execute(&mut **tx)
-                            .await?;
-                        Ok(true)
+                        Ok(out)
                     }
                     .await;
                     (owned, r)
                 })
             })
             .await?;
-        hook(MigrationStep::Switched);
-        Ok(if switched { copy.size } else { 0 })
+        for ((p, copy), done) in verified.iter().zip(switched) {
+            outcomes[p.index] = Some(done.map(|moved| {
+                hook(MigrationStep::Switched);
+                if moved { copy.size } else { 0 }
+            }));
+        }
+        Ok(outcomes.into_iter().map(|o| o.unwrap_or(Ok(0))).collect())
+    }
+
+    /// Where each of `shas` is stored now, with a content type of a version holding it.
+    async fn locate_all(&self, shas: &[&str]) -> Result<HashMap<String, (Located, String)>, DocError> {
+        let mut found = HashMap::new();
+        for chunk in shas.chunks(CLAIM_ROWS) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT b.sha256, b.tier, b.object_key, b.compression, \
+                 (SELECT v.content_type FROM versions v WHERE v.sha256 = b.sha256 LIMIT 1) AS content_type \
+                 FROM blobs b WHERE b.sha256 IN ({})",
+                marks.join(", ")
+            );
+            let mut select = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for sha in chunk {
+                select = select.bind(*sha);
+            }
+            for row in select.fetch_all(self.meta.pool()).await? {
+                let codec: String = row.try_get("compression")?;
+                let located = Located {
+                    tier: row.try_get("tier")?,
+                    object_key: row.try_get("object_key")?,
+                    codec: Codec::parse(&codec)
+                        .ok_or_else(|| StoreError::Corrupt(format!("blob compression {codec}")))?,
+                };
+                let content_type: Option<String> = row.try_get("content_type")?;
+                found.insert(
+                    row.try_get("sha256")?,
+                    (located, content_type.unwrap_or_else(|| "application/octet-stream".to_owned())),
+                );
+            }
+        }
+        Ok(found)
     }
 
     /// Deletes the stored copies in `blob_garbage` that are due and that no blob row refers
     /// to. Returns how many were deleted. Copies in a tier that is not configured wait.
+    /// The copies of a batch are deleted several at once, then their rows in one
+    /// transaction (a crash in between leaves rows whose copies are gone: deleting them
+    /// again finds nothing and succeeds).
     pub async fn collect_garbage(&self) -> Result<u64, DocError> {
         let tiers = self.tiers();
         let mut deleted = 0;
@@ -297,29 +357,42 @@ impl Documents {
             .bind(i64::try_from(skipped.len()).unwrap_or(i64::MAX) + 256)
             .fetch_all(self.meta.pool())
             .await?;
-            let mut progressed = false;
+            let mut due: Vec<(String, String)> = Vec::new();
             for row in &rows {
                 let (tier, key): (String, String) = (row.try_get("tier")?, row.try_get("object_key")?);
                 if skipped.contains(&(tier.clone(), key.clone())) {
                     continue;
                 }
-                let Ok(store) = tiers.get(&tier) else {
+                if tiers.get(&tier).is_err() {
                     skipped.insert((tier, key));
                     continue;
-                };
-                store.delete(&key).await?;
-                sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before <= $3")
-                    .bind(&tier)
-                    .bind(&key)
-                    .bind(now)
-                    .execute(self.meta.pool())
-                    .await?;
-                deleted += 1;
-                progressed = true;
+                }
+                due.push((tier, key));
             }
-            if !progressed {
+            if due.is_empty() {
                 return Ok(deleted);
             }
+            let deleting: Vec<BoxFuture<'_, Result<(), crate::blob::BlobError>>> = due
+                .iter()
+                .map(|(tier, key)| {
+                    let tiers = &tiers;
+                    Box::pin(async move { tiers.get(tier)?.delete(key).await }) as BoxFuture<'_, _>
+                })
+                .collect();
+            let results: Vec<Result<(), crate::blob::BlobError>> =
+                futures::stream::iter(deleting).buffer_unordered(GC_CONCURRENCY).collect().await;
+            results.into_iter().collect::<Result<Vec<()>, _>>()?;
+            let mut tx = self.meta.pool().begin().await?;
+            for (tier, key) in &due {
+                sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before <= $3")
+                    .bind(tier)
+                    .bind(key)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            deleted += due.len() as u64;
         }
     }
 
@@ -707,4 +780,101 @@ async fn release_blob(tx: &mut Tx, sha: &str, not_before: i64) -> Result<(), Sto
             .await?;
     }
     Ok(())
+}
+
+/// Stored copies the collector deletes at once.
+const GC_CONCURRENCY: usize = 8;
+
+/// Blobs one batch of a migration locates, claims and switches together.
+const MOVE_BATCH: usize = 256;
+/// Rows per statement when locating or claiming: bound parameters stay far under every
+/// database's limit.
+const CLAIM_ROWS: usize = 200;
+
+/// One move of a batch, once located.
+struct Planned<'m> {
+    /// Its place in the batch.
+    index: usize,
+    sha: &'m str,
+    to: &'m str,
+    from: Located,
+    content_type: String,
+    /// The claimed key of the copy.
+    key: String,
+}
+
+/// Copies a planned blob to its claimed key and reads the copy back.
+async fn copy_verified(tiers: &Tiers, p: &Planned<'_>, hook: StepHook<'_>) -> Result<StoredBlob, DocError> {
+    let source = tiers.get(&p.from.tier)?;
+    let target = tiers.get(p.to)?;
+    let bytes = source.read(&p.from.object_key, p.from.codec, None).await?;
+    let copy = target.write_at(p.key.clone(), bytes, target.compresses(&p.content_type), u64::MAX).await?;
+    if copy.sha256 != p.sha {
+        return Err(DocError::ChecksumMismatch(format!(
+            "the blob {} read from storage tier {} has the checksum {}: it was not moved",
+            p.sha, p.from.tier, copy.sha256
+        )));
+    }
+    hook(MigrationStep::Copied);
+    let (there, _) = checksum(&target, &p.key, copy.codec).await?;
+    if there != p.sha {
+        return Err(DocError::ChecksumMismatch(format!(
+            "the copy of blob {} in storage tier {} reads back as {there}: it was not switched to",
+            p.sha, p.to
+        )));
+    }
+    hook(MigrationStep::Verified);
+    Ok(copy)
+}
+
+/// Points one blob at its verified copy, inside the batch's transaction, and records the
+/// source as garbage due after the grace: `Ok(true)`. `Ok(false)` when the blob was moved
+/// or purged meanwhile (the copy becomes garbage due now); an `Err` inside when the copy's
+/// claim ran out (it may be collected already: the blob stays where it is).
+async fn switch(
+    tx: &mut Tx,
+    p: &Planned<'_>,
+    copy: &StoredBlob,
+    now: i64,
+    grace: Grace,
+) -> Result<Result<bool, DocError>, StoreError> {
+    let claimed = sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before > $3")
+        .bind(p.to)
+        .bind(&p.key)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    if claimed == 0 {
+        return Ok(Err(DocError::Conflict(format!(
+            "the copy of blob {} in {} outlived its claim and may be collected; the blob stays in {}",
+            p.sha, p.to, p.from.tier
+        ))));
+    }
+    let moved = sqlx::query(
+        "UPDATE blobs SET tier = $1, object_key = $2, stored_size = $3, compression = $4 \
+         WHERE sha256 = $5 AND tier = $6 AND object_key = $7",
+    )
+    .bind(p.to)
+    .bind(&p.key)
+    .bind(i64::try_from(copy.stored_size).unwrap_or(i64::MAX))
+    .bind(copy.codec.as_str())
+    .bind(p.sha)
+    .bind(&p.from.tier)
+    .bind(&p.from.object_key)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    let (tier, key, due) = if moved == 0 {
+        (p.to, p.key.as_str(), now)
+    } else {
+        (p.from.tier.as_str(), p.from.object_key.as_str(), now + grace.source_ms)
+    };
+    sqlx::query("INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3)")
+        .bind(tier)
+        .bind(key)
+        .bind(due)
+        .execute(&mut **tx)
+        .await?;
+    Ok(Ok(moved > 0))
 }
