@@ -609,16 +609,20 @@ impl Store {
     fn collect_with(&self, state: &mut State, namespaces: bool) {
         for _ in 0..64 {
             let mut changed = false;
+            // Indexed once a pass (a change in it makes another pass): looking owners up
+            // object by object made every write quadratic in the number of objects.
             let uids: HashSet<String> = state.objects.values().map(|o| meta::uid(o).to_owned()).collect();
+            let foreground: HashSet<String> = state
+                .objects
+                .values()
+                .filter(|o| meta::deleting(o) && meta::finalizers(o).iter().any(|f| f == FOREGROUND))
+                .map(|o| meta::uid(o).to_owned())
+                .collect();
             let keys: Vec<ObjKey> = state.objects.keys().cloned().collect();
             for key in keys {
-                let Some(object) = state.objects.get(&key).cloned() else { continue };
-                let owners = meta::owner_uids(&object);
-                let owner_deleting_foreground = owners.iter().any(|u| {
-                    state.objects.values().any(|o| {
-                        meta::uid(o) == u && meta::deleting(o) && meta::finalizers(o).iter().any(|f| f == FOREGROUND)
-                    })
-                });
+                let Some(current) = state.objects.get(&key) else { continue };
+                let owners = meta::owner_uids(current);
+                let owner_deleting_foreground = owners.iter().any(|u| foreground.contains(u));
                 let terminating_namespace = namespaces
                     && !key.1.is_empty()
                     && state
@@ -626,7 +630,13 @@ impl Store {
                         .get(&("/namespaces".to_owned(), String::new(), key.1.clone()))
                         .is_none_or(meta::deleting);
                 let orphaned = !owners.is_empty() && owners.iter().all(|u| !uids.contains(u));
-                if (orphaned || owner_deleting_foreground || terminating_namespace) && !meta::deleting(&object) {
+                let collect = orphaned || owner_deleting_foreground || terminating_namespace;
+                if !collect && !meta::deleting(current) {
+                    // Nothing to collect and nothing being deleted: no copy.
+                    continue;
+                }
+                let object = current.clone();
+                if collect && !meta::deleting(&object) {
                     let mut next = object.clone();
                     if meta::finalizers(&next).is_empty() {
                         self.remove(state, &key);
