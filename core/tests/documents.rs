@@ -408,3 +408,40 @@ async fn s3_tier_stores_reads_ranges_and_purges() {
     env.docs.purge(&alice, doc.id).await.unwrap();
     assert_eq!(objects(&store).await, 0);
 }
+
+#[tokio::test]
+async fn rotated_database_credentials_serve_new_connections_and_another_database_is_refused() {
+    let db = TestDatabase::new().await.unwrap();
+    let admin = db.pool().await.unwrap();
+    let meta = Metadata::open(&db.url).await.unwrap();
+    let role = format!("vellum_rotated_{}", uuid_suffix());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN PASSWORD 'a-rotated-password'")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let mut rotated = url::Url::parse(&db.url).unwrap();
+    rotated.set_username(&role).unwrap();
+    rotated.set_password(Some("a-rotated-password")).unwrap();
+    assert_eq!(meta.rotate(rotated.as_str()), Ok(true));
+    assert_eq!(meta.rotate(rotated.as_str()), Ok(false), "nothing changed");
+
+    // The connections open stay; every new one logs in with the rotated credentials.
+    while meta.pool().size() > 0 {
+        meta.pool().acquire().await.unwrap().close().await.unwrap();
+    }
+    let user: String = sqlx::query_scalar("SELECT CAST(current_user AS TEXT)").fetch_one(meta.pool()).await.unwrap();
+    assert_eq!(user, role);
+
+    // Another database is not a rotation; the message never quotes a URL.
+    let mut elsewhere = rotated.clone();
+    elsewhere.set_path("/another_database");
+    let refused = meta.rotate(elsewhere.as_str()).unwrap_err();
+    assert!(refused.contains("another database") && !refused.contains("a-rotated-password"), "{refused}");
+    assert_eq!(meta.rotate(rotated.as_str()), Ok(false), "the refused URL was not taken");
+    meta.pool().close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {role}"))).execute(&admin).await.unwrap();
+}
+
+fn uuid_suffix() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

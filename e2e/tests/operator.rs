@@ -76,16 +76,23 @@ async fn ready(cluster: &Cluster, resource: &str, namespace: &str) -> Result<Val
     }
 }
 
-/// A webhook receiver: records every request's body.
+/// A webhook receiver: records every request's body (`body`, as JSON and `raw`) with its
+/// Standard Webhooks headers (`id`, `timestamp`, `signature`).
 async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let app = axum::Router::new().route(
         "/hook",
         axum::routing::post({
             let seen = Arc::clone(&seen);
-            move |body: axum::body::Bytes| async move {
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+                let header =
+                    |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
                 if let Ok(value) = serde_json::from_slice::<Value>(&body) {
-                    seen.lock().unwrap().push(value);
+                    seen.lock().unwrap().push(serde_json::json!({
+                        "body": value, "raw": String::from_utf8_lossy(&body),
+                        "id": header("webhook-id"), "timestamp": header("webhook-timestamp"),
+                        "signature": header("webhook-signature"),
+                    }));
                 }
                 "ok"
             }
@@ -98,6 +105,8 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
 }
 
 const JWT_SECRET: &str = "an-e2e-hs256-secret-of-at-least-32-bytes";
+const HOOK_KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const ROTATED_HOOK_KEY: &str = "whsec_cm90YXRlZC1lMmUtd2ViaG9vay1rZXktMzJieXRlcw==";
 
 fn token() -> String {
     token_signed_with(JWT_SECRET)
@@ -126,7 +135,7 @@ metadata: {{name: platform-secrets}}
 stringData:
   shard-a: '{database_url}'
   hs256: '{JWT_SECRET}'
-  hook: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+  hook: {HOOK_KEY}
 ---
 apiVersion: v1
 kind: Secret
@@ -429,6 +438,38 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     let handed_over = killed.elapsed();
     assert!(handed_over < Duration::from_secs(30), "hand-over took {handed_over:?}");
     println!("leader {holder} killed; {next} leads after {handed_over:?}");
+
+    // A webhook's signing key rotated (a value in a Secret, no change to any resource's
+    // spec, long after the workers loaded the last config change) signs the deliveries
+    // from then on, beside the old one for its grace.
+    let yaml = platform(&database.url, &bucket, &hook, "0.05")
+        .replace(JWT_SECRET, rotated)
+        .replace(HOOK_KEY, ROTATED_HOOK_KEY);
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&yaml)).await;
+    let key = vellum_core::signing::parse_signing_key(ROTATED_HOOK_KEY.as_bytes()).unwrap();
+    let before = deliveries.lock().unwrap().len();
+    eventually(limit, "a delivery signed with the rotated key", || {
+        let latest: Vec<Value> = deliveries.lock().unwrap()[before..].to_vec();
+        let (key, http, base) = (key.clone(), http.clone(), base.clone());
+        async move {
+            let signed = latest.iter().any(|d| {
+                let timestamp = d["timestamp"].as_str().unwrap_or_default().parse::<i64>().unwrap_or_default();
+                let (id, raw) = (d["id"].as_str().unwrap_or_default(), d["raw"].as_str().unwrap_or_default());
+                let expected = vellum_core::signing::standard_signature(&key, id, timestamp, raw.as_bytes());
+                d["signature"].as_str().unwrap_or_default().split(' ').any(|s| s == expected)
+            });
+            if signed {
+                return Ok(());
+            }
+            // Another upload, until the workers have the rotated key.
+            let form = reqwest::multipart::Form::new()
+                .part("file", reqwest::multipart::Part::bytes(b"after the rotation".to_vec()).file_name("rotated.txt"));
+            let url = format!("{base}/api/v1/documents");
+            let sent = http.post(url).bearer_auth(token_signed_with(rotated)).multipart(form).send().await;
+            Err(format!("{} deliveries since, none signed with the rotated key ({sent:?})", latest.len()))
+        }
+    })
+    .await;
 
     let started = tokio::time::Instant::now();
     // A bad resource says why (the new leader is the one acting), and the rest keeps working.

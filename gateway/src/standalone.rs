@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
-use vellum_core::config::{CONFIG_FILE, compile_dir, read_platform};
-use vellum_core::documents::{Documents, Library, library_of, open_shards};
+use vellum_core::config::{CONFIG_FILE, SecretBundle, compile_dir, read_platform};
+use vellum_core::documents::{Documents, Library, library_of, open_shards, rotate_credentials};
 use vellum_core::events::{Bus, Sink, relay};
 use vellum_core::routing::RoutingTable;
 use vellum_core::store::Metadata;
@@ -212,29 +212,21 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // Standalone, events become webhook deliveries (durably) and then reach the in-process
-    // bus; in a cluster they go to JetStream, where the workers turn them into deliveries
-    // and every replica's clients see them. In outbox order, woken by every commit here
-    // that wrote one (the workers' relay picks up what a dead replica left).
-    let relays = shards
-        .iter()
-        .zip(&buses)
-        .map(|(meta, shard_bus)| {
-            let (meta, clock, wake) = (meta.clone(), clock.clone(), Arc::clone(&shard_bus.wake));
-            let sink: Box<dyn Sink> = match &nats {
-                Some(client) => Box::new(JetStreamSink::new(async_nats::jetstream::new(client.clone()))),
-                None => Box::new(LocalSink { engine: engine.clone(), bus: bus.clone() }),
-            };
-            let stop = until_stopped(stopped.clone());
-            tokio::spawn(async move { relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await })
-        })
-        .collect();
+    let relays = spawn_relays(&shards, &buses, nats.as_ref(), &engine, &bus, &clock, &stopped);
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
     if state.auth.reloads() {
         hub_feeds.push(tokio::spawn(watch_keys(Arc::clone(&state.auth), options.config_reload)));
     }
-    let reloader = compiled
-        .then(|| tokio::spawn(reload(state.clone(), options.clone(), data_dir.clone(), config_hash, stopped.clone())));
+    let reloader = compiled.then(|| {
+        tokio::spawn(reload(
+            state.clone(),
+            options.clone(),
+            data_dir.clone(),
+            config_hash,
+            secrets.clone(),
+            stopped.clone(),
+        ))
+    });
     // In a cluster the operator's CronJobs run the retention policies.
     let scheduler = (!compiled).then(|| tokio::spawn(schedule_retention(state.clone(), stopped.clone())));
     let server = tokio::spawn({
@@ -257,6 +249,40 @@ async fn watch_keys(auth: Arc<Auth>, every: Duration) {
             Err(e) => tracing::warn!(error = %e, "keeping the JWT keys in use"),
         }
     }
+}
+
+/// One outbox relay per shard until `stopped` turns true. Standalone, events become
+/// webhook deliveries (durably) and then reach the in-process bus; in a cluster they go to
+/// JetStream, where the workers turn them into deliveries and every replica's clients see
+/// them. In outbox order, woken by every commit here that wrote one (the workers' relay
+/// picks up what a dead replica left).
+fn spawn_relays(
+    shards: &[Metadata],
+    buses: &[Bus],
+    nats: Option<&async_nats::Client>,
+    engine: &Engine,
+    bus: &Bus,
+    clock: &Clock,
+    stopped: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    shards
+        .iter()
+        .zip(buses)
+        .map(|(meta, shard_bus)| {
+            let (meta, clock, wake) = (meta.clone(), clock.clone(), Arc::clone(&shard_bus.wake));
+            let sink: Box<dyn Sink> = match nats {
+                Some(client) => Box::new(JetStreamSink::new(async_nats::jetstream::new(client.clone()))),
+                None => Box::new(LocalSink { engine: engine.clone(), bus: bus.clone() }),
+            };
+            let mut stop = stopped.clone();
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await;
+            })
+        })
+        .collect()
 }
 
 /// One document service per metadata shard, each with its own outbox wake-up (and relay);
@@ -285,6 +311,7 @@ async fn reload(
     options: Options,
     data_dir: PathBuf,
     mut hash: String,
+    mut applied_secrets: SecretBundle,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -299,8 +326,15 @@ async fn reload(
                 continue;
             }
         };
+        // Rotated database credentials apply whatever else changed.
+        let shards: Vec<Metadata> = state.docs.shards().iter().map(|d| d.meta().clone()).collect();
+        for problem in rotate_credentials(&shards, &config, &secrets) {
+            tracing::warn!(problem = %problem, "keeping the shard's database credentials");
+        }
+        // A rotated secret (a webhook's key, a tier's credentials) changes no handle in the
+        // config, only a value: either change reloads.
         let new_hash = config.content_hash();
-        if new_hash == hash {
+        if new_hash == hash && secrets == applied_secrets {
             continue;
         }
         let tiers = match Tiers::open(&config, &secrets, &data_dir) {
@@ -312,6 +346,7 @@ async fn reload(
         };
         // Webhooks first: if they cannot be applied, nothing changes and the next read
         // tries the whole config again.
+        let applied = secrets.clone();
         if let Err(e) = state.webhooks.rebase(WebhookBase::Compiled(config.clone(), secrets)).await {
             tracing::warn!(error = %e, "keeping the previous platform config: its webhooks were not applied");
             continue;
@@ -329,6 +364,7 @@ async fn reload(
         state.metrics.set_config_hash(&new_hash);
         tracing::info!(hash = %new_hash, tiers = config.tiers.len(), webhooks = config.webhooks.len(), "platform config reloaded");
         hash = new_hash;
+        applied_secrets = applied;
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::sync::{Notify, watch};
 use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, SecretBundle, read_platform};
-use vellum_core::documents::open_shards;
+use vellum_core::documents::{open_shards, rotate_credentials};
 use vellum_core::events::relay;
 use vellum_core::webhooks;
 
@@ -60,6 +60,7 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let pools = shards.clone();
     let relay_tasks: Vec<_> = shards
         .into_iter()
         .map(|meta| {
@@ -71,7 +72,7 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
     let consumer_task = tokio::spawn(consume_into_webhooks(js.clone(), engine.clone(), until_stopped(stop.clone())));
     tracing::info!(endpoints = engine.endpoints().len(), "workers running");
 
-    let mut current = config;
+    let (mut current, mut current_secrets) = (config, secrets);
     let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
     loop {
         tokio::select! {
@@ -80,13 +81,18 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
         }
         match load(&options) {
             Ok((config, secrets)) => {
-                if config != current {
+                for problem in rotate_credentials(&pools, &config, &secrets) {
+                    tracing::warn!(problem = %problem, "keeping the shard's database credentials");
+                }
+                // A rotated webhook key changes a value, not the config: either reloads.
+                if config != current || secrets != current_secrets {
                     if config.webhook_destinations != current.webhook_destinations {
                         tracing::warn!("the webhook destination allow-list changed; it takes effect on restart");
                     }
                     engine.set_endpoints(crate::configured_endpoints(&config, &secrets)).await?;
                     tracing::info!(endpoints = engine.endpoints().len(), "platform config reloaded");
                     current = config;
+                    current_secrets = secrets;
                 }
             }
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "keeping the previous platform config"),

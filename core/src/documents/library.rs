@@ -156,6 +156,28 @@ pub async fn open_shards(
     try_join_all(opens).await
 }
 
+/// Hands each shard's pool its URL from a reloaded Secret, so that rotated database
+/// credentials are used from the next connection on, without a restart. Returns what could
+/// not be applied, one message per shard (never quoting a URL). Without a ShardSet the one
+/// database's URL comes from the command line and is left alone.
+pub fn rotate_credentials(shards: &[Metadata], config: &PlatformConfig, secrets: &SecretBundle) -> Vec<String> {
+    let Some(set) = &config.shards else { return Vec::new() };
+    let mut problems = Vec::new();
+    for (shard, meta) in set.shards.iter().zip(shards) {
+        match secrets.get(&shard.url).and_then(|v| v.expose_str()) {
+            Some(url) => match meta.rotate(url) {
+                Ok(true) => tracing::info!(shard = %shard.name, "shard credentials rotated: new connections use them"),
+                Ok(false) => {}
+                Err(e) => problems.push(format!("shard {}: {e}", shard.name)),
+            },
+            None => {
+                problems.push(format!("shard {}: its URL is missing from the Secret (key {})", shard.name, shard.url));
+            }
+        }
+    }
+    problems
+}
+
 /// The library of `shards` (as [`open_shards`] returned them) under the config's routing.
 pub fn library_of(config: &PlatformConfig, shards: Vec<Documents>) -> Result<Library, String> {
     match &config.shards {

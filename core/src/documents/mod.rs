@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
-pub use library::{Library, library_of, open_shards};
+pub use library::{Library, library_of, open_shards, rotate_credentials};
 pub use lifecycle::{
     Grace, MigrationStep, Savings, StepHook, TierUsage, Usage, UsageCounts, monthly_cost, usage_counts,
 };

@@ -7,6 +7,7 @@
 //! in `migrations/postgres` and `migrations/sqlite`.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -22,7 +23,8 @@ pub enum Dialect {
 /// Why the metadata store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("unsupported database URL {0:?}: expected postgres://… or sqlite://…")]
+    /// The URL's scheme only: the rest may hold a password.
+    #[error("unsupported database URL scheme {0:?}: expected postgres://… or sqlite://…")]
     UnsupportedUrl(String),
     #[error("cannot open the metadata database: {0}")]
     Connect(#[source] sqlx::Error),
@@ -60,6 +62,8 @@ impl TxError for StoreError {
 pub struct Metadata {
     pool: AnyPool,
     dialect: Dialect,
+    /// The URL new connections are made with (it may hold a password: never shown).
+    url: Arc<std::sync::Mutex<String>>,
 }
 
 /// The store's transactions.
@@ -75,7 +79,7 @@ impl Metadata {
         } else if url.starts_with("sqlite:") {
             Dialect::Sqlite
         } else {
-            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+            return Err(StoreError::UnsupportedUrl(url.split(':').next().unwrap_or_default().to_owned()));
         };
         let url = match dialect {
             Dialect::Sqlite if !url.contains("mode=") && !url.contains(":memory:") => {
@@ -103,7 +107,34 @@ impl Metadata {
         };
         let pool =
             pool.acquire_timeout(Duration::from_secs(30)).connect_with(options).await.map_err(StoreError::Connect)?;
-        Ok(Self { pool, dialect })
+        Ok(Self { pool, dialect, url: Arc::new(std::sync::Mutex::new(url)) })
+    }
+
+    /// Uses `url` for the connections made from now on, when it names the same database
+    /// as before with other credentials (a rotated password, or another user): `Ok(true)`.
+    /// `Ok(false)` when nothing changed. A URL naming another database (scheme, host,
+    /// port, database or parameters) is refused: moving a database takes a restart. The
+    /// connections already open stay until the pool retires them.
+    pub fn rotate(&self, url: &str) -> Result<bool, String> {
+        let mut current = self.url.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *current == url {
+            return Ok(false);
+        }
+        let target = |u: &str| {
+            url::Url::parse(u).ok().map(|mut parsed| {
+                let _ = parsed.set_username("");
+                let _ = parsed.set_password(None);
+                parsed.to_string()
+            })
+        };
+        match (target(&current), target(url)) {
+            (Some(was), Some(now)) if was == now && self.dialect == Dialect::Postgres => {}
+            _ => return Err("the new URL names another database; moving a database takes a restart".to_owned()),
+        }
+        let options = AnyConnectOptions::from_str(url).map_err(|_| "the new URL does not parse".to_owned())?;
+        self.pool.set_connect_options(options);
+        url.clone_into(&mut current);
+        Ok(true)
     }
 
     /// Connects to `url` and brings its schema up to date.
