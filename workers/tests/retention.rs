@@ -15,7 +15,7 @@ use sqlx::Row;
 use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, compile_dir};
-use vellum_core::documents::{Actor, Document, Documents, Grace, MigrationStep, NewDocument};
+use vellum_core::documents::{Actor, Document, Documents, Grace, MigrationStep, NewDocument, library_of, open_shards};
 use vellum_core::events::outbox;
 use vellum_core::lifecycle::DAY_MS;
 use vellum_core::store::Metadata;
@@ -418,6 +418,60 @@ async fn one_bad_blob_does_not_stop_the_rest_of_its_batch() {
             assert_eq!(tier_of(&p, doc.id).await, "cold", "document {n}");
             assert_eq!(&read(&p.docs, doc.id).await, bytes, "document {n}");
         }
+    }
+}
+
+#[tokio::test]
+async fn a_run_covers_every_shard_of_a_shard_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let dbs = [TestDatabase::new().await.unwrap(), TestDatabase::new().await.unwrap()];
+    let shard_set = format!(
+        "---\napiVersion: vellum.dev/v1alpha1\nkind: ShardSet\nmetadata: {{name: docs}}\nspec:\n  shards:\n  \
+         - {{name: s0, urlSecretRef: {{name: shard-urls, key: s0}}}}\n  \
+         - {{name: s1, urlSecretRef: {{name: shard-urls, key: s1}}}}\n\
+         ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: shard-urls}}\nstringData:\n  s0: '{}'\n  s1: '{}'\n",
+        dbs[0].url, dbs[1].url
+    );
+    write_config(dir.path(), &(local_tiers() + &shard_set));
+    let (_, config, secrets) = compile_dir(&dir.path().join("config")).unwrap();
+    let tiers = Tiers::open(&config, &secrets, dir.path()).unwrap();
+    // Uploaded 100 days before the run (which reads the system clock).
+    let clock = Clock::manual(Clock::system().now_ms() - 100 * DAY_MS);
+    let shards = open_shards(&config, &secrets, &dbs[0].url).await.unwrap();
+    let shards = shards.into_iter().map(|m| Documents::new(m, tiers.clone(), clock.clone(), None, 1 << 30)).collect();
+    let library = library_of(&config, shards).unwrap();
+    let mut docs = Vec::new();
+    for n in 0..12 {
+        let bytes = body(400 + n, 3_000);
+        let new = NewDocument { filename: format!("s{n}.pdf"), ..NewDocument::default() };
+        let once = vellum_core::blob::once(Bytes::copy_from_slice(&bytes));
+        docs.push((library.for_new().upload(&alice(), new, once).await.unwrap().document, bytes));
+    }
+    let per_shard: Vec<usize> =
+        library.shards().iter().map(|s| docs.iter().filter(|(d, _)| s.owns_id(d.id)).count()).collect();
+    assert!(per_shard.iter().all(|n| *n > 0), "both shards hold documents: {per_shard:?}");
+
+    // What the operator's CronJob runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_vellum-workers"))
+        .args(["retention", "--policy", "standard-lifecycle", "--batch", "5", "--database-url", &dbs[0].url])
+        .arg("--config-dir")
+        .arg(dir.path().join("config"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("VELLUM_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reports: Vec<serde_json::Value> =
+        serde_json::Deserializer::from_slice(&out.stdout).into_iter().collect::<Result<_, _>>().unwrap();
+    assert_eq!(reports.len(), 2, "one report per shard");
+    for (report, expected) in reports.iter().zip(&per_shard) {
+        assert_eq!(report["report"]["transitioned"], *expected as u64, "{report}");
+    }
+    for (doc, bytes) in &docs {
+        let shard = library.of(doc.id);
+        assert_eq!(shard.get(&admin(), doc.id).await.unwrap().storage_tier, "cold");
+        assert_eq!(&read(shard, doc.id).await, bytes);
     }
 }
 
