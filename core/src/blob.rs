@@ -68,6 +68,83 @@ pub struct Tier {
     pub cost_per_gb_month: Option<f64>,
     pub compression: Compression,
     store: Arc<dyn ObjectStore>,
+    /// Where the tier is in a store other tiers may share: copies between tiers on one
+    /// backend happen inside it.
+    backend: Option<Backend>,
+}
+
+/// An object store shared by every tier on the same backend (one bucket reached with the
+/// same endpoint and credentials, or this machine's file system), and where in it one
+/// tier is. A copy between two tiers on one backend happens inside the store: a hard link
+/// on a local file system, a CopyObject on S3. The bytes never pass through here.
+#[derive(Clone)]
+pub struct Backend {
+    /// Which backend (a digest: it may derive from credentials).
+    id: String,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    fn path(&self, key: &str) -> ObjectPath {
+        let key = ObjectPath::from(key);
+        self.prefix.parts().chain(key.parts()).collect()
+    }
+}
+
+/// The backends tiers are opened on, one store per backend.
+#[derive(Default)]
+struct Backends(BTreeMap<String, Arc<dyn ObjectStore>>);
+
+impl Backends {
+    /// The shared backend of a tier's config, if tiers can share its store.
+    fn of(&mut self, config: &TierConfig, secrets: &SecretBundle, data_dir: &Path) -> Option<Backend> {
+        if let Some(path) = config.url.strip_prefix("file://") {
+            let dir = local_dir(path, data_dir).canonicalize().ok()?;
+            let prefix = ObjectPath::from_absolute_path(&dir).ok()?;
+            let store = self.0.entry("file://".to_owned()).or_insert_with(|| Arc::new(LocalFileSystem::new()));
+            return Some(Backend { id: "file://".to_owned(), store: Arc::clone(store), prefix });
+        }
+        if config.url.starts_with("memory://") {
+            return None;
+        }
+        let url = url::Url::parse(&config.url).ok()?;
+        let mut options: BTreeMap<String, String> = config.options.clone();
+        for (key, handle) in &config.secret_options {
+            options.insert(key.clone(), secrets.get(handle)?.expose_str()?.to_owned());
+        }
+        let root = format!("{}://{}", url.scheme(), url.host_str()?);
+        let mut hasher = Sha256::new();
+        hasher.update(root.as_bytes());
+        for (key, value) in &options {
+            hasher.update([0]);
+            hasher.update(key.as_bytes());
+            hasher.update([0]);
+            hasher.update(value.as_bytes());
+        }
+        let id = hex::encode(hasher.finalize());
+        let store = if let Some(store) = self.0.get(&id) {
+            Arc::clone(store)
+        } else {
+            let (store, _) = object_store::parse_url_opts(&url::Url::parse(&root).ok()?, options).ok()?;
+            let store: Arc<dyn ObjectStore> = Arc::from(store);
+            self.0.insert(id.clone(), Arc::clone(&store));
+            store
+        };
+        let prefix = ObjectPath::from_url_path(url.path()).ok()?;
+        Some(Backend { id, store, prefix })
+    }
+}
+
+/// The directory of a `file://` tier: absolute, or under the data directory.
+fn local_dir(path: &str, data_dir: &Path) -> std::path::PathBuf {
+    if path.starts_with('/') { Path::new(path).to_path_buf() } else { data_dir.join(path) }
 }
 
 /// How a blob is stored.
@@ -119,7 +196,7 @@ impl Tier {
         let store: Arc<dyn ObjectStore> = if config.url.starts_with("memory://") {
             Arc::new(InMemory::new())
         } else if let Some(path) = config.url.strip_prefix("file://") {
-            let dir = if path.starts_with('/') { Path::new(path).to_path_buf() } else { data_dir.join(path) };
+            let dir = local_dir(path, data_dir);
             std::fs::create_dir_all(&dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
             let local = LocalFileSystem::new_with_prefix(&dir).map_err(|e| fail(e.to_string()))?;
             // Reads from a local file come in chunks read on the blocking pool; the store's
@@ -153,7 +230,22 @@ impl Tier {
         compression: Compression,
         store: Arc<dyn ObjectStore>,
     ) -> Self {
-        Self { name: name.to_owned(), class, cost_per_gb_month, compression, store }
+        Self { name: name.to_owned(), class, cost_per_gb_month, compression, store, backend: None }
+    }
+
+    /// Copies `from_key` of this tier to `to_key` of `target` inside their store, when both
+    /// are on one backend; `None` when they are not (the bytes must be streamed).
+    pub async fn copy_within(&self, from_key: &str, target: &Tier, to_key: &str) -> Option<Result<u64, BlobError>> {
+        let (from, to) = (self.backend.as_ref()?, target.backend.as_ref()?);
+        if from.id != to.id {
+            return None;
+        }
+        let copied = async {
+            from.store.copy(&from.path(from_key), &to.path(to_key)).await.map_err(|e| target.err(e))?;
+            let head = target.store.head(&ObjectPath::from(to_key)).await.map_err(|e| target.err(e))?;
+            Ok(head.size)
+        };
+        Some(copied.await)
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -315,8 +407,11 @@ impl Tiers {
     /// Opens every tier of the platform config.
     pub fn open(config: &PlatformConfig, secrets: &SecretBundle, data_dir: &Path) -> Result<Self, BlobError> {
         let mut tiers = BTreeMap::new();
+        let mut backends = Backends::default();
         for (name, tier) in &config.tiers {
-            tiers.insert(name.clone(), Arc::new(Tier::open(name, tier, secrets, data_dir)?));
+            let mut opened = Tier::open(name, tier, secrets, data_dir)?;
+            opened.backend = backends.of(tier, secrets, data_dir);
+            tiers.insert(name.clone(), Arc::new(opened));
         }
         Self::new(tiers.into_values().collect(), &config.default_tier)
     }

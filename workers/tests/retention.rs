@@ -475,6 +475,39 @@ async fn a_run_covers_every_shard_of_a_shard_set() {
     }
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn tiers_on_one_file_system_copy_inside_it() {
+    use std::os::unix::fs::MetadataExt;
+    let p = platform(false, false).await;
+    let bytes = body(500, 20_000);
+    let doc = upload(&p, &alice(), "linked.pdf", &[], &bytes).await;
+    let located = |p: &Platform| {
+        let sha = doc.checksum.trim_start_matches("sha256:").to_owned();
+        let pool = p.docs.meta().pool().clone();
+        async move {
+            let row = sqlx::query("SELECT tier, object_key FROM blobs WHERE sha256 = $1")
+                .bind(sha)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            (row.get::<String, _>("tier"), row.get::<String, _>("object_key"))
+        }
+    };
+    let (hot, hot_key) = located(&p).await;
+    p.clock.advance(40 * DAY_MS);
+    // The default grace keeps the source a while, so both can be looked at.
+    let kept = RunSettings { grace: Grace::default(), ..settings() };
+    let r = run_policy(&p.docs, &p.config, "standard-lifecycle", kept, &|_| {}).await.unwrap();
+    assert_eq!(r.transitioned, 1, "{r:?}");
+    let (warm, warm_key) = located(&p).await;
+    assert_eq!((hot.as_str(), warm.as_str()), ("hot", "warm"));
+    let inode =
+        |tier: &str, key: &str| std::fs::metadata(p.dir.path().join("tiers").join(tier).join(key)).unwrap().ino();
+    assert_eq!(inode("hot", &hot_key), inode("warm", &warm_key), "one file, linked: no byte went through the worker");
+    assert_eq!(read(&p.docs, doc.id).await, bytes, "and verified by reading it back");
+}
+
 #[tokio::test]
 async fn a_worker_killed_at_every_step_of_a_migration_loses_nothing() {
     for step in MigrationStep::ALL {

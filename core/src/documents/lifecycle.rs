@@ -5,9 +5,12 @@
 //! A tier migration of one blob goes in four steps, each durable before the next:
 //! 1. **claim**: the target key is recorded in `blob_garbage` (due in a day), so that if
 //!    the migration never finishes, its copy is collected rather than orphaned;
-//! 2. **copy**: the original bytes stream from the source tier into the target (compressed
-//!    as the target tier compresses), hashed on the way: a source that no longer matches
-//!    its checksum is never copied;
+//! 2. **copy**: inside the store when both tiers are on one backend (one bucket with the
+//!    same credentials, or one local file system) and the target keeps the stored form:
+//!    an S3 CopyObject or a hard link, no byte through the worker. Otherwise the original
+//!    bytes stream from the source tier into the target (compressed as the target tier
+//!    compresses), hashed on the way: a source that no longer matches its checksum is never
+//!    copied;
 //! 3. **verify**: the copy is read back from the target and its SHA-256 compared;
 //! 4. **switch**: one transaction points the blob row at the copy, takes the claim back,
 //!    and records the source in `blob_garbage`, due after a grace period for reads that
@@ -222,7 +225,7 @@ impl Documents {
         // Where each copy goes, under a new key; blobs already there or gone move nowhere.
         let mut planned: Vec<Planned<'_>> = Vec::new();
         for (index, (sha, to)) in moves.iter().enumerate() {
-            let Some((from, content_type)) = located.remove(sha.as_str()) else {
+            let Some((from, content_type, size)) = located.remove(sha.as_str()) else {
                 outcomes[index] = Some(Ok(0));
                 continue;
             };
@@ -234,7 +237,7 @@ impl Documents {
                 outcomes[index] = Some(Err(e.into()));
                 continue;
             }
-            planned.push(Planned { index, sha, to, from, content_type, key: new_object_key("blobs") });
+            planned.push(Planned { index, sha, to, from, content_type, size, key: new_object_key("blobs") });
         }
 
         // Every target key is claimed as garbage before a byte is written.
@@ -305,12 +308,12 @@ impl Documents {
     }
 
     /// Where each of `shas` is stored now, with a content type of a version holding it.
-    async fn locate_all(&self, shas: &[&str]) -> Result<HashMap<String, (Located, String)>, DocError> {
+    async fn locate_all(&self, shas: &[&str]) -> Result<HashMap<String, (Located, String, u64)>, DocError> {
         let mut found = HashMap::new();
         for chunk in shas.chunks(CLAIM_ROWS) {
             let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "SELECT b.sha256, b.tier, b.object_key, b.compression, \
+                "SELECT b.sha256, b.tier, b.object_key, b.compression, b.size, \
                  (SELECT v.content_type FROM versions v WHERE v.sha256 = b.sha256 LIMIT 1) AS content_type \
                  FROM blobs b WHERE b.sha256 IN ({})",
                 marks.join(", ")
@@ -328,9 +331,10 @@ impl Documents {
                         .ok_or_else(|| StoreError::Corrupt(format!("blob compression {codec}")))?,
                 };
                 let content_type: Option<String> = row.try_get("content_type")?;
+                let size = u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or_default();
                 found.insert(
                     row.try_get("sha256")?,
-                    (located, content_type.unwrap_or_else(|| "application/octet-stream".to_owned())),
+                    (located, content_type.unwrap_or_else(|| "application/octet-stream".to_owned()), size),
                 );
             }
         }
@@ -799,6 +803,8 @@ struct Planned<'m> {
     to: &'m str,
     from: Located,
     content_type: String,
+    /// The original size.
+    size: u64,
     /// The claimed key of the copy.
     key: String,
 }
@@ -807,8 +813,27 @@ struct Planned<'m> {
 async fn copy_verified(tiers: &Tiers, p: &Planned<'_>, hook: StepHook<'_>) -> Result<StoredBlob, DocError> {
     let source = tiers.get(&p.from.tier)?;
     let target = tiers.get(p.to)?;
-    let bytes = source.read(&p.from.object_key, p.from.codec, None).await?;
-    let copy = target.write_at(p.key.clone(), bytes, target.compresses(&p.content_type), u64::MAX).await?;
+    // Inside the store when both tiers are on one backend and the target keeps the stored
+    // form (compressed or not) as it is; the read-back below verifies the copy either way.
+    let same_form = (p.from.codec == Codec::Zstd) == target.compresses(&p.content_type);
+    let inside = if same_form { source.copy_within(&p.from.object_key, &target, &p.key).await } else { None };
+    let copy = match inside {
+        Some(Ok(stored_size)) => StoredBlob {
+            tier: p.to.to_owned(),
+            object_key: p.key.clone(),
+            sha256: p.sha.to_owned(),
+            size: p.size,
+            stored_size,
+            codec: p.from.codec,
+        },
+        other => {
+            if let Some(Err(e)) = other {
+                tracing::debug!(error = %e, sha = p.sha, "copying inside the store failed; streaming the bytes instead");
+            }
+            let bytes = source.read(&p.from.object_key, p.from.codec, None).await?;
+            target.write_at(p.key.clone(), bytes, target.compresses(&p.content_type), u64::MAX).await?
+        }
+    };
     if copy.sha256 != p.sha {
         return Err(DocError::ChecksumMismatch(format!(
             "the blob {} read from storage tier {} has the checksum {}: it was not moved",
