@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::ObjectStore;
 use object_store::memory::InMemory;
-use vellum_core::blob::{Tier, Tiers, once};
+use vellum_core::blob::{Codec, Tier, Tiers, once};
 use vellum_core::clock::Clock;
 use vellum_core::crds::storage_tier::{Compression, TierClass};
 use vellum_core::documents::{Actor, DocError, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion};
@@ -407,6 +407,39 @@ async fn s3_tier_stores_reads_ranges_and_purges() {
     assert_eq!(part, &body[1_000_000..1_000_100]);
     env.docs.purge(&alice, doc.id).await.unwrap();
     assert_eq!(objects(&store).await, 0);
+}
+
+#[tokio::test]
+async fn s3_tiers_on_one_bucket_copy_inside_it_and_other_backends_do_not() {
+    let bucket = TestBucket::new().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tier = |name: &str, class: &str, default: bool| {
+        format!(
+            "---\napiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {{name: {name}}}\nspec:\n  class: {class}\n  \
+             default: {default}\n  backend:\n    url: 's3://{}/{name}'\n    endpoint: '{}'\n    region: '{}'\n    \
+             secretRef: {{name: s3}}\n    options: {{aws_allow_http: 'true', aws_virtual_hosted_style_request: 'false'}}\n",
+            bucket.name, bucket.endpoint, bucket.region
+        )
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: s3}}\nstringData:\n  aws_access_key_id: '{}'\n  \
+         aws_secret_access_key: '{}'\n{}{}---\napiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {{name: mem}}\n\
+         spec: {{class: FROZEN, backend: {{url: 'memory://'}}}}\n",
+        bucket.access_key,
+        bucket.secret_key,
+        tier("hot", "HOT", true),
+        tier("cold", "COLD", false)
+    );
+    std::fs::write(dir.path().join("tiers.yaml"), yaml).unwrap();
+    let (_, config, secrets) = vellum_core::config::compile_dir(dir.path()).unwrap();
+    let tiers = Tiers::open(&config, &secrets, dir.path()).unwrap();
+    let (hot, cold, mem) = (tiers.get("hot").unwrap(), tiers.get("cold").unwrap(), tiers.get("mem").unwrap());
+    let stored = hot.write(once("copied inside the bucket"), false, 1 << 20).await.unwrap();
+    let copied = hot.copy_within(&stored.object_key, &cold, "blobs/copied").await.expect("one backend").unwrap();
+    assert_eq!(copied, stored.stored_size);
+    let back = concat(cold.read("blobs/copied", Codec::None, None).await.unwrap()).await;
+    assert_eq!(back, b"copied inside the bucket");
+    assert!(hot.copy_within(&stored.object_key, &mem, "blobs/x").await.is_none(), "another backend streams");
 }
 
 #[tokio::test]
