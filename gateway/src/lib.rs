@@ -50,6 +50,8 @@ pub struct AppState {
     pub hub: Arc<realtime::Hub>,
     /// The platform config in use, swapped whole when it changes.
     pub platform: Arc<std::sync::RwLock<Arc<vellum_core::config::PlatformConfig>>>,
+    /// SockJS HTTP sessions (the streaming and polling fallbacks).
+    pub sockjs: Arc<sockjs::Sessions>,
 }
 
 impl AppState {
@@ -81,6 +83,9 @@ pub fn app(state: AppState) -> Router {
         .route("/ws/info", axum::routing::get(sockjs::info))
         .route("/ws/websocket", axum::routing::get(sockjs::raw_websocket))
         .route("/ws/{server}/{session}/websocket", axum::routing::get(sockjs::websocket))
+        .route("/ws/{server}/{session}/xhr_streaming", axum::routing::post(sockjs::xhr_streaming))
+        .route("/ws/{server}/{session}/xhr", axum::routing::post(sockjs::xhr_polling))
+        .route("/ws/{server}/{session}/xhr_send", axum::routing::post(sockjs::xhr_send))
         .route("/ws/job-status", axum::routing::get(realtime::websocket))
         .route("/ws/job-status-native", axum::routing::get(realtime::websocket))
         .route("/openapi.json", axum::routing::get(move || std::future::ready(axum::Json(Arc::clone(&spec)))))

@@ -356,7 +356,9 @@ pub async fn websocket(
     if upgrade.selected_protocol().is_some() {
         let actor = optional_actor(&state, &headers, &uri)?;
         let auth = Arc::clone(&state.auth);
-        return Ok(upgrade.on_upgrade(move |socket| stomp::session(socket, Framing::Raw, hub, auth, actor)));
+        return Ok(upgrade.on_upgrade(move |socket| {
+            stomp::session(stomp::Link::WebSocket(Box::new(socket)), Framing::Raw, hub, auth, actor)
+        }));
     }
     let actor = required_actor(&state, &headers, &uri)?;
     Ok(upgrade.on_upgrade(move |socket| json_session(socket, hub, actor)))

@@ -205,6 +205,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         webhooks: Arc::new(webhooks),
         hub: Arc::clone(&hub),
         platform: Arc::new(std::sync::RwLock::new(Arc::new(config.clone()))),
+        sockjs: Arc::default(),
     };
 
     state.metrics.set_config_hash(&config_hash);

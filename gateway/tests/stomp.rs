@@ -157,6 +157,51 @@ async fn stompjs_over_websocket_and_sockjs_receives_what_each_user_may_see() {
 }
 
 #[tokio::test]
+async fn stompjs_over_the_sockjs_http_fallbacks_receives_and_sends() {
+    let gw = gateway().await;
+    for mode in ["sockjs-xhr-streaming", "sockjs-xhr-polling"] {
+        let token = gw.token("carol", &["user"]);
+        let mut carol = StompClient::start(
+            mode,
+            &format!("{}/ws", gw.running.url),
+            Some(&token),
+            &["/topic/file-changes", "/user/queue/notifications"],
+        );
+        let connected = carol.ready().await;
+        assert_eq!(connected["user-name"], "carol", "{mode}");
+        assert_eq!(stats(&gw).await["activeConnections"], 1, "{mode}");
+        let doc = gw.upload("carol", &format!("{mode}.txt")).await;
+        let mut seen = vec![carol.message().await, carol.message().await];
+        seen.sort_by_key(|m| m["destination"].as_str().unwrap().to_owned());
+        assert_eq!(seen[0]["destination"], "/topic/file-changes", "{mode}");
+        assert_eq!(seen[1]["destination"], "/user/queue/notifications", "{mode}");
+        assert!(seen.iter().all(|m| m["body"]["data"]["documentId"] == doc["id"]), "{mode}: {seen:?}");
+        // DISCONNECT travels through xhr_send; the connection is counted out.
+        carol.stop().await;
+        let mut open = 1;
+        for _ in 0..40 {
+            open = stats(&gw).await["activeConnections"].as_i64().unwrap();
+            if open == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(open, 0, "{mode}: the session ended");
+    }
+    // Sending into a session that does not exist, or a body that is not SockJS, is refused.
+    let url = |path: &str| format!("{}/ws/000/{path}", gw.running.url);
+    let missing = gw.client.post(url("nosuchsession/xhr_send")).body(r#"["x"]"#).send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let opened = gw.client.post(url("probe/xhr")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(opened, "o\n", "a new polling session opens");
+    let broken = gw.client.post(url("probe/xhr_send")).body("not json").send().await.unwrap();
+    assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(broken.text().await.unwrap(), "Broken JSON encoding.");
+    let dotted = gw.client.post(url("a.b/xhr")).send().await.unwrap();
+    assert_eq!(dotted.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn upload_progress_reaches_the_owners_queue_and_the_job_topic() {
     let gw = gateway().await;
     let token = gw.token("alice", &["user"]);

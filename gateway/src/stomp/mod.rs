@@ -28,7 +28,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use vellum_core::documents::Actor;
 
@@ -128,19 +128,67 @@ struct Subscription {
     acks: bool,
 }
 
+/// What a STOMP connection runs over: a WebSocket, or the two channels of a SockJS HTTP
+/// session (what `xhr_send` posted in, and what the receiving requests stream out), each
+/// message a SockJS frame.
+pub enum Link {
+    WebSocket(Box<WebSocket>),
+    Channels { inbound: mpsc::Receiver<String>, outbound: mpsc::Sender<String> },
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::WebSocket(_) => "Link::WebSocket",
+            Link::Channels { .. } => "Link::Channels",
+        })
+    }
+}
+
+/// The sending half of a link.
+enum Out {
+    WebSocket(SplitSink<WebSocket, Message>),
+    Channel(mpsc::Sender<String>),
+}
+
+/// The receiving half of a link.
+enum In {
+    WebSocket(SplitStream<WebSocket>),
+    Channel(mpsc::Receiver<String>),
+}
+
+impl Link {
+    fn split(self) -> (Out, In) {
+        match self {
+            Link::WebSocket(socket) => {
+                let (tx, rx) = (*socket).split();
+                (Out::WebSocket(tx), In::WebSocket(rx))
+            }
+            Link::Channels { inbound, outbound } => (Out::Channel(outbound), In::Channel(inbound)),
+        }
+    }
+}
+
 /// The sending half of a connection, in its framing.
 struct Wire {
-    tx: SplitSink<WebSocket, Message>,
+    tx: Out,
     framing: Framing,
 }
 
 impl Wire {
+    async fn send_text(&mut self, text: String) -> bool {
+        match &mut self.tx {
+            Out::WebSocket(tx) => tx.send(Message::Text(text.into())).await.is_ok(),
+            Out::Channel(tx) => tx.send(text).await.is_ok(),
+        }
+    }
+
     async fn send_data(&mut self, data: &str) -> bool {
         let message = match self.framing {
             Framing::Raw => data.to_owned(),
             Framing::SockJs => format!("a{}", Value::from(vec![data])),
         };
-        self.tx.send(Message::Text(message.into())).await.is_ok()
+        self.send_text(message).await
     }
 
     async fn send(&mut self, frame: &Frame) -> bool {
@@ -149,10 +197,12 @@ impl Wire {
 
     async fn close(&mut self, code: u16, reason: &str) {
         if self.framing == Framing::SockJs {
-            let _ = self.tx.send(Message::Text(format!("c{}", serde_json::json!([code, reason])).into())).await;
+            let _ = self.send_text(format!("c{}", serde_json::json!([code, reason]))).await;
         }
-        let reason: String = reason.chars().take(120).collect();
-        let _ = self.tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+        if let Out::WebSocket(tx) = &mut self.tx {
+            let reason: String = reason.chars().take(120).collect();
+            let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+        }
     }
 
     /// An `ERROR` frame, then the end of the connection, as the specification requires.
@@ -165,14 +215,20 @@ impl Wire {
 
 /// Bytes from the next WebSocket message into the decoder; `Err` with a reason when the
 /// connection is over or the message is not in this framing.
-async fn read(rx: &mut SplitStream<WebSocket>, framing: Framing, decoder: &mut Decoder) -> Result<(), Option<String>> {
+async fn read(rx: &mut In, framing: Framing, decoder: &mut Decoder) -> Result<(), Option<String>> {
     loop {
-        let bytes = match rx.next().await {
-            Some(Ok(Message::Text(text))) => text.as_str().as_bytes().to_vec(),
-            Some(Ok(Message::Binary(bytes))) if framing == Framing::Raw => bytes.to_vec(),
-            Some(Ok(Message::Binary(_))) => return Err(Some("SockJS messages are text".into())),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_)) | Err(_)) | None => return Err(None),
+        let bytes = match rx {
+            In::WebSocket(rx) => match rx.next().await {
+                Some(Ok(Message::Text(text))) => text.as_str().as_bytes().to_vec(),
+                Some(Ok(Message::Binary(bytes))) if framing == Framing::Raw => bytes.to_vec(),
+                Some(Ok(Message::Binary(_))) => return Err(Some("SockJS messages are text".into())),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return Err(None),
+            },
+            In::Channel(rx) => match rx.recv().await {
+                Some(text) => text.into_bytes(),
+                None => return Err(None),
+            },
         };
         match framing {
             Framing::Raw => decoder.push(&bytes),
@@ -207,10 +263,10 @@ fn token_of(connect: &Frame) -> Option<String> {
 }
 
 /// Serves one STOMP connection. `actor` is set when the upgrade request carried a token.
-pub async fn session(socket: WebSocket, framing: Framing, hub: Arc<Hub>, auth: Arc<Auth>, actor: Option<Actor>) {
-    let (tx, mut rx) = socket.split();
+pub async fn session(link: Link, framing: Framing, hub: Arc<Hub>, auth: Arc<Auth>, actor: Option<Actor>) {
+    let (tx, mut rx) = link.split();
     let mut wire = Wire { tx, framing };
-    if framing == Framing::SockJs && wire.tx.send(Message::Text("o".into())).await.is_err() {
+    if framing == Framing::SockJs && !wire.send_text("o".into()).await {
         return;
     }
     let mut decoder = Decoder::new(MAX_FRAME);

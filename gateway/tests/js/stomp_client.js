@@ -1,7 +1,9 @@
 // A STOMP client as the seed front ends write it, with the stock libraries: @stomp/stompjs
 // over a plain WebSocket (`ws`) or over SockJS (`sockjs-client`).
 //
-//   node stomp_client.js ws|sockjs URL TOKEN DESTINATION...
+//   node stomp_client.js ws|sockjs|sockjs-xhr-streaming|sockjs-xhr-polling URL TOKEN DESTINATION...
+//
+// The sockjs modes allow one SockJS transport each: websocket, xhr-streaming, xhr-polling.
 //
 // Prints one JSON line per happening: {"connected": headers} once CONNECTED, {"ready": true}
 // once every subscription is acknowledged by a receipt, {"message": {destination,
@@ -15,7 +17,10 @@ const [mode, url, token, ...destinations] = process.argv.slice(2);
 const print = (value) => process.stdout.write(JSON.stringify(value) + '\n');
 
 const client = new Client({
-  webSocketFactory: () => (mode === 'sockjs' ? new SockJS(url, null, { transports: ['websocket'] }) : new WebSocket(url, ['v12.stomp', 'v11.stomp', 'v10.stomp'])),
+  webSocketFactory: () => {
+    const transports = { sockjs: 'websocket', 'sockjs-xhr-streaming': 'xhr-streaming', 'sockjs-xhr-polling': 'xhr-polling' }[mode];
+    return transports ? new SockJS(url, null, { transports: [transports] }) : new WebSocket(url, ['v12.stomp', 'v11.stomp', 'v10.stomp']);
+  },
   connectHeaders: token ? { Authorization: `Bearer ${token}` } : {},
   heartbeatIncoming: 1000,
   heartbeatOutgoing: 1000,
