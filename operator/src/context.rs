@@ -96,6 +96,13 @@ impl Caches {
         self.shard_sets.get(&ObjectRef::new(name).within(namespace)).map(|s| (*s).clone())
     }
 
+    /// The shard whose database keeps a namespace's delivery log: the first of its
+    /// release's ShardSet.
+    pub fn log_shard(&self, namespace: &str) -> Option<vellum_crds::shard_set::Shard> {
+        let release = self.release_of(namespace)?;
+        self.shard_set(namespace, &release.spec.shard_set_ref)?.spec.shards.into_iter().next()
+    }
+
     /// The release a namespace's platform is run by: the first by name.
     pub fn release_of(&self, namespace: &str) -> Option<BlueGreenRelease> {
         self.releases_in(namespace).into_iter().next()
@@ -166,9 +173,7 @@ impl Context {
     /// The URL of the metadata database a namespace's platform keeps its delivery log in
     /// (the first shard of its release's ShardSet), once all of those exist.
     pub fn platform_database_url(&self, namespace: &str) -> Option<String> {
-        let release = self.caches.release_of(namespace)?;
-        let set = self.caches.shard_set(namespace, &release.spec.shard_set_ref)?;
-        let shard = set.spec.shards.first()?;
+        let shard = self.caches.log_shard(namespace)?;
         let secrets = self.caches.secrets(namespace);
         let value = lookup(&secrets, &shard.url_secret_ref.name, &shard.url_secret_ref.key).ok()?;
         String::from_utf8(value.to_vec()).ok()

@@ -71,13 +71,20 @@ where
 /// finalizers and whether it is being deleted, but not its status, which the operator
 /// writes itself: a change there must not trigger another reconcile.
 fn intent<K: Resource>(object: &K) -> u64 {
-    use std::hash::Hasher;
     let meta = object.meta();
+    hash_of((
+        &meta.generation,
+        &meta.annotations,
+        &meta.finalizers,
+        meta.deletion_timestamp.as_ref().map(|t| t.0.as_millisecond()),
+    ))
+}
+
+/// A 64-bit hash of `value`, for telling whether what a watch passes on changed.
+fn hash_of(value: impl Hash) -> u64 {
+    use std::hash::Hasher;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    meta.generation.hash(&mut hasher);
-    meta.annotations.hash(&mut hasher);
-    meta.finalizers.hash(&mut hasher);
-    meta.deletion_timestamp.as_ref().map(|t| t.0.as_millisecond()).hash(&mut hasher);
+    value.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -127,19 +134,13 @@ where
 /// version, each shard's readiness and schema version), but not the latency and document
 /// counts every probe rewrites.
 fn shard_set_readiness(set: &ShardSet) -> u64 {
-    use std::hash::Hasher;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    intent(set).hash(&mut hasher);
-    if let Some(status) = &set.status {
-        for c in &status.conditions.0 {
-            (&c.type_, &c.status, &c.reason, c.observed_generation).hash(&mut hasher);
-        }
-        (status.observed_generation, status.routing_version, status.ready_shards).hash(&mut hasher);
-        for shard in &status.shards {
-            (&shard.name, shard.ready, shard.schema_version).hash(&mut hasher);
-        }
-    }
-    hasher.finish()
+    let status = set.status.as_ref().map(|status| {
+        let conditions: Vec<_> =
+            status.conditions.0.iter().map(|c| (&c.type_, &c.status, &c.reason, c.observed_generation)).collect();
+        let shards: Vec<_> = status.shards.iter().map(|s| (&s.name, s.ready, s.schema_version)).collect();
+        (conditions, status.observed_generation, status.routing_version, status.ready_shards, shards)
+    });
+    hash_of((intent(set), status))
 }
 
 /// Releases whose arrival, change or departure changes what the Webhooks of their
@@ -149,19 +150,16 @@ fn shard_set_readiness(set: &ShardSet) -> u64 {
 fn webhook_inputs_changes(
     events: impl Stream<Item = Result<watcher::Event<BlueGreenRelease>, watcher::Error>> + Send + 'static,
 ) -> impl Stream<Item = Result<BlueGreenRelease, watcher::Error>> + Send + 'static {
-    fn inputs(release: &BlueGreenRelease) -> u64 {
-        use std::hash::Hasher;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (&release.spec.webhook_allowed_cidrs, &release.spec.shard_set_ref).hash(&mut hasher);
-        hasher.finish()
-    }
     let mut namespaces: HashMap<String, std::collections::BTreeMap<String, u64>> = HashMap::new();
     events.flat_map(move |event| {
         let mut changed = |release: &BlueGreenRelease, present: bool| {
             let releases = namespaces.entry(release.namespace().unwrap_or_default()).or_default();
             let before = releases.values().next().copied();
             if present {
-                releases.insert(release.name_any(), inputs(release));
+                releases.insert(
+                    release.name_any(),
+                    hash_of((&release.spec.webhook_allowed_cidrs, &release.spec.shard_set_ref)),
+                );
             } else {
                 releases.remove(&release.name_any());
             }
@@ -170,19 +168,9 @@ fn webhook_inputs_changes(
         let passed: Vec<Result<BlueGreenRelease, watcher::Error>> = match event {
             Err(e) => vec![Err(e)],
             Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r)) => {
-                if changed(&r, true) {
-                    vec![Ok(r)]
-                } else {
-                    Vec::new()
-                }
+                changed(&r, true).then(|| Ok(r)).into_iter().collect()
             }
-            Ok(watcher::Event::Delete(r)) => {
-                if changed(&r, false) {
-                    vec![Ok(r)]
-                } else {
-                    Vec::new()
-                }
-            }
+            Ok(watcher::Event::Delete(r)) => changed(&r, false).then(|| Ok(r)).into_iter().collect(),
             Ok(watcher::Event::Init | watcher::Event::InitDone) => Vec::new(),
         };
         futures::stream::iter(passed)
@@ -287,10 +275,7 @@ fn webhooks_of_secret(caches: Caches) -> impl Fn(Secret) -> Vec<ObjectRef<Webhoo
             return Vec::new();
         }
         let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
-        let holds_log = caches
-            .release_of(&namespace)
-            .and_then(|r| caches.shard_set(&namespace, &r.spec.shard_set_ref))
-            .is_some_and(|set| set.spec.shards.first().is_some_and(|s| s.url_secret_ref.name == name));
+        let holds_log = caches.log_shard(&namespace).is_some_and(|s| s.url_secret_ref.name == name);
         caches
             .webhooks
             .state()
