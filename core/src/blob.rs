@@ -115,10 +115,7 @@ impl Backends {
             return None;
         }
         let url = url::Url::parse(&config.url).ok()?;
-        let mut options: BTreeMap<String, String> = config.options.clone();
-        for (key, handle) in &config.secret_options {
-            options.insert(key.clone(), secrets.get(handle)?.expose_str()?.to_owned());
-        }
+        let options = backend_options(config, secrets).ok()?;
         let root = format!("{}://{}", url.scheme(), url.host_str()?);
         let mut hasher = Sha256::new();
         hasher.update(root.as_bytes());
@@ -140,6 +137,19 @@ impl Backends {
         let prefix = ObjectPath::from_url_path(url.path()).ok()?;
         Some(Backend { id, store, prefix })
     }
+}
+
+/// A backend's `object_store` options: the config's, and its credentials from `secrets`.
+fn backend_options(config: &TierConfig, secrets: &SecretBundle) -> Result<BTreeMap<String, String>, String> {
+    let mut options = config.options.clone();
+    for (key, handle) in &config.secret_options {
+        let value = secrets
+            .get(handle)
+            .and_then(|v| v.expose_str())
+            .ok_or_else(|| format!("credential {key} is missing or not UTF-8 (Secret key {})", handle.0))?;
+        options.insert(key.clone(), value.to_owned());
+    }
+    Ok(options)
 }
 
 /// The directory of a `file://` tier: absolute, or under the data directory.
@@ -204,13 +214,7 @@ impl Tier {
             Arc::new(ChunkedStore::new(Arc::new(local), LOCAL_READ_CHUNK))
         } else {
             let url = url::Url::parse(&config.url).map_err(|e| fail(format!("backend URL: {e}")))?;
-            let mut options: Vec<(String, String)> = config.options.clone().into_iter().collect();
-            for (key, handle) in &config.secret_options {
-                let value = secrets.get(handle).and_then(|v| v.expose_str()).ok_or_else(|| {
-                    fail(format!("credential {key} is missing or not UTF-8 (Secret key {})", handle.0))
-                })?;
-                options.push((key.clone(), value.to_owned()));
-            }
+            let options = backend_options(config, secrets).map_err(fail)?;
             let (store, prefix) = object_store::parse_url_opts(&url, options).map_err(|e| fail(e.to_string()))?;
             let store: Arc<dyn ObjectStore> = Arc::from(store);
             if prefix.as_ref().is_empty() {

@@ -47,6 +47,13 @@ pub struct AuthSettings {
     pub rate_burst: u32,
 }
 
+impl AuthSettings {
+    /// Whether any key is given, as a value or a file.
+    pub fn has_keys(&self) -> bool {
+        self.secret.is_some() || !self.public_keys_pem.is_empty() || self.jwks.is_some() || !self.files.is_empty()
+    }
+}
+
 /// Key files: an HS256 secret (trailing line breaks ignored), PEM public keys, a JWKS.
 #[derive(Clone, Debug, Default)]
 pub struct KeyFiles {
@@ -62,10 +69,9 @@ impl KeyFiles {
 
     /// The settings with the files' keys added.
     fn read_into(&self, settings: &AuthSettings) -> Result<AuthSettings, AuthConfigError> {
-        let read = |path: &PathBuf| {
-            std::fs::read(path)
-                .map_err(|e| AuthConfigError::File { path: path.display().to_string(), message: e.to_string() })
-        };
+        let fail =
+            |path: &PathBuf, message: String| AuthConfigError::File { path: path.display().to_string(), message };
+        let read = |path: &PathBuf| std::fs::read(path).map_err(|e| fail(path, e.to_string()));
         let mut out = settings.clone();
         if let Some(path) = &self.secret {
             let mut secret = read(path)?;
@@ -73,7 +79,7 @@ impl KeyFiles {
                 secret.pop();
             }
             if secret.is_empty() {
-                return Err(AuthConfigError::File { path: path.display().to_string(), message: "empty".into() });
+                return Err(fail(path, "empty".into()));
             }
             out.secret = Some(secret);
         }
@@ -81,8 +87,7 @@ impl KeyFiles {
             out.public_keys_pem.push(read(path)?);
         }
         if let Some(path) = &self.jwks {
-            let text = String::from_utf8(read(path)?)
-                .map_err(|_| AuthConfigError::File { path: path.display().to_string(), message: "not UTF-8".into() })?;
+            let text = String::from_utf8(read(path)?).map_err(|_| fail(path, "not UTF-8".into()))?;
             out.jwks = Some(text);
         }
         Ok(out)
@@ -107,9 +112,8 @@ struct Key {
 /// The token checker and the per-user limiter.
 pub struct Auth {
     keys: RwLock<Arc<KeySet>>,
+    /// What the keys are read from again on reload, and the claims required.
     settings: AuthSettings,
-    issuer: Option<String>,
-    audience: Option<String>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
 }
 
@@ -117,7 +121,7 @@ impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Auth")
             .field("keys", &self.key_set().keys.len())
-            .field("issuer", &self.issuer)
+            .field("issuer", &self.settings.issuer)
             .finish_non_exhaustive()
     }
 }
@@ -240,13 +244,7 @@ impl Auth {
                 NonZeroU32::new(settings.rate_burst.max(settings.rate_per_second)).ok_or(AuthConfigError::RateLimit)?;
             Some(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
         };
-        Ok(Self {
-            keys: RwLock::new(Arc::new(keys)),
-            settings: settings.clone(),
-            issuer: settings.issuer.clone(),
-            audience: settings.audience.clone(),
-            limiter,
-        })
+        Ok(Self { keys: RwLock::new(Arc::new(keys)), settings: settings.clone(), limiter })
     }
 
     fn key_set(&self) -> Arc<KeySet> {
@@ -290,14 +288,14 @@ impl Auth {
             let mut validation = Validation::new(key.algorithm);
             validation.leeway = 30;
             let mut required = vec!["exp", "sub"];
-            required.extend(self.issuer.as_ref().map(|_| "iss"));
-            required.extend(self.audience.as_ref().map(|_| "aud"));
+            required.extend(self.settings.issuer.as_ref().map(|_| "iss"));
+            required.extend(self.settings.audience.as_ref().map(|_| "aud"));
             validation.set_required_spec_claims(&required);
-            match &self.issuer {
+            match &self.settings.issuer {
                 Some(iss) => validation.set_issuer(&[iss]),
                 None => validation.iss = None,
             }
-            match &self.audience {
+            match &self.settings.audience {
                 Some(aud) => validation.set_audience(&[aud]),
                 None => validation.validate_aud = false,
             }
@@ -335,8 +333,8 @@ impl Auth {
         let claims = Claims {
             sub: sub.to_owned(),
             exp,
-            iss: self.issuer.clone(),
-            aud: self.audience.clone(),
+            iss: self.settings.issuer.clone(),
+            aud: self.settings.audience.clone(),
             roles: Roles::List(roles.iter().map(|r| (*r).to_owned()).collect()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).ok()

@@ -40,10 +40,19 @@ impl std::fmt::Debug for KubeWebhooks {
 #[derive(Clone, Debug)]
 pub struct Made {
     pub display_name: String,
-    pub created_by: String,
     /// Milliseconds since the epoch.
     pub created_at: Option<i64>,
     pub spec: WebhookSpec,
+}
+
+impl Made {
+    pub fn of(webhook: &Webhook) -> Self {
+        Self {
+            display_name: webhook.annotations().get(annotations::DISPLAY_NAME).cloned().unwrap_or_default(),
+            created_at: webhook.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()),
+            spec: webhook.spec.clone(),
+        }
+    }
 }
 
 fn made_labels() -> BTreeMap<String, String> {
@@ -170,20 +179,7 @@ impl KubeWebhooks {
             .list(&ListParams::default().labels(&selector))
             .await
             .map_err(|e| api_error("listing Webhooks", e))?;
-        Ok(list
-            .items
-            .into_iter()
-            .map(|w| {
-                let annotation = |key: &str| w.annotations().get(key).cloned().unwrap_or_default();
-                let made = Made {
-                    display_name: annotation(annotations::DISPLAY_NAME),
-                    created_by: annotation(annotations::CREATED_BY),
-                    created_at: w.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()),
-                    spec: w.spec.clone(),
-                };
-                (w.name_any(), made)
-            })
-            .collect())
+        Ok(list.items.iter().map(|w| (w.name_any(), Made::of(w))).collect())
     }
 
     /// The Webhook `id`, if there is one.

@@ -141,13 +141,6 @@ impl JwtArgs {
             ..AuthSettings::default()
         }
     }
-
-    fn any_key(&self) -> bool {
-        self.jwt_secret.is_some()
-            || self.jwt_secret_file.is_some()
-            || !self.jwt_public_key.is_empty()
-            || self.jwt_jwks.is_some()
-    }
 }
 
 async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -156,7 +149,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         "serve needs --database-url postgres://…: the replicas share one metadata database"
     );
     anyhow::ensure!(
-        args.common.jwt.any_key(),
+        args.common.jwt.settings().has_keys(),
         "serve needs --jwt-secret, --jwt-secret-file, --jwt-public-key or --jwt-jwks: the replicas must accept the same tokens"
     );
     anyhow::ensure!(args.link_key.len() >= 32, "--link-key must have at least 32 bytes");

@@ -124,11 +124,11 @@ impl Sessions {
         lock(&self.map).get(key).cloned()
     }
 
-    /// The session `key`, opened (with its STOMP connection) when new: `(session, opened)`.
-    fn open(self: &Arc<Self>, key: &str, state: &AppState) -> (Arc<HttpSession>, bool) {
+    /// The session `key`, opened (with its STOMP connection) when new.
+    fn open(self: &Arc<Self>, key: &str, state: &AppState) -> Arc<HttpSession> {
         let mut map = lock(&self.map);
         if let Some(session) = map.get(key) {
-            return (Arc::clone(session), false);
+            return Arc::clone(session);
         }
         let (inbound, inbound_rx) = mpsc::channel(INBOUND);
         let (outbound_tx, outbound) = mpsc::channel(OUTBOUND);
@@ -154,7 +154,15 @@ impl Sessions {
                 }
             }
         });
-        (session, true)
+        session
+    }
+
+    /// A receiving request's hold on the session `key` (opened when new); `None` while
+    /// another request receives from it.
+    fn receive(self: &Arc<Self>, key: &str, state: &AppState) -> Option<Receiving> {
+        let session = self.open(key, state);
+        let frames = Arc::clone(&session.outbound).try_lock_owned().ok()?;
+        Some(Receiving { frames, session })
     }
 }
 
@@ -177,12 +185,6 @@ fn sockjs_response(body: Body) -> Response {
         .into_response()
 }
 
-/// The receiving request's hold on the session; `None` while another request receives.
-fn receive(session: &Arc<HttpSession>) -> Option<Receiving> {
-    let frames = Arc::clone(&session.outbound).try_lock_owned().ok()?;
-    Some(Receiving { frames, session: Arc::clone(session) })
-}
-
 /// What SockJS answers a second receiving request with.
 fn busy() -> Response {
     sockjs_response(Body::from("c[2010,\"Another connection still open\"]\n"))
@@ -195,8 +197,7 @@ pub async fn xhr_streaming(
     Path((server, session)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let key = session_key(&server, &session)?;
-    let (session, _) = state.sockjs.open(&key, &state);
-    let Some(receiving) = receive(&session) else { return Ok(busy()) };
+    let Some(receiving) = state.sockjs.receive(&key, &state) else { return Ok(busy()) };
     let prelude = futures::stream::once(async { Ok::<_, std::io::Error>(format!("{}\n", "h".repeat(2048))) });
     let frames = futures::stream::unfold((receiving, 0usize), |(mut receiving, sent)| async move {
         if sent >= STREAM_LIMIT {
@@ -222,8 +223,7 @@ pub async fn xhr_polling(
     Path((server, session)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let key = session_key(&server, &session)?;
-    let (session, _) = state.sockjs.open(&key, &state);
-    let Some(mut receiving) = receive(&session) else { return Ok(busy()) };
+    let Some(mut receiving) = state.sockjs.receive(&key, &state) else { return Ok(busy()) };
     let Ok(first) = tokio::time::timeout(HEARTBEAT, receiving.frames.recv()).await else {
         return Ok(sockjs_response(Body::from("h\n")));
     };

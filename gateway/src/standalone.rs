@@ -115,11 +115,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// data directory.
 fn credentials(options: &Options, data_dir: &Path) -> anyhow::Result<(Auth, Vec<u8>)> {
     let mut auth_settings = options.auth.clone();
-    if auth_settings.secret.is_none()
-        && auth_settings.public_keys_pem.is_empty()
-        && auth_settings.jwks.is_none()
-        && auth_settings.files.is_empty()
-    {
+    if !auth_settings.has_keys() {
         // Kept as a file, so that replacing it rotates the key without a restart.
         let path = data_dir.join("jwt-secret");
         key_file(&path)?;
@@ -210,9 +206,6 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
 
     state.metrics.set_config_hash(&config_hash);
     let (stop, stopped) = watch::channel(false);
-    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
     let relays = spawn_relays(&shards, &buses, nats.as_ref(), &engine, &bus, &clock, &stopped);
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
     if state.auth.reloads() {
@@ -252,6 +245,11 @@ async fn watch_keys(auth: Arc<Auth>, every: Duration) {
     }
 }
 
+/// Resolves once `stopped` turns true.
+async fn until_stopped(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
 /// One outbox relay per shard until `stopped` turns true. Standalone, events become
 /// webhook deliveries (durably) and then reach the in-process bus; in a cluster they go to
 /// JetStream, where the workers turn them into deliveries and every replica's clients see
@@ -275,13 +273,8 @@ fn spawn_relays(
                 Some(client) => Box::new(JetStreamSink::new(async_nats::jetstream::new(client.clone()))),
                 None => Box::new(LocalSink { engine: engine.clone(), bus: bus.clone() }),
             };
-            let mut stop = stopped.clone();
-            tokio::spawn(async move {
-                let stop = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await;
-            })
+            let stop = until_stopped(stopped.clone());
+            tokio::spawn(async move { relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await })
         })
         .collect()
 }

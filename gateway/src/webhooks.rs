@@ -394,13 +394,7 @@ async fn create_in_cluster(
     service.compile_with(std::slice::from_ref(&check)).map_err(unprocessable)?;
     let created = kube.create(id, &display_name, actor, &spec, &secret).await?;
     tracing::info!(webhook = %id, by = %actor, "webhook created as a Webhook resource");
-    let made = kube_webhooks::Made {
-        display_name,
-        created_by: actor.to_owned(),
-        created_at: created.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()),
-        spec,
-    };
-    Ok((StatusCode::CREATED, Json(made_view(id, &made))).into_response())
+    Ok((StatusCode::CREATED, Json(made_view(id, &kube_webhooks::Made::of(&created)))).into_response())
 }
 
 #[utoipa::path(get, path = "/", tag = TAG, summary = "List webhooks",

@@ -663,8 +663,7 @@ pub async fn stats(meta: &Metadata, webhook: &str) -> Result<Stats, StoreError> 
             .await?;
     let activation = activation(meta, webhook).await?;
     let (recent_events, _) = deliveries(meta, webhook, 0, 10).await?;
-    #[allow(clippy::cast_precision_loss)]
-    let success_rate = if total == 0 { 0.0 } else { (success as f64 * 10_000.0 / total as f64).round() / 100.0 };
+    let success_rate = success_rate(success, total).unwrap_or(0.0);
     Ok(Stats {
         webhook_id: webhook.to_owned(),
         total_calls: total,
@@ -698,11 +697,16 @@ impl Summary {
         Self { active: true, ..Self::default() }
     }
 
-    /// Successful calls in percent of all calls, to two decimals; `None` without calls.
-    #[allow(clippy::cast_precision_loss)]
+    /// See [`success_rate`].
     pub fn success_rate(&self) -> Option<f64> {
-        (self.total_calls > 0).then(|| (self.success_count as f64 * 10_000.0 / self.total_calls as f64).round() / 100.0)
+        success_rate(self.success_count, self.total_calls)
     }
+}
+
+/// Successful calls in percent of all calls, to two decimals; `None` without calls.
+#[allow(clippy::cast_precision_loss)]
+fn success_rate(success: i64, total: i64) -> Option<f64> {
+    (total > 0).then(|| (success as f64 * 10_000.0 / total as f64).round() / 100.0)
 }
 
 /// The summaries of every endpoint in the log, in three statements whatever their number:
