@@ -99,7 +99,7 @@ async fn list_all(client: &reqwest::Client, gw: &Running, token: &str, limit: u3
         if let Some(c) = &cursor {
             write!(url, "&cursor={c}").unwrap();
         }
-        let page: Value = client.get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+        let page: Value = support::json_of(client.get(url).bearer_auth(token)).await;
         let got = page["items"].as_array().unwrap();
         assert!(got.len() <= limit as usize);
         items.extend(got.iter().cloned());
@@ -136,15 +136,8 @@ async fn eight_shards_route_serve_and_list_every_document() {
     for (n, chunk) in [b"0123".to_vec(), b"4567".to_vec(), b"89".to_vec()].into_iter().enumerate() {
         support::put_chunk(&client, &gw.url, &alice, &session, n as u64, chunk).await;
     }
-    let done: Value = client
-        .post(format!("{}/api/v1/upload/{session}/complete", gw.url))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let done: Value =
+        support::json_of(client.post(format!("{}/api/v1/upload/{session}/complete", gw.url)).bearer_auth(&alice)).await;
     let chunked = done["documentId"].as_i64().or_else(|| done["id"].as_i64()).expect("the completed document's id");
     assert_eq!(table.shard_of_id(chunked), table.shard_of_key(&session), "the document joins its session's shard");
     uploaded.insert(chunked, ("alice", "big.bin".to_owned()));
@@ -162,15 +155,8 @@ async fn eight_shards_route_serve_and_list_every_document() {
     // Served from their shards: metadata, bytes, versions, delete.
     for (id, (user, name)) in &uploaded {
         let tok = if *user == "bob" { &bob } else { &alice };
-        let doc: Value = client
-            .get(format!("{}/api/v1/documents/{id}", gw.url))
-            .bearer_auth(tok)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let doc: Value =
+            support::json_of(client.get(format!("{}/api/v1/documents/{id}", gw.url)).bearer_auth(tok)).await;
         assert_eq!(doc["filename"], name.as_str());
         let bytes = client
             .get(format!("{}/api/v1/documents/{id}/download", gw.url))
@@ -194,15 +180,8 @@ async fn eight_shards_route_serve_and_list_every_document() {
         .await
         .unwrap();
     assert_eq!(version.status(), StatusCode::CREATED, "{:?}", version.text().await);
-    let history: Value = client
-        .get(format!("{}/api/v1/documents/{first}/versions", gw.url))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value =
+        support::json_of(client.get(format!("{}/api/v1/documents/{first}/versions", gw.url)).bearer_auth(&alice)).await;
     assert_eq!(history["versions"].as_array().map(Vec::len), Some(2), "{history}");
     let gone = *uploaded.keys().last().unwrap();
     let owner = if uploaded[&gone].0 == "bob" { &bob } else { &alice };
@@ -228,18 +207,11 @@ async fn eight_shards_route_serve_and_list_every_document() {
     assert!(bobs.iter().all(|d| uploaded[&d["id"].as_i64().unwrap()].0 == "bob"));
 
     // Usage adds the shards up; readiness checks them all and names the routing.
-    let usage: Value = client
-        .get(format!("{}/api/v1/storage/usage", gw.url))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value =
+        support::json_of(client.get(format!("{}/api/v1/storage/usage", gw.url)).bearer_auth(&admin)).await;
     // Every listed document's blob, the second version's, and the soft-deleted one's.
     assert_eq!(usage["objects"].as_i64(), Some(i64::try_from(uploaded.len()).unwrap() + 2), "{usage}");
-    let ready: Value = client.get(format!("{}/readyz", gw.url)).send().await.unwrap().json().await.unwrap();
+    let ready: Value = support::json_of(client.get(format!("{}/readyz", gw.url))).await;
     assert_eq!(ready["status"], "ready", "{ready}");
     assert_eq!(ready["routingVersion"], table.version());
 

@@ -53,6 +53,11 @@ impl Gateway {
     }
 }
 
+/// The JSON answer to `request`.
+pub async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// Uploads a document named and filled with `filename`; returns the created document.
 pub async fn upload(client: &reqwest::Client, base: &str, token: &str, filename: &str) -> Value {
     let form = Form::new().part("file", Part::bytes(filename.as_bytes().to_vec()).file_name(filename.to_owned()));
