@@ -478,3 +478,116 @@ async fn rotated_database_credentials_serve_new_connections_and_another_database
 fn uuid_suffix() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
+
+/// Two SQLite shards sharing one memory tier, under a two-shard ring.
+async fn two_shards(dir: &std::path::Path) -> (vellum_core::documents::Library, Arc<dyn ObjectStore>, Clock) {
+    use vellum_core::config::{SecretHandle, ShardConfig, ShardsConfig};
+    use vellum_core::crds::shard_set::{Routing, RoutingStrategy};
+    let set = ShardsConfig {
+        shard_set: "docs".into(),
+        shards: ["s0", "s1"]
+            .iter()
+            .map(|name| ShardConfig {
+                name: (*name).to_owned(),
+                url: SecretHandle::new("shards", name),
+                weight: 1,
+                range_start: None,
+            })
+            .collect(),
+        routing: Routing { strategy: RoutingStrategy::ConsistentHash, virtual_nodes: 64 },
+    };
+    let table = Arc::new(vellum_core::routing::RoutingTable::build(&set).unwrap());
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let tier = Tier::from_store("hot", TierClass::Hot, None, Compression::default(), Arc::clone(&store));
+    let tiers = Tiers::new(vec![Arc::new(tier)], "hot").unwrap();
+    let clock = Clock::manual(T0);
+    let mut shards = Vec::new();
+    for n in 0..2 {
+        let meta = Metadata::open(&format!("sqlite://{}", dir.join(format!("s{n}.db")).display())).await.unwrap();
+        shards.push(Documents::new(meta, tiers.clone(), clock.clone(), None, 10 << 20));
+    }
+    (vellum_core::documents::Library::sharded(table, shards), store, clock)
+}
+
+async fn claims(docs: &Documents) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM blob_garbage").fetch_one(docs.meta().pool()).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_library_upload_stores_claims_and_records_on_one_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let (library, store, clock) = two_shards(dir.path()).await;
+    let alice = user("alice");
+    let mut expected = Vec::new();
+    for i in 0..24 {
+        let mut upload = library.begin_document();
+        upload.store("text/plain", once(format!("document {i}"))).await.unwrap();
+        assert!(upload.is_stored());
+        let prepared = Documents::prepare(named(&format!("d{i}.txt"))).unwrap();
+        let doc = upload.finish(&alice, &prepared).await.unwrap().document;
+        let mut version = library.begin_version(&alice, doc.id).await.unwrap();
+        assert_eq!(version.current().id, doc.id);
+        version.store("text/plain", once(format!("version 2 of {i}"))).await.unwrap();
+        version.finish(&alice, NewVersion::default()).await.unwrap();
+        expected.push((doc.id, format!("document {i}"), format!("version 2 of {i}")));
+    }
+    let per_shard: Vec<usize> =
+        library.shards().iter().map(|s| expected.iter().filter(|(id, ..)| s.owns_id(*id)).count()).collect();
+    assert!(per_shard.iter().all(|n| *n > 0), "24 documents did not reach both shards: {per_shard:?}");
+    for shard in library.shards() {
+        assert_eq!(claims(shard).await, 0, "a recorded upload left its claim behind");
+    }
+    // A day later the collector finds nothing to delete on either shard.
+    clock.advance(48 * 3_600_000);
+    for shard in library.shards() {
+        assert_eq!(shard.collect_garbage().await.unwrap(), 0);
+    }
+    assert_eq!(objects(&store).await, 48);
+    for (id, first, second) in &expected {
+        let shard = library.of(*id);
+        for (version, bytes) in [(1, first), (2, second)] {
+            let content = shard.content(&alice, *id, Some(version)).await.unwrap();
+            assert_eq!(concat(shard.read(&content, None).await.unwrap()).await, bytes.as_bytes());
+        }
+    }
+
+    // The same bytes on both shards are stored once per shard: purging the copy on one
+    // shard and collecting leaves the other's readable, and so does a restored version.
+    let mut twins: [Option<i64>; 2] = [None, None];
+    for _ in 0..64 {
+        let mut upload = library.begin_document();
+        upload.store("text/plain", once("the same bytes")).await.unwrap();
+        let prepared = Documents::prepare(named("twin.txt")).unwrap();
+        let id = upload.finish(&alice, &prepared).await.unwrap().document.id;
+        let on = usize::from(library.shards()[1].owns_id(id));
+        twins[on].get_or_insert(id);
+        if twins.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let [Some(gone), Some(kept)] = twins else { panic!("64 documents did not reach both shards") };
+    library.of(gone).purge(&admin(), gone).await.unwrap();
+    let restored = library.of(expected[0].0).restore_version(&alice, expected[0].0, 1).await.unwrap();
+    clock.advance(48 * 3_600_000);
+    for shard in library.shards() {
+        shard.collect_garbage().await.unwrap();
+    }
+    let content = library.of(kept).content(&alice, kept, None).await.unwrap();
+    assert_eq!(concat(library.of(kept).read(&content, None).await.unwrap()).await, b"the same bytes");
+    let shard = library.of(expected[0].0);
+    let content = shard.content(&alice, expected[0].0, Some(restored.version_number)).await.unwrap();
+    assert_eq!(concat(shard.read(&content, None).await.unwrap()).await, expected[0].1.as_bytes());
+
+    // An abandoned upload deletes its copy; one stored twice or never is refused.
+    let mut abandoned = library.begin_document();
+    abandoned.store("text/plain", once("abandoned")).await.unwrap();
+    assert!(matches!(abandoned.store("text/plain", once("again")).await, Err(DocError::Invalid(_))));
+    let before = objects(&store).await;
+    abandoned.abandon().await;
+    assert_eq!(objects(&store).await, before - 1);
+    let empty = library.begin_document();
+    let prepared = Documents::prepare(named("empty.txt")).unwrap();
+    assert!(matches!(empty.finish(&alice, &prepared).await, Err(DocError::Invalid(_))));
+    // A new version of a document the actor may not see is refused before any byte.
+    assert!(matches!(library.begin_version(&user("mallory"), expected[0].0).await, Err(DocError::NotFound(_))));
+}

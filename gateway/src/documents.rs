@@ -14,11 +14,10 @@ use serde_json::{Map, Value, json};
 use sha2::Sha256;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use vellum_core::blob::StoredBlob;
 use vellum_core::clock::{parse_rfc3339, rfc3339};
 use vellum_core::documents::{
-    Actor, Document, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion, Page, Restored, Uploaded,
-    VersionHistory,
+    Actor, Document, DocumentUpload, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion, Page, Restored,
+    Uploaded, VersionHistory, VersionUpload,
 };
 
 use crate::AppState;
@@ -110,74 +109,115 @@ fn raw_filename(params: &UploadParams, headers: &HeaderMap) -> ApiResult<Option<
     Ok(None)
 }
 
-/// The bytes and options of an upload, taken in one pass: the file's bytes are streamed
-/// into the default tier as they arrive, whatever the order of the form's fields.
+/// The options of an upload, taken in one pass with its bytes, which stream into the
+/// default tier as they arrive, whatever the order of the form's fields.
 struct Received {
     params: UploadParams,
     filename: Option<String>,
     content_type: Option<String>,
-    blob: StoredBlob,
 }
 
-async fn receive(state: &AppState, request: Request, default_content_type: Option<String>) -> ApiResult<Received> {
-    // Bytes go to the tiers, which every shard shares; the metadata comes later.
-    let docs = state.docs.primary();
+/// Where an upload's bytes go: the shard core chose for them when the upload began.
+trait Target {
+    async fn store(
+        &mut self,
+        content_type: &str,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<(), vellum_core::documents::DocError>;
+    fn is_stored(&self) -> bool;
+    async fn abandon(self);
+}
+
+macro_rules! target {
+    ($upload:ty) => {
+        impl Target for $upload {
+            async fn store(
+                &mut self,
+                content_type: &str,
+                body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+            ) -> Result<(), vellum_core::documents::DocError> {
+                <$upload>::store(self, content_type, body).await
+            }
+            fn is_stored(&self) -> bool {
+                <$upload>::is_stored(self)
+            }
+            async fn abandon(self) {
+                <$upload>::abandon(self).await;
+            }
+        }
+    };
+}
+target!(DocumentUpload<'_>);
+target!(VersionUpload<'_>);
+
+/// Takes an upload's bytes into `target` and its options; on any error what was stored is
+/// deleted.
+async fn receive<T: Target>(
+    state: &AppState,
+    request: Request,
+    default_content_type: Option<String>,
+    mut target: T,
+) -> ApiResult<(Received, T)> {
+    match take(state, request, default_content_type, &mut target).await {
+        Ok(received) => Ok((received, target)),
+        Err(e) => {
+            target.abandon().await;
+            Err(e)
+        }
+    }
+}
+
+async fn take(
+    state: &AppState,
+    request: Request,
+    default_content_type: Option<String>,
+    target: &mut impl Target,
+) -> ApiResult<Received> {
     if is_multipart(request.headers()) {
         let mut form =
             Multipart::from_request(request, state).await.map_err(|r| ApiError::bad_request(r.body_text()))?;
         let mut params = UploadParams::default();
-        let mut file: Option<(Option<String>, Option<String>, StoredBlob)> = None;
-        let outcome: ApiResult<()> = async {
-            while let Some(field) = form.next_field().await.map_err(|e| ApiError::bad_request(e.body_text()))? {
-                let name = field.name().unwrap_or_default().to_owned();
-                if name == "file" {
-                    if file.is_some() {
-                        return Err(ApiError::bad_request("the form has more than one file field"));
-                    }
-                    let filename = field.file_name().map(str::to_owned);
-                    let content_type = field.content_type().map(str::to_owned);
-                    let decided = vellum_core::documents::content_type_for(
-                        filename.as_deref().unwrap_or_default(),
-                        content_type.as_deref(),
-                    );
-                    let stream = Box::pin(field.map_err(io_error));
-                    let blob = docs.store_bytes(&decided, stream).await?;
-                    file = Some((filename, content_type, blob));
+        let mut part: Option<(Option<String>, Option<String>)> = None;
+        while let Some(field) = form.next_field().await.map_err(|e| ApiError::bad_request(e.body_text()))? {
+            let name = field.name().unwrap_or_default().to_owned();
+            if name == "file" {
+                if target.is_stored() {
+                    return Err(ApiError::bad_request("the form has more than one file field"));
+                }
+                let filename = field.file_name().map(str::to_owned);
+                let content_type = field.content_type().map(str::to_owned);
+                let decided = vellum_core::documents::content_type_for(
+                    filename.as_deref().unwrap_or_default(),
+                    content_type.as_deref(),
+                );
+                target.store(&decided, Box::pin(field.map_err(io_error))).await?;
+                part = Some((filename, content_type));
+                continue;
+            }
+            let value = field.text().await.map_err(|e| ApiError::bad_request(e.body_text()))?;
+            let slot = match name.as_str() {
+                "filename" => &mut params.filename,
+                "title" => &mut params.title,
+                "description" => &mut params.description,
+                "tags" => {
+                    let joined = match params.tags.take() {
+                        Some(before) => format!("{before},{value}"),
+                        None => value,
+                    };
+                    params.tags = Some(joined);
                     continue;
                 }
-                let value = field.text().await.map_err(|e| ApiError::bad_request(e.body_text()))?;
-                let slot = match name.as_str() {
-                    "filename" => &mut params.filename,
-                    "title" => &mut params.title,
-                    "description" => &mut params.description,
-                    "tags" => {
-                        let joined = match params.tags.take() {
-                            Some(before) => format!("{before},{value}"),
-                            None => value,
-                        };
-                        params.tags = Some(joined);
-                        continue;
-                    }
-                    "metadata" => &mut params.metadata,
-                    "changeDescription" => &mut params.change_description,
-                    other => return Err(ApiError::bad_request(format!("unknown form field {other:?}"))),
-                };
-                *slot = Some(value);
-            }
-            Ok(())
+                "metadata" => &mut params.metadata,
+                "changeDescription" => &mut params.change_description,
+                other => return Err(ApiError::bad_request(format!("unknown form field {other:?}"))),
+            };
+            *slot = Some(value);
         }
-        .await;
-        if let Err(e) = outcome {
-            if let Some((_, _, blob)) = &file {
-                docs.discard(blob).await;
-            }
-            return Err(e);
-        }
-        let Some((part_filename, content_type, blob)) = file else {
+        let Some((part_filename, content_type)) = part else {
             return Err(ApiError::bad_request("the form has no file field"));
         };
         let filename = params.filename.clone().or(part_filename);
-        return Ok(Received { params, filename, content_type, blob });
+        return Ok(Received { params, filename, content_type });
     }
     let (mut parts, body) = request.into_parts();
     let QueryParams(params) =
@@ -192,10 +232,8 @@ async fn receive(state: &AppState, request: Request, default_content_type: Optio
         .or(default_content_type);
     let decided =
         vellum_core::documents::content_type_for(filename.as_deref().unwrap_or_default(), content_type.as_deref());
-    let stream: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>> =
-        Box::pin(body.into_data_stream().map_err(io_error));
-    let blob = docs.store_bytes(&decided, stream).await?;
-    Ok(Received { params, filename, content_type, blob })
+    target.store(&decided, Box::pin(body.into_data_stream().map_err(io_error))).await?;
+    Ok(Received { params, filename, content_type })
 }
 
 pub(crate) fn created(state: &AppState, uploaded: &Uploaded) -> Response {
@@ -232,8 +270,7 @@ pub(crate) fn count_upload(state: &AppState, uploaded: &Uploaded) {
         (status = 413, description = "Larger than the upload limit", body = ErrorBody),
     ))]
 async fn upload(State(state): State<AppState>, User(actor): User, request: Request) -> ApiResult<Response> {
-    let received = receive(&state, request, None).await?;
-    let docs = state.docs.for_new();
+    let (received, upload) = receive(&state, request, None, state.docs.begin_document()).await?;
     let prepared = (|| {
         let params = &received.params;
         let Some(filename) = received.filename.clone() else {
@@ -257,11 +294,11 @@ async fn upload(State(state): State<AppState>, User(actor): User, request: Reque
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
-            docs.discard(&received.blob).await;
+            upload.abandon().await;
             return Err(e);
         }
     };
-    let uploaded = docs.record_upload(&actor, &prepared, received.blob).await?;
+    let uploaded = upload.finish(&actor, &prepared).await?;
     Ok(created(&state, &uploaded))
 }
 
@@ -282,12 +319,13 @@ async fn upload_version(
     DocId(id): DocId,
     request: Request,
 ) -> ApiResult<Response> {
-    // Check access (and existence) before taking the bytes.
-    let current = state.docs.of(id).get(&actor, id).await?;
-    let received = receive(&state, request, Some(current.content_type)).await?;
+    // Access (and existence) is checked before the bytes are taken.
+    let upload = state.docs.begin_version(&actor, id).await?;
+    let content_type = Some(upload.current().content_type.clone());
+    let (received, upload) = receive(&state, request, content_type, upload).await?;
     let params = &received.params;
     if params.title.is_some() || params.tags.is_some() || params.metadata.is_some() || params.description.is_some() {
-        state.docs.primary().discard(&received.blob).await;
+        upload.abandon().await;
         return Err(ApiError::bad_request(
             "a new version takes only file, filename and changeDescription; change metadata with PATCH",
         ));
@@ -297,7 +335,7 @@ async fn upload_version(
         content_type: received.content_type.clone(),
         change_description: params.change_description.clone(),
     };
-    let uploaded = state.docs.of(id).record_version(&actor, id, new, received.blob).await?;
+    let uploaded = upload.finish(&actor, new).await?;
     Ok(created(&state, &uploaded))
 }
 

@@ -265,3 +265,135 @@ async fn range_routing_and_a_single_shard_work_and_several_shards_need_nats() {
     assert_eq!(list_all(&client, &gw, &alice, 10).await.len(), 1);
     gw.shutdown().await.unwrap();
 }
+
+/// Every claim on a stored copy is held by the shard whose rows record it: on a two-shard
+/// platform, documents uploaded every way (multipart, raw body, a new version, a chunked
+/// session, tus) survive garbage collection on every shard after their claims ran out, and
+/// download byte-exact, every version of them.
+#[tokio::test]
+#[allow(clippy::too_many_lines)] // one walk through every upload path, then the collector
+async fn uploads_survive_garbage_collection_on_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let dbs = databases(2).await;
+    write_config(dir.path(), &dbs, "{strategy: ConsistentHash, virtualNodes: 64}", None);
+    let (_, config, _) = compile_dir(&dir.path().join("config")).unwrap();
+    let table = RoutingTable::build(config.shards.as_ref().unwrap()).unwrap();
+    let nats = NatsProcess::start().unwrap();
+    let gw = standalone::start(options(dir.path(), Some(nats.url()))).await.unwrap();
+    let client = reqwest::Client::new();
+    let alice = token(&gw, "alice", &["user"]);
+    // (document id, version) → the bytes it was given.
+    let mut expected: BTreeMap<(i64, i64), Vec<u8>> = BTreeMap::new();
+
+    // Multipart and raw-body uploads, until both shards hold several documents.
+    let mut i = 0;
+    while (0..2).any(|s| expected.keys().filter(|(id, _)| table.shard_of_id(*id) == s).count() < 4) {
+        assert!(i < 200, "40 uploads did not reach both shards");
+        let name = format!("gc-{i:03}.txt");
+        let doc = if i % 2 == 0 {
+            support::upload(&client, &gw.url, &alice, &name).await
+        } else {
+            support::json_of(
+                client
+                    .post(format!("{}/api/v1/documents?filename={name}", gw.url))
+                    .bearer_auth(&alice)
+                    .body(name.clone()),
+            )
+            .await
+        };
+        expected.insert((doc["id"].as_i64().expect("an uploaded document"), 1), name.into_bytes());
+        i += 1;
+    }
+    // A new version of a document on each shard, multipart and raw.
+    for shard in 0..2 {
+        let (&(id, _), _) = expected.iter().find(|((id, _), _)| table.shard_of_id(*id) == shard).unwrap();
+        let bytes = format!("version two of {id}").into_bytes();
+        let request = client.post(format!("{}/api/v1/documents/{id}/versions", gw.url)).bearer_auth(&alice);
+        let request = if shard == 0 {
+            request.body(bytes.clone()).header("X-Filename", "v2.txt")
+        } else {
+            let part = reqwest::multipart::Part::bytes(bytes.clone()).file_name("v2.txt");
+            request.multipart(reqwest::multipart::Form::new().part("file", part))
+        };
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{:?}", response.text().await);
+        expected.insert((id, 2), bytes);
+    }
+    // Chunked sessions and tus uploads until each protocol completed a document on each shard.
+    let mut done = [[false; 2]; 2];
+    let mut n = 0;
+    while done.iter().flatten().any(|d| !d) {
+        assert!(n < 100, "100 sessions did not reach both shards");
+        n += 1;
+        let bytes = format!("chunked body {n:04}").into_bytes();
+        let session = support::initiate(&client, &gw.url, &alice, bytes.len() as u64, 8).await;
+        for (c, chunk) in bytes.chunks(8).enumerate() {
+            support::put_chunk(&client, &gw.url, &alice, &session, c as u64, chunk.to_vec()).await;
+        }
+        let completed: Value =
+            support::json_of(client.post(format!("{}/api/v1/upload/{session}/complete", gw.url)).bearer_auth(&alice))
+                .await;
+        let id = completed["documentId"].as_i64().or_else(|| completed["id"].as_i64()).expect("a document id");
+        done[0][table.shard_of_id(id)] = true;
+        expected.insert((id, 1), bytes);
+
+        let bytes = format!("tus body {n:04}").into_bytes();
+        let created = client
+            .post(format!("{}/api/v1/tus", gw.url))
+            .bearer_auth(&alice)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Length", bytes.len().to_string())
+            .header("Upload-Metadata", "filename dHVzLnR4dA==")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), StatusCode::CREATED, "{:?}", created.text().await);
+        let location = created.headers()["location"].to_str().unwrap().to_owned();
+        let url = if location.starts_with("http") { location } else { format!("{}{location}", gw.url) };
+        let appended = client
+            .patch(url)
+            .bearer_auth(&alice)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Offset", "0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(appended.status(), StatusCode::NO_CONTENT, "{:?}", appended.text().await);
+        let id: i64 = appended.headers()["vellum-document-id"].to_str().unwrap().parse().unwrap();
+        done[1][table.shard_of_id(id)] = true;
+        expected.insert((id, 1), bytes);
+    }
+
+    // Nothing recorded is still claimed as garbage, on any shard.
+    for (s, db) in dbs.iter().enumerate() {
+        let pool = db.pool().await.unwrap();
+        let claimed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM blob_garbage g WHERE EXISTS \
+             (SELECT 1 FROM blobs b WHERE b.tier = g.tier AND b.object_key = g.object_key)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(claimed, 0, "shard {s} claims blobs it records");
+        // Every claim runs out, as it would a day later.
+        sqlx::query("UPDATE blob_garbage SET not_before = 0").execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+    for shard in gw.state.docs.shards() {
+        shard.collect_garbage().await.unwrap();
+    }
+
+    for ((id, version), bytes) in &expected {
+        let response = client
+            .get(format!("{}/api/v1/documents/{id}/versions/{version}/content", gw.url))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "document {id} version {version}");
+        assert_eq!(response.bytes().await.unwrap().as_ref(), bytes.as_slice(), "document {id} version {version}");
+    }
+    gw.shutdown().await.unwrap();
+}

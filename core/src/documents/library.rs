@@ -6,8 +6,14 @@ use std::sync::Arc;
 
 use futures::future::try_join_all;
 
-use super::{Actor, DocError, Documents, ListQuery, Page, Usage, page_limit, page_of, random_document_id};
-use crate::blob::Tiers;
+use bytes::Bytes;
+use futures::Stream;
+
+use super::{
+    Actor, DocError, Document, Documents, ListQuery, NewVersion, Page, Prepared, Uploaded, Usage, page_limit, page_of,
+    random_document_id,
+};
+use crate::blob::{StoredBlob, Tiers};
 use crate::clock::Clock;
 use crate::config::{PlatformConfig, SecretBundle};
 use crate::routing::RoutingTable;
@@ -72,6 +78,20 @@ impl Library {
         self.of(random_document_id())
     }
 
+    /// Begins a new document's upload on the shard the routing sends it to, chosen here
+    /// once: its bytes are claimed, stored and recorded there and nowhere else.
+    pub fn begin_document(&self) -> DocumentUpload<'_> {
+        DocumentUpload { staged: Staged { shard: self.for_new(), blob: None } }
+    }
+
+    /// Begins a new version of document `id` on the document's own shard, once the actor
+    /// may see it (checked before any byte is taken).
+    pub async fn begin_version(&self, actor: &Actor, id: i64) -> Result<VersionUpload<'_>, DocError> {
+        let shard = self.of(id);
+        let current = shard.get(actor, id).await?;
+        Ok(VersionUpload { staged: Staged { shard, blob: None }, current })
+    }
+
     pub fn tiers(&self) -> Tiers {
         self.primary().tiers()
     }
@@ -134,6 +154,111 @@ impl Library {
     }
 }
 
+/// The bytes of an upload, stored on the shard its rows will live on.
+#[derive(Debug)]
+struct Staged<'a> {
+    shard: &'a Documents,
+    blob: Option<StoredBlob>,
+}
+
+impl Staged<'_> {
+    async fn store(
+        &mut self,
+        content_type: &str,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<(), DocError> {
+        if self.blob.is_some() {
+            return Err(DocError::Invalid("the upload carries more than one file".into()));
+        }
+        self.blob = Some(self.shard.store_bytes(content_type, body).await?);
+        Ok(())
+    }
+
+    fn take(&mut self) -> Result<StoredBlob, DocError> {
+        self.blob.take().ok_or_else(|| DocError::Invalid("the upload carries no file".into()))
+    }
+
+    async fn abandon(mut self) {
+        if let Some(blob) = self.blob.take() {
+            self.shard.discard(&blob).await;
+        }
+    }
+}
+
+/// A new document being uploaded (see [`Library::begin_document`]). Dropped unfinished,
+/// its stored bytes stay claimed as garbage until the collector deletes them.
+#[derive(Debug)]
+pub struct DocumentUpload<'a> {
+    staged: Staged<'a>,
+}
+
+impl DocumentUpload<'_> {
+    /// Streams the document's bytes into the default tier.
+    pub async fn store(
+        &mut self,
+        content_type: &str,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<(), DocError> {
+        self.staged.store(content_type, body).await
+    }
+
+    /// Whether the bytes are stored.
+    pub fn is_stored(&self) -> bool {
+        self.staged.blob.is_some()
+    }
+
+    /// Records the document on its shard (its stored copy is deleted if the record fails).
+    pub async fn finish(mut self, actor: &Actor, prepared: &Prepared) -> Result<Uploaded, DocError> {
+        let blob = self.staged.take()?;
+        self.staged.shard.record_upload(actor, prepared, blob).await
+    }
+
+    /// Gives the upload up and deletes what it stored.
+    pub async fn abandon(self) {
+        self.staged.abandon().await;
+    }
+}
+
+/// A new version being uploaded (see [`Library::begin_version`]).
+#[derive(Debug)]
+pub struct VersionUpload<'a> {
+    staged: Staged<'a>,
+    current: Document,
+}
+
+impl VersionUpload<'_> {
+    /// The document as it was when the upload began.
+    pub fn current(&self) -> &Document {
+        &self.current
+    }
+
+    /// Streams the version's bytes into the default tier.
+    pub async fn store(
+        &mut self,
+        content_type: &str,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<(), DocError> {
+        self.staged.store(content_type, body).await
+    }
+
+    /// Whether the bytes are stored.
+    pub fn is_stored(&self) -> bool {
+        self.staged.blob.is_some()
+    }
+
+    /// Records the version on the document's shard (its stored copy is deleted if the
+    /// record fails).
+    pub async fn finish(mut self, actor: &Actor, new: NewVersion) -> Result<Uploaded, DocError> {
+        let blob = self.staged.take()?;
+        self.staged.shard.record_version(actor, self.current.id, new, blob).await
+    }
+
+    /// Gives the upload up and deletes what it stored.
+    pub async fn abandon(self) {
+        self.staged.abandon().await;
+    }
+}
+
 /// The metadata databases of a platform, opened (and migrated): every shard of the
 /// config's ShardSet in its order (the first holds what belongs to no document), or
 /// `database_url` alone when there is no ShardSet.
@@ -192,5 +317,45 @@ pub fn library_of(config: &PlatformConfig, shards: Vec<Documents>) -> Result<Lib
             Ok([single]) => Ok(Library::single(single)),
             Err(shards) => Err(format!("{} metadata databases without a ShardSet", shards.len())),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::blob::{Tier, once};
+    use crate::crds::storage_tier::{Compression, TierClass};
+    use crate::documents::NewDocument;
+
+    /// The defence behind the library's one choice of shard: a copy claimed in one database
+    /// is never recorded in another, where nothing would keep the first's collector from
+    /// deleting it.
+    #[tokio::test]
+    async fn a_copy_claimed_on_another_shard_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(InMemory::new());
+        let tier = Tier::from_store("hot", TierClass::Hot, None, Compression::default(), store);
+        let tiers = Tiers::new(vec![Arc::new(tier)], "hot").unwrap();
+        let mut shards = Vec::new();
+        for n in 0..2 {
+            let url = format!("sqlite://{}", dir.path().join(format!("s{n}.db")).display());
+            let meta = crate::store::Metadata::open(&url).await.unwrap();
+            shards.push(Documents::new(meta, tiers.clone(), Clock::manual(1_000), None, 1 << 20));
+        }
+        let actor = Actor { user: "alice".into(), admin: false };
+        let prepared = Documents::prepare(NewDocument { filename: "a.txt".into(), ..NewDocument::default() }).unwrap();
+        let blob = shards[0].store_bytes("text/plain", once("claimed on shard 0")).await.unwrap();
+        let refused = shards[1].record_upload(&actor, &prepared, blob.clone()).await;
+        assert!(
+            matches!(&refused, Err(DocError::Store(StoreError::Corrupt(m))) if m.contains("not claimed")),
+            "{refused:?}"
+        );
+        // Recorded where it was claimed, it is kept.
+        let blob = shards[0].store_bytes("text/plain", once("claimed on shard 0")).await.unwrap();
+        shards[0].record_upload(&actor, &prepared, blob).await.unwrap();
     }
 }

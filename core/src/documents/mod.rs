@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
-pub use library::{Library, library_of, open_shards, rotate_credentials};
+pub use library::{DocumentUpload, Library, VersionUpload, library_of, open_shards, rotate_credentials};
 pub use lifecycle::{
     Grace, MigrationStep, Savings, StepHook, TierUsage, Usage, UsageCounts, monthly_cost, usage_counts,
 };
@@ -227,11 +227,21 @@ async fn record_blob(tx: &mut Tx, blob: &StoredBlob, now: i64) -> Result<bool, S
     }
     // Recorded: no longer garbage (see `Documents::store_bytes`). A duplicate copy keeps
     // its claim until the upload deletes it, or the collector does after a crash.
-    sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2")
+    // The claim must be here: a copy claimed on another shard, or whose claim the collector
+    // already took, could be deleted under the row recorded now.
+    let unclaimed = sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before > $3")
         .bind(&blob.tier)
         .bind(&blob.object_key)
+        .bind(now)
         .execute(&mut **tx)
         .await?;
+    if unclaimed.rows_affected() == 0 {
+        return Err(StoreError::Corrupt(format!(
+            "stored copy {} is not claimed in this database: it was stored through another shard, or its claim \
+             ran out and the collector may have deleted it",
+            blob.object_key
+        )));
+    }
     sqlx::query(
         "INSERT INTO blobs (sha256, object_key, tier, size, stored_size, compression, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -501,10 +511,10 @@ impl Documents {
         self.record_upload(actor, &prepared, blob).await
     }
 
-    /// Records a new document whose bytes are already stored (by [`Self::store_bytes`] or
-    /// an upload session). The stored copy is deleted if it is not needed or the record
-    /// fails.
-    pub async fn record_upload(
+    /// Records a new document whose bytes are already stored on this shard (by
+    /// [`Self::store_bytes`], through a [`DocumentUpload`] or an upload session). The stored
+    /// copy is deleted if it is not needed or the record fails.
+    pub(crate) async fn record_upload(
         &self,
         actor: &Actor,
         prepared: &Prepared,
@@ -598,9 +608,9 @@ impl Documents {
         }
     }
 
-    /// Records a new version whose bytes are already stored. The stored copy is deleted
-    /// if it is not needed or the record fails.
-    pub async fn record_version(
+    /// Records a new version whose bytes are already stored on this shard. The stored copy
+    /// is deleted if it is not needed or the record fails.
+    pub(crate) async fn record_version(
         &self,
         actor: &Actor,
         id: i64,
