@@ -80,6 +80,44 @@ pub struct GatewaySpec {
     /// A HorizontalPodAutoscaler for the active color's gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
+    /// What one careless or hostile client may take of a gateway replica; each unset
+    /// field keeps the gateway's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<GatewayLimits>,
+}
+
+/// Timeouts and caps of each gateway replica.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayLimits {
+    /// Seconds a client has to send a whole request head; an idle keep-alive connection is
+    /// closed after as long (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub header_timeout_seconds: Option<u32>,
+    /// Seconds a request body may send nothing before the request fails (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub body_timeout_seconds: Option<u32>,
+    /// Open connections per replica, WebSockets included (default 10000); at the cap the
+    /// longest-open idle connection makes room, or a new one is refused when all are busy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections: Option<u32>,
+    /// Uploads in progress per replica (default 64); more are answered 503 with Retry-After.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_uploads: Option<u32>,
+    /// Largest document accepted, in bytes (default 5 GiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_upload_bytes: Option<u64>,
+    /// Failed token checks allowed per client address and second, twice as many in a burst
+    /// (default 20; 0: unlimited). Past it the address gets 429 without its tokens being
+    /// checked: behind a proxy that hides client addresses, raise it or set 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub auth_failures_per_second: Option<u32>,
 }
 
 fn default_gateway_replicas() -> i32 {

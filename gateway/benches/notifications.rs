@@ -207,7 +207,12 @@ fn start_gateway(work: &std::path::Path, database_url: &str, hook_url: &str, con
         ),
     )
     .unwrap();
-    Gateway::start(work, database_url, &["--allow-webhook-cidr", "127.0.0.1", "--log", "warn"])
+    // The idle-WebSocket phase opens more sockets than the default connection cap allows.
+    Gateway::start(
+        work,
+        database_url,
+        &["--allow-webhook-cidr", "127.0.0.1", "--log", "warn", "--max-connections", "1000000"],
+    )
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

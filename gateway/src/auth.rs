@@ -271,8 +271,12 @@ impl Auth {
         Ok(true)
     }
 
-    /// Checks a bearer token and returns who it names.
+    /// Checks a bearer token and returns who it names. A token longer than
+    /// [`MAX_TOKEN_BYTES`](crate::limits::MAX_TOKEN_BYTES) is refused unread.
     pub fn verify(&self, token: &str) -> Result<Actor, String> {
+        if token.len() > crate::limits::MAX_TOKEN_BYTES {
+            return Err(format!("the token is longer than {} bytes", crate::limits::MAX_TOKEN_BYTES));
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| "the token is not a JWT".to_owned())?;
         let set = self.key_set();
         let candidates: Vec<&Key> = set
@@ -340,6 +344,20 @@ impl Auth {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).ok()
     }
 
+    /// Forgets the users whose budget is whole again, so that the limiter holds only the
+    /// users active now rather than every `sub` ever seen.
+    pub fn prune(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    /// Users the limiter holds now.
+    pub fn limited_users(&self) -> usize {
+        self.limiter.as_ref().map_or(0, RateLimiter::len)
+    }
+
     /// Counts a request against the user's limit; the error says how long to wait.
     pub fn admit(&self, user: &str) -> Result<(), Duration> {
         let Some(limiter) = &self.limiter else { return Ok(()) };
@@ -371,7 +389,10 @@ impl FromRequestParts<AppState> for User {
             .ok()
             .and_then(bearer)
             .ok_or_else(|| unauthorized("the Authorization header is not a bearer token"))?;
-        let actor = state.auth.verify(token.trim()).map_err(|m| unauthorized(&m))?;
+        let actor = checked(state, crate::limits::peer(parts), token.trim()).map_err(|e| match e {
+            Checked::Invalid(m) => unauthorized(&m),
+            Checked::Refused(e) => e,
+        })?;
         if let Err(wait) = state.auth.admit(&actor.user) {
             let seconds = wait.as_secs_f64().ceil().max(1.0);
             return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded for this user")
@@ -379,6 +400,32 @@ impl FromRequestParts<AppState> for User {
         }
         Ok(User(actor))
     }
+}
+
+/// Why a token was not accepted.
+pub(crate) enum Checked {
+    /// The token is bad: 401 with this reason.
+    Invalid(String),
+    /// Its address failed too often to have it checked: 429.
+    Refused(ApiError),
+}
+
+/// Checks `token` from `peer`: an address past its budget of failed checks is refused
+/// without the token being parsed, and every failure counts against it.
+pub(crate) fn checked(state: &AppState, peer: Option<std::net::IpAddr>, token: &str) -> Result<Actor, Checked> {
+    if let Some(wait) = peer.and_then(|p| state.admission.blocked(p)) {
+        let seconds = wait.as_secs_f64().ceil().max(1.0);
+        return Err(Checked::Refused(
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many failed token checks from this address")
+                .with_header(header::RETRY_AFTER, &format!("{seconds:.0}")),
+        ));
+    }
+    state.auth.verify(token).map_err(|m| {
+        if let Some(p) = peer {
+            state.admission.failed(p);
+        }
+        Checked::Invalid(m)
+    })
 }
 
 /// An authenticated caller holding the admin role: 403 otherwise.

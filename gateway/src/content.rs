@@ -80,7 +80,10 @@ pub async fn serve(state: &AppState, content: &Content, request: &HeaderMap) -> 
         let mut builder = Response::builder()
             .header(header::ETAG, &etag)
             .header(header::ACCEPT_RANGES, "bytes")
-            .header(header::CACHE_CONTROL, "private, no-cache");
+            .header(header::CACHE_CONTROL, "private, no-cache")
+            // The stored type is what was uploaded: a browser must not guess another (an
+            // HTML or script reading of a "text/plain" upload).
+            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
         if let Ok(v) = HeaderValue::from_str(&content_disposition(&content.filename)) {
             builder = builder.header(header::CONTENT_DISPOSITION, v);
         }

@@ -25,6 +25,7 @@ use crate::auth::User;
 use crate::content::serve;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{DocId, JsonBody, QueryParams};
+use crate::limits::UploadPlace;
 
 pub fn router() -> OpenApiRouter<AppState> {
     let uploads = OpenApiRouter::new()
@@ -150,6 +151,24 @@ macro_rules! target {
 target!(DocumentUpload<'_>);
 target!(VersionUpload<'_>);
 
+/// Text fields a multipart upload may carry beside its file.
+const MAX_FORM_FIELDS: usize = 64;
+/// The longest text field read; the document's own checks (title, description, metadata)
+/// are stricter and say precisely what is wrong.
+const MAX_FIELD_BYTES: usize = 64 << 10;
+
+/// A form field's text, read as it arrives and refused once longer than any field may be.
+async fn bounded_text(mut field: axum::extract::multipart::Field<'_>, name: &str) -> ApiResult<String> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::bad_request(e.body_text()))? {
+        if bytes.len() + chunk.len() > MAX_FIELD_BYTES {
+            return Err(ApiError::bad_request(format!("form field {name:?} is longer than {MAX_FIELD_BYTES} bytes")));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    String::from_utf8(bytes).map_err(|_| ApiError::bad_request(format!("form field {name:?} is not UTF-8 text")))
+}
+
 /// Takes an upload's bytes into `target` and its options; on any error what was stored is
 /// deleted.
 async fn receive<T: Target>(
@@ -178,6 +197,8 @@ async fn take(
             Multipart::from_request(request, state).await.map_err(|r| ApiError::bad_request(r.body_text()))?;
         let mut params = UploadParams::default();
         let mut part: Option<(Option<String>, Option<String>)> = None;
+        let mut tags: Vec<String> = Vec::new();
+        let mut fields = 0;
         while let Some(field) = form.next_field().await.map_err(|e| ApiError::bad_request(e.body_text()))? {
             let name = field.name().unwrap_or_default().to_owned();
             if name == "file" {
@@ -194,17 +215,17 @@ async fn take(
                 part = Some((filename, content_type));
                 continue;
             }
-            let value = field.text().await.map_err(|e| ApiError::bad_request(e.body_text()))?;
+            fields += 1;
+            if fields > MAX_FORM_FIELDS {
+                return Err(ApiError::bad_request(format!("the form has more than {MAX_FORM_FIELDS} fields")));
+            }
+            let value = bounded_text(field, &name).await?;
             let slot = match name.as_str() {
                 "filename" => &mut params.filename,
                 "title" => &mut params.title,
                 "description" => &mut params.description,
                 "tags" => {
-                    let joined = match params.tags.take() {
-                        Some(before) => format!("{before},{value}"),
-                        None => value,
-                    };
-                    params.tags = Some(joined);
+                    tags.push(value);
                     continue;
                 }
                 "metadata" => &mut params.metadata,
@@ -212,6 +233,9 @@ async fn take(
                 other => return Err(ApiError::bad_request(format!("unknown form field {other:?}"))),
             };
             *slot = Some(value);
+        }
+        if !tags.is_empty() {
+            params.tags = Some(tags.join(","));
         }
         let Some((part_filename, content_type)) = part else {
             return Err(ApiError::bad_request("the form has no file field"));
@@ -269,7 +293,12 @@ pub(crate) fn count_upload(state: &AppState, uploaded: &Uploaded) {
         (status = 401, body = ErrorBody),
         (status = 413, description = "Larger than the upload limit", body = ErrorBody),
     ))]
-async fn upload(State(state): State<AppState>, User(actor): User, request: Request) -> ApiResult<Response> {
+async fn upload(
+    _place: UploadPlace,
+    State(state): State<AppState>,
+    User(actor): User,
+    request: Request,
+) -> ApiResult<Response> {
     let (received, upload) = receive(&state, request, None, state.docs.begin_document()).await?;
     let prepared = (|| {
         let params = &received.params;
@@ -314,6 +343,7 @@ async fn upload(State(state): State<AppState>, User(actor): User, request: Reque
         (status = 413, body = ErrorBody),
     ))]
 async fn upload_version(
+    _place: UploadPlace,
     State(state): State<AppState>,
     User(actor): User,
     DocId(id): DocId,

@@ -14,6 +14,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // Refused before a byte is read: the limit is known from the declared length.
+        if crate::limits::declared_length(req.headers()).is_some_and(|n| n > crate::limits::MAX_JSON_BYTES as u64) {
+            return Err(crate::limits::too_large(crate::limits::MAX_JSON_BYTES as u64));
+        }
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),

@@ -11,9 +11,11 @@ pub mod extract;
 pub mod health;
 pub mod kube_webhooks;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod realtime;
+pub mod serve;
 pub mod sockjs;
 pub mod standalone;
 pub mod stomp;
@@ -52,6 +54,8 @@ pub struct AppState {
     pub platform: Arc<std::sync::RwLock<Arc<vellum_core::config::PlatformConfig>>>,
     /// SockJS HTTP sessions (the streaming and polling fallbacks).
     pub sockjs: Arc<sockjs::Sessions>,
+    /// Upload places and the failed-token budget of client addresses.
+    pub admission: Arc<limits::Admission>,
 }
 
 impl AppState {
@@ -94,6 +98,8 @@ pub fn app(state: AppState) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::record))
+        .layer(axum::middleware::from_fn(limits::drain_refused))
+        .layer(axum::extract::DefaultBodyLimit::max(limits::MAX_JSON_BYTES))
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()

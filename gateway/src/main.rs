@@ -90,6 +90,44 @@ struct StandaloneArgs {
     max_upload_bytes: u64,
     #[command(flatten)]
     jwt: JwtArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What one careless or hostile client may take of a replica.
+#[derive(Debug, Args)]
+struct LimitArgs {
+    /// Seconds a client has to send a whole request head; an idle keep-alive connection is
+    /// closed after as long.
+    #[arg(long, env = "VELLUM_HEADER_TIMEOUT_SECONDS", default_value_t = 30)]
+    header_timeout_seconds: u64,
+    /// Seconds a request body may send nothing before the request fails.
+    #[arg(long, env = "VELLUM_BODY_TIMEOUT_SECONDS", default_value_t = 60)]
+    body_timeout_seconds: u64,
+    /// Open connections at most, WebSockets included; at the cap the longest-open idle
+    /// connection makes room, or a new one is refused when all are busy. Keep it under the
+    /// process's file descriptor limit.
+    #[arg(long, env = "VELLUM_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Uploads in progress at once; more are answered 503 with Retry-After.
+    #[arg(long, env = "VELLUM_MAX_UPLOADS", default_value_t = 64)]
+    max_uploads: usize,
+    /// Failed token checks allowed per client address and second (twice as many in a
+    /// burst); past it the address gets 429 without its tokens being checked (0: unlimited).
+    #[arg(long, env = "VELLUM_AUTH_FAILURES_PER_SECOND", default_value_t = 20)]
+    auth_failures_per_second: u32,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> vellum_gateway::limits::Limits {
+        vellum_gateway::limits::Limits {
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_seconds.max(1)),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_seconds.max(1)),
+            max_connections: self.max_connections.max(1),
+            max_uploads: self.max_uploads.max(1),
+            auth_failures_per_second: self.auth_failures_per_second,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +217,7 @@ fn options(args: &StandaloneArgs) -> standalone::Options {
         nats_url: None,
         link_key: None,
         kube_namespace: None,
+        limits: args.limits.limits(),
     }
 }
 

@@ -49,6 +49,8 @@ pub struct Metrics {
     bytes_out: Family<RouteLabels, Counter>,
     /// Bytes of uploads that were already stored, and were not stored again.
     pub deduplicated_bytes: Counter,
+    /// Uploads answered 503 because every upload place of the replica was taken.
+    pub uploads_refused: Counter,
     outbox_depth: Gauge,
     /// 1 for the hash of the platform config in use, 0 for those used before.
     config: Family<ConfigLabels, Gauge>,
@@ -88,6 +90,12 @@ impl Metrics {
         let bytes_in = Family::<RouteLabels, Counter>::default();
         let bytes_out = Family::<RouteLabels, Counter>::default();
         let deduplicated_bytes = Counter::default();
+        let uploads_refused = Counter::default();
+        registry.register(
+            "uploads_refused",
+            "Uploads answered 503 because the replica was taking as many as it may",
+            uploads_refused.clone(),
+        );
         let outbox_depth = Gauge::default();
         registry.register("http_requests", "HTTP requests by method, route and status", requests.clone());
         registry.register("http_request_duration_seconds", "Time to the response head, by route", latency.clone());
@@ -129,6 +137,7 @@ impl Metrics {
             bytes_in,
             bytes_out,
             deduplicated_bytes,
+            uploads_refused,
             outbox_depth,
             config,
             config_hash: std::sync::Mutex::new(String::new()),

@@ -62,6 +62,8 @@ pub struct Options {
     /// Cluster mode: the namespace whose Webhook resources and Secrets `POST /api/webhooks`
     /// creates, through the Kubernetes API. The local store otherwise.
     pub kube_namespace: Option<String>,
+    /// Timeouts, the connection cap and the upload places.
+    pub limits: crate::limits::Limits,
 }
 
 /// A running standalone gateway.
@@ -202,6 +204,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         hub: Arc::clone(&hub),
         platform: Arc::new(std::sync::RwLock::new(Arc::new(config.clone()))),
         sockjs: Arc::default(),
+        admission: Arc::new(crate::limits::Admission::new(&options.limits)),
     };
 
     state.metrics.set_config_hash(&config_hash);
@@ -223,10 +226,12 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     });
     // In a cluster the operator's CronJobs run the retention policies.
     let scheduler = (!compiled).then(|| tokio::spawn(schedule_retention(state.clone(), stopped.clone())));
+    hub_feeds.push(tokio::spawn(prune_limiters(state.clone())));
     let server = tokio::spawn({
         let router = app(state.clone());
         let stop = until_stopped(stopped);
-        async move { axum::serve(listener, router).with_graceful_shutdown(stop).await }
+        let limits = options.limits.clone();
+        async move { crate::serve::serve(listener, router, &limits, stop).await }
     });
     tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), cluster = nats.is_some(), "gateway serving");
     Ok(Running { addr, url, admin_token, state, stop, server, relays, sweeper, reloader, scheduler, hub_feeds })
@@ -242,6 +247,16 @@ async fn watch_keys(auth: Arc<Auth>, every: Duration) {
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "keeping the JWT keys in use"),
         }
+    }
+}
+
+/// Forgets, once a minute, the users and client addresses whose rate budgets are whole
+/// again, so that the limiters hold only who is active now. Aborted at shutdown.
+async fn prune_limiters(state: AppState) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        state.auth.prune();
+        state.admission.prune();
     }
 }
 

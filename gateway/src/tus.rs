@@ -21,6 +21,7 @@ use vellum_core::uploads::tus::{self, TusUpload};
 use crate::AppState;
 use crate::auth::User;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::limits::UploadPlace;
 
 const TUS_RESUMABLE: HeaderName = HeaderName::from_static("tus-resumable");
 const UPLOAD_OFFSET: HeaderName = HeaderName::from_static("upload-offset");
@@ -143,7 +144,12 @@ async fn options(State(state): State<AppState>) -> Response {
         ("Upload-Offset" = u64), ("Upload-Expires" = String))),
         (status = 400, body = ErrorBody), (status = 412, description = "Another tus version", body = ErrorBody),
         (status = 413, body = ErrorBody)))]
-async fn create(State(state): State<AppState>, User(actor): User, request: Request) -> ApiResult<Response> {
+async fn create(
+    _place: UploadPlace,
+    State(state): State<AppState>,
+    User(actor): User,
+    request: Request,
+) -> ApiResult<Response> {
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     check_version(headers)?;
@@ -234,6 +240,7 @@ fn count_created(state: &AppState, upload: &TusUpload) {
         (status = 410, description = "Expired or terminated", body = ErrorBody),
         (status = 415, body = ErrorBody), (status = 460, description = "Checksum mismatch", body = ErrorBody)))]
 async fn patch(
+    _place: UploadPlace,
     State(state): State<AppState>,
     User(actor): User,
     Path(id): Path<String>,
@@ -263,6 +270,7 @@ async fn terminate(
     params(("id" = String, Path), ("X-HTTP-Method-Override" = String, Header)),
     responses((status = 204), (status = 200), (status = 405, body = ErrorBody)))]
 async fn overridden(
+    _place: UploadPlace,
     State(state): State<AppState>,
     User(actor): User,
     Path(id): Path<String>,

@@ -18,17 +18,18 @@ use crate::AppState;
 use crate::auth::User;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{JsonBody, QueryParams};
+use crate::limits::UploadPlace;
 use crate::realtime::Notice;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(initiate))
         .routes(routes!(status, cancel))
-        .routes(routes!(put_chunk))
         .routes(routes!(chunks))
         .routes(routes!(missing))
         .routes(routes!(complete))
-        .layer(DefaultBodyLimit::disable())
+        // A chunk streams to the tier, bounded by the session's chunk size as it arrives.
+        .merge(OpenApiRouter::new().routes(routes!(put_chunk)).layer(DefaultBodyLimit::disable()))
 }
 
 const TAG: &str = "chunked uploads";
@@ -88,6 +89,7 @@ struct ChunkParams {
         (status = 404, body = ErrorBody), (status = 410, description = "Expired or cancelled", body = ErrorBody),
         (status = 422, description = "Checksum mismatch", body = ErrorBody)))]
 async fn put_chunk(
+    _place: UploadPlace,
     State(state): State<AppState>,
     User(actor): User,
     Path((id, n)): Path<(String, String)>,
@@ -138,7 +140,12 @@ async fn missing(State(state): State<AppState>, User(actor): User, Path(id): Pat
     responses((status = 201, body = Uploaded), (status = 400, description = "Chunks missing", body = ErrorBody),
         (status = 409, description = "Another replica is completing it", body = ErrorBody),
         (status = 422, description = "Checksum mismatch", body = ErrorBody)))]
-async fn complete(State(state): State<AppState>, User(actor): User, Path(id): Path<String>) -> ApiResult<Response> {
+async fn complete(
+    _place: UploadPlace,
+    State(state): State<AppState>,
+    User(actor): User,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let uploaded = state.docs.of_session(&id).complete_upload(&actor, &id).await?;
     let result = json!({"success": true, "documentId": uploaded.document.id, "filename": uploaded.document.filename});
     state.hub.publish(Notice::job_completed(UPLOAD_JOBS, &actor.user, &id, state.hub.now_ms(), &result));

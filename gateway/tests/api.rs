@@ -69,6 +69,7 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
         nats_url: None,
         link_key: None,
         kube_namespace: None,
+        limits: vellum_gateway::limits::Limits::default(),
     };
     let running = standalone::start(options).await.unwrap();
     let base = running.url.clone();
@@ -831,6 +832,7 @@ async fn an_upload_session_moves_between_replicas() {
         nats_url: None,
         link_key: None,
         kube_namespace: None,
+        limits: vellum_gateway::limits::Limits::default(),
     })
     .await
     .unwrap();

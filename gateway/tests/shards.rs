@@ -34,6 +34,7 @@ fn options(dir: &std::path::Path, nats_url: Option<String>) -> standalone::Optio
         nats_url,
         link_key: None,
         kube_namespace: None,
+        limits: vellum_gateway::limits::Limits::default(),
     }
 }
 

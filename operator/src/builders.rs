@@ -246,6 +246,21 @@ pub fn gateway_deployment(release: &BlueGreenRelease, color: Color, facts: &Rele
     if let Some(audience) = &spec.jwt.audience {
         env.push(json!({"name": "VELLUM_JWT_AUDIENCE", "value": audience}));
     }
+    if let Some(limits) = &spec.gateway.limits {
+        let set = [
+            ("VELLUM_HEADER_TIMEOUT_SECONDS", limits.header_timeout_seconds.map(u64::from)),
+            ("VELLUM_BODY_TIMEOUT_SECONDS", limits.body_timeout_seconds.map(u64::from)),
+            ("VELLUM_MAX_CONNECTIONS", limits.max_connections.map(u64::from)),
+            ("VELLUM_MAX_UPLOADS", limits.max_uploads.map(u64::from)),
+            ("VELLUM_MAX_UPLOAD_BYTES", limits.max_upload_bytes),
+            ("VELLUM_AUTH_FAILURES_PER_SECOND", limits.auth_failures_per_second.map(u64::from)),
+        ];
+        for (name, value) in set {
+            if let Some(value) = value {
+                env.push(json!({"name": name, "value": value.to_string()}));
+            }
+        }
+    }
     let mut deployment = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(release, &names::gateway(&name, color), "gateway", Some(color)),

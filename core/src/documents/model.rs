@@ -175,6 +175,11 @@ pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 pub const MAX_PAGE: u32 = 1000;
 pub const DEFAULT_PAGE: u32 = 50;
 
+/// The characters that change the direction text is shown in.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 /// Checks a file name: a plain name, never a path.
 pub fn check_filename(name: &str) -> Result<(), String> {
     if name.is_empty() {
@@ -188,6 +193,14 @@ pub fn check_filename(name: &str) -> Result<(), String> {
     }
     if name.chars().any(char::is_control) {
         return Err("filename contains control characters".into());
+    }
+    // Bidirectional controls reorder what a person reads: `invoice\u{202E}fdp.exe`
+    // shows as `invoiceexe.pdf`.
+    if name.chars().any(is_bidi_control) {
+        return Err(
+            "filename contains bidirectional text controls (U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069)"
+                .into(),
+        );
     }
     if name.trim() != name {
         return Err("filename starts or ends with white space".into());
@@ -267,7 +280,20 @@ mod tests {
         for ok in ["contract.pdf", "Q4 report (final).docx", "résumé.txt", ".env", "a"] {
             assert_eq!(check_filename(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "..", ".", "../etc/passwd", "a/b", "a\\b", "x\u{0}y", "tab\there", " lead", &"x".repeat(256)] {
+        for bad in [
+            "",
+            "..",
+            ".",
+            "../etc/passwd",
+            "a/b",
+            "a\\b",
+            "x\u{0}y",
+            "tab\there",
+            " lead",
+            &"x".repeat(256),
+            "invoice\u{202E}fdp.exe",
+            "a\u{2066}b",
+        ] {
             assert!(check_filename(bad).is_err(), "{bad:?}");
         }
     }

@@ -39,6 +39,7 @@ pub async fn gateway() -> Gateway {
         nats_url: None,
         link_key: None,
         kube_namespace: None,
+        limits: vellum_gateway::limits::Limits::default(),
     };
     Gateway { running: standalone::start(options).await.unwrap(), client: reqwest::Client::new(), _dir: dir }
 }

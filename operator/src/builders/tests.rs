@@ -68,6 +68,27 @@ fn the_gateway_deployment_runs_serve_with_the_platform_mounted_and_owned_by_the_
 }
 
 #[test]
+fn the_gateway_limits_reach_the_container_as_its_settings_and_unset_ones_keep_the_defaults() {
+    let yaml = RELEASE.replace(
+        "replicas: 3}",
+        "replicas: 3, limits: {headerTimeoutSeconds: 10, maxConnections: 2000, maxUploadBytes: 1073741824}}",
+    );
+    let d = gateway_deployment(&release(&yaml), Color::Blue, &ReleaseFacts::default());
+    let limits: Vec<(String, String)> = env_of(&d)
+        .into_iter()
+        .filter(|(n, _)| ["TIMEOUT", "MAX_", "AUTH_FAILURES"].iter().any(|part| n.contains(part)))
+        .collect();
+    let expected = [
+        ("VELLUM_HEADER_TIMEOUT_SECONDS", "10"),
+        ("VELLUM_MAX_CONNECTIONS", "2000"),
+        ("VELLUM_MAX_UPLOAD_BYTES", "1073741824"),
+    ];
+    assert_eq!(limits, expected.map(|(n, v)| (n.to_owned(), v.to_owned())).to_vec());
+    let plain = gateway_deployment(&release(RELEASE), Color::Blue, &ReleaseFacts::default());
+    assert!(!env_of(&plain).iter().any(|(n, _)| n.contains("TIMEOUT") || n.contains("MAX_")));
+}
+
+#[test]
 fn autoscaling_leaves_the_replica_count_to_the_autoscaler() {
     let yaml = RELEASE.replace("replicas: 3}", "replicas: 3, autoscaling: {minReplicas: 2, maxReplicas: 5}}");
     let r = release(&yaml);
