@@ -109,6 +109,10 @@ struct Key {
     decoding: DecodingKey,
 }
 
+/// The furthest a token's `exp` may be: a token that effectively never expires (`exp` =
+/// 2^64-1, say) is refused rather than honoured forever.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
 /// The token checker and the per-user limiter.
 pub struct Auth {
     keys: RwLock<Arc<KeySet>>,
@@ -308,6 +312,11 @@ impl Auth {
                     if data.claims.sub.is_empty() {
                         return Err("the token's sub claim is empty".into());
                     }
+                    let now =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    if data.claims.exp > now.saturating_add(MAX_TOKEN_LIFETIME.as_secs()) {
+                        return Err("the token's exp claim is more than ten years away".into());
+                    }
                     let admin = data.claims.roles.contains("admin");
                     return Ok(Actor { user: data.claims.sub, admin });
                 }
@@ -473,6 +482,10 @@ mod tests {
         assert_eq!(auth.verify(&expired), Err("the token has expired".into()));
         assert_eq!(auth.verify("not.a.jwt"), Err("the token is not a JWT".into()));
         assert!(auth.verify("").is_err());
+        let forever = Claims { sub: "a".into(), exp: u64::MAX, iss: None, aud: None, roles: Roles::None };
+        let forever = jsonwebtoken::encode(&Header::default(), &forever, &EncodingKey::from_secret(b"s3cret")).unwrap();
+        assert_eq!(auth.verify(&forever), Err("the token's exp claim is more than ten years away".into()));
+        assert!(auth.verify(&"x".repeat(20_000)).unwrap_err().contains("longer than"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::AppState;
 use crate::auth::User;
 use crate::content::serve;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{DocId, JsonBody, QueryParams};
+use crate::extract::{DocId, JsonBody, QueryParams, VersionNo};
 use crate::limits::UploadPlace;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -420,10 +420,10 @@ struct ListParams {
         ("tag" = Option<String>, Query),
         ("fileType" = Option<String>, Query, description = "Extension, like pdf"),
         ("owner" = Option<String>, Query, description = "Admins: another user's documents"),
-        ("from" = Option<String>, Query, description = "RFC 3339: created at or after"),
-        ("to" = Option<String>, Query, description = "RFC 3339: created before"),
+        ("from" = Option<String>, Query, format = DateTime, description = "RFC 3339: created at or after"),
+        ("to" = Option<String>, Query, format = DateTime, description = "RFC 3339: created before"),
         ("q" = Option<String>, Query, description = "Words in file name, title or description"),
-        ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 50"),
         ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
     ),
     responses((status = 200, body = Page), (status = 400, body = ErrorBody)))]
@@ -466,7 +466,7 @@ struct VersionParam {
     params(("id" = i64, Path), ("version" = Option<i64>, Query), ("Range" = Option<String>, Header),
         ("If-None-Match" = Option<String>, Header)),
     responses(
-        (status = 200, description = "The bytes", content_type = "application/octet-stream", body = [u8]),
+        (status = 200, description = "The bytes, with their stored Content-Type", content_type = "*/*", body = [u8]),
         (status = 206, description = "The range asked for", body = [u8]),
         (status = 304, description = "Not modified"),
         (status = 404, body = ErrorBody),
@@ -503,7 +503,7 @@ async fn download_version(
     State(state): State<AppState>,
     User(actor): User,
     DocId(id): DocId,
-    Path((_, n)): Path<(String, i64)>,
+    VersionNo(n): VersionNo,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let content = state.docs.of(id).content(&actor, id, Some(n)).await?;
@@ -524,7 +524,7 @@ async fn restore(
     State(state): State<AppState>,
     User(actor): User,
     DocId(id): DocId,
-    Path((_, n)): Path<(String, i64)>,
+    VersionNo(n): VersionNo,
 ) -> ApiResult<Response> {
     Ok(axum::Json(state.docs.of(id).restore_version(&actor, id, n).await?).into_response())
 }

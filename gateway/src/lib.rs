@@ -74,7 +74,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole HTTP API.
 pub fn app(state: AppState) -> Router {
-    let (api, spec) = openapi::routes().split_for_parts();
+    let (api, mut spec) = openapi::routes().split_for_parts();
+    openapi::complete(&mut spec);
     let spec = Arc::new(spec);
     Router::new()
         .merge(api)

@@ -43,6 +43,23 @@ pub fn router() -> OpenApiRouter<AppState> {
         .layer(DefaultBodyLimit::disable())
 }
 
+/// The protocol version every tus request but `OPTIONS` names: the only one spoken here.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // described, never built: requests are checked by `check_version`
+enum TusResumable {
+    #[serde(rename = "1.0.0")]
+    V1,
+}
+
+/// The methods a `POST` may stand for.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, clippy::upper_case_acronyms)] // described, never built
+enum MethodOverride {
+    PATCH,
+    HEAD,
+    DELETE,
+}
+
 /// What a tus client's checksum mismatch answers (the checksum extension's own status).
 fn tus_error(e: DocError) -> ApiError {
     match e {
@@ -136,7 +153,7 @@ async fn options(State(state): State<AppState>) -> Response {
 /// `POST`: creates an upload; with an `application/offset+octet-stream` body, also takes
 /// its first bytes.
 #[utoipa::path(post, path = "/", tag = TAG, summary = "Create an upload (and, with a body, send its first bytes)",
-    params(("Tus-Resumable" = String, Header), ("Upload-Length" = u64, Header),
+    params(("Tus-Resumable" = inline(TusResumable), Header), ("Upload-Length" = u64, Header),
         ("Upload-Metadata" = Option<String>, Header, description = "filename, filetype, title, description, tags"),
         ("Upload-Checksum" = Option<String>, Header, description = "sha256 <base64>")),
     request_body(content = [u8], content_type = "application/offset+octet-stream"),
@@ -177,7 +194,7 @@ async fn create(
 
 /// `HEAD`: how far the upload got.
 #[utoipa::path(head, path = "/{id}", tag = TAG, summary = "How far the upload got",
-    params(("id" = String, Path), ("Tus-Resumable" = String, Header)),
+    params(("id" = String, Path), ("Tus-Resumable" = inline(TusResumable), Header)),
     responses((status = 200, headers(("Upload-Offset" = u64), ("Upload-Length" = u64), ("Upload-Expires" = String),
         ("Vellum-Document-Id" = i64))), (status = 404), (status = 410)))]
 async fn head(
@@ -232,7 +249,7 @@ fn count_created(state: &AppState, upload: &TusUpload) {
 /// `PATCH`: appends bytes at `Upload-Offset`.
 #[utoipa::path(patch, path = "/{id}", tag = TAG, summary = "Append bytes at Upload-Offset",
     description = "The request that brings the last byte creates the document; its id is in Vellum-Document-Id.",
-    params(("id" = String, Path), ("Tus-Resumable" = String, Header), ("Upload-Offset" = u64, Header),
+    params(("id" = String, Path), ("Tus-Resumable" = inline(TusResumable), Header), ("Upload-Offset" = u64, Header),
         ("Upload-Checksum" = Option<String>, Header, description = "sha256 <base64>")),
     request_body(content = [u8], content_type = "application/offset+octet-stream"),
     responses((status = 204, headers(("Upload-Offset" = u64), ("Vellum-Document-Id" = i64))),
@@ -251,7 +268,7 @@ async fn patch(
 
 /// `DELETE`: terminates the upload and deletes what it received.
 #[utoipa::path(delete, path = "/{id}", tag = TAG, summary = "Terminate the upload",
-    params(("id" = String, Path), ("Tus-Resumable" = String, Header)),
+    params(("id" = String, Path), ("Tus-Resumable" = inline(TusResumable), Header)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
 async fn terminate(
     State(state): State<AppState>,
@@ -267,8 +284,8 @@ async fn terminate(
 /// `POST` with `X-HTTP-Method-Override`, for clients behind proxies that pass only GET and
 /// POST.
 #[utoipa::path(post, path = "/{id}", tag = TAG, summary = "PATCH, HEAD or DELETE through X-HTTP-Method-Override",
-    params(("id" = String, Path), ("X-HTTP-Method-Override" = String, Header)),
-    responses((status = 204), (status = 200), (status = 405, body = ErrorBody)))]
+    params(("id" = String, Path), ("X-HTTP-Method-Override" = inline(MethodOverride), Header)),
+    responses((status = 204), (status = 200), (status = 400, description = "No override, or another one", body = ErrorBody)))]
 async fn overridden(
     _place: UploadPlace,
     State(state): State<AppState>,
@@ -284,9 +301,6 @@ async fn overridden(
         Some(Method::PATCH) => append(&state, &actor, &id, request).await,
         Some(Method::HEAD) => head(State(state), User(actor), Path(id), request.headers().clone()).await,
         Some(Method::DELETE) => terminate(State(state), User(actor), Path(id), request.headers().clone()).await,
-        _ => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "POST on an upload needs X-HTTP-Method-Override: PATCH, HEAD or DELETE",
-        )),
+        _ => Err(ApiError::bad_request("POST on an upload needs X-HTTP-Method-Override: PATCH, HEAD or DELETE")),
     }
 }
