@@ -124,5 +124,62 @@ pub mod conditions {
 
 /// The CustomResourceDefinitions of all five resources, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![StorageTier::crd(), RetentionPolicy::crd(), Webhook::crd(), ShardSet::crd(), BlueGreenRelease::crd()]
+    [StorageTier::crd(), RetentionPolicy::crd(), Webhook::crd(), ShardSet::crd(), BlueGreenRelease::crd()]
+        .into_iter()
+        .map(known_formats_only)
+        .collect()
+}
+
+/// The `format`s the API server knows (apiextensions' list); it warns about every other
+/// one on each apply.
+const KNOWN_FORMATS: &[&str] = &[
+    "bsonobjectid",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "byte",
+    "password",
+    "date",
+    "duration",
+    "datetime",
+    "date-time",
+    "int32",
+    "int64",
+    "float",
+    "double",
+];
+
+/// Drops the formats schemars gives unsigned integers (`uint32`, …) and any other the API
+/// server does not know; their `minimum: 0` stays, which is what they said.
+fn known_formats_only(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("format").and_then(serde_json::Value::as_str).is_some_and(|f| !KNOWN_FORMATS.contains(&f)) {
+                    map.remove("format");
+                }
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else { return crd };
+    strip(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
 }

@@ -55,7 +55,7 @@ pub struct Shard {
     /// Under Range routing: the lowest document-id prefix (lowercase hex, up to 8 digits)
     /// this shard holds; it holds every id up to the next shard's `rangeStart`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9a-f]{0,8}$"))]
+    #[schemars(length(max = 8), regex(pattern = r"^[0-9a-f]{0,8}$"))]
     pub range_start: Option<String>,
 }
 
