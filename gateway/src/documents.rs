@@ -313,7 +313,14 @@ async fn upload(
             title: params.title.clone(),
             description: params.description.clone(),
             tags: params.tags.as_deref().map(split_tags).unwrap_or_default(),
-            metadata: params.metadata.as_deref().map(parse_metadata).transpose()?.unwrap_or_default(),
+            // An empty value is no metadata, as an absent one is.
+            metadata: params
+                .metadata
+                .as_deref()
+                .filter(|m| !m.is_empty())
+                .map(parse_metadata)
+                .transpose()?
+                .unwrap_or_default(),
         };
         if params.change_description.is_some() {
             return Err(ApiError::bad_request("changeDescription belongs to a new version, not a new document"));
@@ -449,7 +456,8 @@ async fn list(
         created_to: time("to", p.to)?,
         q: p.q,
         limit: p.limit,
-        cursor: p.cursor,
+        // An empty cursor is the first page, as no cursor is.
+        cursor: p.cursor.filter(|c| !c.is_empty()),
     };
     Ok(axum::Json(state.docs.list(&actor, &query).await?).into_response())
 }
@@ -463,11 +471,11 @@ struct VersionParam {
 #[utoipa::path(get, path = "/{id}/content", tag = TAG, summary = "Download the bytes",
     description = "Streams the current (or `?version=`) bytes, with `Range`, `ETag` (the SHA-256), \
         `If-None-Match` and `If-Range`.",
-    params(("id" = i64, Path), ("version" = Option<i64>, Query), ("Range" = Option<String>, Header),
-        ("If-None-Match" = Option<String>, Header)),
+    params(("id" = i64, Path), ("version" = Option<i64>, Query), ("Range" = Option<String>, Header, nullable = false),
+        ("If-None-Match" = Option<String>, Header, nullable = false)),
     responses(
         (status = 200, description = "The bytes, with their stored Content-Type", content_type = "*/*", body = [u8]),
-        (status = 206, description = "The range asked for", body = [u8]),
+        (status = 206, description = "The range asked for", content_type = "*/*", body = [u8]),
         (status = 304, description = "Not modified"),
         (status = 404, body = ErrorBody),
         (status = 416, description = "Range not satisfiable", body = ErrorBody),
@@ -485,7 +493,8 @@ async fn download(
 
 #[utoipa::path(get, path = "/{id}/download", tag = TAG, summary = "Download the bytes (the seed's path)",
     params(("id" = i64, Path), ("version" = Option<i64>, Query)),
-    responses((status = 200, body = [u8]), (status = 206, body = [u8]), (status = 304), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content_type = "*/*", body = [u8]), (status = 206, content_type = "*/*", body = [u8]),
+        (status = 304), (status = 404, body = ErrorBody)))]
 async fn download_alias(
     state: State<AppState>,
     user: User,
@@ -498,7 +507,8 @@ async fn download_alias(
 
 #[utoipa::path(get, path = "/{id}/versions/{n}/content", tag = TAG, summary = "Download one version's bytes",
     params(("id" = i64, Path), ("n" = i64, Path)),
-    responses((status = 200, body = [u8]), (status = 206, body = [u8]), (status = 304), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content_type = "*/*", body = [u8]), (status = 206, content_type = "*/*", body = [u8]),
+        (status = 304), (status = 404, body = ErrorBody)))]
 async fn download_version(
     State(state): State<AppState>,
     User(actor): User,
@@ -576,7 +586,11 @@ const MAX_LINK_SECONDS: u64 = 7 * 24 * 3600;
 #[derive(Deserialize, Debug, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct LinkRequest {
+    /// Seconds the link works, 1 to 604800 (a week; default 3600).
+    #[schema(minimum = 1, maximum = 604_800)]
     expires_in_seconds: Option<u64>,
+    /// The version the link downloads (default: the current one).
+    #[schema(minimum = 1)]
     version: Option<i64>,
 }
 
@@ -621,7 +635,7 @@ async fn create_link(
 
 #[utoipa::path(get, path = "/{token}", tag = TAG, summary = "Download through a signed link, without a token",
     params(("token" = String, Path)), security(()),
-    responses((status = 200, body = [u8]), (status = 403, description = "Forged", body = ErrorBody),
+    responses((status = 200, content_type = "*/*", body = [u8]), (status = 403, description = "Forged", body = ErrorBody),
         (status = 410, description = "Expired", body = ErrorBody)))]
 async fn follow_link(
     State(state): State<AppState>,

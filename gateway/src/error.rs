@@ -79,7 +79,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             status: self.status.as_u16(),
-            error: self.status.canonical_reason().unwrap_or("Error").to_owned(),
+            // 460 is tus' own status (its checksum extension), unknown to the http crate.
+            error: self
+                .status
+                .canonical_reason()
+                .unwrap_or(if self.status.as_u16() == 460 { "Checksum Mismatch" } else { "Error" })
+                .to_owned(),
             message: self.message,
         };
         let mut response = (self.status, axum::Json(body)).into_response();

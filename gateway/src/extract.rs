@@ -30,6 +30,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         let bytes = Bytes::from_request(req, state).await.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
         let mut value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+        // Every body of this API is an object; serde would also read a struct from an array.
+        if !value.is_object() {
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "the body must be a JSON object"));
+        }
         integral(&mut value);
         T::deserialize(value).map(Self).map_err(|e| {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("the JSON does not have the expected shape: {e}"))

@@ -75,7 +75,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The whole HTTP API.
 pub fn app(state: AppState) -> Router {
     let (api, mut spec) = openapi::routes().split_for_parts();
-    openapi::complete(&mut spec);
+    openapi::complete(&mut spec, state.docs.max_upload());
     let spec = Arc::new(spec);
     Router::new()
         .merge(api)

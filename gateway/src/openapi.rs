@@ -54,8 +54,10 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// where a token is needed, 400 for malformed parameters or bodies, 404 where the path
 /// names something, 413/415/422 for JSON bodies, 413/503 for uploads, 412 for tus. A
 /// route's own description of one of them is kept.
-pub fn complete(spec: &mut utoipa::openapi::OpenApi) {
+pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    name_rules(spec);
+    upload_limit(spec, max_upload);
     let error = |description: &str| {
         ResponseBuilder::new()
             .description(description)
@@ -110,9 +112,79 @@ pub fn complete(spec: &mut utoipa::openapi::OpenApi) {
             }
             if path.starts_with("/api/v1/tus") {
                 answers.push(("412", "Tus-Resumable names another protocol version"));
+                answers.push(("415", "Bytes not sent as application/offset+octet-stream"));
             }
             for (status, description) in answers {
                 operation.responses.responses.entry(status.to_owned()).or_insert_with(|| error(description).into());
+            }
+        }
+    }
+}
+
+/// Says the replica's upload limit where a size is declared up front: a chunked session's
+/// `totalSize` and tus' `Upload-Length`.
+fn upload_limit(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::{RefOr, path::ParameterIn};
+    let limit = Some(utoipa::Number::UInt(usize::try_from(max_upload).unwrap_or(usize::MAX)));
+    if let Some(RefOr::T(Schema::Object(initiate))) =
+        spec.components.as_mut().and_then(|c| c.schemas.get_mut("Initiate"))
+        && let Some(RefOr::T(Schema::Object(total))) = initiate.properties.get_mut("totalSize")
+    {
+        total.maximum = limit.clone();
+    }
+    for item in spec.paths.paths.values_mut() {
+        for operation in [&mut item.post, &mut item.patch].into_iter().flatten() {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                let RefOr::T(parameter) = parameter else { continue };
+                if parameter.name == "Upload-Length"
+                    && parameter.parameter_in == ParameterIn::Header
+                    && let Some(RefOr::T(Schema::Object(length))) = parameter.schema.as_mut()
+                {
+                    length.maximum = limit.clone();
+                }
+            }
+        }
+    }
+}
+
+/// Gives every `filename` property the pattern of the rule core checks file names with, and
+/// every `tags` list the pattern of the tag rule: one rule, written once, in core.
+fn name_rules(spec: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::schema::{ArrayItems, Schema};
+    use utoipa::openapi::{RefOr, Type};
+    use vellum_core::documents::{FILENAME_PATTERN, TAG_PATTERN};
+    fn visit(schema: &mut RefOr<Schema>) {
+        let RefOr::T(Schema::Object(object)) = schema else { return };
+        for (name, property) in &mut object.properties {
+            match (name.as_str(), property) {
+                ("filename", RefOr::T(Schema::Object(text))) => text.pattern = Some(FILENAME_PATTERN.to_owned()),
+                ("tags", RefOr::T(Schema::Array(list))) => {
+                    if let ArrayItems::RefOrSchema(item) = &mut list.items
+                        && let RefOr::T(Schema::Object(tag)) = item.as_mut()
+                        && tag.schema_type == Type::String.into()
+                    {
+                        tag.pattern = Some(TAG_PATTERN.to_owned());
+                    }
+                }
+                (_, property) => visit(property),
+            }
+        }
+    }
+    if let Some(components) = spec.components.as_mut() {
+        components.schemas.values_mut().for_each(visit);
+    }
+    // File names given as query parameters (raw-body uploads and versions).
+    for item in spec.paths.paths.values_mut() {
+        let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.patch];
+        for operation in operations.into_iter().flatten() {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                let RefOr::T(parameter) = parameter else { continue };
+                if parameter.name == "filename"
+                    && let Some(RefOr::T(Schema::Object(text))) = parameter.schema.as_mut()
+                {
+                    text.pattern = Some(FILENAME_PATTERN.to_owned());
+                }
             }
         }
     }

@@ -549,16 +549,22 @@ pub async fn sse(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Broadcast {
+    /// 1 to 4096 characters, not all white space.
+    #[schema(
+        max_length = 4096,
+        pattern = r"[^\t\n\x0B\x0C\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
     pub message: String,
     /// info, warning or error (default info).
+    #[schema(pattern = "^(info|warning|error)$")]
     pub level: Option<String>,
     /// For maintenance notices: when it starts (free text, as the sender writes it).
     pub scheduled_at: Option<String>,
 }
 
 fn broadcast_notice(state: &AppState, kind: &str, request: Broadcast) -> Result<Json<Value>, ApiError> {
-    if request.message.trim().is_empty() || request.message.len() > 4096 {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "message must have 1 to 4096 bytes"));
+    if request.message.trim().is_empty() || request.message.chars().count() > 4096 {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "message must have 1 to 4096 characters"));
     }
     let level =
         request.level.unwrap_or_else(|| if kind == "maintenance_notification" { "warning" } else { "info" }.into());

@@ -154,13 +154,17 @@ async fn options(State(state): State<AppState>) -> Response {
 /// its first bytes.
 #[utoipa::path(post, path = "/", tag = TAG, summary = "Create an upload (and, with a body, send its first bytes)",
     params(("Tus-Resumable" = inline(TusResumable), Header), ("Upload-Length" = u64, Header),
-        ("Upload-Metadata" = Option<String>, Header, description = "filename, filetype, title, description, tags"),
-        ("Upload-Checksum" = Option<String>, Header, description = "sha256 <base64>")),
+        ("Upload-Metadata" = Option<String>, Header, nullable = false,
+            description = "filename, filetype, title, description, tags"),
+        ("Upload-Checksum" = Option<String>, Header, nullable = false, description = "sha256 <base64>",
+            pattern = r"^[Ss][Hh][Aa]256 +[A-Za-z0-9+/]{43}=$",
+            example = "sha256 47DEQpj8HBSa+/TImW+5JFeuQeRkm5NMpJWZG3hSuFU=")),
     request_body(content = [u8], content_type = "application/offset+octet-stream"),
     responses((status = 201, description = "Location names the upload", headers(("Location" = String),
         ("Upload-Offset" = u64), ("Upload-Expires" = String))),
         (status = 400, body = ErrorBody), (status = 412, description = "Another tus version", body = ErrorBody),
-        (status = 413, body = ErrorBody)))]
+        (status = 413, body = ErrorBody),
+        (status = 460, description = "The first bytes do not match Upload-Checksum", body = ErrorBody)))]
 async fn create(
     _place: UploadPlace,
     State(state): State<AppState>,
@@ -250,7 +254,9 @@ fn count_created(state: &AppState, upload: &TusUpload) {
 #[utoipa::path(patch, path = "/{id}", tag = TAG, summary = "Append bytes at Upload-Offset",
     description = "The request that brings the last byte creates the document; its id is in Vellum-Document-Id.",
     params(("id" = String, Path), ("Tus-Resumable" = inline(TusResumable), Header), ("Upload-Offset" = u64, Header),
-        ("Upload-Checksum" = Option<String>, Header, description = "sha256 <base64>")),
+        ("Upload-Checksum" = Option<String>, Header, nullable = false, description = "sha256 <base64>",
+            pattern = r"^[Ss][Hh][Aa]256 +[A-Za-z0-9+/]{43}=$",
+            example = "sha256 47DEQpj8HBSa+/TImW+5JFeuQeRkm5NMpJWZG3hSuFU=")),
     request_body(content = [u8], content_type = "application/offset+octet-stream"),
     responses((status = 204, headers(("Upload-Offset" = u64), ("Vellum-Document-Id" = i64))),
         (status = 409, description = "Upload-Offset mismatch", body = ErrorBody),
@@ -284,7 +290,8 @@ async fn terminate(
 /// `POST` with `X-HTTP-Method-Override`, for clients behind proxies that pass only GET and
 /// POST.
 #[utoipa::path(post, path = "/{id}", tag = TAG, summary = "PATCH, HEAD or DELETE through X-HTTP-Method-Override",
-    params(("id" = String, Path), ("X-HTTP-Method-Override" = inline(MethodOverride), Header)),
+    params(("id" = String, Path), ("X-HTTP-Method-Override" = inline(MethodOverride), Header),
+        ("Tus-Resumable" = inline(TusResumable), Header)),
     responses((status = 204), (status = 200), (status = 400, description = "No override, or another one", body = ErrorBody)))]
 async fn overridden(
     _place: UploadPlace,

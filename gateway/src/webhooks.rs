@@ -158,19 +158,28 @@ fn unprocessable(message: impl Into<String>) -> ApiError {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateWebhook {
-    /// A name for people.
+    /// A name for people: 1 to 200 characters, not all white space.
+    #[schema(
+        max_length = 200,
+        pattern = r"[^\t\n\x0B\x0C\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
     pub name: String,
-    /// Where events are POSTed (http or https).
+    /// Where events are POSTed (http or https); the platform's destination policy decides
+    /// which addresses it may reach.
+    #[schema(max_length = 2048, pattern = "^[Hh][Tt][Tt][Pp][Ss]?://")]
     pub url: String,
     /// The HMAC signing secret: a `whsec_` value (base64) or any other string, used as bytes.
+    #[schema(min_length = 1, max_length = 4096)]
     pub secret: String,
     /// Event types to deliver; empty or absent means all.
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<String>, max_items = 16)]
     pub event_types: Vec<EventType>,
     /// Retries after the first attempt (default 3: at once, then 2, 4 and 8 seconds).
+    #[schema(maximum = 20)]
     pub retry_count: Option<u32>,
     /// Seconds to wait for the endpoint (default 30).
+    #[schema(minimum = 1, maximum = 300)]
     pub timeout_seconds: Option<u32>,
     /// Extra headers sent with every delivery.
     #[serde(default)]
@@ -475,8 +484,10 @@ async fn stats(
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// From 0.
+    #[param(minimum = 0)]
     pub page: Option<i64>,
     /// 1 to 100, default 20.
+    #[param(minimum = 1, maximum = 100)]
     pub size: Option<i64>,
 }
 

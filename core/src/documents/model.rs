@@ -90,11 +90,12 @@ pub struct NewVersion {
 #[allow(clippy::option_option)]
 pub struct MetadataPatch {
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 500)]
     pub title: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 5000)]
     pub description: Option<Option<String>>,
+    #[schema(max_items = 32)]
     pub tags: Option<Vec<String>>,
     pub metadata: Option<Map<String, Value>>,
     pub filename: Option<String>,
@@ -166,7 +167,7 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
-pub const MAX_FILENAME_BYTES: usize = 255;
+pub const MAX_FILENAME_CHARS: usize = 255;
 pub const MAX_TAGS: usize = 32;
 pub const MAX_TAG_CHARS: usize = 64;
 pub const MAX_TITLE_CHARS: usize = 500;
@@ -174,6 +175,25 @@ pub const MAX_DESCRIPTION_CHARS: usize = 5000;
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 pub const MAX_PAGE: u32 = 1000;
 pub const DEFAULT_PAGE: u32 = 50;
+
+// The rules of `check_filename` and `check_tags` as patterns (ECMA-262, for the OpenAPI
+// document): white space as Rust's `char::is_whitespace` sees it, control characters as
+// `char::is_control`, and the bidirectional controls.
+/// A file name `check_filename` accepts.
+pub const FILENAME_PATTERN: &str = concat!(
+    r"^(?!\.\.?$)",
+    r"[^\t\n\x0B\x0C\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069/\\]",
+    r"(?:[^\x00-\x1F\x7F-\x9F\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069/\\]{0,253}",
+    r"[^\t\n\x0B\x0C\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069/\\])?$",
+);
+/// A tag `check_tags` accepts: 1 to 64 characters, no control characters, once trimmed.
+pub const TAG_PATTERN: &str = concat!(
+    r"^[\t\n\x0B\x0C\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*",
+    r"[^\t\n\x0B\x0C\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F]",
+    r"(?:[^\x00-\x1F\x7F-\x9F]{0,62}",
+    r"[^\t\n\x0B\x0C\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F])?",
+    r"[\t\n\x0B\x0C\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$",
+);
 
 /// The characters that change the direction text is shown in.
 fn is_bidi_control(c: char) -> bool {
@@ -185,8 +205,8 @@ pub fn check_filename(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("filename is empty".into());
     }
-    if name.len() > MAX_FILENAME_BYTES {
-        return Err(format!("filename is longer than {MAX_FILENAME_BYTES} bytes"));
+    if name.chars().count() > MAX_FILENAME_CHARS {
+        return Err(format!("filename is longer than {MAX_FILENAME_CHARS} characters"));
     }
     if name == "." || name == ".." || name.contains(['/', '\\']) {
         return Err(format!("filename {name:?} is a path; give a plain file name"));
@@ -295,6 +315,47 @@ mod tests {
             "a\u{2066}b",
         ] {
             assert!(check_filename(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The OpenAPI document's patterns say what the checks do, name for name.
+    #[test]
+    fn the_published_patterns_agree_with_the_checks() {
+        let filename = fancy_regex::Regex::new(FILENAME_PATTERN).unwrap();
+        let tag = fancy_regex::Regex::new(TAG_PATTERN).unwrap();
+        let samples = [
+            "contract.pdf",
+            ".env",
+            "a",
+            "..",
+            ".",
+            "...",
+            "a/b",
+            "a\\b",
+            "x\u{0}y",
+            "tab\there",
+            " lead",
+            "trail ",
+            "in side",
+            "\u{85}x",
+            "x\u{a0}",
+            "é",
+            "invoice\u{202E}fdp.exe",
+            "\u{3000}",
+            "a\u{7f}",
+            "\u{2028}a",
+            "\u{1c}",
+            "日本語",
+            "ok\u{200b}",
+            "  spaced tag  ",
+            "\t",
+            "",
+            "-",
+        ];
+        let long = ["x".repeat(255), "x".repeat(256), "y".repeat(64), "y".repeat(65), format!(" {} ", "z".repeat(64))];
+        for sample in samples.iter().map(|s| (*s).to_owned()).chain(long) {
+            assert_eq!(filename.is_match(&sample).unwrap(), check_filename(&sample).is_ok(), "file name {sample:?}");
+            assert_eq!(tag.is_match(&sample).unwrap(), check_tags(&[sample.clone()]).is_ok(), "tag {sample:?}");
         }
     }
 

@@ -32,16 +32,23 @@ pub const MAX_CHUNKS: u64 = 10_000;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Initiate {
     pub filename: String,
+    /// At most the gateway's upload limit.
     pub total_size: u64,
+    /// Bytes per chunk (default 8 MiB); the session may have at most 10,000 chunks.
+    #[schema(minimum = 1, maximum = 268_435_456)]
     pub chunk_size: Option<u64>,
     pub content_type: Option<String>,
+    #[schema(max_length = 500)]
     pub title: Option<String>,
+    #[schema(max_length = 5000)]
     pub description: Option<String>,
     #[serde(default)]
+    #[schema(max_items = 32)]
     pub tags: Vec<String>,
     #[serde(default)]
     pub metadata: Map<String, Value>,
     /// `sha256:<hex>` of the whole file, checked at completion.
+    #[schema(pattern = r"^(sha256:)?[0-9a-fA-F]{64}$")]
     pub checksum: Option<String>,
 }
 
