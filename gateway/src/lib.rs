@@ -56,6 +56,8 @@ pub struct AppState {
     pub sockjs: Arc<sockjs::Sessions>,
     /// Upload places and the failed-token budget of client addresses.
     pub admission: Arc<limits::Admission>,
+    /// `/metrics` has a listen address of its own, and the API's answers it 404.
+    pub metrics_elsewhere: bool,
 }
 
 impl AppState {

@@ -85,6 +85,9 @@ struct StandaloneArgs {
     /// The URL clients reach the gateway at, used in the links it hands out.
     #[arg(long, env = "VELLUM_PUBLIC_URL")]
     public_url: Option<String>,
+    /// Serve /metrics on this address instead of the API's (which then answers it 404).
+    #[arg(long, env = "VELLUM_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Largest document accepted, in bytes.
     #[arg(long, env = "VELLUM_MAX_UPLOAD_BYTES", default_value_t = 5 << 30)]
     max_upload_bytes: u64,
@@ -218,6 +221,7 @@ fn options(args: &StandaloneArgs) -> standalone::Options {
         link_key: None,
         kube_namespace: None,
         limits: args.limits.limits(),
+        metrics_listen: args.metrics_listen,
     }
 }
 

@@ -209,9 +209,28 @@ pub fn router() -> utoipa_axum::router::OpenApiRouter<AppState> {
     utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(scrape))
 }
 
+/// `/metrics` alone, for its own listen address.
+pub fn own_router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .layer(axum::Extension(MetricsAddress))
+        .with_state(state)
+}
+
+/// Marks requests that came to the metrics address.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddress;
+
 #[utoipa::path(get, path = "/metrics", tag = "operations", summary = "Prometheus metrics (OpenMetrics text)",
-    security(()), responses((status = 200, content_type = "application/openmetrics-text", body = String)))]
-async fn scrape(State(state): State<AppState>) -> Response {
+    description = "Open to anyone who reaches this address, as usual inside a cluster; with \
+        `--metrics-listen` they are served only on that address, and here the answer is 404.",
+    security(()), responses((status = 200, content_type = "application/openmetrics-text", body = String),
+        (status = 404, description = "Served on the metrics address instead", body = crate::error::ErrorBody)))]
+async fn scrape(State(state): State<AppState>, own: Option<axum::Extension<MetricsAddress>>) -> Response {
+    if state.metrics_elsewhere && own.is_none() {
+        return crate::error::ApiError::not_found("metrics are served on the gateway's metrics address")
+            .into_response();
+    }
     let depths = state.docs.shards().iter().map(|shard| vellum_core::events::outbox::depth(shard.meta()));
     if let Ok(depths) = futures::future::try_join_all(depths).await {
         state.metrics.outbox_depth.set(depths.into_iter().sum());

@@ -64,6 +64,9 @@ pub struct Options {
     pub kube_namespace: Option<String>,
     /// Timeouts, the connection cap and the upload places.
     pub limits: crate::limits::Limits,
+    /// Serve `/metrics` here instead of on `listen` (which then answers it 404), so that only
+    /// what reaches this address (a cluster's scraper) reads the metrics.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A running standalone gateway.
@@ -71,6 +74,8 @@ pub struct Options {
 pub struct Running {
     pub addr: SocketAddr,
     pub url: String,
+    /// Where `/metrics` is served when it has an address of its own.
+    pub metrics_addr: Option<SocketAddr>,
     /// A token with the admin role, valid for 30 days; absent when tokens are checked
     /// only against public keys (nothing here can sign them).
     pub admin_token: Option<String>,
@@ -205,6 +210,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         platform: Arc::new(std::sync::RwLock::new(Arc::new(config.clone()))),
         sockjs: Arc::default(),
         admission: Arc::new(crate::limits::Admission::new(&options.limits)),
+        metrics_elsewhere: options.metrics_listen.is_some(),
     };
 
     state.metrics.set_config_hash(&config_hash);
@@ -227,6 +233,21 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     // In a cluster the operator's CronJobs run the retention policies.
     let scheduler = (!compiled).then(|| tokio::spawn(schedule_retention(state.clone(), stopped.clone())));
     hub_feeds.push(tokio::spawn(prune_limiters(state.clone())));
+    let metrics_addr = match options.metrics_listen {
+        Some(at) => {
+            let listener = TcpListener::bind(at).await.with_context(|| format!("listening for metrics on {at}"))?;
+            let bound = listener.local_addr()?;
+            let (router, limits) = (crate::metrics::own_router(state.clone()), options.limits.clone());
+            // Aborted at shutdown with the other read-only tasks.
+            hub_feeds.push(tokio::spawn(async move {
+                if let Err(e) = crate::serve::serve(listener, router, &limits, std::future::pending()).await {
+                    tracing::error!(error = %e, "serving metrics");
+                }
+            }));
+            Some(bound)
+        }
+        None => None,
+    };
     let server = tokio::spawn({
         let router = app(state.clone());
         let stop = until_stopped(stopped);
@@ -234,7 +255,20 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         async move { crate::serve::serve(listener, router, &limits, stop).await }
     });
     tracing::info!(%addr, tiers = config.tiers.len(), webhooks = config.webhooks.len(), cluster = nats.is_some(), "gateway serving");
-    Ok(Running { addr, url, admin_token, state, stop, server, relays, sweeper, reloader, scheduler, hub_feeds })
+    Ok(Running {
+        addr,
+        url,
+        metrics_addr,
+        admin_token,
+        state,
+        stop,
+        server,
+        relays,
+        sweeper,
+        reloader,
+        scheduler,
+        hub_feeds,
+    })
 }
 
 /// Reads the JWT key files every `every` and uses rotated keys from then on; a file that

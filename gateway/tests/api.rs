@@ -70,6 +70,7 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
         link_key: None,
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
+        metrics_listen: None,
     };
     let running = standalone::start(options).await.unwrap();
     let base = running.url.clone();
@@ -833,6 +834,7 @@ async fn an_upload_session_moves_between_replicas() {
         link_key: None,
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
+        metrics_listen: None,
     })
     .await
     .unwrap();

@@ -44,6 +44,7 @@ async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> R
         link_key: Some(b"a link key both replicas share, 32+ bytes".to_vec()),
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
+        metrics_listen: None,
     })
     .await
     .unwrap()

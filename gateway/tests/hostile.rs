@@ -23,6 +23,10 @@ struct Gateway {
 }
 
 async fn gateway(limits: Limits, rate_per_second: u32) -> Gateway {
+    gateway_with(limits, rate_per_second, None).await
+}
+
+async fn gateway_with(limits: Limits, rate_per_second: u32, metrics_listen: Option<std::net::SocketAddr>) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config");
     std::fs::create_dir_all(&config).unwrap();
@@ -51,6 +55,7 @@ async fn gateway(limits: Limits, rate_per_second: u32) -> Gateway {
         link_key: None,
         kube_namespace: None,
         limits,
+        metrics_listen,
     };
     Gateway { running: standalone::start(options).await.unwrap(), _dir: dir }
 }
@@ -409,5 +414,20 @@ async fn stored_types_are_not_sniffed_and_reordering_file_names_are_refused() {
     assert_eq!(spoofed.status(), StatusCode::BAD_REQUEST);
     let body: serde_json::Value = spoofed.json().await.unwrap();
     assert!(body["message"].as_str().unwrap().contains("bidirectional"), "{body}");
+    gw.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_can_have_an_address_of_their_own() {
+    let gw = gateway_with(Limits::default(), 0, Some("127.0.0.1:0".parse().unwrap())).await;
+    let on_api = reqwest::get(format!("{}/metrics", gw.running.url)).await.unwrap();
+    assert_eq!(on_api.status(), StatusCode::NOT_FOUND);
+    let own = gw.running.metrics_addr.expect("the metrics address");
+    let scraped = reqwest::get(format!("http://{own}/metrics")).await.unwrap();
+    assert_eq!(scraped.status(), StatusCode::OK);
+    assert!(scraped.text().await.unwrap().contains("vellum_gateway_http_requests"));
+    // The API itself is not served there.
+    let api = reqwest::get(format!("http://{own}/healthz")).await.unwrap();
+    assert_eq!(api.status(), StatusCode::NOT_FOUND);
     gw.running.shutdown().await.unwrap();
 }

@@ -45,6 +45,7 @@ async fn schemathesis_finds_the_server_as_its_openapi_document_describes_it() {
         link_key: None,
         kube_namespace: None,
         limits: Limits::default(),
+        metrics_listen: None,
     };
     let gw = standalone::start(options).await.unwrap();
     let token = gw.state.auth.mint("admin", &["admin", "user"], Duration::from_secs(3600)).unwrap();

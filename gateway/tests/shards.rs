@@ -35,6 +35,7 @@ fn options(dir: &std::path::Path, nats_url: Option<String>) -> standalone::Optio
         link_key: None,
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
+        metrics_listen: None,
     }
 }
 

@@ -40,6 +40,7 @@ pub async fn gateway() -> Gateway {
         link_key: None,
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
+        metrics_listen: None,
     };
     Gateway { running: standalone::start(options).await.unwrap(), client: reqwest::Client::new(), _dir: dir }
 }
