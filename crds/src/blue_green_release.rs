@@ -102,11 +102,11 @@ pub struct GatewayLimits {
     /// Open connections per replica, WebSockets included (default 10000); at the cap the
     /// longest-open idle connection makes room, or a new one is refused when all are busy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000000))]
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub max_connections: Option<u32>,
     /// Uploads in progress per replica (default 64); more are answered 503 with Retry-After.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 100000))]
+    #[schemars(range(min = 1, max = 100_000))]
     pub max_uploads: Option<u32>,
     /// Largest document accepted, in bytes (default 5 GiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,7 +116,7 @@ pub struct GatewayLimits {
     /// (default 20; 0: unlimited). Past it the address gets 429 without its tokens being
     /// checked: behind a proxy that hides client addresses, raise it or set 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 1000000))]
+    #[schemars(range(min = 0, max = 1_000_000))]
     pub auth_failures_per_second: Option<u32>,
 }
 

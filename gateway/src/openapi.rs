@@ -131,7 +131,7 @@ fn upload_limit(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
         spec.components.as_mut().and_then(|c| c.schemas.get_mut("Initiate"))
         && let Some(RefOr::T(Schema::Object(total))) = initiate.properties.get_mut("totalSize")
     {
-        total.maximum = limit.clone();
+        total.maximum.clone_from(&limit);
     }
     for item in spec.paths.paths.values_mut() {
         for operation in [&mut item.post, &mut item.patch].into_iter().flatten() {
@@ -141,7 +141,7 @@ fn upload_limit(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
                     && parameter.parameter_in == ParameterIn::Header
                     && let Some(RefOr::T(Schema::Object(length))) = parameter.schema.as_mut()
                 {
-                    length.maximum = limit.clone();
+                    length.maximum.clone_from(&limit);
                 }
             }
         }

@@ -168,20 +168,19 @@ pub async fn serve(
                 }
             },
         };
-        let place = match Arc::clone(&places).try_acquire_owned() {
-            Ok(place) => place,
-            Err(_) => {
-                let room = if registry.shed_one() {
-                    tokio::time::timeout(ROOM_WAIT, Arc::clone(&places).acquire_owned()).await.ok().and_then(Result::ok)
-                } else {
-                    None
-                };
-                let Some(place) = room else {
-                    tracing::debug!(%peer, "refusing a connection: every place is taken by a busy one");
-                    continue;
-                };
-                place
-            }
+        let place = if let Ok(place) = Arc::clone(&places).try_acquire_owned() {
+            place
+        } else {
+            let room = if registry.shed_one() {
+                tokio::time::timeout(ROOM_WAIT, Arc::clone(&places).acquire_owned()).await.ok().and_then(Result::ok)
+            } else {
+                None
+            };
+            let Some(place) = room else {
+                tracing::debug!(%peer, "refusing a connection: every place is taken by a busy one");
+                continue;
+            };
+            place
         };
         stream.set_nodelay(true).ok();
         let (id, conn) = registry.add();

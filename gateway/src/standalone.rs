@@ -138,6 +138,7 @@ fn credentials(options: &Options, data_dir: &Path) -> anyhow::Result<(Auth, Vec<
 }
 
 /// Starts standalone mode and returns once it serves.
+#[allow(clippy::too_many_lines)] // the one place that wires every role of standalone mode together
 pub async fn start(options: Options) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
@@ -235,15 +236,8 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     hub_feeds.push(tokio::spawn(prune_limiters(state.clone())));
     let metrics_addr = match options.metrics_listen {
         Some(at) => {
-            let listener = TcpListener::bind(at).await.with_context(|| format!("listening for metrics on {at}"))?;
-            let bound = listener.local_addr()?;
-            let (router, limits) = (crate::metrics::own_router(state.clone()), options.limits.clone());
-            // Aborted at shutdown with the other read-only tasks.
-            hub_feeds.push(tokio::spawn(async move {
-                if let Err(e) = crate::serve::serve(listener, router, &limits, std::future::pending()).await {
-                    tracing::error!(error = %e, "serving metrics");
-                }
-            }));
+            let (bound, task) = serve_metrics(at, &state, &options.limits).await?;
+            hub_feeds.push(task);
             Some(bound)
         }
         None => None,
@@ -282,6 +276,24 @@ async fn watch_keys(auth: Arc<Auth>, every: Duration) {
             Err(e) => tracing::warn!(error = %e, "keeping the JWT keys in use"),
         }
     }
+}
+
+/// Serves `/metrics` alone on `at`; the task is aborted at shutdown with the other
+/// read-only ones.
+async fn serve_metrics(
+    at: SocketAddr,
+    state: &AppState,
+    limits: &crate::limits::Limits,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(at).await.with_context(|| format!("listening for metrics on {at}"))?;
+    let bound = listener.local_addr()?;
+    let (router, limits) = (crate::metrics::own_router(state.clone()), limits.clone());
+    let task = tokio::spawn(async move {
+        if let Err(e) = crate::serve::serve(listener, router, &limits, std::future::pending()).await {
+            tracing::error!(error = %e, "serving metrics");
+        }
+    });
+    Ok((bound, task))
 }
 
 /// Forgets, once a minute, the users and client addresses whose rate budgets are whole

@@ -8,6 +8,7 @@
 //! Each test runs a gateway in this process with small limits over raw sockets, so the
 //! bytes on the wire are exactly what a misbehaving client sends.
 
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -100,6 +101,12 @@ async fn response_head(socket: &mut TcpStream) -> String {
         }
     }
     String::from_utf8(head).unwrap()
+}
+
+/// Bytes in MiB, for the figures the tests print.
+#[allow(clippy::cast_precision_loss)]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
 }
 
 fn rss_bytes() -> u64 {
@@ -240,13 +247,13 @@ async fn a_huge_form_field_and_a_huge_json_body_are_refused_unbuffered() {
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
     let grown = rss_bytes().saturating_sub(before);
-    println!("RSS growth over a 1 GiB field and a 512 MiB JSON body: {:.1} MiB", grown as f64 / f64::from(1 << 20));
+    println!("RSS growth over a 1 GiB field and a 512 MiB JSON body: {:.1} MiB", mib(grown));
     assert!(grown < 32 << 20, "RSS grew by {grown} bytes");
     // Repeated tag fields are bounded in number, not joined quadratically.
     // (Written by hand: reqwest nests one stream per part, too deep for 20,000 parts.)
     let mut form = String::new();
     for i in 0..20_000 {
-        form.push_str(&format!("--b\r\nContent-Disposition: form-data; name=\"tags\"\r\n\r\nt{i}\r\n"));
+        write!(form, "--b\r\nContent-Disposition: form-data; name=\"tags\"\r\n\r\nt{i}\r\n").unwrap();
     }
     form.push_str("--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.txt\"\r\n\r\nx\r\n--b--\r\n");
     let started = Instant::now();
@@ -295,7 +302,7 @@ async fn uploads_in_progress_are_bounded_and_stalled_ones_released() {
     }
     assert_eq!(refused, 36, "4 places: the other 36 uploads are refused with 503");
     let grown = rss_bytes().saturating_sub(before);
-    println!("RSS growth with 40 stalled uploads (4 admitted): {:.1} MiB", grown as f64 / f64::from(1 << 20));
+    println!("RSS growth with 40 stalled uploads (4 admitted): {:.1} MiB", mib(grown));
     assert!(grown < 32 << 20, "RSS grew by {grown} bytes");
     // The stalled ones fail at the body timeout, and their places come back.
     tokio::time::sleep(Duration::from_millis(1500)).await;
