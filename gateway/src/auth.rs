@@ -398,10 +398,8 @@ impl FromRequestParts<AppState> for User {
             .ok()
             .and_then(bearer)
             .ok_or_else(|| unauthorized("the Authorization header is not a bearer token"))?;
-        let actor = checked(state, crate::limits::peer(parts), token.trim()).map_err(|e| match e {
-            Checked::Invalid(m) => unauthorized(&m),
-            Checked::Refused(e) => e,
-        })?;
+        // (A failure counts against the caller's address: `limits::guard_addresses`.)
+        let actor = state.auth.verify(token.trim()).map_err(|m| unauthorized(&m))?;
         if let Err(wait) = state.auth.admit(&actor.user) {
             let seconds = wait.as_secs_f64().ceil().max(1.0);
             return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded for this user")
@@ -409,32 +407,6 @@ impl FromRequestParts<AppState> for User {
         }
         Ok(User(actor))
     }
-}
-
-/// Why a token was not accepted.
-pub(crate) enum Checked {
-    /// The token is bad: 401 with this reason.
-    Invalid(String),
-    /// Its address failed too often to have it checked: 429.
-    Refused(ApiError),
-}
-
-/// Checks `token` from `peer`: an address past its budget of failed checks is refused
-/// without the token being parsed, and every failure counts against it.
-pub(crate) fn checked(state: &AppState, peer: Option<std::net::IpAddr>, token: &str) -> Result<Actor, Checked> {
-    if let Some(wait) = peer.and_then(|p| state.admission.blocked(p)) {
-        let seconds = wait.as_secs_f64().ceil().max(1.0);
-        return Err(Checked::Refused(
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many failed token checks from this address")
-                .with_header(header::RETRY_AFTER, &format!("{seconds:.0}")),
-        ));
-    }
-    state.auth.verify(token).map_err(|m| {
-        if let Some(p) = peer {
-            state.admission.failed(p);
-        }
-        Checked::Invalid(m)
-    })
 }
 
 /// An authenticated caller holding the admin role: 403 otherwise.

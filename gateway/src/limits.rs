@@ -18,7 +18,7 @@ use axum::extract::{ConnectInfo, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http_body_util::BodyExt;
@@ -133,12 +133,6 @@ impl Admission {
     }
 }
 
-/// The client address of a request served from a socket (absent when a test calls the
-/// router directly).
-pub fn peer(parts: &axum::http::request::Parts) -> Option<IpAddr> {
-    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip())
-}
-
 /// The length a request declares, when it declares one.
 pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
@@ -176,6 +170,35 @@ impl FromRequestParts<AppState> for UploadPlace {
         };
         Ok(Self(place))
     }
+}
+
+/// Middleware on every route: a client address past its budget of failed token checks is
+/// answered 429 before anything else is done for it (its tokens are not even parsed), and
+/// every 401 the gateway answers — a bad token in a header, in `?token=`, on a WebSocket
+/// upgrade — counts against its address. The probes (`/healthz`, `/readyz`) stay open.
+pub async fn guard_addresses(
+    axum::extract::State(admission): axum::extract::State<Arc<Admission>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    if let Some(peer) = peer
+        && !probe
+        && let Some(wait) = admission.blocked(peer)
+    {
+        let seconds = wait.as_secs_f64().ceil().max(1.0);
+        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many failed token checks from this address")
+            .with_header(header::RETRY_AFTER, &format!("{seconds:.0}"))
+            .into_response();
+    }
+    let response = next.run(request).await;
+    if let Some(peer) = peer
+        && response.status() == StatusCode::UNAUTHORIZED
+    {
+        admission.failed(peer);
+    }
+    response
 }
 
 /// A request body that hands itself back when dropped unread, so that a refusal can read

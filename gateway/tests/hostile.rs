@@ -374,6 +374,17 @@ async fn failed_token_checks_are_bounded_per_address_and_users_are_pruned() {
     assert!(blocked.headers().contains_key("retry-after"));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(client.get(&url).bearer_auth(gw.token("alice")).send().await.unwrap().status(), StatusCode::OK);
+    // Bad tokens in `?token=` (event streams, WebSocket upgrades) count the same way.
+    let stream = format!("{}/api/v1/events/stream?token=not.a.jwt", gw.running.url);
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(client.get(&stream).send().await.unwrap().status());
+    }
+    assert_eq!(statuses[0], StatusCode::UNAUTHORIZED);
+    assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+    // The probes stay open to a blocked address.
+    assert_eq!(gw.healthz().await, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
 
     // Every distinct user has a limiter entry while active; pruning forgets the idle ones.
     for i in 0..200 {
