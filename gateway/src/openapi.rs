@@ -87,6 +87,10 @@ pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
             let mut answers: Vec<(&str, &str)> = Vec::new();
             if secured {
                 answers.push(("401", "No token, or one that does not verify"));
+            }
+            // Every route but the probes refuses an address past its budget of failed token
+            // checks (limits::guard_addresses); a token's user has a rate limit too.
+            if path != "/healthz" && path != "/readyz" {
                 answers.push((
                     "429",
                     "Over the user's rate limit, or too many failed token checks from this address; see Retry-After",
