@@ -6,8 +6,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bytes::Bytes;
-use futures::{Stream, TryStreamExt};
+use futures::TryStreamExt;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -16,8 +15,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vellum_core::clock::{parse_rfc3339, rfc3339};
 use vellum_core::documents::{
-    Actor, Document, DocumentUpload, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion, Page, Restored,
-    Uploaded, VersionHistory, VersionUpload,
+    Actor, Document, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion, Page, Restored, Upload, Uploaded,
+    VersionHistory,
 };
 
 use crate::AppState;
@@ -118,39 +117,6 @@ struct Received {
     content_type: Option<String>,
 }
 
-/// Where an upload's bytes go: the shard core chose for them when the upload began.
-trait Target {
-    async fn store(
-        &mut self,
-        content_type: &str,
-        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
-    ) -> Result<(), vellum_core::documents::DocError>;
-    fn is_stored(&self) -> bool;
-    async fn abandon(self);
-}
-
-macro_rules! target {
-    ($upload:ty) => {
-        impl Target for $upload {
-            async fn store(
-                &mut self,
-                content_type: &str,
-                body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
-            ) -> Result<(), vellum_core::documents::DocError> {
-                <$upload>::store(self, content_type, body).await
-            }
-            fn is_stored(&self) -> bool {
-                <$upload>::is_stored(self)
-            }
-            async fn abandon(self) {
-                <$upload>::abandon(self).await;
-            }
-        }
-    };
-}
-target!(DocumentUpload<'_>);
-target!(VersionUpload<'_>);
-
 /// Text fields a multipart upload may carry beside its file.
 const MAX_FORM_FIELDS: usize = 64;
 /// The longest text field read; the document's own checks (title, description, metadata)
@@ -171,12 +137,12 @@ async fn bounded_text(mut field: axum::extract::multipart::Field<'_>, name: &str
 
 /// Takes an upload's bytes into `target` and its options; on any error what was stored is
 /// deleted.
-async fn receive<T: Target>(
+async fn receive<'a, K>(
     state: &AppState,
     request: Request,
     default_content_type: Option<String>,
-    mut target: T,
-) -> ApiResult<(Received, T)> {
+    mut target: Upload<'a, K>,
+) -> ApiResult<(Received, Upload<'a, K>)> {
     match take(state, request, default_content_type, &mut target).await {
         Ok(received) => Ok((received, target)),
         Err(e) => {
@@ -186,11 +152,11 @@ async fn receive<T: Target>(
     }
 }
 
-async fn take(
+async fn take<K>(
     state: &AppState,
     request: Request,
     default_content_type: Option<String>,
-    target: &mut impl Target,
+    target: &mut Upload<'_, K>,
 ) -> ApiResult<Received> {
     if is_multipart(request.headers()) {
         let mut form =

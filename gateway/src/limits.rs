@@ -91,11 +91,6 @@ impl Admission {
         Arc::clone(&self.uploads).try_acquire_owned().ok()
     }
 
-    /// Uploads in progress now.
-    pub fn uploads_in_progress(&self, limits: &Limits) -> usize {
-        limits.max_uploads.max(1) - self.uploads.available_permits()
-    }
-
     /// How long `address` must wait before its tokens are checked again, if it is past
     /// its budget of failures.
     pub fn blocked(&self, address: IpAddr) -> Option<Duration> {

@@ -81,7 +81,7 @@ impl Library {
     /// Begins a new document's upload on the shard the routing sends it to, chosen here
     /// once: its bytes are claimed, stored and recorded there and nowhere else.
     pub fn begin_document(&self) -> DocumentUpload<'_> {
-        DocumentUpload { staged: Staged { shard: self.for_new(), blob: None } }
+        Upload { shard: self.for_new(), blob: None, of: () }
     }
 
     /// Begins a new version of document `id` on the document's own shard, once the actor
@@ -89,7 +89,7 @@ impl Library {
     pub async fn begin_version(&self, actor: &Actor, id: i64) -> Result<VersionUpload<'_>, DocError> {
         let shard = self.of(id);
         let current = shard.get(actor, id).await?;
-        Ok(VersionUpload { staged: Staged { shard, blob: None }, current })
+        Ok(Upload { shard, blob: None, of: current })
     }
 
     pub fn tiers(&self) -> Tiers {
@@ -154,15 +154,25 @@ impl Library {
     }
 }
 
-/// The bytes of an upload, stored on the shard its rows will live on.
+/// An upload's bytes, stored, claimed and recorded on the one shard chosen when it began
+/// (see [`Library::begin_document`] and [`Library::begin_version`]). `K` is what it will
+/// become: a new document (`()`) or a new version of the [`Document`] it holds. Dropped
+/// unfinished, its stored bytes stay claimed as garbage until the collector deletes them.
 #[derive(Debug)]
-struct Staged<'a> {
+pub struct Upload<'a, K> {
     shard: &'a Documents,
     blob: Option<StoredBlob>,
+    of: K,
 }
 
-impl Staged<'_> {
-    async fn store(
+/// A new document being uploaded.
+pub type DocumentUpload<'a> = Upload<'a, ()>;
+/// A new version of a document being uploaded.
+pub type VersionUpload<'a> = Upload<'a, Document>;
+
+impl<K> Upload<'_, K> {
+    /// Streams the bytes into the default tier; an upload carries one file.
+    pub async fn store(
         &mut self,
         content_type: &str,
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
@@ -174,88 +184,42 @@ impl Staged<'_> {
         Ok(())
     }
 
-    fn take(&mut self) -> Result<StoredBlob, DocError> {
-        self.blob.take().ok_or_else(|| DocError::Invalid("the upload carries no file".into()))
+    /// Whether the bytes are stored.
+    pub fn is_stored(&self) -> bool {
+        self.blob.is_some()
     }
 
-    async fn abandon(mut self) {
+    /// Gives the upload up and deletes what it stored.
+    pub async fn abandon(mut self) {
         if let Some(blob) = self.blob.take() {
             self.shard.discard(&blob).await;
         }
     }
-}
 
-/// A new document being uploaded (see [`Library::begin_document`]). Dropped unfinished,
-/// its stored bytes stay claimed as garbage until the collector deletes them.
-#[derive(Debug)]
-pub struct DocumentUpload<'a> {
-    staged: Staged<'a>,
+    fn take(&mut self) -> Result<StoredBlob, DocError> {
+        self.blob.take().ok_or_else(|| DocError::Invalid("the upload carries no file".into()))
+    }
 }
 
 impl DocumentUpload<'_> {
-    /// Streams the document's bytes into the default tier.
-    pub async fn store(
-        &mut self,
-        content_type: &str,
-        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
-    ) -> Result<(), DocError> {
-        self.staged.store(content_type, body).await
-    }
-
-    /// Whether the bytes are stored.
-    pub fn is_stored(&self) -> bool {
-        self.staged.blob.is_some()
-    }
-
     /// Records the document on its shard (its stored copy is deleted if the record fails).
     pub async fn finish(mut self, actor: &Actor, prepared: &Prepared) -> Result<Uploaded, DocError> {
-        let blob = self.staged.take()?;
-        self.staged.shard.record_upload(actor, prepared, blob).await
+        let blob = self.take()?;
+        self.shard.record_upload(actor, prepared, blob).await
     }
-
-    /// Gives the upload up and deletes what it stored.
-    pub async fn abandon(self) {
-        self.staged.abandon().await;
-    }
-}
-
-/// A new version being uploaded (see [`Library::begin_version`]).
-#[derive(Debug)]
-pub struct VersionUpload<'a> {
-    staged: Staged<'a>,
-    current: Document,
 }
 
 impl VersionUpload<'_> {
     /// The document as it was when the upload began.
     pub fn current(&self) -> &Document {
-        &self.current
-    }
-
-    /// Streams the version's bytes into the default tier.
-    pub async fn store(
-        &mut self,
-        content_type: &str,
-        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
-    ) -> Result<(), DocError> {
-        self.staged.store(content_type, body).await
-    }
-
-    /// Whether the bytes are stored.
-    pub fn is_stored(&self) -> bool {
-        self.staged.blob.is_some()
+        &self.of
     }
 
     /// Records the version on the document's shard (its stored copy is deleted if the
     /// record fails).
     pub async fn finish(mut self, actor: &Actor, new: NewVersion) -> Result<Uploaded, DocError> {
-        let blob = self.staged.take()?;
-        self.staged.shard.record_version(actor, self.current.id, new, blob).await
-    }
-
-    /// Gives the upload up and deletes what it stored.
-    pub async fn abandon(self) {
-        self.staged.abandon().await;
+        let blob = self.take()?;
+        self.shard.record_version(actor, self.of.id, new, blob).await
     }
 }
 

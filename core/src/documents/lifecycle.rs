@@ -863,14 +863,7 @@ async fn switch(
     now: i64,
     grace: Grace,
 ) -> Result<Result<bool, DocError>, StoreError> {
-    let claimed = sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before > $3")
-        .bind(p.to)
-        .bind(&p.key)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    if claimed == 0 {
+    if !super::take_live_claim(tx, p.to, &p.key, now).await? {
         return Ok(Err(DocError::Conflict(format!(
             "the copy of blob {} in {} outlived its claim and may be collected; the blob stays in {}",
             p.sha, p.to, p.from.tier

@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
-pub use library::{DocumentUpload, Library, VersionUpload, library_of, open_shards, rotate_credentials};
+pub use library::{DocumentUpload, Library, Upload, VersionUpload, library_of, open_shards, rotate_credentials};
 pub use lifecycle::{
     Grace, MigrationStep, Savings, StepHook, TierUsage, Usage, UsageCounts, monthly_cost, usage_counts,
 };
@@ -215,6 +215,19 @@ async fn load(tx: &mut Tx, actor: &Actor, id: i64, include_deleted: bool) -> Res
 /// How long an upload may take between claiming the key of its copy and recording it.
 const UPLOAD_CLAIM_MS: i64 = 24 * 3_600_000;
 
+/// Removes the claim on a stored copy, in the transaction that records the copy: `false`
+/// when there is no live claim here (it is in another database, or ran out and the
+/// collector may have deleted the copy), and the copy must not be recorded.
+pub(crate) async fn take_live_claim(tx: &mut Tx, tier: &str, object_key: &str, now: i64) -> Result<bool, StoreError> {
+    let taken = sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before > $3")
+        .bind(tier)
+        .bind(object_key)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(taken.rows_affected() > 0)
+}
+
 /// Records a stored blob, or finds that its content was already stored. Returns whether
 /// it was (the new copy must then be deleted once the transaction commits).
 async fn record_blob(tx: &mut Tx, blob: &StoredBlob, now: i64) -> Result<bool, StoreError> {
@@ -229,13 +242,7 @@ async fn record_blob(tx: &mut Tx, blob: &StoredBlob, now: i64) -> Result<bool, S
     // its claim until the upload deletes it, or the collector does after a crash.
     // The claim must be here: a copy claimed on another shard, or whose claim the collector
     // already took, could be deleted under the row recorded now.
-    let unclaimed = sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before > $3")
-        .bind(&blob.tier)
-        .bind(&blob.object_key)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-    if unclaimed.rows_affected() == 0 {
+    if !take_live_claim(tx, &blob.tier, &blob.object_key, now).await? {
         return Err(StoreError::Corrupt(format!(
             "stored copy {} is not claimed in this database: it was stored through another shard, or its claim \
              ran out and the collector may have deleted it",
