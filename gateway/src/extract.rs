@@ -94,8 +94,26 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
     }
 }
 
+/// The positive integer named `name` in the path; anything else is a 404 for `what` (no such
+/// thing can have that id), answered with the JSON error body.
+async fn positive_in_path<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+    name: &str,
+    what: &str,
+) -> Result<i64, ApiError> {
+    let axum::extract::Path(params) = axum::extract::Path::<Vec<(String, String)>>::from_request_parts(parts, state)
+        .await
+        .map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let raw = params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap_or_default();
+    match raw.parse::<i64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(ApiError::not_found(format!("{what} {raw} not found"))),
+    }
+}
+
 /// A version number in the path (`{n}`); anything but a positive integer is a 404, since
-/// no such version can exist (as for [`DocId`]), answered with the JSON error body.
+/// no such version can exist (as for [`DocId`]).
 #[derive(Debug)]
 pub struct VersionNo(pub i64);
 
@@ -103,15 +121,7 @@ impl<S: Send + Sync> FromRequestParts<S> for VersionNo {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let axum::extract::Path(params) =
-            axum::extract::Path::<Vec<(String, String)>>::from_request_parts(parts, state)
-                .await
-                .map_err(|r| ApiError::bad_request(r.body_text()))?;
-        let raw = params.iter().find(|(k, _)| k == "n").map(|(_, v)| v.as_str()).unwrap_or_default();
-        match raw.parse::<i64>() {
-            Ok(n) if n > 0 => Ok(Self(n)),
-            _ => Err(ApiError::not_found(format!("version {raw} not found"))),
-        }
+        positive_in_path(parts, state, "n", "version").await.map(Self)
     }
 }
 
@@ -124,14 +134,6 @@ impl<S: Send + Sync> FromRequestParts<S> for DocId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let axum::extract::Path(params) =
-            axum::extract::Path::<Vec<(String, String)>>::from_request_parts(parts, state)
-                .await
-                .map_err(|r| ApiError::bad_request(r.body_text()))?;
-        let raw = params.iter().find(|(k, _)| k == "id").map(|(_, v)| v.as_str()).unwrap_or_default();
-        match raw.parse::<i64>() {
-            Ok(id) if id > 0 => Ok(Self(id)),
-            _ => Err(ApiError::not_found(format!("document {raw} not found"))),
-        }
+        positive_in_path(parts, state, "id", "document").await.map(Self)
     }
 }

@@ -65,16 +65,7 @@ pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
             .build()
     };
     for (path, item) in &mut spec.paths.paths {
-        let operations = [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.head,
-            &mut item.patch,
-            &mut item.options,
-        ];
-        for operation in operations.into_iter().flatten() {
+        for operation in operations(item) {
             let secured = operation.security.as_ref().is_none_or(|requirements| {
                 requirements.iter().any(|r| serde_json::to_value(r).is_ok_and(|v| v != serde_json::json!({})))
             });
@@ -137,17 +128,12 @@ fn upload_limit(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
     {
         total.maximum.clone_from(&limit);
     }
-    for item in spec.paths.paths.values_mut() {
-        for operation in [&mut item.post, &mut item.patch].into_iter().flatten() {
-            for parameter in operation.parameters.iter_mut().flatten() {
-                let RefOr::T(parameter) = parameter else { continue };
-                if parameter.name == "Upload-Length"
-                    && parameter.parameter_in == ParameterIn::Header
-                    && let Some(RefOr::T(Schema::Object(length))) = parameter.schema.as_mut()
-                {
-                    length.maximum.clone_from(&limit);
-                }
-            }
+    for parameter in parameters(spec) {
+        if parameter.name == "Upload-Length"
+            && parameter.parameter_in == ParameterIn::Header
+            && let Some(RefOr::T(Schema::Object(length))) = parameter.schema.as_mut()
+        {
+            length.maximum.clone_from(&limit);
         }
     }
 }
@@ -179,17 +165,28 @@ fn name_rules(spec: &mut utoipa::openapi::OpenApi) {
         components.schemas.values_mut().for_each(visit);
     }
     // File names given as query parameters (raw-body uploads and versions).
-    for item in spec.paths.paths.values_mut() {
-        let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.patch];
-        for operation in operations.into_iter().flatten() {
-            for parameter in operation.parameters.iter_mut().flatten() {
-                let RefOr::T(parameter) = parameter else { continue };
-                if parameter.name == "filename"
-                    && let Some(RefOr::T(Schema::Object(text))) = parameter.schema.as_mut()
-                {
-                    text.pattern = Some(FILENAME_PATTERN.to_owned());
-                }
-            }
+    for parameter in parameters(spec) {
+        if parameter.name == "filename"
+            && let Some(RefOr::T(Schema::Object(text))) = parameter.schema.as_mut()
+        {
+            text.pattern = Some(FILENAME_PATTERN.to_owned());
         }
     }
+}
+
+/// The operations of a path.
+fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.head, &mut item.patch, &mut item.options]
+        .into_iter()
+        .flatten()
+}
+
+/// Every parameter the document describes inline, of every operation.
+fn parameters(spec: &mut utoipa::openapi::OpenApi) -> impl Iterator<Item = &mut utoipa::openapi::path::Parameter> {
+    spec.paths.paths.values_mut().flat_map(operations).flat_map(|op| op.parameters.iter_mut().flatten()).filter_map(
+        |parameter| match parameter {
+            utoipa::openapi::RefOr::T(parameter) => Some(parameter),
+            utoipa::openapi::RefOr::Ref(_) => None,
+        },
+    )
 }
