@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use vellum_gateway::auth::AuthSettings;
 use vellum_gateway::limits::Limits;
 use vellum_gateway::standalone::{self, Running};
+
+mod support;
 
 struct Gateway {
     running: Running,
@@ -29,35 +30,12 @@ async fn gateway(limits: Limits, rate_per_second: u32) -> Gateway {
 
 async fn gateway_with(limits: Limits, rate_per_second: u32, metrics_listen: Option<std::net::SocketAddr>) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(
-        config.join("tiers.yaml"),
-        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, default: true, backend: {url: 'memory://'}}\n",
-    )
-    .unwrap();
-    let options = standalone::Options {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("data"),
-        config_dir: config,
-        secrets_dir: None,
-        config_reload: Duration::from_secs(5),
-        database_url: None,
-        auth: AuthSettings {
-            secret: Some(b"hostile-secret".to_vec()),
-            rate_per_second,
-            rate_burst: rate_per_second,
-            ..AuthSettings::default()
-        },
-        max_upload_bytes: 8 << 20,
-        public_url: None,
-        allow_webhook_cidrs: vec![],
-        nats_url: None,
-        link_key: None,
-        kube_namespace: None,
-        limits,
-        metrics_listen,
-    };
+    let mut options = support::options(dir.path(), support::MEMORY_TIER, b"hostile-secret");
+    options.auth.rate_per_second = rate_per_second;
+    options.auth.rate_burst = rate_per_second;
+    options.max_upload_bytes = 8 << 20;
+    options.limits = limits;
+    options.metrics_listen = metrics_listen;
     Gateway { running: standalone::start(options).await.unwrap(), _dir: dir }
 }
 

@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vellum_gateway::auth::AuthSettings;
-use vellum_gateway::limits::Limits;
 use vellum_gateway::standalone;
+
+mod support;
 
 /// The schemathesis command beside the suite's Python interpreter.
 fn schemathesis() -> PathBuf {
@@ -22,31 +22,14 @@ fn schemathesis() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_the_server_as_its_openapi_document_describes_it() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(
-        config.join("tiers.yaml"),
-        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, default: true, backend: {url: 'memory://'}}\n---\napiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: cold}\nspec: {class: COLD, backend: {url: 'memory://'}}\n",
-    )
-    .unwrap();
-    let options = standalone::Options {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("data"),
-        config_dir: config,
-        secrets_dir: None,
-        config_reload: Duration::from_secs(5),
-        database_url: None,
-        // Unlimited: the generated requests come from one user as fast as they go.
-        auth: AuthSettings { secret: Some(b"schemathesis".to_vec()), rate_per_second: 0, ..AuthSettings::default() },
-        max_upload_bytes: 5 << 30,
-        public_url: None,
-        allow_webhook_cidrs: vec![],
-        nats_url: None,
-        link_key: None,
-        kube_namespace: None,
-        limits: Limits::default(),
-        metrics_listen: None,
-    };
+    let tiers = format!(
+        "{}---\napiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {{name: cold}}\nspec: {{class: COLD, backend: {{url: 'memory://'}}}}\n",
+        support::MEMORY_TIER
+    );
+    let mut options = support::options(dir.path(), &tiers, b"schemathesis");
+    // Unlimited: the generated requests come from one user as fast as they go.
+    options.auth.rate_per_second = 0;
+    options.max_upload_bytes = 5 << 30;
     let gw = standalone::start(options).await.unwrap();
     let token = gw.state.auth.mint("admin", &["admin", "user"], Duration::from_secs(3600)).unwrap();
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis");

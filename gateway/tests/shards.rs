@@ -69,6 +69,28 @@ async fn databases(n: usize) -> Vec<TestDatabase> {
     futures::future::try_join_all((0..n).map(|_| TestDatabase::new())).await.unwrap()
 }
 
+/// A gateway over `n` fresh Postgres shards under ConsistentHash routing, with a private
+/// nats-server: the databases, the routing table the gateway uses, and what must live as
+/// long as the test.
+struct Ring {
+    dbs: Vec<TestDatabase>,
+    table: RoutingTable,
+    nats: NatsProcess,
+    gw: Running,
+    _dir: tempfile::TempDir,
+}
+
+async fn ring(n: usize) -> Ring {
+    let dir = tempfile::tempdir().unwrap();
+    let dbs = databases(n).await;
+    write_config(dir.path(), &dbs, "{strategy: ConsistentHash, virtualNodes: 64}", None);
+    let (_, config, _) = compile_dir(&dir.path().join("config")).unwrap();
+    let table = RoutingTable::build(config.shards.as_ref().unwrap()).unwrap();
+    let nats = NatsProcess::start().unwrap();
+    let gw = standalone::start(options(dir.path(), Some(nats.url()))).await.unwrap();
+    Ring { dbs, table, nats, gw, _dir: dir }
+}
+
 /// The document ids each database holds.
 async fn ids_by_shard(dbs: &[TestDatabase]) -> Vec<HashSet<i64>> {
     let mut all = Vec::new();
@@ -115,13 +137,7 @@ async fn list_all(client: &reqwest::Client, gw: &Running, token: &str, limit: u3
 #[tokio::test]
 #[allow(clippy::too_many_lines)] // one walk through a sharded platform, step by step
 async fn eight_shards_route_serve_and_list_every_document() {
-    let dir = tempfile::tempdir().unwrap();
-    let dbs = databases(8).await;
-    write_config(dir.path(), &dbs, "{strategy: ConsistentHash, virtualNodes: 64}", None);
-    let (_, config, _) = compile_dir(&dir.path().join("config")).unwrap();
-    let table = RoutingTable::build(config.shards.as_ref().unwrap()).unwrap();
-    let nats = NatsProcess::start().unwrap();
-    let gw = standalone::start(options(dir.path(), Some(nats.url()))).await.unwrap();
+    let Ring { dbs, table, nats, gw, _dir } = ring(8).await;
     let client = reqwest::Client::new();
     let (alice, bob) = (token(&gw, "alice", &["user"]), token(&gw, "bob", &["user"]));
     let admin = token(&gw, "root", &["admin", "user"]);
@@ -275,13 +291,7 @@ async fn range_routing_and_a_single_shard_work_and_several_shards_need_nats() {
 #[tokio::test]
 #[allow(clippy::too_many_lines)] // one walk through every upload path, then the collector
 async fn uploads_survive_garbage_collection_on_every_shard() {
-    let dir = tempfile::tempdir().unwrap();
-    let dbs = databases(2).await;
-    write_config(dir.path(), &dbs, "{strategy: ConsistentHash, virtualNodes: 64}", None);
-    let (_, config, _) = compile_dir(&dir.path().join("config")).unwrap();
-    let table = RoutingTable::build(config.shards.as_ref().unwrap()).unwrap();
-    let nats = NatsProcess::start().unwrap();
-    let gw = standalone::start(options(dir.path(), Some(nats.url()))).await.unwrap();
+    let Ring { dbs, table, nats: _nats, gw, _dir } = ring(2).await;
     let client = reqwest::Client::new();
     let alice = token(&gw, "alice", &["user"]);
     // (document id, version) → the bytes it was given.

@@ -16,23 +16,24 @@ pub struct Gateway {
     _dir: tempfile::TempDir,
 }
 
-pub async fn gateway() -> Gateway {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config");
+/// A tier on memory, the default.
+pub const MEMORY_TIER: &str = "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, default: true, backend: {url: 'memory://'}}\n";
+
+/// Standalone options in `dir` with `tiers` (StorageTier YAML) as the platform config, on
+/// a free port, an HS256 `secret`, 1 MiB uploads and default limits; tests change what
+/// they need.
+pub fn options(dir: &std::path::Path, tiers: &str, secret: &[u8]) -> standalone::Options {
+    let config = dir.join("config");
     std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(
-        config.join("tiers.yaml"),
-        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\nspec: {class: HOT, default: true, backend: {url: 'memory://'}}\n",
-    )
-    .unwrap();
-    let options = standalone::Options {
+    std::fs::write(config.join("tiers.yaml"), tiers).unwrap();
+    standalone::Options {
         listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("data"),
+        data_dir: dir.join("data"),
         config_dir: config,
         secrets_dir: None,
-        config_reload: std::time::Duration::from_secs(5),
+        config_reload: Duration::from_secs(5),
         database_url: None,
-        auth: AuthSettings { secret: Some(b"test-secret".to_vec()), ..AuthSettings::default() },
+        auth: AuthSettings { secret: Some(secret.to_vec()), ..AuthSettings::default() },
         max_upload_bytes: 1 << 20,
         public_url: None,
         allow_webhook_cidrs: vec![],
@@ -41,7 +42,12 @@ pub async fn gateway() -> Gateway {
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
-    };
+    }
+}
+
+pub async fn gateway() -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let options = options(dir.path(), MEMORY_TIER, b"test-secret");
     Gateway { running: standalone::start(options).await.unwrap(), client: reqwest::Client::new(), _dir: dir }
 }
 
