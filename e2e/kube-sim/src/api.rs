@@ -93,7 +93,7 @@ async fn handle(
     let segs: Vec<&str> = if path.is_empty() { vec![] } else { path.split('/').collect() };
     let result = match (&method, segs.as_slice()) {
         (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name, "log"]) => {
-            crate::kubelet::logs::serve(&sim.kubelet, &sim.store, ns, name, &params)
+            crate::kubelet::logs::serve(&sim.kubelet, ns, name, &params)
         }
         (_, ["api", "v1", "namespaces", ns, kind @ ("pods" | "services"), target, "proxy", rest @ ..]) => {
             crate::services::forward(

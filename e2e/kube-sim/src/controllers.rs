@@ -328,10 +328,13 @@ mod tests {
             images: vec![],
             kwok: true,
             restart_backoff: std::time::Duration::from_secs(1),
-            api_server: ([127, 0, 0, 1], 6443).into(),
             kubeconfig: None,
         };
-        let kubelet = crate::kubelet::Kubelet::new(store.clone(), config, dir.path().to_owned());
+        let api = std::sync::Arc::new(crate::kubelet::SimApi {
+            store: store.clone(),
+            api_server: ([127, 0, 0, 1], 6443).into(),
+        });
+        let kubelet = crate::kubelet::Kubelet::new(api, config, dir.path().to_owned());
         let run_once = |store: &Store| {
             run_once(store);
             kubelet.sync();

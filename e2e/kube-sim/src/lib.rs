@@ -147,10 +147,10 @@ impl Simulator {
             images: options.images,
             kwok: options.kwok,
             restart_backoff: options.restart_backoff.unwrap_or(Duration::from_secs(1)),
-            api_server: addr,
             kubeconfig: Some(path.clone()),
         };
-        let kubelet = Kubelet::new(store.clone(), config, state.path().join("pods"));
+        let api = Arc::new(kubelet::SimApi { store: store.clone(), api_server: addr });
+        let kubelet = Kubelet::new(api, config, state.path().join("pods"));
         let requests = api::Requests::default();
         let app = api::router(api::Sim { store: store.clone(), kubelet: kubelet.clone(), requests: requests.clone() });
         let proxies = services::Proxies::default();

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use serde_json::Value;
 
+use super::api::NodeApi;
 use crate::meta;
-use crate::store::Store;
 
 /// Why a container cannot start yet (`reason`, `message`), as its waiting state says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,16 +63,19 @@ fn set(vars: &mut Vec<(String, String)>, name: &str, value: String) {
 
 /// The data of a ConfigMap or Secret (Secret values decoded), or why it cannot be read.
 pub fn source_data(
-    store: &Store,
+    api: &dyn NodeApi,
     namespace: &str,
     kind: &str,
     name: &str,
 ) -> Result<BTreeMap<String, Vec<u8>>, Waiting> {
-    let registry = store.registry();
-    let t = registry.by_kind("v1", kind).ok_or_else(|| Waiting::new("CreateContainerConfigError", "no such kind"))?;
-    let object = store.get(t, namespace, name).map_err(|_| {
+    let object = api.object(kind, namespace, name).ok_or_else(|| {
         Waiting::new("CreateContainerConfigError", format!("{} \"{name}\" not found", kind.to_ascii_lowercase()))
     })?;
+    Ok(object_data(&object, kind))
+}
+
+/// The data of a ConfigMap or Secret object, Secret values decoded.
+pub fn object_data(object: &Value, kind: &str) -> BTreeMap<String, Vec<u8>> {
     // A Secret's `data` and a ConfigMap's `binaryData` are base64; the other field is text
     // (a Secret's `stringData` wins over its `data`).
     let (encoded, text) = if kind == "Secret" { ("data", "stringData") } else { ("binaryData", "data") };
@@ -86,7 +89,7 @@ pub fn source_data(
     for (k, v) in entries(text) {
         data.insert(k, v.as_str().unwrap_or_default().as_bytes().to_vec());
     }
-    Ok(data)
+    data
 }
 
 /// `metadata.labels['app']` and the other paths a `fieldRef` may name.
@@ -145,11 +148,11 @@ fn resource_ref(container: &Value, resource: &str) -> String {
     })
 }
 
-fn key_of(store: &Store, namespace: &str, kind: &str, selector: &Value) -> Result<Option<String>, Waiting> {
+fn key_of(api: &dyn NodeApi, namespace: &str, kind: &str, selector: &Value) -> Result<Option<String>, Waiting> {
     let name = meta::str_at(selector, "/name").unwrap_or_default();
     let key = meta::str_at(selector, "/key").unwrap_or_default();
     let optional = selector.get("optional").and_then(Value::as_bool).unwrap_or(false);
-    match source_data(store, namespace, kind, name) {
+    match source_data(api, namespace, kind, name) {
         Ok(data) => match data.get(key) {
             Some(bytes) => Ok(Some(String::from_utf8_lossy(bytes).into_owned())),
             None if optional => Ok(None),
@@ -200,7 +203,7 @@ pub fn service_vars(services: &[Value]) -> Vec<(String, String)> {
 /// The environment of `container` in `pod`, on top of `base` (PATH, HOSTNAME, the API
 /// server's address and the Service variables).
 pub fn environment(
-    store: &Store,
+    api: &dyn NodeApi,
     pod: &Value,
     container: &Value,
     base: Vec<(String, String)>,
@@ -215,7 +218,7 @@ pub fn environment(
             _ => continue,
         };
         let optional = source.get("optional").and_then(Value::as_bool).unwrap_or(false);
-        match source_data(store, namespace, kind, meta::str_at(source, "/name").unwrap_or_default()) {
+        match source_data(api, namespace, kind, meta::str_at(source, "/name").unwrap_or_default()) {
             Ok(data) => {
                 for (k, v) in data {
                     set(&mut vars, &format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
@@ -231,9 +234,9 @@ pub fn environment(
             Some(expand(value, &vars))
         } else if let Some(from) = var.get("valueFrom") {
             if let Some(r) = from.get("configMapKeyRef") {
-                key_of(store, namespace, "ConfigMap", r)?
+                key_of(api, namespace, "ConfigMap", r)?
             } else if let Some(r) = from.get("secretKeyRef") {
-                key_of(store, namespace, "Secret", r)?
+                key_of(api, namespace, "Secret", r)?
             } else if let Some(r) = from.get("fieldRef") {
                 Some(field_ref(pod, meta::str_at(r, "/fieldPath").unwrap_or_default())?)
             } else {
@@ -253,6 +256,8 @@ pub fn environment(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kubelet::SimApi;
+    use crate::store::Store;
     use serde_json::json;
 
     #[test]
@@ -286,7 +291,8 @@ mod tests {
             {"name": "LISTEN", "value": "$(IP):8080"},
             {"name": "GONE", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "k", "optional": true}}},
         ]});
-        let env = environment(&store, &pod, &container, vec![]).unwrap();
+        let api = SimApi { store: store.clone(), api_server: ([127, 0, 0, 1], 6443).into() };
+        let env = environment(&api, &pod, &container, vec![]).unwrap();
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("CFG_mode"), Some("fast"));
         assert_eq!(get("MODE"), Some("fast"));
@@ -295,7 +301,7 @@ mod tests {
         assert_eq!(get("APP"), Some("web"));
         assert_eq!(get("GONE"), None);
         let missing = json!({"env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "nope"}}}]});
-        let err = environment(&store, &pod, &missing, vec![]).unwrap_err();
+        let err = environment(&api, &pod, &missing, vec![]).unwrap_err();
         assert_eq!(err.reason, "CreateContainerConfigError");
         assert_eq!(err.message, "couldn't find key nope in Secret default/creds");
     }

@@ -16,7 +16,6 @@ use super::Kubelet;
 use super::process::parse_log;
 use crate::meta;
 use crate::status::ApiError;
-use crate::store::Store;
 
 fn names(pod: &Value, pointer: &str) -> Vec<String> {
     pod.pointer(pointer)
@@ -84,8 +83,7 @@ impl Format {
 struct Follow {
     first: Option<String>,
     offset: u64,
-    store: Store,
-    t: crate::registry::ResourceType,
+    kubelet: Kubelet,
     namespace: String,
     name: String,
     uid: String,
@@ -111,8 +109,8 @@ impl Follow {
     /// Whether this run of the container is over: the pod gone, or the container ended or
     /// restarted.
     fn over(&self) -> bool {
-        match self.store.get(&self.t, &self.namespace, &self.name) {
-            Ok(pod) if meta::uid(&pod) == self.uid => {
+        match self.kubelet.api().pod(&self.namespace, &self.name) {
+            Some(pod) if meta::uid(&pod) == self.uid => {
                 let status = container_status(&pod, &self.container).cloned().unwrap_or_default();
                 status.get("restartCount").and_then(Value::as_i64).unwrap_or(0) != self.run
                     || status.pointer("/state/running").is_none()
@@ -143,14 +141,14 @@ impl Follow {
 /// Serves a pod's log.
 pub fn serve<S: BuildHasher>(
     kubelet: &Kubelet,
-    store: &Store,
     namespace: &str,
     name: &str,
     params: &HashMap<String, String, S>,
 ) -> Result<Response, ApiError> {
-    let registry = store.registry();
-    let t = registry.by_kind("v1", "Pod").cloned().ok_or_else(ApiError::path_not_found)?;
-    let pod = store.get(&t, namespace, name)?;
+    let pod = kubelet
+        .api()
+        .pod(namespace, name)
+        .ok_or_else(|| ApiError::new(404, "NotFound", format!("pods \"{name}\" not found")))?;
     let container = pick(&pod, params.get("container"))?;
     let flag = |k: &str| params.get(k).is_some_and(|v| v == "true" || v == "1");
     let status = container_status(&pod, &container).cloned().unwrap_or_default();
@@ -206,8 +204,7 @@ pub fn serve<S: BuildHasher>(
     let follow = Follow {
         first: Some(text),
         offset: std::fs::metadata(&path).map_or(0, |m| m.len()),
-        store: store.clone(),
-        t,
+        kubelet: kubelet.clone(),
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         uid,

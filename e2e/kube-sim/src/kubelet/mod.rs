@@ -6,6 +6,7 @@
 //! starting anything, for scale tests (and, in pods that run to completion, completed). An image no rule names fails to pull, as on a node
 //! that cannot reach its registry.
 
+pub mod api;
 pub mod env;
 pub mod logs;
 pub mod probe;
@@ -13,7 +14,7 @@ pub mod process;
 pub mod volumes;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -22,14 +23,10 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use self::api::{NodeApi, SimApi};
 use self::env::Waiting;
 use self::process::{Groups, Launch, Mount, Process};
 use crate::meta;
-use crate::registry::ResourceType;
-use crate::store::{DeleteOptions, Store};
-
-/// The simulator's node.
-pub const NODE: &str = "kube-sim";
 
 /// What a container image runs as.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,8 +91,6 @@ pub struct Config {
     pub kwok: bool,
     /// The first restart delay of a crashing container (doubling up to five minutes).
     pub restart_backoff: Duration,
-    /// The API server's address, given to containers as `KUBERNETES_SERVICE_HOST`/`PORT`.
-    pub api_server: SocketAddr,
     /// A kubeconfig for the API server, given to containers as `KUBECONFIG` where a real
     /// kubelet would mount a ServiceAccount token: the simulator serves plain HTTP, which
     /// in-cluster configuration does not accept, and every client library reads
@@ -121,7 +116,7 @@ pub struct Kubelet {
 
 #[derive(Debug)]
 struct Inner {
-    store: Store,
+    api: Arc<dyn NodeApi>,
     config: Config,
     root: PathBuf,
     pods: Mutex<HashMap<String, PodHandle>>,
@@ -142,10 +137,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Kubelet {
-    /// A kubelet keeping its pods' files under `root`.
-    pub fn new(store: Store, config: Config, root: PathBuf) -> Self {
+    /// A kubelet keeping its pods' files under `root`, seeing the cluster through `api`.
+    pub fn new(api: Arc<dyn NodeApi>, config: Config, root: PathBuf) -> Self {
         let inner = Inner {
-            store,
+            api,
             config,
             root,
             pods: Mutex::new(HashMap::new()),
@@ -177,24 +172,19 @@ impl Kubelet {
         }
     }
 
+    /// The cluster as this node sees it.
+    pub fn api(&self) -> &Arc<dyn NodeApi> {
+        &self.inner.api
+    }
+
     /// One pass over the pods: bind new ones, start, stop and forget.
     pub fn sync(&self) {
-        let store = &self.inner.store;
-        let registry = store.registry();
-        let (Some(pods_t), Some(nodes_t)) =
-            (registry.by_kind("v1", "Pod").cloned(), registry.by_kind("v1", "Node").cloned())
-        else {
-            return;
-        };
-        if store.get(&nodes_t, "", NODE).is_err() {
-            let _ = store.create(&nodes_t, "", node(), false);
-        }
-        let (pods, _) = store.list(&pods_t, None);
+        let api = &self.inner.api;
+        api.register();
+        let pods = api.pods();
         let live: std::collections::HashSet<&str> = pods.iter().map(meta::uid).collect();
         for pod in &pods {
-            if let Err(e) = self.sync_pod(&pods_t, pod) {
-                tracing::debug!(pod = meta::name(pod), error = %e, "kubelet");
-            }
+            self.sync_pod(pod);
         }
         // Pods removed without the kubelet (force deletion): their processes go.
         let mut handles = lock(&self.inner.pods);
@@ -210,14 +200,15 @@ impl Kubelet {
         ips.retain(|uid, ip| {
             let keep = live.contains(uid.as_str());
             if !keep {
-                store.network().release(*ip);
+                api.release_ip(*ip);
             }
             keep
         });
     }
 
-    fn sync_pod(&self, pods_t: &ResourceType, pod: &Value) -> Result<(), crate::status::ApiError> {
-        let store = &self.inner.store;
+    fn sync_pod(&self, pod: &Value) {
+        let api = &self.inner.api;
+        let node = api.node_name();
         let (ns, name, uid) = (meta::namespace(pod), meta::name(pod), meta::uid(pod));
         if meta::deleting(pod) {
             let grace = pod.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(0);
@@ -232,56 +223,49 @@ impl Kubelet {
                 }
                 _ => {
                     drop(handles);
-                    let force = DeleteOptions { grace_period: Some(0), ..DeleteOptions::default() };
-                    store.delete(pods_t, ns, name, &force)?;
+                    api.delete_pod(ns, name, None);
                 }
             }
-            return Ok(());
+            return;
         }
         let bound = meta::str_at(pod, "/spec/nodeName").filter(|n| !n.is_empty());
         let pod = if bound.is_none() {
-            // The scheduler: one node, every pod fits.
-            let bound = store.modify(pods_t, ns, name, false, false, |mut p| {
-                p["spec"]["nodeName"] = json!(NODE);
-                Ok(p)
-            })?;
-            self.event(pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {NODE}"), None);
+            // Where the node is its own scheduler: one node, every pod fits.
+            let Some(bound) = api.bind(pod) else { return };
+            self.event(pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}"), None);
             bound
-        } else if bound != Some(NODE) {
-            return Ok(());
+        } else if bound != Some(node) {
+            return;
         } else {
             pod.clone()
         };
-        if pod.pointer("/status/phase").is_some() || lock(&self.inner.pods).contains_key(uid) {
-            return Ok(());
+        if pod.pointer("/status/phase").is_some_and(|p| p != "Pending") || lock(&self.inner.pods).contains_key(uid) {
+            return;
         }
-        let ip = *lock(&self.inner.ips).entry(uid.to_owned()).or_insert_with(|| store.network().pod_ip());
+        if pod.pointer("/status/podIP").is_some() {
+            // Started by an earlier run of this node: what ran is gone with it.
+            return;
+        }
+        let ip = *lock(&self.inner.ips).entry(uid.to_owned()).or_insert_with(|| api.pod_ip());
         let containers: Vec<Value> = all_containers(&pod).into_iter().map(|(_, c)| c).collect();
         let kwok = containers
             .iter()
             .all(|c| self.inner.config.runtime(meta::str_at(c, "/image").unwrap_or_default()) == Some(Runtime::Kwok));
         if kwok {
-            let status = kwok_status(&pod, ip);
-            return store
-                .modify(pods_t, ns, name, true, false, |mut p| {
-                    p["status"] = status;
-                    Ok(p)
-                })
-                .map(drop);
+            let status = kwok_status(&pod, ip, api.host_ip());
+            api.set_status(ns, name, uid, status);
+            return;
         }
-        let ctx = Arc::new(PodCtx::new(self.clone(), pods_t.clone(), &pod, ip));
+        let ctx = Arc::new(PodCtx::new(self.clone(), &pod, ip));
         ctx.publish();
         let (stop, stopped) = watch::channel(None);
         let task = tokio::spawn(run_pod(ctx, pod, stopped));
         lock(&self.inner.pods).insert(uid.to_owned(), PodHandle { stop, task });
-        Ok(())
     }
 
     /// Records a Kubernetes Event about a pod, as the kubelet reports what it does.
     fn event(&self, pod: &Value, kind: &str, reason: &str, message: &str, field_path: Option<&str>) {
-        let store = &self.inner.store;
-        let registry = store.registry();
-        let Some(t) = registry.by_kind("v1", "Event") else { return };
+        let node = self.inner.api.node_name();
         let now = meta::now();
         let mut involved = json!({"apiVersion": "v1", "kind": "Pod", "name": meta::name(pod),
                                   "namespace": meta::namespace(pod), "uid": meta::uid(pod)});
@@ -293,33 +277,12 @@ impl Kubelet {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": format!("{}.{stamp:x}", meta::name(pod))},
             "involvedObject": involved, "reason": reason, "message": message, "type": kind,
-            "source": {"component": "kubelet", "host": NODE},
+            "source": {"component": "kubelet", "host": node},
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-            "reportingComponent": "kubelet", "reportingInstance": NODE,
+            "reportingComponent": "kubelet", "reportingInstance": node,
         });
-        let _ = store.create(t, meta::namespace(pod), event, false);
+        self.inner.api.event(meta::namespace(pod), event);
     }
-}
-
-fn node() -> Value {
-    let now = meta::now();
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE, "kubernetes.io/os": "linux",
-                                               "node-role.kubernetes.io/control-plane": ""}},
-        "spec": {},
-        "status": {
-            "capacity": {"cpu": cpus.to_string(), "memory": "16Gi", "pods": "1000"},
-            "allocatable": {"cpu": cpus.to_string(), "memory": "16Gi", "pods": "1000"},
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": NODE}],
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                            "message": "kubelet is posting ready status", "lastHeartbeatTime": now, "lastTransitionTime": now}],
-            "nodeInfo": {"kubeletVersion": "v1.33.0-kube-sim", "operatingSystem": "linux", "architecture": "amd64",
-                         "containerRuntimeVersion": "kube-sim://1", "osImage": "kube-sim", "kernelVersion": "",
-                         "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""},
-        },
-    })
 }
 
 /// Init containers, then containers, with whether each is an init container.
@@ -344,7 +307,7 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>, message: Option<String>
 }
 
 /// A kwok pod: running and ready at once.
-fn kwok_status(pod: &Value, ip: Ipv4Addr) -> Value {
+fn kwok_status(pod: &Value, ip: Ipv4Addr, host: Ipv4Addr) -> Value {
     let now = meta::now();
     // A pod that runs to completion (a Job's) has completed; any other runs on.
     let completes = !restarts(meta::str_at(pod, "/spec/restartPolicy").unwrap_or("Always"), 0);
@@ -376,8 +339,8 @@ fn kwok_status(pod: &Value, ip: Ipv4Addr) -> Value {
     };
     json!({
         "phase": if completes { "Succeeded" } else { "Running" },
-        "hostIP": "127.0.0.1",
-        "hostIPs": [{"ip": "127.0.0.1"}],
+        "hostIP": host.to_string(),
+        "hostIPs": [{"ip": host.to_string()}],
         "podIP": ip.to_string(),
         "podIPs": [{"ip": ip.to_string()}],
         "startTime": now,
@@ -432,7 +395,6 @@ impl Container {
 #[derive(Debug)]
 struct PodCtx {
     kubelet: Kubelet,
-    t: ResourceType,
     namespace: String,
     name: String,
     uid: String,
@@ -443,7 +405,7 @@ struct PodCtx {
 }
 
 impl PodCtx {
-    fn new(kubelet: Kubelet, t: ResourceType, pod: &Value, ip: Ipv4Addr) -> Self {
+    fn new(kubelet: Kubelet, pod: &Value, ip: Ipv4Addr) -> Self {
         let dir = kubelet.inner.root.join(meta::uid(pod));
         let containers = all_containers(pod)
             .into_iter()
@@ -467,7 +429,6 @@ impl PodCtx {
             .collect();
         Self {
             kubelet,
-            t,
             namespace: meta::namespace(pod).to_owned(),
             name: meta::name(pod).to_owned(),
             uid: meta::uid(pod).to_owned(),
@@ -478,8 +439,8 @@ impl PodCtx {
         }
     }
 
-    fn store(&self) -> &Store {
-        &self.kubelet.inner.store
+    fn api(&self) -> &dyn NodeApi {
+        self.kubelet.inner.api.as_ref()
     }
 
     fn update(&self, index: usize, change: impl FnOnce(&mut Container)) {
@@ -559,8 +520,8 @@ impl PodCtx {
         let mut status = json!({
             "phase": phase,
             "conditions": conditions,
-            "hostIP": "127.0.0.1",
-            "hostIPs": [{"ip": "127.0.0.1"}],
+            "hostIP": self.api().host_ip().to_string(),
+            "hostIPs": [{"ip": self.api().host_ip().to_string()}],
             "podIP": self.ip.to_string(),
             "podIPs": [{"ip": self.ip.to_string()}],
             "startTime": self.start,
@@ -575,22 +536,13 @@ impl PodCtx {
 
     /// Writes the pod's status (if the pod is still this one).
     fn publish(&self) {
-        let uid = self.uid.clone();
-        let result = self.store().modify(&self.t, &self.namespace, &self.name, true, false, |mut pod| {
-            if meta::uid(&pod) != uid {
-                return Err(crate::status::ApiError::bad_request("the pod was replaced"));
-            }
-            let status = self.status(pod.get("status").unwrap_or(&Value::Null));
-            pod["status"] = status;
-            Ok(pod)
-        });
-        if let Err(e) = result {
-            tracing::debug!(pod = %self.name, error = %e, "kubelet status");
-        }
+        let previous = self.pod().and_then(|p| p.get("status").cloned()).unwrap_or(Value::Null);
+        let status = self.status(&previous);
+        self.api().set_status(&self.namespace, &self.name, &self.uid, status);
     }
 
     fn pod(&self) -> Option<Value> {
-        self.store().get(&self.t, &self.namespace, &self.name).ok().filter(|p| meta::uid(p) == self.uid)
+        self.api().pod(&self.namespace, &self.name).filter(|p| meta::uid(p) == self.uid)
     }
 
     fn event(&self, kind: &str, reason: &str, message: &str, container: Option<&str>) {
@@ -603,7 +555,7 @@ impl PodCtx {
     /// The base environment of a container: the host's PATH, the pod's hostname, the API
     /// server and the Service variables of the pod's namespace.
     fn base_env(&self, pod: &Value) -> Vec<(String, String)> {
-        let api = self.kubelet.inner.config.api_server;
+        let api = self.api().api_server();
         let mut vars = vec![
             ("PATH".to_owned(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
             ("HOSTNAME".to_owned(), self.name.clone()),
@@ -617,11 +569,7 @@ impl PodCtx {
             vars.push(("KUBECONFIG".to_owned(), path.display().to_string()));
         }
         if pod.pointer("/spec/enableServiceLinks").and_then(Value::as_bool) != Some(false) {
-            let registry = self.store().registry();
-            if let Some(t) = registry.by_kind("v1", "Service") {
-                let (services, _) = self.store().list(t, Some(&self.namespace));
-                vars.extend(env::service_vars(&services));
-            }
+            vars.extend(env::service_vars(&self.api().services(&self.namespace)));
         }
         vars
     }
@@ -648,7 +596,7 @@ impl PodCtx {
                 ));
             }
         };
-        let env = env::environment(self.store(), pod, spec, self.base_env(pod))?;
+        let env = env::environment(self.api(), pod, spec, self.base_env(pod))?;
         let strings = |field: &str| -> Vec<String> {
             spec.get(field)
                 .and_then(Value::as_array)
@@ -684,12 +632,10 @@ impl PodCtx {
                 Waiting::new("CreateContainerError", format!("cannot make the mount point {}: {e}", target.display()))
             })?;
             let read_only = m.get("readOnly").and_then(Value::as_bool).unwrap_or(false)
-                || pod
-                    .pointer("/spec/volumes")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .any(|v| v["name"] == volume && (v.get("configMap").is_some() || v.get("secret").is_some()));
+                || pod.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten().any(|v| {
+                    v["name"] == volume
+                        && (v.get("configMap").is_some() || v.get("secret").is_some() || v.get("projected").is_some())
+                });
             mounts.push(Mount { source, target, read_only });
         }
         let cwd = if let Some(dir) = meta::str_at(spec, "/workingDir") {
@@ -763,7 +709,7 @@ async fn run_pod(ctx: Arc<PodCtx>, pod: Value, mut stop: watch::Receiver<Option<
     let mut volumes = volumes::Volumes::new(ctx.dir.join("volumes"));
     let mut reported = None;
     loop {
-        match volumes.sync(ctx.store(), &pod) {
+        match volumes.sync(ctx.api(), &pod) {
             Ok(_) => break,
             Err(w) => {
                 if reported.as_ref() != Some(&w) {
@@ -799,7 +745,7 @@ async fn run_pod(ctx: Arc<PodCtx>, pod: Value, mut stop: watch::Receiver<Option<
     let refresh = async {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let changed = lock(&volumes).sync(ctx.store(), &pod);
+            let changed = lock(&volumes).sync(ctx.api(), &pod);
             if let Err(w) = changed {
                 tracing::debug!(pod = %ctx.name, message = %w.message, "volume refresh");
             }
@@ -816,8 +762,7 @@ async fn run_pod(ctx: Arc<PodCtx>, pod: Value, mut stop: watch::Receiver<Option<
 /// The pod's containers have stopped: its object goes, and its files.
 fn finish(ctx: &PodCtx, pod: &Value) {
     ctx.publish();
-    let force = DeleteOptions { grace_period: Some(0), uid: Some(ctx.uid.clone()), ..DeleteOptions::default() };
-    let _ = ctx.store().delete(&ctx.t, meta::namespace(pod), meta::name(pod), &force);
+    ctx.api().delete_pod(meta::namespace(pod), meta::name(pod), Some(&ctx.uid));
 }
 
 /// The delay before restarting a container that has restarted `restarts` times: the base,

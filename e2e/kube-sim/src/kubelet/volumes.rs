@@ -2,7 +2,10 @@
 //! directory whose keys are links into `..data`, itself a link to a timestamped directory
 //! that is replaced atomically when the source changes, so that a process reading a file
 //! sees the old content or the new, never half of one. `emptyDir` is a directory of the
-//! pod's, `hostPath` the host's path.
+//! pod's, `hostPath` the host's path. A `projected` volume gathers ConfigMap and Secret keys,
+//! downward API fields and a ServiceAccount token the API server issues for the pod (the
+//! volume the ServiceAccount admission plugin adds to every pod, so that in-cluster clients
+//! find `token`, `ca.crt` and `namespace` where they look).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -10,9 +13,9 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
 
-use super::env::{Waiting, source_data};
+use super::api::{NodeApi, TokenRequest};
+use super::env::{Waiting, field_ref, object_data};
 use crate::meta;
-use crate::store::Store;
 
 /// What a volume was built from, to know when to rebuild it.
 pub type Fingerprint = Vec<String>;
@@ -20,22 +23,31 @@ pub type Fingerprint = Vec<String>;
 /// A projected volume's files: relative path → (content, mode).
 type Files = BTreeMap<PathBuf, (Vec<u8>, u32)>;
 
-/// The files a ConfigMap or Secret volume should hold (`path → (bytes, mode)`), and its
-/// fingerprint; `None` for volumes that are not projected from objects.
-fn projected(store: &Store, namespace: &str, volume: &Value) -> Result<Option<(Files, Fingerprint)>, Waiting> {
-    let (kind, source) = match (volume.get("configMap"), volume.get("secret")) {
-        (Some(s), _) => ("ConfigMap", s),
-        (_, Some(s)) => ("Secret", s),
-        _ => return Ok(None),
-    };
-    let name = meta::str_at(source, if kind == "Secret" { "/secretName" } else { "/name" }).unwrap_or_default();
+fn mode_of(v: Option<&Value>) -> Option<u32> {
+    v.and_then(Value::as_u64).and_then(|m| u32::try_from(m).ok())
+}
+
+/// The files of a ConfigMap or Secret source (`items` picked, or every key), added to
+/// `files`, and its fingerprint; `Ok(None)` for an optional source that is missing.
+fn object_files(
+    api: &dyn NodeApi,
+    namespace: &str,
+    kind: &str,
+    source: &Value,
+    mode: u32,
+    volume_name: &str,
+    files: &mut Files,
+) -> Result<String, Waiting> {
+    let name = meta::str_at(
+        source,
+        if kind == "Secret" && source.get("secretName").is_some() { "/secretName" } else { "/name" },
+    )
+    .unwrap_or_default();
     let optional = source.get("optional").and_then(Value::as_bool).unwrap_or(false);
-    let mode = source.get("defaultMode").and_then(Value::as_u64).and_then(|m| u32::try_from(m).ok()).unwrap_or(0o644);
-    let volume_name = meta::str_at(volume, "/name").unwrap_or_default();
-    let data = match source_data(store, namespace, kind, name) {
-        Ok(data) => data,
-        Err(_) if optional => BTreeMap::new(),
-        Err(_) => {
+    let object = match api.object(kind, namespace, name) {
+        Some(object) => object,
+        None if optional => return Ok(format!("{kind}/{name}@")),
+        None => {
             return Err(Waiting::new(
                 "ContainerCreating",
                 format!(
@@ -45,21 +57,13 @@ fn projected(store: &Store, namespace: &str, volume: &Value) -> Result<Option<(F
             ));
         }
     };
-    let version = {
-        let registry = store.registry();
-        registry
-            .by_kind("v1", kind)
-            .and_then(|t| store.get(t, namespace, name).ok())
-            .map(|o| meta::resource_version(&o).to_owned())
-    };
-    let mut files = BTreeMap::new();
+    let data = object_data(&object, kind);
     match source.get("items").and_then(Value::as_array) {
         Some(items) => {
             for item in items {
                 let key = meta::str_at(item, "/key").unwrap_or_default();
                 let path = meta::str_at(item, "/path").unwrap_or(key);
-                let item_mode =
-                    item.get("mode").and_then(Value::as_u64).and_then(|m| u32::try_from(m).ok()).unwrap_or(mode);
+                let item_mode = mode_of(item.get("mode")).unwrap_or(mode);
                 match data.get(key) {
                     Some(bytes) => {
                         files.insert(PathBuf::from(path), (bytes.clone(), item_mode));
@@ -82,7 +86,65 @@ fn projected(store: &Store, namespace: &str, volume: &Value) -> Result<Option<(F
             }
         }
     }
-    Ok(Some((files, vec![format!("{kind}/{name}@{}", version.unwrap_or_default())])))
+    Ok(format!("{kind}/{name}@{}", meta::resource_version(&object)))
+}
+
+/// The files a ConfigMap, Secret or projected volume should hold (`path → (bytes, mode)`),
+/// and its fingerprint; `None` for volumes that are not made from API objects.
+fn projected(api: &dyn NodeApi, pod: &Value, volume: &Value) -> Result<Option<(Files, Fingerprint)>, Waiting> {
+    let namespace = meta::namespace(pod);
+    let volume_name = meta::str_at(volume, "/name").unwrap_or_default();
+    let mut files = BTreeMap::new();
+    let mut fingerprint = Vec::new();
+    if let Some((kind, source)) =
+        volume.get("configMap").map(|s| ("ConfigMap", s)).or_else(|| volume.get("secret").map(|s| ("Secret", s)))
+    {
+        let mode = mode_of(source.get("defaultMode")).unwrap_or(0o644);
+        fingerprint.push(object_files(api, namespace, kind, source, mode, volume_name, &mut files)?);
+        return Ok(Some((files, fingerprint)));
+    }
+    let Some(projected) = volume.get("projected") else { return Ok(None) };
+    let mode = mode_of(projected.get("defaultMode")).unwrap_or(0o644);
+    for source in projected.get("sources").and_then(Value::as_array).into_iter().flatten() {
+        if let Some(s) = source.get("configMap") {
+            fingerprint.push(object_files(api, namespace, "ConfigMap", s, mode, volume_name, &mut files)?);
+        } else if let Some(s) = source.get("secret") {
+            fingerprint.push(object_files(api, namespace, "Secret", s, mode, volume_name, &mut files)?);
+        } else if let Some(s) = source.get("downwardAPI") {
+            for item in s.get("items").and_then(Value::as_array).into_iter().flatten() {
+                let Some(path) = meta::str_at(item, "/fieldRef/fieldPath") else { continue };
+                let value = field_ref(pod, path)?;
+                fingerprint.push(format!("field/{path}={value}"));
+                let item_mode = mode_of(item.get("mode")).unwrap_or(mode);
+                files.insert(
+                    PathBuf::from(meta::str_at(item, "/path").unwrap_or(path)),
+                    (value.into_bytes(), item_mode),
+                );
+            }
+        } else if let Some(s) = source.get("serviceAccountToken") {
+            let request = TokenRequest {
+                namespace: namespace.to_owned(),
+                service_account: meta::str_at(pod, "/spec/serviceAccountName").unwrap_or("default").to_owned(),
+                pod_name: meta::name(pod).to_owned(),
+                pod_uid: meta::uid(pod).to_owned(),
+                audience: meta::str_at(s, "/audience").map(str::to_owned),
+                expiration_seconds: s.get("expirationSeconds").and_then(Value::as_i64).unwrap_or(3607),
+            };
+            let token = api.token(&request).ok_or_else(|| {
+                Waiting::new(
+                    "ContainerCreating",
+                    format!(
+                        "MountVolume.SetUp failed for volume \"{volume_name}\" : failed to fetch token: serviceaccounts \"{}\" token not issued",
+                        request.service_account
+                    ),
+                )
+            })?;
+            // A new token rewrites the volume; its signature tells it apart.
+            fingerprint.push(format!("token/{}", &token[token.len().saturating_sub(16)..]));
+            files.insert(PathBuf::from(meta::str_at(s, "/path").unwrap_or("token")), (token.into_bytes(), mode));
+        }
+    }
+    Ok(Some((files, fingerprint)))
 }
 
 fn safe_relative(path: &Path) -> bool {
@@ -152,13 +214,12 @@ impl Volumes {
     }
 
     /// Builds (or refreshes) every volume of `pod`; `Ok(true)` when a projected volume changed.
-    pub fn sync(&mut self, store: &Store, pod: &Value) -> Result<bool, Waiting> {
-        let namespace = meta::namespace(pod);
+    pub fn sync(&mut self, api: &dyn NodeApi, pod: &Value) -> Result<bool, Waiting> {
         let mut changed = false;
         for volume in pod.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten() {
             let name = meta::str_at(volume, "/name").unwrap_or_default().to_owned();
             let dir = self.root.join(&name);
-            if let Some((files, fingerprint)) = projected(store, namespace, volume)? {
+            if let Some((files, fingerprint)) = projected(api, pod, volume)? {
                 if self.fingerprints.get(&name) != Some(&fingerprint) {
                     write_atomically(&dir, &files).map_err(|e| {
                         Waiting::new(
@@ -186,6 +247,8 @@ impl Volumes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kubelet::SimApi;
+    use crate::store::Store;
     use serde_json::json;
 
     #[test]
@@ -198,16 +261,17 @@ mod tests {
         let pod = json!({"metadata": {"name": "p", "namespace": "default"},
                          "spec": {"volumes": [{"name": "config", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}]}});
         let dir = tempfile::tempdir().unwrap();
+        let api = SimApi { store: store.clone(), api_server: ([127, 0, 0, 1], 6443).into() };
         let mut volumes = Volumes::new(dir.path().to_owned());
-        assert!(!volumes.sync(&store, &pod).unwrap());
+        assert!(!volumes.sync(&api, &pod).unwrap());
         let config = volumes.paths["config"].clone();
         assert_eq!(std::fs::read_to_string(config.join("a")).unwrap(), "1");
         assert!(volumes.paths["scratch"].is_dir());
-        assert!(!volumes.sync(&store, &pod).unwrap(), "unchanged sources are not rewritten");
+        assert!(!volumes.sync(&api, &pod).unwrap(), "unchanged sources are not rewritten");
         let mut object = store.get(&cm, "default", "cfg").unwrap();
         object["data"] = json!({"a": "one"});
         store.update(&cm, "default", "cfg", object, false, false).unwrap();
-        assert!(volumes.sync(&store, &pod).unwrap());
+        assert!(volumes.sync(&api, &pod).unwrap());
         assert_eq!(std::fs::read_to_string(config.join("a")).unwrap(), "one");
         assert!(!config.join("b").exists(), "a removed key goes");
         let stamps = std::fs::read_dir(&config)
@@ -218,7 +282,7 @@ mod tests {
         assert_eq!(stamps, 1, "the old data directory is removed");
         let missing = json!({"metadata": {"name": "p", "namespace": "default"},
                              "spec": {"volumes": [{"name": "s", "secret": {"secretName": "nope"}}]}});
-        let err = Volumes::new(dir.path().join("x")).sync(&store, &missing).unwrap_err();
+        let err = Volumes::new(dir.path().join("x")).sync(&api, &missing).unwrap_err();
         assert_eq!(err.message, "MountVolume.SetUp failed for volume \"s\" : secret \"nope\" not found");
     }
 }
