@@ -23,6 +23,7 @@ pub mod kubelet;
 pub mod managed;
 pub mod meta;
 pub mod network;
+pub mod node;
 pub mod openapi;
 pub mod patch;
 pub mod registry;

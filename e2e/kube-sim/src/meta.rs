@@ -85,6 +85,15 @@ pub fn now() -> String {
     format_time(time::OffsetDateTime::now_utc())
 }
 
+/// Now as a `MicroTime` (RFC 3339 with microseconds, UTC), as Leases and Events write it.
+pub fn now_micro() -> String {
+    let at = time::OffsetDateTime::now_utc();
+    let micros = at.microsecond();
+    let at = at.replace_nanosecond(0).unwrap_or(at);
+    let whole = at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    format!("{}.{micros:06}Z", whole.trim_end_matches('Z'))
+}
+
 /// A timestamp as the API writes it: RFC 3339, whole seconds, UTC.
 pub fn format_time(at: time::OffsetDateTime) -> String {
     let at = at.replace_nanosecond(0).unwrap_or(at);

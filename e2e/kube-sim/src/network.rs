@@ -15,7 +15,8 @@ const HALF: u32 = 128 * 254;
 
 #[derive(Debug)]
 pub struct Network {
-    octet: u8,
+    /// The first two octets of every address.
+    prefix: [u8; 2],
     _lock: Option<File>,
     next_pod: AtomicU32,
     next_service: AtomicU32,
@@ -50,9 +51,14 @@ impl Network {
         Self::with(octet, None)
     }
 
+    /// Addresses in `A.B.0.0/16` (a node's pod range in a network namespace of its own).
+    pub fn within(prefix: [u8; 2]) -> Self {
+        Self { prefix, ..Self::with(0, None) }
+    }
+
     fn with(octet: u8, lock: Option<File>) -> Self {
         Self {
-            octet,
+            prefix: [127, octet],
             _lock: lock,
             next_pod: AtomicU32::new(0),
             next_service: AtomicU32::new(0),
@@ -63,7 +69,7 @@ impl Network {
     fn address(&self, n: u32, upper: bool) -> Ipv4Addr {
         let third = u8::try_from(n / 254).unwrap_or(0) + if upper { 128 } else { 0 };
         let fourth = u8::try_from(n % 254 + 1).unwrap_or(1);
-        Ipv4Addr::new(127, self.octet, third, fourth)
+        Ipv4Addr::new(self.prefix[0], self.prefix[1], third, fourth)
     }
 
     fn next(&self, counter: &AtomicU32, upper: bool) -> Ipv4Addr {
@@ -107,10 +113,10 @@ mod tests {
     fn simulators_side_by_side_get_networks_of_their_own() {
         let a = Network::reserve().unwrap();
         let b = Network::reserve().unwrap();
-        assert_ne!(a.octet, b.octet);
+        assert_ne!(a.prefix, b.prefix);
         let (p1, p2, s1) = (a.pod_ip(), a.pod_ip(), a.service_ip());
         assert_ne!(p1, p2);
-        assert_eq!(p1.octets()[..2], [127, a.octet]);
+        assert_eq!(p1.octets()[..2], a.prefix);
         assert!(s1.octets()[2] >= 128 && p1.octets()[2] < 128);
         a.release(p1);
         assert_ne!(a.pod_ip(), p1, "a released address is reused only after the others");

@@ -99,8 +99,9 @@ impl Proxies {
         self.listeners.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 
-    /// One pass: listen for every Service port, forget Services that went, and point each
-    /// listener at the ready endpoints of now.
+    /// One pass over the simulator's store: listen for every Service port on its loopback
+    /// cluster IP, forget Services that went, and point each listener at the ready
+    /// endpoints of now.
     pub fn sync(&self, store: &Store) {
         let registry = store.registry();
         let (Some(services_t), Some(endpoints_t)) =
@@ -112,10 +113,24 @@ impl Proxies {
         let (endpoints, _) = store.list(endpoints_t, None);
         let by_name: HashMap<(&str, &str), &Value> =
             endpoints.iter().map(|e| ((meta::namespace(e), meta::name(e)), e)).collect();
+        let services: Vec<Value> = services
+            .into_iter()
+            .filter(|svc| meta::str_at(svc, "/spec/clusterIP").is_some_and(|ip| ip.starts_with("127.")))
+            .collect();
+        self.sync_with(&services, |svc, port| {
+            backends(by_name.get(&(meta::namespace(svc), meta::name(svc))).copied(), port)
+        });
+    }
+
+    /// One pass over `services` (those with a cluster IP): listen for every TCP port, forget
+    /// Services that went, and point each listener at what `targets` gives for the port.
+    pub fn sync_with(&self, services: &[Value], targets: impl Fn(&Value, &Value) -> Vec<SocketAddr>) {
         let mut listeners = self.listeners.lock().unwrap_or_else(PoisonError::into_inner);
         let mut wanted = std::collections::HashSet::new();
-        for svc in &services {
-            let Some(ip) = meta::str_at(svc, "/spec/clusterIP").filter(|ip| ip.starts_with("127.")) else { continue };
+        for svc in services {
+            let Some(ip) = meta::str_at(svc, "/spec/clusterIP").filter(|ip| !ip.is_empty() && *ip != "None") else {
+                continue;
+            };
             let (ns, name) = (meta::namespace(svc), meta::name(svc));
             for port in svc.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten() {
                 if meta::str_at(port, "/protocol").is_some_and(|p| p != "TCP") {
@@ -126,7 +141,7 @@ impl Proxies {
                 };
                 let key = (ns.to_owned(), name.to_owned(), number);
                 wanted.insert(key.clone());
-                let targets = backends(by_name.get(&(ns, name)).copied(), port);
+                let targets = targets(svc, port);
                 if listeners.get(&key).is_some_and(|l| l.ip != ip) {
                     listeners.remove(&key);
                 }
@@ -153,6 +168,36 @@ impl Proxies {
         }
         listeners.retain(|key, _| wanted.contains(key));
     }
+}
+
+/// The ready endpoints of a Service port from the Service's EndpointSlices.
+pub fn slice_backends(slices: &[&Value], port: &Value) -> Vec<SocketAddr> {
+    let name = meta::str_at(port, "/name").unwrap_or_default();
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(target) = slice
+            .get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|p| meta::str_at(p, "/name").unwrap_or_default() == name)
+            .and_then(|p| p.get("port").and_then(Value::as_u64))
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for endpoint in slice.get("endpoints").and_then(Value::as_array).into_iter().flatten() {
+            if endpoint.pointer("/conditions/ready").and_then(Value::as_bool) == Some(false) {
+                continue;
+            }
+            for address in endpoint.get("addresses").and_then(Value::as_array).into_iter().flatten() {
+                if let Some(Ok(ip)) = address.as_str().map(str::parse::<std::net::IpAddr>) {
+                    out.push(SocketAddr::new(ip, target));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn bind(ip: &str, port: u16) -> std::io::Result<tokio::net::TcpListener> {

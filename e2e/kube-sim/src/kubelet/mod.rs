@@ -285,6 +285,32 @@ impl Kubelet {
     }
 }
 
+/// The pod's quality-of-service class: the API server's when it set one (it is immutable
+/// once set), else computed as the API server does from requests and limits.
+fn qos_class(pod: &Value) -> String {
+    if let Some(class) = meta::str_at(pod, "/status/qosClass") {
+        return class.to_owned();
+    }
+    let containers = all_containers(pod);
+    let resources = |c: &Value, kind: &str, name: &str| c.pointer(&format!("/resources/{kind}/{name}")).cloned();
+    let mut any = false;
+    let mut guaranteed = true;
+    for (_, c) in &containers {
+        for name in ["cpu", "memory"] {
+            let (request, limit) = (resources(c, "requests", name), resources(c, "limits", name));
+            any |= request.is_some() || limit.is_some();
+            guaranteed &= limit.is_some() && (request.is_none() || request == limit);
+        }
+    }
+    if !any {
+        "BestEffort".into()
+    } else if guaranteed {
+        "Guaranteed".into()
+    } else {
+        "Burstable".into()
+    }
+}
+
 /// Init containers, then containers, with whether each is an init container.
 fn all_containers(pod: &Value) -> Vec<(bool, Value)> {
     let list = |p: &str| pod.pointer(p).and_then(Value::as_array).cloned().unwrap_or_default();
@@ -344,7 +370,7 @@ fn kwok_status(pod: &Value, ip: Ipv4Addr, host: Ipv4Addr) -> Value {
         "podIP": ip.to_string(),
         "podIPs": [{"ip": ip.to_string()}],
         "startTime": now,
-        "qosClass": "BestEffort",
+        "qosClass": qos_class(pod),
         "conditions": conditions,
         "containerStatuses": statuses,
     })
@@ -401,6 +427,7 @@ struct PodCtx {
     ip: Ipv4Addr,
     dir: PathBuf,
     start: String,
+    qos: String,
     containers: Mutex<Vec<Container>>,
 }
 
@@ -435,6 +462,7 @@ impl PodCtx {
             ip,
             dir,
             start: meta::now(),
+            qos: qos_class(pod),
             containers: Mutex::new(containers),
         }
     }
@@ -525,7 +553,7 @@ impl PodCtx {
             "podIP": self.ip.to_string(),
             "podIPs": [{"ip": self.ip.to_string()}],
             "startTime": self.start,
-            "qosClass": "BestEffort",
+            "qosClass": self.qos,
             "containerStatuses": main.iter().map(|c| c.status()).collect::<Vec<_>>(),
         });
         if !init.is_empty() {
