@@ -3,7 +3,12 @@
 //! judges what `manifests/` holds as a user's cluster would: the CRDs are admitted (their
 //! CEL rules within the API server's cost budget, every schema format one it knows), RBAC
 //! grants the operator what it needs and nothing it must not have, every example is
-//! accepted, and the controllers act (the operator's Deployment gets its ReplicaSet and pods).
+//! accepted, and the controllers act. Its node is `vellum-node`: the operator's pods run
+//! there as the workspace's own binary, under the ServiceAccount and RBAC of
+//! `manifests/install.yaml`, reach the API server in-cluster (the projected token, the
+//! `kubernetes` Service's cluster IP through the node's service proxy), elect a leader and
+//! reconcile the examples; `kubectl logs` reads them through the API server and the kubelet
+//! API.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -22,12 +27,23 @@ struct Cluster {
     kubeconfig: String,
 }
 
+/// A binary of the workspace, built beside this test.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let path = exe.parent().and_then(Path::parent).expect("target directory").join(name);
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
 impl Cluster {
     fn up() -> Self {
         let name = format!("e2e-{}", std::process::id());
+        let images = format!("vellum/operator={}", binary("vellum-operator").display());
         let out = Command::new(root().join("scripts/cluster"))
             .args(["up", &name])
             .env("KUBECTL", kubectl_binary())
+            .env("VELLUM_NODE_BIN", binary("vellum-node"))
+            .env("VELLUM_NODE_IMAGES", images)
             .output()
             .expect("scripts/cluster runs");
         assert!(out.status.success(), "scripts/cluster up failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -114,24 +130,100 @@ fn the_real_control_plane_admits_the_manifests_and_enforces_their_rbac() {
     assert!(!refused.status.success(), "the server admitted a Range ShardSet without rangeStart");
     assert!(message.contains("spec.shards") && message.contains("rangeStart"), "{message}");
 
-    // The controllers act: the operator's Deployment gets a ReplicaSet and its two pods
-    // (Pending: this cluster has no node yet).
-    let mut pods = String::new();
+    // The node: registered, Ready, its Lease renewed.
+    let node = format!("{}-node", cluster.name);
+    let ready = cluster.ok(&["get", "node", &node, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
+    assert_eq!(ready, "True");
+    cluster.ok(&["-n", "kube-node-lease", "get", "lease", &node]);
+
+    // The controllers act: the operator's Deployment gets a ReplicaSet and two pods, which
+    // the scheduler binds to the node and the node runs, on addresses outside loopback.
+    cluster.ok(&["-n", "vellum-system", "rollout", "status", "deployment/vellum-operator", "--timeout=90s"]);
+    let ips = cluster.ok(&[
+        "get",
+        "pods",
+        "-n",
+        "vellum-system",
+        "-l",
+        "app.kubernetes.io/component=operator",
+        "-o",
+        "jsonpath={.items[*].status.podIP}",
+    ]);
+    let ips: Vec<std::net::Ipv4Addr> = ips.split_whitespace().map(|ip| ip.parse().unwrap()).collect();
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    assert!(ips.iter().all(|ip| !ip.is_loopback() && ip.octets()[..2] == [10, 88]), "{ips:?}");
+
+    // In-cluster, under its own ServiceAccount: one replica leads, and the examples get
+    // the conditions only the operator writes.
+    let mut holder = String::new();
     for _ in 0..60 {
-        pods = cluster.ok(&[
-            "get",
-            "pods",
+        holder = cluster.ok(&[
             "-n",
             "vellum-system",
-            "-l",
-            "app.kubernetes.io/component=operator",
+            "get",
+            "lease",
+            "vellum-operator-leader",
             "-o",
-            "name",
+            "jsonpath={.spec.holderIdentity}",
         ]);
-        if pods.lines().count() == 2 {
+        if !holder.is_empty() {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    assert_eq!(pods.lines().count(), 2, "the operator's pods: {pods:?}");
+    assert!(holder.starts_with("vellum-operator-"), "no leader: {holder:?}");
+    let mut conditions = String::new();
+    for _ in 0..60 {
+        conditions = cluster.ok(&[
+            "-n",
+            "docs",
+            "get",
+            "retentionpolicy",
+            "standard-lifecycle",
+            "-o",
+            "jsonpath={.status.conditions[*].type}",
+        ]);
+        if conditions.contains("Ready") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(conditions.contains("Ready"), "the operator did not reconcile: {conditions:?}");
+
+    // `kubectl logs`: the API server asks the node's kubelet API for the leader's output.
+    let logs = cluster.ok(&["-n", "vellum-system", "logs", &holder]);
+    assert!(logs.contains("leading: starting the controllers"), "{logs}");
+    // And the node's Events appear where `kubectl describe` looks.
+    let events = cluster.ok(&[
+        "-n",
+        "vellum-system",
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={holder}"),
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("Started"), "{events}");
+
+    // A deleted pod is stopped and removed, and its replacement takes over.
+    cluster.ok(&["-n", "vellum-system", "delete", "pod", &holder, "--timeout=60s"]);
+    cluster.ok(&["-n", "vellum-system", "rollout", "status", "deployment/vellum-operator", "--timeout=90s"]);
+    let mut next = holder.clone();
+    for _ in 0..120 {
+        next = cluster.ok(&[
+            "-n",
+            "vellum-system",
+            "get",
+            "lease",
+            "vellum-operator-leader",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        if next != holder && !next.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert_ne!(next, holder, "no replica took the lead over");
 }
