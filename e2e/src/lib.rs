@@ -1,45 +1,107 @@
 //! End-to-end tests of Vellum, driven the way a platform team drives it: `kubectl apply`
-//! of the YAML in `manifests/` against a cluster. They arrive with the Kubernetes API
-//! simulator that lets them run on a machine without a cluster; the test kit they and every
-//! integration test use lives in `e2e/testkit`.
+//! of the YAML in `manifests/` against a cluster. The test kit they and every integration
+//! test use lives in `e2e/testkit`.
 //!
 //! The cluster is the one `VELLUM_E2E_KUBECONFIG` names when it is set (a kind cluster
-//! made from `kind-config.yaml`, say), else a fresh simulator per test. The variable is the
-//! suite's own, not `KUBECONFIG`, so that a shell pointed at a real cluster never has the
-//! suite install and delete things there by accident.
+//! made from `kind-config.yaml`, say), else a fresh local cluster per test: the real
+//! Kubernetes control plane that `scripts/cluster` builds from its sources, with one
+//! `vellum-node` running the workspace's binaries as the images. The variable is the suite's
+//! own, not `KUBECONFIG`, so that a shell pointed at a real cluster never has the suite
+//! install and delete things there by accident.
 #![warn(clippy::unwrap_used)]
 
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use kube_sim::{Options, Simulator};
+use kube_sim::node::host::Host;
 
 /// The variable naming an existing cluster to run against.
 pub const KUBECONFIG_VAR: &str = "VELLUM_E2E_KUBECONFIG";
 
+/// The repository's root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// A binary of the workspace, built beside the running test (`target/debug/<name>`).
+///
+/// # Panics
+/// When it is not built.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/debug/deps/<test>-… → target/debug/<name>
+    let path = exe.parent().and_then(Path::parent).expect("target directory").join(name);
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// The host loopback ports of the shared test servers (Postgres, NATS, S3), which a local
+/// cluster's node makes reachable at the same addresses from its pods.
+fn host_ports() -> Vec<u16> {
+    let urls = [
+        ("VELLUM_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+        ("VELLUM_TEST_NATS_URL", "nats://127.0.0.1:4222"),
+        ("VELLUM_TEST_S3_ENDPOINT", "http://127.0.0.1:9000"),
+    ];
+    urls.iter()
+        .filter_map(|(var, default)| {
+            let url = std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| (*default).to_owned());
+            let authority = url.split("://").nth(1)?.split('/').next()?;
+            authority.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// A cluster `scripts/cluster` started for one test, and a thread in its network namespace.
+#[derive(Debug)]
+struct Local {
+    name: String,
+    inside: Host,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(root().join("scripts/cluster")).args(["down", &self.name]).output();
+    }
+}
+
 /// The cluster a test runs against.
 #[derive(Debug)]
 pub struct Cluster {
-    sim: Option<Simulator>,
+    local: Option<Local>,
     kubeconfig: PathBuf,
     cache: tempfile::TempDir,
 }
 
 impl Cluster {
-    /// The cluster `VELLUM_E2E_KUBECONFIG` names, else a simulator started with `options`.
-    pub async fn start(options: Options) -> anyhow::Result<Self> {
+    /// The cluster `VELLUM_E2E_KUBECONFIG` names, else a local cluster whose node runs
+    /// `images` (image pattern → executable).
+    pub async fn start(images: &[(&str, &Path)]) -> anyhow::Result<Self> {
         let cache = tempfile::tempdir()?;
         if let Some(path) = std::env::var_os(KUBECONFIG_VAR).filter(|p| !p.is_empty()) {
-            return Ok(Self { sim: None, kubeconfig: PathBuf::from(path), cache });
+            return Ok(Self { local: None, kubeconfig: PathBuf::from(path), cache });
         }
-        let sim = Simulator::start(options).await?;
-        let kubeconfig = sim.kubeconfig().to_owned();
-        Ok(Self { sim: Some(sim), kubeconfig, cache })
-    }
-
-    /// The simulator, when the test runs against one.
-    pub fn simulator(&self) -> Option<&Simulator> {
-        self.sim.as_ref()
+        let name = format!("e2e{}-{}", std::process::id(), &uuid_suffix());
+        let rules: Vec<String> = images.iter().map(|(image, exe)| format!("{image}={}", exe.display())).collect();
+        let ports: Vec<String> = host_ports().iter().map(u16::to_string).collect();
+        let out = tokio::process::Command::new(root().join("scripts/cluster"))
+            .args(["up", &name])
+            .env("VELLUM_NODE_BIN", binary("vellum-node"))
+            .env("VELLUM_NODE_IMAGES", rules.join(" "))
+            .env("VELLUM_NODE_HOST_PORTS", ports.join(" "))
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        if !out.status.success() {
+            let _ = std::process::Command::new(root().join("scripts/cluster")).args(["down", &name]).output();
+            anyhow::bail!("scripts/cluster up {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let kubeconfig = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+        let netns: OwnedFd = std::fs::File::open(format!("/run/netns/vellum-{name}"))?.into();
+        let inside = Host::start(netns)?;
+        Ok(Self { local: Some(Local { name, inside }), kubeconfig, cache })
     }
 
     pub fn kubeconfig(&self) -> &Path {
@@ -50,4 +112,38 @@ impl Cluster {
     pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> std::io::Result<Output> {
         kube_sim::run_kubectl(&self.kubeconfig, self.cache.path(), args, stdin).await
     }
+
+    /// A loopback address of this machine that leads to `target` inside the cluster's
+    /// network (a Service's cluster IP and port, say); `target` itself on another cluster.
+    pub async fn forward(&self, target: SocketAddr) -> std::io::Result<SocketAddr> {
+        let Some(local) = &self.local else { return Ok(target) };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let inside = local.inside.clone();
+        tokio::spawn(async move {
+            while let Ok((mut outer, _)) = listener.accept().await {
+                let inside = inside.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut inner) = inside.connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut outer, &mut inner).await;
+                    }
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    /// A listener on a free port of `127.0.0.1` where the cluster's pods reach it (inside
+    /// the local cluster's network namespace; this machine's loopback otherwise).
+    pub async fn listen(&self) -> std::io::Result<tokio::net::TcpListener> {
+        match &self.local {
+            Some(local) => local.inside.listen(SocketAddr::from(([127, 0, 0, 1], 0))).await,
+            None => tokio::net::TcpListener::bind("127.0.0.1:0").await,
+        }
+    }
+}
+
+fn uuid_suffix() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{:x}", nanos & 0xfff_fff)
 }

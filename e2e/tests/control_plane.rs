@@ -10,220 +10,129 @@
 //! reconcile the examples; `kubectl logs` reads them through the API server and the kubelet
 //! API.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::time::Duration;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+use vellum_e2e::{Cluster, binary};
+
+/// Standard output of a kubectl command that must succeed without warnings.
+async fn ok(cluster: &Cluster, args: &[&str]) -> String {
+    let out =
+        cluster.kubectl(args, None).await.expect("kubectl runs (set KUBE_SIM_KUBECTL or put kubectl on the PATH)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl {args:?} failed: {stderr}");
+    let warnings: Vec<&str> =
+        stderr.lines().filter(|l| l.starts_with("Warning:") && !l.contains("version difference")).collect();
+    assert!(warnings.is_empty(), "kubectl {args:?} warned: {warnings:?}");
+    String::from_utf8(out.stdout).unwrap()
 }
 
-fn kubectl_binary() -> String {
-    std::env::var("KUBE_SIM_KUBECTL").unwrap_or_else(|_| "kubectl".into())
-}
-
-/// A cluster of this test's own, stopped (and its network namespace deleted) when dropped.
-struct Cluster {
-    name: String,
-    kubeconfig: String,
-}
-
-/// A binary of the workspace, built beside this test.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let path = exe.parent().and_then(Path::parent).expect("target directory").join(name);
-    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
-    path
-}
-
-impl Cluster {
-    fn up() -> Self {
-        let name = format!("e2e-{}", std::process::id());
-        let images = format!("vellum/operator={}", binary("vellum-operator").display());
-        let out = Command::new(root().join("scripts/cluster"))
-            .args(["up", &name])
-            .env("KUBECTL", kubectl_binary())
-            .env("VELLUM_NODE_BIN", binary("vellum-node"))
-            .env("VELLUM_NODE_IMAGES", images)
-            .output()
-            .expect("scripts/cluster runs");
-        assert!(out.status.success(), "scripts/cluster up failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        let kubeconfig = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        Self { name, kubeconfig }
+/// Polls `args` every half second until `done` holds for its output (at most a minute).
+async fn until(cluster: &Cluster, args: &[&str], done: impl Fn(&str) -> bool) -> String {
+    let mut last = String::new();
+    for _ in 0..120 {
+        last = ok(cluster, args).await;
+        if done(&last) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-
-    fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new(kubectl_binary())
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .current_dir(root())
-            .output()
-            .expect("kubectl runs (set KUBE_SIM_KUBECTL or put kubectl on the PATH)")
-    }
-
-    /// Standard output of a kubectl command that must succeed without warnings.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "kubectl {args:?} failed: {stderr}");
-        let warnings: Vec<&str> =
-            stderr.lines().filter(|l| l.starts_with("Warning:") && !l.contains("version difference")).collect();
-        assert!(warnings.is_empty(), "kubectl {args:?} warned: {warnings:?}");
-        String::from_utf8(out.stdout).unwrap()
-    }
+    last
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(root().join("scripts/cluster")).args(["down", &self.name]).output();
-    }
+#[tokio::test]
+async fn the_real_control_plane_runs_the_operator_under_its_rbac() {
+    let operator = binary("vellum-operator");
+    let cluster = Cluster::start(&[("vellum/operator", &operator)]).await.unwrap();
+    admits_the_manifests(&cluster).await;
+    runs_the_operator(&cluster).await;
 }
 
-#[test]
-fn the_real_control_plane_admits_the_manifests_and_enforces_their_rbac() {
-    let cluster = Cluster::up();
-
-    let version: serde_json::Value = serde_json::from_str(&cluster.ok(&["version", "-o", "json"])).unwrap();
+/// The API server's verdicts: versions, health, CRDs, RBAC and every example.
+async fn admits_the_manifests(cluster: &Cluster) {
+    let version: serde_json::Value = serde_json::from_str(&ok(cluster, &["version", "-o", "json"]).await).unwrap();
     assert_eq!(version["serverVersion"]["gitVersion"], "v1.37.2", "{version}");
-    let livez = cluster.ok(&["get", "--raw", "/livez?verbose"]);
+    let livez = ok(cluster, &["get", "--raw", "/livez?verbose"]).await;
     assert!(livez.contains("[+]etcd ok"), "{livez}");
 
     // The CRDs, RBAC and the operator's Deployment, as a platform team installs them.
-    cluster.ok(&["apply", "-f", "manifests/install.yaml"]);
+    let install = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/install.yaml");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/examples/");
+    ok(cluster, &["apply", "-f", install]).await;
     for crd in ["storagetiers", "retentionpolicies", "webhooks", "shardsets", "bluegreenreleases"] {
-        cluster.ok(&["wait", "--for=condition=Established", "--timeout=60s", &format!("crd/{crd}.vellum.dev")]);
+        ok(cluster, &["wait", "--for=condition=Established", "--timeout=60s", &format!("crd/{crd}.vellum.dev")]).await;
     }
-    let operator = "system:serviceaccount:vellum-system:vellum-operator";
-    let can = |verb: &str, resource: &str, namespace: &str| {
-        let out = cluster.kubectl(&["auth", "can-i", verb, resource, "-n", namespace, "--as", operator]);
+    let account = "system:serviceaccount:vellum-system:vellum-operator";
+    let can = |verb: &'static str, resource: &'static str, namespace: &'static str| async move {
+        let out =
+            cluster.kubectl(&["auth", "can-i", verb, resource, "-n", namespace, "--as", account], None).await.unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    assert_eq!(can("delete", "nodes", "default"), "no");
-    assert_eq!(can("get", "secrets", "kube-system"), "yes", "the operator reads the Secrets resources refer to");
-    assert_eq!(can("patch", "deployments.apps", "docs"), "yes");
-    assert_eq!(can("create", "leases.coordination.k8s.io", "vellum-system"), "yes");
-    assert_eq!(can("create", "clusterrolebindings.rbac.authorization.k8s.io", "default"), "no");
+    assert_eq!(can("delete", "nodes", "default").await, "no");
+    assert_eq!(can("get", "secrets", "kube-system").await, "yes", "the operator reads the Secrets resources refer to");
+    assert_eq!(can("patch", "deployments.apps", "docs").await, "yes");
+    assert_eq!(can("create", "leases.coordination.k8s.io", "vellum-system").await, "yes");
+    assert_eq!(can("create", "clusterrolebindings.rbac.authorization.k8s.io", "default").await, "no");
 
     // Every example, judged by the API server's own schema and CEL checks.
-    cluster.ok(&["create", "namespace", "docs"]);
-    let applied = cluster.ok(&["apply", "-n", "docs", "-f", "manifests/examples/"]);
+    ok(cluster, &["create", "namespace", "docs"]).await;
+    let applied = ok(cluster, &["apply", "-n", "docs", "-f", examples]).await;
     assert_eq!(applied.lines().filter(|l| l.contains(" created")).count(), applied.lines().count(), "{applied}");
-    let listed = cluster.ok(&["get", "vellum", "-n", "docs", "-o", "name"]);
+    let listed = ok(cluster, &["get", "vellum", "-n", "docs", "-o", "name"]).await;
     for kind in ["storagetier", "retentionpolicy", "webhook", "shardset", "bluegreenrelease"] {
         assert!(listed.contains(&format!("{kind}.vellum.dev/")), "no {kind} in {listed}");
     }
     // A resource the CRD's rules refuse is refused by the server, naming the field.
     let bad = "apiVersion: vellum.dev/v1alpha1\nkind: ShardSet\nmetadata: {name: bad}\nspec:\n  routing: {strategy: Range}\n  shards:\n  - {name: a, urlSecretRef: {name: s, key: a}}\n";
-    let refused = Command::new(kubectl_binary())
-        .args(["--kubeconfig", &cluster.kubeconfig, "apply", "-n", "docs", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(bad.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
+    let refused = cluster.kubectl(&["apply", "-n", "docs", "-f", "-"], Some(bad)).await.unwrap();
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "the server admitted a Range ShardSet without rangeStart");
     assert!(message.contains("spec.shards") && message.contains("rangeStart"), "{message}");
+}
 
+/// The node runs the operator's pods; in-cluster, they lead, reconcile and hand over.
+async fn runs_the_operator(cluster: &Cluster) {
     // The node: registered, Ready, its Lease renewed.
-    let node = format!("{}-node", cluster.name);
-    let ready = cluster.ok(&["get", "node", &node, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
+    let nodes = ok(cluster, &["get", "nodes", "-o", "name"]).await;
+    let node = nodes.trim().trim_start_matches("node/").to_owned();
+    let ready =
+        ok(cluster, &["get", "node", &node, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]).await;
     assert_eq!(ready, "True");
-    cluster.ok(&["-n", "kube-node-lease", "get", "lease", &node]);
+    ok(cluster, &["-n", "kube-node-lease", "get", "lease", &node]).await;
 
     // The controllers act: the operator's Deployment gets a ReplicaSet and two pods, which
     // the scheduler binds to the node and the node runs, on addresses outside loopback.
-    cluster.ok(&["-n", "vellum-system", "rollout", "status", "deployment/vellum-operator", "--timeout=90s"]);
-    let ips = cluster.ok(&[
-        "get",
-        "pods",
-        "-n",
-        "vellum-system",
-        "-l",
-        "app.kubernetes.io/component=operator",
-        "-o",
-        "jsonpath={.items[*].status.podIP}",
-    ]);
+    ok(cluster, &["-n", "vellum-system", "rollout", "status", "deployment/vellum-operator", "--timeout=90s"]).await;
+    let selector = ["-n", "vellum-system", "get", "pods", "-l", "app.kubernetes.io/component=operator"];
+    let ips = ok(cluster, &[&selector[..], &["-o", "jsonpath={.items[*].status.podIP}"]].concat()).await;
     let ips: Vec<std::net::Ipv4Addr> = ips.split_whitespace().map(|ip| ip.parse().unwrap()).collect();
     assert_eq!(ips.len(), 2, "{ips:?}");
     assert!(ips.iter().all(|ip| !ip.is_loopback() && ip.octets()[..2] == [10, 88]), "{ips:?}");
 
     // In-cluster, under its own ServiceAccount: one replica leads, and the examples get
     // the conditions only the operator writes.
-    let mut holder = String::new();
-    for _ in 0..60 {
-        holder = cluster.ok(&[
-            "-n",
-            "vellum-system",
-            "get",
-            "lease",
-            "vellum-operator-leader",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ]);
-        if !holder.is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
+    let lease =
+        ["-n", "vellum-system", "get", "lease", "vellum-operator-leader", "-o", "jsonpath={.spec.holderIdentity}"];
+    let holder = until(cluster, &lease, |h| !h.is_empty()).await;
     assert!(holder.starts_with("vellum-operator-"), "no leader: {holder:?}");
-    let mut conditions = String::new();
-    for _ in 0..60 {
-        conditions = cluster.ok(&[
-            "-n",
-            "docs",
-            "get",
-            "retentionpolicy",
-            "standard-lifecycle",
-            "-o",
-            "jsonpath={.status.conditions[*].type}",
-        ]);
-        if conditions.contains("Ready") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
+    let policy =
+        ["-n", "docs", "get", "retentionpolicy", "standard-lifecycle", "-o", "jsonpath={.status.conditions[*].type}"];
+    let conditions = until(cluster, &policy, |c| c.contains("Ready")).await;
     assert!(conditions.contains("Ready"), "the operator did not reconcile: {conditions:?}");
 
     // `kubectl logs`: the API server asks the node's kubelet API for the leader's output.
-    let logs = cluster.ok(&["-n", "vellum-system", "logs", &holder]);
+    let logs = ok(cluster, &["-n", "vellum-system", "logs", &holder]).await;
     assert!(logs.contains("leading: starting the controllers"), "{logs}");
     // And the node's Events appear where `kubectl describe` looks.
-    let events = cluster.ok(&[
-        "-n",
-        "vellum-system",
-        "get",
-        "events",
-        "--field-selector",
-        &format!("involvedObject.name={holder}"),
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ]);
+    let about = format!("involvedObject.name={holder}");
+    let events = ok(
+        cluster,
+        &["-n", "vellum-system", "get", "events", "--field-selector", &about, "-o", "jsonpath={.items[*].reason}"],
+    )
+    .await;
     assert!(events.contains("Started"), "{events}");
 
     // A deleted pod is stopped and removed, and its replacement takes over.
-    cluster.ok(&["-n", "vellum-system", "delete", "pod", &holder, "--timeout=60s"]);
-    cluster.ok(&["-n", "vellum-system", "rollout", "status", "deployment/vellum-operator", "--timeout=90s"]);
-    let mut next = holder.clone();
-    for _ in 0..120 {
-        next = cluster.ok(&[
-            "-n",
-            "vellum-system",
-            "get",
-            "lease",
-            "vellum-operator-leader",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ]);
-        if next != holder && !next.is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
+    ok(cluster, &["-n", "vellum-system", "delete", "pod", &holder, "--timeout=60s"]).await;
+    let next = until(cluster, &lease, |h| !h.is_empty() && h != holder).await;
     assert_ne!(next, holder, "no replica took the lead over");
 }

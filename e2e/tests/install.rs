@@ -1,14 +1,14 @@
-//! The install manifests and the examples, applied with kubectl to the Kubernetes API
-//! simulator as a platform team applies them: the CRDs are established, every example is
+//! The install manifests and the examples, applied with kubectl to a cluster as a platform
+//! team applies them: the CRDs are established, every example is
 //! accepted, `kubectl get` shows the Webhook's printer columns, and deleting everything
 //! leaves nothing behind.
 //!
-//! Runs against the cluster `VELLUM_E2E_KUBECONFIG` names, else a simulator.
+//! Runs against the cluster `VELLUM_E2E_KUBECONFIG` names, else a local cluster whose node
+//! runs the workspace's operator.
 
 use std::path::Path;
 
-use kube_sim::Options;
-use vellum_e2e::Cluster;
+use vellum_e2e::{Cluster, binary};
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -24,13 +24,14 @@ async fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn the_install_manifests_and_examples_apply_and_delete_cleanly() {
-    let sim = Cluster::start(Options::default()).await.unwrap();
+    let operator = binary("vellum-operator");
+    let sim = Cluster::start(&[("vellum/operator", &operator)]).await.unwrap();
     let install = repo().join("manifests/install.yaml");
     let examples = repo().join("manifests/examples");
     let (install, examples) = (install.to_str().unwrap(), examples.to_str().unwrap());
 
     kubectl(&sim, &["apply", "-f", install]).await;
-    kubectl(&sim, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=10s"]).await;
+    kubectl(&sim, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"]).await;
     let crds = kubectl(&sim, &["get", "crd", "-o", "name"]).await;
     for kind in ["storagetiers", "retentionpolicies", "webhooks", "shardsets", "bluegreenreleases"] {
         assert!(crds.contains(&format!("{kind}.vellum.dev")), "{crds}");

@@ -1,4 +1,4 @@
-//! The operator provisions a platform on the simulator the way a platform team uses it:
+//! The operator provisions a platform on a cluster the way a platform team uses it:
 //! `kubectl apply` of the install manifest (two operator replicas, one leading) and of a
 //! platform's resources, then `Ready` conditions, an upload through the active Service
 //! (real gateway and worker processes against real Postgres, NATS and S3), the webhook
@@ -6,29 +6,19 @@
 //! gateways pick up without a restart, a bad resource reported with a reason while the rest
 //! keeps working, and deletion leaving nothing behind.
 //!
-//! The simulator runs the workspace's own binaries as the images: build them first
-//! (`cargo test --workspace` does).
+//! The local cluster's node runs the workspace's own binaries as the images: build them
+//! first (`cargo test --workspace` does).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube_sim::Options;
 use serde_json::Value;
-use vellum_e2e::Cluster;
+use vellum_e2e::{Cluster, binary};
 use vellum_testkit::{TestBucket, TestDatabase};
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
-/// A binary of the workspace, built beside this test.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/debug/deps/operator-… → target/debug/<name>
-    let path = exe.parent().and_then(Path::parent).expect("target directory").join(name);
-    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
-    path
 }
 
 async fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> String {
@@ -78,7 +68,7 @@ async fn ready(cluster: &Cluster, resource: &str, namespace: &str) -> Result<Val
 
 /// A webhook receiver: records every request's body (`body`, as JSON and `raw`) with its
 /// Standard Webhooks headers (`id`, `timestamp`, `signature`).
-async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
+async fn receiver(cluster: &Cluster) -> (String, Arc<Mutex<Vec<Value>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let app = axum::Router::new().route(
         "/hook",
@@ -98,7 +88,8 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Where the workers' pods reach it.
+    let listener = cluster.listen().await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, seen)
@@ -207,19 +198,13 @@ spec:
 #[tokio::test]
 #[allow(clippy::too_many_lines)] // one platform's life, in order
 async fn the_operator_provisions_a_working_platform_from_its_resources() {
-    let images = [
-        ("vellum/operator", "vellum-operator"),
-        ("vellum/gateway", "vellum-gateway"),
-        ("vellum/workers", "vellum-workers"),
-    ]
-    .iter()
-    .map(|(image, bin)| format!("{image}={}", binary(bin).display()).parse().unwrap())
-    .collect();
-    let cluster = Cluster::start(Options { images, ..Options::default() }).await.unwrap();
+    let (operator, gateway, workers) = (binary("vellum-operator"), binary("vellum-gateway"), binary("vellum-workers"));
+    let images = [("vellum/operator", operator.as_path()), ("vellum/gateway", &gateway), ("vellum/workers", &workers)];
+    let cluster = Cluster::start(&images).await.unwrap();
     let t0 = tokio::time::Instant::now();
     let database = TestDatabase::new().await.unwrap();
     let bucket = TestBucket::new().await.unwrap();
-    let (hook, deliveries) = receiver().await;
+    let (hook, deliveries) = receiver(&cluster).await;
 
     let install = repo().join("manifests/install.yaml");
     kubectl(&cluster, &["apply", "-f", install.to_str().unwrap()], None).await;
@@ -264,8 +249,8 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
 
     // An upload through the active Service reaches the webhook receiver.
     let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
-    let ip = service["spec"]["clusterIP"].as_str().unwrap().to_owned();
-    let base = format!("http://{ip}:80");
+    let ip: std::net::IpAddr = service["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let base = format!("http://{}", cluster.forward((ip, 80).into()).await.unwrap());
     let http = reqwest::Client::new();
     let form = reqwest::multipart::Form::new()
         .part("file", reqwest::multipart::Part::bytes(b"hello platform".to_vec()).file_name("hello.txt"));

@@ -231,9 +231,9 @@ impl NodeApi for Remote {
                 let life = Duration::from_secs(u64::try_from(request.expiration_seconds).unwrap_or(600));
                 lock(&self.tokens).insert(key, (Instant::now(), life, token.clone()));
                 // Tokens of pods that are gone are forgotten.
-                let live: std::collections::HashSet<String> =
+                let running: std::collections::HashSet<String> =
                     self.pods.state().iter().filter_map(|p| p.metadata.uid.clone()).collect();
-                lock(&self.tokens).retain(|(uid, _, _), _| live.contains(uid));
+                lock(&self.tokens).retain(|(uid, _, _), _| running.contains(uid));
                 Some(token)
             }
             Err(e) => {
