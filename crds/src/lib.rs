@@ -119,6 +119,9 @@ pub mod conditions {
         /// A RetentionPolicy waits for a BlueGreenRelease whose workers will run it.
         pub const WAITING_FOR_RELEASE: &str = "WaitingForRelease";
         pub const DELIVERY_LOG_UNAVAILABLE: &str = "DeliveryLogUnavailable";
+        /// The API server refused the operator a request (its RBAC lacks a rule); the
+        /// message names the verb and the resource.
+        pub const FORBIDDEN: &str = "Forbidden";
     }
 }
 

@@ -45,6 +45,7 @@ async fn the_real_control_plane_runs_the_operator_under_its_rbac() {
     let cluster = Cluster::start(&[("vellum/operator", &operator)]).await.unwrap();
     admits_the_manifests(&cluster).await;
     runs_the_operator(&cluster).await;
+    says_what_it_may_not_do(&cluster).await;
 }
 
 /// The API server's verdicts: versions, health, CRDs, RBAC and every example.
@@ -135,4 +136,81 @@ async fn runs_the_operator(cluster: &Cluster) {
     ok(cluster, &["-n", "vellum-system", "delete", "pod", &holder, "--timeout=60s"]).await;
     let next = until(cluster, &lease, |h| !h.is_empty() && h != holder).await;
     assert_ne!(next, holder, "no replica took the lead over");
+}
+
+/// One rule less in the operator's ClusterRole: the reconcile that needs it ends in a
+/// `Forbidden` condition naming what was refused, and the operator keeps running.
+async fn says_what_it_may_not_do(cluster: &Cluster) {
+    let mut role: serde_json::Value =
+        serde_json::from_str(&ok(cluster, &["get", "clusterrole", "vellum-operator", "-o", "json"]).await).unwrap();
+    let mut cut = false;
+    for rule in role["rules"].as_array_mut().unwrap() {
+        if rule["resources"].as_array().is_some_and(|r| r.iter().any(|r| r == "cronjobs")) {
+            rule["verbs"].as_array_mut().unwrap().retain(|v| v != "patch" && v != "create");
+            cut = true;
+        }
+    }
+    assert!(cut, "the operator's ClusterRole has a rule for CronJobs: {role}");
+    let replaced = cluster.kubectl(&["replace", "-f", "-"], Some(&role.to_string())).await.unwrap();
+    assert!(replaced.status.success(), "{}", String::from_utf8_lossy(&replaced.stderr));
+
+    let policy = "apiVersion: vellum.dev/v1alpha1\nkind: RetentionPolicy\nmetadata: {name: refused}\nspec:\n  selector: {tags: [temporary]}\n  expiration: {afterDays: 30, action: DELETE}\n  schedule: '0 3 * * *'\n";
+    let applied = cluster.kubectl(&["apply", "-n", "docs", "-f", "-"], Some(policy)).await.unwrap();
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let reason = [
+        "-n",
+        "docs",
+        "get",
+        "retentionpolicy",
+        "refused",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
+    ];
+    let said = until(cluster, &reason, |r| r == "Forbidden").await;
+    assert_eq!(said, "Forbidden");
+    let message = ok(
+        cluster,
+        &[
+            "-n",
+            "docs",
+            "get",
+            "retentionpolicy",
+            "refused",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}",
+        ],
+    )
+    .await;
+    assert!(message.contains("cronjobs") && message.contains("vellum-operator"), "{message}");
+    let events = ok(
+        cluster,
+        &[
+            "-n",
+            "docs",
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=refused",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+    )
+    .await;
+    assert!(events.contains("Forbidden"), "{events}");
+    // Not a crash: no operator container restarted.
+    let restarts = ok(
+        cluster,
+        &[
+            "-n",
+            "vellum-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "-o",
+            "jsonpath={.items[*].status.containerStatuses[*].restartCount}",
+        ],
+    )
+    .await;
+    assert!(restarts.split_whitespace().all(|n| n == "0"), "operator restarts: {restarts}");
 }

@@ -21,6 +21,7 @@ use serde_json::json;
 use vellum_core::config::{SecretStore, Sources, lookup, secret_data};
 use vellum_core::store::Metadata;
 use vellum_crds::common::Conditions;
+use vellum_crds::conditions::{self, reasons};
 use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook};
 
 use crate::metrics::Metrics;
@@ -320,6 +321,38 @@ where
     });
     api.patch_status(&object.name_any(), &PatchParams::apply(manager).force(), &Patch::Apply(&patch)).await?;
     Ok(())
+}
+
+/// Records on `object` that the API server refused a request its reconcile made: `Ready`
+/// turns False with reason `Forbidden` and the server's message (which names the verb and
+/// the resource, never a value), the rest of its status kept as it was, and a Warning
+/// Event says the same. Reporting may itself be refused; that is logged.
+pub async fn report_forbidden<K>(ctx: &Context, manager: &str, object: &K, message: &str)
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let mut status =
+        serde_json::to_value(object).ok().and_then(|o| o.get("status").cloned()).unwrap_or_else(|| json!({}));
+    if !status.is_object() {
+        status = json!({});
+    }
+    let mut conditions: Vec<Condition> =
+        serde_json::from_value(status.get("conditions").cloned().unwrap_or_else(|| json!([]))).unwrap_or_default();
+    let previous = Conditions(conditions.clone());
+    conditions.retain(|c| c.type_ != conditions::READY);
+    conditions.push(condition(
+        &previous,
+        conditions::READY,
+        false,
+        reasons::FORBIDDEN,
+        message,
+        object.meta().generation,
+    ));
+    status["conditions"] = json!(conditions);
+    if let Err(e) = apply_status(&ctx.client, manager, object, &status).await {
+        tracing::warn!(object = %key(object), error = %e, "cannot report the refusal in status");
+    }
+    ctx.event(object, true, reasons::FORBIDDEN, message.to_owned()).await;
 }
 
 /// A condition of `type_`, keeping the transition time of `previous` when the status did

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
@@ -21,10 +22,11 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook, labels};
+use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook, field_managers, labels};
 
-use crate::context::{Caches, Context, Error, key};
+use crate::context::{Caches, Context, Error, key, report_forbidden};
 use crate::controllers::{release, retention, shards, tier, webhook};
 use crate::metrics::Metrics;
 
@@ -197,16 +199,27 @@ where
 }
 
 /// Wraps a reconcile with metrics, logging and success bookkeeping.
-async fn observed<K, F>(name: &'static str, object: Arc<K>, ctx: Arc<Context>, run: F) -> Result<Action, Error>
+async fn observed<K, F>(
+    name: &'static str,
+    manager: &'static str,
+    object: Arc<K>,
+    ctx: Arc<Context>,
+    run: F,
+) -> Result<Action, Error>
 where
-    K: Resource<DynamicType = ()>,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + Debug + Serialize + DeserializeOwned,
     F: Future<Output = Result<Action, Error>>,
 {
     let started = Instant::now();
     let result = run.await;
     ctx.metrics.reconciled(name, started.elapsed());
-    if result.is_ok() {
-        ctx.succeeded(&key(object.as_ref()));
+    match &result {
+        Ok(_) => ctx.succeeded(&key(object.as_ref())),
+        // A missing RBAC rule is said on the object, not only in the operator's log.
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 403 => {
+            report_forbidden(&ctx, manager, object.as_ref(), &status.message).await;
+        }
+        Err(_) => {}
     }
     result
 }
@@ -344,7 +357,15 @@ pub async fn controllers(
         .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(caches.tiers.clone()))
         .graceful_shutdown_on(shutdown.clone())
         .run(
-            |o, c| observed("storagetier", Arc::clone(&o), Arc::clone(&c), tier::reconcile(o, c)),
+            |o, c| {
+                observed(
+                    "storagetier",
+                    field_managers::STORAGE_TIER,
+                    Arc::clone(&o),
+                    Arc::clone(&c),
+                    tier::reconcile(o, c),
+                )
+            },
             error_policy("storagetier"),
             Arc::clone(&ctx),
         );
@@ -358,7 +379,9 @@ pub async fn controllers(
         )
         .graceful_shutdown_on(shutdown.clone())
         .run(
-            |o, c| observed("webhook", Arc::clone(&o), Arc::clone(&c), webhook::reconcile(o, c)),
+            |o, c| {
+                observed("webhook", field_managers::WEBHOOK, Arc::clone(&o), Arc::clone(&c), webhook::reconcile(o, c))
+            },
             error_policy("webhook"),
             Arc::clone(&ctx),
         );
@@ -370,7 +393,15 @@ pub async fn controllers(
         .watches_stream(spec_changes::<BlueGreenRelease>(&client), all_in_namespace(caches.policies.clone()))
         .graceful_shutdown_on(shutdown.clone())
         .run(
-            |o, c| observed("retentionpolicy", Arc::clone(&o), Arc::clone(&c), retention::reconcile(o, c)),
+            |o, c| {
+                observed(
+                    "retentionpolicy",
+                    field_managers::RETENTION_POLICY,
+                    Arc::clone(&o),
+                    Arc::clone(&c),
+                    retention::reconcile(o, c),
+                )
+            },
             error_policy("retentionpolicy"),
             Arc::clone(&ctx),
         );
@@ -381,7 +412,9 @@ pub async fn controllers(
         .watches(Api::<Job>::all(client.clone()), wc(), all_in_namespace(caches.shard_sets.clone()))
         .graceful_shutdown_on(shutdown.clone())
         .run(
-            |o, c| observed("shardset", Arc::clone(&o), Arc::clone(&c), shards::reconcile(o, c)),
+            |o, c| {
+                observed("shardset", field_managers::SHARD_SET, Arc::clone(&o), Arc::clone(&c), shards::reconcile(o, c))
+            },
             error_policy("shardset"),
             Arc::clone(&ctx),
         );
@@ -408,7 +441,15 @@ pub async fn controllers(
         )
         .graceful_shutdown_on(shutdown)
         .run(
-            |o, c| observed("bluegreenrelease", Arc::clone(&o), Arc::clone(&c), release::reconcile(o, c)),
+            |o, c| {
+                observed(
+                    "bluegreenrelease",
+                    field_managers::BLUE_GREEN_RELEASE,
+                    Arc::clone(&o),
+                    Arc::clone(&c),
+                    release::reconcile(o, c),
+                )
+            },
             error_policy("bluegreenrelease"),
             ctx,
         );
