@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use vellum_e2e::{Cluster, binary};
 
+#[path = "../../crds/tests/judge/mod.rs"]
+mod judge;
+
 /// Standard output of a kubectl command that must succeed without warnings.
 async fn ok(cluster: &Cluster, args: &[&str]) -> String {
     let out =
@@ -44,6 +47,7 @@ async fn the_real_control_plane_runs_the_operator_under_its_rbac() {
     let operator = binary("vellum-operator");
     let cluster = Cluster::start(&[("vellum/operator", &operator)]).await.unwrap();
     admits_the_manifests(&cluster).await;
+    judges_as_the_client_side_check_does(&cluster).await;
     runs_the_operator(&cluster).await;
     says_what_it_may_not_do(&cluster).await;
 }
@@ -88,6 +92,52 @@ async fn admits_the_manifests(cluster: &Cluster) {
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "the server admitted a Range ShardSet without rangeStart");
     assert!(message.contains("spec.shards") && message.contains("rangeStart"), "{message}");
+}
+
+/// Every example and every bad resource of the CRD tests' table, judged by the API server
+/// (a server-side dry run) and by the fast client-side check: the same verdict, and a
+/// refusal names the same field.
+async fn judges_as_the_client_side_check_does(cluster: &Cluster) {
+    let mut disagreements = Vec::new();
+    let mut judged = 0;
+    let verdict = |object: serde_json::Value| async move {
+        let out = cluster
+            .kubectl(&["create", "--dry-run=server", "-n", "docs", "-f", "-"], Some(&object.to_string()))
+            .await
+            .unwrap();
+        if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+    };
+    for (file, mut object) in judge::examples() {
+        if object["kind"] == "Secret" {
+            continue;
+        }
+        object["metadata"]["name"] = serde_json::json!(format!("verdict-{judged}"));
+        judged += 1;
+        let client = judge::validate(&object);
+        let server = verdict(object.clone()).await;
+        if !client.is_empty() || server.is_err() {
+            disagreements.push(format!("{file} {}: client {client:?}, server {server:?}", object["kind"]));
+        }
+    }
+    for case in judge::CASES {
+        let mut object = judge::example(case.kind);
+        (case.change)(&mut object);
+        object["metadata"]["name"] = serde_json::json!(format!("verdict-{judged}"));
+        judged += 1;
+        let client = judge::validate(&object);
+        let client_names_it = client.iter().any(|v| v.path == case.path);
+        match verdict(object).await {
+            Ok(()) => disagreements
+                .push(format!("{} ({}): the server admitted it; the client refused {client:?}", case.name, case.kind)),
+            Err(message) if !message.contains(case.path) || !client_names_it => disagreements.push(format!(
+                "{} ({}): expected {}; server said {message}; client said {client:?}",
+                case.name, case.kind, case.path
+            )),
+            Err(_) => {}
+        }
+    }
+    assert!(judged > 40, "{judged} resources judged");
+    assert!(disagreements.is_empty(), "{} disagreement(s):\n{}", disagreements.len(), disagreements.join("\n"));
 }
 
 /// The node runs the operator's pods; in-cluster, they lead, reconcile and hand over.
