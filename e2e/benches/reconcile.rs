@@ -1,15 +1,17 @@
 //! Reconcile throughput and latency of the operator at scale: 1,000 Webhooks and 100
-//! BlueGreenReleases applied to one namespace of the simulator, whose pods are marked ready
-//! (and whose Jobs complete) without running anything, against a real Postgres shard.
+//! BlueGreenReleases applied to one namespace of a local real control plane (built by
+//! `scripts/cluster`), whose node marks pods ready (and Jobs' pods complete) without running
+//! anything, against a real Postgres shard.
 //!
 //! Run with `cargo bench -p vellum-e2e --bench reconcile`. It runs the release build of
 //! `vellum-operator` (building it first when it is missing) as its own process, and
 //! prints, from one run:
-//! - apply → `Ready` per resource (from the simulator's watch: when the object appeared,
+//! - apply → `Ready` per resource (from a watch: when the object appeared,
 //!   when its Ready condition first turned True), p50 and p99, and the time until all were
 //!   Ready beside the time the API took to accept them (the ratio is the operator's cost
 //!   over the bare writes);
-//! - the operator's API requests (counted by the simulator, by User-Agent) per reconcile
+//! - the operator's API requests (counted from the API server's audit log, by user: the
+//!   operator runs with a client certificate of its own) per reconcile
 //!   (counted by the operator's own metrics), and its requests per second once idle;
 //! - the operator's resident memory, now and at its peak.
 //!
@@ -20,12 +22,16 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kube_sim::{Options, Simulator};
+use futures::StreamExt;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::watcher;
 use serde_json::Value;
+use vellum_e2e::Cluster;
 use vellum_testkit::TestDatabase;
 
 const NAMESPACE: &str = "bench";
-const AGENT: &str = "vellum-bench";
+/// The operator's user, as the API server's audit log names it.
+const OPERATOR_USER: &str = "vellum-bench-operator";
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -50,8 +56,8 @@ fn operator_binary() -> PathBuf {
     binary
 }
 
-async fn kubectl(sim: &Simulator, args: &[&str], stdin: Option<&str>) -> String {
-    let out = sim.kubectl(args, stdin).await.expect("kubectl runs");
+async fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> String {
+    let out = cluster.kubectl(args, stdin).await.expect("kubectl runs");
     assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -68,31 +74,27 @@ fn count(name: &str, default: usize) -> usize {
 /// from a watch that runs until the returned task is aborted.
 type Times = std::sync::Arc<std::sync::Mutex<HashMap<String, (Instant, Option<Instant>)>>>;
 
-fn watch(base: &str, plural: &str) -> (Times, tokio::task::JoinHandle<()>) {
+fn watch(client: &kube::Client, kind: &str, plural: &str) -> (Times, tokio::task::JoinHandle<()>) {
     let times: Times = Times::default();
-    let url = format!("{base}/apis/vellum.dev/v1alpha1/namespaces/{NAMESPACE}/{plural}?watch=true");
+    let gvk = kube::api::GroupVersionKind::gvk("vellum.dev", "v1alpha1", kind);
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NAMESPACE, &ApiResource::from_gvk_with_plural(&gvk, plural));
     let task = tokio::spawn({
         let times = times.clone();
         async move {
-            let client = reqwest::Client::builder().user_agent(AGENT).build().expect("an HTTP client");
-            let mut response = client.get(&url).send().await.expect("the watch starts");
-            let mut buffer = Vec::new();
-            while let Ok(Some(chunk)) = response.chunk().await {
+            let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
+            while let Some(event) = events.next().await {
                 let now = Instant::now();
-                buffer.extend_from_slice(&chunk);
-                while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buffer.drain(..=end).collect();
-                    let Ok(event) = serde_json::from_slice::<Value>(&line) else { continue };
-                    let object = &event["object"];
-                    let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-                    let ready = object["status"]["conditions"]
-                        .as_array()
-                        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
-                    let mut times = times.lock().expect("the times");
-                    let entry = times.entry(name).or_insert((now, None));
-                    if ready && entry.1.is_none() {
-                        entry.1 = Some(now);
-                    }
+                let Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) = event else { continue };
+                let object = serde_json::to_value(&object).unwrap_or_default();
+                let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let ready = object["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+                let mut times = times.lock().expect("the times");
+                let entry = times.entry(name).or_insert((now, None));
+                if ready && entry.1.is_none() {
+                    entry.1 = Some(now);
                 }
             }
         }
@@ -133,8 +135,7 @@ async fn ready_times(times: &Times, expected: usize, limit: Duration) -> (Vec<Du
 
 /// The operator's reconciles so far, summed over its controllers.
 async fn reconciles(metrics: &str) -> u64 {
-    let client = reqwest::Client::builder().user_agent(AGENT).build().expect("an HTTP client");
-    let Ok(response) = client.get(metrics).send().await else { return 0 };
+    let Ok(response) = reqwest::get(metrics).await else { return 0 };
     let text = response.text().await.unwrap_or_default();
     text.lines()
         .filter(|l| l.starts_with("vellum_operator_reconciles_total"))
@@ -147,9 +148,23 @@ async fn reconciles(metrics: &str) -> u64 {
         .sum()
 }
 
-/// Requests of every client but the benchmark's own and kubectl: the operator's.
-fn operator_requests(sim: &Simulator) -> u64 {
-    sim.requests().into_iter().filter(|(agent, _)| agent != AGENT && agent != "kubectl").map(|(_, n)| n).sum()
+/// Requests to the API server so far, by user, from its audit log (each request once).
+fn requests_by_user(audit: &Path) -> HashMap<String, u64> {
+    let text = std::fs::read_to_string(audit).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    let mut by_user = HashMap::new();
+    for line in text.lines() {
+        let Ok(event) = serde_json::from_str::<Value>(line) else { continue };
+        let id = event["auditID"].as_str().unwrap_or_default().to_owned();
+        if seen.insert(id) {
+            *by_user.entry(event["user"]["username"].as_str().unwrap_or_default().to_owned()).or_insert(0) += 1;
+        }
+    }
+    by_user
+}
+
+fn operator_requests(audit: &Path) -> u64 {
+    requests_by_user(audit).get(OPERATOR_USER).copied().unwrap_or(0)
 }
 
 /// Resident and peak resident memory of a process, in MiB.
@@ -236,27 +251,40 @@ async fn bench() {
     let database = TestDatabase::new().await.expect("a Postgres database");
     // The schema the releases' migration Jobs would create, were they running anything.
     vellum_core::store::Metadata::open(&database.url).await.expect("the schema");
-    let sim = Simulator::start(Options { kwok: true, ..Options::default() }).await.expect("the simulator");
+    let cluster = Cluster::start_with(&[], &[("VELLUM_NODE_KWOK", "1"), ("VELLUM_CLUSTER_AUDIT", "1")])
+        .await
+        .expect("a local cluster (scripts/cluster)");
+    let audit = cluster.dir().expect("a local cluster").join("audit.log");
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(cluster.kubeconfig()).expect("the kubeconfig"),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("the kubeconfig"),
+    )
+    .expect("a client");
+    let operator_kubeconfig = cluster.user(OPERATOR_USER, Some("system:masters")).await.expect("the operator's user");
     let crds = repo().join("manifests/crds");
-    kubectl(&sim, &["apply", "-f", crds.to_str().expect("a UTF-8 path")], None).await;
-    kubectl(&sim, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=30s"], None).await;
+    kubectl(&cluster, &["apply", "-f", crds.to_str().expect("a UTF-8 path")], None).await;
+    kubectl(&cluster, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=30s"], None).await;
     let namespace = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}\n");
-    kubectl(&sim, &["apply", "-f", "-"], Some(&namespace)).await;
-    kubectl(&sim, &["apply", "-n", NAMESPACE, "-f", "-"], Some(&platform(&database.url))).await;
+    kubectl(&cluster, &["apply", "-f", "-"], Some(&namespace)).await;
+    kubectl(&cluster, &["apply", "-n", NAMESPACE, "-f", "-"], Some(&platform(&database.url))).await;
 
     let port = free_port();
     let metrics = format!("http://127.0.0.1:{port}/metrics");
     let mut child = tokio::process::Command::new(&operator)
         .args(["run", "--metrics-listen", &format!("127.0.0.1:{port}"), "--lease-namespace", NAMESPACE])
-        .env("KUBECONFIG", sim.kubeconfig())
+        .env("KUBECONFIG", &operator_kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("the operator starts");
     let pid = child.id().expect("the operator's pid");
-    let (tiers, _tiers_watch) = watch(&sim.url(), "storagetiers");
-    let (sets, _sets_watch) = watch(&sim.url(), "shardsets");
+    let (tiers, _tiers_watch) = watch(&client, "StorageTier", "storagetiers");
+    let (sets, _sets_watch) = watch(&client, "ShardSet", "shardsets");
     let _ = ready_times(&tiers, 1, Duration::from_secs(60)).await;
     let _ = ready_times(&sets, 1, Duration::from_secs(60)).await;
     let (rss_idle, _) = memory(pid);
@@ -264,21 +292,21 @@ async fn bench() {
     println!(
         "reconcile: {n_hooks} Webhooks and {n_releases} BlueGreenReleases in one namespace, pods kwok-ready, one Postgres shard"
     );
-    let (hook_times, _hook_watch) = watch(&sim.url(), "webhooks");
-    let (release_times, _release_watch) = watch(&sim.url(), "bluegreenreleases");
+    let (hook_times, _hook_watch) = watch(&client, "Webhook", "webhooks");
+    let (release_times, _release_watch) = watch(&client, "BlueGreenRelease", "bluegreenreleases");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (requests_before, reconciles_before) = (operator_requests(&sim), reconciles(&metrics).await);
+    let (requests_before, reconciles_before) = (operator_requests(&audit), reconciles(&metrics).await);
     let started = Instant::now();
-    kubectl(&sim, &["apply", "-n", NAMESPACE, "-f", "-"], Some(&webhooks(n_hooks))).await;
+    kubectl(&cluster, &["apply", "-n", NAMESPACE, "-f", "-"], Some(&webhooks(n_hooks))).await;
     let hooks_written = started.elapsed();
-    kubectl(&sim, &["apply", "-n", NAMESPACE, "-f", "-"], Some(&releases(n_releases))).await;
+    kubectl(&cluster, &["apply", "-n", NAMESPACE, "-f", "-"], Some(&releases(n_releases))).await;
     let all_written = started.elapsed();
     let limit = Duration::from_secs(900);
     let (hook_latencies, hooks_done) = ready_times(&hook_times, n_hooks, limit).await;
     let (release_latencies, releases_done) = ready_times(&release_times, n_releases, limit).await;
     let all_ready = hooks_done.into_iter().chain(releases_done).max().map_or(limit, |t| t.duration_since(started));
     let (requests, reconciled) =
-        (operator_requests(&sim) - requests_before, reconciles(&metrics).await - reconciles_before);
+        (operator_requests(&audit) - requests_before, reconciles(&metrics).await - reconciles_before);
     let (rss, peak) = memory(pid);
 
     report("Webhook", &hook_latencies);
@@ -298,9 +326,9 @@ async fn bench() {
         "  operator API requests {requests} over {reconciled} reconciles: {:.2} requests per reconcile",
         requests as f64 / reconciled.max(1) as f64
     );
-    let (idle_before, idle_reconciles) = (operator_requests(&sim), reconciles(&metrics).await);
+    let (idle_before, idle_reconciles) = (operator_requests(&audit), reconciles(&metrics).await);
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle = operator_requests(&sim) - idle_before;
+    let idle = operator_requests(&audit) - idle_before;
     let idle_reconciles = reconciles(&metrics).await - idle_reconciles;
     println!(
         "  once settled: {:.1} requests/s, {:.1} reconciles/s (resyncs, no hot loop)",
@@ -312,9 +340,10 @@ async fn bench() {
         text.lines().filter(|l| l.starts_with("vellum_operator_reconcile")).for_each(|l| println!("    {l}"));
     }
     println!("  operator memory: {rss:.1} MiB resident ({rss_idle:.1} MiB before the resources), peak {peak:.1} MiB");
-    println!("  requests by client: {:?}", sim.requests());
+    let mut users: Vec<(String, u64)> = requests_by_user(&audit).into_iter().collect();
+    users.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    println!("  API requests by user: {users:?}");
     let _ = child.kill().await;
-    sim.stop().await;
 }
 
 fn main() {

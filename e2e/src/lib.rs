@@ -15,7 +15,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use kube_sim::node::host::Host;
+use vellum_node::node::host::Host;
 
 /// The variable naming an existing cluster to run against.
 pub const KUBECONFIG_VAR: &str = "VELLUM_E2E_KUBECONFIG";
@@ -79,6 +79,12 @@ impl Cluster {
     /// The cluster `VELLUM_E2E_KUBECONFIG` names, else a local cluster whose node runs
     /// `images` (image pattern → executable).
     pub async fn start(images: &[(&str, &Path)]) -> anyhow::Result<Self> {
+        Self::start_with(images, &[]).await
+    }
+
+    /// As [`Cluster::start`], with `scripts/cluster`'s variables `env` (such as
+    /// `VELLUM_NODE_KWOK=1` or `VELLUM_CLUSTER_AUDIT=1`) for a local cluster.
+    pub async fn start_with(images: &[(&str, &Path)], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let cache = tempfile::tempdir()?;
         if let Some(path) = std::env::var_os(KUBECONFIG_VAR).filter(|p| !p.is_empty()) {
             return Ok(Self { local: None, kubeconfig: PathBuf::from(path), cache });
@@ -91,6 +97,7 @@ impl Cluster {
             .env("VELLUM_NODE_BIN", binary("vellum-node"))
             .env("VELLUM_NODE_IMAGES", rules.join(" "))
             .env("VELLUM_NODE_HOST_PORTS", ports.join(" "))
+            .envs(env.iter().copied())
             .kill_on_drop(true)
             .output()
             .await?;
@@ -108,9 +115,42 @@ impl Cluster {
         &self.kubeconfig
     }
 
-    /// Runs `kubectl` (`KUBE_SIM_KUBECTL`, else the one on the PATH) against the cluster.
+    /// The local cluster's state directory (its kubeconfigs, logs and audit log).
+    pub fn dir(&self) -> Option<&Path> {
+        self.local.as_ref().and(self.kubeconfig.parent())
+    }
+
+    /// A kubeconfig for a new user of the local cluster: `cn`, in `group` when given.
+    pub async fn user(&self, cn: &str, group: Option<&str>) -> anyhow::Result<PathBuf> {
+        let Some(local) = &self.local else { anyhow::bail!("users are made only on a local cluster") };
+        let mut args = vec!["user", local.name.as_str(), cn];
+        args.extend(group);
+        let out = tokio::process::Command::new(root().join("scripts/cluster")).args(&args).output().await?;
+        anyhow::ensure!(out.status.success(), "scripts/cluster user: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+    }
+
+    /// Runs `kubectl` (`VELLUM_TEST_KUBECTL`, else the one on the PATH) against the cluster,
+    /// with `stdin` as its input; returns what it printed and how it ended.
     pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> std::io::Result<Output> {
-        kube_sim::run_kubectl(&self.kubeconfig, self.cache.path(), args, stdin).await
+        use tokio::io::AsyncWriteExt;
+        let binary = std::env::var("VELLUM_TEST_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let mut child = tokio::process::Command::new(binary)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECACHEDIR", self.cache.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        if let Some(mut input) = child.stdin.take() {
+            if let Some(text) = stdin {
+                input.write_all(text.as_bytes()).await?;
+            }
+            drop(input);
+        }
+        child.wait_with_output().await
     }
 
     /// A loopback address of this machine that leads to `target` inside the cluster's

@@ -20,7 +20,7 @@ mod judge;
 /// Standard output of a kubectl command that must succeed without warnings.
 async fn ok(cluster: &Cluster, args: &[&str]) -> String {
     let out =
-        cluster.kubectl(args, None).await.expect("kubectl runs (set KUBE_SIM_KUBECTL or put kubectl on the PATH)");
+        cluster.kubectl(args, None).await.expect("kubectl runs (set VELLUM_TEST_KUBECTL or put kubectl on the PATH)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "kubectl {args:?} failed: {stderr}");
     let warnings: Vec<&str> =

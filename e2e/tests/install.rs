@@ -16,7 +16,7 @@ fn repo() -> &'static Path {
 
 async fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
     let out =
-        cluster.kubectl(args, None).await.expect("kubectl runs (set KUBE_SIM_KUBECTL or put kubectl on the PATH)");
+        cluster.kubectl(args, None).await.expect("kubectl runs (set VELLUM_TEST_KUBECTL or put kubectl on the PATH)");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "kubectl {args:?} failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
     stdout

@@ -256,8 +256,7 @@ pub fn environment(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubelet::SimApi;
-    use crate::store::Store;
+    use crate::kubelet::api::Memory;
     use serde_json::json;
 
     #[test]
@@ -269,16 +268,9 @@ mod tests {
 
     #[test]
     fn the_environment_reads_config_maps_secrets_and_the_pods_own_fields() {
-        let store = Store::new();
-        let reg = store.registry();
-        let cm = reg.by_kind("v1", "ConfigMap").unwrap();
-        let secret = reg.by_kind("v1", "Secret").unwrap();
-        store
-            .create(cm, "default", json!({"metadata": {"name": "cfg"}, "data": {"mode": "fast", "x": "y"}}), false)
-            .unwrap();
-        store
-            .create(secret, "default", json!({"metadata": {"name": "creds"}, "data": {"pw": "czNjcjN0"}}), false)
-            .unwrap();
+        let api = Memory::default();
+        api.put("ConfigMap", "default", json!({"metadata": {"name": "cfg"}, "data": {"mode": "fast", "x": "y"}}));
+        api.put("Secret", "default", json!({"metadata": {"name": "creds"}, "data": {"pw": "czNjcjN0"}}));
         let pod = json!({"metadata": {"name": "p", "namespace": "default", "labels": {"app": "web"}},
                          "status": {"podIP": "127.9.0.1"}});
         let container = json!({
@@ -291,7 +283,6 @@ mod tests {
             {"name": "LISTEN", "value": "$(IP):8080"},
             {"name": "GONE", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "k", "optional": true}}},
         ]});
-        let api = SimApi { store: store.clone(), api_server: ([127, 0, 0, 1], 6443).into() };
         let env = environment(&api, &pod, &container, vec![]).unwrap();
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("CFG_mode"), Some("fast"));

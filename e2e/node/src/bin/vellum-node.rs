@@ -1,4 +1,4 @@
-//! `vellum-node`: a node of a real Kubernetes control plane (see `kube_sim::node`), run by
+//! `vellum-node`: a node of a real Kubernetes control plane (see `vellum_node::node`), run by
 //! `scripts/cluster up`. It moves into the cluster's network namespace first (`--netns`),
 //! keeping a thread in the host's for the ports it mirrors (`--host-port`).
 
@@ -39,7 +39,7 @@ struct Args {
     /// Which executable a container image runs: `PATTERN=EXECUTABLE` or `PATTERN=kwok`.
     /// May be repeated.
     #[arg(long = "image", value_name = "PATTERN=EXECUTABLE")]
-    images: Vec<kube_sim::ImageRule>,
+    images: Vec<vellum_node::ImageRule>,
     /// Images no rule names run as kwok does.
     #[arg(long)]
     kwok: bool,
@@ -76,11 +76,11 @@ fn main() -> anyhow::Result<()> {
             let own = std::fs::File::open("/proc/self/ns/net")?;
             let target = std::fs::File::open(path)?;
             nix::sched::setns(target, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Some(kube_sim::node::host::Host::start(own.into())?)
+            Some(vellum_node::node::host::Host::start(own.into())?)
         }
         None => None,
     };
-    let options = kube_sim::node::Options {
+    let options = vellum_node::node::Options {
         name: args.name,
         kubeconfig: args.kubeconfig,
         proxy_kubeconfig: args.proxy_kubeconfig,
@@ -96,5 +96,5 @@ fn main() -> anyhow::Result<()> {
         host_ports: args.host_ports,
         host,
     };
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(kube_sim::node::run(options))
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(vellum_node::node::run(options))
 }

@@ -233,7 +233,7 @@ impl Volumes {
             } else if let Some(path) = meta::str_at(volume, "/hostPath/path") {
                 self.paths.insert(name, PathBuf::from(path));
             } else {
-                // emptyDir, and what the simulator does not model, as an empty directory.
+                // emptyDir, and what this node does not model, as an empty directory.
                 std::fs::create_dir_all(&dir).map_err(|e| {
                     Waiting::new("ContainerCreating", format!("MountVolume.SetUp failed for volume \"{name}\" : {e}"))
                 })?;
@@ -247,30 +247,31 @@ impl Volumes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubelet::SimApi;
-    use crate::store::Store;
+    use crate::kubelet::api::Memory;
     use serde_json::json;
 
     #[test]
     fn config_map_volumes_switch_atomically_and_drop_removed_keys() {
-        let store = Store::new();
-        let cm = store.registry().by_kind("v1", "ConfigMap").cloned().unwrap();
-        store
-            .create(&cm, "default", json!({"metadata": {"name": "cfg"}, "data": {"a": "1", "b": "2"}}), false)
-            .unwrap();
+        let api = Memory::default();
+        api.put(
+            "ConfigMap",
+            "default",
+            json!({"metadata": {"name": "cfg", "resourceVersion": "1"}, "data": {"a": "1", "b": "2"}}),
+        );
         let pod = json!({"metadata": {"name": "p", "namespace": "default"},
                          "spec": {"volumes": [{"name": "config", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}]}});
         let dir = tempfile::tempdir().unwrap();
-        let api = SimApi { store: store.clone(), api_server: ([127, 0, 0, 1], 6443).into() };
         let mut volumes = Volumes::new(dir.path().to_owned());
         assert!(!volumes.sync(&api, &pod).unwrap());
         let config = volumes.paths["config"].clone();
         assert_eq!(std::fs::read_to_string(config.join("a")).unwrap(), "1");
         assert!(volumes.paths["scratch"].is_dir());
         assert!(!volumes.sync(&api, &pod).unwrap(), "unchanged sources are not rewritten");
-        let mut object = store.get(&cm, "default", "cfg").unwrap();
-        object["data"] = json!({"a": "one"});
-        store.update(&cm, "default", "cfg", object, false, false).unwrap();
+        api.put(
+            "ConfigMap",
+            "default",
+            json!({"metadata": {"name": "cfg", "resourceVersion": "2"}, "data": {"a": "one"}}),
+        );
         assert!(volumes.sync(&api, &pod).unwrap());
         assert_eq!(std::fs::read_to_string(config.join("a")).unwrap(), "one");
         assert!(!config.join("b").exists(), "a removed key goes");
@@ -284,5 +285,33 @@ mod tests {
                              "spec": {"volumes": [{"name": "s", "secret": {"secretName": "nope"}}]}});
         let err = Volumes::new(dir.path().join("x")).sync(&api, &missing).unwrap_err();
         assert_eq!(err.message, "MountVolume.SetUp failed for volume \"s\" : secret \"nope\" not found");
+    }
+
+    #[test]
+    fn projected_volumes_hold_the_token_the_root_ca_and_the_namespace() {
+        let api = Memory::default();
+        api.put(
+            "ConfigMap",
+            "docs",
+            json!({"metadata": {"name": "kube-root-ca.crt", "resourceVersion": "7"}, "data": {"ca.crt": "PEM"}}),
+        );
+        // The volume the ServiceAccount admission plugin adds.
+        let pod = json!({"metadata": {"name": "p", "namespace": "docs", "uid": "u-1"},
+        "spec": {"serviceAccountName": "gateway", "volumes": [{"name": "kube-api-access", "projected": {
+            "defaultMode": 420,
+            "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+            ]}}]}});
+        let dir = tempfile::tempdir().unwrap();
+        let mut volumes = Volumes::new(dir.path().to_owned());
+        volumes.sync(&api, &pod).unwrap();
+        let at = volumes.paths["kube-api-access"].clone();
+        assert_eq!(std::fs::read_to_string(at.join("token")).unwrap(), "token-for-gateway-u-1");
+        assert_eq!(std::fs::read_to_string(at.join("ca.crt")).unwrap(), "PEM");
+        assert_eq!(std::fs::read_to_string(at.join("namespace")).unwrap(), "docs");
+        let mode = std::fs::metadata(at.join("..data/token")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
     }
 }

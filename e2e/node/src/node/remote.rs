@@ -122,11 +122,6 @@ impl NodeApi for Remote {
         self.pods.get(&reflector::ObjectRef::new(name).within(namespace)).map(|p| to_value(p.as_ref()))
     }
 
-    fn bind(&self, _: &Value) -> Option<Value> {
-        // The scheduler binds.
-        None
-    }
-
     fn object(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
         let kind: &'static str = match kind {
             "ConfigMap" => "ConfigMap",

@@ -85,12 +85,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     remote.synced().await;
     let kubelet = Kubelet::new(
         remote.clone(),
-        kubelet::Config {
-            images: options.images,
-            kwok: options.kwok,
-            restart_backoff: Duration::from_secs(1),
-            kubeconfig: None,
-        },
+        kubelet::Config { images: options.images, kwok: options.kwok, restart_backoff: Duration::from_secs(1) },
         options.root.join("pods"),
     );
 

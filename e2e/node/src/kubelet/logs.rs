@@ -145,10 +145,8 @@ pub fn serve<S: BuildHasher>(
     name: &str,
     params: &HashMap<String, String, S>,
 ) -> Result<Response, ApiError> {
-    let pod = kubelet
-        .api()
-        .pod(namespace, name)
-        .ok_or_else(|| ApiError::new(404, "NotFound", format!("pods \"{name}\" not found")))?;
+    let pod =
+        kubelet.api().pod(namespace, name).ok_or_else(|| ApiError::not_found(format!("pods \"{name}\" not found")))?;
     let container = pick(&pod, params.get("container"))?;
     let flag = |k: &str| params.get(k).is_some_and(|v| v == "true" || v == "1");
     let status = container_status(&pod, &container).cloned().unwrap_or_default();

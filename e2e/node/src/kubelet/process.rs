@@ -1,6 +1,6 @@
 //! One container run as a local process: in a process group of its own (so that what it
 //! starts is stopped with it), in a private mount namespace when it mounts volumes, with
-//! the parent-death signal set so that it never outlives the simulator, and with its output
+//! the parent-death signal set so that it never outlives the node, and with its output
 //! written to a log file in the CRI format a kubelet keeps.
 
 use std::collections::HashSet;
@@ -35,7 +35,7 @@ pub struct Launch {
 }
 
 /// The process groups of every running container, so that they can be killed together when
-/// the simulator stops.
+/// the node stops.
 pub type Groups = Arc<Mutex<HashSet<i32>>>;
 
 /// Kills every group in `groups`.
@@ -46,7 +46,7 @@ pub fn kill_all(groups: &Groups) {
     }
 }
 
-/// Whether the simulator runs as root (else mount namespaces need a user namespace too).
+/// Whether the node runs as root (else mount namespaces need a user namespace too).
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

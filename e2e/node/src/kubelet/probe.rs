@@ -76,7 +76,7 @@ pub async fn run(probe: &Probe, target: &Target) -> Result<(), String> {
         let port = port(target, http.get("port"))?;
         let path = meta::str_at(http, "/path").unwrap_or("/");
         if meta::str_at(http, "/scheme").is_some_and(|s| s.eq_ignore_ascii_case("https")) {
-            return Err("HTTPS probes are not supported by this simulator".into());
+            return Err("HTTPS probes are not supported by this node".into());
         }
         let url = format!("http://{host}:{port}{}{path}", if path.starts_with('/') { "" } else { "/" });
         let client = reqwest::Client::builder().timeout(probe.timeout).build().map_err(|e| e.to_string())?;
@@ -136,5 +136,5 @@ pub async fn run(probe: &Probe, target: &Target) -> Result<(), String> {
             Err(_) => Err(format!("command {argv:?} timed out")),
         };
     }
-    Err("the probe has no handler this simulator supports (httpGet, tcpSocket, exec)".into())
+    Err("the probe has no handler this node supports (httpGet, tcpSocket, exec)".into())
 }

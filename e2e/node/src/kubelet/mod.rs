@@ -1,10 +1,10 @@
-//! The kubelet of the simulator's one node: it binds new pods to the node, gives each an
-//! address of its own on loopback, and runs their containers as local processes: the image
-//! names an executable through the rules given at start, the environment, volumes, probes,
-//! restart policy, logs and graceful termination are those of a real kubelet. Images ruled
-//! `kwok` (or every image, in the global kwok mode) are marked running and ready without
-//! starting anything, for scale tests (and, in pods that run to completion, completed). An image no rule names fails to pull, as on a node
-//! that cannot reach its registry.
+//! The kubelet: it runs the pods the scheduler binds to its node, gives each an address of
+//! the node's pod range, and runs their containers as local processes: the image names an
+//! executable through the rules given at start; the environment, volumes, probes, restart
+//! policy, logs and graceful termination are those of a real kubelet. Images ruled `kwok`
+//! (or every image, in the global kwok mode) are marked running and ready without starting
+//! anything, for scale tests (and, in pods that run to completion, completed). An image no
+//! rule names fails to pull, as on a node that cannot reach its registry.
 
 pub mod api;
 pub mod env;
@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use self::api::{NodeApi, SimApi};
+pub use self::api::NodeApi;
 use self::env::Waiting;
 use self::process::{Groups, Launch, Mount, Process};
 use crate::meta;
@@ -91,11 +91,6 @@ pub struct Config {
     pub kwok: bool,
     /// The first restart delay of a crashing container (doubling up to five minutes).
     pub restart_backoff: Duration,
-    /// A kubeconfig for the API server, given to containers as `KUBECONFIG` where a real
-    /// kubelet would mount a ServiceAccount token: the simulator serves plain HTTP, which
-    /// in-cluster configuration does not accept, and every client library reads
-    /// `KUBECONFIG` first. Pods with `automountServiceAccountToken: false` do not get it.
-    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -180,7 +175,6 @@ impl Kubelet {
     /// One pass over the pods: bind new ones, start, stop and forget.
     pub fn sync(&self) {
         let api = &self.inner.api;
-        api.register();
         let pods = api.pods();
         let live: std::collections::HashSet<&str> = pods.iter().map(meta::uid).collect();
         for pod in &pods {
@@ -228,17 +222,10 @@ impl Kubelet {
             }
             return;
         }
-        let bound = meta::str_at(pod, "/spec/nodeName").filter(|n| !n.is_empty());
-        let pod = if bound.is_none() {
-            // Where the node is its own scheduler: one node, every pod fits.
-            let Some(bound) = api.bind(pod) else { return };
-            self.event(pod, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}"), None);
-            bound
-        } else if bound != Some(node) {
+        if meta::str_at(pod, "/spec/nodeName") != Some(node) {
             return;
-        } else {
-            pod.clone()
-        };
+        }
+        let pod = pod.clone();
         if pod.pointer("/status/phase").is_some_and(|p| p != "Pending") || lock(&self.inner.pods).contains_key(uid) {
             return;
         }
@@ -406,12 +393,12 @@ impl Container {
 
     fn status(&self) -> Value {
         let mut s = json!({
-            "name": self.name, "image": self.image, "imageID": format!("kube-sim://{}", self.image),
+            "name": self.name, "image": self.image, "imageID": format!("vellum-node://{}", self.image),
             "ready": self.ready, "started": self.started, "restartCount": self.restarts, "state": self.state,
             "lastState": self.last.clone().unwrap_or_else(|| json!({})),
         });
         if let Some(pid) = self.pid {
-            s["containerID"] = json!(format!("kube-sim://{pid}"));
+            s["containerID"] = json!(format!("vellum-node://{pid}"));
         }
         s
     }
@@ -591,11 +578,6 @@ impl PodCtx {
             ("KUBERNETES_SERVICE_HOST".to_owned(), api.ip().to_string()),
             ("KUBERNETES_SERVICE_PORT".to_owned(), api.port().to_string()),
         ];
-        if let Some(path) = &self.kubelet.inner.config.kubeconfig
-            && pod.pointer("/spec/automountServiceAccountToken").and_then(Value::as_bool) != Some(false)
-        {
-            vars.push(("KUBECONFIG".to_owned(), path.display().to_string()));
-        }
         if pod.pointer("/spec/enableServiceLinks").and_then(Value::as_bool) != Some(false) {
             vars.extend(env::service_vars(&self.api().services(&self.namespace)));
         }
@@ -619,7 +601,7 @@ impl PodCtx {
                 return Err(Waiting::new(
                     "ErrImagePull",
                     format!(
-                        "failed to pull image \"{image}\": no executable is mapped to this image in the simulator (kube-sim --image PATTERN=EXECUTABLE)"
+                        "failed to pull image \"{image}\": no executable is mapped to this image on this node (vellum-node --image PATTERN=EXECUTABLE)"
                     ),
                 ));
             }
@@ -923,7 +905,7 @@ async fn run_container(
         let reason = if code == 0 { "Completed" } else { "Error" };
         ctx.update(index, |c| {
             c.state = json!({"terminated": {"exitCode": code, "reason": reason, "startedAt": started_at,
-                                            "finishedAt": meta::now(), "containerID": format!("kube-sim://{}", process.pid())}});
+                                            "finishedAt": meta::now(), "containerID": format!("vellum-node://{}", process.pid())}});
             c.ready = false;
         });
         if stopped {
