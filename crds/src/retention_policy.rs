@@ -25,7 +25,8 @@ use crate::common::Conditions;
     printcolumn(name = "Dry Run", type_ = "boolean", json_path = ".spec.dryRun"),
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Last Run", type_ = "date", json_path = ".status.lastRun.completionTime"),
-    printcolumn(name = "Next Run", type_ = "date", json_path = ".status.nextRun"),
+    // A string, not a date: kubectl shows a date column as an age, and a future time as <invalid>.
+    printcolumn(name = "Next Run", type_ = "string", json_path = ".status.nextRun"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

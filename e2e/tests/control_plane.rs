@@ -169,6 +169,10 @@ async fn runs_the_operator(cluster: &Cluster) {
         ["-n", "docs", "get", "retentionpolicy", "standard-lifecycle", "-o", "jsonpath={.status.conditions[*].type}"];
     let conditions = until(cluster, &policy, |c| c.contains("Ready")).await;
     assert!(conditions.contains("Ready"), "the operator did not reconcile: {conditions:?}");
+    // kubectl's own table of it: every column readable (a future time in a date column
+    // would print as <invalid>).
+    let table = until(cluster, &["-n", "docs", "get", "retentionpolicies"], |t| t.contains("T03:00:00Z")).await;
+    assert!(!table.contains("<invalid>") && table.contains("T03:00:00Z"), "{table}");
 
     // `kubectl logs`: the API server asks the node's kubelet API for the leader's output.
     let logs = ok(cluster, &["-n", "vellum-system", "logs", &holder]).await;
