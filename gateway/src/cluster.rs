@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use vellum_core::events::Pending;
-use vellum_workers::nats::{STREAM, ensure_stream, event_of};
+use vellum_jetstream::{STREAM, ensure_stream, event_of};
 
 use crate::realtime::{Audience, CHANNELS, Hub, Notice};
 use crate::stomp::JOB_KINDS;

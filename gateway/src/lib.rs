@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod realtime;
+pub mod replica;
 pub mod serve;
 pub mod sockjs;
 pub mod standalone;

@@ -198,7 +198,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     options.nats_url = Some(args.nats_url);
     options.link_key = Some(args.link_key.into_bytes());
     options.kube_namespace = args.kube_namespace;
-    let running = standalone::start(options).await?;
+    let running = vellum_gateway::replica::start(options).await?;
     println!("Vellum gateway replica serving at {}", running.url);
     shutdown_signal().await;
     println!("shutting down: finishing in-flight requests");

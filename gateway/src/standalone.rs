@@ -1,6 +1,13 @@
-//! Standalone mode: the gateway and its in-process workers on the embedded defaults
-//! (SQLite, local-file tiers, the in-process event bus), configured by the same
-//! StorageTier, Webhook and RetentionPolicy YAML a platform team applies to a cluster.
+//! The gateway's two composition roots, on one assembly of the HTTP API:
+//!
+//! - [`start`], standalone mode: the one process that runs every role — the HTTP API, the
+//!   outbox relays into the in-process bus, webhook delivery and the retention scheduler —
+//!   on the embedded defaults (SQLite, local-file tiers), configured by the same
+//!   StorageTier, Webhook and RetentionPolicy YAML a platform team applies to a cluster.
+//! - [`crate::replica::start`], a replica of a cluster (`vellum-gateway serve`): the HTTP
+//!   API, real-time fan-out from the JetStream stream and config reload only. The outbox
+//!   relays and webhook delivery are `vellum-workers run`'s, so an endpoint's concurrency
+//!   and rate limits hold across the platform however many replicas serve.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,11 +22,10 @@ use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::{CONFIG_FILE, SecretBundle, compile_dir, read_platform};
 use vellum_core::documents::{Documents, Library, library_of, open_shards, rotate_credentials};
-use vellum_core::events::{Bus, Sink, relay};
+use vellum_core::events::{Bus, relay};
 use vellum_core::routing::RoutingTable;
 use vellum_core::store::Metadata;
 use vellum_core::webhooks::DestinationPolicy;
-use vellum_workers::nats::JetStreamSink;
 use vellum_workers::{Engine, LocalSink, Sender, Settings};
 
 use crate::auth::{Auth, AuthSettings};
@@ -137,9 +143,26 @@ fn credentials(options: &Options, data_dir: &Path) -> anyhow::Result<(Auth, Vec<
     Ok((auth, link_key))
 }
 
+/// Which composition root is starting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Every role in this process.
+    Standalone,
+    /// One gateway replica of a cluster, beside `vellum-workers run`.
+    Replica,
+}
+
 /// Starts standalone mode and returns once it serves.
-#[allow(clippy::too_many_lines)] // the one place that wires every role of standalone mode together
 pub async fn start(options: Options) -> anyhow::Result<Running> {
+    if options.nats_url.is_some() {
+        bail!("standalone mode runs without NATS; a replica of a cluster starts with `vellum-gateway serve`");
+    }
+    launch(options, Role::Standalone).await
+}
+
+/// Assembles the HTTP API and starts what `role` runs beside it.
+#[allow(clippy::too_many_lines)] // the one place that wires the roles together
+pub(crate) async fn launch(options: Options, role: Role) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
     let data_dir = options.data_dir.canonicalize().context("resolving the data directory")?;
@@ -166,10 +189,10 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let database_url =
         options.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("vellum.db").display()));
     let shards = open_shards(&config, &secrets, &database_url).await.map_err(anyhow::Error::msg)?;
-    if shards.len() > 1 && options.nats_url.is_none() {
+    if shards.len() > 1 && role == Role::Standalone {
         bail!(
-            "the ShardSet has {} shards: several metadata shards need the NATS event stream (--nats-url), \
-             which orders their events",
+            "the ShardSet has {} shards: several metadata shards need the NATS event stream, which orders \
+             their events; run gateway replicas (`vellum-gateway serve --nats-url`) and `vellum-workers run`",
             shards.len()
         );
     }
@@ -180,13 +203,19 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     let clock = Clock::system();
     let bus = Bus::new();
     let sender = Sender::new(config.webhook_destinations.clone()).context("building the webhook HTTP client")?;
-    let engine = Engine::new(meta.clone(), clock.clone(), sender, Settings::default());
+    let engine = match role {
+        Role::Standalone => Engine::new(meta.clone(), clock.clone(), sender, Settings::default()),
+        Role::Replica => Engine::without_dispatch(meta.clone(), clock.clone(), sender, Settings::default()),
+    };
     let kube = crate::kube_webhooks::KubeWebhooks::connect_to(options.kube_namespace.clone()).await?;
     let webhooks = WebhookService::start(engine.clone(), base, clock.clone(), kube).await?;
     let hub = Arc::new(Hub::new(meta.clone(), clock.clone()));
-    let nats = match &options.nats_url {
-        Some(url) => Some(vellum_workers::nats::connect(url, "vellum-gateway").await.map_err(anyhow::Error::msg)?),
-        None => None,
+    let nats = match (&options.nats_url, role) {
+        (Some(url), Role::Replica) => {
+            Some(vellum_jetstream::connect(url, "vellum-gateway").await.map_err(anyhow::Error::msg)?)
+        }
+        (None, Role::Replica) => bail!("a replica of a cluster needs the NATS event stream (--nats-url)"),
+        (_, Role::Standalone) => None,
     };
     let mut hub_feeds = match &nats {
         Some(client) => crate::cluster::connect(&hub, client),
@@ -216,7 +245,11 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
 
     state.metrics.set_config_hash(&config_hash);
     let (stop, stopped) = watch::channel(false);
-    let relays = spawn_relays(&shards, &buses, nats.as_ref(), &engine, &bus, &clock, &stopped);
+    // Standalone, this process relays its outbox; in a cluster the workers do.
+    let relays = match role {
+        Role::Standalone => spawn_relays(&shards, &buses, &engine, &bus, &clock, &stopped),
+        Role::Replica => Vec::new(),
+    };
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
     if state.auth.reloads() {
         hub_feeds.push(tokio::spawn(watch_keys(Arc::clone(&state.auth), options.config_reload)));
@@ -311,15 +344,12 @@ async fn until_stopped(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-/// One outbox relay per shard until `stopped` turns true. Standalone, events become
-/// webhook deliveries (durably) and then reach the in-process bus; in a cluster they go to
-/// JetStream, where the workers turn them into deliveries and every replica's clients see
-/// them. In outbox order, woken by every commit here that wrote one (the workers' relay
-/// picks up what a dead replica left).
+/// Standalone mode's outbox relay, one per shard, until `stopped` turns true: events become
+/// webhook deliveries (durably) and then reach the in-process bus, in outbox order, woken by
+/// every commit that wrote one.
 fn spawn_relays(
     shards: &[Metadata],
     buses: &[Bus],
-    nats: Option<&async_nats::Client>,
     engine: &Engine,
     bus: &Bus,
     clock: &Clock,
@@ -330,12 +360,9 @@ fn spawn_relays(
         .zip(buses)
         .map(|(meta, shard_bus)| {
             let (meta, clock, wake) = (meta.clone(), clock.clone(), Arc::clone(&shard_bus.wake));
-            let sink: Box<dyn Sink> = match nats {
-                Some(client) => Box::new(JetStreamSink::new(async_nats::jetstream::new(client.clone()))),
-                None => Box::new(LocalSink { engine: engine.clone(), bus: bus.clone() }),
-            };
+            let sink = LocalSink { engine: engine.clone(), bus: bus.clone() };
             let stop = until_stopped(stopped.clone());
-            tokio::spawn(async move { relay(&meta, &clock, sink.as_ref(), &wake, Duration::from_secs(1), stop).await })
+            tokio::spawn(async move { relay(&meta, &clock, &sink, &wake, Duration::from_secs(1), stop).await })
         })
         .collect()
 }

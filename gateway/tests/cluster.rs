@@ -21,6 +21,8 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 struct Cluster {
     a: Running,
     b: Running,
+    /// The relays and webhook delivery, which the replicas leave to it.
+    _worker: support::Worker,
     nats: NatsProcess,
     client: reqwest::Client,
     _db: TestDatabase,
@@ -28,7 +30,7 @@ struct Cluster {
 }
 
 async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> Running {
-    standalone::start(standalone::Options {
+    vellum_gateway::replica::start(standalone::Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         // Shared, as a volume would be: the file tier holds the documents both serve.
         data_dir: dir.join("data"),
@@ -62,7 +64,9 @@ async fn cluster() -> Cluster {
     let nats = NatsProcess::start().unwrap();
     let a = replica(dir.path(), &db.url, &nats.url()).await;
     let b = replica(dir.path(), &db.url, &nats.url()).await;
-    let cluster = Cluster { a, b, nats, client: reqwest::Client::new(), _db: db, _dir: dir };
+    // The replicas' events reach the stream through the worker's relay.
+    let worker = support::Worker::start(&db.url, &nats.url(), &dir.path().join("config"));
+    let cluster = Cluster { a, b, _worker: worker, nats, client: reqwest::Client::new(), _db: db, _dir: dir };
     // The replicas follow the stream from when they started: wait until B sees A's events.
     let mut probe = cluster.ws(&cluster.b, "root", &["user", "admin"]).await;
     cluster.upload(&cluster.a, "root", "warm-up.txt").await;
@@ -229,4 +233,97 @@ async fn killing_nats_mid_stream_neither_loses_nor_repeats_an_event_to_a_websock
     let distinct: HashSet<String> = received.iter().cloned().collect();
     assert_eq!(distinct.len(), UPLOADS, "no event twice");
     assert_eq!(distinct, expected, "every upload's event");
+}
+
+/// A receiver that takes `delay` over each request and records the most requests it had
+/// in flight at once, and every event id it was sent (with its type).
+struct SlowReceiver {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn slow_receiver(delay: Duration) -> SlowReceiver {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = std::sync::Arc::default();
+    let (peak, now) = (std::sync::Arc::new(AtomicUsize::new(0)), std::sync::Arc::new(AtomicUsize::new(0)));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let (seen, peak, now) = (seen.clone(), peak.clone(), now.clone());
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+                let inside = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(inside, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                let event: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                seen.lock().unwrap().push((id, event["eventType"].as_str().unwrap_or_default().to_owned()));
+                now.fetch_sub(1, Ordering::SeqCst);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    SlowReceiver { url, seen, peak }
+}
+
+/// The replicas serve; the one worker relays and delivers: with two replicas each event is
+/// delivered once per endpoint, and the endpoint's `maxConcurrency` holds across the
+/// platform (replicas running dispatchers of their own would multiply it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_and_one_worker_deliver_each_event_once_within_the_endpoints_concurrency() {
+    // Long enough that an idle dispatcher elsewhere (it looks every 5 s) would find work.
+    let receiver = slow_receiver(Duration::from_millis(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    let yaml = format!(
+        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {{name: hot}}\n\
+         spec: {{class: HOT, default: true, backend: {{url: 'file://tiers/hot'}}}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{hook: 'a-webhook-secret-for-hmac'}}\n---\n\
+         apiVersion: vellum.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: slow}}\n\
+         spec: {{url: '{}', secretRef: {{name: keys, key: hook}}, maxConcurrency: 2, eventTypes: [DOCUMENT_UPLOADED]}}\n---\n\
+         apiVersion: vellum.dev/v1alpha1\nkind: BlueGreenRelease\nmetadata: {{name: docs}}\n\
+         spec: {{version: '1', gateway: {{image: g}}, workers: {{image: w}}, shardSetRef: shards, \
+         nats: {{url: 'nats://127.0.0.1:4222'}}, jwt: {{secretRef: {{name: keys, key: hook}}}}, webhookAllowedCidrs: ['127.0.0.1']}}\n",
+        receiver.url
+    );
+    std::fs::write(config.join("platform.yaml"), yaml).unwrap();
+    let db = TestDatabase::new().await.unwrap();
+    let nats = NatsProcess::start().unwrap();
+    let a = replica(dir.path(), &db.url, &nats.url()).await;
+    let b = replica(dir.path(), &db.url, &nats.url()).await;
+    let worker = support::Worker::start(&db.url, &nats.url(), &config);
+    let client = reqwest::Client::new();
+    let token = a.state.auth.mint("root", &["user"], Duration::from_secs(600)).unwrap();
+    let mut ids = HashSet::new();
+    for i in 0..60 {
+        let via = if i % 2 == 0 { &a } else { &b };
+        let doc = support::upload(&client, &via.url, &token, &format!("d{i}.txt")).await;
+        ids.insert(doc["id"].as_i64().unwrap());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = receiver.seen.lock().unwrap().len();
+        if seen >= ids.len() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{seen} of {} deliveries", ids.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Anything a second dispatcher would send arrives within a few delays more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = receiver.seen.lock().unwrap().clone();
+    let unique: HashSet<&String> = seen.iter().map(|(id, _)| id).collect();
+    assert_eq!(unique.len(), seen.len(), "an event was delivered twice: {seen:?}");
+    assert_eq!(seen.len(), ids.len(), "{seen:?}");
+    assert!(seen.iter().all(|(_, t)| t == "DOCUMENT_UPLOADED"), "{seen:?}");
+    let peak = receiver.peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(peak <= 2, "{peak} deliveries in flight at once; the endpoint allows 2");
+    assert_eq!(peak, 2, "the worker used the concurrency it has");
+    worker.stop().await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
 }

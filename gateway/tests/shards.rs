@@ -77,6 +77,8 @@ struct Ring {
     table: RoutingTable,
     nats: NatsProcess,
     gw: Running,
+    /// The cluster's relays and webhook delivery.
+    worker: support::Worker,
     _dir: tempfile::TempDir,
 }
 
@@ -87,8 +89,9 @@ async fn ring(n: usize) -> Ring {
     let (_, config, _) = compile_dir(&dir.path().join("config")).unwrap();
     let table = RoutingTable::build(config.shards.as_ref().unwrap()).unwrap();
     let nats = NatsProcess::start().unwrap();
-    let gw = standalone::start(options(dir.path(), Some(nats.url()))).await.unwrap();
-    Ring { dbs, table, nats, gw, _dir: dir }
+    let gw = vellum_gateway::replica::start(options(dir.path(), Some(nats.url()))).await.unwrap();
+    let worker = support::Worker::start(&dbs[0].url, &nats.url(), &dir.path().join("config"));
+    Ring { dbs, table, nats, gw, worker, _dir: dir }
 }
 
 /// The document ids each database holds.
@@ -137,7 +140,7 @@ async fn list_all(client: &reqwest::Client, gw: &Running, token: &str, limit: u3
 #[tokio::test]
 #[allow(clippy::too_many_lines)] // one walk through a sharded platform, step by step
 async fn eight_shards_route_serve_and_list_every_document() {
-    let Ring { dbs, table, nats, gw, _dir } = ring(8).await;
+    let Ring { dbs, table, nats, gw, worker: _worker, _dir } = ring(8).await;
     let client = reqwest::Client::new();
     let (alice, bob) = (token(&gw, "alice", &["user"]), token(&gw, "bob", &["user"]));
     let admin = token(&gw, "root", &["admin", "user"]);
@@ -237,7 +240,7 @@ async fn eight_shards_route_serve_and_list_every_document() {
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let mut stream = js.get_stream(vellum_workers::nats::STREAM).await.unwrap();
+        let mut stream = js.get_stream(vellum_jetstream::STREAM).await.unwrap();
         let messages = stream.info().await.unwrap().state.messages;
         if messages >= 49 + 2 {
             break;
@@ -257,7 +260,7 @@ async fn range_routing_and_a_single_shard_work_and_several_shards_need_nats() {
     let err = standalone::start(options(dir.path(), None)).await.unwrap_err();
     assert!(format!("{err:#}").contains("need the NATS event stream"), "{err:#}");
     let nats = NatsProcess::start().unwrap();
-    let gw = standalone::start(options(dir.path(), Some(nats.url()))).await.unwrap();
+    let gw = vellum_gateway::replica::start(options(dir.path(), Some(nats.url()))).await.unwrap();
     let client = reqwest::Client::new();
     let alice = token(&gw, "alice", &["user"]);
     let mut ids = Vec::new();
@@ -291,7 +294,7 @@ async fn range_routing_and_a_single_shard_work_and_several_shards_need_nats() {
 #[tokio::test]
 #[allow(clippy::too_many_lines)] // one walk through every upload path, then the collector
 async fn uploads_survive_garbage_collection_on_every_shard() {
-    let Ring { dbs, table, nats: _nats, gw, _dir } = ring(2).await;
+    let Ring { dbs, table, nats: _nats, gw, worker: _worker, _dir } = ring(2).await;
     let client = reqwest::Client::new();
     let alice = token(&gw, "alice", &["user"]);
     // (document id, version) → the bytes it was given.

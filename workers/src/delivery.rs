@@ -67,6 +67,9 @@ struct Inner {
     settings: Settings,
     endpoints: Mutex<Arc<Vec<Endpoint>>>,
     dispatchers: Mutex<HashMap<String, Dispatcher>>,
+    /// Whether this engine sends (a worker, standalone mode) or only keeps the endpoints
+    /// and the log (a cluster's gateway replica, whose workers send).
+    dispatching: bool,
     stop: watch::Sender<bool>,
 }
 
@@ -81,7 +84,19 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
+    /// An engine that delivers: one dispatcher per endpoint.
     pub fn new(meta: Metadata, clock: Clock, sender: Sender, settings: Settings) -> Self {
+        Self::with(meta, clock, sender, settings, true)
+    }
+
+    /// An engine that keeps the endpoints, their signing keys and the delivery log but sends
+    /// nothing (test sends aside): a cluster's gateway replica. Its workers deliver, so an
+    /// endpoint's concurrency and rate limits hold across the platform, not per replica.
+    pub fn without_dispatch(meta: Metadata, clock: Clock, sender: Sender, settings: Settings) -> Self {
+        Self::with(meta, clock, sender, settings, false)
+    }
+
+    fn with(meta: Metadata, clock: Clock, sender: Sender, settings: Settings, dispatching: bool) -> Self {
         Self(Arc::new(Inner {
             meta,
             clock,
@@ -89,6 +104,7 @@ impl Engine {
             settings,
             endpoints: Mutex::new(Arc::new(Vec::new())),
             dispatchers: Mutex::new(HashMap::new()),
+            dispatching,
             stop: watch::channel(false).0,
         }))
     }
@@ -127,7 +143,7 @@ impl Engine {
             }
             keep
         });
-        for endpoint in &endpoints {
+        for endpoint in endpoints.iter().filter(|_| self.0.dispatching) {
             if let Some(d) = dispatchers.get(&endpoint.name) {
                 d.endpoint.send_replace(endpoint.clone());
                 d.wake.notify_one();

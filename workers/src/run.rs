@@ -13,8 +13,9 @@ use vellum_core::events::relay;
 use vellum_core::webhooks;
 
 use crate::delivery::{Engine, Settings};
-use crate::nats::{JetStreamSink, consume_into_webhooks, ensure_stream};
+use crate::nats::consume_into_webhooks;
 use crate::sender::Sender;
+use vellum_jetstream::{JetStreamSink, ensure_stream};
 
 /// What `run` needs.
 #[derive(Clone, Debug)]
@@ -51,7 +52,7 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
     engine.set_endpoints(crate::configured_endpoints(&config, &secrets)).await?;
 
     // Start even while NATS is away: the outbox keeps the events until it is back.
-    let client = crate::nats::connect(&options.nats_url, "vellum-workers").await.map_err(anyhow::Error::msg)?;
+    let client = vellum_jetstream::connect(&options.nats_url, "vellum-workers").await.map_err(anyhow::Error::msg)?;
     let js = async_nats::jetstream::new(client);
     if let Err(e) = ensure_stream(&js).await {
         tracing::warn!(error = %e, "JetStream is not reachable yet; events wait in the outbox");

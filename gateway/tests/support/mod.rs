@@ -96,3 +96,44 @@ pub async fn complete(client: &reqwest::Client, base: &str, token: &str, id: &st
     let response = client.post(format!("{base}/api/v1/upload/{id}/complete")).bearer_auth(token).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
 }
+
+/// `vellum-workers run` in this process: the outbox relays to JetStream and webhook
+/// delivery of a cluster, which its gateway replicas leave to it. Stopped when dropped.
+pub struct Worker {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Worker {
+    /// A worker of the platform configured in `config_dir`, whose first shard (or only
+    /// database) is `database_url`.
+    pub fn start(database_url: &str, nats_url: &str, config_dir: &std::path::Path) -> Self {
+        let options = vellum_workers::run::Options {
+            database_url: database_url.to_owned(),
+            nats_url: nats_url.to_owned(),
+            config_dir: config_dir.to_owned(),
+            secrets_dir: None,
+            reload: Duration::from_secs(1),
+            relay_poll: Duration::from_millis(50),
+            log_retention: Duration::from_secs(3600),
+            settings: vellum_workers::Settings::default(),
+        };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(vellum_workers::run::run(options, stopped));
+        Self { stop, task: Some(task) }
+    }
+
+    /// Stops it, attempts in flight finishing first.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
