@@ -120,6 +120,14 @@ pub mod outbox {
     pub async fn depth(meta: &Metadata) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetch_one(meta.pool()).await?)
     }
+
+    /// When the oldest event still waiting to be published was written (ms), if one waits:
+    /// how far the relay lags behind.
+    pub async fn oldest_pending(meta: &Metadata) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT MIN(created_at) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(meta.pool())
+            .await?)
+    }
 }
 
 /// The in-process event bus of standalone mode: every subscriber sees every event relayed

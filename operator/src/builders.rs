@@ -19,6 +19,8 @@ use vellum_crds::{BlueGreenRelease, RetentionPolicy, annotations, labels};
 
 /// Port the gateway serves on inside its pod.
 pub const GATEWAY_PORT: i32 = 8080;
+/// Where a worker serves `/healthz`, `/readyz` and `/metrics`.
+pub const WORKERS_METRICS_PORT: i32 = 9090;
 /// Where pods find the compiled config (the platform ConfigMap).
 pub const CONFIG_MOUNT: &str = "/etc/vellum/config";
 /// Where pods find the secret values (the platform Secret).
@@ -303,6 +305,9 @@ fn pod_labels(release: &BlueGreenRelease, component: &str, color: Color) -> BTre
 pub fn workers_deployment(release: &BlueGreenRelease, color: Color, facts: &ReleaseFacts) -> Deployment {
     let name = release.name_any();
     let spec = &release.spec;
+    let mut env = vec![json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})];
+    env.extend(common_env(release, facts.nats_credentials));
+    env.push(json!({"name": "VELLUM_METRICS_LISTEN", "value": format!("$(POD_IP):{WORKERS_METRICS_PORT}")}));
     typed(strip_nulls(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(release, &names::workers(&name, color), "workers", Some(color)),
@@ -318,7 +323,11 @@ pub fn workers_deployment(release: &BlueGreenRelease, color: Color, facts: &Rele
                         "name": "workers",
                         "image": spec.workers.image,
                         "args": ["run"],
-                        "env": common_env(release, facts.nats_credentials),
+                        "env": env,
+                        "ports": [{"name": "metrics", "containerPort": WORKERS_METRICS_PORT}],
+                        // Ready once its database answers and NATS is connected.
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
+                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 6},
                         "volumeMounts": config_mounts(),
                         "resources": spec.workers.resources,
                     }],

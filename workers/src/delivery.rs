@@ -70,6 +70,8 @@ struct Inner {
     /// Whether this engine sends (a worker, standalone mode) or only keeps the endpoints
     /// and the log (a cluster's gateway replica, whose workers send).
     dispatching: bool,
+    /// Where attempts are counted, when the process reports metrics.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
     stop: watch::Sender<bool>,
 }
 
@@ -105,8 +107,14 @@ impl Engine {
             endpoints: Mutex::new(Arc::new(Vec::new())),
             dispatchers: Mutex::new(HashMap::new()),
             dispatching,
+            metrics: std::sync::OnceLock::new(),
             stop: watch::channel(false).0,
         }))
+    }
+
+    /// Counts every attempt from now on in `metrics`.
+    pub fn report_to(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.0.metrics.set(metrics);
     }
 
     pub fn sender(&self) -> &Sender {
@@ -438,5 +446,9 @@ async fn attempt(inner: &Inner, endpoint: &Endpoint, delivery: Delivery) -> Outc
     };
     tracing::debug!(webhook = %endpoint.name, event = %delivery.event_id, attempt = attempts,
         status = ?sent.attempt.status_code, outcome = ?next, "webhook attempt");
+    if let Some(metrics) = inner.metrics.get() {
+        #[allow(clippy::cast_precision_loss)] // milliseconds of one attempt
+        metrics.attempt(&next, gone, (now - started).max(0) as f64 / 1000.0);
+    }
     Outcome { delivery, attempt: sent.attempt, next, gone, finished_at: now }
 }

@@ -6,6 +6,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod delivery;
+pub mod metrics;
 pub mod nats;
 pub mod retention;
 pub mod run;

@@ -181,6 +181,9 @@ struct RunArgs {
     /// Hours a rotated-out signing key keeps signing beside the new one.
     #[arg(long, env = "VELLUM_KEY_GRACE_HOURS", default_value_t = 24)]
     key_grace_hours: u64,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (`vellum_worker_…`).
+    #[arg(long, env = "VELLUM_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -198,6 +201,7 @@ fn main() -> anyhow::Result<()> {
                     reload: Duration::from_secs(args.config_reload_seconds.max(1)),
                     relay_poll: Duration::from_millis(args.relay_poll_ms.max(10)),
                     log_retention: Duration::from_secs(args.delivery_log_days * 24 * 3600),
+                    metrics_listen: args.metrics_listen,
                     settings: Settings {
                         key_grace: Duration::from_secs(args.key_grace_hours * 3600),
                         lease_margin: Duration::from_secs(args.lease_margin_seconds),

@@ -34,6 +34,8 @@ pub struct Options {
     /// How long finished deliveries stay in the log.
     pub log_retention: Duration,
     pub settings: Settings,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics`; nowhere when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn load(options: &Options) -> anyhow::Result<(PlatformConfig, SecretBundle)> {
@@ -53,6 +55,24 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
 
     // Start even while NATS is away: the outbox keeps the events until it is back.
     let client = vellum_jetstream::connect(&options.nats_url, "vellum-workers").await.map_err(anyhow::Error::msg)?;
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    engine.report_to(std::sync::Arc::clone(&metrics));
+    let outbox_watch = tokio::spawn(crate::metrics::watch_outbox(
+        std::sync::Arc::clone(&metrics),
+        shards.clone(),
+        clock.clone(),
+        Duration::from_secs(5),
+    ));
+    let server = match options.metrics_listen {
+        Some(at) => {
+            let (bound, task) = crate::metrics::serve(at, metrics, meta.clone(), client.clone())
+                .await
+                .with_context(|| format!("serving health and metrics on {at}"))?;
+            tracing::info!(%bound, "health and metrics serving");
+            Some(task)
+        }
+        None => None,
+    };
     let js = async_nats::jetstream::new(client);
     if let Err(e) = ensure_stream(&js).await {
         tracing::warn!(error = %e, "JetStream is not reachable yet; events wait in the outbox");
@@ -109,6 +129,10 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
         }
     }
     engine.shutdown().await;
+    outbox_watch.abort();
+    if let Some(server) = server {
+        server.abort();
+    }
     for relay_task in relay_tasks {
         let _ = relay_task.await;
     }

@@ -117,6 +117,7 @@ impl Worker {
             relay_poll: Duration::from_millis(50),
             log_retention: Duration::from_secs(3600),
             settings: vellum_workers::Settings::default(),
+            metrics_listen: None,
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(vellum_workers::run::run(options, stopped));

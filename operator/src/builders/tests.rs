@@ -196,4 +196,20 @@ fn the_gateway_runs_under_its_own_account_bound_to_the_gateway_role_in_its_names
     assert_eq!(ns.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "metadata.namespace");
     let workers = workers_deployment(&r, Color::Blue, &ReleaseFacts::default()).spec.unwrap().template.spec.unwrap();
     assert_eq!(workers.automount_service_account_token, Some(false), "the workers hold no API credentials");
+    // Probed on the address they report metrics at.
+    let container = &workers.containers[0];
+    let env: Vec<(String, Option<String>)> =
+        container.env.clone().unwrap_or_default().into_iter().map(|e| (e.name, e.value)).collect();
+    let listen = env.iter().position(|(n, _)| n == "VELLUM_METRICS_LISTEN").expect("VELLUM_METRICS_LISTEN");
+    assert_eq!(env[listen].1.as_deref(), Some("$(POD_IP):9090"));
+    assert!(env.iter().position(|(n, _)| n == "POD_IP").is_some_and(|p| p < listen), "$(POD_IP) defined first");
+    let ports = container.ports.clone().unwrap_or_default();
+    assert_eq!((ports[0].name.as_deref(), ports[0].container_port), (Some("metrics"), 9090));
+    let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|h| (h.path.clone().unwrap_or_default(), format!("{:?}", h.port)))
+    };
+    assert_eq!(probe(&container.readiness_probe).map(|p| p.0), Some("/readyz".to_owned()));
+    assert_eq!(probe(&container.liveness_probe).map(|p| p.0), Some("/healthz".to_owned()));
 }
