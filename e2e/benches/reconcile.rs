@@ -37,16 +37,17 @@ fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-/// The release build of the operator beside this benchmark, built when missing.
+/// The release build of the operator beside this benchmark, built when missing (with the
+/// local cluster's node, which `vellum_e2e::Cluster` finds beside it too).
 fn operator_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the benchmark's own path");
     // <target>/release/deps/reconcile-… → <target>/release/vellum-operator
     let release = exe.parent().and_then(Path::parent).expect("the target directory").to_path_buf();
     let binary = release.join("vellum-operator");
-    if !binary.exists() {
+    if !binary.exists() || !release.join("vellum-node").exists() {
         let target = release.parent().expect("the target directory");
         let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "-p", "vellum-operator", "--bin", "vellum-operator"])
+            .args(["build", "--release", "-p", "vellum-operator", "-p", "vellum-node", "--bins"])
             .env("CARGO_TARGET_DIR", target)
             .current_dir(repo())
             .status()
