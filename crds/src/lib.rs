@@ -122,6 +122,14 @@ pub mod conditions {
         /// The API server refused the operator a request (its RBAC lacks a rule); the
         /// message names the verb and the resource.
         pub const FORBIDDEN: &str = "Forbidden";
+        /// A StorageTier being deleted moves the blobs it holds to the default tier first.
+        pub const DRAINING: &str = "Draining";
+        /// A StorageTier being deleted holds blobs that have nowhere to go (it is the
+        /// default tier, or the platform's databases cannot be read); the message says what
+        /// to change.
+        pub const DRAIN_BLOCKED: &str = "DrainBlocked";
+        /// The Job draining a StorageTier failed; its logs say why.
+        pub const DRAIN_FAILED: &str = "DrainFailed";
     }
 }
 

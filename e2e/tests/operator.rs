@@ -256,7 +256,9 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
         .part("file", reqwest::multipart::Part::bytes(b"hello platform".to_vec()).file_name("hello.txt"));
     let uploaded =
         http.post(format!("{base}/api/v1/documents")).bearer_auth(token()).multipart(form).send().await.unwrap();
-    assert_eq!(uploaded.status(), 201, "{}", uploaded.text().await.unwrap_or_default());
+    assert_eq!(uploaded.status(), 201);
+    let document: Value = uploaded.json().await.unwrap();
+    let document_id = document["id"].as_i64().unwrap();
     eventually(limit, "a delivery at the receiver", || {
         let seen = deliveries.lock().unwrap().len();
         async move { if seen > 0 { Ok(()) } else { Err("none yet".into()) } }
@@ -363,6 +365,59 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
         if counted && status["estimatedMonthlyCost"].as_f64().is_some() { Ok(()) } else { Err(status.to_string()) }
     })
     .await;
+    // A StorageTier deleted while it holds blobs stays until they moved to the default
+    // tier (its finalizer), and the documents read from it keep downloading.
+    let cold_bucket = TestBucket::new().await.unwrap();
+    let cold = format!(
+        "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {{name: cold}}\nspec:\n  class: COLD\n  backend:\n    url: 's3://{}'\n    endpoint: '{}'\n    region: '{}'\n    options: {{aws_allow_http: 'true', aws_virtual_hosted_style_request: 'false'}}\n    secretRef: {{name: s3-credentials}}\n",
+        cold_bucket.name, cold_bucket.endpoint, cold_bucket.region
+    );
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&cold)).await;
+    let cold_tier = eventually(limit, "storagetier/cold", || ready(&cluster, "storagetier/cold", "docs")).await;
+    let finalizers = &cold_tier["metadata"]["finalizers"];
+    assert_eq!(finalizers, &serde_json::json!(["vellum.dev/tier-drain"]), "{cold_tier}");
+    let moved = eventually(limit, "the document moved to the cold tier", || {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let url = format!("{base}/api/v1/documents/{document_id}/tier");
+            let response = http.post(url).bearer_auth(token()).json(&serde_json::json!({"tier": "cold"})).send().await;
+            let response = response.map_err(|e| e.to_string())?;
+            // Until every gateway has the config with the new tier, some answer 400.
+            if response.status() == 200 {
+                response.json::<Value>().await.map_err(|e| e.to_string())
+            } else {
+                Err(response.status().to_string())
+            }
+        }
+    })
+    .await;
+    assert_eq!(moved["storageTier"], "cold", "{moved}");
+    kubectl(&cluster, &["-n", "docs", "delete", "storagetier", "cold", "--wait=false"], None).await;
+    eventually(limit, "the cold tier drained and gone", || async {
+        let out = cluster.kubectl(&["-n", "docs", "get", "storagetier/cold"], None).await.map_err(|e| e.to_string())?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() && stderr.contains("NotFound") {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    })
+    .await;
+    let after: Value = http
+        .get(format!("{base}/api/v1/documents/{document_id}"))
+        .bearer_auth(token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after["storageTier"], "hot", "drained to the default tier: {after}");
+    let content =
+        http.get(format!("{base}/api/v1/documents/{document_id}/download")).bearer_auth(token()).send().await.unwrap();
+    assert_eq!(content.status(), 200);
+    assert_eq!(content.bytes().await.unwrap().as_ref(), b"hello platform");
+
     // A rotated JWT secret reaches the running gateways too: tokens signed with the old
     // one are refused and tokens signed with the new one accepted, by every replica.
     let rotated = "a-rotated-e2e-hs256-secret-of-32-bytes-or-more";
@@ -481,6 +536,21 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     assert_eq!(condition(&release, "Ready").unwrap()["status"], "True", "{release}");
 
     println!("the new leader reported the bad resource after {:?}", started.elapsed());
+    // The default tier, deleted while it holds blobs, has nowhere to drain to: it stays and
+    // says so, and the platform keeps serving from it.
+    kubectl(&cluster, &["-n", "docs", "delete", "storagetier", "hot", "--wait=false"], None).await;
+    let blocked = eventually(limit, "the default tier's drain blocked", || async {
+        let tier = get_json(&cluster, &["-n", "docs", "get", "storagetier/hot"]).await;
+        match condition(&tier, "Ready") {
+            Some(c) if c["reason"] == "DrainBlocked" => Ok(c.clone()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(blocked["message"].as_str().unwrap().contains("default"), "{blocked}");
+    let url = format!("{base}/api/v1/documents/{document_id}/download");
+    let content = http.get(url).bearer_auth(token_signed_with(rotated)).send().await.unwrap();
+    assert_eq!(content.status(), 200, "the platform still serves from the tier");
     let started = tokio::time::Instant::now();
     // Deleting the platform leaves nothing the operator made.
     kubectl(&cluster, &["delete", "namespace", "docs", "--wait=true", "--timeout=60s"], None).await;

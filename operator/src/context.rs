@@ -26,13 +26,96 @@ use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webh
 
 use crate::metrics::Metrics;
 
-/// Why a reconcile failed; it is retried with backoff.
+/// Why a reconcile failed; it is retried with backoff. Its [`Error::reason`] is the
+/// metric label.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Other(String),
+    /// A platform's metadata database failed while the reconcile used it.
+    #[error("metadata database ({what}): {source}")]
+    Database {
+        what: &'static str,
+        #[source]
+        source: vellum_core::store::StoreError,
+    },
+    /// A finalizer's cleanup is not done yet (a StorageTier still holds blobs): the object
+    /// stays, its status says why, and it is looked at again shortly.
+    #[error("waiting before removing the finalizer: {0}")]
+    Waiting(Refused),
+    /// The finalizer helper refused the object itself (no name, a bad finalizer name).
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl From<kube::runtime::finalizer::Error<Error>> for Error {
+    fn from(e: kube::runtime::finalizer::Error<Error>) -> Self {
+        use kube::runtime::finalizer::Error as F;
+        match e {
+            F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+            F::AddFinalizer(e) | F::RemoveFinalizer(e) => Self::Kube(e),
+            other => Self::Finalizer(other.to_string()),
+        }
+    }
+}
+
+impl Error {
+    /// The label of this failure in `vellum_operator_reconcile_failures`: the API server's
+    /// reason (`Conflict`, `Forbidden`, ...), or what failed to answer.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Kube(kube::Error::Api(s)) => s.reason.clone(),
+            Self::Kube(_) => "Transport".to_owned(),
+            Self::Database { .. } => "Database".to_owned(),
+            Self::Waiting(refused) => refused.reason.to_owned(),
+            Self::Finalizer(_) => "Finalizer".to_owned(),
+        }
+    }
+}
+
+/// Why an object cannot progress as it is: the reason constant becomes the condition's
+/// reason and the Event's, and the message says what to change. Not retried with backoff:
+/// a change to the object or to what it refers to wakes it again.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct Refused {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Refused {
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self { reason, message: message.into() }
+    }
+}
+
+/// The `(reason, message)` pairs of the config compiler's lookups.
+impl From<(&'static str, String)> for Refused {
+    fn from((reason, message): (&'static str, String)) -> Self {
+        Self { reason, message }
+    }
+}
+
+impl From<&vellum_core::config::ConfigError> for Refused {
+    fn from(e: &vellum_core::config::ConfigError) -> Self {
+        Self { reason: e.reason, message: e.message.clone() }
+    }
+}
+
+/// How one step of a reconcile pipeline stops: it failed and is retried, or the object is
+/// refused until it changes.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Failed(#[from] Error),
+    #[error(transparent)]
+    Refused(#[from] Refused),
+}
+
+impl From<kube::Error> for StepError {
+    fn from(e: kube::Error) -> Self {
+        Self::Failed(Error::Kube(e))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -378,6 +461,16 @@ pub fn condition(
         observed_generation: generation,
         last_transition_time,
     }
+}
+
+/// The Event due when the `Ready` condition changed status or reason between two
+/// statuses: `(warning, reason, note)`, its reason the condition's reason constant and its
+/// note the condition's message.
+pub fn ready_event(before: &Conditions, after: &Conditions) -> Option<(bool, String, String)> {
+    let now = after.get(conditions::READY)?;
+    let was = before.get(conditions::READY).map(|c| (c.status.as_str(), c.reason.as_str()));
+    (was != Some((now.status.as_str(), now.reason.as_str())))
+        .then(|| (now.status != "True", now.reason.clone(), now.message.clone()))
 }
 
 /// A key naming one object, for backoff and logs.

@@ -2,7 +2,6 @@
 //! its custom resources, and the generated manifests that install it.
 #![warn(clippy::unwrap_used)]
 
-pub mod builders;
 pub mod context;
 pub mod controllers;
 pub mod manifests;

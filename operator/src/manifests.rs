@@ -108,8 +108,8 @@ pub fn operator_cluster_rules() -> Vec<PolicyRule> {
         rule("", &["services"], APPLY),
         rule("events.k8s.io", &["events"], &["create", "patch"]),
         rule("apps", &["deployments"], APPLY),
-        rule("batch", &["jobs"], APPLY),
-        rule("batch", &["cronjobs"], &["list", "watch", "create", "patch", "delete"]),
+        // A tier's drain Job is deleted to run again when blobs arrived after it finished.
+        rule("batch", &["jobs", "cronjobs"], &["list", "watch", "create", "patch", "delete"]),
         rule("autoscaling", &["horizontalpodautoscalers"], &["list", "watch", "create", "patch", "delete"]),
         rule("policy", &["poddisruptionbudgets"], APPLY),
         // Each release's gateway runs under its own ServiceAccount, bound to the gateway's

@@ -211,7 +211,15 @@ where
     F: Future<Output = Result<Action, Error>>,
 {
     let started = Instant::now();
-    let result = run.await;
+    // Everything the reconcile logs carries which object it was about.
+    let meta = object.meta();
+    let span = tracing::info_span!(
+        "reconcile",
+        kind = %K::kind(&()),
+        namespace = meta.namespace.as_deref().unwrap_or_default(),
+        name = meta.name.as_deref().unwrap_or_default(),
+    );
+    let result = tracing::Instrument::instrument(run, span).await;
     ctx.metrics.reconciled(name, started.elapsed());
     match &result {
         Ok(_) => ctx.succeeded(&key(object.as_ref())),
@@ -226,12 +234,12 @@ where
 
 fn error_policy<K: Resource<DynamicType = ()>>(name: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
     move |object, error, ctx| {
-        let reason = match error {
-            Error::Kube(kube::Error::Api(s)) => s.reason.clone(),
-            Error::Kube(_) => "Transport".to_owned(),
-            Error::Other(_) => "Other".to_owned(),
-        };
-        ctx.metrics.failed(name, &reason);
+        if let Error::Waiting(why) = error {
+            // Not a failure: a cleanup under way, looked at again soon and on every change.
+            tracing::debug!(controller = name, object = %key(object.as_ref()), reason = why.reason, "waiting");
+            return Action::requeue(WAITING_POLL);
+        }
+        ctx.metrics.failed(name, &error.reason());
         tracing::warn!(controller = name, object = %key(object.as_ref()), error = %error, "reconcile failed; retrying with backoff");
         ctx.backoff(&key(object.as_ref()))
     }
@@ -305,6 +313,10 @@ fn webhooks_of_secret(caches: Caches) -> impl Fn(Secret) -> Vec<ObjectRef<Webhoo
 /// database pool or flood the API server.
 const CONCURRENCY: u16 = 16;
 
+/// How often a cleanup under way (a StorageTier draining) is looked at besides the changes
+/// of what it waits on.
+const WAITING_POLL: Duration = Duration::from_secs(5);
+
 /// How long a release waits for the changes around it to settle before compiling.
 const RELEASE_DEBOUNCE: Duration = Duration::from_millis(500);
 
@@ -355,6 +367,8 @@ pub async fn controllers(
     let tiers = Controller::for_stream(trigger, reader)
         .with_config(limits())
         .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(caches.tiers.clone()))
+        // The Job draining a tier being deleted.
+        .owns(Api::<Job>::all(client.clone()), wc())
         .graceful_shutdown_on(shutdown.clone())
         .run(
             |o, c| {

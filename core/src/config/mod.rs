@@ -440,6 +440,41 @@ pub fn compile(sources: &Sources) -> Result<(PlatformConfig, SecretBundle), Vec<
     }
 }
 
+/// What [`compile_lenient`] returns: the config (or why there is none), and the resources
+/// it left out with why.
+pub type Lenient = (Result<(PlatformConfig, SecretBundle), Vec<ConfigError>>, Vec<ConfigError>);
+
+/// Compiles what can be compiled: resources at fault (a Webhook whose Secret is missing, a
+/// policy naming an unknown tier, a non-default tier) are left out, so that one bad
+/// resource does not stop a platform; the operator gives them their own `Ready=False`.
+/// Problems no resource can be left out for (no default tier, a bad release or ShardSet)
+/// fail the whole config.
+pub fn compile_lenient(mut sources: Sources) -> Lenient {
+    let mut left_out = Vec::new();
+    loop {
+        let errors = match compile(&sources) {
+            Ok(compiled) => return (Ok(compiled), left_out),
+            Err(errors) => errors,
+        };
+        let mut removed = false;
+        for e in &errors {
+            let Some((kind, name)) = e.resource.split_once('/') else { continue };
+            let before = sources.tiers.len() + sources.webhooks.len() + sources.retention_policies.len();
+            match kind {
+                "StorageTier" => sources.tiers.retain(|t| name_of(&t.metadata) != name || t.spec.default),
+                "Webhook" => sources.webhooks.retain(|w| name_of(&w.metadata) != name),
+                "RetentionPolicy" => sources.retention_policies.retain(|p| name_of(&p.metadata) != name),
+                _ => {}
+            }
+            removed |= before != sources.tiers.len() + sources.webhooks.len() + sources.retention_policies.len();
+        }
+        if !removed {
+            return (Err(errors), left_out);
+        }
+        left_out.extend(errors.into_iter().filter(|e| e.resource.contains('/')));
+    }
+}
+
 /// Compiles Webhook resources alone (as the gateway does for those created through its API,
 /// beside a config compiled elsewhere), with the same validation as [`compile`].
 pub fn compile_webhooks(

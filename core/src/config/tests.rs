@@ -213,3 +213,51 @@ spec:
     let (config, _) = compile(&parse(TIERS)).unwrap();
     assert!(config.webhook_destinations.allowed_cidrs.is_empty(), "nothing non-public by default");
 }
+
+const LENIENT_GOOD: &str = "
+apiVersion: vellum.dev/v1alpha1
+kind: StorageTier
+metadata: {name: hot}
+spec: {class: HOT, default: true, backend: {url: 'memory://'}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: keys}
+stringData: {a: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: Webhook
+metadata: {name: good}
+spec: {url: 'https://example.com/a', secretRef: {name: keys, key: a}}
+";
+
+#[test]
+fn lenient_compilation_leaves_bad_resources_out_and_names_them() {
+    let bad = "
+---
+apiVersion: vellum.dev/v1alpha1
+kind: Webhook
+metadata: {name: orphan}
+spec: {url: 'https://example.com/b', secretRef: {name: missing, key: a}}
+---
+apiVersion: vellum.dev/v1alpha1
+kind: RetentionPolicy
+metadata: {name: lost}
+spec: {schedule: '@daily', transitions: [{afterDays: 1, toTier: nowhere}]}
+";
+    let (compiled, left_out) = compile_lenient(parse(&format!("{LENIENT_GOOD}{bad}")));
+    let (config, _) = compiled.unwrap();
+    assert_eq!(config.webhooks.keys().collect::<Vec<_>>(), ["good"]);
+    assert!(config.retention_policies.is_empty());
+    let named: Vec<&str> = left_out.iter().map(|e| e.resource.as_str()).collect();
+    assert_eq!(named, ["Webhook/orphan", "RetentionPolicy/lost"]);
+    assert_eq!(left_out[0].reason, reasons::SECRET_NOT_FOUND);
+}
+
+#[test]
+fn lenient_compilation_fails_whole_without_a_default_tier() {
+    let yaml = LENIENT_GOOD.replace("default: true", "default: false");
+    let (compiled, _) = compile_lenient(parse(&yaml));
+    let errors = compiled.unwrap_err();
+    assert!(errors.iter().any(|e| e.message.contains("default")), "{errors:?}");
+}

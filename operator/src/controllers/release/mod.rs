@@ -1,0 +1,273 @@
+//! BlueGreenRelease, first version: the compiled platform config and the aggregated Secret,
+//! a schema-migration Job per shard that must succeed before any pod starts, then the
+//! gateway and workers Deployments of the first color, the active and preview Services, an
+//! HPA and a PDB. A changed version is refused with a condition until blue-green rollouts
+//! exist; every other change (config, replicas, resources) is applied in place.
+//!
+//! A reconcile reads what the platform is compiled from ([`dereference`]), checks it
+//! ([`validate`]), builds every object ([`build`], pure), applies them in order ([`apply`])
+//! and writes what it reached as status ([`status`]).
+
+pub mod build;
+pub mod status;
+
+#[cfg(test)]
+mod reconcile_tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams};
+use kube::runtime::controller::Action;
+use vellum_core::config::{CONFIG_FILE, PlatformConfig, SECRETS_FILE, SecretBundle, Sources, compile_lenient, lookup};
+use vellum_crds::blue_green_release::{Color, JwtAlgorithm};
+use vellum_crds::conditions::reasons;
+use vellum_crds::{BlueGreenRelease, field_managers};
+
+use crate::context::{Context, Refused, Result, StepError, apply};
+use crate::controllers::platform::{ReleaseFacts, names, secret_keys};
+use crate::controllers::shared::{not_found, routes_the_same};
+use status::Progress;
+
+const MANAGER: &str = field_managers::BLUE_GREEN_RELEASE;
+
+pub async fn reconcile(release: Arc<BlueGreenRelease>, ctx: Arc<Context>) -> Result<Action> {
+    let color = release.status.as_ref().and_then(|s| s.active_color).unwrap_or(Color::Blue);
+    // The built objects make a large future: it lives on the heap.
+    let reached = match Box::pin(progress(&release, &ctx, color)).await {
+        Ok(progress) => Ok(progress),
+        Err(StepError::Refused(refused)) => Err(refused),
+        Err(StepError::Failed(e)) => return Err(e),
+    };
+    status::write(&release, &ctx, color, reached).await
+}
+
+/// The pipeline: each step either hands the next what it needs or says why it stops.
+async fn progress(release: &BlueGreenRelease, ctx: &Context, color: Color) -> Result<Progress, StepError> {
+    let inputs = dereference(release, ctx).await?;
+    let valid = validate(release, inputs)?;
+    let objects = build(release, color, valid)?;
+    Box::pin(apply_all(release, ctx, objects)).await
+}
+
+/// What the platform is compiled from, and what is published now.
+#[derive(Debug)]
+pub struct Inputs {
+    pub sources: Sources,
+    /// The config the pods run with now: its routing stays unless nothing would move.
+    pub published: Option<PlatformConfig>,
+    /// The link-signing key published now: it stays, so that links handed out keep working.
+    pub link_key: Option<Vec<u8>>,
+}
+
+/// Reads the namespace's resources from the caches and the published config and Secret
+/// from the API server.
+async fn dereference(release: &BlueGreenRelease, ctx: &Context) -> Result<Inputs, StepError> {
+    let namespace = release.namespace().unwrap_or_default();
+    if ctx.caches.shard_set(&namespace, &release.spec.shard_set_ref).is_none() {
+        return Err(Refused::new(
+            reasons::SHARD_SET_NOT_FOUND,
+            format!("ShardSet {} does not exist in namespace {namespace}", release.spec.shard_set_ref),
+        )
+        .into());
+    }
+    let platform = names::platform(&release.name_any());
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let link_key = secrets.get_opt(&platform).await?.and_then(|s| s.data?.remove(secret_keys::LINK_KEY)).map(|v| v.0);
+    let published = config_maps
+        .get_opt(&platform)
+        .await?
+        .and_then(|cm| cm.data?.remove(CONFIG_FILE))
+        .and_then(|text| serde_json::from_str(&text).ok());
+    Ok(Inputs { sources: ctx.caches.sources(&namespace), published, link_key })
+}
+
+/// What validation let through.
+#[derive(Debug)]
+pub struct Valid {
+    pub sources: Sources,
+    pub config: PlatformConfig,
+    pub bundle: SecretBundle,
+    pub link_key: Vec<u8>,
+    /// Resources left out of the config, and changes held back, each said in a sentence.
+    pub degraded: Vec<String>,
+    /// Why the pods stay as they are although the config follows the resources.
+    pub version_refused: Option<Refused>,
+}
+
+/// Compiles what can be compiled: resources at fault (a Webhook whose Secret is missing, a
+/// policy naming an unknown tier) are left out, so that one bad resource does not stop the
+/// platform; they carry their own `Ready=False`. Problems no resource can be left out for
+/// (no default tier, a bad release or ShardSet) refuse the whole config. A routing change
+/// that would move documents is held back; a new version is refused.
+pub fn validate(release: &BlueGreenRelease, inputs: Inputs) -> Result<Valid, Refused> {
+    let (compiled, left_out) = compile_lenient(inputs.sources.clone());
+    let (mut config, bundle) = compiled.map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        Refused::new(reasons::INVALID_CONFIG, lines.join("; "))
+    })?;
+    let mut degraded: Vec<String> =
+        left_out.iter().map(|e| format!("{} is left out of the config: {}", e.resource, e.message)).collect();
+    if let (Some(old), Some(new)) = (inputs.published.as_ref().and_then(|p| p.shards.as_ref()), config.shards.as_ref())
+        && !routes_the_same(old, new)
+    {
+        degraded.push(format!(
+            "ShardSet {} changed in a way that would move documents between shards; the published routing stays until rebalancing is supported",
+            release.spec.shard_set_ref
+        ));
+        config.shards = Some(old.clone());
+    }
+    let active = release.status.as_ref().and_then(|s| s.active_version.clone());
+    let version_refused = active.filter(|active| *active != release.spec.version).map(|active| {
+        Refused::new(
+            reasons::NEW_VERSION_REFUSED,
+            format!(
+                "version {active} is running; deploying {} beside it as the other color is not supported by this operator yet. Set spec.version back to {active}",
+                release.spec.version
+            ),
+        )
+    });
+    let link_key = inputs.link_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 32]>()).into_bytes());
+    Ok(Valid { sources: inputs.sources, config, bundle, link_key, degraded, version_refused })
+}
+
+/// Every object a release produces, built and not yet applied.
+#[derive(Debug)]
+pub struct Objects {
+    pub config_map: ConfigMap,
+    pub secret: Secret,
+    pub version_refused: Option<Refused>,
+    /// One migration Job per shard, by shard name.
+    pub migrations: Vec<(String, Job)>,
+    pub service_account: ServiceAccount,
+    pub role_binding: RoleBinding,
+    pub gateway: Deployment,
+    pub workers: Deployment,
+    pub active_service: Service,
+    pub preview_service: Service,
+    pub disruption_budget: PodDisruptionBudget,
+    /// The autoscaler, or none (and any left from before is deleted).
+    pub autoscaler: Option<HorizontalPodAutoscaler>,
+    pub degraded: Vec<String>,
+}
+
+/// Builds the objects of `color` from what validation let through.
+pub fn build(release: &BlueGreenRelease, color: Color, valid: Valid) -> Result<Objects, Refused> {
+    let (data, facts) = secret_data(release, &valid)?;
+    let name = release.name_any();
+    let shards = valid.config.shards.as_ref().map(|s| s.shards.clone()).unwrap_or_default();
+    Ok(Objects {
+        config_map: build::build_config_map(release, &valid.config),
+        secret: build::build_secret(release, &data),
+        version_refused: valid.version_refused,
+        migrations: shards.iter().map(|s| (s.name.clone(), build::build_migration_job(release, &s.name))).collect(),
+        service_account: build::build_gateway_service_account(release),
+        role_binding: build::build_gateway_role_binding(release),
+        gateway: build::build_gateway_deployment(release, color, &facts),
+        workers: build::build_workers_deployment(release, color, &facts),
+        active_service: build::build_gateway_service(release, &names::active_service(&name), color),
+        preview_service: build::build_gateway_service(release, &names::preview_service(&name), color.other()),
+        disruption_budget: build::build_gateway_disruption_budget(release, color),
+        autoscaler: build::build_gateway_autoscaler(release, color),
+        degraded: valid.degraded,
+    })
+}
+
+/// The values of the platform Secret, and what the pods need to know about them.
+pub fn secret_data(
+    release: &BlueGreenRelease,
+    valid: &Valid,
+) -> Result<(BTreeMap<String, Vec<u8>>, ReleaseFacts), Refused> {
+    let spec = &release.spec;
+    let value = |name: &str, key: &str| -> Result<Vec<u8>, Refused> {
+        lookup(&valid.sources.secrets, name, key).map(<[u8]>::to_vec).map_err(Refused::from)
+    };
+    let mut data = BTreeMap::new();
+    data.insert(SECRETS_FILE.to_owned(), valid.bundle.to_json().into_bytes());
+    let jwt = value(&spec.jwt.secret_ref.name, &spec.jwt.secret_ref.key)?;
+    let jwt_is_jwks = spec.jwt.algorithm != JwtAlgorithm::HS256 && jwt.trim_ascii_start().starts_with(b"{");
+    data.insert(secret_keys::JWT_KEY.to_owned(), jwt);
+    data.insert(secret_keys::LINK_KEY.to_owned(), valid.link_key.clone());
+    let shards = valid.config.shards.as_ref().ok_or_else(|| {
+        Refused::new(reasons::SHARD_SET_NOT_FOUND, format!("ShardSet {} does not exist", spec.shard_set_ref))
+    })?;
+    for (i, shard) in shards.shards.iter().enumerate() {
+        let url = valid.bundle.get(&shard.url).map(|v| v.expose().to_vec()).unwrap_or_default();
+        if std::str::from_utf8(&url).ok().is_none_or(str::is_empty) {
+            return Err(Refused::new(
+                reasons::INVALID_SPEC,
+                format!("the URL of shard {} is empty or not UTF-8", shard.name),
+            ));
+        }
+        if i == 0 {
+            data.insert(secret_keys::DATABASE_URL.to_owned(), url.clone());
+        }
+        data.insert(secret_keys::shard(&shard.name), url);
+    }
+    let nats_credentials = match &spec.nats.credentials_secret_ref {
+        Some(r) => {
+            data.insert(secret_keys::NATS_CREDENTIALS.to_owned(), value(&r.name, &r.key)?);
+            true
+        }
+        None => false,
+    };
+    Ok((data, ReleaseFacts { jwt_is_jwks, nats_credentials }))
+}
+
+/// Applies the objects in the order a first deployment needs: config, then (unless the
+/// version is refused) the migrations, and once they succeeded the workloads.
+async fn apply_all(release: &BlueGreenRelease, ctx: &Context, objects: Objects) -> Result<Progress, StepError> {
+    let client = &ctx.client;
+    apply(client, MANAGER, &objects.config_map).await?;
+    apply(client, MANAGER, &objects.secret).await?;
+    if let Some(refused) = objects.version_refused {
+        // The config above still follows the resources; the pods stay as they are.
+        return Err(refused.into());
+    }
+    let active_version = release.status.as_ref().and_then(|s| s.active_version.clone());
+    let mut pending = Vec::new();
+    for (shard, job) in &objects.migrations {
+        let job = apply(client, MANAGER, job).await?;
+        let status = job.status.unwrap_or_default();
+        if status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Failed" && c.status == "True") {
+            return Err(Refused::new(
+                reasons::MIGRATION_FAILED,
+                format!(
+                    "the schema migration of shard {shard} failed: see `kubectl logs job/{}`",
+                    job.metadata.name.unwrap_or_default()
+                ),
+            )
+            .into());
+        }
+        if status.succeeded.unwrap_or(0) < 1 {
+            pending.push(shard.clone());
+        }
+    }
+    if !pending.is_empty() && active_version.is_none() {
+        return Ok(Progress::migrating(&pending, objects.degraded));
+    }
+    apply(client, MANAGER, &objects.service_account).await?;
+    apply(client, MANAGER, &objects.role_binding).await?;
+    let gateway = apply(client, MANAGER, &objects.gateway).await?;
+    apply(client, MANAGER, &objects.workers).await?;
+    apply(client, MANAGER, &objects.active_service).await?;
+    apply(client, MANAGER, &objects.preview_service).await?;
+    apply(client, MANAGER, &objects.disruption_budget).await?;
+    if let Some(hpa) = &objects.autoscaler {
+        apply(client, MANAGER, hpa).await?;
+    } else {
+        let hpas: Api<HorizontalPodAutoscaler> =
+            Api::namespaced(client.clone(), &release.namespace().unwrap_or_default());
+        let name = names::gateway_policy(&release.name_any());
+        hpas.delete(&name, &DeleteParams::background()).await.map(|_| ()).or_else(not_found)?;
+    }
+    Ok(Progress::of_gateway(release, &gateway, active_version, objects.degraded))
+}

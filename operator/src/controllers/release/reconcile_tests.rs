@@ -1,0 +1,203 @@
+//! The exact requests a BlueGreenRelease reconcile makes, against a mocked API server.
+
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::Secret;
+use serde_json::json;
+use vellum_crds::blue_green_release::{BlueGreenReleaseStatus, Phase};
+use vellum_crds::common::Conditions;
+use vellum_crds::conditions;
+use vellum_crds::{ShardSet, StorageTier};
+
+use super::*;
+use crate::controllers::testkit::{Server, World, body_of, context, lines, path_of};
+
+fn parse<K: serde::de::DeserializeOwned>(yaml: &str) -> K {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+fn release() -> BlueGreenRelease {
+    let mut r: BlueGreenRelease = parse(
+        "apiVersion: vellum.dev/v1alpha1\nkind: BlueGreenRelease\nmetadata: {name: docs, namespace: ns, generation: 1}\nspec: {version: 1.0.0, gateway: {image: 'vellum/gateway:1.0.0'}, workers: {image: 'vellum/workers:1.0.0'}, shardSetRef: meta, nats: {url: 'nats://nats:4222'}, jwt: {secretRef: {name: jwt, key: hs256}}}\n",
+    );
+    r.metadata.uid = Some("r1".into());
+    r
+}
+
+fn world(release: &BlueGreenRelease) -> World {
+    World {
+        tiers: vec![parse::<StorageTier>(
+            "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot, namespace: ns}\nspec: {class: HOT, default: true, backend: {url: 'memory://'}}\n",
+        )],
+        shard_sets: vec![parse::<ShardSet>(
+            "apiVersion: vellum.dev/v1alpha1\nkind: ShardSet\nmetadata: {name: meta, namespace: ns}\nspec: {shards: [{name: a, urlSecretRef: {name: db, key: a}}]}\n",
+        )],
+        secrets: vec![
+            parse::<Secret>("apiVersion: v1\nkind: Secret\nmetadata: {name: db, namespace: ns}\nstringData: {a: 'postgres://vellum:pw@db:5432/a'}\n"),
+            parse::<Secret>(
+                "apiVersion: v1\nkind: Secret\nmetadata: {name: jwt, namespace: ns}\nstringData: {hs256: 'a-signing-key-of-at-least-thirty-two-bytes'}\n",
+            ),
+        ]
+        .into_iter()
+        .map(|mut s| {
+            // The API server turns stringData into data.
+            s.data = s.string_data.take().map(|d| d.into_iter().map(|(k, v)| (k, k8s_openapi::ByteString(v.into_bytes()))).collect());
+            s
+        })
+        .collect(),
+        releases: vec![release.clone()],
+        ..World::default()
+    }
+}
+
+fn apply_line(path: &str) -> String {
+    format!("PATCH {path}?&force=true&fieldManager=vellum.dev%2Fbluegreenrelease")
+}
+
+fn migration_path(release: &BlueGreenRelease) -> String {
+    path_of::<Job>("ns", &names::migration("docs", "a", &release.spec.version))
+}
+
+const STATUS: &str = "/apis/vellum.dev/v1alpha1/namespaces/ns/bluegreenreleases/docs/status";
+const EVENT: &str = "POST /apis/events.k8s.io/v1/namespaces/ns/events?";
+
+async fn reconciled(release: BlueGreenRelease, server: &Arc<Mutex<Server>>) -> Action {
+    server
+        .lock()
+        .unwrap()
+        .objects
+        .insert(path_of::<BlueGreenRelease>("ns", "docs"), serde_json::to_value(&release).unwrap());
+    let ctx = context(&world(&release), Arc::clone(server));
+    Box::pin(reconcile(Arc::new(release), ctx)).await.unwrap()
+}
+
+fn status_of(server: &Arc<Mutex<Server>>) -> BlueGreenReleaseStatus {
+    serde_json::from_value(body_of(server, &apply_line(STATUS))["status"].clone()).unwrap()
+}
+
+#[tokio::test]
+async fn a_first_reconcile_publishes_the_config_and_starts_the_migrations_and_nothing_else() {
+    let r = release();
+    let server = Arc::new(Mutex::new(Server::default()));
+    let action = Box::pin(reconciled(r.clone(), &server)).await;
+    let config_map = path_of::<ConfigMap>("ns", "docs-platform");
+    let secret = path_of::<Secret>("ns", "docs-platform");
+    assert_eq!(
+        lines(&server),
+        [
+            format!("GET {secret}"),
+            format!("GET {config_map}"),
+            apply_line(&config_map),
+            apply_line(&secret),
+            apply_line(&migration_path(&r)),
+            apply_line(STATUS),
+            EVENT.to_owned(),
+        ]
+    );
+    let job = body_of(&server, &apply_line(&migration_path(&r)));
+    assert_eq!(job, serde_json::to_value(build::build_migration_job(&r, "a")).unwrap(), "the built Job, whole");
+    let status = status_of(&server);
+    assert_eq!(status.phase, Some(Phase::Migrating));
+    assert_eq!(status.conditions.get(conditions::PROGRESSING).map(|c| c.status.as_str()), Some("True"));
+    assert_eq!(body_of(&server, EVENT)["reason"], reasons::MIGRATING);
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn once_migrated_the_workloads_are_applied_in_order_and_a_ready_gateway_makes_it_stable() {
+    let r = release();
+    let server = Arc::new(Mutex::new(Server::default()));
+    let gateway = path_of::<Deployment>("ns", "docs-gateway-blue");
+    {
+        let mut s = server.lock().unwrap();
+        s.objects.insert(migration_path(&r), json!({"status": {"succeeded": 1}}));
+        s.objects.insert(gateway.clone(), json!({"status": {"readyReplicas": 1, "updatedReplicas": 1}}));
+    }
+    let action = Box::pin(reconciled(r.clone(), &server)).await;
+    let config_map = path_of::<ConfigMap>("ns", "docs-platform");
+    let secret = path_of::<Secret>("ns", "docs-platform");
+    let hpa = path_of::<HorizontalPodAutoscaler>("ns", "docs-gateway");
+    let expected: Vec<String> = [
+        format!("GET {secret}"),
+        format!("GET {config_map}"),
+        apply_line(&config_map),
+        apply_line(&secret),
+        apply_line(&migration_path(&r)),
+        apply_line(&path_of::<ServiceAccount>("ns", "docs-gateway")),
+        apply_line(&path_of::<RoleBinding>("ns", "docs-gateway")),
+        apply_line(&gateway),
+        apply_line(&path_of::<Deployment>("ns", "docs-workers-blue")),
+        apply_line(&path_of::<Service>("ns", "docs")),
+        apply_line(&path_of::<Service>("ns", "docs-preview")),
+        apply_line(&path_of::<PodDisruptionBudget>("ns", "docs-gateway")),
+        format!("DELETE {hpa}?"),
+        apply_line(STATUS),
+        EVENT.to_owned(),
+    ]
+    .into();
+    assert_eq!(lines(&server), expected);
+    let facts = ReleaseFacts::default();
+    let built = serde_json::to_value(build::build_gateway_deployment(&r, Color::Blue, &facts)).unwrap();
+    assert_eq!(body_of(&server, &apply_line(&gateway)), built, "the built Deployment, whole");
+    let status = status_of(&server);
+    assert_eq!(
+        (status.phase, status.active_color, status.active_version.as_deref()),
+        (Some(Phase::Stable), Some(Color::Blue), Some("1.0.0"))
+    );
+    let ready = status.conditions.get(conditions::READY).unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", reasons::RECONCILED));
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn a_new_version_updates_the_config_keeps_the_link_key_and_touches_no_workload() {
+    let r = release();
+    let server = Arc::new(Mutex::new(Server::default()));
+    Box::pin(reconciled(r.clone(), &server)).await;
+    let secret = path_of::<Secret>("ns", "docs-platform");
+    let first_key = body_of(&server, &apply_line(&secret))["data"]["link-key"].clone();
+    assert!(first_key.is_string());
+    server.lock().unwrap().requests.clear();
+
+    let mut next = r;
+    next.spec.version = "1.1.0".into();
+    next.status = Some(stable("1.0.0"));
+    Box::pin(reconciled(next, &server)).await;
+    let config_map = path_of::<ConfigMap>("ns", "docs-platform");
+    assert_eq!(
+        lines(&server),
+        [
+            format!("GET {secret}"),
+            format!("GET {config_map}"),
+            apply_line(&config_map),
+            apply_line(&secret),
+            apply_line(STATUS),
+            EVENT.to_owned()
+        ]
+    );
+    assert_eq!(body_of(&server, &apply_line(&secret))["data"]["link-key"], first_key, "links handed out keep working");
+    let status = status_of(&server);
+    let degraded = status.conditions.get(conditions::DEGRADED).unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", reasons::NEW_VERSION_REFUSED));
+    assert_eq!(body_of(&server, EVENT)["reason"], reasons::NEW_VERSION_REFUSED);
+}
+
+/// The status of a release serving `version` as blue.
+fn stable(version: &str) -> BlueGreenReleaseStatus {
+    let ready = crate::context::condition(
+        &Conditions::default(),
+        conditions::READY,
+        true,
+        reasons::RECONCILED,
+        "serving",
+        Some(1),
+    );
+    BlueGreenReleaseStatus {
+        phase: Some(Phase::Stable),
+        active_color: Some(Color::Blue),
+        active_version: Some(version.to_owned()),
+        conditions: Conditions(vec![ready]),
+        observed_generation: Some(1),
+        ..BlueGreenReleaseStatus::default()
+    }
+}

@@ -1,0 +1,200 @@
+//! ShardSet: every shard's reachability, schema version, document count and latency, and
+//! the routing version. Migrations run as the release's Jobs; a change of the shard list
+//! that would move documents is held back by the release until rebalancing exists.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use vellum_core::config::{Sources, compile, lookup};
+use vellum_crds::common::Conditions;
+use vellum_crds::conditions::{self, reasons};
+use vellum_crds::shard_set::{ShardSetStatus, ShardStatus};
+use vellum_crds::{ShardSet, field_managers};
+
+use crate::context::{Context, Refused, Result, apply_status, condition, ready_event, redact};
+
+const MANAGER: &str = field_managers::SHARD_SET;
+
+pub async fn reconcile(set: Arc<ShardSet>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = set.namespace().unwrap_or_default();
+    let sources =
+        Sources { shard_sets: vec![(*set).clone()], secrets: ctx.caches.secrets(&namespace), ..Sources::default() };
+    let mut shards = Vec::new();
+    for shard in &set.spec.shards {
+        let r = &shard.url_secret_ref;
+        let url = lookup(&sources.secrets, &r.name, &r.key).map_err(Refused::from).and_then(|v| {
+            String::from_utf8(v.to_vec()).map_err(|_| Refused::new(reasons::INVALID_SPEC, "the URL is not UTF-8"))
+        });
+        shards.push(match url {
+            Err(refused) => ShardStatus {
+                name: shard.name.clone(),
+                ready: false,
+                message: Some(refused.message),
+                ..ShardStatus::default()
+            },
+            Ok(url) => shard_status(&shard.name, probe(&ctx, &url).await),
+        });
+    }
+    let previous = set.status.clone().unwrap_or_default();
+    let status = status(&set, validate(&set, &sources), shards);
+    apply_status(&ctx.client, MANAGER, set.as_ref(), &status).await?;
+    if let Some((warning, reason, note)) = ready_event(&previous.conditions, &status.conditions) {
+        ctx.event(set.as_ref(), warning, &reason, note).await;
+    }
+    let ready = status.conditions.is_true(conditions::READY);
+    Ok(Action::requeue(if ready { ctx.resync } else { ctx.resync / 4 }))
+}
+
+/// The spec's own problems (a shard listed twice, a missing Secret), from the compiler.
+pub fn validate(set: &ShardSet, sources: &Sources) -> Result<(), Refused> {
+    let own = format!("ShardSet/{}", set.name_any());
+    match compile(sources).err().and_then(|errors| errors.into_iter().find(|e| e.resource == own)) {
+        Some(e) => Err(Refused::from(&e)),
+        None => Ok(()),
+    }
+}
+
+/// A shard's schema version, document count and round-trip latency in milliseconds.
+async fn probe(ctx: &Context, url: &str) -> Result<(i64, i64, f64), String> {
+    let started = Instant::now();
+    let db = ctx.database(url).await?;
+    let probe = async {
+        let version = db.schema_version().await.map_err(|e| redact(&e.to_string(), url))?;
+        let documents: i64 =
+            if version > 0 { db.count_documents().await.map_err(|e| redact(&e.to_string(), url))? } else { 0 };
+        Ok::<_, String>((version, documents))
+    };
+    let result = tokio::time::timeout(ctx.probe_timeout, probe)
+        .await
+        .map_err(|_| format!("no answer within {} s", ctx.probe_timeout.as_secs()))
+        .and_then(|r| r);
+    match result {
+        Ok((version, documents)) => Ok((version, documents, started.elapsed().as_secs_f64() * 1000.0)),
+        Err(e) => {
+            ctx.forget_database(url).await;
+            Err(e)
+        }
+    }
+}
+
+/// One shard's line of the status, from its probe.
+pub fn shard_status(name: &str, probed: Result<(i64, i64, f64), String>) -> ShardStatus {
+    match probed {
+        Ok((version, documents, latency)) => ShardStatus {
+            name: name.to_owned(),
+            ready: version > 0,
+            schema_version: Some(version),
+            documents: Some(documents),
+            latency_ms: Some((latency * 100.0).round() / 100.0),
+            message: (version == 0)
+                .then(|| "reachable; no schema yet (the release's migration Job creates it)".to_owned()),
+        },
+        Err(e) => ShardStatus {
+            name: name.to_owned(),
+            ready: false,
+            message: Some(format!("unreachable: {e}")),
+            ..ShardStatus::default()
+        },
+    }
+}
+
+/// The status after every shard was probed: `Ready` when the spec is valid and every shard
+/// is reachable and migrated; the routing version goes up with each new generation.
+pub fn status(set: &ShardSet, valid: Result<(), Refused>, shards: Vec<ShardStatus>) -> ShardSetStatus {
+    let previous = set.status.clone().unwrap_or_default();
+    let generation = set.metadata.generation;
+    let ready_shards = shards.iter().filter(|s| s.ready).count();
+    let (ready, reason, message) = if let Err(refused) = valid {
+        (false, refused.reason, refused.message)
+    } else if let Some(down) = shards.iter().find(|s| !s.ready && s.schema_version.is_none()) {
+        (
+            false,
+            reasons::SHARD_UNREACHABLE,
+            format!("shard {}: {}", down.name, down.message.clone().unwrap_or_default()),
+        )
+    } else if ready_shards < shards.len() {
+        (
+            false,
+            reasons::MIGRATING,
+            format!("{ready_shards} of {} shards have a schema; migrations pending", shards.len()),
+        )
+    } else {
+        (true, reasons::RECONCILED, format!("{ready_shards} shards reachable and migrated"))
+    };
+    let routing_version = match (previous.routing_version, previous.observed_generation) {
+        (Some(v), Some(g)) if Some(g) == generation => v,
+        (Some(v), _) => v + 1,
+        (None, _) => 1,
+    };
+    ShardSetStatus {
+        conditions: Conditions(vec![condition(
+            &previous.conditions,
+            conditions::READY,
+            ready,
+            reason,
+            message,
+            generation,
+        )]),
+        observed_generation: generation,
+        routing_version: Some(routing_version),
+        ready_shards: i32::try_from(ready_shards).ok(),
+        shards,
+        rebalance: previous.rebalance,
+    }
+}
+
+#[cfg(test)]
+mod reconcile_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(generation: i64, status: Option<ShardSetStatus>) -> ShardSet {
+        let mut set: ShardSet = serde_yaml::from_str(
+            "apiVersion: vellum.dev/v1alpha1\nkind: ShardSet\nmetadata: {name: meta, namespace: ns}\nspec: {shards: [{name: a, urlSecretRef: {name: db, key: a}}, {name: b, urlSecretRef: {name: db, key: b}}]}\n",
+        )
+        .unwrap();
+        set.metadata.generation = Some(generation);
+        set.status = status;
+        set
+    }
+
+    #[test]
+    fn ready_needs_every_shard_reachable_and_migrated_and_says_which_is_not() {
+        let migrated = vec![shard_status("a", Ok((12, 3, 1.234))), shard_status("b", Ok((12, 0, 0.5)))];
+        let ok = status(&set(1, None), Ok(()), migrated.clone());
+        let ready = ok.conditions.get(conditions::READY).unwrap();
+        assert_eq!((ready.status.as_str(), ready.message.as_str()), ("True", "2 shards reachable and migrated"));
+        assert_eq!((ok.ready_shards, ok.routing_version, ok.shards[0].latency_ms), (Some(2), Some(1), Some(1.23)));
+
+        let fresh = vec![shard_status("a", Ok((12, 3, 1.0))), shard_status("b", Ok((0, 0, 1.0)))];
+        let waiting = status(&set(1, None), Ok(()), fresh);
+        assert_eq!(waiting.conditions.get(conditions::READY).unwrap().reason, reasons::MIGRATING);
+
+        let down = vec![shard_status("a", Ok((12, 3, 1.0))), shard_status("b", Err("connection refused".into()))];
+        let down = status(&set(1, None), Ok(()), down);
+        let ready = down.conditions.get(conditions::READY).unwrap();
+        assert_eq!(
+            (ready.reason.as_str(), ready.message.as_str()),
+            (reasons::SHARD_UNREACHABLE, "shard b: unreachable: connection refused")
+        );
+
+        let refused = Refused::new(reasons::SECRET_NOT_FOUND, "Secret db does not exist");
+        let invalid = status(&set(1, None), Err(refused), migrated);
+        assert_eq!(invalid.conditions.get(conditions::READY).unwrap().reason, reasons::SECRET_NOT_FOUND);
+    }
+
+    #[test]
+    fn the_routing_version_goes_up_once_per_generation() {
+        let shards = vec![shard_status("a", Ok((12, 0, 1.0)))];
+        let first = status(&set(1, None), Ok(()), shards.clone());
+        assert_eq!(first.routing_version, Some(1));
+        let again = status(&set(1, Some(first.clone())), Ok(()), shards.clone());
+        assert_eq!(again.routing_version, Some(1), "the same generation keeps its routing version");
+        let changed = status(&set(2, Some(first)), Ok(()), shards);
+        assert_eq!(changed.routing_version, Some(2));
+    }
+}
