@@ -20,10 +20,10 @@ use crate::common::{Conditions, SecretKeyRef};
     shortname = "bgr",
     category = "vellum",
     doc = "The deployable unit of a Vellum platform: gateway and workers, rolled out blue-green with smoke checks.",
-    printcolumn(name = "Version", type_ = "string", json_path = ".spec.version"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".status.activeVersion"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Active", type_ = "string", json_path = ".status.activeColor"),
-    printcolumn(name = "Active Version", type_ = "string", json_path = ".status.activeVersion", priority = 1),
+    printcolumn(name = "Requested", type_ = "string", json_path = ".spec.version", priority = 1),
     printcolumn(name = "Preview", type_ = "string", json_path = ".status.previewColor"),
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")

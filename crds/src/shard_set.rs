@@ -19,7 +19,7 @@ use crate::common::{Conditions, SecretKeyRef};
     category = "vellum",
     doc = "The Postgres databases holding document metadata and the routing of documents among them.",
     printcolumn(name = "Strategy", type_ = "string", json_path = ".spec.routing.strategy"),
-    printcolumn(name = "Shards", type_ = "string", json_path = ".spec.shards[*].name"),
+    printcolumn(name = "Shards", type_ = "string", json_path = ".status.shardNames"),
     printcolumn(name = "Ready Shards", type_ = "integer", json_path = ".status.readyShards"),
     printcolumn(name = "Routing Version", type_ = "integer", json_path = ".status.routingVersion"),
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
@@ -112,6 +112,10 @@ pub struct ShardSetStatus {
     /// Shards that are reachable and at the current schema version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_shards: Option<i32>,
+    /// The shards by name, comma-separated, for `kubectl get` (the API server prints only
+    /// the first element of a list in a column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_names: Option<String>,
     /// State of each shard.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardStatus>,

@@ -19,6 +19,7 @@ use crate::common::{Conditions, SecretKeyRef};
     category = "vellum",
     doc = "An HTTP endpoint that receives document events as signed JSON POST requests.",
     printcolumn(name = "URL", type_ = "string", json_path = ".spec.url"),
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Active", type_ = "boolean", json_path = ".status.active"),
     printcolumn(name = "Success %", type_ = "number", json_path = ".status.successRate"),
     printcolumn(name = "Calls", type_ = "integer", json_path = ".status.totalCalls", priority = 1),

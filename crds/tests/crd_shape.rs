@@ -177,7 +177,7 @@ fn printer_columns_are_the_ones_platform_engineers_asked_for() {
             .map(|c| c.name.clone())
             .collect()
     };
-    assert_eq!(columns("Webhook"), ["URL", "Active", "Success %", "Last Triggered", "Age"]);
+    assert_eq!(columns("Webhook"), ["URL", "Ready", "Active", "Success %", "Last Triggered", "Age"]);
     let bgr = columns("BlueGreenRelease");
     for wanted in ["Phase", "Active", "Preview", "Age"] {
         assert!(bgr.iter().any(|c| c == wanted), "BlueGreenRelease lacks {wanted}: {bgr:?}");

@@ -45,7 +45,7 @@ async fn the_install_manifests_and_examples_apply_and_delete_cleanly() {
     }
     let table = kubectl(&sim, &["get", "wh"]).await;
     let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(&header[..3], ["NAME", "URL", "ACTIVE"], "{table}");
+    assert_eq!(&header[..4], ["NAME", "URL", "READY", "ACTIVE"], "{table}");
     assert!(table.contains("contracts-notifier") && table.contains("https://contracts.example.com"), "{table}");
     let all = kubectl(&sim, &["get", "vellum"]).await;
     assert!(all.contains("contracts-notifier"), "the vellum category lists every kind: {all}");

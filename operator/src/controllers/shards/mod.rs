@@ -140,6 +140,7 @@ pub fn status(set: &ShardSet, valid: Result<(), Refused>, shards: Vec<ShardStatu
         observed_generation: generation,
         routing_version: Some(routing_version),
         ready_shards: i32::try_from(ready_shards).ok(),
+        shard_names: Some(set.spec.shards.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",")),
         shards,
         rebalance: previous.rebalance,
     }
@@ -169,6 +170,7 @@ mod tests {
         let ready = ok.conditions.get(conditions::READY).unwrap();
         assert_eq!((ready.status.as_str(), ready.message.as_str()), ("True", "2 shards reachable and migrated"));
         assert_eq!((ok.ready_shards, ok.routing_version, ok.shards[0].latency_ms), (Some(2), Some(1), Some(1.23)));
+        assert_eq!(ok.shard_names.as_deref(), Some("a,b"), "what kubectl get prints under SHARDS");
 
         let fresh = vec![shard_status("a", Ok((12, 3, 1.0))), shard_status("b", Ok((0, 0, 1.0)))];
         let waiting = status(&set(1, None), Ok(()), fresh);
