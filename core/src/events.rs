@@ -121,10 +121,11 @@ pub mod outbox {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetch_one(meta.pool()).await?)
     }
 
-    /// When the oldest event still waiting to be published was written (ms), if one waits:
-    /// how far the relay lags behind.
-    pub async fn oldest_pending(meta: &Metadata) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT MIN(created_at) FROM outbox WHERE published_at IS NULL")
+    /// How many events wait to be published, and when the oldest of them was written (ms):
+    /// how far the relay lags behind. One statement, so the two agree (no age without a
+    /// waiting event).
+    pub async fn backlog(meta: &Metadata) -> Result<(i64, Option<i64>), StoreError> {
+        Ok(sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE published_at IS NULL")
             .fetch_one(meta.pool())
             .await?)
     }

@@ -325,7 +325,6 @@ fn limits() -> kube::runtime::controller::Config {
 }
 
 /// Runs the controllers until `shutdown` resolves.
-#[allow(clippy::too_many_lines)] // the five controllers and what wakes each, in one place
 pub async fn controllers(
     client: Client,
     options: Options,
@@ -359,17 +358,32 @@ pub async fn controllers(
     let ctx = Arc::new(ctx);
     tracing::info!("caches filled; controllers running");
 
-    let wc = watcher::Config::default;
     // Each controller reconciles its own objects when what a person asked of them changes
     // (not their status), and other kinds' objects likewise, except the ShardSet's
     // readiness, which releases wait on.
+    tokio::join!(
+        run_tiers(client.clone(), Arc::clone(&ctx), shutdown.clone()),
+        run_webhooks(client.clone(), Arc::clone(&ctx), shutdown.clone()),
+        run_retention_policies(client.clone(), Arc::clone(&ctx), shutdown.clone()),
+        run_shard_sets(client.clone(), Arc::clone(&ctx), shutdown.clone()),
+        run_releases(client.clone(), Arc::clone(&ctx), shutdown.clone()),
+    );
+}
+
+/// The StorageTier controller: what wakes it, and its reconcile wrapped in [`observed`].
+async fn run_tiers(
+    client: Client,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let wc = watcher::Config::default;
     let (reader, trigger) = primary::<StorageTier>(&client);
-    let tiers = Controller::for_stream(trigger, reader)
+    let controller = Controller::for_stream(trigger, reader)
         .with_config(limits())
-        .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(caches.tiers.clone()))
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(ctx.caches.tiers.clone()))
         // The Job draining a tier being deleted.
         .owns(Api::<Job>::all(client.clone()), wc())
-        .graceful_shutdown_on(shutdown.clone())
+        .graceful_shutdown_on(shutdown)
         .run(
             |o, c| {
                 observed(
@@ -381,31 +395,51 @@ pub async fn controllers(
                 )
             },
             error_policy("storagetier"),
-            Arc::clone(&ctx),
+            ctx,
         );
+    drain("storagetier", controller).await;
+}
+
+/// The Webhook controller: what wakes it, and its reconcile wrapped in [`observed`].
+async fn run_webhooks(
+    client: Client,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let wc = watcher::Config::default;
     let (reader, trigger) = primary::<Webhook>(&client);
-    let webhooks = Controller::for_stream(trigger, reader)
+    let controller = Controller::for_stream(trigger, reader)
         .with_config(limits())
-        .watches(Api::<Secret>::all(client.clone()), wc(), webhooks_of_secret(caches.clone()))
+        .watches(Api::<Secret>::all(client.clone()), wc(), webhooks_of_secret(ctx.caches.clone()))
         .watches_stream(
             webhook_inputs_changes(watcher(Api::all(client.clone()), wc()).default_backoff()),
-            all_in_namespace(caches.webhooks.clone()),
+            all_in_namespace(ctx.caches.webhooks.clone()),
         )
-        .graceful_shutdown_on(shutdown.clone())
+        .graceful_shutdown_on(shutdown)
         .run(
             |o, c| {
                 observed("webhook", field_managers::WEBHOOK, Arc::clone(&o), Arc::clone(&c), webhook::reconcile(o, c))
             },
             error_policy("webhook"),
-            Arc::clone(&ctx),
+            ctx,
         );
+    drain("webhook", controller).await;
+}
+
+/// The RetentionPolicy controller: what wakes it, and its reconcile wrapped in [`observed`].
+async fn run_retention_policies(
+    client: Client,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let wc = watcher::Config::default;
     let (reader, trigger) = primary::<RetentionPolicy>(&client);
-    let policies = Controller::for_stream(trigger, reader)
+    let controller = Controller::for_stream(trigger, reader)
         .with_config(limits())
         .owns(Api::<CronJob>::all(client.clone()), wc())
-        .watches_stream(spec_changes::<StorageTier>(&client), all_in_namespace(caches.policies.clone()))
-        .watches_stream(spec_changes::<BlueGreenRelease>(&client), all_in_namespace(caches.policies.clone()))
-        .graceful_shutdown_on(shutdown.clone())
+        .watches_stream(spec_changes::<StorageTier>(&client), all_in_namespace(ctx.caches.policies.clone()))
+        .watches_stream(spec_changes::<BlueGreenRelease>(&client), all_in_namespace(ctx.caches.policies.clone()))
+        .graceful_shutdown_on(shutdown)
         .run(
             |o, c| {
                 observed(
@@ -417,23 +451,43 @@ pub async fn controllers(
                 )
             },
             error_policy("retentionpolicy"),
-            Arc::clone(&ctx),
+            ctx,
         );
+    drain("retentionpolicy", controller).await;
+}
+
+/// The ShardSet controller: what wakes it, and its reconcile wrapped in [`observed`].
+async fn run_shard_sets(
+    client: Client,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let wc = watcher::Config::default;
     let (reader, trigger) = primary::<ShardSet>(&client);
-    let sets = Controller::for_stream(trigger, reader)
+    let controller = Controller::for_stream(trigger, reader)
         .with_config(limits())
-        .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(caches.shard_sets.clone()))
-        .watches(Api::<Job>::all(client.clone()), wc(), all_in_namespace(caches.shard_sets.clone()))
-        .graceful_shutdown_on(shutdown.clone())
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(ctx.caches.shard_sets.clone()))
+        .watches(Api::<Job>::all(client.clone()), wc(), all_in_namespace(ctx.caches.shard_sets.clone()))
+        .graceful_shutdown_on(shutdown)
         .run(
             |o, c| {
                 observed("shardset", field_managers::SHARD_SET, Arc::clone(&o), Arc::clone(&c), shards::reconcile(o, c))
             },
             error_policy("shardset"),
-            Arc::clone(&ctx),
+            ctx,
         );
+    drain("shardset", controller).await;
+}
+
+/// The BlueGreenRelease controller: what wakes it, and its reconcile wrapped in [`observed`].
+async fn run_releases(
+    client: Client,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let wc = watcher::Config::default;
     let (reader, trigger) = primary::<BlueGreenRelease>(&client);
-    let releases = Controller::for_stream(trigger, reader)
+    let controller = Controller::for_stream(trigger, reader)
         // A release compiles the whole namespace: a burst of changes (a thousand Webhooks
         // applied at once) is compiled once it settles, not once per change.
         .with_config(limits().debounce(RELEASE_DEBOUNCE))
@@ -445,13 +499,13 @@ pub async fn controllers(
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), wc())
         .owns(Api::<ServiceAccount>::all(client.clone()), wc())
         .owns(Api::<RoleBinding>::all(client.clone()), wc())
-        .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(caches.releases.clone()))
-        .watches_stream(spec_changes::<StorageTier>(&client), all_in_namespace(caches.releases.clone()))
-        .watches_stream(spec_changes::<Webhook>(&client), all_in_namespace(caches.releases.clone()))
-        .watches_stream(spec_changes::<RetentionPolicy>(&client), all_in_namespace(caches.releases.clone()))
+        .watches(Api::<Secret>::all(client.clone()), wc(), all_for_secret(ctx.caches.releases.clone()))
+        .watches_stream(spec_changes::<StorageTier>(&client), all_in_namespace(ctx.caches.releases.clone()))
+        .watches_stream(spec_changes::<Webhook>(&client), all_in_namespace(ctx.caches.releases.clone()))
+        .watches_stream(spec_changes::<RetentionPolicy>(&client), all_in_namespace(ctx.caches.releases.clone()))
         .watches_stream(
             changes_by(watcher(Api::<ShardSet>::all(client.clone()), wc()).default_backoff(), shard_set_readiness),
-            all_in_namespace(caches.releases.clone()),
+            all_in_namespace(ctx.caches.releases.clone()),
         )
         .graceful_shutdown_on(shutdown)
         .run(
@@ -467,13 +521,7 @@ pub async fn controllers(
             error_policy("bluegreenrelease"),
             ctx,
         );
-    tokio::join!(
-        drain("storagetier", tiers),
-        drain("webhook", webhooks),
-        drain("retentionpolicy", policies),
-        drain("shardset", sets),
-        drain("bluegreenrelease", releases),
-    );
+    drain("bluegreenrelease", controller).await;
 }
 
 /// Runs the operator: metrics and health at once, the controllers while this replica holds

@@ -103,12 +103,14 @@ pub async fn watch_outbox(
     loop {
         let (mut pending, mut oldest) = (0, None::<i64>);
         for meta in &shards {
-            match vellum_core::events::outbox::depth(meta).await {
-                Ok(n) => pending += n,
-                Err(e) => tracing::debug!(error = %e, "reading the outbox depth"),
-            }
-            if let Ok(Some(at)) = vellum_core::events::outbox::oldest_pending(meta).await {
-                oldest = Some(oldest.map_or(at, |o: i64| o.min(at)));
+            match vellum_core::events::outbox::backlog(meta).await {
+                Ok((n, first)) => {
+                    pending += n;
+                    if let Some(at) = first {
+                        oldest = Some(oldest.map_or(at, |o: i64| o.min(at)));
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the outbox backlog"),
             }
         }
         #[allow(clippy::cast_precision_loss)] // milliseconds of lag, well within f64
