@@ -68,6 +68,17 @@ async fn ready(cluster: &Cluster, resource: &str, namespace: &str) -> Result<Val
 
 /// A webhook receiver: records every request's body (`body`, as JSON and `raw`) with its
 /// Standard Webhooks headers (`id`, `timestamp`, `signature`).
+/// Whether `kubectl get <resource>` in `namespace` answers NotFound.
+async fn gone(cluster: &Cluster, resource: &str, namespace: &str) -> Result<(), String> {
+    let out = cluster.kubectl(&["-n", namespace, "get", resource], None).await.map_err(|e| e.to_string())?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() && stderr.contains("NotFound") {
+        Ok(())
+    } else {
+        Err(format!("{resource}: {stderr}{}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
 async fn receiver(cluster: &Cluster) -> (String, Arc<Mutex<Vec<Value>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let app = axum::Router::new().route(
@@ -307,13 +318,8 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     assert_eq!(refused.status(), 409, "an applied Webhook is not the API's to delete");
     let deleted = http.delete(format!("{base}/api/webhooks/{id}")).bearer_auth(token()).send().await.unwrap();
     assert_eq!(deleted.status(), 204);
-    for gone in [format!("webhook/{id}"), format!("secret/{secret_name}")] {
-        eventually(limit, "the API's webhook deleted", || async {
-            let out = cluster.kubectl(&["-n", "docs", "get", &gone], None).await.map_err(|e| e.to_string())?;
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            if !out.status.success() && stderr.contains("NotFound") { Ok(()) } else { Err(format!("{gone}: {stderr}")) }
-        })
-        .await;
+    for resource in [format!("webhook/{id}"), format!("secret/{secret_name}")] {
+        eventually(limit, "the API's webhook deleted", || gone(&cluster, &resource, "docs")).await;
     }
 
     // A changed StorageTier reaches the running gateways without a restart.
@@ -393,16 +399,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     .await;
     assert_eq!(moved["storageTier"], "cold", "{moved}");
     kubectl(&cluster, &["-n", "docs", "delete", "storagetier", "cold", "--wait=false"], None).await;
-    eventually(limit, "the cold tier drained and gone", || async {
-        let out = cluster.kubectl(&["-n", "docs", "get", "storagetier/cold"], None).await.map_err(|e| e.to_string())?;
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !out.status.success() && stderr.contains("NotFound") {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stdout).into_owned())
-        }
-    })
-    .await;
+    eventually(limit, "the cold tier drained and gone", || gone(&cluster, "storagetier/cold", "docs")).await;
     let after: Value = http
         .get(format!("{base}/api/v1/documents/{document_id}"))
         .bearer_auth(token())

@@ -292,21 +292,24 @@ impl Context {
         Ok(shards)
     }
 
-    /// What the blobs of every shard of a namespace's platform hold (none before the
-    /// platform has databases with a schema).
-    pub async fn platform_usage(&self, namespace: &str) -> Option<vellum_core::documents::UsageCounts> {
-        let shards = self.platform_shards(namespace).await.ok()?;
+    /// What the blobs of every shard of a namespace's platform hold: none before the
+    /// platform has shards, an error when one cannot be read.
+    pub async fn shard_usage(&self, namespace: &str) -> Result<Option<vellum_core::documents::UsageCounts>, String> {
         let mut total: Option<vellum_core::documents::UsageCounts> = None;
-        for db in &shards {
-            match vellum_core::documents::usage_counts(db).await {
-                Ok(counts) => total.get_or_insert_default().add(&counts),
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading storage usage");
-                    return None;
-                }
-            }
+        for db in &self.platform_shards(namespace).await? {
+            let counts = vellum_core::documents::usage_counts(db).await.map_err(|e| e.to_string())?;
+            total.get_or_insert_default().add(&counts);
         }
-        total
+        Ok(total)
+    }
+
+    /// [`Context::shard_usage`] for a status that keeps what it showed before when the
+    /// shards cannot be read (a database not migrated yet has no blobs table).
+    pub async fn platform_usage(&self, namespace: &str) -> Option<vellum_core::documents::UsageCounts> {
+        self.shard_usage(namespace).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "reading storage usage");
+            None
+        })
     }
 
     /// The delivery summaries of every endpoint of a namespace's platform, read at most once

@@ -151,6 +151,14 @@ pub struct ReleaseFacts {
     pub nats_credentials: bool,
 }
 
+impl ReleaseFacts {
+    /// What the release itself says (NATS credentials); the JWT key's form is learned from
+    /// its value, which only the release's reconcile reads.
+    pub fn of(release: &BlueGreenRelease) -> Self {
+        Self { jwt_is_jwks: false, nats_credentials: release.spec.nats.credentials_secret_ref.is_some() }
+    }
+}
+
 /// An environment variable with a value.
 pub fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.to_owned(), value: Some(value.into()), value_from: None }

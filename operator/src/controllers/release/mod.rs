@@ -54,7 +54,7 @@ async fn progress(release: &BlueGreenRelease, ctx: &Context, color: Color) -> Re
     let inputs = dereference(release, ctx).await?;
     let valid = validate(release, inputs)?;
     let objects = build(release, color, valid)?;
-    Box::pin(apply_all(release, ctx, objects)).await
+    Box::pin(apply_all(release, ctx, color, objects)).await
 }
 
 /// What the platform is compiled from, and what is published now.
@@ -224,7 +224,12 @@ pub fn secret_data(
 
 /// Applies the objects in the order a first deployment needs: config, then (unless the
 /// version is refused) the migrations, and once they succeeded the workloads.
-async fn apply_all(release: &BlueGreenRelease, ctx: &Context, objects: Objects) -> Result<Progress, StepError> {
+async fn apply_all(
+    release: &BlueGreenRelease,
+    ctx: &Context,
+    color: Color,
+    objects: Objects,
+) -> Result<Progress, StepError> {
     let client = &ctx.client;
     apply(client, MANAGER, &objects.config_map).await?;
     apply(client, MANAGER, &objects.secret).await?;
@@ -269,5 +274,5 @@ async fn apply_all(release: &BlueGreenRelease, ctx: &Context, objects: Objects) 
         let name = names::gateway_policy(&release.name_any());
         hpas.delete(&name, &DeleteParams::background()).await.map(|_| ()).or_else(not_found)?;
     }
-    Ok(Progress::of_gateway(release, &gateway, active_version, objects.degraded))
+    Ok(Progress::of_gateway(release, color, &gateway, active_version, objects.degraded))
 }

@@ -40,9 +40,11 @@ impl Progress {
         }
     }
 
-    /// Serving once one gateway of the applied Deployment is ready; deploying until then.
+    /// Serving as `color` once one gateway of the applied Deployment is ready; deploying
+    /// until then.
     pub fn of_gateway(
         release: &BlueGreenRelease,
+        color: Color,
         gateway: &Deployment,
         active_version: Option<String>,
         degraded: Vec<String>,
@@ -52,7 +54,6 @@ impl Progress {
         let wanted = gateway.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(1);
         let version = &release.spec.version;
         if ready_replicas >= 1 && status.updated_replicas.unwrap_or(0) >= 1 {
-            let color = release.status.as_ref().and_then(|s| s.active_color).unwrap_or(Color::Blue);
             Self {
                 phase: Phase::Stable,
                 ready: true,

@@ -57,17 +57,13 @@ pub async fn reconcile(policy: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Resul
             )),
             Some(release) => {
                 // Its pods read the same platform Secret as the workers, NATS credentials included.
-                let facts = ReleaseFacts {
-                    nats_credentials: release.spec.nats.credentials_secret_ref.is_some(),
-                    ..ReleaseFacts::default()
-                };
-                let job = build::build_cron_job(&policy, release, &facts);
+                let job = build::build_cron_job(&policy, release, &ReleaseFacts::of(release));
                 apply(&ctx.client, MANAGER, &job).await?;
-                Ok(job)
+                Ok(())
             }
         },
     };
-    let status = status(&policy, &inputs, scheduled.as_ref().map(|_| ()).map_err(Clone::clone));
+    let status = status(&policy, &inputs, scheduled);
     let previous = policy.status.clone().unwrap_or_default();
     apply_status(&ctx.client, MANAGER, policy.as_ref(), &status).await?;
     if let Some((warning, reason, note)) = ready_event(&previous.conditions, &status.conditions) {

@@ -19,11 +19,7 @@ use crate::controllers::tier::build::{build_drain_job, drain_job_name};
 
 /// What the platform's shards hold in a tier: blobs and bytes.
 async fn held(ctx: &Context, namespace: &str, tier: &str) -> Result<(UsageCounts, i64, i64), String> {
-    let mut total = UsageCounts::default();
-    for db in ctx.platform_shards(namespace).await? {
-        let counts = vellum_core::documents::usage_counts(&db).await.map_err(|e| e.to_string())?;
-        total.add(&counts);
-    }
+    let total = ctx.shard_usage(namespace).await?.unwrap_or_default();
     let (objects, bytes, _) = total.tiers.get(tier).copied().unwrap_or_default();
     Ok((total, objects, bytes))
 }
@@ -59,7 +55,6 @@ pub async fn cleanup(tier: &StorageTier, ctx: &Context) -> Result<Action> {
             return waiting(tier, ctx, None, Refused::new(reasons::DRAIN_BLOCKED, why)).await;
         }
     };
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     if objects == 0 {
         tracing::info!(tier = %name, "the tier holds no blobs; releasing it");
         return Ok(Action::await_change());
@@ -70,11 +65,7 @@ pub async fn cleanup(tier: &StorageTier, ctx: &Context) -> Result<Action> {
         );
         return waiting(tier, ctx, Some(&usage), Refused::new(reasons::DRAIN_BLOCKED, why)).await;
     };
-    let facts = ReleaseFacts {
-        nats_credentials: release.spec.nats.credentials_secret_ref.is_some(),
-        ..ReleaseFacts::default()
-    };
-    let job = apply(&ctx.client, MANAGER, &build_drain_job(tier, &release, &facts, &to)).await?;
+    let job = apply(&ctx.client, MANAGER, &build_drain_job(tier, &release, &ReleaseFacts::of(&release), &to)).await?;
     let job_status = job.status.unwrap_or_default();
     let job_name = drain_job_name(&name);
     let failed = job_status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Failed" && c.status == "True");
@@ -88,6 +79,7 @@ pub async fn cleanup(tier: &StorageTier, ctx: &Context) -> Result<Action> {
     } else {
         if job_status.succeeded.unwrap_or(0) > 0 {
             // Blobs arrived after the run (a document moved back, an upload in flight): run again.
+            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
             jobs.delete(&job_name, &DeleteParams::background()).await.map(|_| ()).or_else(not_found)?;
         }
         Refused::new(
