@@ -41,7 +41,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(restore))
         .routes(routes!(hold, release))
         .routes(routes!(create_link))
-        .merge(crate::lifecycle::document_router())
+        .merge(crate::storage::document_router())
         .merge(uploads)
 }
 

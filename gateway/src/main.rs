@@ -202,7 +202,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("Vellum gateway replica serving at {}", running.url);
     shutdown_signal().await;
     println!("shutting down: finishing in-flight requests");
-    running.shutdown().await
+    Ok(running.shutdown().await?)
 }
 
 fn options(args: &StandaloneArgs) -> standalone::Options {
@@ -244,7 +244,7 @@ async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     }
     shutdown_signal().await;
     println!("shutting down: finishing in-flight requests");
-    running.shutdown().await
+    Ok(running.shutdown().await?)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::{AppState, documents, health, lifecycle, metrics, realtime, tus, uploads, webhooks};
+use crate::{AppState, documents, health, metrics, realtime, storage, tus, uploads, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -40,7 +40,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1/documents", documents::router())
         .nest("/api/v1/links", documents::links_router())
-        .nest("/api/v1/storage", lifecycle::storage_router())
+        .nest("/api/v1/storage", storage::storage_router())
         .nest("/api/v1/upload", uploads::router())
         .nest("/api/v1/tus", tus::router())
         .nest("/api/v1/webhooks", webhooks::router())

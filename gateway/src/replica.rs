@@ -4,9 +4,9 @@
 //! relays the outbox nor delivers webhooks: `vellum-workers run` does both, once for the
 //! whole platform (see [`crate::standalone`] for the one process that runs every role).
 
-use crate::standalone::{Options, Role, Running, launch};
+use crate::standalone::{Options, Role, Running, StartError, launch};
 
 /// Starts a replica and returns once it serves; `options.nats_url` is required.
-pub async fn start(options: Options) -> anyhow::Result<Running> {
+pub async fn start(options: Options) -> Result<Running, StartError> {
     launch(options, Role::Replica).await
 }

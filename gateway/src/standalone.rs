@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -96,18 +95,50 @@ pub struct Running {
     hub_feeds: Vec<JoinHandle<()>>,
 }
 
+/// Why the gateway could not start, or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file or socket of the process: what was being done, and the system's error.
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// The options or the platform config ask for something that cannot run.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("opening the storage tiers: {0}")]
+    Tiers(#[from] vellum_core::blob::BlobError),
+    #[error("setting up token checking: {0}")]
+    Auth(#[from] crate::auth::AuthConfigError),
+    #[error("building the webhook HTTP client: {0}")]
+    HttpClient(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the metadata store: {0}")]
+    Store(#[from] vellum_core::store::StoreError),
+    #[error("connecting to the Kubernetes API (the pod's ServiceAccount, or KUBECONFIG): {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl StartError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+}
+
 /// Reads a key file from the data directory, or creates it with 32 random bytes.
-fn key_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+fn key_file(path: &Path) -> Result<Vec<u8>, StartError> {
     match std::fs::read(path) {
         Ok(bytes) if !bytes.is_empty() => Ok(bytes),
-        Ok(_) => bail!("{} is empty; delete it to have a new key generated", path.display()),
+        Ok(_) => {
+            Err(StartError::Invalid(format!("{} is empty; delete it to have a new key generated", path.display())))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::random();
             let text = hex::encode(key);
-            write_private(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            write_private(path, text.as_bytes()).map_err(StartError::io(format!("writing {}", path.display())))?;
             Ok(text.into_bytes())
         }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) => Err(StartError::io(format!("reading {}", path.display()))(e)),
     }
 }
 
@@ -126,7 +157,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Token checking, and the key signing download links: as given, or generated once in the
 /// data directory.
-fn credentials(options: &Options, data_dir: &Path) -> anyhow::Result<(Auth, Vec<u8>)> {
+fn credentials(options: &Options, data_dir: &Path) -> Result<(Auth, Vec<u8>), StartError> {
     let mut auth_settings = options.auth.clone();
     if !auth_settings.has_keys() {
         // Kept as a file, so that replacing it rotates the key without a restart.
@@ -134,10 +165,10 @@ fn credentials(options: &Options, data_dir: &Path) -> anyhow::Result<(Auth, Vec<
         key_file(&path)?;
         auth_settings.files.secret = Some(path);
     }
-    let auth = Auth::new(&auth_settings).context("setting up token checking")?;
+    let auth = Auth::new(&auth_settings)?;
     let link_key = match options.link_key.clone() {
         Some(key) if !key.is_empty() => key,
-        Some(_) => bail!("the link key is empty"),
+        Some(_) => return Err(StartError::Invalid("the link key is empty".into())),
         None => key_file(&data_dir.join("link-key"))?,
     };
     Ok((auth, link_key))
@@ -153,48 +184,50 @@ pub(crate) enum Role {
 }
 
 /// Starts standalone mode and returns once it serves.
-pub async fn start(options: Options) -> anyhow::Result<Running> {
+pub async fn start(options: Options) -> Result<Running, StartError> {
     if options.nats_url.is_some() {
-        bail!("standalone mode runs without NATS; a replica of a cluster starts with `vellum-gateway serve`");
+        return Err(StartError::Invalid(
+            "standalone mode runs without NATS; a replica of a cluster starts with `vellum-gateway serve`".into(),
+        ));
     }
     launch(options, Role::Standalone).await
 }
 
 /// Assembles the HTTP API and starts what `role` runs beside it.
 #[allow(clippy::too_many_lines)] // the one place that wires the roles together
-pub(crate) async fn launch(options: Options, role: Role) -> anyhow::Result<Running> {
+pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, StartError> {
     std::fs::create_dir_all(&options.data_dir)
-        .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
-    let data_dir = options.data_dir.canonicalize().context("resolving the data directory")?;
+        .map_err(StartError::io(format!("creating the data directory {}", options.data_dir.display())))?;
+    let data_dir = options.data_dir.canonicalize().map_err(StartError::io("resolving the data directory"))?;
 
     // Webhooks created through the API are compiled beside the platform's own: beside the
     // operator's compiled config, or beside the resources of the directory (standalone).
     let compiled = options.config_dir.join(CONFIG_FILE).exists();
     let (base, mut config, secrets) = if compiled {
         let (config, secrets) =
-            read_platform(&options.config_dir, options.secrets_dir.as_deref()).map_err(anyhow::Error::msg)?;
+            read_platform(&options.config_dir, options.secrets_dir.as_deref()).map_err(StartError::Invalid)?;
         (WebhookBase::Compiled(config.clone(), secrets.clone()), config, secrets)
     } else {
-        let (sources, config, secrets) = compile_dir(&options.config_dir).map_err(anyhow::Error::msg)?;
+        let (sources, config, secrets) = compile_dir(&options.config_dir).map_err(StartError::Invalid)?;
         (WebhookBase::Sources(sources), config, secrets)
     };
     // The hash of the config as read, which reloads compare with and the ConfigMap carries;
     // the command line's extra webhook networks below are not part of it.
     let config_hash = config.content_hash();
-    let tiers = Tiers::open(&config, &secrets, &data_dir).context("opening the storage tiers")?;
+    let tiers = Tiers::open(&config, &secrets, &data_dir)?;
     let extra = DestinationPolicy::parse(options.allow_webhook_cidrs.iter().map(String::as_str))
-        .map_err(|e| anyhow::anyhow!("--allow-webhook-cidr: {e}"))?;
+        .map_err(|e| StartError::Invalid(format!("--allow-webhook-cidr: {e}")))?;
     config.webhook_destinations.allowed_cidrs.extend(extra.allowed_cidrs);
 
     let database_url =
         options.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("vellum.db").display()));
-    let shards = open_shards(&config, &secrets, &database_url).await.map_err(anyhow::Error::msg)?;
+    let shards = open_shards(&config, &secrets, &database_url).await.map_err(StartError::Invalid)?;
     if shards.len() > 1 && role == Role::Standalone {
-        bail!(
+        return Err(StartError::Invalid(format!(
             "the ShardSet has {} shards: several metadata shards need the NATS event stream, which orders \
              their events; run gateway replicas (`vellum-gateway serve --nats-url`) and `vellum-workers run`",
             shards.len()
-        );
+        )));
     }
     let meta = shards[0].clone();
 
@@ -202,19 +235,21 @@ pub(crate) async fn launch(options: Options, role: Role) -> anyhow::Result<Runni
 
     let clock = Clock::system();
     let bus = Bus::new();
-    let sender = Sender::new(config.webhook_destinations.clone()).context("building the webhook HTTP client")?;
+    let sender = Sender::new(config.webhook_destinations.clone()).map_err(|e| StartError::HttpClient(e.into()))?;
     let engine = match role {
         Role::Standalone => Engine::new(meta.clone(), clock.clone(), sender, Settings::default()),
         Role::Replica => Engine::without_dispatch(meta.clone(), clock.clone(), sender, Settings::default()),
     };
-    let kube = crate::kube_webhooks::KubeWebhooks::connect_to(options.kube_namespace.clone()).await?;
+    let kube = crate::webhooks::cluster::KubeWebhooks::connect_to(options.kube_namespace.clone()).await?;
     let webhooks = WebhookService::start(engine.clone(), base, clock.clone(), kube).await?;
     let hub = Arc::new(Hub::new(meta.clone(), clock.clone()));
     let nats = match (&options.nats_url, role) {
         (Some(url), Role::Replica) => {
-            Some(vellum_jetstream::connect(url, "vellum-gateway").await.map_err(anyhow::Error::msg)?)
+            Some(vellum_jetstream::connect(url, "vellum-gateway").await.map_err(StartError::Invalid)?)
         }
-        (None, Role::Replica) => bail!("a replica of a cluster needs the NATS event stream (--nats-url)"),
+        (None, Role::Replica) => {
+            return Err(StartError::Invalid("a replica of a cluster needs the NATS event stream (--nats-url)".into()));
+        }
         (_, Role::Standalone) => None,
     };
     let mut hub_feeds = match &nats {
@@ -222,11 +257,11 @@ pub(crate) async fn launch(options: Options, role: Role) -> anyhow::Result<Runni
         None => vec![hub.feed_from(&bus)],
     };
     let (per_shard, buses) = shard_documents(&shards, &tiers, &clock, &bus, options.max_upload_bytes);
-    let docs = library_of(&config, per_shard).map_err(anyhow::Error::msg)?;
+    let docs = library_of(&config, per_shard).map_err(StartError::Invalid)?;
 
     let listener =
-        TcpListener::bind(options.listen).await.with_context(|| format!("listening on {}", options.listen))?;
-    let addr = listener.local_addr()?;
+        TcpListener::bind(options.listen).await.map_err(StartError::io(format!("listening on {}", options.listen)))?;
+    let addr = listener.local_addr().map_err(StartError::io("reading the listening address"))?;
     let url = options.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let admin_token = auth.mint("admin", &["admin", "user"], Duration::from_secs(30 * 24 * 3600));
     let state = AppState {
@@ -317,9 +352,9 @@ async fn serve_metrics(
     at: SocketAddr,
     state: &AppState,
     limits: &crate::limits::Limits,
-) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(at).await.with_context(|| format!("listening for metrics on {at}"))?;
-    let bound = listener.local_addr()?;
+) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
+    let listener = TcpListener::bind(at).await.map_err(StartError::io(format!("listening for metrics on {at}")))?;
+    let bound = listener.local_addr().map_err(StartError::io("reading the metrics address"))?;
     let (router, limits) = (crate::metrics::own_router(state.clone()), limits.clone());
     let task = tokio::spawn(async move {
         if let Err(e) = crate::serve::serve(listener, router, &limits, std::future::pending()).await {
@@ -430,7 +465,7 @@ async fn reload(
         // tries the whole config again.
         let applied = secrets.clone();
         if let Err(e) = state.webhooks.rebase(WebhookBase::Compiled(config.clone(), secrets)).await {
-            tracing::warn!(error = %e, "keeping the previous platform config: its webhooks were not applied");
+            tracing::warn!(error = %e.message, "keeping the previous platform config: its webhooks were not applied");
             continue;
         }
         if let Some(set) = &config.shards
@@ -463,7 +498,7 @@ async fn schedule_retention(state: AppState, mut stop: watch::Receiver<bool>) {
         let now = state.docs.clock().now_ms();
         let config = state.platform();
         for (name, policy) in &config.retention_policies {
-            let due = vellum_core::lifecycle::next_run(&policy.schedule, checked).is_some_and(|at| at <= now);
+            let due = vellum_core::retention::next_run(&policy.schedule, checked).is_some_and(|at| at <= now);
             if policy.suspend || !due {
                 continue;
             }
@@ -500,10 +535,10 @@ async fn sweep_uploads(docs: Arc<Library>, mut stop: watch::Receiver<bool>) {
 impl Running {
     /// Stops accepting connections, lets in-flight requests finish (up to the grace
     /// period), and stops the workers.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> Result<(), StartError> {
         let _ = self.stop.send(true);
         if let Ok(joined) = tokio::time::timeout(crate::SHUTDOWN_GRACE, self.server).await {
-            joined.context("the server task")?.context("serving")?;
+            joined?.map_err(StartError::io("serving"))?;
         } else {
             tracing::warn!("in-flight requests did not finish within the grace period");
         }

@@ -92,7 +92,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_seconds: args.lease_seconds.max(2),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
     };
-    vellum_operator::run::run(client, options, vellum_core::process::shutdown_signal()).await
+    Ok(vellum_operator::run::run(client, options, vellum_core::process::shutdown_signal()).await?)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -524,6 +524,19 @@ async fn run_releases(
     drain("bluegreenrelease", controller).await;
 }
 
+/// Why the operator stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("building the leader-election Lease manager: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("the leader-election task stopped")]
+    LeaderElectionStopped,
+    #[error("the controllers stopped")]
+    ControllersStopped,
+    #[error("lost the leader-election Lease: stopping so that another replica leads alone")]
+    LostLease,
+}
+
 /// Runs the operator: metrics and health at once, the controllers while this replica holds
 /// the Lease. Losing the Lease ends the process (its pod restarts and waits its turn), so
 /// that two replicas never act at once.
@@ -531,7 +544,7 @@ pub async fn run(
     client: Client,
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let server = tokio::spawn(crate::metrics::serve(options.metrics_listen, Arc::clone(&metrics)));
     let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &options.lease_name)
@@ -553,7 +566,7 @@ pub async fn run(
         }
         tokio::select! {
             () = &mut shutdown => { drop(leading); let _ = lease_task.await; return Ok(()); }
-            changed = leading.changed() => if changed.is_err() { anyhow::bail!("the leader-election task stopped") },
+            changed = leading.changed() => if changed.is_err() { return Err(RunError::LeaderElectionStopped) },
         }
     }
     metrics.set_leader(true);
@@ -571,7 +584,7 @@ pub async fn run(
             changed = leading.changed() => {
                 if changed.is_err() || !*leading.borrow_and_update() { break true; }
             }
-            _ = &mut controllers => anyhow::bail!("the controllers stopped"),
+            _ = &mut controllers => return Err(RunError::ControllersStopped),
         }
     };
     let _ = stop_tx.send(true);
@@ -581,7 +594,7 @@ pub async fn run(
     let _ = lease_task.await;
     server.abort();
     if lost {
-        anyhow::bail!("lost the leader-election Lease: stopping so that another replica leads alone");
+        return Err(RunError::LostLease);
     }
     Ok(())
 }

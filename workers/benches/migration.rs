@@ -36,7 +36,7 @@ use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::compile_dir;
 use vellum_core::documents::{Actor, Documents, Grace, NewDocument};
-use vellum_core::lifecycle::DAY_MS;
+use vellum_core::retention::DAY_MS;
 use vellum_core::store::Metadata;
 use vellum_testkit::TestDatabase;
 use vellum_workers::retention::{RunSettings, run_policy};

@@ -214,9 +214,9 @@ fn main() -> anyhow::Result<()> {
                     () = shutdown_signal() => {
                         tracing::info!("shutting down: finishing attempts in flight");
                         stop.send_replace(true);
-                        worker.await.context("the worker panicked")?
+                        Ok(worker.await.context("the worker panicked")??)
                     }
-                    result = &mut worker => result.context("the worker panicked")?,
+                    result = &mut worker => Ok(result.context("the worker panicked")??),
                 }
             }
             Command::Retention { policy, store, run } => {

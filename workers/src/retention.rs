@@ -15,7 +15,7 @@ use vellum_core::config::PlatformConfig;
 use vellum_core::crds::webhook::EventType;
 use vellum_core::documents::{Actor, DocError, Documents, Grace, StepHook};
 use vellum_core::events::Event;
-use vellum_core::lifecycle::{Action, DocumentFacts, Policy, decide, selects};
+use vellum_core::retention::{Action, DocumentFacts, Policy, decide, selects};
 
 /// How a run goes about its work.
 #[derive(Clone, Copy, Debug)]

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::{Notify, watch};
 use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, SecretBundle, read_platform};
@@ -12,10 +11,28 @@ use vellum_core::documents::{open_shards, rotate_credentials};
 use vellum_core::events::relay;
 use vellum_core::webhooks;
 
-use crate::delivery::{Engine, Settings};
-use crate::nats::consume_into_webhooks;
-use crate::sender::Sender;
+use vellum_core::store::StoreError;
 use vellum_jetstream::{JetStreamSink, ensure_stream};
+
+use crate::webhooks::consumer::consume_into_webhooks;
+use crate::webhooks::{Engine, Sender, Settings};
+
+/// Why the workers could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("reading the platform config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Shards(String),
+    #[error("building the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error("loading the webhook endpoints: {0}")]
+    Endpoints(#[from] StoreError),
+    #[error("{0}")]
+    Nats(String),
+    #[error("serving health and metrics on {at}: {source}")]
+    Serve { at: std::net::SocketAddr, source: std::io::Error },
+}
 
 /// What `run` needs.
 #[derive(Clone, Debug)]
@@ -38,23 +55,23 @@ pub struct Options {
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
-fn load(options: &Options) -> anyhow::Result<(PlatformConfig, SecretBundle)> {
-    read_platform(&options.config_dir, options.secrets_dir.as_deref()).map_err(anyhow::Error::msg)
+fn load(options: &Options) -> Result<(PlatformConfig, SecretBundle), RunError> {
+    read_platform(&options.config_dir, options.secrets_dir.as_deref()).map_err(RunError::Config)
 }
 
 /// Runs until `stop` turns true; attempts in flight finish before it returns.
-pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> Result<(), RunError> {
     let (config, secrets) = load(&options)?;
     // Every shard's outbox is relayed; the first shard keeps the delivery log.
-    let shards = open_shards(&config, &secrets, &options.database_url).await.map_err(anyhow::Error::msg)?;
+    let shards = open_shards(&config, &secrets, &options.database_url).await.map_err(RunError::Shards)?;
     let meta = shards[0].clone();
     let clock = Clock::system();
-    let sender = Sender::new(config.webhook_destinations.clone()).context("building the HTTP client")?;
+    let sender = Sender::new(config.webhook_destinations.clone())?;
     let engine = Engine::new(meta.clone(), clock.clone(), sender, options.settings.clone());
     engine.set_endpoints(crate::configured_endpoints(&config, &secrets)).await?;
 
     // Start even while NATS is away: the outbox keeps the events until it is back.
-    let client = vellum_jetstream::connect(&options.nats_url, "vellum-workers").await.map_err(anyhow::Error::msg)?;
+    let client = vellum_jetstream::connect(&options.nats_url, "vellum-workers").await.map_err(RunError::Nats)?;
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     engine.report_to(std::sync::Arc::clone(&metrics));
     let outbox_watch = tokio::spawn(crate::metrics::watch_outbox(
@@ -67,7 +84,7 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
         Some(at) => {
             let (bound, task) = crate::metrics::serve(at, metrics, meta.clone(), client.clone())
                 .await
-                .with_context(|| format!("serving health and metrics on {at}"))?;
+                .map_err(|source| RunError::Serve { at, source })?;
             tracing::info!(%bound, "health and metrics serving");
             Some(task)
         }
@@ -116,7 +133,7 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> anyhow::R
                     current_secrets = secrets;
                 }
             }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "keeping the previous platform config"),
+            Err(e) => tracing::warn!(error = %e, "keeping the previous platform config"),
         }
         if last_prune.elapsed() >= Duration::from_secs(3600) {
             last_prune = tokio::time::Instant::now();

@@ -17,7 +17,7 @@ use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, compile_dir};
 use vellum_core::documents::{Actor, Document, Documents, Grace, MigrationStep, NewDocument, library_of, open_shards};
 use vellum_core::events::outbox;
-use vellum_core::lifecycle::DAY_MS;
+use vellum_core::retention::DAY_MS;
 use vellum_core::store::Metadata;
 use vellum_testkit::{TestBucket, TestDatabase};
 use vellum_workers::retention::{RunReport, RunSettings, drain_tier, run_policy};

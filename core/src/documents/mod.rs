@@ -3,9 +3,12 @@
 //! use it for their own changes. Every change that emits an event writes the event to the
 //! outbox in the same transaction.
 
+mod garbage;
 mod library;
-mod lifecycle;
 mod model;
+mod retention;
+mod tiering;
+mod usage;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -20,10 +23,9 @@ use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
 pub use library::{DocumentUpload, Library, Upload, VersionUpload, library_of, open_shards, rotate_credentials};
-pub use lifecycle::{
-    Grace, MigrationStep, Savings, StepHook, TierUsage, Usage, UsageCounts, monthly_cost, usage_counts,
-};
 pub use model::*;
+pub use tiering::{Grace, MigrationStep, StepHook};
+pub use usage::{Savings, TierUsage, Usage, UsageCounts, monthly_cost, usage_counts};
 
 use crate::blob::{BlobError, ByteStream, Codec, StoredBlob, Tiers};
 use crate::clock::{Clock, rfc3339};
@@ -1114,7 +1116,7 @@ impl Documents {
         match tier.read(&content.object_key, content.codec, range.clone()).await {
             Err(BlobError::Store { source: object_store::Error::NotFound { .. }, .. }) => {
                 let mut conn = self.meta.pool().acquire().await?;
-                let now = lifecycle::locate(&mut conn, &content.sha256)
+                let now = tiering::locate(&mut conn, &content.sha256)
                     .await?
                     .ok_or(DocError::NotFound(content.document.id))?;
                 drop(conn);

@@ -101,7 +101,7 @@ pub async fn complete(client: &reqwest::Client, base: &str, token: &str, id: &st
 /// delivery of a cluster, which its gateway replicas leave to it. Stopped when dropped.
 pub struct Worker {
     stop: tokio::sync::watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), vellum_workers::run::RunError>>>,
 }
 
 impl Worker {

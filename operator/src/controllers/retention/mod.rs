@@ -37,7 +37,7 @@ pub struct Inputs {
     /// The release whose workers run it, once there is one.
     pub release: Option<BlueGreenRelease>,
     /// Each shard's part of the policy's last finished run.
-    pub runs: Vec<vellum_core::lifecycle::RunRecord>,
+    pub runs: Vec<vellum_core::retention::RunRecord>,
     /// What the platform's blobs hold, by tier.
     pub usage: Option<UsageCounts>,
 }
@@ -79,7 +79,7 @@ async fn dereference(policy: &RetentionPolicy, ctx: &Context) -> Inputs {
     let namespace = policy.namespace().unwrap_or_default();
     let mut runs = Vec::new();
     for db in &ctx.platform_shards(&namespace).await.unwrap_or_default() {
-        match vellum_core::lifecycle::last_finished_run(db, &policy.name_any()).await {
+        match vellum_core::retention::last_finished_run(db, &policy.name_any()).await {
             Ok(Some(run)) => runs.push(run),
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "reading the last retention run"),
@@ -135,11 +135,11 @@ pub fn status(policy: &RetentionPolicy, inputs: &Inputs, scheduled: Result<(), R
     };
     let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
     let next_run = (ready && !policy.spec.suspend)
-        .then(|| vellum_core::lifecycle::next_run(&policy.spec.schedule, now_ms))
+        .then(|| vellum_core::retention::next_run(&policy.spec.schedule, now_ms))
         .flatten()
         .and_then(time_of);
     // Each shard records its part of a run; together they are the run.
-    let last_run = vellum_core::lifecycle::RunRecord::combine(inputs.runs.clone())
+    let last_run = vellum_core::retention::RunRecord::combine(inputs.runs.clone())
         .map(|run| RunSummary {
             start_time: time_of(run.started_at),
             completion_time: run.finished_at.and_then(time_of),

@@ -1,4 +1,4 @@
-//! Lifecycle on the API: a document's next lifecycle action and its date, moving a
+//! Storage on the API: a document's tier, its next lifecycle action and its date, moving a
 //! document to another tier on request, restoring an archived document, and what the tiers
 //! hold and cost (`/api/v1/storage/usage`).
 
@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vellum_core::clock::rfc3339;
 use vellum_core::documents::{Document, Grace, Usage};
-use vellum_core::lifecycle::{Action, Policy, Scheduled, decide};
+use vellum_core::retention::{Action, Policy, Scheduled, decide};
 
 use crate::AppState;
 use crate::auth::User;

@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use vellum_jetstream::{ensure_stream, event_of};
 
-use crate::delivery::Engine;
+use super::delivery::Engine;
 
 /// The durable consumer webhook workers share.
 pub const WEBHOOK_CONSUMER: &str = "vellum-webhooks";

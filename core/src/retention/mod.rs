@@ -1,6 +1,6 @@
-//! Lifecycle rules: what the retention policies ask of a document now, and when they
+//! Retention rules: what the retention policies ask of a document now, and when they
 //! will ask for something next. Pure: no store, no clock, no I/O; the workers' retention
-//! runs and the gateway's lifecycle endpoint both ask [`decide`].
+//! runs and the gateway's storage endpoints both ask [`decide`].
 //!
 //! How overlapping policies resolve, as S3 lifecycle rules do (the most restrictive wins):
 //! - an expiration that is due beats every transition, and DELETE beats ARCHIVE;

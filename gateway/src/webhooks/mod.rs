@@ -7,6 +7,8 @@
 //! compiler, the same validation), then handed to the in-process delivery engine. In a
 //! cluster, creation goes through the Kubernetes API as a Webhook resource and a Secret.
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
@@ -27,11 +29,11 @@ use vellum_core::signing::parse_signing_key;
 use vellum_core::webhooks::{self, ApiWebhook, DeliveryRecord, Replay, Stats};
 use vellum_workers::Engine;
 
+use self::cluster::KubeWebhooks;
 use crate::AppState;
 use crate::auth::Admin;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{JsonBody, QueryParams};
-use crate::kube_webhooks::{self, KubeWebhooks};
 
 const TAG: &str = "webhooks";
 
@@ -71,10 +73,10 @@ impl WebhookService {
         base: WebhookBase,
         clock: Clock,
         kube: Option<KubeWebhooks>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, crate::standalone::StartError> {
         let service = Self { engine, kube, base: std::sync::RwLock::new(base), clock, changes: Mutex::new(()) };
         let api = webhooks::api_webhooks(service.engine.meta()).await?;
-        let (config, secrets) = service.compile_with(&api).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (config, secrets) = service.compile_with(&api).map_err(crate::standalone::StartError::Invalid)?;
         service.engine.set_endpoints(vellum_workers::configured_endpoints(&config, &secrets)).await?;
         Ok(service)
     }
@@ -85,13 +87,13 @@ impl WebhookService {
 
     /// Replaces the platform's own webhooks (a reloaded config) and delivers to the result;
     /// when that fails, the previous ones stay.
-    pub async fn rebase(&self, base: WebhookBase) -> anyhow::Result<()> {
+    pub async fn rebase(&self, base: WebhookBase) -> Result<(), ApiError> {
         let _guard = self.changes.lock().await;
         let write = || self.base.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let previous = std::mem::replace(&mut *write(), base);
         if let Err(e) = self.apply().await {
             *write() = previous;
-            anyhow::bail!("{}", e.message);
+            return Err(e);
         }
         Ok(())
     }
@@ -102,7 +104,7 @@ impl WebhookService {
         };
         let webhooks: Vec<Webhook> = api.iter().map(|w| Webhook::new(&w.id, w.spec.clone())).collect();
         let secrets = api.iter().map(|w| {
-            let data = BTreeMap::from([(kube_webhooks::SECRET_KEY.to_owned(), w.secret.expose().to_vec())]);
+            let data = BTreeMap::from([(cluster::SECRET_KEY.to_owned(), w.secret.expose().to_vec())]);
             (secret_name(&w.id), data)
         });
         let base = self.base.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
@@ -252,7 +254,7 @@ async fn views(state: &AppState) -> Result<Vec<WebhookView>, ApiError> {
 }
 
 /// A webhook made in the cluster, before this gateway's config holds it.
-fn made_view(id: &str, made: &kube_webhooks::Made) -> WebhookView {
+fn made_view(id: &str, made: &cluster::Made) -> WebhookView {
     WebhookView {
         id: id.to_owned(),
         name: made.display_name.clone(),
@@ -335,10 +337,7 @@ async fn create(
     validate(&request, &service.engine)?;
     let spec = WebhookSpec {
         url: request.url.clone(),
-        secret_ref: vellum_core::crds::common::SecretKeyRef {
-            name: String::new(),
-            key: kube_webhooks::SECRET_KEY.into(),
-        },
+        secret_ref: vellum_core::crds::common::SecretKeyRef { name: String::new(), key: cluster::SECRET_KEY.into() },
         event_types: request.event_types.clone(),
         filter: request.filter.clone(),
         retry: RetryPolicy { max_retries: request.retry_count.unwrap_or(3), ..RetryPolicy::default() },
@@ -403,7 +402,7 @@ async fn create_in_cluster(
     service.compile_with(std::slice::from_ref(&check)).map_err(unprocessable)?;
     let created = kube.create(id, &display_name, actor, &spec, &secret).await?;
     tracing::info!(webhook = %id, by = %actor, "webhook created as a Webhook resource");
-    Ok((StatusCode::CREATED, Json(made_view(id, &kube_webhooks::Made::of(&created)))).into_response())
+    Ok((StatusCode::CREATED, Json(made_view(id, &cluster::Made::of(&created)))).into_response())
 }
 
 #[utoipa::path(get, path = "/", tag = TAG, summary = "List webhooks",
@@ -434,7 +433,7 @@ async fn delete(
     let service = &state.webhooks;
     if let Some(kube) = &service.kube {
         return match kube.get(&id).await? {
-            Some(webhook) if kube_webhooks::is_made(&webhook) => {
+            Some(webhook) if cluster::is_made(&webhook) => {
                 kube.delete(&webhook).await?;
                 Ok(StatusCode::NO_CONTENT)
             }

@@ -21,7 +21,7 @@ use vellum_core::store::{Metadata, StoreError};
 use vellum_core::webhooks::rules::{Verdict, next_retry};
 use vellum_core::webhooks::{self, Delivery, Endpoint, Next, Outcome};
 
-use crate::sender::Sender;
+use super::sender::Sender;
 
 /// Tunables of the engine.
 #[derive(Clone, Debug)]

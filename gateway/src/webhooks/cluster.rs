@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Context as _;
 use axum::http::StatusCode;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -100,15 +99,13 @@ fn not_found(e: &kube::Error) -> bool {
 impl KubeWebhooks {
     /// A client of the Kubernetes API the gateway runs in (its ServiceAccount in a pod,
     /// `KUBECONFIG` elsewhere).
-    pub async fn connect(namespace: String) -> anyhow::Result<Self> {
-        let client = Client::try_default()
-            .await
-            .context("connecting to the Kubernetes API (the pod's ServiceAccount, or KUBECONFIG)")?;
+    pub async fn connect(namespace: String) -> Result<Self, kube::Error> {
+        let client = Client::try_default().await?;
         Ok(Self { client, namespace })
     }
 
     /// [`connect`](Self::connect) when a namespace is given.
-    pub async fn connect_to(namespace: Option<String>) -> anyhow::Result<Option<Self>> {
+    pub async fn connect_to(namespace: Option<String>) -> Result<Option<Self>, kube::Error> {
         match namespace {
             Some(namespace) => Self::connect(namespace).await.map(Some),
             None => Ok(None),
