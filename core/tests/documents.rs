@@ -591,3 +591,27 @@ async fn a_library_upload_stores_claims_and_records_on_one_shard() {
     // A new version of a document the actor may not see is refused before any byte.
     assert!(matches!(library.begin_version(&user("mallory"), expected[0].0).await, Err(DocError::NotFound(_))));
 }
+
+#[tokio::test]
+async fn a_database_that_refuses_says_so_in_words_without_the_servers_source_lines() {
+    let db = TestDatabase::new().await.unwrap();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_password(Some("not-the-password")).unwrap();
+    let wrong_password = Metadata::connect(url.as_str()).await.unwrap_err();
+    url.set_username("no_such_role_here").unwrap();
+    let no_role = Metadata::connect(url.as_str()).await.unwrap_err();
+    for e in [&wrong_password, &no_role] {
+        assert!(e.is_bad_credentials(), "{e}");
+        assert!(!e.brief().contains(" at line "), "Postgres' source line stays out: {}", e.brief());
+        assert!(!e.brief().contains("not-the-password"), "{}", e.brief());
+    }
+    assert!(wrong_password.brief().contains("password authentication failed"), "{}", wrong_password.brief());
+
+    // A port nothing listens on: refused, in those words.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let refused = Metadata::connect(&format!("postgres://vellum:secret@127.0.0.1:{port}/vellum")).await.unwrap_err();
+    assert!(!refused.is_bad_credentials());
+    assert_eq!(refused.brief(), "connection refused");
+}

@@ -113,6 +113,8 @@ pub mod conditions {
         pub const MIGRATING: &str = "Migrating";
         pub const MIGRATION_FAILED: &str = "MigrationFailed";
         pub const DEPLOYING: &str = "Deploying";
+        /// A release's gateways do not become ready, and their pods say why.
+        pub const GATEWAYS_NOT_READY: &str = "GatewaysNotReady";
         /// A BlueGreenRelease's version changed, and rolling out a second color is not
         /// supported by this operator yet.
         pub const NEW_VERSION_REFUSED: &str = "NewVersionRefused";

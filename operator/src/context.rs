@@ -33,7 +33,7 @@ pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     /// A platform's metadata database failed while the reconcile used it.
-    #[error("metadata database ({what}): {source}")]
+    #[error("metadata database ({what}): {}", source.brief())]
     Database {
         what: &'static str,
         #[source]
@@ -157,12 +157,19 @@ impl Caches {
     }
 
     /// Everything one namespace's platform is compiled from.
+    /// Every resource of a namespace's platform. Of its ShardSets, only the one the release
+    /// names (all of them before there is a release): another ShardSet is refused on its
+    /// own, and does not break the platform.
     pub fn sources(&self, namespace: &str) -> Sources {
+        let mut shard_sets = in_namespace(&self.shard_sets, namespace);
+        if let Some(release) = self.release_of(namespace) {
+            shard_sets.retain(|set| set.name_any() == release.spec.shard_set_ref);
+        }
         Sources {
             tiers: self.tiers_in(namespace),
             webhooks: in_namespace(&self.webhooks, namespace),
             retention_policies: in_namespace(&self.policies, namespace),
-            shard_sets: in_namespace(&self.shard_sets, namespace),
+            shard_sets,
             releases: self.releases_in(namespace),
             secrets: self.secrets(namespace),
         }
@@ -216,6 +223,9 @@ pub struct Context {
     pub probe_timeout: Duration,
     /// How often healthy resources are looked at again (probes, delivery statistics).
     pub resync: Duration,
+    /// The operator's own HTTP client, for what the platform's pods answer (a gateway's
+    /// `/readyz`). Never through a proxy: the pods are inside the cluster.
+    pub http: reqwest::Client,
 }
 
 impl Debug for Context {
@@ -236,20 +246,23 @@ impl Context {
             failures: Mutex::default(),
             probe_timeout: Duration::from_secs(10),
             resync: Duration::from_secs(60),
+            http: reqwest::Client::builder().no_proxy().build().unwrap_or_default(),
         }
     }
 
     /// A pool on the metadata database at `url`, opened once and kept. Errors never quote
     /// the URL, which holds a password.
-    pub async fn database(&self, url: &str) -> Result<Metadata, String> {
+    pub async fn database(&self, url: &str) -> Result<Metadata, Refused> {
         let mut pools = self.databases.lock().await;
         if let Some(pool) = pools.get(url) {
             return Ok(pool.clone());
         }
         let pool = tokio::time::timeout(self.probe_timeout, Metadata::connect(url))
             .await
-            .map_err(|_| format!("no answer within {} s", self.probe_timeout.as_secs()))?
-            .map_err(|e| redact(&e.to_string(), url))?;
+            .map_err(|_| {
+                Refused::new(reasons::SHARD_UNREACHABLE, format!("no answer within {} s", self.probe_timeout.as_secs()))
+            })?
+            .map_err(|e| unusable(&e, url))?;
         pools.insert(url.to_owned(), pool.clone());
         Ok(pool)
     }
@@ -266,7 +279,7 @@ impl Context {
     /// A pool on the platform's metadata database, when the platform has one.
     pub async fn platform_database(&self, namespace: &str) -> Result<Option<Metadata>, String> {
         match self.platform_database_url(namespace) {
-            Some(url) => self.database(&url).await.map(Some),
+            Some(url) => self.database(&url).await.map(Some).map_err(|e| e.message),
             None => Ok(None),
         }
     }
@@ -286,7 +299,7 @@ impl Context {
             };
             match self.database(&url).await {
                 Ok(db) => shards.push(db),
-                Err(e) => return Err(format!("shard {}: {e}", shard.name)),
+                Err(e) => return Err(format!("shard {}: {}", shard.name, e.message)),
             }
         }
         Ok(shards)
@@ -375,6 +388,14 @@ impl Context {
             tracing::debug!(error = %e, "publishing an event");
         }
     }
+}
+
+/// A metadata database that cannot be used, as a condition says it: `InvalidCredentials`
+/// when it refused who connected, `ShardUnreachable` otherwise, with the server's message
+/// (never the URL, which holds a password).
+pub fn unusable(e: &vellum_core::store::StoreError, url: &str) -> Refused {
+    let reason = if e.is_bad_credentials() { reasons::INVALID_CREDENTIALS } else { reasons::SHARD_UNREACHABLE };
+    Refused::new(reason, redact(&e.brief(), url))
 }
 
 /// Replaces every occurrence of a secret value in a message.

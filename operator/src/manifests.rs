@@ -106,6 +106,8 @@ pub fn operator_cluster_rules() -> Vec<PolicyRule> {
         rule(GROUP, &status.iter().map(String::as_str).collect::<Vec<_>>(), &["patch"]),
         rule("", &["configmaps", "secrets"], &["get", "list", "watch", "create", "patch"]),
         rule("", &["services"], APPLY),
+        // A release whose gateways are not ready reads their pods to say why.
+        rule("", &["pods"], &["list"]),
         rule("events.k8s.io", &["events"], &["create", "patch"]),
         rule("apps", &["deployments"], APPLY),
         // A tier's drain Job is deleted to run again when blobs arrived after it finished.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{Any, AnyPool, Executor, Transaction};
+use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, Transaction};
 
 /// Which database is behind the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +42,39 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         let StoreError::Database(sqlx::Error::Database(e)) = self else { return false };
         matches!(e.code().as_deref(), Some("40001" | "40P01" | "5" | "517" | "6"))
+    }
+
+    /// The database sqlx reached, or the network error that kept it from it.
+    fn sqlx(&self) -> Option<&sqlx::Error> {
+        match self {
+            StoreError::Connect(e)
+            | StoreError::Database(e)
+            | StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether the database refused who connected: a role that does not exist, a wrong
+    /// password, no `pg_hba.conf` entry for it.
+    pub fn is_bad_credentials(&self) -> bool {
+        let Some(sqlx::Error::Database(e)) = self.sqlx() else { return false };
+        matches!(e.code().as_deref(), Some("28P01" | "28000"))
+    }
+
+    /// What went wrong, for a person reading a status or a log: the server's own message
+    /// without the source line Postgres appends to it, and "connection refused" (or the
+    /// like) for a server that is not there, instead of the I/O error's debug form.
+    pub fn brief(&self) -> String {
+        match self.sqlx() {
+            Some(sqlx::Error::Database(e)) => e.message().to_owned(),
+            Some(sqlx::Error::Io(e)) => match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+                std::io::ErrorKind::TimedOut => "connection timed out".to_owned(),
+                _ => e.to_string(),
+            },
+            Some(sqlx::Error::PoolTimedOut) => "no connection became free in time".to_owned(),
+            _ => self.to_string(),
+        }
     }
 }
 
@@ -105,6 +138,12 @@ impl Metadata {
                 })
             }),
         };
+        if dialect == Dialect::Postgres {
+            // One connection first, on its own: the pool retries a server that is not there
+            // until its timeout and then says only that it timed out; this says "refused".
+            let first = options.connect().await.map_err(StoreError::Connect)?;
+            let _ = first.close().await;
+        }
         let pool =
             pool.acquire_timeout(Duration::from_secs(30)).connect_with(options).await.map_err(StoreError::Connect)?;
         Ok(Self { pool, dialect, url: Arc::new(std::sync::Mutex::new(url)) })

@@ -9,6 +9,7 @@
 //! and writes what it reached as status ([`status`]).
 
 pub mod build;
+pub mod diagnose;
 pub mod status;
 
 #[cfg(test)]
@@ -274,5 +275,12 @@ async fn apply_all(
         let name = names::gateway_policy(&release.name_any());
         hpas.delete(&name, &DeleteParams::background()).await.map(|_| ()).or_else(not_found)?;
     }
-    Ok(Progress::of_gateway(release, color, &gateway, active_version, objects.degraded))
+    let progress = Progress::of_gateway(release, color, &gateway, active_version, objects.degraded);
+    if progress.ready {
+        return Ok(progress);
+    }
+    Ok(match diagnose::why_not_ready(ctx, &gateway).await {
+        Some(cause) => progress.not_ready_because(&cause),
+        None => progress,
+    })
 }

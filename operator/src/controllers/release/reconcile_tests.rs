@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Secret;
-use serde_json::json;
+use serde_json::{Value, json};
 use vellum_crds::blue_green_release::{BlueGreenReleaseStatus, Phase};
 use vellum_crds::common::Conditions;
 use vellum_crds::conditions;
@@ -180,6 +180,99 @@ async fn a_new_version_updates_the_config_keeps_the_link_key_and_touches_no_work
     let degraded = status.conditions.get(conditions::DEGRADED).unwrap();
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", reasons::NEW_VERSION_REFUSED));
     assert_eq!(body_of(&server, EVENT)["reason"], reasons::NEW_VERSION_REFUSED);
+}
+
+/// A reconcile of a migrated release whose gateway Deployment has no ready replica, with
+/// `pods` listed under the gateway's selector.
+async fn with_unready_gateway(pods: Value) -> (Arc<Mutex<Server>>, BlueGreenReleaseStatus) {
+    let r = release();
+    let server = Arc::new(Mutex::new(Server::default()));
+    {
+        let mut s = server.lock().unwrap();
+        s.objects.insert(migration_path(&r), json!({"status": {"succeeded": 1}}));
+        s.objects.insert(
+            path_of::<Deployment>("ns", "docs-gateway-blue"),
+            json!({"status": {"readyReplicas": 0, "updatedReplicas": 1}}),
+        );
+        s.objects.insert(
+            "/api/v1/namespaces/ns/pods".into(),
+            json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": pods}),
+        );
+    }
+    Box::pin(reconciled(r, &server)).await;
+    let status = status_of(&server);
+    (server, status)
+}
+
+#[tokio::test]
+async fn gateways_that_do_not_become_ready_are_explained_by_their_pods() {
+    let crashing = json!([{
+        "metadata": {"name": "docs-gateway-blue-1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": "gateway", "ready": false, "restartCount": 4, "image": "vellum/gateway:1.0.0", "imageID": "",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": "Error: the metadata store: password authentication failed"}}
+        }]}
+    }]);
+    let (server, status) = with_unready_gateway(crashing).await;
+    let selector =
+        "app.kubernetes.io%2Fcomponent%3Dgateway%2Capp.kubernetes.io%2Finstance%3Ddocs%2Cvellum.dev%2Fcolor%3Dblue";
+    assert!(
+        lines(&server).contains(&format!("GET /api/v1/namespaces/ns/pods?&labelSelector={selector}")),
+        "the gateway's own pods, by its selector: {:#?}",
+        lines(&server)
+    );
+    assert_eq!(status.phase, Some(Phase::Deploying));
+    let ready = status.conditions.get(conditions::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str(), ready.message.as_str()),
+        (
+            "False",
+            reasons::GATEWAYS_NOT_READY,
+            "waiting for gateways of version 1.0.0 (0/2 ready): pod docs-gateway-blue-1: container gateway is waiting: \
+             CrashLoopBackOff; it last exited with code 1: Error: the metadata store: password authentication failed"
+        )
+    );
+    let event = body_of(&server, EVENT);
+    assert_eq!(
+        (event["reason"].as_str(), event["type"].as_str()),
+        (Some(reasons::GATEWAYS_NOT_READY), Some("Warning"))
+    );
+}
+
+#[tokio::test]
+async fn a_running_gateway_that_is_not_ready_is_explained_by_its_readiness_check() {
+    // The gateway's /readyz, as a pod would serve it, on a port of this machine.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let readyz = axum::Router::new().route(
+        "/readyz",
+        axum::routing::get(|| async {
+            let body = json!({"status": "not ready", "checks": {"database": {"status": "ok"},
+                "defaultTier": {"status": "failing", "message": "storage tier hot: bucket docs does not exist"}}});
+            (axum::http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(body))
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, readyz).await });
+    let running = json!([{
+        "metadata": {"name": "docs-gateway-blue-2", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"containers": [{"name": "gateway", "ports": [{"name": "http", "containerPort": port}],
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}}}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "gateway", "ready": false, "restartCount": 0, "image": "g", "imageID": "",
+                "state": {"running": {}}}]}
+    }]);
+    let (_, status) = with_unready_gateway(running).await;
+    let ready = status.conditions.get(conditions::READY).unwrap();
+    assert_eq!(ready.reason, reasons::GATEWAYS_NOT_READY);
+    assert!(
+        ready.message.ends_with(
+            "pod docs-gateway-blue-2 is not ready: the default StorageTier failing: storage tier hot: bucket docs does \
+             not exist"
+        ),
+        "{}",
+        ready.message
+    );
 }
 
 /// The status of a release serving `version` as blue.

@@ -80,6 +80,14 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// Still deploying, and the gateways' pods say why they are not ready.
+    #[must_use]
+    pub fn not_ready_because(self, cause: &str) -> Self {
+        Self { reason: reasons::GATEWAYS_NOT_READY, message: format!("{}: {cause}", self.message), ..self }
+    }
+}
+
 /// The status a reconcile writes, when to look again, and whether an Event is due.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Next {
@@ -149,7 +157,8 @@ pub fn next(
     let after = status.conditions.get(conditions::READY).map(|c| (c.status.clone(), c.reason.clone()));
     let event = (before != after || previous.phase != status.phase).then(|| {
         let phase = status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
-        (!ready && !progressing, reason, format!("{phase}: {message}"))
+        let stuck = reason == reasons::GATEWAYS_NOT_READY;
+        (!ready && (!progressing || stuck), reason, format!("{phase}: {message}"))
     });
     Next { status, requeue, event }
 }

@@ -11,9 +11,9 @@ use vellum_core::config::{Sources, compile, lookup};
 use vellum_crds::common::Conditions;
 use vellum_crds::conditions::{self, reasons};
 use vellum_crds::shard_set::{ShardSetStatus, ShardStatus};
-use vellum_crds::{ShardSet, field_managers};
+use vellum_crds::{BlueGreenRelease, ShardSet, field_managers};
 
-use crate::context::{Context, Refused, Result, apply_status, condition, ready_event, redact};
+use crate::context::{Context, Refused, Result, apply_status, condition, ready_event, unusable};
 
 const MANAGER: &str = field_managers::SHARD_SET;
 
@@ -28,17 +28,13 @@ pub async fn reconcile(set: Arc<ShardSet>, ctx: Arc<Context>) -> Result<Action> 
             String::from_utf8(v.to_vec()).map_err(|_| Refused::new(reasons::INVALID_SPEC, "the URL is not UTF-8"))
         });
         shards.push(match url {
-            Err(refused) => ShardStatus {
-                name: shard.name.clone(),
-                ready: false,
-                message: Some(refused.message),
-                ..ShardStatus::default()
-            },
+            Err(refused) => shard_status(&shard.name, Err(refused)),
             Ok(url) => shard_status(&shard.name, probe(&ctx, &url).await),
         });
     }
     let previous = set.status.clone().unwrap_or_default();
-    let status = status(&set, validate(&set, &sources), shards);
+    let valid = validate(&set, &sources).and_then(|()| in_use(&set, ctx.caches.release_of(&namespace).as_ref()));
+    let status = status(&set, valid, shards);
     apply_status(&ctx.client, MANAGER, set.as_ref(), &status).await?;
     if let Some((warning, reason, note)) = ready_event(&previous.conditions, &status.conditions) {
         ctx.event(set.as_ref(), warning, &reason, note).await;
@@ -56,19 +52,36 @@ pub fn validate(set: &ShardSet, sources: &Sources) -> Result<(), Refused> {
     }
 }
 
+/// A namespace's platform has one ShardSet, the one its release names: another is refused
+/// on its own (the release and the rest of the platform carry on).
+pub fn in_use(set: &ShardSet, release: Option<&BlueGreenRelease>) -> Result<(), Refused> {
+    match release {
+        Some(release) if release.spec.shard_set_ref != set.name_any() => Err(Refused::new(
+            reasons::INVALID_SPEC,
+            format!(
+                "a platform has one ShardSet: BlueGreenRelease {} uses ShardSet {}, not this one",
+                release.name_any(),
+                release.spec.shard_set_ref
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A shard's schema version, document count and round-trip latency in milliseconds.
-async fn probe(ctx: &Context, url: &str) -> Result<(i64, i64, f64), String> {
+async fn probe(ctx: &Context, url: &str) -> Result<(i64, i64, f64), Refused> {
     let started = Instant::now();
     let db = ctx.database(url).await?;
     let probe = async {
-        let version = db.schema_version().await.map_err(|e| redact(&e.to_string(), url))?;
-        let documents: i64 =
-            if version > 0 { db.count_documents().await.map_err(|e| redact(&e.to_string(), url))? } else { 0 };
-        Ok::<_, String>((version, documents))
+        let version = db.schema_version().await.map_err(|e| unusable(&e, url))?;
+        let documents: i64 = if version > 0 { db.count_documents().await.map_err(|e| unusable(&e, url))? } else { 0 };
+        Ok::<_, Refused>((version, documents))
     };
     let result = tokio::time::timeout(ctx.probe_timeout, probe)
         .await
-        .map_err(|_| format!("no answer within {} s", ctx.probe_timeout.as_secs()))
+        .map_err(|_| {
+            Refused::new(reasons::SHARD_UNREACHABLE, format!("no answer within {} s", ctx.probe_timeout.as_secs()))
+        })
         .and_then(|r| r);
     match result {
         Ok((version, documents)) => Ok((version, documents, started.elapsed().as_secs_f64() * 1000.0)),
@@ -79,46 +92,52 @@ async fn probe(ctx: &Context, url: &str) -> Result<(i64, i64, f64), String> {
     }
 }
 
-/// One shard's line of the status, from its probe.
-pub fn shard_status(name: &str, probed: Result<(i64, i64, f64), String>) -> ShardStatus {
+/// One shard's line of the status, from its probe, and the reason it gives the set's
+/// `Ready` condition when it is the first shard that keeps the set from being ready.
+pub fn shard_status(name: &str, probed: Result<(i64, i64, f64), Refused>) -> (ShardStatus, &'static str) {
     match probed {
-        Ok((version, documents, latency)) => ShardStatus {
-            name: name.to_owned(),
-            ready: version > 0,
-            schema_version: Some(version),
-            documents: Some(documents),
-            latency_ms: Some((latency * 100.0).round() / 100.0),
-            message: (version == 0)
-                .then(|| "reachable; no schema yet (the release's migration Job creates it)".to_owned()),
-        },
-        Err(e) => ShardStatus {
-            name: name.to_owned(),
-            ready: false,
-            message: Some(format!("unreachable: {e}")),
-            ..ShardStatus::default()
-        },
+        Ok((version, documents, latency)) => (
+            ShardStatus {
+                name: name.to_owned(),
+                ready: version > 0,
+                schema_version: Some(version),
+                documents: Some(documents),
+                latency_ms: Some((latency * 100.0).round() / 100.0),
+                message: (version == 0)
+                    .then(|| "reachable; no schema yet (the release's migration Job creates it)".to_owned()),
+            },
+            if version > 0 { reasons::RECONCILED } else { reasons::MIGRATING },
+        ),
+        Err(refused) => {
+            let message = match refused.reason {
+                reasons::SHARD_UNREACHABLE => format!("unreachable: {}", refused.message),
+                reasons::INVALID_CREDENTIALS => format!("credentials refused: {}", refused.message),
+                _ => refused.message,
+            };
+            (
+                ShardStatus { name: name.to_owned(), ready: false, message: Some(message), ..ShardStatus::default() },
+                refused.reason,
+            )
+        }
     }
 }
 
 /// The status after every shard was probed: `Ready` when the spec is valid and every shard
 /// is reachable and migrated; the routing version goes up with each new generation.
-pub fn status(set: &ShardSet, valid: Result<(), Refused>, shards: Vec<ShardStatus>) -> ShardSetStatus {
+pub fn status(set: &ShardSet, valid: Result<(), Refused>, probed: Vec<(ShardStatus, &'static str)>) -> ShardSetStatus {
     let previous = set.status.clone().unwrap_or_default();
     let generation = set.metadata.generation;
-    let ready_shards = shards.iter().filter(|s| s.ready).count();
+    let ready_shards = probed.iter().filter(|(s, _)| s.ready).count();
+    let down = probed.iter().find(|(s, _)| !s.ready && s.schema_version.is_none());
     let (ready, reason, message) = if let Err(refused) = valid {
         (false, refused.reason, refused.message)
-    } else if let Some(down) = shards.iter().find(|s| !s.ready && s.schema_version.is_none()) {
-        (
-            false,
-            reasons::SHARD_UNREACHABLE,
-            format!("shard {}: {}", down.name, down.message.clone().unwrap_or_default()),
-        )
-    } else if ready_shards < shards.len() {
+    } else if let Some((down, reason)) = down {
+        (false, *reason, format!("shard {}: {}", down.name, down.message.clone().unwrap_or_default()))
+    } else if ready_shards < probed.len() {
         (
             false,
             reasons::MIGRATING,
-            format!("{ready_shards} of {} shards have a schema; migrations pending", shards.len()),
+            format!("{ready_shards} of {} shards have a schema; migrations pending", probed.len()),
         )
     } else {
         (true, reasons::RECONCILED, format!("{ready_shards} shards reachable and migrated"))
@@ -141,7 +160,7 @@ pub fn status(set: &ShardSet, valid: Result<(), Refused>, shards: Vec<ShardStatu
         routing_version: Some(routing_version),
         ready_shards: i32::try_from(ready_shards).ok(),
         shard_names: Some(set.spec.shards.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",")),
-        shards,
+        shards: probed.into_iter().map(|(s, _)| s).collect(),
         rebalance: previous.rebalance,
     }
 }
@@ -176,7 +195,10 @@ mod tests {
         let waiting = status(&set(1, None), Ok(()), fresh);
         assert_eq!(waiting.conditions.get(conditions::READY).unwrap().reason, reasons::MIGRATING);
 
-        let down = vec![shard_status("a", Ok((12, 3, 1.0))), shard_status("b", Err("connection refused".into()))];
+        let down = vec![
+            shard_status("a", Ok((12, 3, 1.0))),
+            shard_status("b", Err(Refused::new(reasons::SHARD_UNREACHABLE, "connection refused"))),
+        ];
         let down = status(&set(1, None), Ok(()), down);
         let ready = down.conditions.get(conditions::READY).unwrap();
         assert_eq!(
@@ -184,9 +206,42 @@ mod tests {
             (reasons::SHARD_UNREACHABLE, "shard b: unreachable: connection refused")
         );
 
+        let password = Refused::new(reasons::INVALID_CREDENTIALS, "password authentication failed for user \"vellum\"");
+        let wrong = vec![shard_status("a", Err(password)), shard_status("b", Ok((12, 0, 0.5)))];
+        let wrong = status(&set(1, None), Ok(()), wrong);
+        let ready = wrong.conditions.get(conditions::READY).unwrap();
+        assert_eq!(
+            (ready.reason.as_str(), ready.message.as_str()),
+            (
+                reasons::INVALID_CREDENTIALS,
+                "shard a: credentials refused: password authentication failed for user \"vellum\""
+            )
+        );
+
         let refused = Refused::new(reasons::SECRET_NOT_FOUND, "Secret db does not exist");
         let invalid = status(&set(1, None), Err(refused), migrated);
         assert_eq!(invalid.conditions.get(conditions::READY).unwrap().reason, reasons::SECRET_NOT_FOUND);
+    }
+
+    #[test]
+    fn a_shard_set_the_release_does_not_name_is_refused_on_its_own() {
+        let release = |shard_set: &str| -> BlueGreenRelease {
+            serde_yaml::from_str(&format!(
+                "apiVersion: vellum.dev/v1alpha1\nkind: BlueGreenRelease\nmetadata: {{name: docs, namespace: ns}}\nspec: {{version: 1.0.0, gateway: {{image: g}}, workers: {{image: w}}, shardSetRef: {shard_set}, nats: {{url: 'nats://nats:4222'}}, jwt: {{secretRef: {{name: jwt, key: hs256}}}}}}\n"
+            ))
+            .unwrap()
+        };
+        let release = release("other");
+        let refused = in_use(&set(1, None), Some(&release)).unwrap_err();
+        assert_eq!(refused.reason, reasons::INVALID_SPEC);
+        assert_eq!(
+            refused.message,
+            "a platform has one ShardSet: BlueGreenRelease docs uses ShardSet other, not this one"
+        );
+        assert_eq!(in_use(&set(1, None), None), Ok(()), "before a release, any ShardSet may become the platform's");
+        let mut named = release.clone();
+        named.spec.shard_set_ref = "meta".into();
+        assert_eq!(in_use(&set(1, None), Some(&named)), Ok(()));
     }
 
     #[test]
