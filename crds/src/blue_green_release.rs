@@ -25,6 +25,7 @@ use crate::common::{Conditions, SecretKeyRef};
     printcolumn(name = "Active", type_ = "string", json_path = ".status.activeColor"),
     printcolumn(name = "Requested", type_ = "string", json_path = ".spec.version", priority = 1),
     printcolumn(name = "Preview", type_ = "string", json_path = ".status.previewColor"),
+    printcolumn(name = "Preview Version", type_ = "string", json_path = ".status.previewVersion"),
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -282,6 +283,15 @@ pub struct Promotion {
     #[serde(default = "default_scale_down_delay")]
     #[schemars(range(min = 0, max = 604_800))]
     pub scale_down_delay_seconds: u32,
+    /// Seconds a rollout phase before the analysis may take (the new color becoming ready,
+    /// its migrations, its smoke checks, the switch) before the rollout fails.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub progress_deadline_seconds: u32,
+}
+
+fn default_progress_deadline() -> u32 {
+    600
 }
 
 impl Default for Promotion {
@@ -290,6 +300,7 @@ impl Default for Promotion {
             mode: PromotionMode::default(),
             auto_rollback: true,
             scale_down_delay_seconds: default_scale_down_delay(),
+            progress_deadline_seconds: default_progress_deadline(),
         }
     }
 }
@@ -379,7 +390,8 @@ pub struct BlueGreenReleaseStatus {
     /// Where the release is in its rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// The color the active Service selects.
+    /// The color of the version last promoted. While a rollout is `Switching` or
+    /// `Analyzing`, the active Service already selects the preview color.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_color: Option<Color>,
     /// The version of the active color.
@@ -394,6 +406,29 @@ pub struct BlueGreenReleaseStatus {
     /// Ready gateway replicas of the active color.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
+    /// Hash of the pod templates the active color runs: a change of the gateway or
+    /// workers template (image, resources, environment) is a new rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_template: Option<String>,
+    /// Hash of the pod templates being rolled out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_template: Option<String>,
+    /// When the current phase began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_since: Option<Time>,
+    /// When the rollout under way began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_since: Option<Time>,
+    /// Requests and 5xx answers the new color had served when its analysis began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis_baseline: Option<RequestCounts>,
+    /// When the previous color is scaled to zero (`promotion.scaleDownDelaySeconds` after
+    /// the promotion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_at: Option<Time>,
+    /// The color scaled to zero at `scaleDownAt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_color: Option<Color>,
     /// Results of the latest smoke checks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub smoke_results: Vec<SmokeResult>,
@@ -403,6 +438,16 @@ pub struct BlueGreenReleaseStatus {
     /// Past rollouts, newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<ReleaseRecord>,
+}
+
+/// Requests a color's gateways served, and how many of them were answered 5xx.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestCounts {
+    /// Requests answered (probes and metric scrapes left out).
+    pub requests: u64,
+    /// Of those, the ones answered with a 5xx status.
+    pub errors: u64,
 }
 
 /// The outcome of one smoke check.
@@ -419,6 +464,9 @@ pub struct SmokeResult {
     /// What went wrong, when it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// How long the check took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
     /// When the check ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,
@@ -440,6 +488,13 @@ pub struct ReleaseRecord {
     /// Why, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Hash of the pod templates rolled out: a failed or aborted one is not tried again
+    /// until the spec changes or `vellum.dev/retry` asks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Seconds from the start of the rollout to its end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<u64>,
 }
 
 /// How a rollout ended.

@@ -41,6 +41,8 @@ pub mod labels {
     pub const VERSION: &str = "app.kubernetes.io/version";
     /// The color (`blue` or `green`) of a blue-green pod.
     pub const COLOR: &str = "vellum.dev/color";
+    /// Set by Kubernetes on an EndpointSlice: the Service it lists endpoints of.
+    pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
     /// Value of `app.kubernetes.io/part-of` and `app.kubernetes.io/name`.
     pub const PART_OF_VALUE: &str = "vellum";
     /// Value of `app.kubernetes.io/managed-by`.
@@ -56,6 +58,8 @@ pub mod annotations {
     pub const PROMOTE: &str = "vellum.dev/promote";
     /// On a BlueGreenRelease: abort the rollout and keep the active color.
     pub const ABORT: &str = "vellum.dev/abort";
+    /// On a BlueGreenRelease: roll out again what failed or was aborted.
+    pub const RETRY: &str = "vellum.dev/retry";
     /// On a Webhook: reactivate an endpoint that was deactivated.
     pub const REACTIVATE: &str = "vellum.dev/reactivate";
     /// On a ConfigMap: hash of the compiled platform config it holds.
@@ -92,6 +96,9 @@ pub mod conditions {
     pub const DEGRADED: &str = "Degraded";
     /// Webhook only: the endpoint was deactivated by its failure rate or a 410 Gone.
     pub const DEACTIVATED: &str = "Deactivated";
+    /// BlueGreenRelease only: what `spec` asks for serves, promoted (`kubectl wait
+    /// --for=condition=Promoted`).
+    pub const PROMOTED: &str = "Promoted";
 
     pub mod reasons {
         pub const RECONCILED: &str = "Reconciled";
@@ -118,6 +125,19 @@ pub mod conditions {
         /// A BlueGreenRelease's version changed, and rolling out a second color is not
         /// supported by this operator yet.
         pub const NEW_VERSION_REFUSED: &str = "NewVersionRefused";
+        /// The phases of a blue-green rollout, each the reason of its Event.
+        pub const SMOKE_TESTING: &str = "SmokeTesting";
+        pub const SMOKE_CHECK_FAILED: &str = "SmokeCheckFailed";
+        pub const AWAITING_PROMOTION: &str = "AwaitingPromotion";
+        pub const SWITCHING: &str = "Switching";
+        pub const ANALYZING: &str = "Analyzing";
+        pub const ANALYSIS_FAILED: &str = "AnalysisFailed";
+        pub const ROLLING_BACK: &str = "RollingBack";
+        pub const ROLLED_BACK: &str = "RolledBack";
+        pub const PROMOTED: &str = "Promoted";
+        pub const ABORTED: &str = "Aborted";
+        /// A rollout phase took longer than `promotion.progressDeadlineSeconds`.
+        pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
         /// A RetentionPolicy waits for a BlueGreenRelease whose workers will run it.
         pub const WAITING_FOR_RELEASE: &str = "WaitingForRelease";
         pub const DELIVERY_LOG_UNAVAILABLE: &str = "DeliveryLogUnavailable";

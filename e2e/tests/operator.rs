@@ -533,6 +533,78 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     assert_eq!(condition(&release, "Ready").unwrap()["status"], "True", "{release}");
 
     println!("the new leader reported the bad resource after {:?}", started.elapsed());
+
+    // A new version rolls out blue-green while a client keeps using the platform: green is
+    // deployed beside blue, smoke-checked, switched to and watched, and not one request
+    // fails. Every request opens a new connection, so that it goes where the Service points.
+    let started = tokio::time::Instant::now();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let traffic = tokio::spawn({
+        let (base, token) = (base.clone(), token_signed_with(rotated));
+        async move {
+            let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            while !*stopped.borrow() {
+                for path in ["/api/v1/documents".to_owned(), format!("/api/v1/documents/{document_id}/download")] {
+                    sent += 1;
+                    match http.get(format!("{base}{path}")).bearer_auth(&token).send().await {
+                        Ok(r) if r.status().is_success() => {}
+                        Ok(r) => failed.push(format!("{path}: {}", r.status())),
+                        Err(e) => failed.push(format!("{path}: {e}")),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (sent, failed)
+        }
+    });
+    let yaml = platform(&database.url, &bucket, &hook, "0.05")
+        .replace(JWT_SECRET, rotated)
+        .replace(HOOK_KEY, ROTATED_HOOK_KEY)
+        .replace(
+            "version: 1.0.0",
+            "version: 1.1.0\n  analysis: {windowSeconds: 5}\n  promotion: {scaleDownDelaySeconds: 5}",
+        )
+        .replace(":1.0.0'", ":1.1.0'");
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&yaml)).await;
+    let phases = Arc::new(Mutex::new(Vec::<String>::new()));
+    let promoted = eventually(Duration::from_secs(180), "version 1.1.0 promoted as green", || {
+        let phases = Arc::clone(&phases);
+        let cluster = &cluster;
+        async move {
+            let release = get_json(cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+            let status = &release["status"];
+            let phase = status["phase"].as_str().unwrap_or_default().to_owned();
+            let mut seen = phases.lock().unwrap();
+            if seen.last() != Some(&phase) {
+                seen.push(phase.clone());
+            }
+            let done = status["activeVersion"] == "1.1.0" && phase == "Stable";
+            if done { Ok(release.clone()) } else { Err(format!("{phase}: {}", status["conditions"])) }
+        }
+    })
+    .await;
+    let phases = phases.lock().unwrap().clone();
+    let rolled_out = started.elapsed();
+    stop.send_replace(true);
+    let (sent, failed) = traffic.await.unwrap();
+    println!("version 1.1.0 rolled out in {rolled_out:?} through {phases:?}; {sent} requests, {} failed", failed.len());
+    assert!(failed.is_empty(), "requests failed during the rollout: {failed:?}");
+    assert!(sent > 50, "the client kept going throughout: {sent}");
+    let status = &promoted["status"];
+    assert_eq!(status["activeColor"], "green", "{promoted}");
+    assert_eq!(status["history"][0]["outcome"], "Promoted", "{promoted}");
+    assert_eq!(status["smokeResults"][0]["name"], "readyz", "{promoted}");
+    assert_eq!(status["smokeResults"][0]["passed"], true, "{promoted}");
+    assert_eq!(condition(&promoted, "Promoted").unwrap()["status"], "True", "{promoted}");
+    let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
+    assert_eq!(service["spec"]["selector"]["vellum.dev/color"], "green", "{service}");
+    // Blue was kept for a fast rollback, and is scaled to zero after the delay.
+    eventually(limit, "blue scaled to zero after the delay", || async {
+        let blue = get_json(&cluster, &["-n", "docs", "get", "deployment/docs-gateway-blue"]).await;
+        if blue["spec"]["replicas"] == 0 { Ok(()) } else { Err(blue["spec"]["replicas"].to_string()) }
+    })
+    .await;
     // The default tier, deleted while it holds blobs, has nowhere to drain to: it stays and
     // says so, and the platform keeps serving from it.
     kubectl(&cluster, &["-n", "docs", "delete", "storagetier", "hot", "--wait=false"], None).await;

@@ -106,10 +106,14 @@ pub fn operator_cluster_rules() -> Vec<PolicyRule> {
         rule(GROUP, &status.iter().map(String::as_str).collect::<Vec<_>>(), &["patch"]),
         rule("", &["configmaps", "secrets"], &["get", "list", "watch", "create", "patch"]),
         rule("", &["services"], APPLY),
-        // A release whose gateways are not ready reads their pods to say why.
+        // A release whose gateways are not ready reads their pods to say why; a rollout's
+        // switch is done when the active Service's endpoints are the new color's pods.
         rule("", &["pods"], &["list"]),
+        rule("discovery.k8s.io", &["endpointslices"], &["list"]),
         rule("events.k8s.io", &["events"], &["create", "patch"]),
-        rule("apps", &["deployments"], APPLY),
+        // A release whose new version failed reads the Deployment still serving (it does not
+        // apply the spec to it); a promoted release scales the old color to zero.
+        rule("apps", &["deployments"], &["get", "list", "watch", "create", "patch"]),
         // A tier's drain Job is deleted to run again when blobs arrived after it finished.
         rule("batch", &["jobs", "cronjobs"], &["list", "watch", "create", "patch", "delete"]),
         rule("autoscaling", &["horizontalpodautoscalers"], &["list", "watch", "create", "patch", "delete"]),

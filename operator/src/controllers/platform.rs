@@ -63,9 +63,10 @@ pub mod names {
     pub fn gateway_account(release: &str) -> String {
         format!("{release}-gateway")
     }
-    /// The migration Job of one shard for one version: a new version migrates again.
-    pub fn migration(release: &str, shard: &str, version: &str) -> String {
-        let hash = super::short_hash(&[release, shard, version]);
+    /// The migration Job of one shard for one set of pod templates: a new version (or
+    /// image) migrates again.
+    pub fn migration(release: &str, shard: &str, template: &str) -> String {
+        let hash = super::short_hash(&[release, shard, template]);
         let base = format!("{release}-migrate-{shard}");
         // Job names become pod labels: 63 characters at most, with room for the hash.
         let base: String = base.chars().take(63 - 9).collect();

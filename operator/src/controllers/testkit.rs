@@ -92,6 +92,8 @@ async fn answer(mut handle: tower_test::mock::Handle<Request<Body>, Response<Bod
     while let Some((request, send)) = handle.next_request().await {
         let method = request.method().clone();
         let uri = request.uri().clone();
+        let merge =
+            request.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v == "application/merge-patch+json");
         let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let path = uri.path().to_owned();
@@ -108,6 +110,14 @@ async fn answer(mut handle: tower_test::mock::Handle<Request<Body>, Response<Bod
                     server.objects.insert(object_path, object.clone());
                     (200, object)
                 }
+                // A merge patch (a scale, a taken-back annotation) merges into the object.
+                Method::PATCH if merge => match server.objects.get_mut(&path) {
+                    Some(object) => {
+                        merge_into(object, &body);
+                        (200, object.clone())
+                    }
+                    None => not_found(&path),
+                },
                 // A JSON patch (the finalizer helper's) answers with the object as it stands.
                 Method::PATCH if body.is_array() => {
                     server.objects.get(&path).cloned().map_or_else(|| not_found(&path), |o| (200, o))
@@ -135,6 +145,25 @@ async fn answer(mut handle: tower_test::mock::Handle<Request<Body>, Response<Bod
             .body(Body::from(serde_json::to_vec(&reply).unwrap_or_default()))
             .expect("a response");
         send.send_response(response);
+    }
+}
+
+/// RFC 7386: `patch` merged into `target` (a null removes the key).
+fn merge_into(target: &mut Value, patch: &Value) {
+    let Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let Value::Object(object) = target else { return };
+    for (key, value) in fields {
+        if value.is_null() {
+            object.remove(key);
+        } else {
+            merge_into(object.entry(key.clone()).or_insert(Value::Null), value);
+        }
     }
 }
 

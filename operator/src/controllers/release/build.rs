@@ -280,7 +280,10 @@ pub fn build_gateway_disruption_budget(release: &BlueGreenRelease, color: Color)
 }
 
 /// The Job bringing one shard's schema up to the release's version before its pods start.
-pub fn build_migration_job(release: &BlueGreenRelease, shard: &str) -> Job {
+/// The migration Job of one shard for the pod templates `template` (their hash): each new
+/// version or image migrates again under a Job of its own name, so that a Job's immutable
+/// template never stands in a release's way.
+pub fn build_migration_job(release: &BlueGreenRelease, shard: &str, template: &str) -> Job {
     let name = release.name_any();
     let container = Container {
         name: "migrate".to_owned(),
@@ -290,7 +293,7 @@ pub fn build_migration_job(release: &BlueGreenRelease, shard: &str) -> Job {
         ..Container::default()
     };
     Job {
-        metadata: release_meta(release, &names::migration(&name, shard, &release.spec.version), "migration", None),
+        metadata: release_meta(release, &names::migration(&name, shard, template), "migration", None),
         spec: Some(JobSpec {
             backoff_limit: Some(6),
             template: PodTemplateSpec {

@@ -1,15 +1,18 @@
-//! BlueGreenRelease, first version: the compiled platform config and the aggregated Secret,
-//! a schema-migration Job per shard that must succeed before any pod starts, then the
-//! gateway and workers Deployments of the first color, the active and preview Services, an
-//! HPA and a PDB. A changed version is refused with a condition until blue-green rollouts
-//! exist; every other change (config, replicas, resources) is applied in place.
+//! BlueGreenRelease: the compiled platform config and the aggregated Secret, a
+//! schema-migration Job per shard that must succeed before any pod starts, the gateway and
+//! workers Deployments of the serving color, the active and preview Services, an HPA and a
+//! PDB. Any change of what the pods run (version, image, resources, derived environment)
+//! is a blue-green rollout ([`rollout`]); every other change (config, replicas) is applied
+//! in place.
 //!
 //! A reconcile reads what the platform is compiled from ([`dereference`]), checks it
-//! ([`validate`]), builds every object ([`build`], pure), applies them in order ([`apply`])
-//! and writes what it reached as status ([`status`]).
+//! ([`validate`]), builds every object ([`build`], pure), applies the config and acts for
+//! the rollout's phase ([`rollout::step`]), and writes what it reached as status
+//! ([`status`]).
 
 pub mod build;
 pub mod diagnose;
+pub mod rollout;
 pub mod status;
 
 #[cfg(test)]
@@ -19,13 +22,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::RoleBinding;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use vellum_core::config::{CONFIG_FILE, PlatformConfig, SECRETS_FILE, SecretBundle, Sources, compile_lenient, lookup};
 use vellum_crds::blue_green_release::{Color, JwtAlgorithm};
@@ -34,28 +34,29 @@ use vellum_crds::{BlueGreenRelease, field_managers};
 
 use crate::context::{Context, Refused, Result, StepError, apply};
 use crate::controllers::platform::{ReleaseFacts, names, secret_keys};
-use crate::controllers::shared::{not_found, routes_the_same};
+use crate::controllers::shared::routes_the_same;
 use status::Progress;
 
 const MANAGER: &str = field_managers::BLUE_GREEN_RELEASE;
 
 pub async fn reconcile(release: Arc<BlueGreenRelease>, ctx: Arc<Context>) -> Result<Action> {
-    let color = release.status.as_ref().and_then(|s| s.active_color).unwrap_or(Color::Blue);
     // The built objects make a large future: it lives on the heap.
-    let reached = match Box::pin(progress(&release, &ctx, color)).await {
+    let reached = match Box::pin(progress(&release, &ctx)).await {
         Ok(progress) => Ok(progress),
         Err(StepError::Refused(refused)) => Err(refused),
         Err(StepError::Failed(e)) => return Err(e),
     };
-    status::write(&release, &ctx, color, reached).await
+    status::write(&release, &ctx, reached).await
 }
 
 /// The pipeline: each step either hands the next what it needs or says why it stops.
-async fn progress(release: &BlueGreenRelease, ctx: &Context, color: Color) -> Result<Progress, StepError> {
+async fn progress(release: &BlueGreenRelease, ctx: &Context) -> Result<Progress, StepError> {
     let inputs = dereference(release, ctx).await?;
     let valid = validate(release, inputs)?;
-    let objects = build(release, color, valid)?;
-    Box::pin(apply_all(release, ctx, color, objects)).await
+    let objects = build(release, valid)?;
+    apply(&ctx.client, MANAGER, &objects.config_map).await?;
+    apply(&ctx.client, MANAGER, &objects.secret).await?;
+    Box::pin(rollout::step(release, ctx, &objects)).await
 }
 
 /// What the platform is compiled from, and what is published now.
@@ -100,15 +101,13 @@ pub struct Valid {
     pub link_key: Vec<u8>,
     /// Resources left out of the config, and changes held back, each said in a sentence.
     pub degraded: Vec<String>,
-    /// Why the pods stay as they are although the config follows the resources.
-    pub version_refused: Option<Refused>,
 }
 
 /// Compiles what can be compiled: resources at fault (a Webhook whose Secret is missing, a
 /// policy naming an unknown tier) are left out, so that one bad resource does not stop the
 /// platform; they carry their own `Ready=False`. Problems no resource can be left out for
 /// (no default tier, a bad release or ShardSet) refuse the whole config. A routing change
-/// that would move documents is held back; a new version is refused.
+/// that would move documents is held back.
 pub fn validate(release: &BlueGreenRelease, inputs: Inputs) -> Result<Valid, Refused> {
     let (compiled, left_out) = compile_lenient(inputs.sources.clone());
     let (mut config, bundle) = compiled.map_err(|errors| {
@@ -126,60 +125,50 @@ pub fn validate(release: &BlueGreenRelease, inputs: Inputs) -> Result<Valid, Ref
         ));
         config.shards = Some(old.clone());
     }
-    let active = release.status.as_ref().and_then(|s| s.active_version.clone());
-    let version_refused = active.filter(|active| *active != release.spec.version).map(|active| {
-        Refused::new(
-            reasons::NEW_VERSION_REFUSED,
-            format!(
-                "version {active} is running; deploying {} beside it as the other color is not supported by this operator yet. Set spec.version back to {active}",
-                release.spec.version
-            ),
-        )
-    });
     let link_key = inputs.link_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 32]>()).into_bytes());
-    Ok(Valid { sources: inputs.sources, config, bundle, link_key, degraded, version_refused })
+    Ok(Valid { sources: inputs.sources, config, bundle, link_key, degraded })
 }
 
-/// Every object a release produces, built and not yet applied.
+/// What a release produces whatever its colors: built, not yet applied. The objects of a
+/// color (Deployments, Services, PDB, HPA) are built by the rollout for the color it acts on.
 #[derive(Debug)]
 pub struct Objects {
     pub config_map: ConfigMap,
     pub secret: Secret,
-    pub version_refused: Option<Refused>,
     /// One migration Job per shard, by shard name.
     pub migrations: Vec<(String, Job)>,
-    pub service_account: ServiceAccount,
-    pub role_binding: RoleBinding,
-    pub gateway: Deployment,
-    pub workers: Deployment,
-    pub active_service: Service,
-    pub preview_service: Service,
-    pub disruption_budget: PodDisruptionBudget,
-    /// The autoscaler, or none (and any left from before is deleted).
-    pub autoscaler: Option<HorizontalPodAutoscaler>,
+    /// What the pods need to know about the Secret's values.
+    pub facts: ReleaseFacts,
+    /// Hash of the gateway and workers pod templates the spec asks for: a change is a
+    /// rollout.
+    pub template: String,
     pub degraded: Vec<String>,
 }
 
-/// Builds the objects of `color` from what validation let through.
-pub fn build(release: &BlueGreenRelease, color: Color, valid: Valid) -> Result<Objects, Refused> {
+/// Builds what validation let through.
+pub fn build(release: &BlueGreenRelease, valid: Valid) -> Result<Objects, Refused> {
     let (data, facts) = secret_data(release, &valid)?;
-    let name = release.name_any();
+    let template = template_hash(release, &facts);
     let shards = valid.config.shards.as_ref().map(|s| s.shards.clone()).unwrap_or_default();
     Ok(Objects {
         config_map: build::build_config_map(release, &valid.config),
         secret: build::build_secret(release, &data),
-        version_refused: valid.version_refused,
-        migrations: shards.iter().map(|s| (s.name.clone(), build::build_migration_job(release, &s.name))).collect(),
-        service_account: build::build_gateway_service_account(release),
-        role_binding: build::build_gateway_role_binding(release),
-        gateway: build::build_gateway_deployment(release, color, &facts),
-        workers: build::build_workers_deployment(release, color, &facts),
-        active_service: build::build_gateway_service(release, &names::active_service(&name), color),
-        preview_service: build::build_gateway_service(release, &names::preview_service(&name), color.other()),
-        disruption_budget: build::build_gateway_disruption_budget(release, color),
-        autoscaler: build::build_gateway_autoscaler(release, color),
+        migrations: shards
+            .iter()
+            .map(|s| (s.name.clone(), build::build_migration_job(release, &s.name, &template)))
+            .collect(),
+        facts,
+        template,
         degraded: valid.degraded,
     })
+}
+
+/// Hash of the gateway and workers pod templates of the spec (the same for either color).
+pub fn template_hash(release: &BlueGreenRelease, facts: &ReleaseFacts) -> String {
+    let template = |d: Deployment| serde_json::to_string(&d.spec.map(|s| s.template)).unwrap_or_default();
+    let gateway = template(build::build_gateway_deployment(release, Color::Blue, facts));
+    let workers = template(build::build_workers_deployment(release, Color::Blue, facts));
+    crate::controllers::platform::short_hash(&[&gateway, &workers])
 }
 
 /// The values of the platform Secret, and what the pods need to know about them.
@@ -221,66 +210,4 @@ pub fn secret_data(
         None => false,
     };
     Ok((data, ReleaseFacts { jwt_is_jwks, nats_credentials }))
-}
-
-/// Applies the objects in the order a first deployment needs: config, then (unless the
-/// version is refused) the migrations, and once they succeeded the workloads.
-async fn apply_all(
-    release: &BlueGreenRelease,
-    ctx: &Context,
-    color: Color,
-    objects: Objects,
-) -> Result<Progress, StepError> {
-    let client = &ctx.client;
-    apply(client, MANAGER, &objects.config_map).await?;
-    apply(client, MANAGER, &objects.secret).await?;
-    if let Some(refused) = objects.version_refused {
-        // The config above still follows the resources; the pods stay as they are.
-        return Err(refused.into());
-    }
-    let active_version = release.status.as_ref().and_then(|s| s.active_version.clone());
-    let mut pending = Vec::new();
-    for (shard, job) in &objects.migrations {
-        let job = apply(client, MANAGER, job).await?;
-        let status = job.status.unwrap_or_default();
-        if status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Failed" && c.status == "True") {
-            return Err(Refused::new(
-                reasons::MIGRATION_FAILED,
-                format!(
-                    "the schema migration of shard {shard} failed: see `kubectl logs job/{}`",
-                    job.metadata.name.unwrap_or_default()
-                ),
-            )
-            .into());
-        }
-        if status.succeeded.unwrap_or(0) < 1 {
-            pending.push(shard.clone());
-        }
-    }
-    if !pending.is_empty() && active_version.is_none() {
-        return Ok(Progress::migrating(&pending, objects.degraded));
-    }
-    apply(client, MANAGER, &objects.service_account).await?;
-    apply(client, MANAGER, &objects.role_binding).await?;
-    let gateway = apply(client, MANAGER, &objects.gateway).await?;
-    apply(client, MANAGER, &objects.workers).await?;
-    apply(client, MANAGER, &objects.active_service).await?;
-    apply(client, MANAGER, &objects.preview_service).await?;
-    apply(client, MANAGER, &objects.disruption_budget).await?;
-    if let Some(hpa) = &objects.autoscaler {
-        apply(client, MANAGER, hpa).await?;
-    } else {
-        let hpas: Api<HorizontalPodAutoscaler> =
-            Api::namespaced(client.clone(), &release.namespace().unwrap_or_default());
-        let name = names::gateway_policy(&release.name_any());
-        hpas.delete(&name, &DeleteParams::background()).await.map(|_| ()).or_else(not_found)?;
-    }
-    let progress = Progress::of_gateway(release, color, &gateway, active_version, objects.degraded);
-    if progress.ready {
-        return Ok(progress);
-    }
-    Ok(match diagnose::why_not_ready(ctx, &gateway).await {
-        Some(cause) => progress.not_ready_because(&cause),
-        None => progress,
-    })
 }

@@ -2,7 +2,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use serde_json::{Value, json};
 use vellum_crds::blue_green_release::{BlueGreenReleaseStatus, Phase};
 use vellum_crds::common::Conditions;
@@ -55,7 +58,7 @@ fn apply_line(path: &str) -> String {
 }
 
 fn migration_path(release: &BlueGreenRelease) -> String {
-    path_of::<Job>("ns", &names::migration("docs", "a", &release.spec.version))
+    path_of::<Job>("ns", &names::migration("docs", "a", &template_hash(release, &ReleaseFacts::default())))
 }
 
 const STATUS: &str = "/apis/vellum.dev/v1alpha1/namespaces/ns/bluegreenreleases/docs/status";
@@ -95,7 +98,12 @@ async fn a_first_reconcile_publishes_the_config_and_starts_the_migrations_and_no
         ]
     );
     let job = body_of(&server, &apply_line(&migration_path(&r)));
-    assert_eq!(job, serde_json::to_value(build::build_migration_job(&r, "a")).unwrap(), "the built Job, whole");
+    assert_eq!(
+        job,
+        serde_json::to_value(build::build_migration_job(&r, "a", &template_hash(&r, &ReleaseFacts::default())))
+            .unwrap(),
+        "the built Job, whole"
+    );
     let status = status_of(&server);
     assert_eq!(status.phase, Some(Phase::Migrating));
     assert_eq!(status.conditions.get(conditions::PROGRESSING).map(|c| c.status.as_str()), Some("True"));
@@ -150,7 +158,7 @@ async fn once_migrated_the_workloads_are_applied_in_order_and_a_ready_gateway_ma
 }
 
 #[tokio::test]
-async fn a_new_version_updates_the_config_keeps_the_link_key_and_touches_no_workload() {
+async fn a_new_version_is_recorded_as_a_rollout_before_anything_acts_on_it() {
     let r = release();
     let server = Arc::new(Mutex::new(Server::default()));
     Box::pin(reconciled(r.clone(), &server)).await;
@@ -173,13 +181,175 @@ async fn a_new_version_updates_the_config_keeps_the_link_key_and_touches_no_work
             apply_line(&secret),
             apply_line(STATUS),
             EVENT.to_owned()
-        ]
+        ],
+        "the rollout is in status before any workload is touched"
     );
     assert_eq!(body_of(&server, &apply_line(&secret))["data"]["link-key"], first_key, "links handed out keep working");
     let status = status_of(&server);
-    let degraded = status.conditions.get(conditions::DEGRADED).unwrap();
-    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", reasons::NEW_VERSION_REFUSED));
-    assert_eq!(body_of(&server, EVENT)["reason"], reasons::NEW_VERSION_REFUSED);
+    assert_eq!(
+        (status.phase, status.active_color, status.active_version.as_deref()),
+        (Some(Phase::Deploying), Some(Color::Blue), Some("1.0.0"))
+    );
+    assert_eq!((status.preview_color, status.preview_version.as_deref()), (Some(Color::Green), Some("1.1.0")));
+    let condition = |type_: &str| status.conditions.get(type_).map(|c| (c.status.clone(), c.reason.clone())).unwrap();
+    assert_eq!(condition(conditions::READY), ("True".into(), reasons::RECONCILED.into()), "blue still serves");
+    assert_eq!(condition(conditions::PROGRESSING), ("True".into(), reasons::DEPLOYING.into()));
+    assert_eq!(condition(conditions::PROMOTED), ("False".into(), reasons::DEPLOYING.into()));
+    assert_eq!(body_of(&server, EVENT)["reason"], reasons::DEPLOYING);
+}
+
+/// A release rolling out 1.1.0 as green beside 1.0.0 on blue, in `phase`.
+fn rolling(phase: Phase) -> BlueGreenRelease {
+    let mut r = release();
+    r.spec.version = "1.1.0".into();
+    let template = template_hash(&r, &ReleaseFacts::default());
+    let mut status = stable("1.0.0");
+    status.phase = Some(phase);
+    status.preview_color = Some(Color::Green);
+    status.preview_version = Some("1.1.0".into());
+    status.preview_template = Some(template);
+    status.phase_since =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    status.rollout_since = status.phase_since.clone();
+    r.status = Some(status);
+    r
+}
+
+fn deployment_ready(replicas: i32) -> Value {
+    json!({"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas}})
+}
+
+#[tokio::test]
+async fn deploying_applies_the_new_color_beside_the_old_and_points_only_the_preview_at_it() {
+    let r = rolling(Phase::Deploying);
+    let server = Arc::new(Mutex::new(Server::default()));
+    {
+        let mut s = server.lock().unwrap();
+        s.objects.insert(path_of::<Deployment>("ns", "docs-gateway-green"), deployment_ready(2));
+        s.objects.insert(path_of::<Deployment>("ns", "docs-workers-green"), deployment_ready(1));
+    }
+    Box::pin(reconciled(r.clone(), &server)).await;
+    let seen = lines(&server);
+    assert!(seen.contains(&apply_line(&path_of::<Deployment>("ns", "docs-gateway-green"))), "{seen:#?}");
+    assert!(!seen.iter().any(|l| l.contains("-blue")), "the serving color is not touched: {seen:#?}");
+    let active = body_of(&server, &apply_line(&path_of::<Service>("ns", "docs")));
+    let preview = body_of(&server, &apply_line(&path_of::<Service>("ns", "docs-preview")));
+    assert_eq!(active["spec"]["selector"][vellum_crds::labels::COLOR], "blue");
+    assert_eq!(preview["spec"]["selector"][vellum_crds::labels::COLOR], "green");
+    let status = status_of(&server);
+    assert_eq!(status.phase, Some(Phase::Migrating), "both green Deployments are rolled out: next, the migrations");
+}
+
+fn slice(addresses: &[&str]) -> Value {
+    json!({"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1", "metadata": {}, "items": [{
+        "metadata": {"name": "docs-abc", "labels": {"kubernetes.io/service-name": "docs"}},
+        "addressType": "IPv4",
+        "endpoints": addresses.iter().map(|a| json!({"addresses": [a], "conditions": {"ready": true}})).collect::<Vec<_>>()
+    }]})
+}
+
+fn pods(ips: &[&str]) -> Value {
+    json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": ips.iter().enumerate().map(|(i, ip)| json!({
+        "metadata": {"name": format!("docs-gateway-green-{i}")}, "status": {"podIP": ip}
+    })).collect::<Vec<_>>()})
+}
+
+#[tokio::test]
+async fn the_switch_is_done_only_when_the_active_endpoints_are_all_of_the_new_color() {
+    let r = rolling(Phase::Switching);
+    let server = Arc::new(Mutex::new(Server::default()));
+    {
+        let mut s = server.lock().unwrap();
+        // Green's pods are .7 and .8; the Service still lists blue's .3 beside them.
+        s.objects.insert("/api/v1/namespaces/ns/pods".into(), pods(&["10.88.0.7", "10.88.0.8"]));
+        s.objects.insert(
+            "/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices".into(),
+            slice(&["10.88.0.3", "10.88.0.7"]),
+        );
+    }
+    Box::pin(reconciled(r.clone(), &server)).await;
+    let active = body_of(&server, &apply_line(&path_of::<Service>("ns", "docs")));
+    assert_eq!(active["spec"]["selector"][vellum_crds::labels::COLOR], "green", "the selector moved");
+    let status = status_of(&server);
+    assert_eq!(status.phase, Some(Phase::Switching), "one endpoint is still blue's");
+    assert!(
+        status
+            .conditions
+            .get(conditions::PROGRESSING)
+            .unwrap()
+            .message
+            .contains("still lists 1 endpoints of the other color"),
+        "{:?}",
+        status.conditions
+    );
+
+    server
+        .lock()
+        .unwrap()
+        .objects
+        .insert("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices".into(), slice(&["10.88.0.7", "10.88.0.8"]));
+    server.lock().unwrap().requests.clear();
+    Box::pin(reconciled(r, &server)).await;
+    let status = status_of(&server);
+    assert_eq!(status.phase, Some(Phase::Analyzing));
+    assert_eq!(status.active_color, Some(Color::Blue), "promoted only after the analysis");
+    assert!(status.analysis_baseline.is_some());
+}
+
+#[tokio::test]
+async fn a_passed_analysis_promotes_and_schedules_the_old_color_down() {
+    let mut r = rolling(Phase::Analyzing);
+    r.spec.analysis.window_seconds = 0;
+    r.spec.promotion.scale_down_delay_seconds = 30;
+    let server = Arc::new(Mutex::new(Server::default()));
+    server.lock().unwrap().objects.insert("/api/v1/namespaces/ns/pods".into(), pods(&[]));
+    Box::pin(reconciled(r, &server)).await;
+    let status = status_of(&server);
+    assert_eq!(
+        (status.phase, status.active_color, status.active_version.as_deref(), status.preview_color),
+        (Some(Phase::Stable), Some(Color::Green), Some("1.1.0"), None)
+    );
+    assert_eq!(status.scale_down_color, Some(Color::Blue));
+    assert!(status.scale_down_at.is_some());
+    assert_eq!(status.history[0].outcome, vellum_crds::blue_green_release::ReleaseOutcome::Promoted);
+    assert_eq!(status.conditions.get(conditions::PROMOTED).unwrap().status, "True");
+    assert!(
+        !lines(&server).iter().any(|l| l.starts_with("PATCH") && l.contains("docs-gateway-blue")),
+        "blue keeps running for a fast rollback"
+    );
+}
+
+#[tokio::test]
+async fn an_abort_before_the_switch_scales_the_new_color_down_and_records_it() {
+    let mut r = rolling(Phase::SmokeTesting);
+    r.metadata.annotations = Some([(vellum_crds::annotations::ABORT.to_owned(), "true".to_owned())].into());
+    let server = Arc::new(Mutex::new(Server::default()));
+    let green = path_of::<Deployment>("ns", "docs-gateway-green");
+    server.lock().unwrap().objects.insert(green.clone(), deployment_ready(2));
+    Box::pin(reconciled(r, &server)).await;
+    let seen = lines(&server);
+    assert!(seen.contains(&format!("PATCH {green}?&fieldManager=vellum.dev%2Fbluegreenrelease")), "{seen:#?}");
+    assert_eq!(
+        body_of(&server, &format!("PATCH {green}?&fieldManager=vellum.dev%2Fbluegreenrelease")),
+        json!({"spec": {"replicas": 0}})
+    );
+    assert_eq!(
+        server.lock().unwrap().objects[&green]["spec"]["replicas"],
+        0,
+        "scaled to zero, kept for the next rollout"
+    );
+    let status = status_of(&server);
+    assert_eq!(
+        (status.phase, status.active_color, status.preview_color),
+        (Some(Phase::Aborted), Some(Color::Blue), None)
+    );
+    assert_eq!(status.history[0].outcome, vellum_crds::blue_green_release::ReleaseOutcome::Aborted);
+    let release_path = path_of::<BlueGreenRelease>("ns", "docs");
+    assert_eq!(
+        body_of(&server, &format!("PATCH {release_path}?")),
+        json!({"metadata": {"annotations": {"vellum.dev/abort": null}}}),
+        "the request is taken back once recorded"
+    );
 }
 
 /// A reconcile of a migrated release whose gateway Deployment has no ready replica, with

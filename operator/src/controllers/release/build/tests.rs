@@ -58,7 +58,7 @@ fn a_plain_release_builds_these_objects() {
     assert_golden("release-disruption-budget", &build_gateway_disruption_budget(&r, Color::Blue));
     assert_golden("release-service-account", &build_gateway_service_account(&r));
     assert_golden("release-role-binding", &build_gateway_role_binding(&r));
-    assert_golden("release-migration", &build_migration_job(&r, "shard-a"));
+    assert_golden("release-migration", &build_migration_job(&r, "shard-a", "0123abcd"));
     let data =
         BTreeMap::from([("database-url".to_owned(), b"postgres://a".to_vec()), ("jwt-key".to_owned(), b"k".to_vec())]);
     assert_golden("release-secret", &build_secret(&r, &data));
@@ -116,12 +116,27 @@ fn pods_match_their_selector_which_never_names_the_version() {
 
 #[test]
 fn migration_jobs_are_per_shard_and_version_and_their_names_fit_in_a_label() {
+    use crate::controllers::release::template_hash;
     let r = release(RELEASE);
-    let a = build_migration_job(&r, "shard-a");
-    assert_ne!(build_migration_job(&r, "shard-b").metadata.name, a.metadata.name);
+    let facts = ReleaseFacts::default();
+    let t1 = template_hash(&r, &facts);
+    let a = build_migration_job(&r, "shard-a", &t1);
+    assert_ne!(build_migration_job(&r, "shard-b", &t1).metadata.name, a.metadata.name);
     let mut next = r.clone();
     next.spec.version = "1.1.0".into();
-    assert_ne!(build_migration_job(&next, "shard-a").metadata.name, a.metadata.name, "a new version migrates again");
+    let t2 = template_hash(&next, &facts);
+    assert_ne!(t2, t1, "a new version is new pod templates");
+    assert_ne!(
+        build_migration_job(&next, "shard-a", &t2).metadata.name,
+        a.metadata.name,
+        "a new version migrates again"
+    );
+    let mut image = r.clone();
+    image.spec.workers.image = "vellum/workers:1.0.1".into();
+    assert_ne!(template_hash(&image, &facts), t1, "so is a new image under the same version");
+    let mut scaled = r.clone();
+    scaled.spec.gateway.replicas = 7;
+    assert_eq!(template_hash(&scaled, &facts), t1, "the replica count is not the pod template: it changes in place");
     let long = names::migration(&"x".repeat(60), &"s".repeat(60), "1");
     assert!(long.len() <= 63, "{long}");
 }
