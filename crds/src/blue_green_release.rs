@@ -419,6 +419,9 @@ pub struct BlueGreenReleaseStatus {
     /// When the rollout under way began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_since: Option<Time>,
+    /// When the analysis of the new color began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis_since: Option<Time>,
     /// Requests and 5xx answers the new color had served when its analysis began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis_baseline: Option<RequestCounts>,
@@ -495,6 +498,10 @@ pub struct ReleaseRecord {
     /// Seconds from the start of the rollout to its end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_seconds: Option<u64>,
+    /// Seconds from the start of the analysis to the end of the rollout (the promotion,
+    /// or traffic back on the old color), when it got that far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis_seconds: Option<u64>,
 }
 
 /// How a rollout ended.

@@ -110,6 +110,30 @@ const JWT_SECRET: &str = "an-e2e-hs256-secret-of-at-least-32-bytes";
 const HOOK_KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const ROTATED_HOOK_KEY: &str = "whsec_cm90YXRlZC1lMmUtd2ViaG9vay1rZXktMzJieXRlcw==";
 
+/// A client listing and downloading until `stopped`, each request on a new connection (so
+/// that it goes where the Service points now): how many it sent, and the ones that failed.
+async fn client(
+    base: String,
+    token: String,
+    document_id: i64,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> (u32, Vec<String>) {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let (mut sent, mut failed) = (0u32, Vec::new());
+    while !*stopped.borrow() {
+        for path in ["/api/v1/documents".to_owned(), format!("/api/v1/documents/{document_id}/download")] {
+            sent += 1;
+            match http.get(format!("{base}{path}")).bearer_auth(&token).send().await {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => failed.push(format!("{path}: {}", r.status())),
+                Err(e) => failed.push(format!("{path}: {e}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (sent, failed)
+}
+
 fn token() -> String {
     token_signed_with(JWT_SECRET)
 }
@@ -210,7 +234,18 @@ spec:
 #[allow(clippy::too_many_lines)] // one platform's life, in order
 async fn the_operator_provisions_a_working_platform_from_its_resources() {
     let (operator, gateway, workers) = (binary("vellum-operator"), binary("vellum-gateway"), binary("vellum-workers"));
-    let images = [("vellum/operator", operator.as_path()), ("vellum/gateway", &gateway), ("vellum/workers", &workers)];
+    // A broken build of the gateway: the same binary, answering 30 % of API requests 500.
+    let broken_dir = tempfile::tempdir().unwrap();
+    let broken = broken_dir.path().join("vellum-gateway-broken");
+    std::fs::write(&broken, format!("#!/bin/sh\nVELLUM_FAULT_5XX_PERCENT=30 exec '{}' \"$@\"\n", gateway.display()))
+        .unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let images = [
+        ("vellum/gateway:*-broken", broken.as_path()),
+        ("vellum/operator", operator.as_path()),
+        ("vellum/gateway", &gateway),
+        ("vellum/workers", &workers),
+    ];
     let cluster = Cluster::start(&images).await.unwrap();
     let t0 = tokio::time::Instant::now();
     let database = TestDatabase::new().await.unwrap();
@@ -539,25 +574,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     // fails. Every request opens a new connection, so that it goes where the Service points.
     let started = tokio::time::Instant::now();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let traffic = tokio::spawn({
-        let (base, token) = (base.clone(), token_signed_with(rotated));
-        async move {
-            let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-            let (mut sent, mut failed) = (0u32, Vec::new());
-            while !*stopped.borrow() {
-                for path in ["/api/v1/documents".to_owned(), format!("/api/v1/documents/{document_id}/download")] {
-                    sent += 1;
-                    match http.get(format!("{base}{path}")).bearer_auth(&token).send().await {
-                        Ok(r) if r.status().is_success() => {}
-                        Ok(r) => failed.push(format!("{path}: {}", r.status())),
-                        Err(e) => failed.push(format!("{path}: {e}")),
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (sent, failed)
-        }
-    });
+    let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped));
     let yaml = platform(&database.url, &bucket, &hook, "0.05")
         .replace(JWT_SECRET, rotated)
         .replace(HOOK_KEY, ROTATED_HOOK_KEY)
@@ -605,6 +622,81 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
         if blue["spec"]["replicas"] == 0 { Ok(()) } else { Err(blue["spec"]["replicas"].to_string()) }
     })
     .await;
+
+    // Another version, aborted while it serves: traffic goes back to green (which never
+    // stopped), the new color is scaled down, and still not one request fails.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped));
+    let version = |v: &str, window: u32| {
+        platform(&database.url, &bucket, &hook, "0.05")
+            .replace(JWT_SECRET, rotated)
+            .replace(HOOK_KEY, ROTATED_HOOK_KEY)
+            .replace(
+                "version: 1.0.0",
+                &format!(
+                    "version: {v}\n  analysis: {{windowSeconds: {window}}}\n  promotion: {{scaleDownDelaySeconds: 5}}"
+                ),
+            )
+            .replace(":1.0.0'", &format!(":{v}'"))
+    };
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&version("1.2.0", 120))).await;
+    eventually(Duration::from_secs(120), "version 1.2.0 analyzing as blue", || async {
+        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+        if release["status"]["phase"] == "Analyzing" { Ok(()) } else { Err(release["status"]["phase"].to_string()) }
+    })
+    .await;
+    kubectl(&cluster, &["-n", "docs", "annotate", "bgr/docs", "vellum.dev/abort=true"], None).await;
+    let aborted = eventually(limit, "version 1.2.0 aborted", || async {
+        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+        if release["status"]["phase"] == "Aborted" { Ok(release) } else { Err(release["status"].to_string()) }
+    })
+    .await;
+    stop.send_replace(true);
+    let (sent, failed) = traffic.await.unwrap();
+    println!("version 1.2.0 aborted while it served; {sent} requests, {} failed", failed.len());
+    assert!(failed.is_empty(), "requests failed during the abort: {failed:?}");
+    let status = &aborted["status"];
+    assert_eq!((status["activeColor"].as_str(), status["activeVersion"].as_str()), (Some("green"), Some("1.1.0")));
+    assert_eq!(status["history"][0]["outcome"], "Aborted", "{aborted}");
+    assert!(aborted["metadata"]["annotations"].get("vellum.dev/abort").is_none(), "the request is taken back");
+    let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
+    assert_eq!(service["spec"]["selector"]["vellum.dev/color"], "green", "{service}");
+    let blue = get_json(&cluster, &["-n", "docs", "get", "deployment/docs-gateway-blue"]).await;
+    assert_eq!(blue["spec"]["replicas"], 0, "the aborted color is scaled down");
+
+    // A broken version (30 % of its API answers are 500) passes its smoke checks, takes the
+    // traffic, and is rolled back by the analysis well inside its window.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped));
+    let broken_version = version("1.3.0-broken", 120);
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&broken_version)).await;
+    let rolled_back = eventually(Duration::from_secs(180), "version 1.3.0-broken rolled back", || async {
+        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+        let last = &release["status"]["history"][0];
+        if last["version"] == "1.3.0-broken" && last["outcome"] == "RolledBack" {
+            Ok(release)
+        } else {
+            Err(release["status"].to_string())
+        }
+    })
+    .await;
+    // From the start of the analysis to traffic back on green, as the history records it.
+    let took = Duration::from_secs(rolled_back["status"]["history"][0]["analysisSeconds"].as_u64().unwrap());
+    stop.send_replace(true);
+    let (sent, failed) = traffic.await.unwrap();
+    println!(
+        "version 1.3.0-broken rolled back {took:?} after its analysis began; {sent} requests, {} answered 500 meanwhile",
+        failed.len()
+    );
+    assert!(took < Duration::from_secs(60), "rolled back inside the 120 s window: {took:?}");
+    let status = &rolled_back["status"];
+    assert_eq!((status["activeColor"].as_str(), status["activeVersion"].as_str()), (Some("green"), Some("1.1.0")));
+    assert!(status["observedErrorRatePercent"].as_f64().unwrap_or(0.0) > 1.0, "{rolled_back}");
+    let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
+    assert_eq!(service["spec"]["selector"]["vellum.dev/color"], "green", "{service}");
+    let listed =
+        http.get(format!("{base}/api/v1/documents")).bearer_auth(token_signed_with(rotated)).send().await.unwrap();
+    assert_eq!(listed.status(), 200, "green serves again");
     // The default tier, deleted while it holds blobs, has nowhere to drain to: it stays and
     // says so, and the platform keeps serving from it.
     kubectl(&cluster, &["-n", "docs", "delete", "storagetier", "hot", "--wait=false"], None).await;

@@ -8,6 +8,7 @@ pub mod content;
 pub mod documents;
 pub mod error;
 pub mod extract;
+pub mod fault;
 pub mod health;
 pub mod limits;
 pub mod metrics;
@@ -100,6 +101,8 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
+        // Inside the metrics: an injected fault is counted like any other answer.
+        .route_layer(axum::middleware::from_fn(fault::inject))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::record))
         .layer(axum::middleware::from_fn(limits::drain_refused))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.admission), limits::guard_addresses))

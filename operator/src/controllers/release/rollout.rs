@@ -51,6 +51,7 @@ pub struct Rollout {
     pub rollout_since: Option<Time>,
     pub smoke_results: Vec<SmokeResult>,
     pub observed_error_rate_percent: Option<f64>,
+    pub analysis_since: Option<Time>,
     pub analysis_baseline: Option<RequestCounts>,
     pub scale_down_at: Option<Time>,
     pub scale_down_color: Option<Color>,
@@ -70,6 +71,7 @@ impl Rollout {
             rollout_since: status.rollout_since.clone(),
             smoke_results: status.smoke_results.clone(),
             observed_error_rate_percent: status.observed_error_rate_percent,
+            analysis_since: status.analysis_since.clone(),
             analysis_baseline: status.analysis_baseline,
             scale_down_at: status.scale_down_at.clone(),
             scale_down_color: status.scale_down_color,
@@ -89,6 +91,7 @@ impl Rollout {
         status.rollout_since = self.rollout_since;
         status.smoke_results = self.smoke_results;
         status.observed_error_rate_percent = self.observed_error_rate_percent;
+        status.analysis_since = self.analysis_since;
         status.analysis_baseline = self.analysis_baseline;
         status.scale_down_at = self.scale_down_at;
         status.scale_down_color = self.scale_down_color;
@@ -98,8 +101,8 @@ impl Rollout {
     /// Ends the rollout under way with `outcome`, recorded first in the history.
     fn end(&mut self, outcome: ReleaseOutcome, message: &str, now: Timestamp) {
         if let (Some(color), Some(version)) = (self.preview_color, self.preview_version.clone()) {
-            let started = self.rollout_since.as_ref().map(|t| t.0);
-            let duration = started.and_then(|s| u64::try_from((now - s).get_seconds()).ok());
+            let seconds =
+                |since: &Option<Time>| since.as_ref().and_then(|s| u64::try_from((now - s.0).get_seconds()).ok());
             let record = ReleaseRecord {
                 version,
                 color,
@@ -107,7 +110,8 @@ impl Rollout {
                 time: Some(Time(now)),
                 message: Some(message.to_owned()),
                 template: self.preview_template.clone(),
-                duration_seconds: duration,
+                duration_seconds: seconds(&self.rollout_since),
+                analysis_seconds: seconds(&self.analysis_since),
             };
             self.history.insert(0, record);
             self.history.truncate(HISTORY);
@@ -116,6 +120,7 @@ impl Rollout {
         self.preview_version = None;
         self.preview_template = None;
         self.rollout_since = None;
+        self.analysis_since = None;
         self.analysis_baseline = None;
         self.phase_since = Some(Time(now));
     }
@@ -235,6 +240,7 @@ impl Step<'_> {
         r.rollout_since = Some(Time(self.now));
         r.smoke_results.clear();
         r.observed_error_rate_percent = None;
+        r.analysis_since = None;
         r.analysis_baseline = None;
         // The color about to be deployed again is not the one to scale down any more.
         if r.scale_down_color == Some(target) {
@@ -426,6 +432,7 @@ impl Step<'_> {
         match self.endpoints_on(target).await? {
             Ok(()) => {
                 self.rollout.analysis_baseline = Some(self.request_counts(target).await);
+                self.rollout.analysis_since = Some(Time(self.now));
                 self.rollout.observed_error_rate_percent = None;
                 let window = self.release.spec.analysis.window_seconds;
                 let message = format!(
@@ -842,6 +849,7 @@ mod tests {
             message: None,
             template: Some(template.into()),
             duration_seconds: None,
+            analysis_seconds: None,
         }
     }
 
@@ -864,6 +872,7 @@ mod tests {
             preview_version: Some("2".into()),
             preview_template: Some("t2".into()),
             rollout_since: Some(Time(start)),
+            analysis_since: Some(Time(Timestamp::from_second(1_060).unwrap())),
             history: vec![record(ReleaseOutcome::Promoted, "t1")],
             ..Rollout::default()
         };
@@ -872,8 +881,8 @@ mod tests {
         assert_eq!(r.history.len(), 2);
         let last = &r.history[0];
         assert_eq!(
-            (last.outcome, last.template.as_deref(), last.duration_seconds, last.message.as_deref()),
-            (ReleaseOutcome::RolledBack, Some("t2"), Some(90), Some("errors"))
+            (last.outcome, last.template.as_deref(), last.duration_seconds, last.analysis_seconds),
+            (ReleaseOutcome::RolledBack, Some("t2"), Some(90), Some(30))
         );
     }
 }
