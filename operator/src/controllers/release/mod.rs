@@ -33,7 +33,7 @@ use vellum_crds::conditions::reasons;
 use vellum_crds::{BlueGreenRelease, field_managers};
 
 use crate::context::{Context, Refused, Result, StepError, apply};
-use crate::controllers::platform::{ReleaseFacts, names, secret_keys};
+use crate::controllers::platform::{ReleaseFacts, names, secret_keys, short_hash};
 use crate::controllers::shared::routes_the_same;
 use status::Progress;
 
@@ -150,12 +150,19 @@ pub fn build(release: &BlueGreenRelease, valid: Valid) -> Result<Objects, Refuse
     let (data, facts) = secret_data(release, &valid)?;
     let template = template_hash(release, &facts);
     let shards = valid.config.shards.as_ref().map(|s| s.shards.clone()).unwrap_or_default();
+    // A shard's migration runs again when what it runs or where it runs changes: a Job that
+    // failed on a wrong database URL is replaced once the URL is fixed. The URL enters the
+    // name only through a hash keyed with the platform's own secret key.
+    let inputs = |shard: &vellum_core::config::ShardConfig| {
+        let url = valid.bundle.get(&shard.url).map(|v| v.expose().to_vec()).unwrap_or_default();
+        migration_inputs(&template, &valid.link_key, &url)
+    };
     Ok(Objects {
         config_map: build::build_config_map(release, &valid.config),
         secret: build::build_secret(release, &data),
         migrations: shards
             .iter()
-            .map(|s| (s.name.clone(), build::build_migration_job(release, &s.name, &template)))
+            .map(|s| (s.name.clone(), build::build_migration_job(release, &s.name, &inputs(s))))
             .collect(),
         facts,
         template,
@@ -163,12 +170,19 @@ pub fn build(release: &BlueGreenRelease, valid: Valid) -> Result<Objects, Refuse
     })
 }
 
+/// What names a shard's migration Job: the pod templates' hash, and the shard's URL hashed
+/// with the platform's secret `key` (so that the name says nothing about the URL).
+pub fn migration_inputs(template: &str, key: &[u8], url: &[u8]) -> String {
+    let keyed = short_hash(&[&hex::encode(key), &String::from_utf8_lossy(url)]);
+    short_hash(&[template, &keyed])
+}
+
 /// Hash of the gateway and workers pod templates of the spec (the same for either color).
 pub fn template_hash(release: &BlueGreenRelease, facts: &ReleaseFacts) -> String {
     let template = |d: Deployment| serde_json::to_string(&d.spec.map(|s| s.template)).unwrap_or_default();
     let gateway = template(build::build_gateway_deployment(release, Color::Blue, facts));
     let workers = template(build::build_workers_deployment(release, Color::Blue, facts));
-    crate::controllers::platform::short_hash(&[&gateway, &workers])
+    short_hash(&[&gateway, &workers])
 }
 
 /// The values of the platform Secret, and what the pods need to know about them.

@@ -57,19 +57,29 @@ fn apply_line(path: &str) -> String {
     format!("PATCH {path}?&force=true&fieldManager=vellum.dev%2Fbluegreenrelease")
 }
 
+/// The link key of the platform Secret the tests' server holds.
+const LINK_KEY: &[u8] = b"a-link-key-of-the-tests";
+
+/// What names the migration Job of shard `a`.
+fn inputs_of(release: &BlueGreenRelease) -> String {
+    let template = template_hash(release, &ReleaseFacts::default());
+    migration_inputs(&template, LINK_KEY, b"postgres://vellum:pw@db:5432/a")
+}
+
 fn migration_path(release: &BlueGreenRelease) -> String {
-    path_of::<Job>("ns", &names::migration("docs", "a", &template_hash(release, &ReleaseFacts::default())))
+    path_of::<Job>("ns", &names::migration("docs", "a", &inputs_of(release)))
 }
 
 const STATUS: &str = "/apis/vellum.dev/v1alpha1/namespaces/ns/bluegreenreleases/docs/status";
 const EVENT: &str = "POST /apis/events.k8s.io/v1/namespaces/ns/events?";
 
 async fn reconciled(release: BlueGreenRelease, server: &Arc<Mutex<Server>>) -> Action {
-    server
-        .lock()
-        .unwrap()
-        .objects
-        .insert(path_of::<BlueGreenRelease>("ns", "docs"), serde_json::to_value(&release).unwrap());
+    {
+        let mut s = server.lock().unwrap();
+        s.objects.insert(path_of::<BlueGreenRelease>("ns", "docs"), serde_json::to_value(&release).unwrap());
+        let key = serde_json::to_value(k8s_openapi::ByteString(LINK_KEY.to_vec())).unwrap();
+        s.objects.entry(path_of::<Secret>("ns", "docs-platform")).or_insert_with(|| json!({"data": {"link-key": key}}));
+    }
     let ctx = context(&world(&release), Arc::clone(server));
     Box::pin(reconcile(Arc::new(release), ctx)).await.unwrap()
 }
@@ -100,8 +110,7 @@ async fn a_first_reconcile_publishes_the_config_and_starts_the_migrations_and_no
     let job = body_of(&server, &apply_line(&migration_path(&r)));
     assert_eq!(
         job,
-        serde_json::to_value(build::build_migration_job(&r, "a", &template_hash(&r, &ReleaseFacts::default())))
-            .unwrap(),
+        serde_json::to_value(build::build_migration_job(&r, "a", &inputs_of(&r))).unwrap(),
         "the built Job, whole"
     );
     let status = status_of(&server);

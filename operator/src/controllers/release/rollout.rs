@@ -638,7 +638,8 @@ impl Step<'_> {
                 return Err(Refused::new(
                     reasons::MIGRATION_FAILED,
                     format!(
-                        "the schema migration of shard {shard} failed: see `kubectl logs job/{}`",
+                        "the schema migration of shard {shard} failed: see `kubectl logs job/{0}`; it runs again as a \
+                         new Job once the shard's URL or the workers' image changes (or `kubectl delete job {0}`)",
                         job.metadata.name.unwrap_or_default()
                     ),
                 )

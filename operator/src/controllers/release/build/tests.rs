@@ -116,7 +116,7 @@ fn pods_match_their_selector_which_never_names_the_version() {
 
 #[test]
 fn migration_jobs_are_per_shard_and_version_and_their_names_fit_in_a_label() {
-    use crate::controllers::release::template_hash;
+    use crate::controllers::release::{migration_inputs, template_hash};
     let r = release(RELEASE);
     let facts = ReleaseFacts::default();
     let t1 = template_hash(&r, &facts);
@@ -137,6 +137,13 @@ fn migration_jobs_are_per_shard_and_version_and_their_names_fit_in_a_label() {
     let mut scaled = r.clone();
     scaled.spec.gateway.replicas = 7;
     assert_eq!(template_hash(&scaled, &facts), t1, "the replica count is not the pod template: it changes in place");
+    // A fixed database URL is a new Job (a failed one never stands in the way); the name
+    // says nothing about the URL without the platform's key.
+    let wrong = migration_inputs(&t1, b"key", b"postgres://vellum:wrong@db/a");
+    let fixed = migration_inputs(&t1, b"key", b"postgres://vellum:right@db/a");
+    assert_ne!(wrong, fixed);
+    assert_eq!(wrong, migration_inputs(&t1, b"key", b"postgres://vellum:wrong@db/a"), "stable while nothing changes");
+    assert_ne!(wrong, migration_inputs(&t1, b"another key", b"postgres://vellum:wrong@db/a"));
     let long = names::migration(&"x".repeat(60), &"s".repeat(60), "1");
     assert!(long.len() <= 63, "{long}");
 }
