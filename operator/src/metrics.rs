@@ -23,6 +23,16 @@ struct ControllerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     controller: String,
     reason: String,
@@ -34,6 +44,8 @@ pub struct Metrics {
     reconciles: Family<ControllerLabels, Counter>,
     failures: Family<ErrorLabels, Counter>,
     duration: Family<ControllerLabels, Histogram>,
+    phases: Family<PhaseLabels, Histogram>,
+    rollouts: Family<OutcomeLabels, Histogram>,
     leader: Gauge,
     /// The replica takes part in the leader election.
     ready: AtomicBool,
@@ -59,12 +71,29 @@ impl Metrics {
         let duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 2.0, 16))
         });
+        // Rollout phases and whole rollouts: from a second to hours.
+        let phases = Family::<PhaseLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.5, 2.0, 16))
+        });
+        let rollouts = Family::<OutcomeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1.0, 2.0, 16))
+        });
+        registry.register(
+            "rollout_phase_duration_seconds",
+            "Time a blue-green rollout spent in each phase",
+            phases.clone(),
+        );
+        registry.register(
+            "rollout_duration_seconds",
+            "Time from the start of a blue-green rollout to its end, by outcome",
+            rollouts.clone(),
+        );
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciles by controller", reconciles.clone());
         registry.register("reconcile_failures", "Failed reconciles by controller and error kind", failures.clone());
         registry.register("reconcile_duration_seconds", "Time one reconcile took, by controller", duration.clone());
         registry.register("leader", "1 while this replica holds the leader-election Lease", leader.clone());
-        Self { registry, reconciles, failures, duration, leader, ready: AtomicBool::new(false) }
+        Self { registry, reconciles, failures, duration, phases, rollouts, leader, ready: AtomicBool::new(false) }
     }
 
     /// Records one reconcile of `controller` that took `took`.
@@ -72,6 +101,16 @@ impl Metrics {
         let labels = ControllerLabels { controller: controller.to_owned() };
         self.reconciles.get_or_create(&labels).inc();
         self.duration.get_or_create(&labels).observe(took.as_secs_f64());
+    }
+
+    /// Records that a rollout left `phase` after `took`.
+    pub fn phase_ended(&self, phase: &str, took: Duration) {
+        self.phases.get_or_create(&PhaseLabels { phase: phase.to_owned() }).observe(took.as_secs_f64());
+    }
+
+    /// Records a rollout that ended with `outcome` after `took`.
+    pub fn rollout_ended(&self, outcome: &str, took: Duration) {
+        self.rollouts.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).observe(took.as_secs_f64());
     }
 
     /// Records a failed reconcile.
@@ -89,7 +128,8 @@ impl Metrics {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    fn encode(&self) -> String {
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::error!(error = %e, "encoding metrics");

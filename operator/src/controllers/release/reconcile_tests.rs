@@ -74,6 +74,11 @@ const STATUS: &str = "/apis/vellum.dev/v1alpha1/namespaces/ns/bluegreenreleases/
 const EVENT: &str = "POST /apis/events.k8s.io/v1/namespaces/ns/events?";
 
 async fn reconciled(release: BlueGreenRelease, server: &Arc<Mutex<Server>>) -> Action {
+    reconciled_in(release, server).await.0
+}
+
+/// A reconcile, and the metrics it recorded.
+async fn reconciled_in(release: BlueGreenRelease, server: &Arc<Mutex<Server>>) -> (Action, String) {
     {
         let mut s = server.lock().unwrap();
         s.objects.insert(path_of::<BlueGreenRelease>("ns", "docs"), serde_json::to_value(&release).unwrap());
@@ -81,7 +86,8 @@ async fn reconciled(release: BlueGreenRelease, server: &Arc<Mutex<Server>>) -> A
         s.objects.entry(path_of::<Secret>("ns", "docs-platform")).or_insert_with(|| json!({"data": {"link-key": key}}));
     }
     let ctx = context(&world(&release), Arc::clone(server));
-    Box::pin(reconcile(Arc::new(release), ctx)).await.unwrap()
+    let action = Box::pin(reconcile(Arc::new(release), Arc::clone(&ctx))).await.unwrap();
+    (action, ctx.metrics.encode())
 }
 
 fn status_of(server: &Arc<Mutex<Server>>) -> BlueGreenReleaseStatus {
@@ -312,7 +318,12 @@ async fn a_passed_analysis_promotes_and_schedules_the_old_color_down() {
     r.spec.promotion.scale_down_delay_seconds = 30;
     let server = Arc::new(Mutex::new(Server::default()));
     server.lock().unwrap().objects.insert("/api/v1/namespaces/ns/pods".into(), pods(&[]));
-    Box::pin(reconciled(r, &server)).await;
+    let (_, metrics) = Box::pin(reconciled_in(r, &server)).await;
+    assert!(metrics.contains("vellum_operator_rollout_duration_seconds_count{outcome=\"Promoted\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("vellum_operator_rollout_phase_duration_seconds_count{phase=\"Analyzing\"} 1"),
+        "{metrics}"
+    );
     let status = status_of(&server);
     assert_eq!(
         (status.phase, status.active_color, status.active_version.as_deref(), status.preview_color),
@@ -325,6 +336,34 @@ async fn a_passed_analysis_promotes_and_schedules_the_old_color_down() {
     assert!(
         !lines(&server).iter().any(|l| l.starts_with("PATCH") && l.contains("docs-gateway-blue")),
         "blue keeps running for a fast rollback"
+    );
+}
+
+#[tokio::test]
+async fn a_manual_release_waits_for_the_promote_annotation_then_records_the_switch_first() {
+    let mut r = rolling(Phase::AwaitingPromotion);
+    r.spec.promotion.mode = vellum_crds::blue_green_release::PromotionMode::Manual;
+    let server = Arc::new(Mutex::new(Server::default()));
+    Box::pin(reconciled(r.clone(), &server)).await;
+    assert_eq!(status_of(&server).phase, Some(Phase::AwaitingPromotion), "nothing moves without the annotation");
+    let active = body_of(&server, &apply_line(&path_of::<Service>("ns", "docs")));
+    assert_eq!(active["spec"]["selector"][vellum_crds::labels::COLOR], "blue");
+
+    r.metadata.annotations = Some([(vellum_crds::annotations::PROMOTE.to_owned(), "true".to_owned())].into());
+    server.lock().unwrap().requests.clear();
+    Box::pin(reconciled(r, &server)).await;
+    let status = status_of(&server);
+    assert_eq!(status.phase, Some(Phase::Switching));
+    let active = body_of(&server, &apply_line(&path_of::<Service>("ns", "docs")));
+    assert_eq!(
+        active["spec"]["selector"][vellum_crds::labels::COLOR],
+        "blue",
+        "the switch is recorded in status before the next reconcile acts on it"
+    );
+    let release_path = path_of::<BlueGreenRelease>("ns", "docs");
+    assert_eq!(
+        body_of(&server, &format!("PATCH {release_path}?")),
+        json!({"metadata": {"annotations": {"vellum.dev/promote": null}}})
     );
 }
 

@@ -196,12 +196,35 @@ pub fn next(
     Next { status, requeue, event }
 }
 
+/// Records, once written, the phase a rollout left and the rollout that ended.
+fn observe(ctx: &Context, previous: &BlueGreenReleaseStatus, next: &BlueGreenReleaseStatus) {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let since = |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+        t.as_ref().and_then(|t| Duration::try_from(now - t.0).ok()).unwrap_or_default()
+    };
+    let rolling = previous.preview_color.is_some() || next.preview_color.is_some();
+    if rolling
+        && previous.phase != next.phase
+        && next.phase_since != previous.phase_since
+        && let Some(phase) = previous.phase
+    {
+        ctx.metrics.phase_ended(&format!("{phase:?}"), since(&previous.phase_since));
+    }
+    if next.history.first() != previous.history.first()
+        && let Some(ended) = next.history.first()
+    {
+        let took = Duration::from_secs(ended.duration_seconds.unwrap_or_default());
+        ctx.metrics.rollout_ended(&format!("{:?}", ended.outcome), took);
+    }
+}
+
 /// Writes the status that follows what the reconcile reached, and its Event.
 pub async fn write(release: &BlueGreenRelease, ctx: &Context, reached: Result<Progress, Refused>) -> Result<Action> {
     let previous = release.status.clone().unwrap_or_default();
     let clear = reached.as_ref().map(|p| p.clear.clone()).unwrap_or_default();
     let next = next(&previous, release.metadata.generation, reached, ctx.resync);
     apply_status(&ctx.client, MANAGER, release, &next.status).await?;
+    observe(ctx, &previous, &next.status);
     if let Some((warning, reason, note)) = next.event {
         ctx.event(release, warning, reason, note).await;
     }
