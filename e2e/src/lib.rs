@@ -135,8 +135,17 @@ impl Cluster {
     pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> std::io::Result<Output> {
         use tokio::io::AsyncWriteExt;
         let binary = std::env::var("VELLUM_TEST_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        // The workspace's kubectl plugins (kubectl-vellum) are found as a user's would be:
+        // on the PATH.
+        let exe = std::env::current_exe()?;
+        let built = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        let path = std::env::join_paths(
+            std::iter::once(built).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+        )
+        .map_err(std::io::Error::other)?;
         let mut child = tokio::process::Command::new(binary)
             .args(args)
+            .env("PATH", path)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("KUBECACHEDIR", self.cache.path())
             .stdin(std::process::Stdio::piped())

@@ -645,7 +645,8 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
         if release["status"]["phase"] == "Analyzing" { Ok(()) } else { Err(release["status"]["phase"].to_string()) }
     })
     .await;
-    kubectl(&cluster, &["-n", "docs", "annotate", "bgr/docs", "vellum.dev/abort=true"], None).await;
+    let asked = kubectl(&cluster, &["vellum", "-n", "docs", "abort", "bgr/docs"], None).await;
+    assert!(asked.contains("annotated vellum.dev/abort"), "{asked}");
     let aborted = eventually(limit, "version 1.2.0 aborted", || async {
         let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
         if release["status"]["phase"] == "Aborted" { Ok(release) } else { Err(release["status"].to_string()) }
@@ -658,7 +659,13 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     let status = &aborted["status"];
     assert_eq!((status["activeColor"].as_str(), status["activeVersion"].as_str()), (Some("green"), Some("1.1.0")));
     assert_eq!(status["history"][0]["outcome"], "Aborted", "{aborted}");
-    assert!(aborted["metadata"]["annotations"].get("vellum.dev/abort").is_none(), "the request is taken back");
+    // Recorded first, then the request is taken back.
+    eventually(limit, "the abort annotation taken back", || async {
+        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+        let annotations = &release["metadata"]["annotations"];
+        if annotations.get("vellum.dev/abort").is_none() { Ok(()) } else { Err(annotations.to_string()) }
+    })
+    .await;
     let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
     assert_eq!(service["spec"]["selector"]["vellum.dev/color"], "green", "{service}");
     let blue = get_json(&cluster, &["-n", "docs", "get", "deployment/docs-gateway-blue"]).await;
@@ -694,6 +701,12 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     assert!(status["observedErrorRatePercent"].as_f64().unwrap_or(0.0) > 1.0, "{rolled_back}");
     let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
     assert_eq!(service["spec"]["selector"]["vellum.dev/color"], "green", "{service}");
+    // The kubectl plugin tells the story as a person asks for it.
+    let told = kubectl(&cluster, &["vellum", "-n", "docs", "status", "bgr/docs"], None).await;
+    assert!(told.lines().any(|l| l == "Active:     green (version 1.1.0)"), "{told}");
+    let history = kubectl(&cluster, &["vellum", "-n", "docs", "history", "bgr/docs"], None).await;
+    let outcomes: Vec<&str> = history.lines().skip(1).filter_map(|l| l.split_whitespace().nth(2)).collect();
+    assert_eq!(outcomes, ["RolledBack", "Aborted", "Promoted"], "{history}");
     let listed =
         http.get(format!("{base}/api/v1/documents")).bearer_auth(token_signed_with(rotated)).send().await.unwrap();
     assert_eq!(listed.status(), 200, "green serves again");
