@@ -640,11 +640,38 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
             .replace(":1.0.0'", &format!(":{v}'"))
     };
     kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&version("1.2.0", 120))).await;
-    eventually(Duration::from_secs(120), "version 1.2.0 analyzing as blue", || async {
+    let analyzing = eventually(Duration::from_secs(120), "version 1.2.0 analyzing as blue", || async {
         let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
-        if release["status"]["phase"] == "Analyzing" { Ok(()) } else { Err(release["status"]["phase"].to_string()) }
+        if release["status"]["phase"] == "Analyzing" {
+            Ok(release)
+        } else {
+            Err(release["status"]["phase"].to_string())
+        }
     })
     .await;
+    // The leader killed while the new color serves under analysis: its successor resumes
+    // the same analysis (same rollout, same start), never deploying or switching again.
+    let lease = get_json(&cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
+    let leader = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
+    kubectl(&cluster, &["-n", "vellum-system", "delete", "pod", &leader, "--grace-period=0", "--force"], None).await;
+    eventually(limit, "a new leader", || async {
+        let lease = get_json(&cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
+        let now = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
+        if now.is_empty() || now == leader { Err(lease.to_string()) } else { Ok(()) }
+    })
+    .await;
+    // The analysis message counts the seconds watched: a new one is the new leader's.
+    let handed_over = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+    let message = condition(&handed_over, "Progressing").cloned().unwrap_or_default()["message"].clone();
+    let resumed = eventually(limit, "the new leader's reconcile", || async {
+        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+        let progressing = condition(&release, "Progressing").cloned().unwrap_or_default();
+        if progressing["message"] != message { Ok(release) } else { Err(release["status"].to_string()) }
+    })
+    .await;
+    for field in ["phase", "rolloutSince", "analysisSince", "previewVersion", "previewColor"] {
+        assert_eq!(resumed["status"][field], analyzing["status"][field], "{field} after the failover: {resumed}");
+    }
     let asked = kubectl(&cluster, &["vellum", "-n", "docs", "abort", "bgr/docs"], None).await;
     assert!(asked.contains("annotated vellum.dev/abort"), "{asked}");
     let aborted = eventually(limit, "version 1.2.0 aborted", || async {

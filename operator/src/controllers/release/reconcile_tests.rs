@@ -340,6 +340,55 @@ async fn a_passed_analysis_promotes_and_schedules_the_old_color_down() {
 }
 
 #[tokio::test]
+async fn a_newer_version_mid_rollout_replaces_the_preview_and_starts_again_with_traffic_on_the_old_color() {
+    let mut r = rolling(Phase::Analyzing);
+    r.spec.version = "1.2.0".into();
+    let server = Arc::new(Mutex::new(Server::default()));
+    Box::pin(reconciled(r.clone(), &server)).await;
+    let status = status_of(&server);
+    assert_eq!(
+        (status.phase, status.preview_color, status.preview_version.as_deref()),
+        (Some(Phase::Deploying), Some(Color::Green), Some("1.2.0"))
+    );
+    assert_eq!(status.preview_template, Some(template_hash(&r, &ReleaseFacts::default())));
+    assert!(status.history.iter().all(|h| h.version != "1.1.0"), "replaced, not ended: {:?}", status.history);
+
+    // Acting for Deploying puts the active Service back on blue before green is replaced.
+    let mut next = r;
+    next.status = Some(status);
+    server.lock().unwrap().requests.clear();
+    Box::pin(reconciled(next, &server)).await;
+    let active = body_of(&server, &apply_line(&path_of::<Service>("ns", "docs")));
+    assert_eq!(active["spec"]["selector"][vellum_crds::labels::COLOR], "blue");
+}
+
+#[tokio::test]
+async fn a_phase_past_its_deadline_fails_the_rollout_and_leaves_the_old_color_serving() {
+    let mut r = rolling(Phase::Migrating);
+    r.spec.promotion.progress_deadline_seconds = 60;
+    let long_ago = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(61);
+    r.status.as_mut().unwrap().phase_since = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(long_ago));
+    let server = Arc::new(Mutex::new(Server::default()));
+    Box::pin(reconciled(r, &server)).await;
+    let status = status_of(&server);
+    assert_eq!(
+        (status.phase, status.active_color, status.preview_color),
+        (Some(Phase::Failed), Some(Color::Blue), None)
+    );
+    let last = &status.history[0];
+    assert_eq!(
+        (last.version.as_str(), last.outcome),
+        ("1.1.0", vellum_crds::blue_green_release::ReleaseOutcome::Failed)
+    );
+    assert!(last.message.as_deref().unwrap_or_default().contains("progressDeadlineSeconds (60 s)"), "{last:?}");
+    let ready = status.conditions.get(conditions::READY).unwrap();
+    assert_eq!(ready.status, "True", "blue still serves");
+    let degraded = status.conditions.get(conditions::DEGRADED).unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", reasons::PROGRESS_DEADLINE_EXCEEDED));
+    assert_eq!(body_of(&server, EVENT)["type"], "Warning");
+}
+
+#[tokio::test]
 async fn a_manual_release_waits_for_the_promote_annotation_then_records_the_switch_first() {
     let mut r = rolling(Phase::AwaitingPromotion);
     r.spec.promotion.mode = vellum_crds::blue_green_release::PromotionMode::Manual;
