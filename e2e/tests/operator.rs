@@ -666,7 +666,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     let resumed = eventually(limit, "the new leader's reconcile", || async {
         let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
         let progressing = condition(&release, "Progressing").cloned().unwrap_or_default();
-        if progressing["message"] != message { Ok(release) } else { Err(release["status"].to_string()) }
+        if progressing["message"] == message { Err(release["status"].to_string()) } else { Ok(release) }
     })
     .await;
     for field in ["phase", "rolloutSince", "analysisSince", "previewVersion", "previewColor"] {
