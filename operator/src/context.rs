@@ -377,11 +377,26 @@ impl Context {
 
     /// Publishes a Kubernetes Event about `object`; failing to is logged, not fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, warning: bool, reason: &str, note: String) {
+        self.event_of(object, "Reconcile", warning, reason, note).await;
+    }
+
+    /// [`Context::event`] under `action`. The recorder folds an Event into an earlier one
+    /// of the same object, type, reason and action (a series, keeping the first note): an
+    /// action naming what the Event is about (a rollout of one version) keeps Events of
+    /// different rollouts apart.
+    pub async fn event_of<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        action: &str,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
         let event = Event {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.to_owned(),
             note: Some(note),
-            action: "Reconcile".to_owned(),
+            action: action.chars().take(128).collect(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {

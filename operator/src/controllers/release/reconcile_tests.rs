@@ -211,6 +211,11 @@ async fn a_new_version_is_recorded_as_a_rollout_before_anything_acts_on_it() {
     assert_eq!(condition(conditions::PROGRESSING), ("True".into(), reasons::DEPLOYING.into()));
     assert_eq!(condition(conditions::PROMOTED), ("False".into(), reasons::DEPLOYING.into()));
     assert_eq!(body_of(&server, EVENT)["reason"], reasons::DEPLOYING);
+    assert_eq!(
+        body_of(&server, EVENT)["action"],
+        "Rollout 1.1.0",
+        "the recorder folds Events of one action together: each rollout has its own"
+    );
 }
 
 /// A release rolling out 1.1.0 as green beside 1.0.0 on blue, in `phase`.

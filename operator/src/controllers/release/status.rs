@@ -226,7 +226,12 @@ pub async fn write(release: &BlueGreenRelease, ctx: &Context, reached: Result<Pr
     apply_status(&ctx.client, MANAGER, release, &next.status).await?;
     observe(ctx, &previous, &next.status);
     if let Some((warning, reason, note)) = next.event {
-        ctx.event(release, warning, reason, note).await;
+        // Each rollout's Events apart from the last one's: the version they are about.
+        let version = [&previous.preview_version, &next.status.preview_version, &next.status.active_version]
+            .into_iter()
+            .find_map(Clone::clone)
+            .unwrap_or_else(|| release.spec.version.clone());
+        ctx.event_of(release, &format!("Rollout {version}"), warning, reason, note).await;
     }
     // Acted on and recorded: the request is taken back, so it is not acted on twice.
     let asked: Vec<&str> = clear.into_iter().filter(|key| release.annotations().contains_key(*key)).collect();
