@@ -485,6 +485,9 @@ pub struct ReleaseRecord {
     pub color: Color,
     /// How it ended.
     pub outcome: ReleaseOutcome,
+    /// The reason of the condition it ended with (`SmokeCheckFailed`, `AnalysisFailed`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// When it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,

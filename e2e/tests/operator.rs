@@ -737,6 +737,35 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     let listed =
         http.get(format!("{base}/api/v1/documents")).bearer_auth(token_signed_with(rotated)).send().await.unwrap();
     assert_eq!(listed.status(), 200, "green serves again");
+
+    // A version whose smoke check fails never receives traffic: the rollout fails before
+    // the switch, with the check's answer in status, and green serves on.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped));
+    let checked = version("1.4.0", 120).replace(
+        "  shardSetRef: metadata",
+        "  smokeChecks: [{name: no-such-route, path: /api/v1/no-such-route, expectStatus: 200}]\n  shardSetRef: metadata",
+    );
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&checked)).await;
+    let failed_release = eventually(Duration::from_secs(120), "version 1.4.0 failing its smoke check", || async {
+        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+        if release["status"]["phase"] == "Failed" { Ok(release) } else { Err(release["status"].to_string()) }
+    })
+    .await;
+    stop.send_replace(true);
+    let (sent, failed) = traffic.await.unwrap();
+    assert!(failed.is_empty(), "requests failed while 1.4.0 was checked: {failed:?}");
+    let status = &failed_release["status"];
+    let smoke = status["smokeResults"].as_array().unwrap();
+    let check = smoke.iter().find(|r| r["name"] == "no-such-route").unwrap();
+    assert_eq!((check["passed"].as_bool(), check["statusCode"].as_i64()), (Some(false), Some(404)), "{failed_release}");
+    assert_eq!(status["history"][0]["outcome"], "Failed", "{failed_release}");
+    assert!(status["history"][0]["analysisSeconds"].is_null(), "never analyzed, never switched: {failed_release}");
+    let degraded = condition(&failed_release, "Degraded").unwrap();
+    assert_eq!(degraded["reason"], "SmokeCheckFailed", "{failed_release}");
+    let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
+    assert_eq!(service["spec"]["selector"]["vellum.dev/color"], "green", "{service}");
+    println!("version 1.4.0 failed its smoke check before any traffic reached it; {sent} requests, 0 failed");
     // The default tier, deleted while it holds blobs, has nowhere to drain to: it stays and
     // says so, and the platform keeps serving from it.
     kubectl(&cluster, &["-n", "docs", "delete", "storagetier", "hot", "--wait=false"], None).await;

@@ -99,7 +99,7 @@ impl Rollout {
     }
 
     /// Ends the rollout under way with `outcome`, recorded first in the history.
-    fn end(&mut self, outcome: ReleaseOutcome, message: &str, now: Timestamp) {
+    fn end(&mut self, outcome: ReleaseOutcome, reason: &str, message: &str, now: Timestamp) {
         if let (Some(color), Some(version)) = (self.preview_color, self.preview_version.clone()) {
             let seconds =
                 |since: &Option<Time>| since.as_ref().and_then(|s| u64::try_from((now - s.0).get_seconds()).ok());
@@ -107,6 +107,7 @@ impl Rollout {
                 version,
                 color,
                 outcome,
+                reason: Some(reason.to_owned()),
                 time: Some(Time(now)),
                 message: Some(message.to_owned()),
                 template: self.preview_template.clone(),
@@ -222,6 +223,7 @@ impl Step<'_> {
             warning: false,
             requeue: Some(STEP),
             clear: Vec::new(),
+            degraded_reason: None,
         }
     }
 
@@ -315,6 +317,7 @@ impl Step<'_> {
                     ReleaseOutcome::Failed => Phase::Failed,
                     _ => Phase::Stable,
                 };
+                progress.degraded_reason.clone_from(&last.reason);
                 progress.degraded.push(format!(
                     "version {} ended {:?}: {}; version {} serves (set vellum.dev/retry to roll it out again)",
                     last.version,
@@ -501,7 +504,7 @@ impl Step<'_> {
         r.active_template = r.preview_template.clone();
         r.scale_down_at = Some(Time(now + k8s_openapi::jiff::SignedDuration::from_secs(delay)));
         r.scale_down_color = Some(active);
-        r.end(ReleaseOutcome::Promoted, &message, now);
+        r.end(ReleaseOutcome::Promoted, reasons::PROMOTED, &message, now);
         let mut progress = self.rolling(Phase::Stable, reasons::PROMOTED, message);
         progress.promoted = true;
         progress.clear = vec![annotations::PROMOTE];
@@ -531,7 +534,7 @@ impl Step<'_> {
             if aborted { "aborted" } else { "rolled back" }
         );
         let now = self.now;
-        self.rollout.end(outcome, &message, now);
+        self.rollout.end(outcome, reason, &message, now);
         let phase = if aborted { Phase::Aborted } else { Phase::Stable };
         let mut progress = self.rolling(phase, reason, message);
         progress.warning = true;
@@ -555,7 +558,7 @@ impl Step<'_> {
         let message =
             format!("version {} was aborted; version {} serves", self.version(), active_version(&self.rollout));
         let now = self.now;
-        self.rollout.end(ReleaseOutcome::Aborted, &message, now);
+        self.rollout.end(ReleaseOutcome::Aborted, reasons::ABORTED, &message, now);
         let mut progress = self.rolling(Phase::Aborted, reasons::ABORTED, message);
         progress.warning = true;
         progress.clear = vec![annotations::ABORT, annotations::PROMOTE];
@@ -581,7 +584,7 @@ impl Step<'_> {
         self.scale_to_zero(target).await?;
         let message = format!("{why}; version {} serves", active_version(&self.rollout));
         let now = self.now;
-        self.rollout.end(ReleaseOutcome::Failed, &message, now);
+        self.rollout.end(ReleaseOutcome::Failed, reason, &message, now);
         let mut progress = self.rolling(Phase::Failed, reason, message);
         progress.warning = true;
         progress.requeue = None;
@@ -846,6 +849,7 @@ mod tests {
             version: "2".into(),
             color: Color::Green,
             outcome,
+            reason: None,
             time: None,
             message: None,
             template: Some(template.into()),
@@ -877,7 +881,7 @@ mod tests {
             history: vec![record(ReleaseOutcome::Promoted, "t1")],
             ..Rollout::default()
         };
-        r.end(ReleaseOutcome::RolledBack, "errors", Timestamp::from_second(1_090).unwrap());
+        r.end(ReleaseOutcome::RolledBack, "AnalysisFailed", "errors", Timestamp::from_second(1_090).unwrap());
         assert_eq!((r.preview_color, r.preview_template.as_deref()), (None, None));
         assert_eq!(r.history.len(), 2);
         let last = &r.history[0];

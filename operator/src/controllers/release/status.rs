@@ -38,6 +38,9 @@ pub struct Progress {
     pub requeue: Option<Duration>,
     /// Annotations a person set that this reconcile acted on, removed once it is recorded.
     pub clear: Vec<&'static str>,
+    /// The reason of `Degraded` when `degraded` says why (default `InvalidConfig`): the
+    /// reason a rollout of the spec's version ended with.
+    pub degraded_reason: Option<String>,
 }
 
 impl Progress {
@@ -55,6 +58,7 @@ impl Progress {
             warning: false,
             requeue: Some(Duration::from_secs(5)),
             clear: Vec::new(),
+            degraded_reason: None,
         }
     }
 
@@ -88,6 +92,7 @@ impl Progress {
             warning: false,
             requeue: (!serves).then_some(Duration::from_secs(5)),
             clear: Vec::new(),
+            degraded_reason: None,
         }
     }
 
@@ -115,6 +120,7 @@ pub fn next(
     resync: Duration,
 ) -> Next {
     let mut status = BlueGreenReleaseStatus { observed_generation: generation, ..previous.clone() };
+    let mut degraded_reason = None;
     let (ready, reason, message, requeue, degraded, promoted, warning) = match reached {
         Ok(p) => {
             status.phase = Some(p.phase);
@@ -123,6 +129,7 @@ pub fn next(
             }
             p.rollout.write_into(&mut status);
             let requeue = p.requeue.unwrap_or(resync);
+            degraded_reason = p.degraded_reason;
             (p.ready, p.reason, p.message, requeue, p.degraded, p.promoted, p.warning)
         }
         Err(refused) => {
@@ -150,7 +157,7 @@ pub fn next(
     let (degraded_reason, degraded_message) = if warning && !rolling {
         (reason, message.clone())
     } else if degraded_now {
-        (reasons::INVALID_CONFIG, degraded.join("; "))
+        (degraded_reason.as_deref().unwrap_or(reasons::INVALID_CONFIG), degraded.join("; "))
     } else {
         (reasons::RECONCILED, "nothing left out".to_owned())
     };
