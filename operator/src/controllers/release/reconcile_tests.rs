@@ -260,6 +260,19 @@ async fn deploying_applies_the_new_color_beside_the_old_and_points_only_the_prev
     assert_eq!(status.phase, Some(Phase::Migrating), "both green Deployments are rolled out: next, the migrations");
 }
 
+#[tokio::test]
+async fn an_autoscaled_preview_starts_at_the_autoscalers_floor_even_after_a_scale_to_zero() {
+    let mut r = rolling(Phase::Deploying);
+    r.spec.gateway.autoscaling = Some(serde_json::from_value(json!({"minReplicas": 3, "maxReplicas": 10})).unwrap());
+    let server = Arc::new(Mutex::new(Server::default()));
+    let green = path_of::<Deployment>("ns", "docs-gateway-green");
+    server.lock().unwrap().objects.insert(green.clone(), json!({"spec": {"replicas": 0}}));
+    Box::pin(reconciled(r, &server)).await;
+    assert_eq!(body_of(&server, &apply_line(&green))["spec"]["replicas"], 3);
+    let hpa = path_of::<HorizontalPodAutoscaler>("ns", "docs-gateway");
+    assert!(!lines(&server).iter().any(|l| l.contains(&hpa)), "the autoscaler stays on blue until the promotion");
+}
+
 fn slice(addresses: &[&str]) -> Value {
     json!({"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1", "metadata": {}, "items": [{
         "metadata": {"name": "docs-abc", "labels": {"kubernetes.io/service-name": "docs"}},

@@ -598,7 +598,17 @@ impl Step<'_> {
         apply(client, MANAGER, &build::build_gateway_service_account(self.release)).await?;
         apply(client, MANAGER, &build::build_gateway_role_binding(self.release)).await?;
         let facts = &self.objects.facts;
-        let gateway = apply(client, MANAGER, &build::build_gateway_deployment(self.release, color, facts)).await?;
+        let mut gateway = build::build_gateway_deployment(self.release, color, facts);
+        if let Some(autoscaling) = &self.release.spec.gateway.autoscaling
+            && self.rollout.preview_color == Some(color)
+        {
+            // The autoscaler follows the serving color: the preview (perhaps scaled to zero
+            // after an earlier rollout) starts at the autoscaler's floor, ready for traffic.
+            if let Some(spec) = gateway.spec.as_mut() {
+                spec.replicas = Some(autoscaling.min_replicas);
+            }
+        }
+        let gateway = apply(client, MANAGER, &gateway).await?;
         let workers = apply(client, MANAGER, &build::build_workers_deployment(self.release, color, facts)).await?;
         Ok((gateway, workers))
     }

@@ -112,6 +112,110 @@ pub struct Next {
     pub event: Option<(bool, &'static str, String)>,
 }
 
+/// What a reconcile reached, reduced to what the conditions say.
+struct Reached {
+    ready: bool,
+    reason: &'static str,
+    message: String,
+    requeue: Duration,
+    degraded: Vec<String>,
+    degraded_reason: Option<String>,
+    promoted: bool,
+    warning: bool,
+}
+
+/// Writes what the reconcile reached into `status` (phase, replicas, the rollout's fields).
+fn record(
+    previous: &BlueGreenReleaseStatus,
+    status: &mut BlueGreenReleaseStatus,
+    reached: Result<Progress, Refused>,
+    resync: Duration,
+) -> Reached {
+    match reached {
+        Ok(p) => {
+            status.phase = Some(p.phase);
+            if p.ready_replicas.is_some() {
+                status.ready_replicas = p.ready_replicas;
+            }
+            p.rollout.write_into(status);
+            Reached {
+                ready: p.ready,
+                reason: p.reason,
+                message: p.message,
+                requeue: p.requeue.unwrap_or(resync),
+                degraded: p.degraded,
+                degraded_reason: p.degraded_reason,
+                promoted: p.promoted,
+                warning: p.warning,
+            }
+        }
+        Err(refused) => {
+            // The running color keeps serving while the spec cannot be acted on.
+            let active = previous.active_version.clone();
+            let serving = active.is_some() && previous.conditions.is_true(conditions::READY);
+            if !serving {
+                status.phase = Some(Phase::Failed);
+            }
+            let message = match active.filter(|_| serving) {
+                Some(version) => format!("{}; version {version} keeps serving", refused.message),
+                None => refused.message,
+            };
+            Reached {
+                ready: serving,
+                reason: refused.reason,
+                message,
+                requeue: resync,
+                degraded: Vec::new(),
+                degraded_reason: None,
+                promoted: false,
+                warning: true,
+            }
+        }
+    }
+}
+
+/// The four conditions of `status` after `r`: `Ready`, `Progressing`, `Degraded`, `Promoted`.
+fn conditions_of(
+    was: &Conditions,
+    status: &BlueGreenReleaseStatus,
+    r: &Reached,
+    generation: Option<i64>,
+) -> Conditions {
+    let rolling = status.preview_color.is_some();
+    let progressing = rolling || matches!(status.phase, Some(Phase::Migrating | Phase::Deploying));
+    let active = status.active_version.clone().unwrap_or_default();
+    let ended_badly = r.warning && !rolling;
+    let degraded = !r.degraded.is_empty() || ended_badly;
+    let (degraded_reason, degraded_message) = if ended_badly {
+        (r.reason, r.message.clone())
+    } else if degraded {
+        (r.degraded_reason.as_deref().unwrap_or(reasons::INVALID_CONFIG), r.degraded.join("; "))
+    } else {
+        (reasons::RECONCILED, "nothing left out".to_owned())
+    };
+    let (ready_reason, ready_message) = if r.ready && rolling {
+        (reasons::RECONCILED, format!("version {active} serves; {}", r.message))
+    } else {
+        (r.reason, r.message.clone())
+    };
+    let (progress_reason, progress_message) = if progressing {
+        (r.reason, r.message.clone())
+    } else {
+        (reasons::RECONCILED, "no rollout under way".to_owned())
+    };
+    let (promoted_reason, promoted_message) = if r.promoted {
+        (reasons::PROMOTED, format!("version {active} is promoted"))
+    } else {
+        (r.reason, r.message.clone())
+    };
+    Conditions(vec![
+        condition(was, conditions::READY, r.ready, ready_reason, ready_message, generation),
+        condition(was, conditions::PROGRESSING, progressing, progress_reason, progress_message, generation),
+        condition(was, conditions::DEGRADED, degraded, degraded_reason, degraded_message, generation),
+        condition(was, conditions::PROMOTED, r.promoted, promoted_reason, promoted_message, generation),
+    ])
+}
+
 /// The status that follows `previous` after a reconcile of `generation` reached `reached`.
 pub fn next(
     previous: &BlueGreenReleaseStatus,
@@ -120,87 +224,21 @@ pub fn next(
     resync: Duration,
 ) -> Next {
     let mut status = BlueGreenReleaseStatus { observed_generation: generation, ..previous.clone() };
-    let mut degraded_reason = None;
-    let (ready, reason, message, requeue, degraded, promoted, warning) = match reached {
-        Ok(p) => {
-            status.phase = Some(p.phase);
-            if p.ready_replicas.is_some() {
-                status.ready_replicas = p.ready_replicas;
-            }
-            p.rollout.write_into(&mut status);
-            let requeue = p.requeue.unwrap_or(resync);
-            degraded_reason = p.degraded_reason;
-            (p.ready, p.reason, p.message, requeue, p.degraded, p.promoted, p.warning)
-        }
-        Err(refused) => {
-            // The running color keeps serving while the spec cannot be acted on.
-            let serving = previous.active_version.is_some() && previous.conditions.is_true(conditions::READY);
-            if !serving {
-                status.phase = Some(Phase::Failed);
-            }
-            let message = if serving {
-                format!(
-                    "{}; version {} keeps serving",
-                    refused.message,
-                    previous.active_version.clone().unwrap_or_default()
-                )
-            } else {
-                refused.message
-            };
-            (serving, refused.reason, message, resync, Vec::new(), false, true)
-        }
-    };
-    let rolling = status.preview_color.is_some();
-    let progressing = rolling || matches!(status.phase, Some(Phase::Migrating | Phase::Deploying));
+    let r = record(previous, &mut status, reached, resync);
     let was = &previous.conditions;
-    let degraded_now = !degraded.is_empty() || (warning && !rolling);
-    let (degraded_reason, degraded_message) = if warning && !rolling {
-        (reason, message.clone())
-    } else if degraded_now {
-        (degraded_reason.as_deref().unwrap_or(reasons::INVALID_CONFIG), degraded.join("; "))
-    } else {
-        (reasons::RECONCILED, "nothing left out".to_owned())
-    };
-    let ready_message = if ready && rolling {
-        format!("version {} serves; {}", status.active_version.clone().unwrap_or_default(), message)
-    } else {
-        message.clone()
-    };
-    let ready_reason = if ready && rolling { reasons::RECONCILED } else { reason };
-    status.conditions = Conditions(vec![
-        condition(was, conditions::READY, ready, ready_reason, ready_message, generation),
-        condition(
-            was,
-            conditions::PROGRESSING,
-            progressing,
-            if progressing { reason } else { reasons::RECONCILED },
-            if progressing { message.clone() } else { "no rollout under way".to_owned() },
-            generation,
-        ),
-        condition(was, conditions::DEGRADED, degraded_now, degraded_reason, degraded_message, generation),
-        condition(
-            was,
-            conditions::PROMOTED,
-            promoted,
-            if promoted { reasons::PROMOTED } else { reason },
-            if promoted {
-                format!("version {} is promoted", status.active_version.clone().unwrap_or_default())
-            } else {
-                message.clone()
-            },
-            generation,
-        ),
-    ]);
-    let before = (was.get(conditions::PROGRESSING).map(|c| c.reason.clone()), previous.phase);
-    let after = (status.conditions.get(conditions::PROGRESSING).map(|c| c.reason.clone()), status.phase);
-    let ready_before = was.get(conditions::READY).map(|c| (c.status.clone(), c.reason.clone()));
-    let ready_after = status.conditions.get(conditions::READY).map(|c| (c.status.clone(), c.reason.clone()));
-    let event = (before != after || ready_before != ready_after).then(|| {
+    status.conditions = conditions_of(was, &status, &r, generation);
+    // An Event when the step (Progressing's reason), the phase or readiness changed.
+    let step = |c: &Conditions, phase| (c.get(conditions::PROGRESSING).map(|c| c.reason.clone()), phase);
+    let ready = |c: &Conditions| c.get(conditions::READY).map(|c| (c.status.clone(), c.reason.clone()));
+    let changed =
+        step(was, previous.phase) != step(&status.conditions, status.phase) || ready(was) != ready(&status.conditions);
+    let event = changed.then(|| {
         let phase = status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
-        let stuck = reason == reasons::GATEWAYS_NOT_READY;
-        (warning || (!ready && (!progressing || stuck)), reason, format!("{phase}: {message}"))
+        let progressing = status.conditions.is_true(conditions::PROGRESSING);
+        let stuck = r.reason == reasons::GATEWAYS_NOT_READY;
+        (r.warning || (!r.ready && (!progressing || stuck)), r.reason, format!("{phase}: {}", r.message))
     });
-    Next { status, requeue, event }
+    Next { status, requeue: r.requeue, event }
 }
 
 /// Records, once written, the phase a rollout left and the rollout that ended.
