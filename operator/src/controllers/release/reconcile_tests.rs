@@ -218,6 +218,24 @@ async fn a_new_version_is_recorded_as_a_rollout_before_anything_acts_on_it() {
     );
 }
 
+#[tokio::test]
+async fn a_request_with_no_rollout_to_act_on_is_taken_back_and_not_kept_for_the_next() {
+    let mut r = release();
+    let mut status = stable("1.0.0");
+    status.active_template = Some(template_hash(&r, &ReleaseFacts::default()));
+    r.status = Some(status);
+    r.metadata.annotations = Some([(vellum_crds::annotations::ABORT.to_owned(), "now".to_owned())].into());
+    let server = Arc::new(Mutex::new(Server::default()));
+    server.lock().unwrap().objects.insert(path_of::<Deployment>("ns", "docs-gateway-blue"), deployment_ready(2));
+    Box::pin(reconciled(r, &server)).await;
+    assert_eq!(status_of(&server).phase, Some(Phase::Stable));
+    let release_path = path_of::<BlueGreenRelease>("ns", "docs");
+    assert_eq!(
+        body_of(&server, &format!("PATCH {release_path}?")),
+        json!({"metadata": {"annotations": {"vellum.dev/abort": null}}})
+    );
+}
+
 /// A release rolling out 1.1.0 as green beside 1.0.0 on blue, in `phase`.
 fn rolling(phase: Phase) -> BlueGreenRelease {
     let mut r = release();

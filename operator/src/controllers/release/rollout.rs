@@ -308,6 +308,12 @@ impl Step<'_> {
             Progress::of_gateway(self.release, active, &gateway, self.objects.degraded.clone(), self.rollout);
         progress.requeue = requeue;
         progress.promoted = serving;
+        // With no rollout under way, a promote or abort has nothing to act on: left, it
+        // would act on the next rollout the moment it began.
+        progress.clear = vec![annotations::PROMOTE, annotations::ABORT];
+        if serving {
+            progress.clear.push(annotations::RETRY);
+        }
         if !serving {
             // The spec's templates failed or were aborted: the previous version serves.
             let last = progress.rollout.history.first().cloned();
