@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::Value;
 use vellum_e2e::{Cluster, binary};
 use vellum_testkit::{TestBucket, TestDatabase};
@@ -132,6 +133,66 @@ async fn client(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (sent, failed)
+}
+
+/// Uploads a small document every 200 ms until `stopped`; the ids, in order.
+async fn uploader(base: String, token: String, stopped: tokio::sync::watch::Receiver<bool>) -> Vec<i64> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let mut ids = Vec::new();
+    while !*stopped.borrow() {
+        let n = ids.len();
+        let form = reqwest::multipart::Form::new()
+            .part("file", reqwest::multipart::Part::bytes(format!("upload {n}").into_bytes()).file_name("rollout.txt"));
+        let response = http.post(format!("{base}/api/v1/documents")).bearer_auth(&token).multipart(form).send().await;
+        let response = response.unwrap_or_else(|e| panic!("upload {n} during the rollout: {e}"));
+        assert_eq!(response.status(), 201, "upload {n} during the rollout");
+        ids.push(response.json::<Value>().await.unwrap()["id"].as_i64().unwrap());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ids
+}
+
+/// The document ids of the `DOCUMENT_UPLOADED` events of the upload test files a WebSocket
+/// receives, until `n` arrived (or 20 s passed).
+async fn uploaded_events_ws(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    n: usize,
+) -> Vec<i64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, ws.next()).await else { break };
+        let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
+        let event: Value = serde_json::from_str(&text).unwrap_or_default();
+        if event["type"] == "DOCUMENT_UPLOADED" && event["data"]["filename"] == "rollout.txt" {
+            ids.push(event["data"]["documentId"].as_i64().unwrap_or_default());
+        }
+    }
+    ids
+}
+
+/// The same, from a Server-Sent Events stream.
+async fn uploaded_events_sse(response: &mut reqwest::Response, n: usize) -> Vec<i64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut buffer, mut ids) = (String::new(), Vec::new());
+    while ids.len() < n {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else { continue };
+            // An SSE event names its type on its `event:` line; `data:` holds the fields.
+            let kind = block.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim);
+            let fields: Value = serde_json::from_str(data.trim()).unwrap_or_default();
+            if kind == Some("DOCUMENT_UPLOADED") && fields["filename"] == "rollout.txt" {
+                ids.push(fields["documentId"].as_i64().unwrap_or_default());
+            }
+        }
+        if ids.len() >= n {
+            break;
+        }
+        let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, response.chunk()).await else { break };
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    ids
 }
 
 fn token() -> String {
@@ -574,13 +635,21 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     // fails. Every request opens a new connection, so that it goes where the Service points.
     let started = tokio::time::Instant::now();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped));
+    let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped.clone()));
+    // Subscribers connected before the rollout (to blue, which keeps serving them) and an
+    // uploader throughout: every upload's event reaches each subscriber exactly once.
+    let ws_url = format!("{}/ws?token={}", base.replace("http://", "ws://"), token_signed_with(rotated));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let sse = http.get(format!("{base}/api/v1/events/stream")).bearer_auth(token_signed_with(rotated));
+    let mut sse = sse.send().await.unwrap();
+    assert_eq!(sse.status(), 200);
+    let uploads = tokio::spawn(uploader(base.clone(), token_signed_with(rotated), stopped));
     let yaml = platform(&database.url, &bucket, &hook, "0.05")
         .replace(JWT_SECRET, rotated)
         .replace(HOOK_KEY, ROTATED_HOOK_KEY)
         .replace(
             "version: 1.0.0",
-            "version: 1.1.0\n  analysis: {windowSeconds: 5}\n  promotion: {scaleDownDelaySeconds: 5}",
+            "version: 1.1.0\n  analysis: {windowSeconds: 5}\n  promotion: {scaleDownDelaySeconds: 30}",
         )
         .replace(":1.0.0'", ":1.1.0'");
     kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&yaml)).await;
@@ -608,6 +677,17 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     println!("version 1.1.0 rolled out in {rolled_out:?} through {phases:?}; {sent} requests, {} failed", failed.len());
     assert!(failed.is_empty(), "requests failed during the rollout: {failed:?}");
     assert!(sent > 50, "the client kept going throughout: {sent}");
+    let mut uploaded = uploads.await.unwrap();
+    assert!(uploaded.len() > 10, "the uploader kept going throughout: {}", uploaded.len());
+    let over_ws = uploaded_events_ws(&mut ws, uploaded.len()).await;
+    let over_sse = uploaded_events_sse(&mut sse, uploaded.len()).await;
+    uploaded.sort_unstable();
+    for (name, seen) in [("WebSocket", over_ws), ("SSE", over_sse)] {
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, uploaded, "{name}: each upload's event once, none lost or duplicated");
+    }
+    println!("{} uploads during the rollout, each seen once over WebSocket and over SSE", uploaded.len());
     let status = &promoted["status"];
     assert_eq!(status["activeColor"], "green", "{promoted}");
     assert_eq!(status["history"][0]["outcome"], "Promoted", "{promoted}");
