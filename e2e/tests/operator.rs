@@ -135,6 +135,32 @@ async fn client(
     (sent, failed)
 }
 
+/// The release `docs` once its status reaches `phase` (within 2 minutes).
+async fn in_phase(cluster: &Cluster, phase: &str, what: &str) -> Value {
+    eventually(Duration::from_secs(120), what, || async {
+        let release = get_json(cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+        if release["status"]["phase"] == phase { Ok(release) } else { Err(release["status"].to_string()) }
+    })
+    .await
+}
+
+/// Kills the operator replica holding the leader-election Lease: the one killed, the one
+/// leading after it, and how long the hand-over took.
+async fn kill_leader(cluster: &Cluster) -> (String, String, Duration) {
+    let holder = |lease: &Value| lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
+    let lease = get_json(cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
+    let leader = holder(&lease);
+    let killed = tokio::time::Instant::now();
+    kubectl(cluster, &["-n", "vellum-system", "delete", "pod", &leader, "--grace-period=0", "--force"], None).await;
+    let next = eventually(Duration::from_secs(120), "another replica leading", || async {
+        let lease = get_json(cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
+        let now = holder(&lease);
+        if now.is_empty() || now == leader { Err(lease.to_string()) } else { Ok(now) }
+    })
+    .await;
+    (leader, next, killed.elapsed())
+}
+
 /// Uploads a small document every 200 ms until `stopped`; the ids, in order.
 async fn uploader(base: String, token: String, stopped: tokio::sync::watch::Receiver<bool>) -> Vec<i64> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
@@ -560,15 +586,8 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     }
     assert_eq!(leading, std::slice::from_ref(&holder), "exactly the Lease holder runs the controllers");
     println!("{:?}: killing the leader", t0.elapsed());
-    let killed = tokio::time::Instant::now();
-    kubectl(&cluster, &["-n", "vellum-system", "delete", "pod", &holder, "--grace-period=0", "--force"], None).await;
-    let next = eventually(limit, "another replica leading", || async {
-        let lease = get_json(&cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
-        let now = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
-        if now.is_empty() || now == holder { Err(lease.to_string()) } else { Ok(now) }
-    })
-    .await;
-    let handed_over = killed.elapsed();
+    let (killed, next, handed_over) = kill_leader(&cluster).await;
+    assert_eq!(killed, holder);
     assert!(handed_over < Duration::from_secs(30), "hand-over took {handed_over:?}");
     println!("leader {holder} killed; {next} leads after {handed_over:?}");
 
@@ -644,15 +663,20 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     let mut sse = sse.send().await.unwrap();
     assert_eq!(sse.status(), 200);
     let uploads = tokio::spawn(uploader(base.clone(), token_signed_with(rotated), stopped));
-    let yaml = platform(&database.url, &bucket, &hook, "0.05")
-        .replace(JWT_SECRET, rotated)
-        .replace(HOOK_KEY, ROTATED_HOOK_KEY)
-        .replace(
-            "version: 1.0.0",
-            "version: 1.1.0\n  analysis: {windowSeconds: 5}\n  promotion: {scaleDownDelaySeconds: 30}",
-        )
-        .replace(":1.0.0'", ":1.1.0'");
-    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&yaml)).await;
+    // The platform at version `v`, analyzed for `window` s, the old color kept `delay` s.
+    let version = |v: &str, window: u32, delay: u32| {
+        platform(&database.url, &bucket, &hook, "0.05")
+            .replace(JWT_SECRET, rotated)
+            .replace(HOOK_KEY, ROTATED_HOOK_KEY)
+            .replace(
+                "version: 1.0.0",
+                &format!(
+                    "version: {v}\n  analysis: {{windowSeconds: {window}}}\n  promotion: {{scaleDownDelaySeconds: {delay}}}"
+                ),
+            )
+            .replace(":1.0.0'", &format!(":{v}'"))
+    };
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&version("1.1.0", 5, 30))).await;
     let phases = Arc::new(Mutex::new(Vec::<String>::new()));
     let promoted = eventually(Duration::from_secs(180), "version 1.1.0 promoted as green", || {
         let phases = Arc::clone(&phases);
@@ -707,39 +731,11 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     // stopped), the new color is scaled down, and still not one request fails.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped));
-    let version = |v: &str, window: u32| {
-        platform(&database.url, &bucket, &hook, "0.05")
-            .replace(JWT_SECRET, rotated)
-            .replace(HOOK_KEY, ROTATED_HOOK_KEY)
-            .replace(
-                "version: 1.0.0",
-                &format!(
-                    "version: {v}\n  analysis: {{windowSeconds: {window}}}\n  promotion: {{scaleDownDelaySeconds: 5}}"
-                ),
-            )
-            .replace(":1.0.0'", &format!(":{v}'"))
-    };
-    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&version("1.2.0", 120))).await;
-    let analyzing = eventually(Duration::from_secs(120), "version 1.2.0 analyzing as blue", || async {
-        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
-        if release["status"]["phase"] == "Analyzing" {
-            Ok(release)
-        } else {
-            Err(release["status"]["phase"].to_string())
-        }
-    })
-    .await;
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&version("1.2.0", 120, 5))).await;
+    let analyzing = in_phase(&cluster, "Analyzing", "version 1.2.0 analyzing as blue").await;
     // The leader killed while the new color serves under analysis: its successor resumes
     // the same analysis (same rollout, same start), never deploying or switching again.
-    let lease = get_json(&cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
-    let leader = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
-    kubectl(&cluster, &["-n", "vellum-system", "delete", "pod", &leader, "--grace-period=0", "--force"], None).await;
-    eventually(limit, "a new leader", || async {
-        let lease = get_json(&cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
-        let now = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
-        if now.is_empty() || now == leader { Err(lease.to_string()) } else { Ok(()) }
-    })
-    .await;
+    kill_leader(&cluster).await;
     // The analysis message counts the seconds watched: a new one is the new leader's.
     let handed_over = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
     let message = condition(&handed_over, "Progressing").cloned().unwrap_or_default()["message"].clone();
@@ -754,11 +750,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     }
     let asked = kubectl(&cluster, &["vellum", "-n", "docs", "abort", "bgr/docs"], None).await;
     assert!(asked.contains("annotated vellum.dev/abort"), "{asked}");
-    let aborted = eventually(limit, "version 1.2.0 aborted", || async {
-        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
-        if release["status"]["phase"] == "Aborted" { Ok(release) } else { Err(release["status"].to_string()) }
-    })
-    .await;
+    let aborted = in_phase(&cluster, "Aborted", "version 1.2.0 aborted").await;
     stop.send_replace(true);
     let (sent, failed) = traffic.await.unwrap();
     println!("version 1.2.0 aborted while it served; {sent} requests, {} failed", failed.len());
@@ -782,7 +774,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     // traffic, and is rolled back by the analysis well inside its window.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped));
-    let broken_version = version("1.3.0-broken", 120);
+    let broken_version = version("1.3.0-broken", 120, 5);
     kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&broken_version)).await;
     let rolled_back = eventually(Duration::from_secs(180), "version 1.3.0-broken rolled back", || async {
         let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
@@ -822,16 +814,12 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     // the switch, with the check's answer in status, and green serves on.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped));
-    let checked = version("1.4.0", 120).replace(
+    let checked = version("1.4.0", 120, 5).replace(
         "  shardSetRef: metadata",
         "  smokeChecks: [{name: no-such-route, path: /api/v1/no-such-route, expectStatus: 200}]\n  shardSetRef: metadata",
     );
     kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&checked)).await;
-    let failed_release = eventually(Duration::from_secs(120), "version 1.4.0 failing its smoke check", || async {
-        let release = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
-        if release["status"]["phase"] == "Failed" { Ok(release) } else { Err(release["status"].to_string()) }
-    })
-    .await;
+    let failed_release = in_phase(&cluster, "Failed", "version 1.4.0 failing its smoke check").await;
     stop.send_replace(true);
     let (sent, failed) = traffic.await.unwrap();
     assert!(failed.is_empty(), "requests failed while 1.4.0 was checked: {failed:?}");

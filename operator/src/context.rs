@@ -250,6 +250,11 @@ impl Context {
         }
     }
 
+    /// A database that did not answer within [`Context::probe_timeout`].
+    pub fn no_answer(&self) -> Refused {
+        Refused::new(reasons::SHARD_UNREACHABLE, format!("no answer within {} s", self.probe_timeout.as_secs()))
+    }
+
     /// A pool on the metadata database at `url`, opened once and kept. Errors never quote
     /// the URL, which holds a password.
     pub async fn database(&self, url: &str) -> Result<Metadata, Refused> {
@@ -259,9 +264,7 @@ impl Context {
         }
         let pool = tokio::time::timeout(self.probe_timeout, Metadata::connect(url))
             .await
-            .map_err(|_| {
-                Refused::new(reasons::SHARD_UNREACHABLE, format!("no answer within {} s", self.probe_timeout.as_secs()))
-            })?
+            .map_err(|_| self.no_answer())?
             .map_err(|e| unusable(&e, url))?;
         pools.insert(url.to_owned(), pool.clone());
         Ok(pool)

@@ -4,6 +4,7 @@
 //! metadata database, the default StorageTier). The release's status quotes it, so that a
 //! person reads the cause instead of "waiting for gateways".
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -20,14 +21,25 @@ const READYZ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pods looked at, at most, per reconcile.
 const PODS_LOOKED_AT: usize = 3;
 
+/// The pods of `namespace` carrying every label of `labels` (a Deployment's selector), but
+/// those being deleted.
+pub async fn pods_with(
+    ctx: &Context,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Vec<Pod>, kube::Error> {
+    let selector = labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    Ok(list.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect())
+}
+
 /// The cause, as a sentence, when one of the gateway's pods says why it is not ready.
 pub async fn why_not_ready(ctx: &Context, gateway: &Deployment) -> Option<String> {
     let namespace = gateway.metadata.namespace.as_deref()?;
     let labels = gateway.spec.as_ref()?.selector.match_labels.as_ref()?;
-    let selector = labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut pods = match pods.list(&ListParams::default().labels(&selector)).await {
-        Ok(list) => list.items,
+    let mut pods = match pods_with(ctx, namespace, labels).await {
+        Ok(pods) => pods,
         Err(e) => {
             tracing::debug!(error = %e, "listing the gateway's pods");
             return None;
@@ -35,7 +47,7 @@ pub async fn why_not_ready(ctx: &Context, gateway: &Deployment) -> Option<String
     };
     // The newest pods run the template being rolled out.
     pods.sort_by(|a, b| b.metadata.creation_timestamp.cmp(&a.metadata.creation_timestamp));
-    let unready = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none() && !is_ready(p));
+    let unready = pods.iter().filter(|p| !is_ready(p));
     for pod in unready.take(PODS_LOOKED_AT) {
         let name = pod.metadata.name.clone().unwrap_or_default();
         if let Some(problem) = pod_problem(pod) {

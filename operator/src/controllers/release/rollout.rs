@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -519,13 +519,12 @@ impl Step<'_> {
 
     /// `RollingBack`: the active Service back on the old color, which never stopped; done
     /// when its EndpointSlices list only the old color, then the new one is scaled down.
-    async fn rolling_back(mut self, active: Color, target: Color) -> Result<Progress, StepError> {
+    async fn rolling_back(self, active: Color, target: Color) -> Result<Progress, StepError> {
         self.route(active, target).await?;
         if let Err(waiting) = self.endpoints_on(active).await? {
             let message = format!("rolling back to {}: {waiting}", active.as_str());
             return Ok(self.rolling(Phase::RollingBack, reasons::ROLLING_BACK, message));
         }
-        self.scale_to_zero(target).await?;
         let aborted = self.release.annotations().contains_key(annotations::ABORT);
         let (outcome, reason) = if aborted {
             (ReleaseOutcome::Aborted, reasons::ABORTED)
@@ -535,18 +534,12 @@ impl Step<'_> {
         let message = format!(
             "traffic is back on {} (version {}); version {} was {}",
             active.as_str(),
-            self.rollout.active_version.clone().unwrap_or_default(),
+            active_version(&self.rollout),
             self.version(),
             if aborted { "aborted" } else { "rolled back" }
         );
-        let now = self.now;
-        self.rollout.end(outcome, reason, &message, now);
         let phase = if aborted { Phase::Aborted } else { Phase::Stable };
-        let mut progress = self.rolling(phase, reason, message);
-        progress.warning = true;
-        progress.clear = vec![annotations::ABORT, annotations::PROMOTE];
-        progress.requeue = None;
-        Ok(progress)
+        self.finish(target, outcome, phase, reason, message).await
     }
 
     /// `vellum.dev/abort`: before the switch, the new color is scaled down at once; after
@@ -560,16 +553,9 @@ impl Step<'_> {
             return self.rolling_back(active, target).await;
         }
         self.route(active, target).await?;
-        self.scale_to_zero(target).await?;
         let message =
             format!("version {} was aborted; version {} serves", self.version(), active_version(&self.rollout));
-        let now = self.now;
-        self.rollout.end(ReleaseOutcome::Aborted, reasons::ABORTED, &message, now);
-        let mut progress = self.rolling(Phase::Aborted, reasons::ABORTED, message);
-        progress.warning = true;
-        progress.clear = vec![annotations::ABORT, annotations::PROMOTE];
-        progress.requeue = None;
-        Ok(progress)
+        self.finish(target, ReleaseOutcome::Aborted, Phase::Aborted, reasons::ABORTED, message).await
     }
 
     /// Ends the rollout as failed: traffic stays on (or goes back to) the old color, the
@@ -587,12 +573,27 @@ impl Step<'_> {
             let message = format!("{why}; moving traffic back to {}", active.as_str());
             return Ok(self.enter(Phase::RollingBack, reason, message));
         }
-        self.scale_to_zero(target).await?;
         let message = format!("{why}; version {} serves", active_version(&self.rollout));
+        self.finish(target, ReleaseOutcome::Failed, Phase::Failed, reason, message).await
+    }
+
+    /// Ends a rollout that did not promote, with the old color serving: the new color is
+    /// scaled down, the rollout recorded in the history (a Warning), and a promote or abort
+    /// still asked for taken back, as nothing is left for it to act on.
+    async fn finish(
+        mut self,
+        target: Color,
+        outcome: ReleaseOutcome,
+        phase: Phase,
+        reason: &'static str,
+        message: String,
+    ) -> Result<Progress, StepError> {
+        self.scale_to_zero(target).await?;
         let now = self.now;
-        self.rollout.end(ReleaseOutcome::Failed, reason, &message, now);
-        let mut progress = self.rolling(Phase::Failed, reason, message);
+        self.rollout.end(outcome, reason, &message, now);
+        let mut progress = self.rolling(phase, reason, message);
         progress.warning = true;
+        progress.clear = vec![annotations::ABORT, annotations::PROMOTE];
         progress.requeue = None;
         Ok(progress)
     }
@@ -682,18 +683,11 @@ impl Step<'_> {
         Ok(())
     }
 
-    /// The running, ready gateway pods of `color`, with their IPs.
+    /// The gateway pods of `color` that have an IP and are not being deleted: name and IP.
     async fn gateway_pods(&self, color: Color) -> Result<Vec<(String, String)>, StepError> {
-        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
-        let selector = selector_labels(&self.name, "gateway", Some(color));
-        let selector = selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-        let list = pods.list(&ListParams::default().labels(&selector)).await?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter_map(|p| Some((p.name_any(), p.status?.pod_ip?)))
-            .collect())
+        let labels = selector_labels(&self.name, "gateway", Some(color));
+        let pods = diagnose::pods_with(self.ctx, &self.namespace, &labels).await?;
+        Ok(pods.into_iter().filter_map(|p| Some((p.name_any(), p.status?.pod_ip?))).collect())
     }
 
     /// `Ok` when the active Service's EndpointSlices list at least one ready endpoint and

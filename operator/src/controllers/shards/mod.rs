@@ -77,12 +77,7 @@ async fn probe(ctx: &Context, url: &str) -> Result<(i64, i64, f64), Refused> {
         let documents: i64 = if version > 0 { db.count_documents().await.map_err(|e| unusable(&e, url))? } else { 0 };
         Ok::<_, Refused>((version, documents))
     };
-    let result = tokio::time::timeout(ctx.probe_timeout, probe)
-        .await
-        .map_err(|_| {
-            Refused::new(reasons::SHARD_UNREACHABLE, format!("no answer within {} s", ctx.probe_timeout.as_secs()))
-        })
-        .and_then(|r| r);
+    let result = tokio::time::timeout(ctx.probe_timeout, probe).await.map_err(|_| ctx.no_answer()).and_then(|r| r);
     match result {
         Ok((version, documents)) => Ok((version, documents, started.elapsed().as_secs_f64() * 1000.0)),
         Err(e) => {
