@@ -1,4 +1,5 @@
-//! Webhook signatures: the Standard Webhooks scheme and the legacy `X-Webhook-Signature`.
+//! Webhook signatures (the Standard Webhooks scheme and the legacy `X-Webhook-Signature`),
+//! and the key of the operator's smoke-check tokens.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -41,6 +42,19 @@ pub fn standard_signature(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> 
 /// The legacy `X-Webhook-Signature` value: base64 HMAC-SHA256 of the raw body.
 pub fn legacy_signature(key: &[u8], body: &[u8]) -> String {
     hmac(key, &[body])
+}
+
+/// The `kid` header of the tokens the operator's smoke checks send.
+pub const SMOKE_KEY_ID: &str = "vellum-smoke";
+
+/// The HS256 key of smoke-check tokens, derived from the platform's link key, which only the
+/// operator and the platform's pods hold: the operator signs with it whatever algorithm
+/// users' tokens use, and a token signed with it acts only as
+/// [`SMOKE_USER`](crate::documents::SMOKE_USER).
+pub fn smoke_token_key(link_key: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(link_key).expect("HMAC takes keys of any length");
+    mac.update(b"vellum smoke-check tokens v1");
+    mac.finalize().into_bytes().to_vec()
 }
 
 #[cfg(test)]

@@ -10,6 +10,11 @@
 //! parses leaves the keys in use as they were. To roll over without rejecting tokens
 //! already handed out, publish the new key beside the old one first (a JWKS with both,
 //! chosen by `kid`), then drop the old one.
+//!
+//! One more kind of token is the platform's own: the operator's smoke checks send HS256
+//! tokens with `kid` `vellum-smoke`, signed with a key derived from the link key, that act
+//! only as the user `vellum:smoke` (see `vellum_core::documents::SMOKE_USER`); a user token
+//! naming that subject is refused.
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -24,7 +29,8 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use vellum_core::documents::Actor;
+use vellum_core::documents::{Actor, SMOKE_USER};
+use vellum_core::signing::SMOKE_KEY_ID;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -45,6 +51,9 @@ pub struct AuthSettings {
     /// Requests per second allowed to one user, and the burst above it.
     pub rate_per_second: u32,
     pub rate_burst: u32,
+    /// The key of the operator's smoke-check tokens
+    /// ([`smoke_token_key`](vellum_core::signing::smoke_token_key) of the link key).
+    pub smoke_key: Option<Vec<u8>>,
 }
 
 impl AuthSettings {
@@ -113,12 +122,17 @@ struct Key {
 /// 2^64-1, say) is refused rather than honoured forever.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
+/// The furthest a smoke-check token's `exp` may be: the operator signs one per check run.
+const MAX_SMOKE_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
+
 /// The token checker and the per-user limiter.
 pub struct Auth {
     keys: RwLock<Arc<KeySet>>,
     /// What the keys are read from again on reload, and the claims required.
     settings: AuthSettings,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// Verifies the operator's smoke-check tokens.
+    smoke: Option<DecodingKey>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -248,7 +262,8 @@ impl Auth {
                 NonZeroU32::new(settings.rate_burst.max(settings.rate_per_second)).ok_or(AuthConfigError::RateLimit)?;
             Some(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
         };
-        Ok(Self { keys: RwLock::new(Arc::new(keys)), settings: settings.clone(), limiter })
+        let smoke = settings.smoke_key.as_deref().map(DecodingKey::from_secret);
+        Ok(Self { keys: RwLock::new(Arc::new(keys)), settings: settings.clone(), limiter, smoke })
     }
 
     fn key_set(&self) -> Arc<KeySet> {
@@ -282,6 +297,9 @@ impl Auth {
             return Err(format!("the token is longer than {} bytes", crate::limits::MAX_TOKEN_BYTES));
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| "the token is not a JWT".to_owned())?;
+        if header.kid.as_deref() == Some(SMOKE_KEY_ID) {
+            return self.verify_smoke(token, header.alg);
+        }
         let set = self.key_set();
         let candidates: Vec<&Key> = set
             .keys
@@ -312,6 +330,9 @@ impl Auth {
                     if data.claims.sub.is_empty() {
                         return Err("the token's sub claim is empty".into());
                     }
+                    if data.claims.sub == SMOKE_USER {
+                        return Err(format!("the subject {SMOKE_USER} is reserved for the platform's smoke checks"));
+                    }
                     let now =
                         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                     if data.claims.exp > now.saturating_add(MAX_TOKEN_LIFETIME.as_secs()) {
@@ -335,6 +356,33 @@ impl Auth {
             }
         }
         Err(last)
+    }
+
+    /// Checks a smoke-check token: HS256 under the smoke key, short-lived, naming
+    /// [`SMOKE_USER`]. It acts as that user only.
+    fn verify_smoke(&self, token: &str, algorithm: Algorithm) -> Result<Actor, String> {
+        let Some(key) = &self.smoke else { return Err("smoke-check tokens are not accepted here".into()) };
+        if algorithm != Algorithm::HS256 {
+            return Err(format!("smoke-check tokens are HS256, not {algorithm:?}"));
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 30;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_aud = false;
+        validation.sub = Some(SMOKE_USER.to_owned());
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature => "the smoke-check token has expired".to_owned(),
+                ErrorKind::InvalidSubject => format!("a smoke-check token names {SMOKE_USER}"),
+                _ => "the smoke-check token does not verify".to_owned(),
+            }
+        })?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if data.claims.exp > now.saturating_add(MAX_SMOKE_TOKEN_LIFETIME.as_secs()) {
+            return Err("a smoke-check token lives ten minutes at most".into());
+        }
+        Ok(Actor::smoke())
     }
 
     /// Mints an HS256 token (standalone mode's admin token, and tests).

@@ -165,12 +165,13 @@ fn credentials(options: &Options, data_dir: &Path) -> Result<(Auth, Vec<u8>), St
         key_file(&path)?;
         auth_settings.files.secret = Some(path);
     }
-    let auth = Auth::new(&auth_settings)?;
     let link_key = match options.link_key.clone() {
         Some(key) if !key.is_empty() => key,
         Some(_) => return Err(StartError::Invalid("the link key is empty".into())),
         None => key_file(&data_dir.join("link-key"))?,
     };
+    auth_settings.smoke_key = Some(vellum_core::signing::smoke_token_key(&link_key));
+    let auth = Auth::new(&auth_settings)?;
     Ok((auth, link_key))
 }
 

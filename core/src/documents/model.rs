@@ -10,7 +10,22 @@ pub struct Actor {
     pub admin: bool,
 }
 
+/// The user the operator's smoke checks act as, with a token only the platform can sign
+/// (see [`crate::signing::smoke_token_key`]). Its documents appear in no one else's listing
+/// and its changes emit no event; a user token naming it is refused.
+pub const SMOKE_USER: &str = "vellum:smoke";
+
 impl Actor {
+    /// The smoke checks' actor.
+    pub fn smoke() -> Self {
+        Self { user: SMOKE_USER.to_owned(), admin: false }
+    }
+
+    /// Whether this is the smoke checks' actor.
+    pub fn is_smoke(&self) -> bool {
+        self.user == SMOKE_USER
+    }
+
     /// Whether the actor may see a document owned by `owner`.
     pub fn sees(&self, owner: &str) -> bool {
         self.admin || self.user == owner

@@ -13,6 +13,7 @@
 pub mod build;
 pub mod diagnose;
 pub mod rollout;
+pub mod smoke;
 pub mod status;
 
 #[cfg(test)]

@@ -485,6 +485,119 @@ async fn an_abort_before_the_switch_scales_the_new_color_down_and_records_it() {
     );
 }
 
+#[tokio::test]
+async fn an_abort_in_any_phase_ends_with_the_old_color_serving_and_the_new_one_scaled_down() {
+    for phase in [
+        Phase::Deploying,
+        Phase::Migrating,
+        Phase::SmokeTesting,
+        Phase::AwaitingPromotion,
+        Phase::Switching,
+        Phase::Analyzing,
+    ] {
+        let mut r = rolling(phase);
+        r.metadata.annotations = Some([(vellum_crds::annotations::ABORT.to_owned(), "true".to_owned())].into());
+        let server = Arc::new(Mutex::new(Server::default()));
+        let green = path_of::<Deployment>("ns", "docs-gateway-green");
+        {
+            let mut s = server.lock().unwrap();
+            s.objects.insert(green.clone(), deployment_ready(2));
+            // Blue's pod is the only endpoint once traffic is back.
+            s.objects.insert("/api/v1/namespaces/ns/pods".into(), pods(&["10.88.0.3"]));
+            s.objects.insert("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices".into(), slice(&["10.88.0.3"]));
+        }
+        let mut phases = Vec::new();
+        for _ in 0..3 {
+            server.lock().unwrap().requests.clear();
+            Box::pin(reconciled(r.clone(), &server)).await;
+            let status = status_of(&server);
+            phases.push(status.phase.unwrap_or_default());
+            r.status = Some(status);
+            if phases.last() == Some(&Phase::Aborted) {
+                break;
+            }
+        }
+        let after_switch = matches!(phase, Phase::Switching | Phase::Analyzing);
+        let expected: &[Phase] = if after_switch { &[Phase::RollingBack, Phase::Aborted] } else { &[Phase::Aborted] };
+        assert_eq!(phases, expected, "aborted in {phase:?}: traffic goes back first once it may reach green");
+        let status = r.status.clone().unwrap();
+        assert_eq!(
+            (status.active_color, status.active_version.as_deref(), status.preview_color),
+            (Some(Color::Blue), Some("1.0.0"), None),
+            "aborted in {phase:?}"
+        );
+        assert_eq!(status.history[0].outcome, vellum_crds::blue_green_release::ReleaseOutcome::Aborted);
+        let active = body_of(&server, &apply_line(&path_of::<Service>("ns", "docs")));
+        assert_eq!(active["spec"]["selector"][vellum_crds::labels::COLOR], "blue", "aborted in {phase:?}");
+        assert_eq!(server.lock().unwrap().objects[&green]["spec"]["replicas"], 0, "aborted in {phase:?}");
+    }
+}
+
+#[tokio::test]
+async fn without_auto_rollback_a_failed_analysis_keeps_serving_until_a_person_decides() {
+    // Green's one gateway, as its /metrics reads: half of its API answers since the switch
+    // are 500. It listens on the gateway port of a loopback address of its own.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.79", 8080u16)).await.unwrap();
+    let metrics = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            "vellum_gateway_http_requests_total{method=\"GET\",route=\"/api/v1/documents\",status=\"200\"} 10\n\
+             vellum_gateway_http_requests_total{method=\"GET\",route=\"/api/v1/documents\",status=\"500\"} 10\n"
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, metrics).await });
+    let mut r = rolling(Phase::Analyzing);
+    r.spec.promotion.auto_rollback = false;
+    r.spec.analysis.window_seconds = 0;
+    r.status.as_mut().unwrap().analysis_baseline =
+        Some(vellum_crds::blue_green_release::RequestCounts { requests: 0, errors: 0 });
+    let server = Arc::new(Mutex::new(Server::default()));
+    server.lock().unwrap().objects.insert("/api/v1/namespaces/ns/pods".into(), pods(&["127.0.0.79"]));
+
+    Box::pin(reconciled(r.clone(), &server)).await;
+    let status = status_of(&server);
+    let progressing = status.conditions.get(conditions::PROGRESSING).unwrap().clone();
+    assert_eq!(
+        (status.phase, status.active_color, status.observed_error_rate_percent),
+        (Some(Phase::Analyzing), Some(Color::Blue), Some(50.0)),
+        "{progressing:?}"
+    );
+    assert_eq!(progressing.reason, reasons::ANALYSIS_FAILED);
+    assert!(
+        progressing.message.contains("vellum.dev/promote keeps it, vellum.dev/abort rolls back"),
+        "{progressing:?}"
+    );
+    assert_eq!(body_of(&server, EVENT)["type"], "Warning");
+    let active = body_of(&server, &apply_line(&path_of::<Service>("ns", "docs")));
+    assert_eq!(active["spec"]["selector"][vellum_crds::labels::COLOR], "green", "green keeps the traffic");
+
+    // The window is over and no error came since, yet a failed analysis never promotes by
+    // itself.
+    let mut status = status;
+    status.analysis_baseline = Some(vellum_crds::blue_green_release::RequestCounts { requests: 20, errors: 10 });
+    r.status = Some(status);
+    server.lock().unwrap().requests.clear();
+    Box::pin(reconciled(r.clone(), &server)).await;
+    let status = status_of(&server);
+    assert_eq!(
+        (status.phase, status.active_color, status.observed_error_rate_percent),
+        (Some(Phase::Analyzing), Some(Color::Blue), Some(0.0))
+    );
+
+    // A person keeps it.
+    r.status = Some(status);
+    r.metadata.annotations = Some([(vellum_crds::annotations::PROMOTE.to_owned(), "true".to_owned())].into());
+    server.lock().unwrap().requests.clear();
+    Box::pin(reconciled(r, &server)).await;
+    let status = status_of(&server);
+    assert_eq!(
+        (status.phase, status.active_color, status.active_version.as_deref()),
+        (Some(Phase::Stable), Some(Color::Green), Some("1.1.0"))
+    );
+    assert_eq!(status.history[0].outcome, vellum_crds::blue_green_release::ReleaseOutcome::Promoted);
+    assert!(status.history[0].message.as_deref().unwrap_or_default().contains("by request despite its analysis"));
+}
+
 /// A reconcile of a migrated release whose gateway Deployment has no ready replica, with
 /// `pods` listed under the gateway's selector.
 async fn with_unready_gateway(pods: Value) -> (Arc<Mutex<Server>>, BlueGreenReleaseStatus) {

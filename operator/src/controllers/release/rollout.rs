@@ -10,7 +10,7 @@
 //! therefore in status before anything acts on it, and an operator replica taking over
 //! resumes at the same step: the actions of a phase are idempotent applies.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
@@ -24,13 +24,13 @@ use vellum_crds::annotations;
 use vellum_crds::blue_green_release::{
     BlueGreenReleaseStatus, Color, Phase, PromotionMode, ReleaseOutcome, ReleaseRecord, RequestCounts, SmokeResult,
 };
-use vellum_crds::conditions::reasons;
+use vellum_crds::conditions::{self, reasons};
 use vellum_crds::{BlueGreenRelease, labels};
 
 use super::status::Progress;
-use super::{MANAGER, Objects, build, diagnose};
+use super::{MANAGER, Objects, build, diagnose, smoke};
 use crate::context::{Context, Refused, StepError, apply};
-use crate::controllers::platform::{GATEWAY_PORT, names, selector_labels};
+use crate::controllers::platform::{GATEWAY_PORT, names, secret_keys, selector_labels};
 use crate::controllers::shared::not_found;
 
 /// How soon a rollout under way looks again.
@@ -387,7 +387,10 @@ impl Step<'_> {
             let message = "the preview Service has no cluster IP yet".to_owned();
             return Ok(self.rolling(Phase::SmokeTesting, reasons::SMOKE_TESTING, message));
         };
-        let results = smoke(self.ctx, self.release, &address, port).await;
+        let host = if address.contains(':') { format!("[{address}]") } else { address };
+        let link_key = self.objects.secret.data.as_ref().and_then(|d| d.get(secret_keys::LINK_KEY));
+        let link_key = link_key.map(|k| k.0.as_slice()).unwrap_or_default();
+        let results = smoke::run(&self.ctx.http, self.release, link_key, &format!("http://{host}:{port}")).await;
         let failed: Vec<String> = results
             .iter()
             .filter(|r| !r.passed)
@@ -470,19 +473,40 @@ impl Step<'_> {
         let rate = if requests == 0 { 0.0 } else { errors as f64 * 100.0 / requests as f64 };
         self.rollout.observed_error_rate_percent = Some((rate * 100.0).round() / 100.0);
         let analysis = &self.release.spec.analysis;
-        if rate > analysis.max_error_rate_percent {
-            let message = format!(
-                "version {} answered {errors} of {requests} requests with 5xx ({rate:.2} % > {} %)",
+        // Without autoRollback a failed analysis is a person's to decide: it stays failed
+        // (recorded as Progressing's reason) even if the rate drops again.
+        let failed_before = self
+            .release
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.get(conditions::PROGRESSING))
+            .is_some_and(|c| c.reason == reasons::ANALYSIS_FAILED);
+        if rate > analysis.max_error_rate_percent || failed_before {
+            let measured = format!(
+                "version {} answered {errors} of {requests} requests with 5xx ({rate:.2} %, at most {} % allowed)",
                 self.version(),
                 analysis.max_error_rate_percent
             );
             if self.release.spec.promotion.auto_rollback {
-                let mut progress = self.enter(Phase::RollingBack, reasons::ANALYSIS_FAILED, message);
+                let mut progress = self.enter(Phase::RollingBack, reasons::ANALYSIS_FAILED, measured);
                 progress.warning = true;
                 return Ok(progress);
             }
+            if self.release.annotations().contains_key(annotations::PROMOTE) {
+                let message = format!(
+                    "version {} promoted as {} by request despite its analysis: {measured}",
+                    self.version(),
+                    target.as_str()
+                );
+                return Ok(self.promote(active, target, message));
+            }
+            let message = format!(
+                "{measured}; it keeps serving as {} (promotion.autoRollback is false): vellum.dev/promote keeps it, vellum.dev/abort rolls back",
+                target.as_str()
+            );
             let mut progress = self.rolling(Phase::Analyzing, reasons::ANALYSIS_FAILED, message);
             progress.warning = true;
+            progress.requeue = Some(Duration::from_secs(5));
             return Ok(progress);
         }
         let since = self.rollout.phase_since.as_ref().map_or(self.now, |t| t.0);
@@ -500,8 +524,13 @@ impl Step<'_> {
             progress.requeue = Some(window.saturating_sub(watched).min(Duration::from_secs(5)));
             return Ok(progress);
         }
-        // Promoted: the new color is the active one; the old one stays for a fast rollback.
         let message = format!("version {} promoted as {} ({rate:.2} % errors)", self.version(), target.as_str());
+        Ok(self.promote(active, target, message))
+    }
+
+    /// Promoted: the new color is the active one; the old one stays for a fast rollback
+    /// and is scaled down `promotion.scaleDownDelaySeconds` later.
+    fn promote(mut self, active: Color, target: Color, message: String) -> Progress {
         let delay = i64::from(self.release.spec.promotion.scale_down_delay_seconds);
         let now = self.now;
         let r = &mut self.rollout;
@@ -514,7 +543,7 @@ impl Step<'_> {
         let mut progress = self.rolling(Phase::Stable, reasons::PROMOTED, message);
         progress.promoted = true;
         progress.clear = vec![annotations::PROMOTE];
-        Ok(progress)
+        progress
     }
 
     /// `RollingBack`: the active Service back on the old color, which never stopped; done
@@ -784,42 +813,6 @@ pub fn request_counts(text: &str) -> RequestCounts {
         }
     }
     counts
-}
-
-/// Runs the built-in smoke checks (`/readyz`) and the spec's against the preview Service at
-/// `address` and `port`.
-async fn smoke(ctx: &Context, release: &BlueGreenRelease, address: &str, port: i32) -> Vec<SmokeResult> {
-    let host = if address.contains(':') { format!("[{address}]") } else { address.to_owned() };
-    let mut checks = vec![("readyz".to_owned(), "/readyz".to_owned(), 200, 10)];
-    checks.extend(
-        release.spec.smoke_checks.iter().map(|c| (c.name.clone(), c.path.clone(), c.expect_status, c.timeout_seconds)),
-    );
-    let mut results = Vec::with_capacity(checks.len());
-    for (name, path, expect, timeout) in checks {
-        let started = Instant::now();
-        let url = format!("http://{host}:{port}{path}");
-        let answer = ctx.http.get(&url).timeout(Duration::from_secs(u64::from(timeout))).send().await;
-        let duration_ms = u64::try_from(started.elapsed().as_millis()).ok();
-        let (passed, status_code, message) = match answer {
-            Ok(response) => {
-                let code = response.status().as_u16();
-                let passed = code == expect;
-                let message = (!passed).then(|| format!("answered {code}, expected {expect}"));
-                (passed, Some(i32::from(code)), message)
-            }
-            Err(e) if e.is_timeout() => (false, None, Some(format!("no answer within {timeout} s"))),
-            Err(e) => (false, None, Some(format!("request failed: {e}"))),
-        };
-        results.push(SmokeResult {
-            name,
-            passed,
-            status_code,
-            message,
-            duration_ms,
-            time: Some(Time(Timestamp::now())),
-        });
-    }
-    results
 }
 
 #[cfg(test)]
