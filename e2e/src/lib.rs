@@ -25,14 +25,38 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
+/// The variable naming the directory of the workspace's binaries, when not the one beside
+/// the running test (a benchmark, built in `target/release`, runs the debug binaries).
+pub const BINARIES_VAR: &str = "VELLUM_E2E_BINARIES";
+
+static BINARIES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Runs the workspace's binaries from `dir` from now on (a benchmark, built in
+/// `target/release`, runs the debug binaries the tests run). The first call wins.
+pub fn use_binaries_from(dir: PathBuf) {
+    let _ = BINARIES.set(dir);
+}
+
+/// Where the workspace's binaries are: as [`use_binaries_from`] said, else
+/// [`BINARIES_VAR`], else beside the running test.
+fn binaries() -> PathBuf {
+    if let Some(dir) = BINARIES.get() {
+        return dir.clone();
+    }
+    if let Some(dir) = std::env::var_os(BINARIES_VAR).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/debug/deps/<test>-… → target/debug
+    exe.parent().and_then(Path::parent).expect("target directory").to_path_buf()
+}
+
 /// A binary of the workspace, built beside the running test (`target/debug/<name>`).
 ///
 /// # Panics
 /// When it is not built.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/debug/deps/<test>-… → target/debug/<name>
-    let path = exe.parent().and_then(Path::parent).expect("target directory").join(name);
+    let path = binaries().join(name);
     assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
     path
 }
@@ -137,8 +161,7 @@ impl Cluster {
         let binary = std::env::var("VELLUM_TEST_KUBECTL").unwrap_or_else(|_| "kubectl".into());
         // The workspace's kubectl plugins (kubectl-vellum) are found as a user's would be:
         // on the PATH.
-        let exe = std::env::current_exe()?;
-        let built = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        let built = binaries();
         let path = std::env::join_paths(
             std::iter::once(built).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
         )

@@ -9,347 +9,27 @@
 //! The local cluster's node runs the workspace's own binaries as the images: build them
 //! first (`cargo test --workspace` does).
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::Value;
-use vellum_e2e::{Cluster, binary};
+use vellum_e2e::Cluster;
 use vellum_testkit::{TestBucket, TestDatabase};
 
-fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
-async fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> String {
-    let out = cluster.kubectl(args, stdin).await.expect("kubectl runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "kubectl {args:?} failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
-    stdout
-}
-
-async fn get_json(cluster: &Cluster, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    serde_json::from_str(&kubectl(cluster, &all, None).await).expect("kubectl prints JSON")
-}
-
-/// Polls `check` every half second until it returns `Some`, or fails after `limit` with
-/// what `describe` says.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if tokio::time::Instant::now() >= deadline => panic!("{what}: not within {limit:?}: {last}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
-
-fn condition<'a>(object: &'a Value, type_: &str) -> Option<&'a Value> {
-    object["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)
-}
-
-async fn ready(cluster: &Cluster, resource: &str, namespace: &str) -> Result<Value, String> {
-    let out =
-        cluster.kubectl(&["get", resource, "-n", namespace, "-o", "json"], None).await.map_err(|e| e.to_string())?;
-    let object: Value =
-        serde_json::from_slice(&out.stdout).map_err(|_| String::from_utf8_lossy(&out.stderr).into_owned())?;
-    match condition(&object, "Ready") {
-        Some(c) if c["status"] == "True" => Ok(object),
-        other => Err(format!("{resource}: {}", other.map_or_else(|| "no Ready condition".into(), ToString::to_string))),
-    }
-}
-
-/// A webhook receiver: records every request's body (`body`, as JSON and `raw`) with its
-/// Standard Webhooks headers (`id`, `timestamp`, `signature`).
-/// Whether `kubectl get <resource>` in `namespace` answers NotFound.
-async fn gone(cluster: &Cluster, resource: &str, namespace: &str) -> Result<(), String> {
-    let out = cluster.kubectl(&["-n", namespace, "get", resource], None).await.map_err(|e| e.to_string())?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if !out.status.success() && stderr.contains("NotFound") {
-        Ok(())
-    } else {
-        Err(format!("{resource}: {stderr}{}", String::from_utf8_lossy(&out.stdout)))
-    }
-}
-
-async fn receiver(cluster: &Cluster) -> (String, Arc<Mutex<Vec<Value>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post({
-            let seen = Arc::clone(&seen);
-            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
-                let header =
-                    |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-                if let Ok(value) = serde_json::from_slice::<Value>(&body) {
-                    seen.lock().unwrap().push(serde_json::json!({
-                        "body": value, "raw": String::from_utf8_lossy(&body),
-                        "id": header("webhook-id"), "timestamp": header("webhook-timestamp"),
-                        "signature": header("webhook-signature"),
-                    }));
-                }
-                "ok"
-            }
-        }),
-    );
-    // Where the workers' pods reach it.
-    let listener = cluster.listen().await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, seen)
-}
-
-const JWT_SECRET: &str = "an-e2e-hs256-secret-of-at-least-32-bytes";
-const HOOK_KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const ROTATED_HOOK_KEY: &str = "whsec_cm90YXRlZC1lMmUtd2ViaG9vay1rZXktMzJieXRlcw==";
-
-/// A client listing and downloading until `stopped`, each request on a new connection (so
-/// that it goes where the Service points now): how many it sent, and the ones that failed.
-async fn client(
-    base: String,
-    token: String,
-    document_id: i64,
-    stopped: tokio::sync::watch::Receiver<bool>,
-) -> (u32, Vec<String>) {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-    let (mut sent, mut failed) = (0u32, Vec::new());
-    while !*stopped.borrow() {
-        for path in ["/api/v1/documents".to_owned(), format!("/api/v1/documents/{document_id}/download")] {
-            sent += 1;
-            match http.get(format!("{base}{path}")).bearer_auth(&token).send().await {
-                Ok(r) if r.status().is_success() => {}
-                Ok(r) => failed.push(format!("{path}: {}", r.status())),
-                Err(e) => failed.push(format!("{path}: {e}")),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (sent, failed)
-}
-
-/// The release `docs` once its status reaches `phase` (within 2 minutes).
-async fn in_phase(cluster: &Cluster, phase: &str, what: &str) -> Value {
-    eventually(Duration::from_secs(120), what, || async {
-        let release = get_json(cluster, &["-n", "docs", "get", "bgr/docs"]).await;
-        if release["status"]["phase"] == phase { Ok(release) } else { Err(release["status"].to_string()) }
-    })
-    .await
-}
-
-/// Kills the operator replica holding the leader-election Lease: the one killed, the one
-/// leading after it, and how long the hand-over took.
-async fn kill_leader(cluster: &Cluster) -> (String, String, Duration) {
-    let holder = |lease: &Value| lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
-    let lease = get_json(cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
-    let leader = holder(&lease);
-    let killed = tokio::time::Instant::now();
-    kubectl(cluster, &["-n", "vellum-system", "delete", "pod", &leader, "--grace-period=0", "--force"], None).await;
-    let next = eventually(Duration::from_secs(120), "another replica leading", || async {
-        let lease = get_json(cluster, &["-n", "vellum-system", "get", "lease/vellum-operator-leader"]).await;
-        let now = holder(&lease);
-        if now.is_empty() || now == leader { Err(lease.to_string()) } else { Ok(now) }
-    })
-    .await;
-    (leader, next, killed.elapsed())
-}
-
-/// Uploads a small document every 200 ms until `stopped`; the ids, in order.
-async fn uploader(base: String, token: String, stopped: tokio::sync::watch::Receiver<bool>) -> Vec<i64> {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-    let mut ids = Vec::new();
-    while !*stopped.borrow() {
-        let n = ids.len();
-        let form = reqwest::multipart::Form::new()
-            .part("file", reqwest::multipart::Part::bytes(format!("upload {n}").into_bytes()).file_name("rollout.txt"));
-        let response = http.post(format!("{base}/api/v1/documents")).bearer_auth(&token).multipart(form).send().await;
-        let response = response.unwrap_or_else(|e| panic!("upload {n} during the rollout: {e}"));
-        assert_eq!(response.status(), 201, "upload {n} during the rollout");
-        ids.push(response.json::<Value>().await.unwrap()["id"].as_i64().unwrap());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    ids
-}
-
-/// The document ids of the `DOCUMENT_UPLOADED` events of the upload test files a WebSocket
-/// receives, until `n` arrived (or 20 s passed).
-async fn uploaded_events_ws(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    n: usize,
-) -> Vec<i64> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut ids = Vec::new();
-    while ids.len() < n {
-        let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, ws.next()).await else { break };
-        let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
-        assert!(!text.contains("vellum:smoke"), "a smoke check's event reached a subscriber: {text}");
-        let event: Value = serde_json::from_str(&text).unwrap_or_default();
-        if event["type"] == "DOCUMENT_UPLOADED" && event["data"]["filename"] == "rollout.txt" {
-            ids.push(event["data"]["documentId"].as_i64().unwrap_or_default());
-        }
-    }
-    ids
-}
-
-/// The same, from a Server-Sent Events stream.
-async fn uploaded_events_sse(response: &mut reqwest::Response, n: usize) -> Vec<i64> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let (mut buffer, mut ids) = (String::new(), Vec::new());
-    while ids.len() < n {
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            assert!(!block.contains("vellum:smoke"), "a smoke check's event reached a subscriber: {block}");
-            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else { continue };
-            // An SSE event names its type on its `event:` line; `data:` holds the fields.
-            let kind = block.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim);
-            let fields: Value = serde_json::from_str(data.trim()).unwrap_or_default();
-            if kind == Some("DOCUMENT_UPLOADED") && fields["filename"] == "rollout.txt" {
-                ids.push(fields["documentId"].as_i64().unwrap_or_default());
-            }
-        }
-        if ids.len() >= n {
-            break;
-        }
-        let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, response.chunk()).await else { break };
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    ids
-}
-
-fn token() -> String {
-    token_signed_with(JWT_SECRET)
-}
-
-fn token_signed_with(secret: &str) -> String {
-    let claims = serde_json::json!({
-        "sub": "e2e", "roles": ["admin", "user"], "iss": "https://auth.e2e", "aud": "vellum-e2e",
-        "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600,
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
-}
-
-fn platform(database_url: &str, bucket: &vellum_testkit::S3Bucket, hook: &str, cost: &str) -> String {
-    let nats = std::env::var("VELLUM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    format!(
-        r"
-apiVersion: v1
-kind: Secret
-metadata: {{name: platform-secrets}}
-stringData:
-  shard-a: '{database_url}'
-  hs256: '{JWT_SECRET}'
-  hook: {HOOK_KEY}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: s3-credentials}}
-stringData:
-  aws_access_key_id: '{access}'
-  aws_secret_access_key: '{secret}'
----
-apiVersion: vellum.dev/v1alpha1
-kind: StorageTier
-metadata: {{name: hot}}
-spec:
-  class: HOT
-  default: true
-  costPerGbMonth: {cost}
-  backend:
-    url: 's3://{bucket_name}'
-    endpoint: '{endpoint}'
-    region: '{region}'
-    options: {{aws_allow_http: 'true', aws_virtual_hosted_style_request: 'false'}}
-    secretRef: {{name: s3-credentials}}
----
-apiVersion: vellum.dev/v1alpha1
-kind: ShardSet
-metadata: {{name: metadata}}
-spec:
-  shards:
-    - name: shard-a
-      urlSecretRef: {{name: platform-secrets, key: shard-a}}
----
-apiVersion: vellum.dev/v1alpha1
-kind: Webhook
-metadata: {{name: receiver}}
-spec:
-  url: '{hook}'
-  secretRef: {{name: platform-secrets, key: hook}}
----
-apiVersion: vellum.dev/v1alpha1
-kind: RetentionPolicy
-metadata: {{name: temporary-files}}
-spec:
-  selector: {{tags: [temporary]}}
-  expiration: {{afterDays: 30, action: DELETE}}
-  schedule: '0 3 * * *'
----
-apiVersion: vellum.dev/v1alpha1
-kind: BlueGreenRelease
-metadata: {{name: docs}}
-spec:
-  version: 1.0.0
-  gateway: {{image: 'vellum/gateway:1.0.0', replicas: 2}}
-  workers: {{image: 'vellum/workers:1.0.0', replicas: 1}}
-  shardSetRef: metadata
-  nats: {{url: '{nats}'}}
-  jwt:
-    secretRef: {{name: platform-secrets, key: hs256}}
-    issuer: https://auth.e2e
-    audience: vellum-e2e
-  webhookAllowedCidrs: [127.0.0.0/8]
-",
-        access = bucket.access_key,
-        secret = bucket.secret_key,
-        bucket_name = bucket.name,
-        endpoint = bucket.endpoint,
-        region = bucket.region,
-    )
-}
+mod support;
+use support::*;
 
 #[tokio::test]
 #[allow(clippy::too_many_lines)] // one platform's life, in order
 async fn the_operator_provisions_a_working_platform_from_its_resources() {
-    let (operator, gateway, workers) = (binary("vellum-operator"), binary("vellum-gateway"), binary("vellum-workers"));
-    // A broken build of the gateway: the same binary, answering 30 % of API requests 500.
-    let broken_dir = tempfile::tempdir().unwrap();
-    let broken = broken_dir.path().join("vellum-gateway-broken");
-    std::fs::write(&broken, format!("#!/bin/sh\nVELLUM_FAULT_5XX_PERCENT=30 exec '{}' \"$@\"\n", gateway.display()))
-        .unwrap();
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let images = [
-        ("vellum/gateway:*-broken", broken.as_path()),
-        ("vellum/operator", operator.as_path()),
-        ("vellum/gateway", &gateway),
-        ("vellum/workers", &workers),
-    ];
-    let cluster = Cluster::start(&images).await.unwrap();
+    let images = Images::new();
+    let cluster = Cluster::start(&images.as_slice()).await.unwrap();
     let t0 = tokio::time::Instant::now();
     let database = TestDatabase::new().await.unwrap();
     let bucket = TestBucket::new().await.unwrap();
     let (hook, deliveries) = receiver(&cluster).await;
 
-    let install = repo().join("manifests/install.yaml");
-    kubectl(&cluster, &["apply", "-f", install.to_str().unwrap()], None).await;
-    kubectl(&cluster, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=30s"], None).await;
-    kubectl(
-        &cluster,
-        &["-n", "vellum-system", "rollout", "status", "deployment/vellum-operator", "--timeout=60s"],
-        None,
-    )
-    .await;
+    install_operator(&cluster).await;
 
     kubectl(&cluster, &["apply", "-f", "-"], Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: docs}\n")).await;
     let yaml = platform(&database.url, &bucket, &hook, "0.023");
@@ -678,7 +358,20 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
             )
             .replace(":1.0.0'", &format!(":{v}'"))
     };
+    let mut watched = phase_watch(&cluster).await;
     kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&version("1.1.0", 5, 30))).await;
+    // The leader killed the moment the switch is decided (recorded, not yet acted on): its
+    // successor switches once and goes on, and no request fails meanwhile.
+    let switching = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(phase) = watched.recv().await {
+            if phase == "Switching" {
+                return;
+            }
+        }
+    });
+    switching.await.expect("version 1.1.0 reaching Switching");
+    let (killed, next, took) = kill_leader(&cluster).await;
+    println!("leader {killed} killed in Switching; {next} leads after {took:?}");
     let phases = Arc::new(Mutex::new(Vec::<String>::new()));
     let promoted = eventually(Duration::from_secs(180), "version 1.1.0 promoted as green", || {
         let phases = Arc::clone(&phases);
@@ -697,22 +390,20 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     })
     .await;
     let phases = phases.lock().unwrap().clone();
+    let mut after_kill = Vec::new();
+    while let Ok(phase) = watched.try_recv() {
+        after_kill.push(phase);
+    }
+    assert_eq!(after_kill, ["Analyzing", "Stable"], "the successor resumed the switch, once, and went on");
     let rolled_out = started.elapsed();
     stop.send_replace(true);
     let (sent, failed) = traffic.await.unwrap();
     println!("version 1.1.0 rolled out in {rolled_out:?} through {phases:?}; {sent} requests, {} failed", failed.len());
     assert!(failed.is_empty(), "requests failed during the rollout: {failed:?}");
     assert!(sent > 50, "the client kept going throughout: {sent}");
-    let mut uploaded = uploads.await.unwrap();
+    let uploaded = uploads.await.unwrap();
     assert!(uploaded.len() > 10, "the uploader kept going throughout: {}", uploaded.len());
-    let over_ws = uploaded_events_ws(&mut ws, uploaded.len()).await;
-    let over_sse = uploaded_events_sse(&mut sse, uploaded.len()).await;
-    uploaded.sort_unstable();
-    for (name, seen) in [("WebSocket", over_ws), ("SSE", over_sse)] {
-        let mut sorted = seen.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, uploaded, "{name}: each upload's event once, none lost or duplicated");
-    }
+    each_seen_once(&mut ws, &mut sse, &uploaded, "the promoted rollout").await;
     println!("{} uploads during the rollout, each seen once over WebSocket and over SSE", uploaded.len());
     let status = &promoted["status"];
     assert_eq!(status["activeColor"], "green", "{promoted}");
@@ -736,9 +427,16 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     .await;
 
     // Another version, aborted while it serves: traffic goes back to green (which never
-    // stopped), the new color is scaled down, and still not one request fails.
+    // stopped), the new color is scaled down, and still not one request fails nor one
+    // real-time event is lost or repeated.
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped));
+    let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped.clone()));
+    let ws_url = format!("{}/ws?token={}", base.replace("http://", "ws://"), token_signed_with(rotated));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let sse = http.get(format!("{base}/api/v1/events/stream")).bearer_auth(token_signed_with(rotated));
+    let mut sse = sse.send().await.unwrap();
+    assert_eq!(sse.status(), 200);
+    let uploads = tokio::spawn(uploader(base.clone(), token_signed_with(rotated), stopped));
     kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&version("1.2.0", 120, 5))).await;
     let analyzing = in_phase(&cluster, "Analyzing", "version 1.2.0 analyzing as blue").await;
     // The leader killed while the new color serves under analysis: its successor resumes
@@ -763,6 +461,10 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     let (sent, failed) = traffic.await.unwrap();
     println!("version 1.2.0 aborted while it served; {sent} requests, {} failed", failed.len());
     assert!(failed.is_empty(), "requests failed during the abort: {failed:?}");
+    let uploaded = uploads.await.unwrap();
+    assert!(uploaded.len() > 10, "the uploader kept going throughout: {}", uploaded.len());
+    each_seen_once(&mut ws, &mut sse, &uploaded, "the aborted rollout").await;
+    println!("{} uploads during the aborted rollout, each seen once over WebSocket and over SSE", uploaded.len());
     let status = &aborted["status"];
     assert_eq!((status["activeColor"].as_str(), status["activeVersion"].as_str()), (Some("green"), Some("1.1.0")));
     assert_eq!(status["history"][0]["outcome"], "Aborted", "{aborted}");
@@ -842,6 +544,25 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
     assert_eq!(service["spec"]["selector"]["vellum.dev/color"], "green", "{service}");
     println!("version 1.4.0 failed its smoke check before any traffic reached it; {sent} requests, 0 failed");
+    // A manual release waits for a person: smoke-checked, it takes no user's request until
+    // `kubectl vellum promote`, then switches, is watched and promoted, which `kubectl wait`
+    // sees.
+    let manual = version("1.5.0", 2, 5).replace("promotion: {", "promotion: {mode: Manual, ");
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&manual)).await;
+    in_phase(&cluster, "AwaitingPromotion", "version 1.5.0 waiting for its promotion").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+    assert_eq!(waiting["status"]["phase"], "AwaitingPromotion", "it waits: {waiting}");
+    let service = get_json(&cluster, &["-n", "docs", "get", "service/docs"]).await;
+    assert_eq!(service["spec"]["selector"]["vellum.dev/color"], "green", "{service}");
+    let asked = kubectl(&cluster, &["vellum", "-n", "docs", "promote", "bgr/docs"], None).await;
+    assert!(asked.contains("annotated vellum.dev/promote"), "{asked}");
+    kubectl(&cluster, &["-n", "docs", "wait", "--for=condition=Promoted", "bgr/docs", "--timeout=120s"], None).await;
+    let promoted = get_json(&cluster, &["-n", "docs", "get", "bgr/docs"]).await;
+    let status = &promoted["status"];
+    assert_eq!((status["activeColor"].as_str(), status["activeVersion"].as_str()), (Some("blue"), Some("1.5.0")));
+    assert_eq!(status["history"][0]["outcome"], "Promoted", "{promoted}");
+    println!("version 1.5.0 waited for kubectl vellum promote, then was promoted as blue");
     // The default tier, deleted while it holds blobs, has nowhere to drain to: it stays and
     // says so, and the platform keeps serving from it.
     kubectl(&cluster, &["-n", "docs", "delete", "storagetier", "hot", "--wait=false"], None).await;
@@ -859,7 +580,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     assert_eq!(content.status(), 200, "the platform still serves from the tier");
     let started = tokio::time::Instant::now();
     // Deleting the platform leaves nothing the operator made.
-    kubectl(&cluster, &["delete", "namespace", "docs", "--wait=true", "--timeout=60s"], None).await;
+    kubectl(&cluster, &["delete", "namespace", "docs", "--wait=true", "--timeout=120s"], None).await;
     let left = kubectl(
         &cluster,
         &["get", "all,configmap,secret,cronjob,job", "-n", "docs", "-o", "name", "--ignore-not-found"],

@@ -35,6 +35,11 @@ use crate::controllers::shared::not_found;
 
 /// How soon a rollout under way looks again.
 const STEP: Duration = Duration::from_secs(1);
+/// How soon a recorded decision is acted on.
+const ACT: Duration = Duration::from_millis(100);
+/// How soon the active Service's endpoints are looked at again while traffic moves (the
+/// cluster moves them in a fraction of a second).
+const ENDPOINTS: Duration = Duration::from_millis(250);
 /// Past rollouts kept in `status.history`.
 const HISTORY: usize = 10;
 
@@ -227,10 +232,13 @@ impl Step<'_> {
         }
     }
 
-    /// Records the next phase; it is acted on in the next reconcile.
+    /// Records the next phase; it is acted on in the next reconcile, at once (a decision
+    /// waits for nothing but its record).
     fn enter(&mut self, phase: Phase, reason: &'static str, message: String) -> Progress {
         self.rollout.phase_since = Some(Time(self.now));
-        self.rolling(phase, reason, message)
+        let mut progress = self.rolling(phase, reason, message);
+        progress.requeue = Some(ACT);
+        progress
     }
 
     /// Records a rollout of the spec's templates as `target`, from its first phase.
@@ -456,7 +464,9 @@ impl Step<'_> {
             }
             Err(waiting) => {
                 let message = format!("switching the active Service to {}: {waiting}", target.as_str());
-                Ok(self.rolling(Phase::Switching, reasons::SWITCHING, message))
+                let mut progress = self.rolling(Phase::Switching, reasons::SWITCHING, message);
+                progress.requeue = Some(ENDPOINTS);
+                Ok(progress)
             }
         }
     }
@@ -552,7 +562,9 @@ impl Step<'_> {
         self.route(active, target).await?;
         if let Err(waiting) = self.endpoints_on(active).await? {
             let message = format!("rolling back to {}: {waiting}", active.as_str());
-            return Ok(self.rolling(Phase::RollingBack, reasons::ROLLING_BACK, message));
+            let mut progress = self.rolling(Phase::RollingBack, reasons::ROLLING_BACK, message);
+            progress.requeue = Some(ENDPOINTS);
+            return Ok(progress);
         }
         let aborted = self.release.annotations().contains_key(annotations::ABORT);
         let (outcome, reason) = if aborted {
