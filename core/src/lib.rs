@@ -14,6 +14,7 @@ pub mod config;
 pub mod documents;
 pub mod events;
 pub mod process;
+pub mod resharding;
 pub mod retention;
 pub mod routing;
 pub mod signing;
