@@ -136,11 +136,18 @@ impl Table {
         format!("SELECT {} {from} ORDER BY {}{lock}", columns.join(", "), self.order)
     }
 
-    fn insert(&self) -> String {
+    /// One statement inserting `rows` rows.
+    fn insert(&self, rows: usize) -> String {
         let columns: Vec<&str> = self.columns.iter().map(|(c, _)| *c).collect();
-        let placeholders: Vec<String> = (1..=columns.len()).map(|n| format!("${n}")).collect();
+        let width = columns.len();
+        let tuples: Vec<String> = (0..rows)
+            .map(|r| {
+                let placeholders: Vec<String> = (1..=width).map(|c| format!("${}", r * width + c)).collect();
+                format!("({})", placeholders.join(", "))
+            })
+            .collect();
         let conflict = if self.name == "blobs" { " ON CONFLICT (sha256) DO NOTHING" } else { "" };
-        format!("INSERT INTO {} ({}) VALUES ({}){conflict}", self.name, columns.join(", "), placeholders.join(", "))
+        format!("INSERT INTO {} ({}) VALUES {}{conflict}", self.name, columns.join(", "), tuples.join(", "))
     }
 
     fn decode(&self, row: &AnyRow) -> Result<Vec<Value>, StoreError> {
@@ -156,6 +163,12 @@ impl Table {
             .collect()
     }
 }
+
+/// The most documents a batch may hold (their ids are one statement's parameters).
+pub const MAX_BATCH: usize = 10_000;
+
+/// The most parameters one statement of the copy binds.
+const MAX_PARAMETERS: usize = 60_000;
 
 /// The rows of a batch, table by table, in the order the copy writes them.
 type Rows = Vec<Vec<Vec<Value>>>;
@@ -223,6 +236,8 @@ pub enum MoveError {
     Store(#[from] StoreError),
     #[error("moving documents between shards needs Postgres shards")]
     NotPostgres,
+    #[error("a batch of {0} documents is more than {MAX_BATCH}, which one statement can name")]
+    BatchTooLarge(usize),
     #[error("the copy of documents {ids:?} does not read back as the source holds them")]
     Mismatch { ids: Vec<i64> },
 }
@@ -269,6 +284,9 @@ pub async fn copy_batch(source: &Metadata, target: &Metadata, ids: &[i64]) -> Re
     if ids.is_empty() {
         return Ok(Copied::default());
     }
+    if ids.len() > MAX_BATCH {
+        return Err(MoveError::BatchTooLarge(ids.len()));
+    }
     // Read committed: each statement sees the writes finished before it, and none can
     // finish on the batch once its documents are held.
     let mut held = source.pool().begin().await?;
@@ -284,10 +302,11 @@ pub async fn copy_batch(source: &Metadata, target: &Metadata, ids: &[i64]) -> Re
     }
     clear.execute(&mut *tx).await?;
     for (table, rows) in TABLES.iter().zip(&rows) {
-        let sql = table.insert();
-        for row in rows {
-            let mut insert = sqlx::query(AssertSqlSafe(sql.as_str()));
-            for value in row {
+        // As many rows a statement as its parameters allow (Postgres takes 65,535).
+        for chunk in rows.chunks(MAX_PARAMETERS / table.columns.len()) {
+            let sql = table.insert(chunk.len());
+            let mut insert = sqlx::query(AssertSqlSafe(sql));
+            for value in chunk.iter().flatten() {
                 insert = match value {
                     Value::Int(v) => insert.bind(*v),
                     Value::Text(v) => insert.bind(v.clone()),
