@@ -19,32 +19,16 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
-use vellum_core::config::{SecretHandle, ShardConfig, ShardsConfig};
-use vellum_core::crds::shard_set::{Routing, RoutingStrategy};
 use vellum_core::resharding::{copy_batch, moving};
-use vellum_core::routing::RoutingTable;
 use vellum_core::store::Metadata;
 use vellum_testkit::TestDatabase;
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::ring;
+
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn two_shards() -> RoutingTable {
-    RoutingTable::build(&ShardsConfig {
-        shard_set: "docs".into(),
-        shards: ["a", "b"]
-            .iter()
-            .map(|name| ShardConfig {
-                name: (*name).to_owned(),
-                url: SecretHandle::new("shards", name),
-                weight: 1,
-                range_start: None,
-            })
-            .collect(),
-        routing: Routing { strategy: RoutingStrategy::ConsistentHash, virtual_nodes: 64 },
-    })
-    .expect("a routing table")
 }
 
 async fn pool(url: &str) -> PgPool {
@@ -134,7 +118,7 @@ async fn run() {
     let (source_pg, raw_pg) = (pool(&source_db.url).await, pool(&raw_db.url).await);
     populate(&source_pg, n).await;
 
-    let table = two_shards();
+    let table = ring(&["a", "b"]);
     let (mut ids, mut after) = (Vec::new(), Some(0));
     let listed = Instant::now();
     while let Some(from) = after {

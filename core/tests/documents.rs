@@ -15,6 +15,8 @@ use vellum_core::events::outbox;
 use vellum_core::store::Metadata;
 use vellum_testkit::{TestBucket, TestDatabase};
 
+mod support;
+
 const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
 struct Env {
@@ -481,22 +483,7 @@ fn uuid_suffix() -> String {
 
 /// Two SQLite shards sharing one memory tier, under a two-shard ring.
 async fn two_shards(dir: &std::path::Path) -> (vellum_core::documents::Library, Arc<dyn ObjectStore>, Clock) {
-    use vellum_core::config::{SecretHandle, ShardConfig, ShardsConfig};
-    use vellum_core::crds::shard_set::{Routing, RoutingStrategy};
-    let set = ShardsConfig {
-        shard_set: "docs".into(),
-        shards: ["s0", "s1"]
-            .iter()
-            .map(|name| ShardConfig {
-                name: (*name).to_owned(),
-                url: SecretHandle::new("shards", name),
-                weight: 1,
-                range_start: None,
-            })
-            .collect(),
-        routing: Routing { strategy: RoutingStrategy::ConsistentHash, virtual_nodes: 64 },
-    };
-    let table = Arc::new(vellum_core::routing::RoutingTable::build(&set).unwrap());
+    let table = Arc::new(support::ring(&["s0", "s1"]));
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let tier = Tier::from_store("hot", TierClass::Hot, None, Compression::default(), Arc::clone(&store));
     let tiers = Tiers::new(vec![Arc::new(tier)], "hot").unwrap();

@@ -10,31 +10,14 @@ use futures::TryStreamExt;
 use object_store::memory::InMemory;
 use vellum_core::blob::{Tier, Tiers, once};
 use vellum_core::clock::Clock;
-use vellum_core::config::{SecretHandle, ShardConfig, ShardsConfig};
-use vellum_core::crds::shard_set::{Routing, RoutingStrategy};
 use vellum_core::crds::storage_tier::{Compression, TierClass};
 use vellum_core::documents::{Actor, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion};
 use vellum_core::resharding::{Copied, copy_batch, moving};
-use vellum_core::routing::RoutingTable;
 use vellum_core::store::Metadata;
 use vellum_testkit::TestDatabase;
 
-fn table(names: &[&str]) -> RoutingTable {
-    RoutingTable::build(&ShardsConfig {
-        shard_set: "docs".into(),
-        shards: names
-            .iter()
-            .map(|name| ShardConfig {
-                name: (*name).to_owned(),
-                url: SecretHandle::new("shards", name),
-                weight: 1,
-                range_start: None,
-            })
-            .collect(),
-        routing: Routing { strategy: RoutingStrategy::ConsistentHash, virtual_nodes: 64 },
-    })
-    .unwrap()
-}
+mod support;
+use support::ring;
 
 struct Shards {
     a: Documents,
@@ -101,7 +84,7 @@ async fn the_documents_a_new_shard_takes_are_copied_verified_and_copied_again_wi
         .unwrap();
 
     // One shard becomes two: the ring moves about half of the documents, all to b.
-    let two = table(&["a", "b"]);
+    let two = ring(&["a", "b"]);
     let (mut movers, mut after) = (Vec::new(), Some(0));
     while let Some(from) = after {
         let (batch, next) = moving(s.a.meta(), Some(0), &two, from, 7).await.unwrap();

@@ -29,38 +29,18 @@ use serde_json::Value;
 use vellum_e2e::Cluster;
 use vellum_testkit::TestDatabase;
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::{built, kube_client, kubectl, repo};
+
 const NAMESPACE: &str = "bench";
 /// The operator's user, as the API server's audit log names it.
 const OPERATOR_USER: &str = "vellum-bench-operator";
 
-fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
 /// The release build of the operator beside this benchmark, built when missing (with the
 /// local cluster's node, which `vellum_e2e::Cluster` finds beside it too).
 fn operator_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the benchmark's own path");
-    // <target>/release/deps/reconcile-… → <target>/release/vellum-operator
-    let release = exe.parent().and_then(Path::parent).expect("the target directory").to_path_buf();
-    let binary = release.join("vellum-operator");
-    if !binary.exists() || !release.join("vellum-node").exists() {
-        let target = release.parent().expect("the target directory");
-        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "-p", "vellum-operator", "-p", "vellum-node", "--bins"])
-            .env("CARGO_TARGET_DIR", target)
-            .current_dir(repo())
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building vellum-operator failed");
-    }
-    binary
-}
-
-async fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> String {
-    let out = cluster.kubectl(args, stdin).await.expect("kubectl runs");
-    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    built(true, &["vellum-operator", "vellum-node"]).join("vellum-operator")
 }
 
 fn free_port() -> u16 {
@@ -256,15 +236,7 @@ async fn bench() {
         .await
         .expect("a local cluster (scripts/cluster)");
     let audit = cluster.dir().expect("a local cluster").join("audit.log");
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(cluster.kubeconfig()).expect("the kubeconfig"),
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .expect("the kubeconfig"),
-    )
-    .expect("a client");
+    let client = kube_client(&cluster).await;
     let operator_kubeconfig = cluster.user(OPERATOR_USER, Some("system:masters")).await.expect("the operator's user");
     let crds = repo().join("manifests/crds");
     kubectl(&cluster, &["apply", "-f", crds.to_str().expect("a UTF-8 path")], None).await;

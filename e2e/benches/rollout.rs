@@ -19,7 +19,6 @@
 //!   color (goal under 5 s).
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -32,35 +31,13 @@ use vellum_testkit::{TestBucket, TestDatabase};
 #[path = "../tests/support/mod.rs"]
 mod support;
 use support::{
-    Images, active_base, client, eventually, install_operator, kubectl, phase_watch, platform, ready, receiver, repo,
-    token,
+    Images, active_base, built, client, eventually, install_operator, kube_client, kubectl, phase_watch, platform,
+    ready, receiver, token,
 };
 
 /// Flagger's default analysis interval: it moves traffic one step a minute.
 const FLAGGER_STEP: Duration = Duration::from_secs(60);
 const GOAL: Duration = Duration::from_secs(5);
-
-/// The debug binaries beside this release-built benchmark, built when missing.
-fn debug_binaries() -> PathBuf {
-    let exe = std::env::current_exe().expect("the benchmark's own path");
-    // <target>/release/deps/rollout-… → <target>/debug
-    let target = exe.ancestors().nth(3).expect("the target directory").to_path_buf();
-    let debug = target.join("debug");
-    let names = ["vellum-operator", "vellum-gateway", "vellum-workers", "vellum-node", "kubectl-vellum"];
-    if names.iter().any(|n| !debug.join(n).exists()) {
-        let mut build = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build.args(["build", "--bins"]).env("CARGO_TARGET_DIR", &target).current_dir(repo());
-        for package in names {
-            build.args(["-p", package]);
-        }
-        assert!(build.status().expect("cargo runs").success(), "building the workspace's binaries failed");
-    }
-    debug
-}
-
-fn client_of(config: kube::Config) -> kube::Client {
-    kube::Client::try_from(config).expect("a client of the cluster")
-}
 
 /// Whether every ready endpoint of `service` is a gateway pod of `color` (and there is one).
 async fn all_on(client: &kube::Client, service: &str, color: &str) -> bool {
@@ -119,7 +96,9 @@ fn failed_between(failed: &[(Instant, String)], from: Instant, to: Instant) -> u
 }
 
 fn main() {
-    vellum_e2e::use_binaries_from(debug_binaries());
+    // The debug binaries (as the tests run them), built when missing.
+    let packages = ["vellum-operator", "vellum-gateway", "vellum-workers", "vellum-node", "kubectl-vellum"];
+    vellum_e2e::use_binaries_from(built(false, &packages));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
     runtime.block_on(Box::pin(run()));
 }
@@ -158,13 +137,7 @@ async fn run() {
         .await
         .expect("an upload");
     let document_id = uploaded.json::<serde_json::Value>().await.expect("the document")["id"].as_i64().expect("its id");
-    let config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(cluster.kubeconfig()).expect("the kubeconfig"),
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .expect("the kubeconfig's config");
-    let api = client_of(config);
+    let api = kube_client(&cluster).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let traffic = tokio::spawn(client(base.clone(), token(), document_id, stopped));
 

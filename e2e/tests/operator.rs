@@ -339,11 +339,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped.clone()));
     // Subscribers connected before the rollout (to blue, which keeps serving them) and an
     // uploader throughout: every upload's event reaches each subscriber exactly once.
-    let ws_url = format!("{}/ws?token={}", base.replace("http://", "ws://"), token_signed_with(rotated));
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
-    let sse = http.get(format!("{base}/api/v1/events/stream")).bearer_auth(token_signed_with(rotated));
-    let mut sse = sse.send().await.unwrap();
-    assert_eq!(sse.status(), 200);
+    let (mut ws, mut sse) = subscribers(&base, &token_signed_with(rotated)).await;
     let uploads = tokio::spawn(uploader(base.clone(), token_signed_with(rotated), stopped));
     // The platform at version `v`, analyzed for `window` s, the old color kept `delay` s.
     let version = |v: &str, window: u32, delay: u32| {
@@ -431,11 +427,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     // real-time event is lost or repeated.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let traffic = tokio::spawn(client(base.clone(), token_signed_with(rotated), document_id, stopped.clone()));
-    let ws_url = format!("{}/ws?token={}", base.replace("http://", "ws://"), token_signed_with(rotated));
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
-    let sse = http.get(format!("{base}/api/v1/events/stream")).bearer_auth(token_signed_with(rotated));
-    let mut sse = sse.send().await.unwrap();
-    assert_eq!(sse.status(), 200);
+    let (mut ws, mut sse) = subscribers(&base, &token_signed_with(rotated)).await;
     let uploads = tokio::spawn(uploader(base.clone(), token_signed_with(rotated), stopped));
     kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&version("1.2.0", 120, 5))).await;
     let analyzing = in_phase(&cluster, "Analyzing", "version 1.2.0 analyzing as blue").await;

@@ -125,6 +125,12 @@ const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 /// The furthest a smoke-check token's `exp` may be: the operator signs one per check run.
 const MAX_SMOKE_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
+/// Whether a token's `exp` (seconds since the epoch) lies further than `limit` from now.
+fn expires_beyond(exp: u64, limit: Duration) -> bool {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    exp > now.saturating_add(limit.as_secs())
+}
+
 /// The token checker and the per-user limiter.
 pub struct Auth {
     keys: RwLock<Arc<KeySet>>,
@@ -333,9 +339,7 @@ impl Auth {
                     if data.claims.sub == SMOKE_USER {
                         return Err(format!("the subject {SMOKE_USER} is reserved for the platform's smoke checks"));
                     }
-                    let now =
-                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                    if data.claims.exp > now.saturating_add(MAX_TOKEN_LIFETIME.as_secs()) {
+                    if expires_beyond(data.claims.exp, MAX_TOKEN_LIFETIME) {
                         return Err("the token's exp claim is more than ten years away".into());
                     }
                     let admin = data.claims.roles.contains("admin");
@@ -374,12 +378,11 @@ impl Auth {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::ExpiredSignature => "the smoke-check token has expired".to_owned(),
-                ErrorKind::InvalidSubject => format!("a smoke-check token names {SMOKE_USER}"),
+                ErrorKind::InvalidSubject => format!("a smoke-check token must name {SMOKE_USER}"),
                 _ => "the smoke-check token does not verify".to_owned(),
             }
         })?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if data.claims.exp > now.saturating_add(MAX_SMOKE_TOKEN_LIFETIME.as_secs()) {
+        if expires_beyond(data.claims.exp, MAX_SMOKE_TOKEN_LIFETIME) {
             return Err("a smoke-check token lives ten minutes at most".into());
         }
         Ok(Actor::smoke())

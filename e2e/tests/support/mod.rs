@@ -154,18 +154,56 @@ pub async fn kill_leader(cluster: &Cluster) -> (String, String, Duration) {
     (leader, next, killed.elapsed())
 }
 
+/// The directory of the workspace's binaries of one profile (`release`, else debug) beside
+/// the running benchmark, with `packages`' binaries built there first when any is missing.
+pub fn built(release: bool, packages: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().expect("the benchmark's own path");
+    // <target>/<profile>/deps/<bench>-… → <target>
+    let target = exe.ancestors().nth(3).expect("the target directory").to_path_buf();
+    let dir = target.join(if release { "release" } else { "debug" });
+    if packages.iter().any(|p| !dir.join(p).exists()) {
+        let mut build = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.args(["build", "--bins"]).env("CARGO_TARGET_DIR", &target).current_dir(repo());
+        if release {
+            build.arg("--release");
+        }
+        for package in packages {
+            build.args(["-p", package]);
+        }
+        assert!(build.status().expect("cargo runs").success(), "building {packages:?} failed");
+    }
+    dir
+}
+
+/// A Kubernetes client of the cluster, as its kubeconfig gives it.
+pub async fn kube_client(cluster: &Cluster) -> kube::Client {
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(cluster.kubeconfig()).expect("the kubeconfig"),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("the kubeconfig's config");
+    kube::Client::try_from(config).expect("a client of the cluster")
+}
+
+/// A WebSocket (JSON protocol) and an SSE subscriber of the platform at `base`, connected.
+pub async fn subscribers(
+    base: &str,
+    token: &str,
+) -> (tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, reqwest::Response) {
+    let ws_url = format!("{}/ws?token={token}", base.replace("http://", "ws://"));
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let sse =
+        reqwest::Client::new().get(format!("{base}/api/v1/events/stream")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(sse.status(), 200);
+    (ws, sse)
+}
+
 /// The phases `bgr/docs` records, in order, each as a watch sees its status written (a
 /// phase too short for polling is seen too).
 pub async fn phase_watch(cluster: &Cluster) -> tokio::sync::mpsc::UnboundedReceiver<String> {
     use kube::runtime::{WatchStreamExt, watcher};
-    let config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(cluster.kubeconfig()).unwrap(),
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    let api: kube::Api<vellum_crds::BlueGreenRelease> =
-        kube::Api::namespaced(kube::Client::try_from(config).unwrap(), "docs");
+    let api: kube::Api<vellum_crds::BlueGreenRelease> = kube::Api::namespaced(kube_client(cluster).await, "docs");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut stream =
