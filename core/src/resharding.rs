@@ -1,17 +1,34 @@
-//! Moving documents between metadata shards, the copy step of a live resharding: which
-//! documents a new routing table moves off a shard, and a batch of them copied — rows of
-//! `documents`, `versions`, `document_tags` and the `blobs` their versions reference — to
-//! the shard they move to, and verified there before the copy commits.
+//! Moving documents between metadata shards: a live resharding's steps.
 //!
-//! A batch is copied in one transaction on the target while the source's documents of the
-//! batch are held `FOR SHARE`: a write to one of them waits until the batch is copied
-//! (briefly), so the copy is never of a half-written document. The target's rows of the
-//! batch are replaced whole, so copying a batch again (after a crash, or after its
-//! documents changed) leaves the target equal to the source, never with a row twice; the
-//! target's rows of moving documents are not read by anyone until the routing version
-//! flips, which is the coordinator's to decide, as is removing the source's rows after it.
-//! Blob rows are content-addressed: a blob the target already holds (the same bytes
-//! uploaded there) is kept, as its copy in the tier is as good as the source's.
+//! A move goes from the routing table in force to a new one. It runs in this order:
+//!
+//! 1. Every replica loads the new table beside the one in force (a [`Library`] that knows
+//!    both): it keeps routing by the table in force, and gives new documents ids both tables
+//!    send to the same shard, so nothing new lands where it would have to move.
+//! 2. [`begin_move`] marks each source shard with the new table's version. A replica that
+//!    does not know it may no longer record a new document there (it is told to retry), and
+//!    the mark waits for the records under way, so the listing below misses nothing.
+//! 3. [`moving`] lists, with a cursor, the documents the new table sends elsewhere, and
+//!    [`hand_over`] moves them in batches: the batch is copied to its target and verified
+//!    there (rows read back equal the source's, by digest) while the source holds it, then
+//!    removed from the source in the same source transaction that leaves a marker naming
+//!    the target. Ownership thus moves a batch at a time: a write waits for the hand-over and
+//!    then finds the document gone and its marker, and a [`Library`] follows the marker
+//!    ([`Library::at`]) and is answered by the target; nothing is written to a copy that is
+//!    thrown away. A listing asks the target shards once more after every shard answered,
+//!    so a document crossing during it is listed, and once.
+//! 4. Once every batch is handed over, the new table is put in force (the flip); replicas
+//!    still on the old one follow markers until they load it, and the markers go after.
+//!
+//! Reverting before the flip is a move back under the old table, by the same steps. A crash
+//! leaves each batch either wholly on its source (a copy on the target that the next
+//! hand-over replaces, and that listings name once) or wholly on its target.
+//!
+//! The copies in the tiers are shared by every shard: a blob row handed over refers to the
+//! same stored copy, which stays; a shard's garbage collector (and a purge) deletes a copy
+//! only when no other shard's blob row refers to it.
+//!
+//! [`copy_batch`] copies without handing over (the source keeps the documents).
 //!
 //! Postgres only: a platform with more than one shard runs on Postgres.
 
@@ -19,6 +36,8 @@ use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
+#[cfg(doc)]
+use crate::documents::Library;
 use crate::routing::RoutingTable;
 use crate::store::{Dialect, Metadata, StoreError};
 
@@ -127,12 +146,15 @@ const BLOBS: Table = Table {
 };
 
 impl Table {
-    fn select(&self, ids: usize, lock: bool) -> String {
+    fn select(&self, ids: usize, lock: Option<Lock>) -> String {
         let columns: Vec<String> = self.columns.iter().map(|(c, _)| format!("t.{c}")).collect();
-        let placeholders: Vec<String> = (1..=ids).map(|n| format!("${n}")).collect();
-        let from = self.rows_of.replace("{ids}", &placeholders.join(", "));
+        let from = self.rows_of.replace("{ids}", &placeholders(1, ids));
         // Only the documents' own rows are locked: every write to a document updates it.
-        let lock = if lock { " FOR SHARE" } else { "" };
+        let lock = match lock {
+            None => "",
+            Some(Lock::Share) => " FOR SHARE",
+            Some(Lock::Update) => " FOR UPDATE",
+        };
         format!("SELECT {} {from} ORDER BY {}{lock}", columns.join(", "), self.order)
     }
 
@@ -164,6 +186,20 @@ impl Table {
     }
 }
 
+/// How the source's documents of a batch are held while it is copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lock {
+    /// Writes wait; the source keeps the documents (a copy).
+    Share,
+    /// Writes wait, and find the documents gone when they go on (a hand-over).
+    Update,
+}
+
+/// `$first, …, $(first + n - 1)`.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
 /// The most documents a batch may hold (their ids are one statement's parameters).
 pub const MAX_BATCH: usize = 10_000;
 
@@ -178,9 +214,9 @@ const TABLES: [&Table; 4] = [&BLOBS, &DOCUMENTS, &VERSIONS, &TAGS];
 /// The batch's rows; with `lock`, its documents' rows are first held `FOR SHARE` (waiting
 /// for writes under way), so that the rows read after are those of finished writes and stay
 /// so until the transaction ends: every write to a document updates its row.
-async fn read(conn: &mut sqlx::AnyConnection, ids: &[i64], lock: bool) -> Result<Rows, StoreError> {
-    if lock {
-        let mut query = sqlx::query(AssertSqlSafe(DOCUMENTS.select(ids.len(), true)));
+async fn read(conn: &mut sqlx::AnyConnection, ids: &[i64], lock: Option<Lock>) -> Result<Rows, StoreError> {
+    if lock.is_some() {
+        let mut query = sqlx::query(AssertSqlSafe(DOCUMENTS.select(ids.len(), lock)));
         for id in ids {
             query = query.bind(*id);
         }
@@ -188,7 +224,7 @@ async fn read(conn: &mut sqlx::AnyConnection, ids: &[i64], lock: bool) -> Result
     }
     let mut all = Vec::with_capacity(TABLES.len());
     for table in TABLES {
-        let sql = table.select(ids.len(), false);
+        let sql = table.select(ids.len(), None);
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for id in ids {
             query = query.bind(*id);
@@ -278,11 +314,105 @@ pub async fn moving(
 /// Copies the documents `ids` from `source` to `target` and verifies the copy, in one
 /// transaction on the target, while the source's rows of the batch are held.
 pub async fn copy_batch(source: &Metadata, target: &Metadata, ids: &[i64]) -> Result<Copied, MoveError> {
+    let Some(copy) = copy(source, target, ids, Lock::Share).await? else { return Ok(Copied::default()) };
+    copy.target.commit().await?;
+    copy.held.commit().await?;
+    Ok(copy.copied)
+}
+
+/// Hands the documents `ids` over from `source` to `target` (named `target_name` in the
+/// routing tables): copies and verifies them as [`copy_batch`] does, holding the source's
+/// documents `FOR UPDATE`, and once the copy has committed, removes them from the source
+/// and leaves a marker for each naming the target, in one source transaction. A write to
+/// one of them waits for the hand-over and then finds the document gone (and, through the
+/// marker, its new shard), so no write is applied to a copy that is discarded.
+///
+/// The blob rows only the moved documents referred to go with them: the target's row now
+/// refers to the same stored copy, which stays (the source's row goes without a claim);
+/// where the target kept its own copy of the same bytes, the source's copy is claimed as
+/// garbage, due after `grace_ms` (reads that looked it up before the hand-over finish).
+///
+/// A crash between the two commits leaves the documents on both shards and the source
+/// still theirs (no marker): the hand-over made again replaces the target's rows.
+pub async fn hand_over(
+    source: &Metadata,
+    target: &Metadata,
+    target_name: &str,
+    ids: &[i64],
+    now: i64,
+    grace_ms: i64,
+) -> Result<Copied, MoveError> {
+    let Some(mut copy) = copy(source, target, ids, Lock::Update).await? else { return Ok(Copied::default()) };
+    copy.target.commit().await?;
+    let present: Vec<i64> = copy.rows[1]
+        .iter()
+        .filter_map(|row| match row[0] {
+            Value::Int(id) => id,
+            Value::Text(_) => None,
+        })
+        .collect();
+    let held = &mut copy.held;
+    let mut remove =
+        sqlx::query(AssertSqlSafe(format!("DELETE FROM documents WHERE id IN ({})", placeholders(1, present.len()))));
+    for id in &present {
+        remove = remove.bind(*id);
+    }
+    remove.execute(&mut **held).await?;
+    for chunk in present.chunks(MAX_PARAMETERS / 3) {
+        let tuples: Vec<String> =
+            (0..chunk.len()).map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect();
+        let mut mark = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO moved_documents (id, shard, moved_at) VALUES {} \
+             ON CONFLICT (id) DO UPDATE SET shard = EXCLUDED.shard, moved_at = EXCLUDED.moved_at",
+            tuples.join(", ")
+        )));
+        for id in chunk {
+            mark = mark.bind(*id).bind(target_name).bind(now);
+        }
+        mark.execute(&mut **held).await?;
+    }
+    let target_copy = |sha: &str| {
+        copy.on_target[0].iter().find(|row| row[0] == Value::Text(Some(sha.to_owned()))).map(|row| (&row[3], &row[2]))
+    };
+    for blob in &copy.rows[0] {
+        let Value::Text(Some(sha)) = &blob[0] else { continue };
+        if let Some((tier, key)) = crate::documents::forget_unreferenced_blob(held, sha).await? {
+            let same = target_copy(sha)
+                .is_some_and(|(t, k)| *t == Value::Text(Some(tier.clone())) && *k == Value::Text(Some(key.clone())));
+            if !same {
+                sqlx::query(
+                    "INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3) \
+                     ON CONFLICT (tier, object_key) DO NOTHING",
+                )
+                .bind(tier)
+                .bind(key)
+                .bind(now + grace_ms)
+                .execute(&mut **held)
+                .await?;
+            }
+        }
+    }
+    copy.held.commit().await?;
+    Ok(copy.copied)
+}
+
+/// A batch copied and verified on the target, neither transaction committed yet.
+struct Copy {
+    held: sqlx::Transaction<'static, sqlx::Any>,
+    target: sqlx::Transaction<'static, sqlx::Any>,
+    /// The source's rows, table by table.
+    rows: Rows,
+    /// The target's rows as read back.
+    on_target: Rows,
+    copied: Copied,
+}
+
+async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> Result<Option<Copy>, MoveError> {
     if source.dialect() != Dialect::Postgres || target.dialect() != Dialect::Postgres {
         return Err(MoveError::NotPostgres);
     }
     if ids.is_empty() {
-        return Ok(Copied::default());
+        return Ok(None);
     }
     if ids.len() > MAX_BATCH {
         return Err(MoveError::BatchTooLarge(ids.len()));
@@ -290,17 +420,19 @@ pub async fn copy_batch(source: &Metadata, target: &Metadata, ids: &[i64]) -> Re
     // Read committed: each statement sees the writes finished before it, and none can
     // finish on the batch once its documents are held.
     let mut held = source.pool().begin().await?;
-    let rows = read(&mut held, ids, true).await?;
+    let rows = read(&mut held, ids, Some(lock)).await?;
     let mut tx = target.pool().begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
     // The target's rows of the batch are replaced whole (versions and tags go with their
-    // document), so a copy made again is equal to the source, never doubled.
-    let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
-    let mut clear =
-        sqlx::query(AssertSqlSafe(format!("DELETE FROM documents WHERE id IN ({})", placeholders.join(", "))));
-    for id in ids {
-        clear = clear.bind(*id);
+    // document), so a copy made again is equal to the source, never doubled; a marker a
+    // document left here when it moved away before goes, as the document is back.
+    for table in ["documents", "moved_documents"] {
+        let mut clear =
+            sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE id IN ({})", placeholders(1, ids.len()))));
+        for id in ids {
+            clear = clear.bind(*id);
+        }
+        clear.execute(&mut *tx).await?;
     }
-    clear.execute(&mut *tx).await?;
     for (table, rows) in TABLES.iter().zip(&rows) {
         // As many rows a statement as its parameters allow (Postgres takes 65,535).
         for chunk in rows.chunks(MAX_PARAMETERS / table.columns.len()) {
@@ -315,14 +447,12 @@ pub async fn copy_batch(source: &Metadata, target: &Metadata, ids: &[i64]) -> Re
             insert.execute(&mut *tx).await?;
         }
     }
-    let copied = read(&mut tx, ids, false).await?;
-    if digest(&copied) != digest(&rows) {
+    let on_target = read(&mut tx, ids, None).await?;
+    if digest(&on_target) != digest(&rows) {
         tx.rollback().await?;
         held.rollback().await?;
         return Err(MoveError::Mismatch { ids: ids.to_vec() });
     }
-    tx.commit().await?;
-    held.commit().await?;
     let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
     let bytes = rows[2]
         .iter()
@@ -331,5 +461,23 @@ pub async fn copy_batch(source: &Metadata, target: &Metadata, ids: &[i64]) -> Re
             _ => 0,
         })
         .sum();
-    Ok(Copied { documents: count(rows[1].len()), versions: count(rows[2].len()), bytes })
+    let copied = Copied { documents: count(rows[1].len()), versions: count(rows[2].len()), bytes };
+    Ok(Some(Copy { held, target: tx, rows, on_target, copied }))
+}
+
+/// Marks `source` as moving its documents under the routing `version` (`None`: no move).
+/// Waits for the new documents being recorded there: once it returns, a listing of the
+/// source sees every document recorded by a replica that did not know the version, and
+/// no such replica records another.
+pub async fn begin_move(source: &Metadata, version: Option<&str>) -> Result<(), MoveError> {
+    sqlx::query("UPDATE shard_routing SET moving_to = $1").bind(version).execute(source.pool()).await?;
+    Ok(())
+}
+
+/// The document `id`'s marker on `shard`: the shard it was handed over to.
+pub async fn moved_to(shard: &Metadata, id: i64) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT shard FROM moved_documents WHERE id = $1")
+        .bind(id)
+        .fetch_optional(shard.pool())
+        .await?)
 }

@@ -52,7 +52,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 /// Adds to every operation the answers the server gives it whatever the route: 401 and 429
 /// where a token is needed, 400 for malformed parameters or bodies, 404 where the path
-/// names something, 413/415/422 for JSON bodies, 413/503 for uploads, 412 for tus. A
+/// names something, 503 where it names a document (a resharding may be moving it),
+/// 413/415/422 for JSON bodies, 413/503 for uploads, 412 for tus. A
 /// route's own description of one of them is kept.
 pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
@@ -95,6 +96,15 @@ pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
             }
             if path.contains('{') {
                 answers.push(("404", "No such thing, or not the caller's"));
+            }
+            if (path.contains("{id}") && (path.contains("/documents/") || path.contains("/storage/")))
+                || (path.contains('{') && path.contains("/links/"))
+            {
+                answers.push((
+                    "503",
+                    "The document is being handed over between metadata shards, or was handed to a shard this \
+                     replica has not loaded yet; see Retry-After",
+                ));
             }
             if json_body {
                 answers.push(("413", "The body is larger than 1 MiB"));

@@ -93,7 +93,7 @@ async fn lifecycle(
     User(actor): User,
     DocId(id): DocId,
 ) -> ApiResult<axum::Json<Lifecycle>> {
-    let facts = state.docs.of(id).lifecycle_facts(&actor, id).await?;
+    let facts = state.docs.at(id, |shard| Box::pin(shard.lifecycle_facts(&actor, id))).await?;
     let config = state.platform();
     // Dry-run and suspended policies act on nothing, so they schedule nothing.
     let policies: Vec<Policy<'_>> = config
@@ -134,7 +134,9 @@ async fn move_tier(
     DocId(id): DocId,
     JsonBody(request): JsonBody<MoveRequest>,
 ) -> ApiResult<axum::Json<Document>> {
-    Ok(axum::Json(state.docs.of(id).move_document(&actor, id, &request.tier, Grace::default()).await?))
+    Ok(axum::Json(
+        state.docs.at(id, |shard| Box::pin(shard.move_document(&actor, id, &request.tier, Grace::default()))).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/{id}/restore", tag = TAG,
@@ -146,7 +148,7 @@ async fn restore_archived(
     User(actor): User,
     DocId(id): DocId,
 ) -> ApiResult<axum::Json<Document>> {
-    Ok(axum::Json(state.docs.of(id).restore_archived(&actor, id, Grace::default()).await?))
+    Ok(axum::Json(state.docs.at(id, |shard| Box::pin(shard.restore_archived(&actor, id, Grace::default()))).await?))
 }
 
 #[utoipa::path(get, path = "/usage", tag = TAG,

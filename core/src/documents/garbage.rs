@@ -44,6 +44,24 @@ impl Documents {
                 }
                 due.push((tier, key));
             }
+            let shared = self.referenced_elsewhere(&due).await?;
+            if !shared.is_empty() {
+                // A copy another shard refers to (its document was handed over there) is that
+                // shard's: this shard's claim on it goes, the copy stays.
+                let mut tx = self.meta.pool().begin().await?;
+                for (tier, key) in &shared {
+                    sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2")
+                        .bind(tier)
+                        .bind(key)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                due.retain(|copy| !shared.contains(copy));
+                if due.is_empty() {
+                    continue;
+                }
+            }
             if due.is_empty() {
                 return Ok(deleted);
             }
@@ -69,6 +87,31 @@ impl Documents {
             tx.commit().await?;
             deleted += due.len() as u64;
         }
+    }
+}
+
+impl Documents {
+    /// The copies of `due` a blob row of another shard refers to.
+    pub(super) async fn referenced_elsewhere(
+        &self,
+        due: &[(String, String)],
+    ) -> Result<BTreeSet<(String, String)>, DocError> {
+        let mut shared = BTreeSet::new();
+        for sibling in self.siblings() {
+            for (tier, key) in due {
+                let found: Option<i64> =
+                    sqlx::query_scalar("SELECT 1 FROM blobs WHERE tier = $1 AND object_key = $2 LIMIT 1")
+                        .bind(tier)
+                        .bind(key)
+                        .fetch_optional(sibling.pool())
+                        .await
+                        .map_err(StoreError::from)?;
+                if found.is_some() {
+                    shared.insert((tier.clone(), key.clone()));
+                }
+            }
+        }
+        Ok(shared)
     }
 }
 

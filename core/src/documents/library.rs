@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use futures::future::try_join_all;
+use futures::future::{BoxFuture, try_join_all};
 
 use bytes::Bytes;
 use futures::Stream;
 
 use super::{
-    Actor, DocError, Document, Documents, ListQuery, NewVersion, Page, Prepared, Uploaded, Usage, page_limit, page_of,
-    random_document_id,
+    Actor, DocError, Document, Documents, ListQuery, NewVersion, Page, Placement, Prepared, Uploaded, Usage,
+    page_limit, page_of, random_document_id,
 };
 use crate::blob::{StoredBlob, Tiers};
 use crate::clock::Clock;
@@ -20,16 +20,27 @@ use crate::routing::RoutingTable;
 use crate::store::{Metadata, StoreError};
 
 /// The documents of a platform, on one shard or several.
+///
+/// While documents move between shards (a live resharding, see [`crate::resharding`]),
+/// the library knows the table they move to besides the one in force: new documents get
+/// ids that both tables route to the same shard, and a request for a document that was
+/// handed over follows the marker it left.
 #[derive(Clone, Debug)]
 pub struct Library {
     table: Arc<RoutingTable>,
+    /// The table documents are moving to, while they are.
+    next: Option<Arc<RoutingTable>>,
+    /// The shards of `table` in its order, then those only `next` has.
     shards: Vec<Documents>,
 }
+
+/// How many shards a request follows a document through before it gives up.
+const MAX_HOPS: usize = 4;
 
 impl Library {
     /// One database holding everything.
     pub fn single(docs: Documents) -> Self {
-        Self { table: Arc::new(RoutingTable::single("main")), shards: vec![docs] }
+        Self { table: Arc::new(RoutingTable::single("main")), next: None, shards: vec![docs] }
     }
 
     /// The shards of `table`, in its order; they share the first one's tiers.
@@ -37,18 +48,104 @@ impl Library {
     /// # Panics
     /// When `shards` does not hold exactly one database per shard of the table.
     pub fn sharded(table: Arc<RoutingTable>, shards: Vec<Documents>) -> Self {
-        assert_eq!(table.len(), shards.len(), "one database per shard of the routing table");
+        Self::moving(table, None, shards)
+    }
+
+    /// The shards of `table` in its order, then those only `next` has, while documents
+    /// move from `table` to `next`.
+    ///
+    /// # Panics
+    /// When `shards` does not hold exactly one database per shard of either table.
+    pub fn moving(table: Arc<RoutingTable>, next: Option<Arc<RoutingTable>>, shards: Vec<Documents>) -> Self {
+        let mut names: Vec<String> = table.names().to_vec();
+        if let Some(next) = &next {
+            names.extend(next.names().iter().filter(|n| !table.names().contains(n)).cloned());
+        }
+        assert_eq!(names.len(), shards.len(), "one database per shard of the routing tables");
         let first = shards[0].clone();
+        let metas: Vec<Metadata> = shards.iter().map(|d| d.meta().clone()).collect();
         let shards = shards
             .into_iter()
             .enumerate()
-            .map(|(index, docs)| docs.sharing_tiers_with(&first).placed(Arc::clone(&table), index))
+            .map(|(index, docs)| {
+                let siblings: Arc<[Metadata]> =
+                    metas.iter().enumerate().filter(|(i, _)| *i != index).map(|(_, m)| m.clone()).collect();
+                let placement = Placement {
+                    table: Arc::clone(&table),
+                    index,
+                    next: next.as_ref().map(|n| (Arc::clone(n), n.names().iter().position(|x| *x == names[index]))),
+                };
+                docs.sharing_tiers_with(&first).placed(placement, siblings)
+            })
             .collect();
-        Self { table, shards }
+        Self { table, next, shards }
     }
 
+    /// The routing table in force.
     pub fn table(&self) -> &RoutingTable {
         &self.table
+    }
+
+    /// The table documents are moving to, while they are.
+    pub fn next(&self) -> Option<&RoutingTable> {
+        self.next.as_deref()
+    }
+
+    /// Every shard's name, in the order of [`Self::shards`].
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.table.names().iter().map(String::as_str).collect();
+        if let Some(next) = &self.next {
+            names
+                .extend(next.names().iter().map(String::as_str).filter(|n| !self.table.names().iter().any(|t| t == n)));
+        }
+        names
+    }
+
+    /// The shard named `name`.
+    pub fn named(&self, name: &str) -> Option<&Documents> {
+        self.names().iter().position(|n| *n == name).map(|i| &self.shards[i])
+    }
+
+    /// Runs `op` on the shard holding document `id`: the one the table in force routes it
+    /// to or, when the document was handed over from there, the shard its marker names.
+    /// For example `library.at(id, |shard| Box::pin(shard.get(&actor, id)))`.
+    pub async fn at<'s, T>(
+        &'s self,
+        id: i64,
+        op: impl Fn(&'s Documents) -> BoxFuture<'s, Result<T, DocError>>,
+    ) -> Result<T, DocError> {
+        self.find(id, op).await.map(|(_, value)| value)
+    }
+
+    /// [`Self::at`], and the index of the shard `op` succeeded on.
+    async fn find<'s, T>(
+        &'s self,
+        id: i64,
+        op: impl Fn(&'s Documents) -> BoxFuture<'s, Result<T, DocError>>,
+    ) -> Result<(usize, T), DocError> {
+        let mut index = self.table.shard_of_id(id);
+        for _ in 0..MAX_HOPS {
+            match op(&self.shards[index]).await {
+                Err(DocError::NotFound(missing)) if missing == id => match self.moved(&self.shards[index], id).await? {
+                    Some(next) => index = next,
+                    None => return Err(DocError::NotFound(id)),
+                },
+                other => return other.map(|value| (index, value)),
+            }
+        }
+        Err(DocError::Unavailable(format!("document {id} is moving between shards; try again shortly")))
+    }
+
+    /// The index of the shard document `id` was handed over to from `shard`, if it was.
+    async fn moved(&self, shard: &Documents, id: i64) -> Result<Option<usize>, DocError> {
+        match shard.moved_to(id).await? {
+            None => Ok(None),
+            Some(name) => self.names().iter().position(|n| *n == name).map(Some).ok_or_else(|| {
+                DocError::Unavailable(format!(
+                    "document {id} moved to shard {name}, which this replica has not loaded yet; try again shortly"
+                ))
+            }),
+        }
     }
 
     /// The first shard: where records that belong to no document are kept (webhook
@@ -57,12 +154,14 @@ impl Library {
         &self.shards[0]
     }
 
-    /// Every shard, in the routing table's order.
+    /// Every shard: the routing table's in its order, then those only the table documents
+    /// move to has.
     pub fn shards(&self) -> &[Documents] {
         &self.shards
     }
 
-    /// The shard holding document `id`.
+    /// The shard the table in force routes document `id` to (see [`Self::at`] for the
+    /// shard that holds it).
     pub fn of(&self, id: i64) -> &Documents {
         &self.shards[self.table.shard_of_id(id)]
     }
@@ -73,23 +172,32 @@ impl Library {
     }
 
     /// The shard a new document goes to: where the routing sends a random id, so that
-    /// shards fill in proportion to their share of the routing.
+    /// shards fill in proportion to their share of the routing; while documents move, an
+    /// id both tables send to the same shard (new documents land where they stay).
     pub fn for_new(&self) -> &Documents {
+        let Some(next) = &self.next else { return self.of(random_document_id()) };
+        let names = self.names();
+        for _ in 0..1024 {
+            let id = random_document_id();
+            let now = self.table.shard_of_id(id);
+            if next.names()[next.shard_of_id(id)] == names[now] {
+                return &self.shards[now];
+            }
+        }
         self.of(random_document_id())
     }
 
     /// Begins a new document's upload on the shard the routing sends it to, chosen here
     /// once: its bytes are claimed, stored and recorded there and nowhere else.
     pub fn begin_document(&self) -> DocumentUpload<'_> {
-        Upload { shard: self.for_new(), blob: None, of: () }
+        Upload { library: self, shard: self.for_new(), blob: None, of: () }
     }
 
     /// Begins a new version of document `id` on the document's own shard, once the actor
     /// may see it (checked before any byte is taken).
     pub async fn begin_version(&self, actor: &Actor, id: i64) -> Result<VersionUpload<'_>, DocError> {
-        let shard = self.of(id);
-        let current = shard.get(actor, id).await?;
-        Ok(Upload { shard, blob: None, of: current })
+        let (index, current) = self.find(id, |shard| Box::pin(shard.get(actor, id))).await?;
+        Ok(Upload { library: self, shard: &self.shards[index], blob: None, of: current })
     }
 
     pub fn tiers(&self) -> Tiers {
@@ -117,7 +225,14 @@ impl Library {
             return self.primary().list(actor, query).await;
         }
         let limit = page_limit(query)? as usize;
-        let answers = try_join_all(self.shards.iter().map(|shard| shard.list_keyed(actor, query))).await?;
+        let mut answers = try_join_all(self.shards.iter().map(|shard| shard.list_keyed(actor, query))).await?;
+        if let Some(next) = &self.next {
+            // A document handed over while the shards answered may have left its source
+            // after the source answered and reached its target before the target did: the
+            // shards it may reach answer again, after every first answer.
+            let gaining: Vec<&Documents> = next.names().iter().filter_map(|name| self.named(name)).collect();
+            answers.extend(try_join_all(gaining.into_iter().map(|shard| shard.list_keyed(actor, query))).await?);
+        }
         let mut more = false;
         let mut items = Vec::with_capacity(limit * 2);
         for (page, more_here) in answers {
@@ -125,6 +240,9 @@ impl Library {
             items.extend(page);
         }
         items.sort_by(|(a_at, a), (b_at, b)| b_at.cmp(a_at).then(b.id.cmp(&a.id)));
+        // A document is on two shards for the moment between the two commits of its
+        // hand-over (or twice in the answers above): it is listed once.
+        items.dedup_by_key(|(_, d)| d.id);
         Ok(page_of(items, more, limit))
     }
 
@@ -160,6 +278,7 @@ impl Library {
 /// unfinished, its stored bytes stay claimed as garbage until the collector deletes them.
 #[derive(Debug)]
 pub struct Upload<'a, K> {
+    library: &'a Library,
     shard: &'a Documents,
     blob: Option<StoredBlob>,
     of: K,
@@ -217,9 +336,29 @@ impl VersionUpload<'_> {
 
     /// Records the version on the document's shard (its stored copy is deleted if the
     /// record fails).
+    ///
+    /// When the document was handed over to another shard meanwhile, the claim on the
+    /// stored copy follows it there and the version is recorded there.
     pub async fn finish(mut self, actor: &Actor, new: NewVersion) -> Result<Uploaded, DocError> {
         let blob = self.take()?;
-        self.shard.record_version(actor, self.of.id, new, blob).await
+        let id = self.of.id;
+        let mut shard = self.shard;
+        for _ in 0..MAX_HOPS {
+            let result = shard.try_record_version(actor, id, &new, &blob).await;
+            if let Err(DocError::NotFound(missing)) = &result
+                && *missing == id
+                && let Some(next) = self.library.moved(shard, id).await?
+            {
+                let next = &self.library.shards[next];
+                shard.transfer_claim(&blob, next).await?;
+                shard = next;
+                continue;
+            }
+            shard.settle(&blob, &result).await;
+            return result;
+        }
+        shard.settle(&blob, &Err(DocError::NotFound(id))).await;
+        Err(DocError::Unavailable(format!("document {id} is moving between shards; try again shortly")))
     }
 }
 

@@ -55,6 +55,10 @@ pub enum DocError {
     ChecksumMismatch(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Not now, soon: the document's shard is handing it over, or a move this replica has
+    /// not loaded yet is under way.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the upload exceeds the limit of {limit} bytes")]
     TooLarge { limit: u64 },
     #[error(transparent)]
@@ -123,7 +127,26 @@ pub struct Documents {
     pub max_upload: u64,
     /// This database's place among the platform's shards: the documents and upload
     /// sessions it creates get ids the routing table sends to it.
-    placement: Option<(Arc<RoutingTable>, usize)>,
+    placement: Option<Placement>,
+    /// The platform's other shards: a stored copy one of them refers to is not garbage.
+    siblings: Arc<[Metadata]>,
+}
+
+/// Where a shard stands in the routing table in force and, while a move runs, in the
+/// table it moves to (`None`: the shard leaves it).
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub table: Arc<RoutingTable>,
+    pub index: usize,
+    pub next: Option<(Arc<RoutingTable>, Option<usize>)>,
+}
+
+impl Placement {
+    /// Whether `shard_of` sends a key here under both tables.
+    fn owns(&self, shard_of: impl Fn(&RoutingTable) -> usize) -> bool {
+        shard_of(&self.table) == self.index
+            && self.next.as_ref().is_none_or(|(next, index)| Some(shard_of(next)) == *index)
+    }
 }
 
 /// Tries at drawing an id that routes to a shard before giving up: a shard's share of the
@@ -314,7 +337,7 @@ async fn insert_version(
 ///
 /// In a serializable transaction: a concurrent upload that links to this blob either
 /// commits first (and the blob stays) or fails and retries (and stores its own copy).
-async fn forget_unreferenced_blob(tx: &mut Tx, sha: &str) -> Result<Option<(String, String)>, StoreError> {
+pub(crate) async fn forget_unreferenced_blob(tx: &mut Tx, sha: &str) -> Result<Option<(String, String)>, StoreError> {
     let row = sqlx::query(
         "SELECT tier, object_key FROM blobs b WHERE sha256 = $1 AND NOT EXISTS \
          (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
@@ -387,13 +410,22 @@ fn like_pattern(words: &str) -> String {
 
 impl Documents {
     pub fn new(meta: Metadata, tiers: Tiers, clock: Clock, bus: Option<Bus>, max_upload: u64) -> Self {
-        Self { meta, tiers: Arc::new(std::sync::RwLock::new(tiers)), clock, bus, max_upload, placement: None }
+        Self {
+            meta,
+            tiers: Arc::new(std::sync::RwLock::new(tiers)),
+            clock,
+            bus,
+            max_upload,
+            placement: None,
+            siblings: Arc::new([]),
+        }
     }
 
-    /// Places this database at `index` of the platform's routing `table`.
+    /// Places this database among the platform's shards, which are `siblings`.
     #[must_use]
-    pub fn placed(mut self, table: Arc<RoutingTable>, index: usize) -> Self {
-        self.placement = Some((table, index));
+    pub fn placed(mut self, placement: Placement, siblings: Arc<[Metadata]>) -> Self {
+        self.placement = Some(placement);
+        self.siblings = siblings;
         self
     }
 
@@ -406,12 +438,66 @@ impl Documents {
 
     /// Whether the routing table sends document `id` here.
     pub fn owns_id(&self, id: i64) -> bool {
-        self.placement.as_ref().is_none_or(|(table, index)| table.shard_of_id(id) == *index)
+        self.placement.as_ref().is_none_or(|p| p.owns(|table| table.shard_of_id(id)))
     }
 
     /// Whether the routing table sends the record named `key` here.
     pub fn owns_key(&self, key: &str) -> bool {
-        self.placement.as_ref().is_none_or(|(table, index)| table.shard_of_key(key) == *index)
+        self.placement.as_ref().is_none_or(|p| p.owns(|table| table.shard_of_key(key)))
+    }
+
+    /// Goes on recording a new document only on a replica that knows the move its shard is
+    /// part of, if one runs: such a replica draws ids the move leaves here. The shard's
+    /// routing row is held until the record commits, so the mover's update of it waits.
+    async fn check_move(&self, tx: &mut Tx) -> Result<(), DocError> {
+        let lock = if self.meta.dialect() == crate::store::Dialect::Postgres { " FOR SHARE" } else { "" };
+        let moving: Option<String> = sqlx::query_scalar::<_, Option<String>>(AssertSqlSafe(format!(
+            "SELECT moving_to FROM shard_routing{lock}"
+        )))
+        .fetch_optional(&mut **tx)
+        .await?
+        .flatten();
+        let known = self.placement.as_ref().and_then(|p| p.next.as_ref()).map(|(next, _)| next.version());
+        match moving {
+            Some(version) if known != Some(version.as_str()) => Err(DocError::Unavailable(format!(
+                "this shard is moving documents under routing version {version}, which this replica has not loaded \
+                 yet; try again shortly"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The shard document `id` was handed over to, if it was handed over from here.
+    pub async fn moved_to(&self, id: i64) -> Result<Option<String>, DocError> {
+        Ok(crate::resharding::moved_to(&self.meta, id).await?)
+    }
+
+    /// Hands the claim on an upload's stored copy over to `to` (where it will be recorded
+    /// instead): claimed there first, then released here, so that until it is recorded
+    /// some shard claims it and no collector deletes it.
+    pub(crate) async fn transfer_claim(&self, blob: &StoredBlob, to: &Documents) -> Result<(), DocError> {
+        sqlx::query(
+            "INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3) \
+             ON CONFLICT (tier, object_key) DO NOTHING",
+        )
+        .bind(&blob.tier)
+        .bind(&blob.object_key)
+        .bind(self.clock.now_ms() + UPLOAD_CLAIM_MS)
+        .execute(to.meta.pool())
+        .await
+        .map_err(StoreError::from)?;
+        sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2")
+            .bind(&blob.tier)
+            .bind(&blob.object_key)
+            .execute(self.meta.pool())
+            .await
+            .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// The platform's other shards.
+    pub(crate) fn siblings(&self) -> &[Metadata] {
+        &self.siblings
     }
 
     /// A new document id that routes here.
@@ -545,6 +631,7 @@ impl Documents {
                     let r = async {
                         let tx = &mut owned;
                     let now = self.clock.now_ms();
+                    self.check_move(tx).await?;
                     let deduplicated = record_blob(tx, blob, now).await?;
                     let id = self.new_document_id()?;
                     let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
@@ -585,7 +672,7 @@ impl Documents {
 
     /// Deletes the new copy unless the committed transaction made it the blob: the result
     /// comes from the attempt that committed, so its `deduplicated` is what was recorded.
-    async fn settle(&self, blob: &StoredBlob, result: &Result<Uploaded, DocError>) {
+    pub(crate) async fn settle(&self, blob: &StoredBlob, result: &Result<Uploaded, DocError>) {
         if !matches!(result, Ok(uploaded) if !uploaded.deduplicated) {
             self.discard(blob).await;
         }
@@ -635,53 +722,60 @@ impl Documents {
         new: NewVersion,
         blob: StoredBlob,
     ) -> Result<Uploaded, DocError> {
-        if let Err(e) = Self::check_version(&new) {
-            self.discard(&blob).await;
-            return Err(e);
-        }
-        let result = self
-            .write(|mut owned| {
-                let (new, blob) = (&new, &blob);
-                Box::pin(async move {
-                    let r = async {
-                        let tx = &mut owned;
-                        let now = self.clock.now_ms();
-                        let doc = load(tx, actor, id, false).await?;
-                        let content_type = &Self::version_content_type(&doc, new);
-                        let filename = new.filename.as_ref().unwrap_or(&doc.filename);
-                        let deduplicated = record_blob(tx, blob, now).await?;
-                        let version = doc.current_version + 1;
-                        let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
-                        insert_version(
-                            tx,
-                            id,
-                            version,
-                            &blob.sha256,
-                            size,
-                            filename,
-                            content_type,
-                            now,
-                            &actor.user,
-                            new.change_description.as_deref(),
-                            None,
-                        )
-                        .await?;
-                        self.point_at_version(tx, id, version, &blob.sha256, size, filename, content_type, now).await?;
-                        let document = load(tx, actor, id, false).await?;
-                        let fields = with(
-                            document_fields(&document),
-                            json!({"changeDescription": new.change_description, "createdBy": actor.user}),
-                        );
-                        announce(actor, Event::new(EventType::DocumentVersionCreated, now, fields), tx, now).await?;
-                        Ok(Uploaded { document, deduplicated, version_number: version })
-                    }
-                    .await;
-                    (owned, r)
-                })
-            })
-            .await;
+        let result = self.try_record_version(actor, id, &new, &blob).await;
         self.settle(&blob, &result).await;
         result
+    }
+
+    /// Records a new version whose bytes are already stored and claimed on this shard,
+    /// leaving the stored copy to the caller whatever the outcome.
+    pub(crate) async fn try_record_version(
+        &self,
+        actor: &Actor,
+        id: i64,
+        new: &NewVersion,
+        blob: &StoredBlob,
+    ) -> Result<Uploaded, DocError> {
+        Self::check_version(new)?;
+        self.write(|mut owned| {
+            Box::pin(async move {
+                let r = async {
+                    let tx = &mut owned;
+                    let now = self.clock.now_ms();
+                    let doc = load(tx, actor, id, false).await?;
+                    let content_type = &Self::version_content_type(&doc, new);
+                    let filename = new.filename.as_ref().unwrap_or(&doc.filename);
+                    let deduplicated = record_blob(tx, blob, now).await?;
+                    let version = doc.current_version + 1;
+                    let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
+                    insert_version(
+                        tx,
+                        id,
+                        version,
+                        &blob.sha256,
+                        size,
+                        filename,
+                        content_type,
+                        now,
+                        &actor.user,
+                        new.change_description.as_deref(),
+                        None,
+                    )
+                    .await?;
+                    self.point_at_version(tx, id, version, &blob.sha256, size, filename, content_type, now).await?;
+                    let document = load(tx, actor, id, false).await?;
+                    let fields = with(
+                        document_fields(&document),
+                        json!({"changeDescription": new.change_description, "createdBy": actor.user}),
+                    );
+                    announce(actor, Event::new(EventType::DocumentVersionCreated, now, fields), tx, now).await?;
+                    Ok(Uploaded { document, deduplicated, version_number: version })
+                }
+                .await;
+                (owned, r)
+            })
+        })
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1044,7 +1138,13 @@ impl Documents {
                 })
             })
             .await?;
-        for (tier, key) in freed {
+        // A copy another shard refers to (a document handed over there shares it) is kept;
+        // if the other shards cannot be asked, every copy is: a leak, not a loss.
+        let shared = self.referenced_elsewhere(&freed).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "keeping a purged document's copies: the other shards did not answer");
+            freed.iter().cloned().collect()
+        });
+        for (tier, key) in freed.into_iter().filter(|copy| !shared.contains(copy)) {
             match self.tiers().get(&tier) {
                 Ok(tier) => {
                     if let Err(e) = tier.delete(&key).await {

@@ -1,0 +1,308 @@
+//! Live resharding's hand-over, on two real Postgres databases sharing one tier: documents
+//! handed over batch by batch from the shard they were on to the shard a new routing table
+//! sends them to, while readers, writers, uploaders and listings go on through a library
+//! that knows the move. Nothing fails, nothing is lost, nothing is listed twice or missed;
+//! a replica that does not know the move is told to retry rather than answered wrongly;
+//! and the stored copies the moved documents share with the source stay when the source's
+//! collector runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::TryStreamExt;
+use object_store::memory::InMemory;
+use vellum_core::blob::{Tier, Tiers, once};
+use vellum_core::clock::Clock;
+use vellum_core::crds::storage_tier::{Compression, TierClass};
+use vellum_core::documents::{Actor, DocError, Documents, Library, ListQuery, MetadataPatch, NewDocument, NewVersion};
+use vellum_core::resharding::{begin_move, hand_over, moving};
+use vellum_core::store::Metadata;
+use vellum_testkit::TestDatabase;
+
+mod support;
+use support::ring;
+
+const START: i64 = 1_767_225_600_000;
+const GRACE: i64 = 5 * 60_000;
+
+struct Platform {
+    a: Documents,
+    b: Documents,
+    clock: Clock,
+    _dbs: [TestDatabase; 2],
+}
+
+async fn platform() -> Platform {
+    let tier = Tier::from_store("hot", TierClass::Hot, None, Compression::default(), Arc::new(InMemory::new()));
+    let tiers = Tiers::new(vec![Arc::new(tier)], "hot").unwrap();
+    let clock = Clock::manual(START);
+    let (da, db) = (TestDatabase::new().await.unwrap(), TestDatabase::new().await.unwrap());
+    let a = Documents::new(Metadata::open(&da.url).await.unwrap(), tiers.clone(), clock.clone(), None, 1 << 20);
+    let b = Documents::new(Metadata::open(&db.url).await.unwrap(), tiers, clock.clone(), None, 1 << 20);
+    Platform { a, b, clock, _dbs: [da, db] }
+}
+
+fn alice() -> Actor {
+    Actor { user: "alice".into(), admin: false }
+}
+
+async fn bytes_of(library: &Library, id: i64, version: i64) -> Result<Vec<u8>, DocError> {
+    let me = alice();
+    let content = library.at(id, |shard| Box::pin(shard.content(&me, id, Some(version)))).await?;
+    let stream = library.at(id, |shard| Box::pin(shard.read(&content, None))).await?;
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.map_err(|e| DocError::Invalid(e.to_string()))?;
+    Ok(chunks.concat())
+}
+
+async fn count(docs: &Documents, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(docs.meta().pool())
+        .await
+        .unwrap()
+}
+
+/// What the traffic was told, to check against what the shards hold after the move.
+#[derive(Default)]
+struct Acknowledged {
+    titles: BTreeMap<i64, String>,
+    /// Every version's bytes, by document and version number.
+    versions: BTreeMap<(i64, i64), Vec<u8>>,
+    new_documents: BTreeSet<i64>,
+    failures: Vec<String>,
+    requests: u64,
+    /// Requests answered before the last batch was handed over.
+    during: u64,
+}
+
+impl Acknowledged {
+    fn record<T>(&mut self, what: &str, result: &Result<T, DocError>, moving: bool) {
+        self.requests += 1;
+        self.during += u64::from(moving);
+        if let Err(e) = result {
+            self.failures.push(format!("{what}: {e}"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
+async fn documents_are_handed_over_batch_by_batch_while_every_request_is_answered() {
+    let p = platform().await;
+    let me = alice();
+    let root = Actor { user: "root".into(), admin: true };
+    let one = Arc::new(ring(&["a"]));
+    let two = Arc::new(ring(&["a", "b"]));
+    let before = Library::sharded(Arc::clone(&one), vec![p.a.clone()]);
+    let acknowledged = Mutex::new(Acknowledged::default());
+    let mut ids = Vec::new();
+    for i in 0..160 {
+        let new = NewDocument { filename: format!("d{i}.txt"), tags: vec!["all".into()], ..NewDocument::default() };
+        let mut upload = before.begin_document();
+        let body = format!("document {i}");
+        upload.store("text/plain", once(body.clone())).await.unwrap();
+        let id = upload.finish(&me, &Documents::prepare(new).unwrap()).await.unwrap().document.id;
+        acknowledged.lock().unwrap().versions.insert((id, 1), body.into_bytes());
+        ids.push(id);
+    }
+    // One document's bytes are also another's that stays: the stored copy is shared.
+    let twin = ids.iter().copied().find(|id| two.shard_of_id(*id) == 1).unwrap();
+    let stays = ids.iter().copied().find(|id| two.shard_of_id(*id) == 0).unwrap();
+    let twin_bytes = acknowledged.lock().unwrap().versions[&(twin, 1)].clone();
+    let shared = before
+        .at(stays, |shard| Box::pin(shard.upload_version(&me, stays, NewVersion::default(), once(twin_bytes.clone()))))
+        .await
+        .unwrap();
+    assert!(shared.deduplicated, "the second document's version shares the first's stored copy");
+    acknowledged.lock().unwrap().versions.insert((stays, 2), twin_bytes.clone());
+
+    // The move: the library knows both tables; the source is marked before it is listed.
+    let library = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), vec![p.a.clone(), p.b.clone()]);
+    begin_move(p.a.meta(), Some(two.version())).await.unwrap();
+    let stale = Library::sharded(Arc::clone(&one), vec![p.a.clone()]);
+    let mut stale_upload = stale.begin_document();
+    stale_upload.store("text/plain", once("from a replica that does not know the move")).await.unwrap();
+    let refused = stale_upload
+        .finish(&me, &Documents::prepare(NewDocument { filename: "x.txt".into(), ..NewDocument::default() }).unwrap())
+        .await;
+    assert!(matches!(&refused, Err(DocError::Unavailable(m)) if m.contains(two.version())), "{refused:?}");
+
+    let done = AtomicBool::new(false);
+    let handed = Mutex::new(Vec::<i64>::new());
+    let mover = async {
+        let mut after = Some(0);
+        let mut batches = 0;
+        while let Some(from) = after {
+            let (batch, next) = moving(p.a.meta(), Some(0), &two, from, 6).await.unwrap();
+            let batch: Vec<i64> = batch
+                .into_iter()
+                .map(|(id, to)| {
+                    assert_eq!(to, 1);
+                    id
+                })
+                .collect();
+            hand_over(p.a.meta(), p.b.meta(), "b", &batch, p.clock.now_ms(), GRACE).await.unwrap();
+            handed.lock().unwrap().extend(&batch);
+            batches += 1;
+            after = next;
+            // Room for the traffic between batches, as a worker's pace leaves.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        done.store(true, Ordering::SeqCst);
+        batches
+    };
+    let (batches, ()) = tokio::join!(mover, traffic(&library, &ids, &done, &acknowledged));
+    let ack = acknowledged.into_inner().unwrap();
+    assert!(ack.failures.is_empty(), "{} of {} requests failed: {:#?}", ack.failures.len(), ack.requests, ack.failures);
+    assert!(batches > 2, "the move took {batches} batches");
+    assert!(ack.during > 150, "{} of {} requests during the move", ack.during, ack.requests);
+    eprintln!("{} batches; {} of {} requests answered during the move, none failed", batches, ack.during, ack.requests);
+    let handed = handed.into_inner().unwrap();
+    let expected: Vec<i64> = ids.iter().copied().filter(|id| two.shard_of_id(*id) == 1).collect();
+    assert_eq!(handed.iter().copied().collect::<BTreeSet<_>>(), expected.iter().copied().collect(), "each mover once");
+
+    // After the flip: the new table alone routes, and finds everything acknowledged where it
+    // routes it. A replica still on the old table follows the markers the move left.
+    let after = Library::sharded(Arc::clone(&two), vec![p.a.clone(), p.b.clone()]);
+    let still_old = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), vec![p.a.clone(), p.b.clone()]);
+    let all: BTreeSet<i64> = ids.iter().copied().chain(ack.new_documents.iter().copied()).collect();
+    for id in &all {
+        let owner = two.shard_of_id(*id);
+        let direct = after.shards()[owner].get(&me, *id).await;
+        assert!(direct.is_ok(), "document {id} is on shard {owner}: {direct:?}");
+        assert!(after.shards()[1 - owner].get(&me, *id).await.is_err(), "document {id} is on one shard only");
+        if let Some(title) = ack.titles.get(id) {
+            assert_eq!(direct.as_ref().unwrap().title.as_deref(), Some(title.as_str()), "document {id}'s last title");
+        }
+        let history = after.at(*id, |shard| Box::pin(shard.versions(&me, *id))).await.unwrap();
+        let acknowledged_versions = ack.versions.keys().filter(|(doc, _)| doc == id).count();
+        assert_eq!(history.versions.len(), acknowledged_versions, "document {id}'s every acknowledged version");
+        assert!(still_old.at(*id, |shard| Box::pin(shard.get(&me, *id))).await.is_ok());
+    }
+    for id in &ack.new_documents {
+        assert_eq!(one.shard_of_id(*id), two.shard_of_id(*id), "new document {id} was put where it stays");
+    }
+    assert_eq!(count(&p.a, "moved_documents").await, i64::try_from(expected.len()).unwrap());
+    // A replica that knows neither the move nor shard b is told to retry, not "not found".
+    let unknown = stale.at(expected[0], |shard| Box::pin(shard.get(&me, expected[0]))).await;
+    assert!(matches!(&unknown, Err(DocError::Unavailable(m)) if m.contains("shard b")), "{unknown:?}");
+
+    // Past every claim and grace, both collectors run, the source's after its copy of a
+    // shared blob lost its last reference there: every acknowledged version still reads.
+    after.at(stays, |shard| Box::pin(shard.purge(&root, stays))).await.unwrap();
+    p.clock.advance(48 * 3_600_000);
+    for shard in after.shards() {
+        shard.collect_garbage().await.unwrap();
+    }
+    for ((id, version), bytes) in &ack.versions {
+        if *id == stays {
+            continue;
+        }
+        assert_eq!(&bytes_of(&after, *id, *version).await.unwrap(), bytes, "document {id} version {version}");
+    }
+    assert_eq!(bytes_of(&after, twin, 1).await.unwrap(), twin_bytes, "the copy the source shared with the moved twin");
+    assert_eq!(count(&p.a, "blob_garbage").await, 0, "the source's claim on the shared copy is dropped, not acted on");
+}
+
+/// Readers (metadata and bytes), metadata writers, new versions, new documents and
+/// listings of everything, each going on until the move is `done` and a few times more.
+async fn traffic(library: &Library, ids: &[i64], done: &AtomicBool, acknowledged: &Mutex<Acknowledged>) {
+    let me = alice();
+    let pick = |n: u64| ids[usize::try_from(n).unwrap() % ids.len()];
+    let readers = async {
+        let mut n = 0u64;
+        while !done.load(Ordering::SeqCst) || n < 40 {
+            let id = pick(n * 7 + 3);
+            let got = library.at(id, |shard| Box::pin(shard.get(&me, id))).await;
+            let expected = acknowledged.lock().unwrap().versions.get(&(id, 1)).cloned();
+            let bytes = bytes_of(library, id, 1).await;
+            let mut ack = acknowledged.lock().unwrap();
+            ack.record("get", &got, !done.load(Ordering::SeqCst));
+            ack.record("download", &bytes, !done.load(Ordering::SeqCst));
+            if let (Ok(bytes), Some(expected)) = (&bytes, expected)
+                && *bytes != expected
+            {
+                ack.failures.push(format!("document {id} version 1 downloaded other bytes"));
+            }
+            n += 1;
+        }
+    };
+    let writers = async {
+        let mut n = 0u64;
+        while !done.load(Ordering::SeqCst) || n < 40 {
+            let id = pick(n * 11 + 5);
+            let title = format!("title {n}");
+            let patch = MetadataPatch { title: Some(Some(title.clone())), ..MetadataPatch::default() };
+            let updated = library.at(id, |shard| Box::pin(shard.update(&me, id, patch.clone()))).await;
+            let mut ack = acknowledged.lock().unwrap();
+            ack.record("update", &updated, !done.load(Ordering::SeqCst));
+            if updated.is_ok() {
+                ack.titles.insert(id, title);
+            }
+            n += 1;
+        }
+    };
+    let versioners = async {
+        let mut n = 0u64;
+        while !done.load(Ordering::SeqCst) || n < 20 {
+            let id = pick(n * 13 + 1);
+            let body = format!("version of {id} number {n}");
+            let result = async {
+                let mut upload = library.begin_version(&me, id).await?;
+                upload.store("text/plain", once(body.clone())).await?;
+                upload.finish(&me, NewVersion::default()).await
+            }
+            .await;
+            let mut ack = acknowledged.lock().unwrap();
+            ack.record("new version", &result, !done.load(Ordering::SeqCst));
+            if let Ok(uploaded) = result {
+                ack.versions.insert((id, uploaded.version_number), body.into_bytes());
+            }
+            n += 1;
+        }
+    };
+    let uploaders = async {
+        let mut n = 0u64;
+        while !done.load(Ordering::SeqCst) || n < 20 {
+            let body = format!("new document {n}");
+            let result = async {
+                let mut upload = library.begin_document();
+                upload.store("text/plain", once(body.clone())).await?;
+                let new =
+                    NewDocument { filename: format!("n{n}.txt"), tags: vec!["all".into()], ..NewDocument::default() };
+                upload.finish(&me, &Documents::prepare(new)?).await
+            }
+            .await;
+            let mut ack = acknowledged.lock().unwrap();
+            ack.record("upload", &result, !done.load(Ordering::SeqCst));
+            if let Ok(uploaded) = result {
+                ack.new_documents.insert(uploaded.document.id);
+                ack.versions.insert((uploaded.document.id, 1), body.into_bytes());
+            }
+            n += 1;
+        }
+    };
+    let listers = async {
+        let mut n = 0u64;
+        let all = ListQuery { tag: Some("all".into()), limit: Some(1000), ..ListQuery::default() };
+        while !done.load(Ordering::SeqCst) || n < 10 {
+            let page = library.list(&me, &all).await;
+            let mut ack = acknowledged.lock().unwrap();
+            ack.record("list", &page, !done.load(Ordering::SeqCst));
+            if let Ok(page) = page {
+                let listed: Vec<i64> = page.items.iter().map(|d| d.id).collect();
+                let unique: BTreeSet<i64> = listed.iter().copied().collect();
+                if unique.len() != listed.len() {
+                    let mut seen = BTreeSet::new();
+                    let twice: Vec<&i64> = listed.iter().filter(|id| !seen.insert(**id)).collect();
+                    ack.failures.push(format!("a listing named documents twice: {twice:?}"));
+                }
+                if let Some(missed) = ids.iter().find(|id| !unique.contains(id)) {
+                    ack.failures.push(format!("a listing missed document {missed}"));
+                }
+            }
+            n += 1;
+        }
+    };
+    tokio::join!(readers, writers, versioners, uploaders, listers);
+}
