@@ -7,7 +7,9 @@
 //! of them. The copy step (`vellum_core::resharding::copy_batch`, batches of
 //! `VELLUM_BENCH_BATCH`, default 500) copies and verifies them into one fresh database; a
 //! raw `COPY … TO STDOUT` piped into `COPY … FROM STDIN` moves the same rows into another.
-//! Each is run twice and the faster run counts.
+//! Each is run twice and the faster run counts. Then the hand-over (`hand_over`: the copy,
+//! and the documents removed from the source with a marker each, in the same batches) moves
+//! them once into a third database, against the same raw `COPY`.
 //!
 //! ```sh
 //! scripts/test --services-only
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
-use vellum_core::resharding::{copy_batch, moving};
+use vellum_core::resharding::{copy_batch, hand_over, moving};
 use vellum_core::store::Metadata;
 use vellum_testkit::TestDatabase;
 
@@ -104,7 +106,8 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 async fn run() {
     let n = knob("VELLUM_BENCH_DOCUMENTS", 20_000);
     let batch = knob("VELLUM_BENCH_BATCH", 500);
-    let (source_db, step_db, raw_db) = (
+    let (source_db, step_db, raw_db, handed_db) = (
+        TestDatabase::new().await.expect("a database"),
         TestDatabase::new().await.expect("a database"),
         TestDatabase::new().await.expect("a database"),
         TestDatabase::new().await.expect("a database"),
@@ -151,8 +154,18 @@ async fn run() {
             total
         }
     };
+    let handed_target = Metadata::open(&handed_db.url).await.expect("the hand-over's target");
+    let handing = Instant::now();
+    for chunk in ids.chunks(batch) {
+        hand_over(&source, &handed_target, "b", chunk, 0, 0).await.expect("a batch handed over");
+    }
+    let handed = handing.elapsed();
+    let handed_pg = pool(&handed_db.url).await;
     let (step_rows, raw_rows) = (rows_of(&step_pg).await, rows_of(&raw_pg).await);
     assert_eq!(step_rows, raw_rows, "both copies hold the same rows");
+    assert_eq!(rows_of(&handed_pg).await, raw_rows, "the hand-over's target holds the same rows");
+    let left = count(&source_pg, "SELECT COUNT(*) FROM documents").await;
+    assert_eq!(left, i64::try_from(n - ids.len()).expect("a count"), "the source keeps only what stays");
     #[allow(clippy::cast_precision_loss)]
     let per_second = |d: Duration| raw_rows as f64 / d.as_secs_f64();
     println!(
@@ -165,6 +178,11 @@ async fn run() {
         per_second(step),
         per_second(raw),
         raw.as_secs_f64() / step.as_secs_f64()
+    );
+    println!(
+        "  hand-over (copied, verified, removed from the source, marked): {:.0} rows/s | ratio to raw COPY {:.2} (goal >= 0.5)",
+        per_second(handed),
+        raw.as_secs_f64() / handed.as_secs_f64()
     );
 }
 

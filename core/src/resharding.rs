@@ -235,6 +235,16 @@ async fn read(conn: &mut sqlx::AnyConnection, ids: &[i64], lock: Option<Lock>) -
     Ok(all)
 }
 
+/// The ids in the first column of `rows` (the documents' rows).
+fn ids_of(rows: &[Vec<Value>]) -> Vec<i64> {
+    rows.iter()
+        .filter_map(|row| match row[0] {
+            Value::Int(id) => id,
+            Value::Text(_) => None,
+        })
+        .collect()
+}
+
 /// A digest of what the verification compares of `rows`.
 fn digest(rows: &Rows) -> [u8; 32] {
     let mut hash = Sha256::new();
@@ -344,13 +354,11 @@ pub async fn hand_over(
 ) -> Result<Copied, MoveError> {
     let Some(mut copy) = copy(source, target, ids, Lock::Update).await? else { return Ok(Copied::default()) };
     copy.target.commit().await?;
-    let present: Vec<i64> = copy.rows[1]
-        .iter()
-        .filter_map(|row| match row[0] {
-            Value::Int(id) => id,
-            Value::Text(_) => None,
-        })
-        .collect();
+    let present = ids_of(&copy.rows[1]);
+    if present.is_empty() {
+        copy.held.commit().await?;
+        return Ok(copy.copied);
+    }
     let held = &mut copy.held;
     let mut remove =
         sqlx::query(AssertSqlSafe(format!("DELETE FROM documents WHERE id IN ({})", placeholders(1, present.len()))));
@@ -371,25 +379,46 @@ pub async fn hand_over(
         }
         mark.execute(&mut **held).await?;
     }
-    let target_copy = |sha: &str| {
-        copy.on_target[0].iter().find(|row| row[0] == Value::Text(Some(sha.to_owned()))).map(|row| (&row[3], &row[2]))
-    };
-    for blob in &copy.rows[0] {
-        let Value::Text(Some(sha)) = &blob[0] else { continue };
-        if let Some((tier, key)) = crate::documents::forget_unreferenced_blob(held, sha).await? {
-            let same = target_copy(sha)
-                .is_some_and(|(t, k)| *t == Value::Text(Some(tier.clone())) && *k == Value::Text(Some(key.clone())));
-            if !same {
-                sqlx::query(
-                    "INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3) \
-                     ON CONFLICT (tier, object_key) DO NOTHING",
-                )
-                .bind(tier)
-                .bind(key)
-                .bind(now + grace_ms)
-                .execute(&mut **held)
-                .await?;
-            }
+    // The blob rows only the batch referred to go, in one statement.
+    let shas: Vec<&String> = copy.rows[0]
+        .iter()
+        .filter_map(|blob| match &blob[0] {
+            Value::Text(Some(sha)) => Some(sha),
+            _ => None,
+        })
+        .collect();
+    let mut freed: Vec<(String, String, String)> = Vec::new();
+    for chunk in shas.chunks(MAX_PARAMETERS) {
+        let sql = format!(
+            "DELETE FROM blobs b WHERE b.sha256 IN ({}) \
+             AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
+             AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256) \
+             RETURNING b.sha256, b.tier, b.object_key",
+            placeholders(1, chunk.len())
+        );
+        let mut forget = sqlx::query_as::<_, (String, String, String)>(AssertSqlSafe(sql));
+        for sha in chunk {
+            forget = forget.bind(sha.as_str());
+        }
+        freed.extend(forget.fetch_all(&mut **held).await?);
+    }
+    // Where the target's blob row of each content refers to.
+    let on_target: std::collections::HashMap<&Value, (&Value, &Value)> =
+        copy.on_target[0].iter().map(|row| (&row[0], (&row[3], &row[2]))).collect();
+    for (sha, tier, key) in freed {
+        let same = on_target
+            .get(&Value::Text(Some(sha)))
+            .is_some_and(|(t, k)| **t == Value::Text(Some(tier.clone())) && **k == Value::Text(Some(key.clone())));
+        if !same {
+            sqlx::query(
+                "INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tier, object_key) DO NOTHING",
+            )
+            .bind(tier)
+            .bind(key)
+            .bind(now + grace_ms)
+            .execute(&mut **held)
+            .await?;
         }
     }
     copy.held.commit().await?;
@@ -421,17 +450,32 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
     // finish on the batch once its documents are held.
     let mut held = source.pool().begin().await?;
     let rows = read(&mut held, ids, Some(lock)).await?;
+    let present = ids_of(&rows[1]);
+    // A document of the batch that left the source with a marker is the target's now (a
+    // hand-over made again): its rows there are left alone. One gone without a marker was
+    // purged: a copy of it goes.
+    let handed: Vec<i64> = {
+        let sql = format!("SELECT id FROM moved_documents WHERE id IN ({})", placeholders(1, ids.len()));
+        let mut query = sqlx::query_scalar(AssertSqlSafe(sql));
+        for id in ids {
+            query = query.bind(*id);
+        }
+        query.fetch_all(&mut *held).await?
+    };
+    let replaced: Vec<i64> = ids.iter().copied().filter(|id| !handed.contains(id)).collect();
     let mut tx = target.pool().begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
     // The target's rows of the batch are replaced whole (versions and tags go with their
     // document), so a copy made again is equal to the source, never doubled; a marker a
     // document left here when it moved away before goes, as the document is back.
-    for table in ["documents", "moved_documents"] {
-        let mut clear =
-            sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE id IN ({})", placeholders(1, ids.len()))));
-        for id in ids {
-            clear = clear.bind(*id);
+    if !replaced.is_empty() {
+        for table in ["documents", "moved_documents"] {
+            let sql = format!("DELETE FROM {table} WHERE id IN ({})", placeholders(1, replaced.len()));
+            let mut clear = sqlx::query(AssertSqlSafe(sql));
+            for id in &replaced {
+                clear = clear.bind(*id);
+            }
+            clear.execute(&mut *tx).await?;
         }
-        clear.execute(&mut *tx).await?;
     }
     for (table, rows) in TABLES.iter().zip(&rows) {
         // As many rows a statement as its parameters allow (Postgres takes 65,535).
@@ -447,7 +491,11 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
             insert.execute(&mut *tx).await?;
         }
     }
-    let on_target = read(&mut tx, ids, None).await?;
+    let on_target = if present.is_empty() {
+        rows.iter().map(|_| Vec::new()).collect()
+    } else {
+        read(&mut tx, &present, None).await?
+    };
     if digest(&on_target) != digest(&rows) {
         tx.rollback().await?;
         held.rollback().await?;

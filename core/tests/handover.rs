@@ -306,3 +306,51 @@ async fn traffic(library: &Library, ids: &[i64], done: &AtomicBool, acknowledged
     };
     tokio::join!(readers, writers, versioners, uploaders, listers);
 }
+
+/// A crash between a hand-over's two commits leaves the batch copied to the target and
+/// still the source's (no marker): reads are answered by the source, a listing names each
+/// document once, and the hand-over made again replaces the copy and completes, with a
+/// change made in between carried over.
+#[tokio::test]
+async fn a_hand_over_interrupted_between_its_commits_is_made_again_without_doubling() {
+    let p = platform().await;
+    let me = alice();
+    let one = Arc::new(ring(&["a"]));
+    let two = Arc::new(ring(&["a", "b"]));
+    let library = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), vec![p.a.clone(), p.b.clone()]);
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let new = NewDocument { filename: format!("d{i}.txt"), tags: vec!["all".into()], ..NewDocument::default() };
+        ids.push(p.a.upload(&me, new, once(format!("document {i}"))).await.unwrap().document.id);
+    }
+    let (batch, _) = moving(p.a.meta(), Some(0), &two, 0, 100).await.unwrap();
+    let batch: Vec<i64> = batch.into_iter().map(|(id, _)| id).collect();
+    assert!(batch.len() > 1, "{batch:?}");
+    // The state a crash after the target's commit leaves: the copy, and no marker.
+    vellum_core::resharding::copy_batch(p.a.meta(), p.b.meta(), &batch).await.unwrap();
+    let all = ListQuery { tag: Some("all".into()), limit: Some(100), ..ListQuery::default() };
+    let listed: Vec<i64> = library.list(&me, &all).await.unwrap().items.iter().map(|d| d.id).collect();
+    assert_eq!(listed.len(), ids.len(), "each document once: {listed:?}");
+    assert_eq!(listed.iter().copied().collect::<BTreeSet<_>>(), ids.iter().copied().collect());
+    let patch = MetadataPatch { title: Some(Some("changed after the copy".into())), ..MetadataPatch::default() };
+    let changed = library.at(batch[0], |shard| Box::pin(shard.update(&me, batch[0], patch.clone()))).await.unwrap();
+    assert_eq!(changed.title.as_deref(), Some("changed after the copy"), "the source still answers");
+    let root = Actor { user: "root".into(), admin: true };
+    library.at(batch[1], |shard| Box::pin(shard.purge(&root, batch[1]))).await.unwrap();
+
+    hand_over(p.a.meta(), p.b.meta(), "b", &batch, p.clock.now_ms(), GRACE).await.unwrap();
+    assert!(p.b.get(&me, batch[1]).await.is_err(), "the copy of a document purged meanwhile goes too");
+    let moved_count = i64::try_from(batch.len() - 1).unwrap();
+    assert_eq!(count(&p.b, "documents").await, moved_count, "the copy was replaced, not doubled");
+    assert_eq!(count(&p.b, "versions").await, moved_count);
+    assert_eq!(count(&p.a, "documents").await, i64::try_from(ids.len() - batch.len()).unwrap());
+    let now = p.b.get(&me, batch[0]).await.unwrap();
+    assert_eq!(now.title.as_deref(), Some("changed after the copy"), "the change made in between was carried over");
+    // Made a third time (the worker did not learn that it had finished): nothing changes.
+    let again = hand_over(p.a.meta(), p.b.meta(), "b", &batch, p.clock.now_ms(), GRACE).await.unwrap();
+    assert_eq!(again.documents, 0, "nothing is left on the source to hand over");
+    assert_eq!(count(&p.b, "documents").await, moved_count);
+    for id in batch.iter().filter(|id| **id != batch[1]) {
+        assert!(library.at(*id, |shard| Box::pin(shard.get(&me, *id))).await.is_ok());
+    }
+}

@@ -337,7 +337,7 @@ async fn insert_version(
 ///
 /// In a serializable transaction: a concurrent upload that links to this blob either
 /// commits first (and the blob stays) or fails and retries (and stores its own copy).
-pub(crate) async fn forget_unreferenced_blob(tx: &mut Tx, sha: &str) -> Result<Option<(String, String)>, StoreError> {
+async fn forget_unreferenced_blob(tx: &mut Tx, sha: &str) -> Result<Option<(String, String)>, StoreError> {
     let row = sqlx::query(
         "SELECT tier, object_key FROM blobs b WHERE sha256 = $1 AND NOT EXISTS \
          (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
