@@ -36,7 +36,6 @@ use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
-#[cfg(doc)]
 use crate::documents::Library;
 use crate::routing::RoutingTable;
 use crate::store::{Dialect, Metadata, StoreError};
@@ -286,6 +285,10 @@ pub enum MoveError {
     BatchTooLarge(usize),
     #[error("the copy of documents {ids:?} does not read back as the source holds them")]
     Mismatch { ids: Vec<i64> },
+    #[error("no move is under way: the platform config names no routing to move to")]
+    NoMove,
+    #[error("the routing sends documents to shard {0}, which is not open")]
+    UnknownShard(String),
 }
 
 impl From<sqlx::Error> for MoveError {
@@ -421,6 +424,16 @@ pub async fn hand_over(
             .await?;
         }
     }
+    // What left the shard, counted in the transaction it left in.
+    sqlx::query(
+        "UPDATE shard_routing SET moved_documents = moved_documents + $1, moved_bytes = moved_bytes + $2, \
+         updated_at = $3",
+    )
+    .bind(i64::try_from(present.len()).unwrap_or(i64::MAX))
+    .bind(i64::try_from(copy.copied.bytes).unwrap_or(i64::MAX))
+    .bind(now)
+    .execute(&mut *copy.held)
+    .await?;
     copy.held.commit().await?;
     Ok(copy.copied)
 }
@@ -516,10 +529,145 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
 /// Marks `source` as moving its documents under the routing `version` (`None`: no move).
 /// Waits for the new documents being recorded there: once it returns, a listing of the
 /// source sees every document recorded by a replica that did not know the version, and
-/// no such replica records another.
-pub async fn begin_move(source: &Metadata, version: Option<&str>) -> Result<(), MoveError> {
-    sqlx::query("UPDATE shard_routing SET moving_to = $1").bind(version).execute(source.pool()).await?;
+/// no such replica records another. Marked with another version than before, the
+/// shard's progress starts again from nothing.
+pub async fn begin_move(source: &Metadata, version: Option<&str>, now: i64) -> Result<(), MoveError> {
+    sqlx::query(
+        "UPDATE shard_routing SET total_documents = CASE WHEN moving_to IS NOT DISTINCT FROM $1 THEN total_documents ELSE 0 END, \
+         moved_documents = CASE WHEN moving_to IS NOT DISTINCT FROM $1 THEN moved_documents ELSE 0 END, \
+         moved_bytes = CASE WHEN moving_to IS NOT DISTINCT FROM $1 THEN moved_bytes ELSE 0 END, \
+         started_at = CASE WHEN moving_to IS NOT DISTINCT FROM $1 THEN started_at ELSE $2 END, \
+         updated_at = $2, moving_to = $1",
+    )
+    .bind(version)
+    .bind(now)
+    .execute(source.pool())
+    .await?;
     Ok(())
+}
+
+/// A shard's part of a move, as the mover records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardProgress {
+    /// The routing version its documents move under; `None` when no move runs.
+    pub moving_to: Option<String>,
+    /// Documents that leave the shard in all.
+    pub total_documents: i64,
+    /// Documents handed over so far, and their versions' bytes.
+    pub moved_documents: i64,
+    pub moved_bytes: i64,
+    /// When the move began here and when it last made progress, in ms since the epoch.
+    pub started_at: Option<i64>,
+    pub updated_at: Option<i64>,
+}
+
+/// Hears every shard's progress, by name, after each batch of a move.
+pub type Report<'a> = dyn Fn(&[(String, ShardProgress)]) + Send + Sync + 'a;
+
+/// What the mover has recorded on `shard`.
+pub async fn progress(shard: &Metadata) -> Result<ShardProgress, StoreError> {
+    type Row = (Option<String>, i64, i64, i64, Option<i64>, Option<i64>);
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT moving_to, total_documents, moved_documents, moved_bytes, started_at, updated_at FROM shard_routing",
+    )
+    .fetch_optional(shard.pool())
+    .await?;
+    Ok(row.map_or_else(ShardProgress::default, |(moving_to, total, moved, bytes, started_at, updated_at)| {
+        ShardProgress {
+            moving_to,
+            total_documents: total,
+            moved_documents: moved,
+            moved_bytes: bytes,
+            started_at,
+            updated_at,
+        }
+    }))
+}
+
+/// Ends a move on `shard` once every replica routes by the table it reached: no longer
+/// marked, and its markers gone (no replica follows them any more).
+pub async fn finish_move(shard: &Metadata, now: i64) -> Result<(), MoveError> {
+    begin_move(shard, None, now).await?;
+    sqlx::query("DELETE FROM moved_documents").execute(shard.pool()).await?;
+    Ok(())
+}
+
+/// Runs the move `library` knows of (to [`Library::next`]): on every shard, the documents
+/// the next table sends elsewhere are handed over, `batch` at a time, to the shard it sends
+/// them to, and each shard's progress is recorded on it as it goes; `report` hears the sum
+/// after every batch. Run again after a crash, it goes on from where the documents are
+/// (what was handed over is no longer on its source), so nothing is moved twice.
+///
+/// Returns the sum once no shard holds a document the next table sends elsewhere.
+pub async fn run_move(
+    library: &Library,
+    batch: usize,
+    grace_ms: i64,
+    report: &Report<'_>,
+) -> Result<Vec<(String, ShardProgress)>, MoveError> {
+    let next = library.next().ok_or(MoveError::NoMove)?;
+    let batch = batch.clamp(1, MAX_BATCH);
+    let names = library.names();
+    let now = || library.clock().now_ms();
+    for shard in library.shards() {
+        begin_move(shard.meta(), Some(next.version()), now()).await?;
+    }
+    // What is left to move, and so what moves in all (what moved before a restart counts).
+    for (name, shard) in names.iter().zip(library.shards()) {
+        let index = next.names().iter().position(|n| n == name);
+        let left = remaining(shard.meta(), index, next).await?;
+        sqlx::query("UPDATE shard_routing SET total_documents = moved_documents + $1, updated_at = $2")
+            .bind(i64::try_from(left).unwrap_or(i64::MAX))
+            .bind(now())
+            .execute(shard.meta().pool())
+            .await?;
+    }
+    let mut sums = Vec::new();
+    for (name, shard) in names.iter().zip(library.shards()) {
+        sums.push((name.clone(), progress(shard.meta()).await?));
+    }
+    report(&sums);
+    // A pass finds nothing new once it is done; a second pass makes sure.
+    loop {
+        let mut moved_any = false;
+        for (position, (name, shard)) in names.iter().zip(library.shards()).enumerate() {
+            let index = next.names().iter().position(|n| n == name);
+            let mut after = Some(0);
+            while let Some(from) = after {
+                let (found, cursor) =
+                    moving(shard.meta(), index, next, from, i64::try_from(batch).unwrap_or(500)).await?;
+                after = cursor;
+                let mut by_target: std::collections::BTreeMap<usize, Vec<i64>> = std::collections::BTreeMap::new();
+                for (id, to) in found {
+                    by_target.entry(to).or_default().push(id);
+                }
+                for (to, ids) in by_target {
+                    let target_name = &next.names()[to];
+                    let target =
+                        library.named(target_name).ok_or_else(|| MoveError::UnknownShard(target_name.clone()))?;
+                    let copied = hand_over(shard.meta(), target.meta(), target_name, &ids, now(), grace_ms).await?;
+                    moved_any |= copied.documents > 0;
+                    sums[position].1 = progress(shard.meta()).await?;
+                    report(&sums);
+                }
+            }
+        }
+        if !moved_any {
+            return Ok(sums);
+        }
+    }
+}
+
+/// How many documents on `shard` (at `index` of `next`, or leaving it) `next` sends elsewhere.
+async fn remaining(shard: &Metadata, index: Option<usize>, next: &RoutingTable) -> Result<u64, MoveError> {
+    let (mut left, mut after) = (0u64, Some(0));
+    while let Some(from) = after {
+        let (found, cursor) = moving(shard, index, next, from, 10_000).await?;
+        left += found.len() as u64;
+        after = cursor;
+    }
+    Ok(left)
 }
 
 /// The document `id`'s marker on `shard`: the shard it was handed over to.

@@ -117,8 +117,8 @@ async fn documents_are_handed_over_batch_by_batch_while_every_request_is_answere
     acknowledged.lock().unwrap().versions.insert((stays, 2), twin_bytes.clone());
 
     // The move: the library knows both tables; the source is marked before it is listed.
-    let library = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), vec![p.a.clone(), p.b.clone()]);
-    begin_move(p.a.meta(), Some(two.version())).await.unwrap();
+    let library = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), Vec::new(), vec![p.a.clone(), p.b.clone()]);
+    begin_move(p.a.meta(), Some(two.version()), START).await.unwrap();
     let stale = Library::sharded(Arc::clone(&one), vec![p.a.clone()]);
     let mut stale_upload = stale.begin_document();
     stale_upload.store("text/plain", once("from a replica that does not know the move")).await.unwrap();
@@ -164,7 +164,8 @@ async fn documents_are_handed_over_batch_by_batch_while_every_request_is_answere
     // After the flip: the new table alone routes, and finds everything acknowledged where it
     // routes it. A replica still on the old table follows the markers the move left.
     let after = Library::sharded(Arc::clone(&two), vec![p.a.clone(), p.b.clone()]);
-    let still_old = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), vec![p.a.clone(), p.b.clone()]);
+    let still_old =
+        Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), Vec::new(), vec![p.a.clone(), p.b.clone()]);
     let all: BTreeSet<i64> = ids.iter().copied().chain(ack.new_documents.iter().copied()).collect();
     for id in &all {
         let owner = two.shard_of_id(*id);
@@ -317,7 +318,7 @@ async fn a_hand_over_interrupted_between_its_commits_is_made_again_without_doubl
     let me = alice();
     let one = Arc::new(ring(&["a"]));
     let two = Arc::new(ring(&["a", "b"]));
-    let library = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), vec![p.a.clone(), p.b.clone()]);
+    let library = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), Vec::new(), vec![p.a.clone(), p.b.clone()]);
     let mut ids = Vec::new();
     for i in 0..24 {
         let new = NewDocument { filename: format!("d{i}.txt"), tags: vec!["all".into()], ..NewDocument::default() };
@@ -352,5 +353,102 @@ async fn a_hand_over_interrupted_between_its_commits_is_made_again_without_doubl
     assert_eq!(count(&p.b, "documents").await, moved_count);
     for id in batch.iter().filter(|id| **id != batch[1]) {
         assert!(library.at(*id, |shard| Box::pin(shard.get(&me, *id))).await.is_ok());
+    }
+}
+
+/// Where each of `ids` is: the name of the one shard of `library` holding it (and that it
+/// is on one only).
+async fn homes(library: &Library, ids: &[i64]) -> BTreeMap<i64, String> {
+    let me = alice();
+    let mut homes = BTreeMap::new();
+    for id in ids {
+        let mut on = Vec::new();
+        for (name, shard) in library.names().iter().zip(library.shards()) {
+            if shard.get(&me, *id).await.is_ok() {
+                on.push(name.clone());
+            }
+        }
+        assert_eq!(on.len(), 1, "document {id} is on {on:?}");
+        homes.insert(*id, on.remove(0));
+    }
+    homes
+}
+
+/// The mover runs a whole move from the library's two tables, recording its progress on
+/// each shard; killed part-way (its future dropped at any await, between a hand-over's two
+/// commits included) and run again, it finishes without moving anything twice; reverted
+/// before the flip (the new shard drained back), and run the other way (a shard removed),
+/// it leaves every document where the table in force sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_runs_to_its_end_resumes_after_a_kill_and_moves_back() {
+    use vellum_core::resharding::{finish_move, progress, run_move};
+    let p = platform().await;
+    let me = alice();
+    let one = Arc::new(ring(&["a"]));
+    let two = Arc::new(ring(&["a", "b"]));
+    let mut ids = Vec::new();
+    for i in 0..120 {
+        let new = NewDocument { filename: format!("d{i}.txt"), ..NewDocument::default() };
+        ids.push(p.a.upload(&me, new, once(format!("document {i}"))).await.unwrap().document.id);
+    }
+    let expected = i64::try_from(ids.iter().filter(|id| two.shard_of_id(**id) == 1).count()).unwrap();
+    let growing = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), Vec::new(), vec![p.a.clone(), p.b.clone()]);
+
+    // Killed after its third report.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let reports = std::sync::atomic::AtomicUsize::new(0);
+    let report = move |_: &[(String, vellum_core::resharding::ShardProgress)]| {
+        if reports.fetch_add(1, Ordering::SeqCst) == 2 {
+            tx.send(()).ok();
+        }
+    };
+    tokio::select! {
+        _ = run_move(&growing, 5, GRACE, &report) => panic!("the move finished before it was killed"),
+        _ = rx.recv() => {}
+    }
+    let part = progress(p.a.meta()).await.unwrap();
+    assert!(part.moved_documents > 0 && part.moved_documents < expected, "{part:?}");
+    assert_eq!(part.moving_to.as_deref(), Some(two.version()));
+
+    let seen = Mutex::new(Vec::new());
+    let sums =
+        run_move(&growing, 5, GRACE, &|sums| seen.lock().unwrap().push(sums[0].1.moved_documents)).await.unwrap();
+    let a = &sums[0].1;
+    assert_eq!((a.total_documents, a.moved_documents), (expected, expected), "{a:?}");
+    assert!(a.moved_bytes > 0 && a.started_at.is_some() && a.updated_at >= a.started_at);
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]) && seen.len() > 3, "progress only grows: {seen:?}");
+    let placed = homes(&growing, &ids).await;
+    for (id, home) in &placed {
+        assert_eq!(*home, two.names()[two.shard_of_id(*id)], "document {id}");
+    }
+    assert_eq!(count(&p.b, "documents").await, expected, "nothing moved twice");
+
+    // Reverted before the flip: the old table stays in force, b drains back to a.
+    let reverting =
+        Library::moving(Arc::clone(&one), Some(Arc::clone(&one)), vec!["b".into()], vec![p.a.clone(), p.b.clone()]);
+    for id in &ids {
+        assert!(reverting.at(*id, |shard| Box::pin(shard.get(&me, *id))).await.is_ok(), "{id} reached while reverting");
+    }
+    run_move(&reverting, 7, GRACE, &|_| {}).await.unwrap();
+    assert!(homes(&reverting, &ids).await.values().all(|home| home == "a"));
+    assert_eq!(count(&p.b, "documents").await, 0);
+    assert_eq!(count(&p.a, "moved_documents").await, 0, "a's markers went as the documents came back");
+    for shard in [&p.a, &p.b] {
+        finish_move(shard.meta(), p.clock.now_ms()).await.unwrap();
+        assert_eq!(progress(shard.meta()).await.unwrap().moving_to, None);
+    }
+    assert_eq!(count(&p.b, "moved_documents").await, 0);
+
+    // Grown again and flipped, then b removed: 2 -> 1 drains it.
+    run_move(&growing, 50, GRACE, &|_| {}).await.unwrap();
+    let shrinking =
+        Library::moving(Arc::clone(&two), Some(Arc::clone(&one)), Vec::new(), vec![p.a.clone(), p.b.clone()]);
+    let sums = run_move(&shrinking, 50, GRACE, &|_| {}).await.unwrap();
+    assert_eq!(sums[1].1.moved_documents, expected, "b handed every document over: {sums:?}");
+    assert!(homes(&shrinking, &ids).await.values().all(|home| home == "a"));
+    let after = Library::sharded(Arc::clone(&one), vec![p.a.clone()]);
+    for id in &ids {
+        assert!(after.at(*id, |shard| Box::pin(shard.get(&me, *id))).await.is_ok());
     }
 }

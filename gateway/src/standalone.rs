@@ -504,7 +504,7 @@ async fn schedule_retention(state: AppState, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             let settings = vellum_workers::retention::RunSettings::default();
-            for (shard, docs) in state.docs.table().names().iter().zip(state.docs.shards()) {
+            for (shard, docs) in state.docs.names().iter().zip(state.docs.shards()) {
                 match vellum_workers::retention::run_policy(docs, &config, name, settings, &|_| {}).await {
                     Ok(report) => {
                         let (matched, transitioned, expired) = (report.matched, report.transitioned, report.expired);

@@ -223,7 +223,7 @@ fn main() -> anyhow::Result<()> {
                 let (library, config) = store.open().await?;
                 let hook = fault_hook();
                 // Shard by shard, each run recorded (and resumed) in its own database.
-                for (shard, docs) in library.table().names().iter().zip(library.shards()) {
+                for (shard, docs) in library.names().iter().zip(library.shards()) {
                     let report = run_policy(docs, &config, &policy, run.settings(), &hook)
                         .await
                         .with_context(|| format!("shard {shard}"))?;
@@ -234,7 +234,7 @@ fn main() -> anyhow::Result<()> {
             Command::Drain { tier, to, store, run } => {
                 let (library, _) = store.open().await?;
                 let mut remaining = 0;
-                for (shard, docs) in library.table().names().iter().zip(library.shards()) {
+                for (shard, docs) in library.names().iter().zip(library.shards()) {
                     let report =
                         drain_tier(docs, &tier, &to, run.settings()).await.with_context(|| format!("shard {shard}"))?;
                     remaining += report.remaining;

@@ -13,10 +13,16 @@ CREATE TABLE moved_documents (
 -- one row that is always there. Recording a new document holds the row (FOR SHARE) and
 -- goes ahead only on a replica that knows that version, which draws ids the move leaves
 -- in place; the mover's update of the row waits for the records under way, so no document
--- appears behind the cursor of its listing.
+-- appears behind the cursor of its listing. The mover records its progress here too: the
+-- documents that leave this shard in all, and those handed over so far.
 CREATE TABLE shard_routing (
-    singleton  BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
-    moving_to  TEXT
+    singleton        BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+    moving_to        TEXT,
+    total_documents  BIGINT NOT NULL DEFAULT 0,
+    moved_documents  BIGINT NOT NULL DEFAULT 0,
+    moved_bytes      BIGINT NOT NULL DEFAULT 0,
+    started_at       BIGINT,
+    updated_at       BIGINT
 );
 INSERT INTO shard_routing (singleton) VALUES (TRUE);
 

@@ -33,9 +33,13 @@ pub struct PlatformConfig {
     pub webhooks: BTreeMap<String, WebhookConfig>,
     /// Retention policies, by name.
     pub retention_policies: BTreeMap<String, RetentionConfig>,
-    /// The metadata shards, when the platform has a ShardSet.
+    /// The metadata shards, when the platform has a ShardSet: the routing in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<ShardsConfig>,
+    /// A live resharding under way: the routing documents move to (see
+    /// [`crate::resharding`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_move: Option<ShardMove>,
     /// The non-public networks webhook deliveries may reach.
     #[serde(default)]
     pub webhook_destinations: crate::webhooks::DestinationPolicy,
@@ -105,6 +109,18 @@ pub struct ShardsConfig {
     /// The shards, in the ShardSet's order.
     pub shards: Vec<ShardConfig>,
     pub routing: Routing,
+}
+
+/// Documents moving from the routing in force to another.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardMove {
+    /// The routing documents move to.
+    pub to: ShardsConfig,
+    /// Shards in neither routing that may still hold documents (the new shards of a move
+    /// that was reverted before its flip): documents move off them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<ShardConfig>,
 }
 
 /// One metadata shard.
@@ -433,7 +449,15 @@ pub fn compile(sources: &Sources) -> Result<(PlatformConfig, SecretBundle), Vec<
     let shards = compiler.shards();
     let webhook_destinations = compiler.webhook_destinations();
     if compiler.errors.is_empty() {
-        let config = PlatformConfig { tiers, default_tier, webhooks, retention_policies, shards, webhook_destinations };
+        let config = PlatformConfig {
+            tiers,
+            default_tier,
+            webhooks,
+            retention_policies,
+            shards,
+            shard_move: None,
+            webhook_destinations,
+        };
         Ok((config, compiler.bundle))
     } else {
         Err(compiler.errors)
@@ -499,6 +523,21 @@ impl PlatformConfig {
             let _ = write!(out, "{b:02x}");
             out
         })
+    }
+
+    /// Every shard that may hold documents: those of the routing in force in its order,
+    /// then, while a move runs, those only the routing it moves to has, then those it
+    /// drains. The order of [`crate::documents::Library::shards`].
+    pub fn all_shards(&self) -> Vec<&ShardConfig> {
+        let mut all: Vec<&ShardConfig> = self.shards.iter().flat_map(|s| &s.shards).collect();
+        if let Some(moving) = &self.shard_move {
+            for shard in moving.to.shards.iter().chain(&moving.draining) {
+                if all.iter().all(|s| s.name != shard.name) {
+                    all.push(shard);
+                }
+            }
+        }
+        all
     }
 }
 

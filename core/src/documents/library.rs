@@ -30,8 +30,21 @@ pub struct Library {
     table: Arc<RoutingTable>,
     /// The table documents are moving to, while they are.
     next: Option<Arc<RoutingTable>>,
-    /// The shards of `table` in its order, then those only `next` has.
+    /// Shards in neither table that may still hold documents, while a move drains them.
+    draining: Vec<String>,
+    /// The shards of `table` in its order, then those only `next` has, then `draining`.
     shards: Vec<Documents>,
+}
+
+/// The names of `table`'s shards, then those only `next` has, then `draining`'s.
+fn union(table: &RoutingTable, next: Option<&RoutingTable>, draining: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = table.names().to_vec();
+    for name in next.map(RoutingTable::names).unwrap_or_default().iter().chain(draining) {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
 }
 
 /// How many shards a request follows a document through before it gives up.
@@ -40,7 +53,7 @@ const MAX_HOPS: usize = 4;
 impl Library {
     /// One database holding everything.
     pub fn single(docs: Documents) -> Self {
-        Self { table: Arc::new(RoutingTable::single("main")), next: None, shards: vec![docs] }
+        Self { table: Arc::new(RoutingTable::single("main")), next: None, draining: Vec::new(), shards: vec![docs] }
     }
 
     /// The shards of `table`, in its order; they share the first one's tiers.
@@ -48,19 +61,21 @@ impl Library {
     /// # Panics
     /// When `shards` does not hold exactly one database per shard of the table.
     pub fn sharded(table: Arc<RoutingTable>, shards: Vec<Documents>) -> Self {
-        Self::moving(table, None, shards)
+        Self::moving(table, None, Vec::new(), shards)
     }
 
-    /// The shards of `table` in its order, then those only `next` has, while documents
-    /// move from `table` to `next`.
+    /// The shards of `table` in its order, then those only `next` has, then the
+    /// `draining` ones, while documents move from `table` and `draining` to `next`.
     ///
     /// # Panics
-    /// When `shards` does not hold exactly one database per shard of either table.
-    pub fn moving(table: Arc<RoutingTable>, next: Option<Arc<RoutingTable>>, shards: Vec<Documents>) -> Self {
-        let mut names: Vec<String> = table.names().to_vec();
-        if let Some(next) = &next {
-            names.extend(next.names().iter().filter(|n| !table.names().contains(n)).cloned());
-        }
+    /// When `shards` does not hold exactly one database per shard named.
+    pub fn moving(
+        table: Arc<RoutingTable>,
+        next: Option<Arc<RoutingTable>>,
+        draining: Vec<String>,
+        shards: Vec<Documents>,
+    ) -> Self {
+        let names = union(&table, next.as_deref(), &draining);
         assert_eq!(names.len(), shards.len(), "one database per shard of the routing tables");
         let first = shards[0].clone();
         let metas: Vec<Metadata> = shards.iter().map(|d| d.meta().clone()).collect();
@@ -78,7 +93,7 @@ impl Library {
                 docs.sharing_tiers_with(&first).placed(placement, siblings)
             })
             .collect();
-        Self { table, next, shards }
+        Self { table, next, draining, shards }
     }
 
     /// The routing table in force.
@@ -92,18 +107,13 @@ impl Library {
     }
 
     /// Every shard's name, in the order of [`Self::shards`].
-    pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.table.names().iter().map(String::as_str).collect();
-        if let Some(next) = &self.next {
-            names
-                .extend(next.names().iter().map(String::as_str).filter(|n| !self.table.names().iter().any(|t| t == n)));
-        }
-        names
+    pub fn names(&self) -> Vec<String> {
+        union(&self.table, self.next.as_deref(), &self.draining)
     }
 
     /// The shard named `name`.
     pub fn named(&self, name: &str) -> Option<&Documents> {
-        self.names().iter().position(|n| *n == name).map(|i| &self.shards[i])
+        self.names().iter().position(|n| n == name).map(|i| &self.shards[i])
     }
 
     /// Runs `op` on the shard holding document `id`: the one the table in force routes it
@@ -370,12 +380,12 @@ pub async fn open_shards(
     secrets: &SecretBundle,
     database_url: &str,
 ) -> Result<Vec<Metadata>, String> {
-    let Some(set) = &config.shards else {
+    if config.shards.is_none() {
         return Ok(vec![
             Metadata::open(database_url).await.map_err(|e| format!("opening the metadata database: {e}"))?,
         ]);
-    };
-    let opens = set.shards.iter().map(|shard| async move {
+    }
+    let opens = config.all_shards().into_iter().map(|shard| async move {
         let url = secrets.get(&shard.url).and_then(|v| v.expose_str()).ok_or_else(|| {
             format!("the URL of shard {} is missing or not UTF-8 (Secret key {})", shard.name, shard.url)
         })?;
@@ -389,9 +399,11 @@ pub async fn open_shards(
 /// not be applied, one message per shard (never quoting a URL). Without a ShardSet the one
 /// database's URL comes from the command line and is left alone.
 pub fn rotate_credentials(shards: &[Metadata], config: &PlatformConfig, secrets: &SecretBundle) -> Vec<String> {
-    let Some(set) = &config.shards else { return Vec::new() };
+    if config.shards.is_none() {
+        return Vec::new();
+    }
     let mut problems = Vec::new();
-    for (shard, meta) in set.shards.iter().zip(shards) {
+    for (shard, meta) in config.all_shards().into_iter().zip(shards) {
         match secrets.get(&shard.url).and_then(|v| v.expose_str()) {
             Some(url) => match meta.rotate(url) {
                 Ok(true) => tracing::info!(shard = %shard.name, "shard credentials rotated: new connections use them"),
@@ -411,10 +423,19 @@ pub fn library_of(config: &PlatformConfig, shards: Vec<Documents>) -> Result<Lib
     match &config.shards {
         Some(set) => {
             let table = RoutingTable::build(set).map_err(|e| format!("ShardSet {}: {e}", set.shard_set))?;
-            if table.len() != shards.len() {
-                return Err(format!("ShardSet {} has {} shards, not {}", set.shard_set, table.len(), shards.len()));
+            let next = match &config.shard_move {
+                Some(moving) => Some(Arc::new(
+                    RoutingTable::build(&moving.to).map_err(|e| format!("ShardSet {}: {e}", set.shard_set))?,
+                )),
+                None => None,
+            };
+            let draining: Vec<String> =
+                config.shard_move.iter().flat_map(|m| &m.draining).map(|s| s.name.clone()).collect();
+            let all = config.all_shards().len();
+            if all != shards.len() {
+                return Err(format!("ShardSet {} has {all} shards, not {}", set.shard_set, shards.len()));
             }
-            Ok(Library::sharded(Arc::new(table), shards))
+            Ok(Library::moving(Arc::new(table), next, draining, shards))
         }
         None => match <[Documents; 1]>::try_from(shards) {
             Ok([single]) => Ok(Library::single(single)),

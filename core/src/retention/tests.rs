@@ -345,6 +345,7 @@ fn shards_usage_adds_up_and_tiering_savings_price_the_target_tiers_against_the_d
         webhooks: BTreeMap::new(),
         retention_policies: BTreeMap::new(),
         shards: None,
+        shard_move: None,
         webhook_destinations: crate::webhooks::DestinationPolicy::default(),
     };
     let mut total = UsageCounts { logical_bytes: 4 * GIB, tiers: [("hot".into(), (1, GIB, GIB))].into() };
