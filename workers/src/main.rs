@@ -10,6 +10,7 @@ use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, read_platform};
 use vellum_core::documents::{Documents, Grace, Library, MigrationStep, library_of, open_shards};
 use vellum_core::process::{init_logging, shutdown_signal};
+use vellum_core::resharding::{ShardProgress, run_move};
 use vellum_workers::Settings;
 use vellum_workers::retention::{RunSettings, drain_tier, run_policy};
 use vellum_workers::run::{Options, run};
@@ -35,6 +36,21 @@ struct Cli {
 enum Command {
     /// Relay the outbox to JetStream and deliver webhooks, until SIGTERM.
     Run(RunArgs),
+    /// Move documents between metadata shards as the platform config's `shardMove` says, and
+    /// exit once no shard holds a document the routing moved to sends elsewhere, printing
+    /// every shard's progress as JSON: what the operator's resharding Job runs. Run again
+    /// after a crash, it goes on from where the documents are.
+    Reshard {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Documents handed over per batch.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Seconds a source's stored copy stays readable when the target kept its own copy
+        /// of the same bytes (downloads that began before the hand-over finish).
+        #[arg(long, default_value_t = 300)]
+        source_grace_seconds: i64,
+    },
     /// Bring a metadata database's schema up to date and exit: what the operator's
     /// migration Job runs on every shard before the gateways of a new version start.
     Migrate {
@@ -243,6 +259,31 @@ fn main() -> anyhow::Result<()> {
                 if remaining > 0 {
                     anyhow::bail!("{remaining} blobs remain in storage tier {tier}");
                 }
+                Ok(())
+            }
+            Command::Reshard { store, batch, source_grace_seconds } => {
+                let (library, _) = store.open().await?;
+                let next = library.next().map(|t| t.version().to_owned()).unwrap_or_default();
+                // Progress in the log at most once a second.
+                let logged = std::sync::Mutex::new(std::time::Instant::now());
+                let report = |sums: &[(String, ShardProgress)]| {
+                    let mut last = logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if last.elapsed() >= Duration::from_secs(1) {
+                        *last = std::time::Instant::now();
+                        let (moved, total) =
+                            sums.iter().fold((0, 0), |(m, t), (_, p)| (m + p.moved_documents, t + p.total_documents));
+                        tracing::info!(routing_version = %next, moved, total, "moving documents between shards");
+                    }
+                };
+                let sums = run_move(&library, batch, source_grace_seconds.max(0) * 1000, &report)
+                    .await
+                    .context("moving documents between shards")?;
+                let shards: serde_json::Map<String, serde_json::Value> =
+                    sums.into_iter().map(|(name, p)| (name, serde_json::json!(p))).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"routingVersion": next, "shards": shards}))?
+                );
                 Ok(())
             }
             Command::Migrate { database_url } => {

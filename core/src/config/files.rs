@@ -77,7 +77,7 @@ impl PlatformConfig {
     pub fn handles(&self) -> impl Iterator<Item = &SecretHandle> {
         let tiers = self.tiers.values().flat_map(|t| t.secret_options.values());
         let webhooks = self.webhooks.values().map(|w| &w.signing_key);
-        let shards = self.shards.iter().flat_map(|s| s.shards.iter().map(|s| &s.url));
+        let shards = self.all_shards().into_iter().map(|s| &s.url);
         tiers.chain(webhooks).chain(shards)
     }
 }
