@@ -108,7 +108,7 @@ pub async fn serve(state: &AppState, content: &Content, request: &HeaderMap) -> 
             .with_header(header::CONTENT_RANGE, &format!("bytes */{}", content.size)));
         }
     };
-    let stream = state.docs.at(content.document.id, |shard| Box::pin(shard.read(content, range.clone()))).await?;
+    let stream = state.docs().at(content.document.id, |shard| Box::pin(shard.read(content, range.clone()))).await?;
     let length = range.as_ref().map_or(content.size, |r| r.end - r.start);
     let mut builder = base()
         .status(status)

@@ -265,7 +265,8 @@ async fn upload(
     User(actor): User,
     request: Request,
 ) -> ApiResult<Response> {
-    let (received, upload) = receive(&state, request, None, state.docs.begin_document()).await?;
+    let docs = state.docs();
+    let (received, upload) = receive(&state, request, None, docs.begin_document()).await?;
     let prepared = (|| {
         let params = &received.params;
         let Some(filename) = received.filename.clone() else {
@@ -323,7 +324,8 @@ async fn upload_version(
     request: Request,
 ) -> ApiResult<Response> {
     // Access (and existence) is checked before the bytes are taken.
-    let upload = state.docs.begin_version(&actor, id).await?;
+    let docs = state.docs();
+    let upload = docs.begin_version(&actor, id).await?;
     let content_type = Some(upload.current().content_type.clone());
     let (received, upload) = receive(&state, request, content_type, upload).await?;
     let params = &received.params;
@@ -345,7 +347,7 @@ async fn upload_version(
 #[utoipa::path(get, path = "/{id}", tag = TAG, summary = "A document's metadata", params(("id" = i64, Path)),
     responses((status = 200, body = Document), (status = 404, body = ErrorBody)))]
 async fn get_document(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.at(id, |shard| Box::pin(shard.get(&actor, id))).await?).into_response())
+    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.get(&actor, id))).await?).into_response())
 }
 
 #[utoipa::path(patch, path = "/{id}", tag = TAG,
@@ -358,7 +360,8 @@ async fn update(
     DocId(id): DocId,
     JsonBody(patch): JsonBody<MetadataPatch>,
 ) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.at(id, |shard| Box::pin(shard.update(&actor, id, patch.clone()))).await?).into_response())
+    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.update(&actor, id, patch.clone()))).await?)
+        .into_response())
 }
 
 #[utoipa::path(put, path = "/{id}/metadata", tag = TAG, summary = "Change metadata (the seed's path)",
@@ -425,7 +428,7 @@ async fn list(
         // An empty cursor is the first page, as no cursor is.
         cursor: p.cursor.filter(|c| !c.is_empty()),
     };
-    Ok(axum::Json(state.docs.list(&actor, &query).await?).into_response())
+    Ok(axum::Json(state.docs().list(&actor, &query).await?).into_response())
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -453,7 +456,7 @@ async fn download(
     QueryParams(p): QueryParams<VersionParam>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let content = state.docs.at(id, |shard| Box::pin(shard.content(&actor, id, p.version))).await?;
+    let content = state.docs().at(id, |shard| Box::pin(shard.content(&actor, id, p.version))).await?;
     serve(&state, &content, &headers).await
 }
 
@@ -482,14 +485,14 @@ async fn download_version(
     VersionNo(n): VersionNo,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let content = state.docs.at(id, |shard| Box::pin(shard.content(&actor, id, Some(n)))).await?;
+    let content = state.docs().at(id, |shard| Box::pin(shard.content(&actor, id, Some(n)))).await?;
     serve(&state, &content, &headers).await
 }
 
 #[utoipa::path(get, path = "/{id}/versions", tag = TAG, summary = "A document's versions, newest first",
     params(("id" = i64, Path)), responses((status = 200, body = VersionHistory), (status = 404, body = ErrorBody)))]
 async fn versions(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.at(id, |shard| Box::pin(shard.versions(&actor, id))).await?).into_response())
+    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.versions(&actor, id))).await?).into_response())
 }
 
 #[utoipa::path(post, path = "/{id}/versions/{n}/restore", tag = TAG,
@@ -502,7 +505,7 @@ async fn restore(
     DocId(id): DocId,
     VersionNo(n): VersionNo,
 ) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.at(id, |shard| Box::pin(shard.restore_version(&actor, id, n))).await?).into_response())
+    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.restore_version(&actor, id, n))).await?).into_response())
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -523,9 +526,9 @@ async fn delete(
     QueryParams(p): QueryParams<DeleteParams>,
 ) -> ApiResult<Response> {
     if p.permanent {
-        state.docs.at(id, |shard| Box::pin(shard.purge(&actor, id))).await?;
+        state.docs().at(id, |shard| Box::pin(shard.purge(&actor, id))).await?;
     } else {
-        state.docs.at(id, |shard| Box::pin(shard.delete(&actor, id))).await?;
+        state.docs().at(id, |shard| Box::pin(shard.delete(&actor, id))).await?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -534,14 +537,15 @@ async fn delete(
     params(("id" = i64, Path)),
     responses((status = 200, body = Document), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn hold(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.at(id, |shard| Box::pin(shard.set_legal_hold(&actor, id, true))).await?).into_response())
+    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.set_legal_hold(&actor, id, true))).await?).into_response())
 }
 
 #[utoipa::path(delete, path = "/{id}/legal-hold", tag = TAG, summary = "Release a legal hold (admins)",
     params(("id" = i64, Path)),
     responses((status = 200, body = Document), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn release(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs.at(id, |shard| Box::pin(shard.set_legal_hold(&actor, id, false))).await?).into_response())
+    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.set_legal_hold(&actor, id, false))).await?)
+        .into_response())
 }
 
 // Signed links: `<id>.<version>.<expiry ms>.<signature>`, the signature an HMAC-SHA256 of
@@ -580,8 +584,8 @@ async fn create_link(
     if seconds == 0 || seconds > MAX_LINK_SECONDS {
         return Err(ApiError::bad_request(format!("expiresInSeconds must be between 1 and {MAX_LINK_SECONDS}")));
     }
-    let content = state.docs.at(id, |shard| Box::pin(shard.content(&actor, id, request.version))).await?;
-    let expires = state.docs.clock().now_ms() + i64::try_from(seconds * 1000).unwrap_or(i64::MAX);
+    let content = state.docs().at(id, |shard| Box::pin(shard.content(&actor, id, request.version))).await?;
+    let expires = state.docs().clock().now_ms() + i64::try_from(seconds * 1000).unwrap_or(i64::MAX);
     let payload = format!("{id}.{}.{expires}", content.version);
     let signature = URL_SAFE_NO_PAD.encode(link_mac(&state.link_key, &payload).finalize().into_bytes());
     let token = format!("{payload}.{signature}");
@@ -623,11 +627,11 @@ async fn follow_link(
         version.parse().map_err(|_| forged())?,
         expires.parse().map_err(|_| forged())?,
     );
-    if state.docs.clock().now_ms() > expires {
+    if state.docs().clock().now_ms() > expires {
         return Err(ApiError::new(StatusCode::GONE, format!("the link expired at {}", rfc3339(expires))));
     }
     // The signature is the permission: the link reads as its creator could.
     let reader = Actor { user: String::new(), admin: true };
-    let content = state.docs.at(id, |shard| Box::pin(shard.content(&reader, id, Some(version)))).await?;
+    let content = state.docs().at(id, |shard| Box::pin(shard.content(&reader, id, Some(version)))).await?;
     serve(&state, &content, &headers).await
 }

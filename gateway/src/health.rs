@@ -24,10 +24,10 @@ async fn healthz() -> Response {
     summary = "Every metadata shard answers and the default tier stores and returns a probe object",
     responses((status = 200, body = Object), (status = 503, description = "Not ready, with each check's message", body = Object)))]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let database = state.docs.ping().await.map_err(|(shard, e)| {
-        if state.docs.shards().len() == 1 { e.to_string() } else { format!("shard {shard}: {e}") }
+    let database = state.docs().ping().await.map_err(|(shard, e)| {
+        if state.docs().shards().len() == 1 { e.to_string() } else { format!("shard {shard}: {e}") }
     });
-    let tier = state.docs.tiers().default_tier().probe().await;
+    let tier = state.docs().tiers().default_tier().probe().await;
     let check = |r: &Result<(), String>| match r {
         Ok(()) => json!({"status": "ok"}),
         Err(e) => json!({"status": "failing", "message": e}),
@@ -45,7 +45,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "status": if ready { "ready" } else { "not ready" },
         "checks": {"database": check(&database), "defaultTier": check(&tier)},
         "configHash": state.metrics.config_hash(),
-        "routingVersion": state.docs.table().version(),
+        "routingVersion": state.docs().table().version(),
     });
     (status, axum::Json(body)).into_response()
 }

@@ -41,7 +41,9 @@ use crate::error::ApiError;
 /// Everything a handler needs, cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    pub docs: Arc<Library>,
+    /// The documents on every shard, swapped whole when the routing changes (a resharding
+    /// begins or flips): a request keeps the library it started with.
+    pub library: Arc<std::sync::RwLock<Arc<Library>>>,
     pub auth: Arc<Auth>,
     /// Key of the HMAC that signs download links.
     pub link_key: Arc<[u8]>,
@@ -62,6 +64,16 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The documents as they are routed now.
+    pub fn docs(&self) -> Arc<Library> {
+        Arc::clone(&self.library.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Replaces the library, after the routing changed.
+    pub fn set_docs(&self, library: Library) {
+        *self.library.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(library);
+    }
+
     /// The platform config as it is now.
     pub fn platform(&self) -> Arc<vellum_core::config::PlatformConfig> {
         Arc::clone(&self.platform.read().unwrap_or_else(std::sync::PoisonError::into_inner))
@@ -78,7 +90,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The whole HTTP API.
 pub fn app(state: AppState) -> Router {
     let (api, mut spec) = openapi::routes().split_for_parts();
-    openapi::complete(&mut spec, state.docs.max_upload());
+    openapi::complete(&mut spec, state.docs().max_upload());
     let spec = Arc::new(spec);
     Router::new()
         .merge(api)

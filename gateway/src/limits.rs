@@ -151,7 +151,7 @@ impl FromRequestParts<AppState> for UploadPlace {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let limit = state.docs.max_upload().saturating_add(FORM_OVERHEAD_BYTES);
+        let limit = state.docs().max_upload().saturating_add(FORM_OVERHEAD_BYTES);
         if declared_length(&parts.headers).is_some_and(|n| n > limit) {
             return Err(too_large(limit));
         }

@@ -231,12 +231,13 @@ async fn scrape(State(state): State<AppState>, own: Option<axum::Extension<Metri
         return crate::error::ApiError::not_found("metrics are served on the gateway's metrics address")
             .into_response();
     }
-    let depths = state.docs.shards().iter().map(|shard| vellum_core::events::outbox::depth(shard.meta()));
+    let docs = state.docs();
+    let depths = docs.shards().iter().map(|shard| vellum_core::events::outbox::depth(shard.meta()));
     if let Ok(depths) = futures::future::try_join_all(depths).await {
         state.metrics.outbox_depth.set(depths.into_iter().sum());
     }
     if state.metrics.usage_stale() {
-        match state.docs.usage(&state.platform()).await {
+        match state.docs().usage(&state.platform()).await {
             Ok(usage) => state.metrics.set_storage_usage(&usage),
             Err(e) => tracing::warn!(error = %e, "computing storage usage"),
         }

@@ -20,9 +20,11 @@ use tokio::task::JoinHandle;
 use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::{CONFIG_FILE, SecretBundle, compile_dir, read_platform};
-use vellum_core::documents::{Documents, Library, library_of, open_shards, rotate_credentials};
+use vellum_core::documents::{
+    Documents, Library, library_of, open_shards, reopen_shards, rotate_credentials, routes_as,
+};
 use vellum_core::events::{Bus, relay};
-use vellum_core::routing::RoutingTable;
+
 use vellum_core::store::Metadata;
 use vellum_core::webhooks::DestinationPolicy;
 use vellum_workers::{Engine, LocalSink, Sender, Settings};
@@ -266,7 +268,7 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
     let url = options.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let admin_token = auth.mint("admin", &["admin", "user"], Duration::from_secs(30 * 24 * 3600));
     let state = AppState {
-        docs: Arc::new(docs),
+        library: Arc::new(std::sync::RwLock::new(Arc::new(docs))),
         auth: Arc::new(auth),
         link_key: link_key.into(),
         public_url: url.trim_end_matches('/').into(),
@@ -286,7 +288,7 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
         Role::Standalone => spawn_relays(&shards, &buses, &engine, &bus, &clock, &stopped),
         Role::Replica => Vec::new(),
     };
-    let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&state.docs), stopped.clone()));
+    let sweeper = tokio::spawn(sweep_uploads(state.clone(), stopped.clone()));
     if state.auth.reloads() {
         hub_feeds.push(tokio::spawn(watch_keys(Arc::clone(&state.auth), options.config_reload)));
     }
@@ -445,8 +447,8 @@ async fn reload(
             }
         };
         // Rotated database credentials apply whatever else changed.
-        let shards: Vec<Metadata> = state.docs.shards().iter().map(|d| d.meta().clone()).collect();
-        for problem in rotate_credentials(&shards, &config, &secrets) {
+        let docs = state.docs();
+        for problem in rotate_credentials(&named_shards(&docs), &config, &secrets) {
             tracing::warn!(problem = %problem, "keeping the shard's database credentials");
         }
         // A rotated secret (a webhook's key, a tier's credentials) changes no handle in the
@@ -462,6 +464,19 @@ async fn reload(
                 continue;
             }
         };
+        // A routing change (a resharding begins, flips or is reverted): a new library over
+        // every shard the config names, built before anything else changes.
+        let rerouted = if routes_as(&docs, &config) {
+            None
+        } else {
+            match reroute(&docs, &config, &secrets, options.nats_url.is_some()).await {
+                Ok(library) => Some(library),
+                Err(e) => {
+                    tracing::warn!(error = %e, "keeping the previous platform config: its routing does not apply");
+                    continue;
+                }
+            }
+        };
         // Webhooks first: if they cannot be applied, nothing changes and the next read
         // tries the whole config again.
         let applied = secrets.clone();
@@ -469,15 +484,21 @@ async fn reload(
             tracing::warn!(error = %e.message, "keeping the previous platform config: its webhooks were not applied");
             continue;
         }
-        if let Some(set) = &config.shards
-            && RoutingTable::build(set).is_ok_and(|table| table.version() != state.docs.table().version())
-        {
-            tracing::warn!(
-                shard_set = %set.shard_set,
-                "the ShardSet's routing changed; this gateway keeps routing as it started until it restarts"
-            );
+        if let Some(library) = rerouted {
+            let (table, next) = (library.table().version().to_owned(), library.next().map(|t| t.version().to_owned()));
+            let left: Vec<Metadata> = named_shards(&docs)
+                .into_iter()
+                .filter(|(name, _)| !library.names().contains(name))
+                .map(|(_, meta)| meta)
+                .collect();
+            state.set_docs(library);
+            tracing::info!(routing = %table, moving_to = ?next, "the shards' routing changed; requests route by it now");
+            // A shard that left is not touched again.
+            for meta in left {
+                meta.pool().close().await;
+            }
         }
-        state.docs.set_tiers(tiers);
+        state.docs().set_tiers(tiers);
         state.set_platform(config.clone());
         state.metrics.set_config_hash(&new_hash);
         tracing::info!(hash = %new_hash, tiers = config.tiers.len(), webhooks = config.webhooks.len(), "platform config reloaded");
@@ -486,17 +507,38 @@ async fn reload(
     }
 }
 
+/// The library's shards, by name.
+fn named_shards(docs: &Library) -> Vec<(String, Metadata)> {
+    docs.names().into_iter().zip(docs.shards().iter().map(|d| d.meta().clone())).collect()
+}
+
+/// The library of a config whose routing differs from `docs`': the shards it keeps, and
+/// those it adds opened (and migrated).
+async fn reroute(
+    docs: &Library,
+    config: &vellum_core::config::PlatformConfig,
+    secrets: &SecretBundle,
+    cluster: bool,
+) -> Result<Library, String> {
+    if config.all_shards().len() > 1 && !cluster {
+        return Err("several metadata shards need the NATS event stream (a cluster replica)".into());
+    }
+    let shards = reopen_shards(&named_shards(docs), config, secrets).await?;
+    let per_shard = shards.into_iter().map(|(_, meta)| docs.primary().on(meta)).collect();
+    library_of(config, per_shard)
+}
+
 /// Runs each retention policy at the times its schedule names, as the operator's CronJobs
 /// do in a cluster. A run that fails is logged and tried again at the policy's next time;
 /// an unfinished run is resumed by the next.
 async fn schedule_retention(state: AppState, mut stop: watch::Receiver<bool>) {
-    let mut checked = state.docs.clock().now_ms();
+    let mut checked = state.docs().clock().now_ms();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             () = tokio::time::sleep(Duration::from_secs(20)) => {}
         }
-        let now = state.docs.clock().now_ms();
+        let now = state.docs().clock().now_ms();
         let config = state.platform();
         for (name, policy) in &config.retention_policies {
             let due = vellum_core::retention::next_run(&policy.schedule, checked).is_some_and(|at| at <= now);
@@ -504,7 +546,7 @@ async fn schedule_retention(state: AppState, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             let settings = vellum_workers::retention::RunSettings::default();
-            for (shard, docs) in state.docs.names().iter().zip(state.docs.shards()) {
+            for (shard, docs) in state.docs().names().iter().zip(state.docs().shards()) {
                 match vellum_workers::retention::run_policy(docs, &config, name, settings, &|_| {}).await {
                     Ok(report) => {
                         let (matched, transitioned, expired) = (report.matched, report.transitioned, report.expired);
@@ -519,9 +561,9 @@ async fn schedule_retention(state: AppState, mut stop: watch::Receiver<bool>) {
 }
 
 /// Expires abandoned upload sessions every 10 minutes until `stop` turns true.
-async fn sweep_uploads(docs: Arc<Library>, mut stop: watch::Receiver<bool>) {
+async fn sweep_uploads(state: AppState, mut stop: watch::Receiver<bool>) {
     loop {
-        match docs.expire_uploads().await {
+        match state.docs().expire_uploads().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(sessions = n, "expired upload sessions"),
             Err(e) => tracing::warn!(error = %e, "expiring upload sessions"),

@@ -93,7 +93,7 @@ async fn lifecycle(
     User(actor): User,
     DocId(id): DocId,
 ) -> ApiResult<axum::Json<Lifecycle>> {
-    let facts = state.docs.at(id, |shard| Box::pin(shard.lifecycle_facts(&actor, id))).await?;
+    let facts = state.docs().at(id, |shard| Box::pin(shard.lifecycle_facts(&actor, id))).await?;
     let config = state.platform();
     // Dry-run and suspended policies act on nothing, so they schedule nothing.
     let policies: Vec<Policy<'_>> = config
@@ -102,7 +102,7 @@ async fn lifecycle(
         .filter(|(_, p)| !p.dry_run)
         .map(|(name, config)| Policy { name, config })
         .collect();
-    let plan = decide(&facts, &policies, &config.tiers, state.docs.clock().now_ms());
+    let plan = decide(&facts, &policies, &config.tiers, state.docs().clock().now_ms());
     Ok(axum::Json(Lifecycle {
         document_id: id,
         storage_tier: facts.versions.first().map(|v| v.tier.clone()).unwrap_or_default(),
@@ -135,7 +135,7 @@ async fn move_tier(
     JsonBody(request): JsonBody<MoveRequest>,
 ) -> ApiResult<axum::Json<Document>> {
     Ok(axum::Json(
-        state.docs.at(id, |shard| Box::pin(shard.move_document(&actor, id, &request.tier, Grace::default()))).await?,
+        state.docs().at(id, |shard| Box::pin(shard.move_document(&actor, id, &request.tier, Grace::default()))).await?,
     ))
 }
 
@@ -148,7 +148,7 @@ async fn restore_archived(
     User(actor): User,
     DocId(id): DocId,
 ) -> ApiResult<axum::Json<Document>> {
-    Ok(axum::Json(state.docs.at(id, |shard| Box::pin(shard.restore_archived(&actor, id, Grace::default()))).await?))
+    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.restore_archived(&actor, id, Grace::default()))).await?))
 }
 
 #[utoipa::path(get, path = "/usage", tag = TAG,
@@ -158,7 +158,7 @@ async fn usage(State(state): State<AppState>, User(actor): User) -> ApiResult<ax
     if !actor.admin {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "storage usage needs the admin role"));
     }
-    let usage = state.docs.usage(&state.platform()).await?;
+    let usage = state.docs().usage(&state.platform()).await?;
     state.metrics.set_storage_usage(&usage);
     Ok(axum::Json(usage))
 }

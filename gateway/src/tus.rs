@@ -144,7 +144,7 @@ async fn options(State(state): State<AppState>) -> Response {
     let headers = response.headers_mut();
     headers.insert(HeaderName::from_static("tus-version"), HeaderValue::from_static(tus::VERSION));
     headers.insert(HeaderName::from_static("tus-extension"), HeaderValue::from_static(tus::EXTENSIONS));
-    headers.insert(HeaderName::from_static("tus-max-size"), HeaderValue::from(state.docs.max_upload()));
+    headers.insert(HeaderName::from_static("tus-max-size"), HeaderValue::from(state.docs().max_upload()));
     headers
         .insert(HeaderName::from_static("tus-checksum-algorithm"), HeaderValue::from_static(tus::CHECKSUM_ALGORITHMS));
     response
@@ -179,11 +179,11 @@ async fn create(
     }
     let length = number(headers, &UPLOAD_LENGTH)?.ok_or_else(|| ApiError::bad_request("Upload-Length is required"))?;
     let metadata = text(headers, &UPLOAD_METADATA)?;
-    let mut upload = state.docs.for_new().tus_create(&actor, length, metadata).await.map_err(tus_error)?;
+    let mut upload = state.docs().for_new().tus_create(&actor, length, metadata).await.map_err(tus_error)?;
     if carries_bytes(headers) && upload.offset < upload.length {
         let checksum = text(headers, &UPLOAD_CHECKSUM)?;
         upload = state
-            .docs
+            .docs()
             .of_session(&upload.id)
             .tus_append(&actor, &upload.id, 0, checksum, body_stream(body))
             .await
@@ -208,7 +208,7 @@ async fn head(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_version(&headers)?;
-    let upload = state.docs.of_session(&id).tus_status(&actor, &id).await.map_err(tus_error)?;
+    let upload = state.docs().of_session(&id).tus_status(&actor, &id).await.map_err(tus_error)?;
     let mut response = StatusCode::OK.into_response();
     progress(&upload, &mut response);
     let out = response.headers_mut();
@@ -233,7 +233,7 @@ async fn append(state: &AppState, actor: &Actor, id: &str, request: Request) -> 
     let offset = number(headers, &UPLOAD_OFFSET)?.ok_or_else(|| ApiError::bad_request("Upload-Offset is required"))?;
     let checksum = text(headers, &UPLOAD_CHECKSUM)?;
     let upload = state
-        .docs
+        .docs()
         .of_session(id)
         .tus_append(actor, id, offset, checksum, body_stream(body))
         .await
@@ -283,7 +283,7 @@ async fn terminate(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_version(&headers)?;
-    state.docs.of_session(&id).tus_terminate(&actor, &id).await.map_err(tus_error)?;
+    state.docs().of_session(&id).tus_terminate(&actor, &id).await.map_err(tus_error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -396,7 +396,7 @@ async fn uploads_survive_garbage_collection_on_every_shard() {
         sqlx::query("UPDATE blob_garbage SET not_before = 0").execute(&pool).await.unwrap();
         pool.close().await;
     }
-    for shard in gw.state.docs.shards() {
+    for shard in gw.state.docs().shards() {
         shard.collect_garbage().await.unwrap();
     }
 
@@ -411,4 +411,141 @@ async fn uploads_survive_garbage_collection_on_every_shard() {
         assert_eq!(response.bytes().await.unwrap().as_ref(), bytes.as_slice(), "document {id} version {version}");
     }
     gw.shutdown().await.unwrap();
+}
+
+/// Writes `config` and `secrets` as the operator's compiled files into `dir`.
+fn write_compiled(
+    dir: &std::path::Path,
+    config: &vellum_core::config::PlatformConfig,
+    secrets: &vellum_core::config::SecretBundle,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("secrets.json"), secrets.to_json()).unwrap();
+    // Written whole, then renamed: a reload never reads half a file.
+    std::fs::write(dir.join("platform.json.new"), serde_json::to_vec(config).unwrap()).unwrap();
+    std::fs::rename(dir.join("platform.json.new"), dir.join("platform.json")).unwrap();
+}
+
+/// Waits until `check` holds of the gateway's library (its config reloads every second).
+async fn until_routed(gw: &Running, what: &str, check: impl Fn(&vellum_core::documents::Library) -> bool) {
+    for _ in 0..100 {
+        if check(&gw.state.docs()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the gateway never {what}");
+}
+
+/// A running gateway and worker follow a resharding through their config reloads: the move
+/// is loaded (new documents get ids that stay), every document is served while the mover
+/// hands half of them to a new shard, and after the flip the new routing serves and fills
+/// both shards, and the new shard's events are relayed.
+#[tokio::test]
+#[allow(clippy::too_many_lines)]
+async fn a_running_gateway_and_worker_follow_a_resharding_through_their_config() {
+    use vellum_core::config::ShardMove;
+    use vellum_core::documents::{Documents, library_of, open_shards};
+    let dir = tempfile::tempdir().unwrap();
+    let dbs = databases(2).await;
+    write_config(dir.path(), &dbs, "{strategy: ConsistentHash, virtualNodes: 64}", None);
+    let (_, two, secrets) = compile_dir(&dir.path().join("config")).unwrap();
+    let mut one = two.clone();
+    one.shards.as_mut().unwrap().shards.truncate(1);
+    let compiled = dir.path().join("compiled");
+    write_compiled(&compiled, &one, &secrets);
+    let nats = NatsProcess::start().unwrap();
+    let mut opts = options(dir.path(), Some(nats.url()));
+    opts.config_dir.clone_from(&compiled);
+    opts.secrets_dir = Some(compiled.clone());
+    opts.config_reload = Duration::from_secs(1);
+    let gw = vellum_gateway::replica::start(opts).await.unwrap();
+    let worker = support::Worker::start(&dbs[0].url, &nats.url(), &compiled);
+    let client = reqwest::Client::new();
+    let alice = token(&gw, "alice", &["user"]);
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(support::upload(&client, &gw.url, &alice, &format!("before-{i}.txt")).await["id"].as_i64().unwrap());
+    }
+
+    // The move is published; the gateway loads it.
+    let mut moving = one.clone();
+    moving.shard_move = Some(ShardMove { to: two.shards.clone().unwrap(), draining: Vec::new() });
+    write_compiled(&compiled, &moving, &secrets);
+    let to = RoutingTable::build(two.shards.as_ref().unwrap()).unwrap();
+    until_routed(&gw, "loaded the move", |docs| docs.next().is_some_and(|n| n.version() == to.version())).await;
+    for i in 0..10 {
+        let id = support::upload(&client, &gw.url, &alice, &format!("during-{i}.txt")).await["id"].as_i64().unwrap();
+        assert_eq!(to.shard_of_id(id), 0, "a new document gets an id the move leaves on s0");
+        ids.push(id);
+    }
+
+    // The mover (what the resharding Job runs), while the gateway serves.
+    let tiers = vellum_core::blob::Tiers::open(&moving, &secrets, &dir.path().join("data")).unwrap();
+    let shards = open_shards(&moving, &secrets, &dbs[0].url).await.unwrap();
+    let library = library_of(
+        &moving,
+        shards
+            .into_iter()
+            .map(|m| Documents::new(m, tiers.clone(), vellum_core::clock::Clock::system(), None, 1 << 20))
+            .collect(),
+    )
+    .unwrap();
+    let mover = vellum_core::resharding::run_move(&library, 4, 300_000, &|_| {});
+    let reader = async {
+        let mut answered = 0;
+        for round in 0..4 {
+            for id in &ids {
+                let response =
+                    client.get(format!("{}/api/v1/documents/{id}", gw.url)).bearer_auth(&alice).send().await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK, "document {id}, round {round}");
+                answered += 1;
+            }
+        }
+        answered
+    };
+    let (moved, answered) = tokio::join!(mover, reader);
+    let moved = moved.unwrap();
+    assert!(moved[0].1.moved_documents > 0, "{moved:?}");
+    assert_eq!(answered, 4 * ids.len());
+    let held = ids_by_shard(&dbs).await;
+    for id in &ids {
+        assert!(held[to.shard_of_id(*id)].contains(id), "document {id} is on its new shard");
+    }
+    // Read through the markers the move left, and listed once each.
+    let listed: Vec<i64> = list_all(&client, &gw, &alice, 7).await.iter().map(|d| d["id"].as_i64().unwrap()).collect();
+    assert_eq!(listed.len(), ids.len(), "{listed:?}");
+
+    // The flip: the new routing alone. Both shards fill; the new one's events are relayed.
+    write_compiled(&compiled, &two, &secrets);
+    until_routed(&gw, "flipped", |docs| docs.next().is_none() && docs.table().version() == to.version()).await;
+    let mut landed = [0, 0];
+    for i in 0..20 {
+        let id = support::upload(&client, &gw.url, &alice, &format!("after-{i}.txt")).await["id"].as_i64().unwrap();
+        landed[to.shard_of_id(id)] += 1;
+    }
+    assert!(landed[0] > 0 && landed[1] > 0, "new documents fill both shards: {landed:?}");
+    let on_s1 = ids.iter().copied().find(|id| to.shard_of_id(*id) == 1).unwrap();
+    let patched = client
+        .patch(format!("{}/api/v1/documents/{on_s1}", gw.url))
+        .bearer_auth(&alice)
+        .json(&serde_json::json!({"title": "after the flip"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), StatusCode::OK);
+    let s1 = dbs[1].pool().await.unwrap();
+    let mut pending = i64::MAX;
+    for _ in 0..100 {
+        pending =
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetch_one(&s1).await.unwrap();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pending, 0, "the worker relays the new shard's outbox");
+    worker.stop().await;
+    gw.shutdown().await.unwrap();
+    drop(nats);
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, SecretBundle, read_platform};
-use vellum_core::documents::{open_shards, rotate_credentials};
+use vellum_core::documents::{open_shards, reopen_shards, rotate_credentials};
 use vellum_core::events::relay;
+use vellum_core::store::Metadata;
 use vellum_core::webhooks;
 
 use vellum_core::store::StoreError;
@@ -98,15 +99,11 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> Result<()
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let pools = shards.clone();
-    let relay_tasks: Vec<_> = shards
-        .into_iter()
-        .map(|meta| {
-            let (clock, sink, poll) = (clock.clone(), JetStreamSink::new(js.clone()), options.relay_poll);
-            let stop = until_stopped(stop.clone());
-            tokio::spawn(async move { relay(&meta, &clock, &sink, &Notify::new(), poll, stop).await })
-        })
-        .collect();
+    let names: Vec<String> = config.all_shards().iter().map(|s| s.name.clone()).collect();
+    let mut relays: Vec<Relay> = Vec::new();
+    for (name, meta) in names.into_iter().zip(shards) {
+        relays.push(Relay::start(name, meta, &clock, &js, options.relay_poll, &stop));
+    }
     let consumer_task = tokio::spawn(consume_into_webhooks(js.clone(), engine.clone(), until_stopped(stop.clone())));
     tracing::info!(endpoints = engine.endpoints().len(), "workers running");
 
@@ -119,8 +116,12 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> Result<()
         }
         match load(&options) {
             Ok((config, secrets)) => {
+                let pools: Vec<(String, Metadata)> = relays.iter().map(|r| (r.name.clone(), r.meta.clone())).collect();
                 for problem in rotate_credentials(&pools, &config, &secrets) {
                     tracing::warn!(problem = %problem, "keeping the shard's database credentials");
+                }
+                if config.all_shards().iter().map(|s| &s.name).ne(relays.iter().map(|r| &r.name)) {
+                    relays = reroute(relays, &config, &secrets, &clock, &js, options.relay_poll, &stop).await;
                 }
                 // A rotated webhook key changes a value, not the config: either reloads.
                 if config != current || secrets != current_secrets {
@@ -150,9 +151,91 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> Result<()
     if let Some(server) = server {
         server.abort();
     }
-    for relay_task in relay_tasks {
-        let _ = relay_task.await;
+    for relay in relays {
+        let _ = relay.task.await;
     }
     let _ = consumer_task.await;
     Ok(())
+}
+
+/// A routing change adds shards (their outboxes are relayed from now on) or removes them
+/// (relayed until empty, then let go). When a shard does not open, nothing changes.
+async fn reroute(
+    relays: Vec<Relay>,
+    config: &PlatformConfig,
+    secrets: &SecretBundle,
+    clock: &Clock,
+    js: &async_nats::jetstream::Context,
+    poll: Duration,
+    stop: &watch::Receiver<bool>,
+) -> Vec<Relay> {
+    let pools: Vec<(String, Metadata)> = relays.iter().map(|r| (r.name.clone(), r.meta.clone())).collect();
+    let now = match reopen_shards(&pools, config, secrets).await {
+        Ok(now) => now,
+        Err(e) => {
+            tracing::warn!(error = %e, "keeping the shards as they were");
+            return relays;
+        }
+    };
+    let (mut kept, left): (Vec<Relay>, Vec<Relay>) =
+        relays.into_iter().partition(|r| now.iter().any(|(name, _)| *name == r.name));
+    for (name, meta) in now {
+        if kept.iter().all(|r| r.name != name) {
+            tracing::info!(shard = %name, "relaying a new shard's outbox");
+            kept.push(Relay::start(name, meta, clock, js, poll, stop));
+        }
+    }
+    for relay in left {
+        tokio::spawn(relay.retire());
+    }
+    kept
+}
+
+/// One shard's outbox relay.
+struct Relay {
+    name: String,
+    meta: Metadata,
+    /// Stops this relay alone (the shard left the routing).
+    retired: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(
+        name: String,
+        meta: Metadata,
+        clock: &Clock,
+        js: &async_nats::jetstream::Context,
+        poll: Duration,
+        stop: &watch::Receiver<bool>,
+    ) -> Self {
+        let (retired, mut retire) = watch::channel(false);
+        let mut stop = stop.clone();
+        let (relayed, clock, sink) = (meta.clone(), clock.clone(), JetStreamSink::new(js.clone()));
+        let until = async move {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = retire.wait_for(|s| *s) => {}
+            }
+        };
+        let task = tokio::spawn(async move { relay(&relayed, &clock, &sink, &Notify::new(), poll, until).await });
+        Self { name, meta, retired, task }
+    }
+
+    /// Lets a shard that left the routing go once its outbox is relayed: its database is
+    /// not touched after.
+    async fn retire(self) {
+        loop {
+            match vellum_core::events::outbox::depth(&self.meta).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(shard = %self.name, error = %e, "reading a leaving shard's outbox"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.retired.send_replace(true);
+        let _ = self.task.await;
+        self.meta.pool().close().await;
+        tracing::info!(shard = %self.name, "a shard that left the routing is let go");
+    }
 }

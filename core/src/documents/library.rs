@@ -395,15 +395,21 @@ pub async fn open_shards(
 }
 
 /// Hands each shard's pool its URL from a reloaded Secret, so that rotated database
-/// credentials are used from the next connection on, without a restart. Returns what could
-/// not be applied, one message per shard (never quoting a URL). Without a ShardSet the one
-/// database's URL comes from the command line and is left alone.
-pub fn rotate_credentials(shards: &[Metadata], config: &PlatformConfig, secrets: &SecretBundle) -> Vec<String> {
+/// credentials are used from the next connection on, without a restart. `shards` are the
+/// open pools by shard name; a shard the config no longer names is left alone. Returns what
+/// could not be applied, one message per shard (never quoting a URL). Without a ShardSet the
+/// one database's URL comes from the command line and is left alone.
+pub fn rotate_credentials(
+    shards: &[(String, Metadata)],
+    config: &PlatformConfig,
+    secrets: &SecretBundle,
+) -> Vec<String> {
     if config.shards.is_none() {
         return Vec::new();
     }
     let mut problems = Vec::new();
-    for (shard, meta) in config.all_shards().into_iter().zip(shards) {
+    for shard in config.all_shards() {
+        let Some((_, meta)) = shards.iter().find(|(name, _)| *name == shard.name) else { continue };
         match secrets.get(&shard.url).and_then(|v| v.expose_str()) {
             Some(url) => match meta.rotate(url) {
                 Ok(true) => tracing::info!(shard = %shard.name, "shard credentials rotated: new connections use them"),
@@ -416,6 +422,39 @@ pub fn rotate_credentials(shards: &[Metadata], config: &PlatformConfig, secrets:
         }
     }
     problems
+}
+
+/// The shards of a reloaded config whose routing changed, in [`PlatformConfig::all_shards`]
+/// order, by name: those already open (`open`) are kept, the others opened (and migrated).
+/// The caller closes the pools of those it no longer needs.
+pub async fn reopen_shards(
+    open: &[(String, Metadata)],
+    config: &PlatformConfig,
+    secrets: &SecretBundle,
+) -> Result<Vec<(String, Metadata)>, String> {
+    let reopen = config.all_shards().into_iter().map(|shard| async move {
+        if let Some((_, meta)) = open.iter().find(|(name, _)| *name == shard.name) {
+            return Ok((shard.name.clone(), meta.clone()));
+        }
+        let url = secrets.get(&shard.url).and_then(|v| v.expose_str()).ok_or_else(|| {
+            format!("the URL of shard {} is missing or not UTF-8 (Secret key {})", shard.name, shard.url)
+        })?;
+        let meta = Metadata::open(url).await.map_err(|e| format!("opening metadata shard {}: {e}", shard.name))?;
+        Ok((shard.name.clone(), meta))
+    });
+    try_join_all(reopen).await
+}
+
+/// Whether `library` routes as `config` says: the same table in force, the same move (or
+/// none) and the same shards drained.
+pub fn routes_as(library: &Library, config: &PlatformConfig) -> bool {
+    let Some(set) = &config.shards else { return library.shards().len() == 1 };
+    let version = |s| RoutingTable::build(s).map(|t| t.version().to_owned()).ok();
+    let next = config.shard_move.as_ref().and_then(|m| version(&m.to));
+    let draining: Vec<String> = config.shard_move.iter().flat_map(|m| &m.draining).map(|s| s.name.clone()).collect();
+    version(set).as_deref() == Some(library.table().version())
+        && next.as_deref() == library.next().map(RoutingTable::version)
+        && draining == library.draining
 }
 
 /// The library of `shards` (as [`open_shards`] returned them) under the config's routing.

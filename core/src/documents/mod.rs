@@ -22,7 +22,10 @@ use serde_json::{Map, Value, json};
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
-pub use library::{DocumentUpload, Library, Upload, VersionUpload, library_of, open_shards, rotate_credentials};
+pub use library::{
+    DocumentUpload, Library, Upload, VersionUpload, library_of, open_shards, reopen_shards, rotate_credentials,
+    routes_as,
+};
 pub use model::*;
 pub use tiering::{Grace, MigrationStep, StepHook};
 pub use usage::{Savings, TierUsage, Usage, UsageCounts, monthly_cost, usage_counts};
@@ -429,6 +432,13 @@ impl Documents {
         self
     }
 
+    /// The same service (tiers, clock, limits) on another database: a shard a routing
+    /// change adds.
+    #[must_use]
+    pub fn on(&self, meta: Metadata) -> Self {
+        Self { meta, placement: None, siblings: Arc::new([]), ..self.clone() }
+    }
+
     /// Shares `other`'s tiers: a config reload that replaces them reaches both.
     #[must_use]
     pub fn sharing_tiers_with(mut self, other: &Documents) -> Self {
@@ -447,7 +457,8 @@ impl Documents {
     }
 
     /// Goes on recording a new document only on a replica that knows the move its shard is
-    /// part of, if one runs: such a replica draws ids the move leaves here. The shard's
+    /// part of, if one runs (or routes by the table it moves to already): such a replica
+    /// draws ids the move leaves here. The shard's
     /// routing row is held until the record commits, so the mover's update of it waits.
     async fn check_move(&self, tx: &mut Tx) -> Result<(), DocError> {
         let lock = if self.meta.dialect() == crate::store::Dialect::Postgres { " FOR SHARE" } else { "" };
@@ -457,9 +468,15 @@ impl Documents {
         .fetch_optional(&mut **tx)
         .await?
         .flatten();
-        let known = self.placement.as_ref().and_then(|p| p.next.as_ref()).map(|(next, _)| next.version());
+        // A replica that knows the move, or that routes by the table it reached (the flip
+        // came before the shard's mark is cleared).
+        let knows = |version: &str| {
+            self.placement.as_ref().is_some_and(|p| {
+                p.table.version() == version || p.next.as_ref().is_some_and(|(next, _)| next.version() == version)
+            })
+        };
         match moving {
-            Some(version) if known != Some(version.as_str()) => Err(DocError::Unavailable(format!(
+            Some(version) if !knows(&version) => Err(DocError::Unavailable(format!(
                 "this shard is moving documents under routing version {version}, which this replica has not loaded \
                  yet; try again shortly"
             ))),

@@ -112,7 +112,8 @@ impl Worker {
             database_url: database_url.to_owned(),
             nats_url: nats_url.to_owned(),
             config_dir: config_dir.to_owned(),
-            secrets_dir: None,
+            // Where a compiled config's secret values are, if it is compiled.
+            secrets_dir: Some(config_dir.to_owned()),
             reload: Duration::from_secs(1),
             relay_poll: Duration::from_millis(50),
             log_retention: Duration::from_secs(3600),
