@@ -491,7 +491,7 @@ async fn a_running_gateway_and_worker_follow_a_resharding_through_their_config()
             .collect(),
     )
     .unwrap();
-    let mover = vellum_core::resharding::run_move(&library, 4, 300_000, &|_| {});
+    let handing = vellum_core::resharding::run_move(&library, 4, 300_000, &|_| {});
     let reader = async {
         let mut answered = 0;
         for round in 0..4 {
@@ -504,9 +504,9 @@ async fn a_running_gateway_and_worker_follow_a_resharding_through_their_config()
         }
         answered
     };
-    let (moved, answered) = tokio::join!(mover, reader);
-    let moved = moved.unwrap();
-    assert!(moved[0].1.moved_documents > 0, "{moved:?}");
+    let (progress, answered) = tokio::join!(handing, reader);
+    let progress = progress.unwrap();
+    assert!(progress[0].1.moved_documents > 0, "{progress:?}");
     assert_eq!(answered, 4 * ids.len());
     let held = ids_by_shard(&dbs).await;
     for id in &ids {
