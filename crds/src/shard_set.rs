@@ -22,6 +22,8 @@ use crate::common::{Conditions, SecretKeyRef};
     printcolumn(name = "Shards", type_ = "string", json_path = ".status.shardNames"),
     printcolumn(name = "Ready Shards", type_ = "integer", json_path = ".status.readyShards"),
     printcolumn(name = "Routing Version", type_ = "integer", json_path = ".status.routingVersion"),
+    printcolumn(name = "Rebalance", type_ = "string", json_path = ".status.rebalance.phase"),
+    printcolumn(name = "Moved %", type_ = "number", json_path = ".status.rebalance.percent"),
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -147,21 +149,64 @@ pub struct ShardStatus {
     pub message: Option<String>,
 }
 
-/// Progress of moving documents between shards.
+/// Progress of moving documents between shards (a live resharding), as the release that
+/// runs it reports it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RebalanceStatus {
-    /// Routing version being moved to.
-    #[serde(default)]
-    pub target_routing_version: i64,
-    /// Documents moved so far.
+    /// `Announcing` (gateways loading the move), `Moving` (documents handed over in
+    /// batches), `Flipping` (the new routing in force, gateways loading it), `Complete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// What the phase waits for, or what went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The routing in force (a hash of what decides where documents go).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_routing_version: Option<String>,
+    /// The routing documents move to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_routing_version: Option<String>,
+    /// Documents handed over so far.
     #[serde(default)]
     pub moved_documents: i64,
-    /// Documents that must move in all.
+    /// Documents that move in all.
     #[serde(default)]
     pub total_documents: i64,
+    /// Bytes of the handed-over documents' versions.
+    #[serde(default)]
+    pub moved_bytes: i64,
     /// Percent done.
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
+    /// Documents handed over per second since the move began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents_per_second: Option<f64>,
+    /// Seconds left at that rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_seconds_left: Option<i64>,
+    /// When the move began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Every shard either routing names: documents it holds and its part of the move.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardProgressStatus>,
+}
+
+/// One shard's part of a move.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardProgressStatus {
+    /// Name of the shard.
+    pub name: String,
+    /// Documents the shard holds now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents: Option<i64>,
+    /// Documents that leave it in all.
+    #[serde(default)]
+    pub total_documents: i64,
+    /// Documents that left it so far.
+    #[serde(default)]
+    pub moved_documents: i64,
 }

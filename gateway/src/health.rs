@@ -46,6 +46,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "checks": {"database": check(&database), "defaultTier": check(&tier)},
         "configHash": state.metrics.config_hash(),
         "routingVersion": state.docs().table().version(),
+        // The routing documents are moving to, while they are: the operator waits for
+        // every gateway to report it before documents move.
+        "movingTo": state.docs().next().map(|t| t.version().to_owned()),
     });
     (status, axum::Json(body)).into_response()
 }

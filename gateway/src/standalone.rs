@@ -486,17 +486,10 @@ async fn reload(
         }
         if let Some(library) = rerouted {
             let (table, next) = (library.table().version().to_owned(), library.next().map(|t| t.version().to_owned()));
-            let left: Vec<Metadata> = named_shards(&docs)
-                .into_iter()
-                .filter(|(name, _)| !library.names().contains(name))
-                .map(|(_, meta)| meta)
-                .collect();
             state.set_docs(library);
             tracing::info!(routing = %table, moving_to = ?next, "the shards' routing changed; requests route by it now");
-            // A shard that left is not touched again.
-            for meta in left {
-                meta.pool().close().await;
-            }
+            // A shard that left is let go when the last request that began before the
+            // change is done with it (its pool closes with the last library holding it).
         }
         state.docs().set_tiers(tiers);
         state.set_platform(config.clone());

@@ -114,8 +114,9 @@ pub fn operator_cluster_rules() -> Vec<PolicyRule> {
         // A release whose new version failed reads the Deployment still serving (it does not
         // apply the spec to it); a promoted release scales the old color to zero.
         rule("apps", &["deployments"], &["get", "list", "watch", "create", "patch"]),
-        // A tier's drain Job is deleted to run again when blobs arrived after it finished.
-        rule("batch", &["jobs", "cronjobs"], &["list", "watch", "create", "patch", "delete"]),
+        // A tier's drain Job is deleted to run again when blobs arrived after it finished; a
+        // resharding Job is read to learn whether its move is done, and deleted after.
+        rule("batch", &["jobs", "cronjobs"], &["get", "list", "watch", "create", "patch", "delete"]),
         rule("autoscaling", &["horizontalpodautoscalers"], &["list", "watch", "create", "patch", "delete"]),
         rule("policy", &["poddisruptionbudgets"], APPLY),
         // Each release's gateway runs under its own ServiceAccount, bound to the gateway's

@@ -31,9 +31,11 @@ pub mod secret_keys {
     pub const LINK_KEY: &str = "link-key";
     pub const DATABASE_URL: &str = "database-url";
     pub const NATS_CREDENTIALS: &str = "nats.creds";
+    /// What the keys of shards' URLs begin with.
+    pub const SHARD_PREFIX: &str = "shard-";
     /// The connection URL of one shard: `shard-<name>`.
     pub fn shard(name: &str) -> String {
-        format!("shard-{name}")
+        format!("{SHARD_PREFIX}{name}")
     }
 }
 
@@ -71,6 +73,11 @@ pub mod names {
         // Job names become pod labels: 63 characters at most, with room for the hash.
         let base: String = base.chars().take(63 - 9).collect();
         format!("{}-{hash}", base.trim_end_matches('-'))
+    }
+    /// The resharding Job of the move `key` names (see `release::reshard::move_key`).
+    pub fn reshard(release: &str, key: &str) -> String {
+        let base: String = format!("{release}-reshard").chars().take(63 - 9).collect();
+        format!("{}-{key}", base.trim_end_matches('-'))
     }
     pub fn retention(policy: &str) -> String {
         let base: String = format!("{policy}-retention").chars().take(52).collect();

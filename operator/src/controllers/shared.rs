@@ -17,7 +17,7 @@ pub fn time_of(ms: i64) -> Option<Time> {
 }
 
 /// Whether `next` routes every document where `published` did. Identical shard lists and
-/// routing do; anything else would move documents, which needs a rebalance.
+/// routing do; anything else moves documents (a live resharding).
 pub fn routes_the_same(published: &ShardsConfig, next: &ShardsConfig) -> bool {
     let shape = |s: &ShardsConfig| {
         (

@@ -313,5 +313,42 @@ pub fn build_migration_job(release: &BlueGreenRelease, shard: &str, template: &s
     }
 }
 
+/// The Job that runs the move `key` names (see `reshard::move_key`): `vellum-workers
+/// reshard` with the platform's config and Secret, as the workers run. A pod that dies is
+/// replaced and goes on where the documents are.
+pub fn build_reshard_job(release: &BlueGreenRelease, key: &str) -> Job {
+    let name = release.name_any();
+    let container = Container {
+        name: "reshard".to_owned(),
+        image: Some(release.spec.workers.image.clone()),
+        args: Some(vec!["reshard".to_owned()]),
+        env: Some(common_env(release, &ReleaseFacts::of(release))),
+        volume_mounts: Some(config_mounts()),
+        resources: release.spec.workers.resources.clone(),
+        ..Container::default()
+    };
+    Job {
+        metadata: release_meta(release, &names::reshard(&name, key), "resharding", None),
+        spec: Some(JobSpec {
+            backoff_limit: Some(20),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(release_labels(&name, "resharding", None)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_owned()),
+                    automount_service_account_token: Some(false),
+                    containers: vec![container],
+                    volumes: Some(config_volumes(&name)),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}
+
 #[cfg(test)]
 mod tests;

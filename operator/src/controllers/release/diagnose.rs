@@ -102,7 +102,7 @@ pub fn pod_problem(pod: &Pod) -> Option<String> {
 }
 
 /// Where the pod's readiness probe asks: its HTTP GET, at the pod's IP.
-fn readyz_url(pod: &Pod) -> Option<String> {
+pub fn readyz_url(pod: &Pod) -> Option<String> {
     let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
     let containers = &pod.spec.as_ref()?.containers;
     let (container, get) = containers.iter().find_map(|c| Some((c, c.readiness_probe.as_ref()?.http_get.as_ref()?)))?;

@@ -12,6 +12,7 @@
 
 pub mod build;
 pub mod diagnose;
+pub mod reshard;
 pub mod rollout;
 pub mod smoke;
 pub mod status;
@@ -35,7 +36,6 @@ use vellum_crds::{BlueGreenRelease, field_managers};
 
 use crate::context::{Context, Refused, Result, StepError, apply};
 use crate::controllers::platform::{ReleaseFacts, names, secret_keys, short_hash};
-use crate::controllers::shared::routes_the_same;
 use status::Progress;
 
 const MANAGER: &str = field_managers::BLUE_GREEN_RELEASE;
@@ -53,11 +53,44 @@ pub async fn reconcile(release: Arc<BlueGreenRelease>, ctx: Arc<Context>) -> Res
 /// The pipeline: each step either hands the next what it needs or says why it stops.
 async fn progress(release: &BlueGreenRelease, ctx: &Context) -> Result<Progress, StepError> {
     let inputs = dereference(release, ctx).await?;
-    let valid = validate(release, inputs)?;
+    let valid = validate(inputs)?;
     let objects = build(release, valid)?;
     apply(&ctx.client, MANAGER, &objects.config_map).await?;
     apply(&ctx.client, MANAGER, &objects.secret).await?;
-    Box::pin(rollout::step(release, ctx, &objects)).await
+    let moving = reshard::step(release, ctx, &objects, &objects.config).await?;
+    if objects.flipped {
+        let set = &release.spec.shard_set_ref;
+        if let Some(shard_set) = ctx.caches.shard_set(&release.namespace().unwrap_or_default(), set) {
+            ctx.event(&shard_set, false, "Flipped", format!("the new routing of ShardSet {set} is in force")).await;
+        }
+    }
+    let mut progress = Box::pin(rollout::step(release, ctx, &objects)).await?;
+    if let Some(moving) = moving {
+        report_move(release, ctx, &moving.status).await;
+        progress.requeue = Some(progress.requeue.map_or(moving.requeue, |r| r.min(moving.requeue)));
+    }
+    Ok(progress)
+}
+
+/// Writes a move's progress into the ShardSet's `status.rebalance`, with an Event when its
+/// phase changes.
+async fn report_move(release: &BlueGreenRelease, ctx: &Context, status: &vellum_crds::shard_set::RebalanceStatus) {
+    let namespace = release.namespace().unwrap_or_default();
+    let Some(set) = ctx.caches.shard_set(&namespace, &release.spec.shard_set_ref) else { return };
+    let before = set.status.as_ref().and_then(|s| s.rebalance.as_ref()).and_then(|r| r.phase.clone());
+    let status = serde_json::json!({"rebalance": status});
+    if let Err(e) = crate::context::apply_status(&ctx.client, reshard::STATUS_MANAGER, &set, &status).await {
+        tracing::warn!(error = %e, "writing the ShardSet's rebalance status");
+        return;
+    }
+    let phase = status["rebalance"]["phase"].as_str().map(str::to_owned);
+    if phase != before
+        && let Some(phase) = phase
+    {
+        let note =
+            status["rebalance"]["message"].as_str().map_or_else(|| format!("resharding: {phase}"), str::to_owned);
+        ctx.event(&set, false, &format!("Resharding{phase}"), note).await;
+    }
 }
 
 /// What the platform is compiled from, and what is published now.
@@ -68,6 +101,8 @@ pub struct Inputs {
     pub published: Option<PlatformConfig>,
     /// The link-signing key published now: it stays, so that links handed out keep working.
     pub link_key: Option<Vec<u8>>,
+    /// The key of the published move whose resharding Job has succeeded, if one has.
+    pub moved: Option<String>,
 }
 
 /// Reads the namespace's resources from the caches and the published config and Secret
@@ -90,7 +125,8 @@ async fn dereference(release: &BlueGreenRelease, ctx: &Context) -> Result<Inputs
         .await?
         .and_then(|cm| cm.data?.remove(CONFIG_FILE))
         .and_then(|text| serde_json::from_str(&text).ok());
-    Ok(Inputs { sources: ctx.caches.sources(&namespace), published, link_key })
+    let moved = reshard::succeeded(ctx, release, published.as_ref()).await?;
+    Ok(Inputs { sources: ctx.caches.sources(&namespace), published, link_key, moved })
 }
 
 /// What validation let through.
@@ -102,32 +138,43 @@ pub struct Valid {
     pub link_key: Vec<u8>,
     /// Resources left out of the config, and changes held back, each said in a sentence.
     pub degraded: Vec<String>,
+    /// A move's Job has succeeded and the routing it reached is put in force now.
+    pub flipped: bool,
 }
 
 /// Compiles what can be compiled: resources at fault (a Webhook whose Secret is missing, a
 /// policy naming an unknown tier) are left out, so that one bad resource does not stop the
 /// platform; they carry their own `Ready=False`. Problems no resource can be left out for
 /// (no default tier, a bad release or ShardSet) refuse the whole config. A routing change
-/// that would move documents is held back.
-pub fn validate(release: &BlueGreenRelease, inputs: Inputs) -> Result<Valid, Refused> {
+/// that would move documents is published as a move (see [`reshard`]).
+pub fn validate(inputs: Inputs) -> Result<Valid, Refused> {
     let (compiled, left_out) = compile_lenient(inputs.sources.clone());
-    let (mut config, bundle) = compiled.map_err(|errors| {
+    let (mut config, mut bundle) = compiled.map_err(|errors| {
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         Refused::new(reasons::INVALID_CONFIG, lines.join("; "))
     })?;
-    let mut degraded: Vec<String> =
+    let degraded: Vec<String> =
         left_out.iter().map(|e| format!("{} is left out of the config: {}", e.resource, e.message)).collect();
-    if let (Some(old), Some(new)) = (inputs.published.as_ref().and_then(|p| p.shards.as_ref()), config.shards.as_ref())
-        && !routes_the_same(old, new)
-    {
-        degraded.push(format!(
-            "ShardSet {} changed in a way that would move documents between shards; the published routing stays until rebalancing is supported",
-            release.spec.shard_set_ref
-        ));
-        config.shards = Some(old.clone());
+    // A routing that would move documents is moved to live (see `reshard`): the published
+    // routing stays in force beside the move until the move's Job has run.
+    let mut flipped = false;
+    if let Some(desired) = config.shards.take() {
+        let plan = reshard::plan(inputs.published.as_ref(), desired, inputs.moved.as_deref());
+        config.shards = Some(plan.shards);
+        config.shard_move = plan.shard_move;
+        flipped = plan.flipped;
+    }
+    // The URLs of shards the ShardSet no longer lists but the routing still names.
+    for shard in config.all_shards() {
+        if bundle.get(&shard.url).is_none()
+            && let Some((secret, key)) = shard.url.0.split_once('/')
+            && let Ok(value) = lookup(&inputs.sources.secrets, secret, key)
+        {
+            bundle.0.insert(shard.url.clone(), vellum_core::config::SecretValue::new(value.to_vec()));
+        }
     }
     let link_key = inputs.link_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 32]>()).into_bytes());
-    Ok(Valid { sources: inputs.sources, config, bundle, link_key, degraded })
+    Ok(Valid { sources: inputs.sources, config, bundle, link_key, degraded, flipped })
 }
 
 /// What a release produces whatever its colors: built, not yet applied. The objects of a
@@ -144,13 +191,17 @@ pub struct Objects {
     /// rollout.
     pub template: String,
     pub degraded: Vec<String>,
+    /// The config published.
+    pub config: PlatformConfig,
+    /// The routing a move reached is put in force by this config.
+    pub flipped: bool,
 }
 
 /// Builds what validation let through.
 pub fn build(release: &BlueGreenRelease, valid: Valid) -> Result<Objects, Refused> {
     let (data, facts) = secret_data(release, &valid)?;
     let template = template_hash(release, &facts);
-    let shards = valid.config.shards.as_ref().map(|s| s.shards.clone()).unwrap_or_default();
+    let shards: Vec<vellum_core::config::ShardConfig> = valid.config.all_shards().into_iter().cloned().collect();
     // A shard's migration runs again when what it runs or where it runs changes: a Job that
     // failed on a wrong database URL is replaced once the URL is fixed. The URL enters the
     // name only through a hash keyed with the platform's own secret key.
@@ -168,6 +219,8 @@ pub fn build(release: &BlueGreenRelease, valid: Valid) -> Result<Objects, Refuse
         facts,
         template,
         degraded: valid.degraded,
+        config: valid.config.clone(),
+        flipped: valid.flipped,
     })
 }
 
@@ -201,10 +254,13 @@ pub fn secret_data(
     let jwt_is_jwks = spec.jwt.algorithm != JwtAlgorithm::HS256 && jwt.trim_ascii_start().starts_with(b"{");
     data.insert(secret_keys::JWT_KEY.to_owned(), jwt);
     data.insert(secret_keys::LINK_KEY.to_owned(), valid.link_key.clone());
-    let shards = valid.config.shards.as_ref().ok_or_else(|| {
-        Refused::new(reasons::SHARD_SET_NOT_FOUND, format!("ShardSet {} does not exist", spec.shard_set_ref))
-    })?;
-    for (i, shard) in shards.shards.iter().enumerate() {
+    if valid.config.shards.is_none() {
+        return Err(Refused::new(
+            reasons::SHARD_SET_NOT_FOUND,
+            format!("ShardSet {} does not exist", spec.shard_set_ref),
+        ));
+    }
+    for (i, shard) in valid.config.all_shards().into_iter().enumerate() {
         let url = valid.bundle.get(&shard.url).map(|v| v.expose().to_vec()).unwrap_or_default();
         if std::str::from_utf8(&url).ok().is_none_or(str::is_empty) {
             return Err(Refused::new(

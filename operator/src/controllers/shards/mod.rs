@@ -1,6 +1,8 @@
 //! ShardSet: every shard's reachability, schema version, document count and latency, and
 //! the routing version. Migrations run as the release's Jobs; a change of the shard list
-//! that would move documents is held back by the release until rebalancing exists.
+//! that moves documents is run by the release as a live resharding, which writes its
+//! progress into `status.rebalance` under a field manager of its own (see
+//! `release::reshard`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -156,7 +158,8 @@ pub fn status(set: &ShardSet, valid: Result<(), Refused>, probed: Vec<(ShardStat
         ready_shards: i32::try_from(ready_shards).ok(),
         shard_names: Some(set.spec.shards.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",")),
         shards: probed.into_iter().map(|(s, _)| s).collect(),
-        rebalance: previous.rebalance,
+        // The release's to write (its own field manager): left out of this apply.
+        rebalance: None,
     }
 }
 
