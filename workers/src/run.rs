@@ -99,7 +99,12 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> Result<()
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let names: Vec<String> = config.all_shards().iter().map(|s| s.name.clone()).collect();
+    // Without a ShardSet the one database is the command line's.
+    let names: Vec<String> = if config.shards.is_some() {
+        config.all_shards().iter().map(|s| s.name.clone()).collect()
+    } else {
+        vec!["main".to_owned()]
+    };
     let mut relays: Vec<Relay> = Vec::new();
     for (name, meta) in names.into_iter().zip(shards) {
         relays.push(Relay::start(name, meta, &clock, &js, options.relay_poll, &stop));
@@ -120,7 +125,9 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> Result<()
                 for problem in rotate_credentials(&pools, &config, &secrets) {
                     tracing::warn!(problem = %problem, "keeping the shard's database credentials");
                 }
-                if config.all_shards().iter().map(|s| &s.name).ne(relays.iter().map(|r| &r.name)) {
+                if config.shards.is_some()
+                    && config.all_shards().iter().map(|s| &s.name).ne(relays.iter().map(|r| &r.name))
+                {
                     relays = reroute(relays, &config, &secrets, &clock, &js, options.relay_poll, &stop).await;
                 }
                 // A rotated webhook key changes a value, not the config: either reloads.
