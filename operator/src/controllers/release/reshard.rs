@@ -20,7 +20,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::Value;
@@ -306,14 +305,8 @@ async fn gateways_not_routing(
     table: &str,
     next: Option<&str>,
 ) -> Result<Vec<String>, kube::Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let selector =
-        release_labels(release, "gateway", None).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
     let mut lagging = Vec::new();
-    for pod in pods.list(&ListParams::default().labels(&selector)).await?.items {
-        if pod.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
+    for pod in super::diagnose::pods_with(ctx, namespace, &release_labels(release, "gateway", None)).await? {
         let name = pod.name_any();
         let Some(url) = super::diagnose::readyz_url(&pod) else {
             lagging.push(name);
