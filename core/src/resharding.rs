@@ -28,6 +28,11 @@
 //! same stored copy, which stays; a shard's garbage collector (and a purge) deletes a copy
 //! only when no other shard's blob row refers to it.
 //!
+//! Upload sessions (chunked and tus) move the same way ([`hand_over_sessions`]), with
+//! their chunks' rows (the chunks' bytes are in the tiers): a chunk stored while its session
+//! is handed over is recorded where the session went, and a session whose document is
+//! being assembled is waited for. New sessions get keys both tables route alike.
+//!
 //! [`copy_batch`] copies without handing over (the source keeps the documents).
 //!
 //! Postgres only: a platform with more than one shard runs on Postgres.
@@ -144,6 +149,54 @@ const BLOBS: Table = Table {
     order: "t.sha256",
 };
 
+const SESSIONS: Table = Table {
+    name: "upload_sessions",
+    columns: &[
+        ("id", Text),
+        ("owner", Text),
+        ("filename", Text),
+        ("content_type", Text),
+        ("title", Text),
+        ("description", Text),
+        ("tags", Text),
+        ("metadata", Text),
+        ("total_size", Int),
+        ("chunk_size", Int),
+        ("total_chunks", Int),
+        ("expected_sha256", Text),
+        ("status", Text),
+        ("lock_until", Int),
+        ("document_id", Int),
+        ("created_at", Int),
+        ("updated_at", Int),
+        ("expires_at", Int),
+        ("protocol", Text),
+        ("tus_metadata", Text),
+    ],
+    compared: 20,
+    rows_of: "FROM upload_sessions t WHERE t.id IN ({ids})",
+    order: "t.id",
+};
+
+const CHUNKS: Table = Table {
+    name: "upload_chunks",
+    columns: &[
+        ("session_id", Text),
+        ("n", Int),
+        ("size", Int),
+        ("sha256", Text),
+        ("tier", Text),
+        ("object_key", Text),
+        ("created_at", Int),
+    ],
+    compared: 7,
+    rows_of: "FROM upload_chunks t WHERE t.session_id IN ({ids})",
+    order: "t.session_id, t.n",
+};
+
+/// An upload session's tables, in the order the copy writes them.
+const SESSION_TABLES: [&Table; 2] = [&SESSIONS, &CHUNKS];
+
 impl Table {
     fn select(&self, ids: usize, lock: Option<Lock>) -> String {
         let columns: Vec<String> = self.columns.iter().map(|(c, _)| format!("t.{c}")).collect();
@@ -221,17 +274,63 @@ async fn read(conn: &mut sqlx::AnyConnection, ids: &[i64], lock: Option<Lock>) -
         }
         query.fetch_all(&mut *conn).await?;
     }
-    let mut all = Vec::with_capacity(TABLES.len());
-    for table in TABLES {
-        let sql = table.select(ids.len(), None);
+    read_rows(conn, &TABLES, ids).await
+}
+
+/// The rows of `tables` of the things keyed `keys`.
+async fn read_rows<K>(conn: &mut sqlx::AnyConnection, tables: &[&Table], keys: &[K]) -> Result<Rows, StoreError>
+where
+    K: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Clone + Send + Sync + 'static,
+{
+    let mut all = Vec::with_capacity(tables.len());
+    for table in tables {
+        let sql = table.select(keys.len(), None);
         let mut query = sqlx::query(AssertSqlSafe(sql));
-        for id in ids {
-            query = query.bind(*id);
+        for key in keys {
+            query = query.bind(key.clone());
         }
         let rows = query.fetch_all(&mut *conn).await?;
         all.push(rows.iter().map(|r| table.decode(r)).collect::<Result<Vec<_>, _>>()?);
     }
     Ok(all)
+}
+
+/// Writes `rows` of `tables`, as many rows a statement as its parameters allow (Postgres
+/// takes 65,535).
+async fn write_rows(conn: &mut sqlx::AnyConnection, tables: &[&Table], rows: &Rows) -> Result<(), StoreError> {
+    for (table, rows) in tables.iter().zip(rows) {
+        for chunk in rows.chunks(MAX_PARAMETERS / table.columns.len()) {
+            let sql = table.insert(chunk.len());
+            let mut insert = sqlx::query(AssertSqlSafe(sql));
+            for value in chunk.iter().flatten() {
+                insert = match value {
+                    Value::Int(v) => insert.bind(*v),
+                    Value::Text(v) => insert.bind(v.clone()),
+                };
+            }
+            insert.execute(&mut *conn).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the rows of `table` whose `column` is one of `keys`.
+async fn delete_keyed<K>(
+    conn: &mut sqlx::AnyConnection,
+    table: &str,
+    column: &str,
+    keys: &[K],
+) -> Result<(), StoreError>
+where
+    K: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Clone + Send + Sync + 'static,
+{
+    let sql = format!("DELETE FROM {table} WHERE {column} IN ({})", placeholders(1, keys.len()));
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for key in keys {
+        query = query.bind(key.clone());
+    }
+    query.execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// The ids in the first column of `rows` (the documents' rows).
@@ -244,10 +343,10 @@ fn ids_of(rows: &[Vec<Value>]) -> Vec<i64> {
         .collect()
 }
 
-/// A digest of what the verification compares of `rows`.
-fn digest(rows: &Rows) -> [u8; 32] {
+/// A digest of what the verification compares of `rows` (of `tables`).
+fn digest(tables: &[&Table], rows: &Rows) -> [u8; 32] {
     let mut hash = Sha256::new();
-    for (table, rows) in TABLES.iter().zip(rows) {
+    for (table, rows) in tables.iter().zip(rows) {
         hash.update(table.name);
         hash.update((rows.len() as u64).to_be_bytes());
         for row in rows {
@@ -285,6 +384,8 @@ pub enum MoveError {
     BatchTooLarge(usize),
     #[error("the copy of documents {ids:?} does not read back as the source holds them")]
     Mismatch { ids: Vec<i64> },
+    #[error("the copy of upload sessions {ids:?} does not read back as the source holds them")]
+    SessionMismatch { ids: Vec<String> },
     #[error("no move is under way: the platform config names no routing to move to")]
     NoMove,
     #[error("the routing sends documents to shard {0}, which is not open")]
@@ -482,34 +583,16 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
     // document left here when it moved away before goes, as the document is back.
     if !replaced.is_empty() {
         for table in ["documents", "moved_documents"] {
-            let sql = format!("DELETE FROM {table} WHERE id IN ({})", placeholders(1, replaced.len()));
-            let mut clear = sqlx::query(AssertSqlSafe(sql));
-            for id in &replaced {
-                clear = clear.bind(*id);
-            }
-            clear.execute(&mut *tx).await?;
+            delete_keyed(&mut tx, table, "id", &replaced).await?;
         }
     }
-    for (table, rows) in TABLES.iter().zip(&rows) {
-        // As many rows a statement as its parameters allow (Postgres takes 65,535).
-        for chunk in rows.chunks(MAX_PARAMETERS / table.columns.len()) {
-            let sql = table.insert(chunk.len());
-            let mut insert = sqlx::query(AssertSqlSafe(sql));
-            for value in chunk.iter().flatten() {
-                insert = match value {
-                    Value::Int(v) => insert.bind(*v),
-                    Value::Text(v) => insert.bind(v.clone()),
-                };
-            }
-            insert.execute(&mut *tx).await?;
-        }
-    }
+    write_rows(&mut tx, &TABLES, &rows).await?;
     let on_target = if present.is_empty() {
         rows.iter().map(|_| Vec::new()).collect()
     } else {
         read(&mut tx, &present, None).await?
     };
-    if digest(&on_target) != digest(&rows) {
+    if digest(&TABLES, &on_target) != digest(&TABLES, &rows) {
         tx.rollback().await?;
         held.rollback().await?;
         return Err(MoveError::Mismatch { ids: ids.to_vec() });
@@ -524,6 +607,158 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
         .sum();
     let copied = Copied { documents: count(rows[1].len()), versions: count(rows[2].len()), bytes };
     Ok(Some(Copy { held, target: tx, rows, on_target, copied }))
+}
+
+/// The next upload sessions of `source` (as in [`moving`]) that `to` routes elsewhere,
+/// after key `after`, looking at up to `scan`: each with the index of the shard it moves
+/// to, and the key to go on after (`None` once every session was looked at).
+pub async fn moving_sessions(
+    source: &Metadata,
+    source_index: Option<usize>,
+    to: &RoutingTable,
+    after: &str,
+    scan: i64,
+) -> Result<(Vec<(String, usize)>, Option<String>), MoveError> {
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM upload_sessions WHERE id > $1 ORDER BY id LIMIT $2")
+        .bind(after)
+        .bind(scan)
+        .fetch_all(source.pool())
+        .await?;
+    let next = if i64::try_from(ids.len()).unwrap_or(i64::MAX) < scan { None } else { ids.last().cloned() };
+    let moving = ids
+        .into_iter()
+        .filter_map(|id| {
+            let owner = to.shard_of_key(&id);
+            (Some(owner) != source_index).then_some((id, owner))
+        })
+        .collect();
+    Ok((moving, next))
+}
+
+/// What a hand-over of upload sessions did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionsMoved {
+    /// Sessions handed over, with their chunks.
+    pub moved: u64,
+    /// Sessions left where they are for now: a replica is assembling their document.
+    pub busy: u64,
+}
+
+/// Hands the upload sessions `ids` over from `source` to `target` (named `target_name`),
+/// with their chunks' rows (the chunks' bytes are in the tiers, which every shard shares),
+/// as [`hand_over`] does documents: the sessions are held `FOR UPDATE` on the source (a
+/// chunk being recorded, a completion or a cancellation starting waits, then finds the
+/// session gone and follows its marker), copied and verified on the target, and once that
+/// has committed, removed from the source with a marker each, in one source transaction.
+///
+/// A session whose document is being assembled (its completion lock is held, not lapsed)
+/// stays for now: it is counted as busy, and handed over once settled.
+pub async fn hand_over_sessions(
+    source: &Metadata,
+    target: &Metadata,
+    target_name: &str,
+    ids: &[String],
+    now: i64,
+) -> Result<SessionsMoved, MoveError> {
+    if source.dialect() != Dialect::Postgres || target.dialect() != Dialect::Postgres {
+        return Err(MoveError::NotPostgres);
+    }
+    if ids.is_empty() {
+        return Ok(SessionsMoved::default());
+    }
+    if ids.len() > MAX_BATCH {
+        return Err(MoveError::BatchTooLarge(ids.len()));
+    }
+    let mut held = source.pool().begin().await?;
+    let sql = format!(
+        "SELECT id, status, lock_until FROM upload_sessions WHERE id IN ({}) ORDER BY id FOR UPDATE",
+        placeholders(1, ids.len())
+    );
+    let mut query = sqlx::query_as::<_, (String, String, Option<i64>)>(AssertSqlSafe(sql));
+    for id in ids {
+        query = query.bind(id.as_str());
+    }
+    let (busy, movable): (Vec<_>, Vec<_>) = query
+        .fetch_all(&mut *held)
+        .await?
+        .into_iter()
+        .partition(|(_, status, until)| status == "COMPLETING" && until.is_some_and(|t| t >= now));
+    let busy = u64::try_from(busy.len()).unwrap_or(u64::MAX);
+    let movable: Vec<String> = movable.into_iter().map(|(id, _, _)| id).collect();
+    if movable.is_empty() {
+        held.commit().await?;
+        return Ok(SessionsMoved { moved: 0, busy });
+    }
+    let rows = read_rows(&mut held, &SESSION_TABLES, &movable).await?;
+    // The target's rows of these sessions (left by a hand-over cut short before its
+    // source committed) are replaced whole, and a marker left when a session moved away
+    // from there before goes: it is back.
+    let mut tx = target.pool().begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
+    for table in ["upload_sessions", "moved_sessions"] {
+        delete_keyed(&mut tx, table, "id", &movable).await?;
+    }
+    write_rows(&mut tx, &SESSION_TABLES, &rows).await?;
+    let on_target = read_rows(&mut tx, &SESSION_TABLES, &movable).await?;
+    if digest(&SESSION_TABLES, &on_target) != digest(&SESSION_TABLES, &rows) {
+        tx.rollback().await?;
+        held.rollback().await?;
+        return Err(MoveError::SessionMismatch { ids: movable });
+    }
+    tx.commit().await?;
+    // The chunks' rows go with their session (ON DELETE CASCADE).
+    delete_keyed(&mut held, "upload_sessions", "id", &movable).await?;
+    for chunk in movable.chunks(MAX_PARAMETERS / 3) {
+        let tuples: Vec<String> =
+            (0..chunk.len()).map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect();
+        let mut mark = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO moved_sessions (id, shard, moved_at) VALUES {} \
+             ON CONFLICT (id) DO UPDATE SET shard = EXCLUDED.shard, moved_at = EXCLUDED.moved_at",
+            tuples.join(", ")
+        )));
+        for id in chunk {
+            mark = mark.bind(id.as_str()).bind(target_name).bind(now);
+        }
+        mark.execute(&mut *held).await?;
+    }
+    held.commit().await?;
+    Ok(SessionsMoved { moved: u64::try_from(movable.len()).unwrap_or(u64::MAX), busy })
+}
+
+/// Hands over every upload session of `shard` (at `index` of `next`, or leaving it) that
+/// `next` routes elsewhere, `batch` at a time.
+async fn move_sessions(
+    library: &Library,
+    shard: &Metadata,
+    index: Option<usize>,
+    next: &RoutingTable,
+    batch: usize,
+) -> Result<SessionsMoved, MoveError> {
+    let mut sum = SessionsMoved::default();
+    let mut after = Some(String::new());
+    while let Some(from) = after {
+        let (found, cursor) = moving_sessions(shard, index, next, &from, i64::try_from(batch).unwrap_or(500)).await?;
+        after = cursor;
+        let mut by_target: std::collections::BTreeMap<usize, Vec<String>> = std::collections::BTreeMap::new();
+        for (id, to) in found {
+            by_target.entry(to).or_default().push(id);
+        }
+        for (to, ids) in by_target {
+            let target_name = &next.names()[to];
+            let target = library.named(target_name).ok_or_else(|| MoveError::UnknownShard(target_name.clone()))?;
+            let done = hand_over_sessions(shard, target.meta(), target_name, &ids, library.clock().now_ms()).await?;
+            sum.moved += done.moved;
+            sum.busy += done.busy;
+        }
+    }
+    Ok(sum)
+}
+
+/// The shard upload session `id` was handed over to from `shard`, if it was.
+pub async fn session_moved_to(shard: &Metadata, id: &str) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT shard FROM moved_sessions WHERE id = $1")
+        .bind(id)
+        .fetch_optional(shard.pool())
+        .await?)
 }
 
 /// Marks `source` as moving its documents under the routing `version` (`None`: no move).
@@ -590,6 +825,7 @@ pub async fn progress(shard: &Metadata) -> Result<ShardProgress, StoreError> {
 pub async fn finish_move(shard: &Metadata, now: i64) -> Result<(), MoveError> {
     begin_move(shard, None, now).await?;
     sqlx::query("DELETE FROM moved_documents").execute(shard.pool()).await?;
+    sqlx::query("DELETE FROM moved_sessions").execute(shard.pool()).await?;
     Ok(())
 }
 
@@ -599,7 +835,11 @@ pub async fn finish_move(shard: &Metadata, now: i64) -> Result<(), MoveError> {
 /// after every batch. Run again after a crash, it goes on from where the documents are
 /// (what was handed over is no longer on its source), so nothing is moved twice.
 ///
-/// Returns the sum once no shard holds a document the next table sends elsewhere.
+/// Upload sessions move the same way, after the documents of each pass; a session whose
+/// document is being assembled is waited for.
+///
+/// Returns the sum once no shard holds a document or session the next table sends
+/// elsewhere.
 pub async fn run_move(
     library: &Library,
     batch: usize,
@@ -653,11 +893,24 @@ pub async fn run_move(
                 }
             }
         }
-        if !moved_any {
+        let mut busy = 0;
+        for (name, shard) in names.iter().zip(library.shards()) {
+            let index = next.names().iter().position(|n| n == name);
+            let sessions = move_sessions(library, shard.meta(), index, next, batch).await?;
+            moved_any |= sessions.moved > 0;
+            busy += sessions.busy;
+        }
+        if !moved_any && busy == 0 {
             return Ok(sums);
+        }
+        if !moved_any {
+            tokio::time::sleep(SETTLING).await;
         }
     }
 }
+
+/// How long the mover waits for sessions being completed before it looks again.
+const SETTLING: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How many documents on `shard` (at `index` of `next`, or leaving it) `next` sends elsewhere.
 async fn remaining(shard: &Metadata, index: Option<usize>, next: &RoutingTable) -> Result<u64, MoveError> {

@@ -179,15 +179,11 @@ async fn create(
     }
     let length = number(headers, &UPLOAD_LENGTH)?.ok_or_else(|| ApiError::bad_request("Upload-Length is required"))?;
     let metadata = text(headers, &UPLOAD_METADATA)?;
-    let mut upload = state.docs().for_new().tus_create(&actor, length, metadata).await.map_err(tus_error)?;
+    let mut upload = state.docs().tus_create(&actor, length, metadata).await.map_err(tus_error)?;
     if carries_bytes(headers) && upload.offset < upload.length {
         let checksum = text(headers, &UPLOAD_CHECKSUM)?;
-        upload = state
-            .docs()
-            .of_session(&upload.id)
-            .tus_append(&actor, &upload.id, 0, checksum, body_stream(body))
-            .await
-            .map_err(tus_error)?;
+        upload =
+            state.docs().tus_append(&actor, &upload.id, 0, checksum, body_stream(body)).await.map_err(tus_error)?;
     }
     let location = format!("/api/v1/tus/{}", upload.id);
     let mut response = (StatusCode::CREATED, [(header::LOCATION, location)]).into_response();
@@ -208,7 +204,7 @@ async fn head(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_version(&headers)?;
-    let upload = state.docs().of_session(&id).tus_status(&actor, &id).await.map_err(tus_error)?;
+    let upload = state.docs().tus_status(&actor, &id).await.map_err(tus_error)?;
     let mut response = StatusCode::OK.into_response();
     progress(&upload, &mut response);
     let out = response.headers_mut();
@@ -232,12 +228,7 @@ async fn append(state: &AppState, actor: &Actor, id: &str, request: Request) -> 
     }
     let offset = number(headers, &UPLOAD_OFFSET)?.ok_or_else(|| ApiError::bad_request("Upload-Offset is required"))?;
     let checksum = text(headers, &UPLOAD_CHECKSUM)?;
-    let upload = state
-        .docs()
-        .of_session(id)
-        .tus_append(actor, id, offset, checksum, body_stream(body))
-        .await
-        .map_err(tus_error)?;
+    let upload = state.docs().tus_append(actor, id, offset, checksum, body_stream(body)).await.map_err(tus_error)?;
     count_created(state, &upload);
     let mut response = StatusCode::NO_CONTENT.into_response();
     progress(&upload, &mut response);
@@ -283,7 +274,7 @@ async fn terminate(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_version(&headers)?;
-    state.docs().of_session(&id).tus_terminate(&actor, &id).await.map_err(tus_error)?;
+    state.docs().tus_terminate(&actor, &id).await.map_err(tus_error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

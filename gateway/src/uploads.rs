@@ -61,7 +61,7 @@ async fn initiate(
     User(actor): User,
     JsonBody(init): JsonBody<Initiate>,
 ) -> ApiResult<Response> {
-    let session = state.docs().for_new().initiate_upload(&actor, init).await?;
+    let session = state.docs().initiate_upload(&actor, init).await?;
     let location = format!("/api/v1/upload/{}", session.session_id);
     Ok((StatusCode::CREATED, [(axum::http::header::LOCATION, location)], axum::Json(session)).into_response())
 }
@@ -70,7 +70,7 @@ async fn initiate(
     params(("session" = String, Path)),
     responses((status = 200, body = Session), (status = 404, body = ErrorBody)))]
 async fn status(State(state): State<AppState>, User(actor): User, Path(id): Path<String>) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs().of_session(&id).upload_status(&actor, &id).await?).into_response())
+    Ok(axum::Json(state.docs().upload_status(&actor, &id).await?).into_response())
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -106,7 +106,7 @@ async fn put_chunk(
         .transpose()?;
     let checksum = header.or(params.checksum);
     let body = Box::pin(request.into_body().into_data_stream().map_err(std::io::Error::other));
-    let session = state.docs().of_session(&id).put_chunk(&actor, &id, n, checksum.as_deref(), body).await?;
+    let session = state.docs().put_chunk(&actor, &id, n, checksum.as_deref(), body).await?;
     let progress = json!({
         "status": "uploading",
         "progress": session.progress,
@@ -123,7 +123,7 @@ async fn put_chunk(
     params(("session" = String, Path)),
     responses((status = 200, body = ChunkList), (status = 404, body = ErrorBody)))]
 async fn chunks(State(state): State<AppState>, User(actor): User, Path(id): Path<String>) -> ApiResult<Response> {
-    let chunks = state.docs().of_session(&id).uploaded_chunks(&actor, &id).await?;
+    let chunks = state.docs().uploaded_chunks(&actor, &id).await?;
     Ok(axum::Json(ChunkList { session_id: id, chunks }).into_response())
 }
 
@@ -131,7 +131,7 @@ async fn chunks(State(state): State<AppState>, User(actor): User, Path(id): Path
     params(("session" = String, Path)),
     responses((status = 200, body = MissingChunks), (status = 404, body = ErrorBody)))]
 async fn missing(State(state): State<AppState>, User(actor): User, Path(id): Path<String>) -> ApiResult<Response> {
-    let missing = state.docs().of_session(&id).missing_chunks(&actor, &id).await?;
+    let missing = state.docs().missing_chunks(&actor, &id).await?;
     Ok(axum::Json(MissingChunks { session_id: id, missing_chunks: missing }).into_response())
 }
 
@@ -147,7 +147,7 @@ async fn complete(
     User(actor): User,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let uploaded = state.docs().of_session(&id).complete_upload(&actor, &id).await?;
+    let uploaded = state.docs().complete_upload(&actor, &id).await?;
     let result = json!({"success": true, "documentId": uploaded.document.id, "filename": uploaded.document.filename});
     state.hub.publish(Notice::job_completed(UPLOAD_JOBS, &actor.user, &id, state.hub.now_ms(), &result));
     Ok(crate::documents::created(&state, &uploaded))
@@ -157,6 +157,6 @@ async fn complete(
     params(("session" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn cancel(State(state): State<AppState>, User(actor): User, Path(id): Path<String>) -> ApiResult<Response> {
-    state.docs().of_session(&id).cancel_upload(&actor, &id).await?;
+    state.docs().cancel_upload(&actor, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -48,7 +48,7 @@ fn union(table: &RoutingTable, next: Option<&RoutingTable>, draining: &[String])
 }
 
 /// How many shards a request follows a document through before it gives up.
-const MAX_HOPS: usize = 4;
+pub(crate) const MAX_HOPS: usize = 4;
 
 impl Library {
     /// One database holding everything.
@@ -174,11 +174,6 @@ impl Library {
     /// shard that holds it).
     pub fn of(&self, id: i64) -> &Documents {
         &self.shards[self.table.shard_of_id(id)]
-    }
-
-    /// The shard holding the upload session `id`.
-    pub fn of_session(&self, id: &str) -> &Documents {
-        &self.shards[self.table.shard_of_key(id)]
     }
 
     /// The shard a new document goes to: where the routing sends a random id, so that

@@ -4,7 +4,7 @@
 //! outbox in the same transaction.
 
 mod garbage;
-mod library;
+pub(crate) mod library;
 mod model;
 mod retention;
 mod tiering;
@@ -460,7 +460,7 @@ impl Documents {
     /// part of, if one runs (or routes by the table it moves to already): such a replica
     /// draws ids the move leaves here. The shard's
     /// routing row is held until the record commits, so the mover's update of it waits.
-    async fn check_move(&self, tx: &mut Tx) -> Result<(), DocError> {
+    pub(crate) async fn check_move(&self, tx: &mut Tx) -> Result<(), DocError> {
         let lock = if self.meta.dialect() == crate::store::Dialect::Postgres { " FOR SHARE" } else { "" };
         let moving: Option<String> = sqlx::query_scalar::<_, Option<String>>(AssertSqlSafe(format!(
             "SELECT moving_to FROM shard_routing{lock}"

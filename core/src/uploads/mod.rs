@@ -15,8 +15,9 @@ use sqlx::any::AnyRow;
 use crate::blob::{Codec, StoredBlob};
 use crate::clock::rfc3339;
 use crate::documents::{Actor, DocError, Documents, NewDocument, Uploaded};
-use crate::store::StoreError;
+use crate::store::{Dialect, StoreError};
 
+mod routed;
 pub mod tus;
 
 /// How long a session lives after it was started.
@@ -162,17 +163,29 @@ async fn received<'c>(conn: impl sqlx::Executor<'c, Database = sqlx::Any>, id: &
     Ok((u(row.try_get("n")?), u(row.try_get("bytes")?)))
 }
 
-/// Inside a write: refuses with `Conflict` unless the session still takes data.
-async fn ensure_active(tx: &mut sqlx::AnyConnection, id: &str) -> Result<(), DocError> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM upload_sessions WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if status.as_deref() == Some("ACTIVE") {
-        Ok(())
-    } else {
-        Err(DocError::Conflict(format!("upload session {id} stopped taking data")))
+/// Inside a write: refuses with `Conflict` unless the session still takes data, and with
+/// `SessionNotFound` when it is not here (it was handed over to another shard). On
+/// Postgres the session's row is held (`FOR SHARE`) until the write ends, so a hand-over
+/// waits for it, and it waits for a hand-over.
+async fn ensure_active(tx: &mut sqlx::AnyConnection, dialect: Dialect, id: &str) -> Result<(), DocError> {
+    let lock = if dialect == Dialect::Postgres { " FOR SHARE" } else { "" };
+    let status: Option<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT status FROM upload_sessions WHERE id = $1{lock}")))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match status.as_deref() {
+        Some("ACTIVE") => Ok(()),
+        Some(_) => Err(DocError::Conflict(format!("upload session {id} stopped taking data"))),
+        None => Err(DocError::SessionNotFound(id.to_owned())),
     }
+}
+
+/// Whether session `id` is still on this shard (a live resharding may hand it over).
+async fn still_here(pool: &sqlx::AnyPool, id: &str) -> Result<(), DocError> {
+    let here: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM upload_sessions WHERE id = $1").bind(id).fetch_optional(pool).await?;
+    here.map(drop).ok_or_else(|| DocError::SessionNotFound(id.to_owned()))
 }
 
 /// Inside a write: records chunk (or segment) `n` of a session and touches the session.
@@ -249,6 +262,8 @@ impl Documents {
 
     async fn view(&self, id: &str, s: &SessionRow) -> Result<Session, DocError> {
         let (count, bytes) = received(self.meta().pool(), id).await?;
+        // Counted while the session was here: a hand-over takes it with its chunks at once.
+        still_here(self.meta().pool(), id).await?;
         let status = if s.status == "ACTIVE" && self.clock().now_ms() >= s.expires_at { "EXPIRED" } else { &s.status };
         #[allow(clippy::cast_precision_loss)]
         let progress = if s.status == "COMPLETED" || s.total_size == 0 {
@@ -270,6 +285,36 @@ impl Documents {
             expires_at: rfc3339(s.expires_at),
             document_id: s.document_id,
         })
+    }
+
+    /// Records a new session row (`insert`, binding `$1` to the id) under a key drawn by
+    /// `draw` that the routing sends here (while documents move, under both tables), once
+    /// this replica may record here at all (it knows any move under way).
+    async fn insert_session(
+        &self,
+        draw: impl Fn() -> String,
+        insert: impl for<'q> Fn(
+            sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>
+        + Sync,
+        sql: &str,
+    ) -> Result<String, DocError> {
+        let id = self.new_key(draw)?;
+        self.meta()
+            .write(|mut tx| {
+                let (id, insert, sql) = (&id, &insert, sql);
+                Box::pin(async move {
+                    let r = async {
+                        self.check_move(&mut tx).await?;
+                        insert(sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).bind(id)).execute(&mut *tx).await?;
+                        Ok::<_, DocError>(())
+                    }
+                    .await;
+                    (tx, r)
+                })
+            })
+            .await?;
+        Ok(id)
     }
 
     /// Starts an upload session.
@@ -296,29 +341,33 @@ impl Documents {
             )));
         }
         let expected = init.checksum.as_deref().map(parse_checksum).transpose()?;
-        let id = self.new_key(|| uuid::Uuid::new_v4().to_string())?;
         let now = self.clock().now_ms();
-        sqlx::query(
-            "INSERT INTO upload_sessions (id, owner, filename, content_type, title, description, tags, metadata, \
-             total_size, chunk_size, total_chunks, expected_sha256, status, created_at, updated_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'ACTIVE', $13, $13, $14)",
-        )
-        .bind(&id)
-        .bind(&actor.user)
-        .bind(&prepared.new.filename)
-        .bind(&init.content_type)
-        .bind(&prepared.new.title)
-        .bind(&prepared.new.description)
-        .bind(json!(prepared.new.tags).to_string())
-        .bind(Value::Object(prepared.new.metadata.clone()).to_string())
-        .bind(i(init.total_size))
-        .bind(i(chunk_size))
-        .bind(i(total_chunks))
-        .bind(&expected)
-        .bind(now)
-        .bind(now + SESSION_TTL_MS)
-        .execute(self.meta().pool())
-        .await?;
+        let (tags, metadata) =
+            (json!(prepared.new.tags).to_string(), Value::Object(prepared.new.metadata.clone()).to_string());
+        let id = self
+            .insert_session(
+                || uuid::Uuid::new_v4().to_string(),
+                |query| {
+                    query
+                        .bind(actor.user.clone())
+                        .bind(prepared.new.filename.clone())
+                        .bind(init.content_type.clone())
+                        .bind(prepared.new.title.clone())
+                        .bind(prepared.new.description.clone())
+                        .bind(tags.clone())
+                        .bind(metadata.clone())
+                        .bind(i(init.total_size))
+                        .bind(i(chunk_size))
+                        .bind(i(total_chunks))
+                        .bind(expected.clone())
+                        .bind(now)
+                        .bind(now + SESSION_TTL_MS)
+                },
+                "INSERT INTO upload_sessions (id, owner, filename, content_type, title, description, tags, metadata, \
+                 total_size, chunk_size, total_chunks, expected_sha256, status, created_at, updated_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'ACTIVE', $13, $13, $14)",
+            )
+            .await?;
         self.upload_status(actor, &id).await
     }
 
@@ -338,7 +387,19 @@ impl Documents {
         checksum: Option<&str>,
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     ) -> Result<Session, DocError> {
-        let expected_sha = checksum.map(parse_checksum).transpose()?;
+        let want = self.chunk_length(actor, id, n).await?;
+        let stored = self.store_chunk(id, n, want, checksum, body).await?;
+        match self.record_chunk(id, n, &stored).await {
+            Ok(()) => self.upload_status(actor, id).await,
+            Err(e) => {
+                self.drop_object(&stored.tier, &stored.object_key).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The length chunk `n` of session `id` must have, once the session takes it.
+    pub(crate) async fn chunk_length(&self, actor: &Actor, id: &str, n: u64) -> Result<u64, DocError> {
         let session = self.chunked_session(actor, id).await?;
         self.check_active(id, &session)?;
         if n >= session.total_chunks {
@@ -347,7 +408,20 @@ impl Documents {
                 session.total_chunks - 1
             )));
         }
-        let want = session.chunk_len(n);
+        Ok(session.chunk_len(n))
+    }
+
+    /// Stores the bytes of chunk `n` (which must be `want` bytes long, and match `checksum`
+    /// when given) in the default tier, without recording them: nothing is kept on failure.
+    pub(crate) async fn store_chunk(
+        &self,
+        id: &str,
+        n: u64,
+        want: u64,
+        checksum: Option<&str>,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<StoredBlob, DocError> {
+        let expected_sha = checksum.map(parse_checksum).transpose()?;
         let tier = self.tiers().default_tier();
         let stored = tier.write_under(&format!("uploads/{id}"), body, false, want).await.map_err(|e| match e {
             crate::blob::BlobError::TooLarge { .. } => {
@@ -375,40 +449,46 @@ impl Documents {
             )))
             .await;
         }
+        Ok(stored)
+    }
+
+    /// Records stored chunk `n` of session `id`, in place of any sent before (whose bytes
+    /// are deleted). `SessionNotFound` when the session was handed over to another shard:
+    /// the caller records it there.
+    pub(crate) async fn record_chunk(&self, id: &str, n: u64, stored: &StoredBlob) -> Result<(), DocError> {
+        let dialect = self.meta().dialect();
         let replaced = self
             .meta()
             .write(|mut tx| {
-                let stored = &stored;
                 Box::pin(async move {
                     let r = async {
-                        ensure_active(&mut tx, id).await?;
-                        let old: Option<String> =
-                            sqlx::query_scalar("SELECT object_key FROM upload_chunks WHERE session_id = $1 AND n = $2")
-                                .bind(id)
-                                .bind(i(n))
-                                .fetch_optional(&mut *tx)
-                                .await?;
-                        sqlx::query("DELETE FROM upload_chunks WHERE session_id = $1 AND n = $2")
-                            .bind(id)
-                            .bind(i(n))
-                            .execute(&mut *tx)
-                            .await?;
+                        ensure_active(&mut tx, dialect, id).await?;
+                        let old: Option<(String, String)> = sqlx::query_as(
+                            "DELETE FROM upload_chunks WHERE session_id = $1 AND n = $2 RETURNING tier, object_key",
+                        )
+                        .bind(id)
+                        .bind(i(n))
+                        .fetch_optional(&mut *tx)
+                        .await?;
                         insert_chunk(&mut tx, id, n, stored, self.clock().now_ms()).await?;
-                        Ok(old)
+                        Ok::<_, DocError>(old)
                     }
                     .await;
                     (tx, r)
                 })
             })
-            .await;
-        match replaced {
-            Ok(Some(old)) => {
-                tier.delete(&old).await.ok();
-            }
-            Ok(None) => {}
-            Err(e) => return discard(e).await,
+            .await?;
+        if let Some((tier, key)) = replaced {
+            self.drop_object(&tier, &key).await;
         }
-        self.upload_status(actor, id).await
+        Ok(())
+    }
+
+    /// Deletes a chunk's stored bytes (kept, when the tier is gone, for its collector).
+    pub(crate) async fn drop_object(&self, tier: &str, key: &str) {
+        if let Ok(tier) = self.tiers().get(tier) {
+            tier.delete(key).await.ok();
+        }
     }
 
     /// The chunks received so far, in order.
@@ -418,6 +498,7 @@ impl Documents {
             .bind(id)
             .fetch_all(self.meta().pool())
             .await?;
+        still_here(self.meta().pool(), id).await?;
         rows.iter()
             .map(|r| {
                 Ok(Chunk {
@@ -440,8 +521,22 @@ impl Documents {
     /// Assembles the chunks into a document. Completing a completed session again answers
     /// with its document.
     pub async fn complete_upload(&self, actor: &Actor, id: &str) -> Result<Uploaded, DocError> {
+        match self.complete_upload_into(actor, id, self).await? {
+            Completion::New(uploaded) => Ok(*uploaded),
+            Completion::Before(document) => self.uploaded_before(actor, document).await,
+        }
+    }
+
+    /// [`Self::complete_upload`], recording the document on `dest` (on a sharded
+    /// platform, where the routing sends a new document; the session may be elsewhere).
+    pub(crate) async fn complete_upload_into(
+        &self,
+        actor: &Actor,
+        id: &str,
+        dest: &Documents,
+    ) -> Result<Completion, DocError> {
         let session = self.chunked_session(actor, id).await?;
-        if let Some(done) = self.completed(actor, &session).await? {
+        if let Some(done) = completed(&session) {
             return Ok(done);
         }
         let session = self.takeover(id, session)?;
@@ -455,19 +550,15 @@ impl Documents {
                 if missing.len() > 20 { ", …" } else { "" }
             )));
         }
-        self.finish(actor, id, &session).await
+        self.finish(actor, id, &session, dest).await.map(|uploaded| Completion::New(Box::new(uploaded)))
     }
 
-    /// The document of a session completed before.
-    async fn completed(&self, actor: &Actor, session: &SessionRow) -> Result<Option<Uploaded>, DocError> {
-        if session.status == "COMPLETED"
-            && let Some(doc) = session.document_id
-        {
-            let document = self.get(actor, doc).await?;
-            let version_number = document.current_version;
-            return Ok(Some(Uploaded { document, deduplicated: false, version_number }));
-        }
-        Ok(None)
+    /// The answer to completing again a session completed as `document`, which is on this
+    /// shard.
+    pub(crate) async fn uploaded_before(&self, actor: &Actor, document: i64) -> Result<Uploaded, DocError> {
+        let document = self.get(actor, document).await?;
+        let version_number = document.current_version;
+        Ok(Uploaded { document, deduplicated: false, version_number })
     }
 
     /// An active session, or one whose completion lock lapsed (its replica died), which may
@@ -482,8 +573,14 @@ impl Documents {
     }
 
     /// Takes the completion lock (one replica assembles, the others are told so), assembles
-    /// the document and settles the session.
-    async fn finish(&self, actor: &Actor, id: &str, session: &SessionRow) -> Result<Uploaded, DocError> {
+    /// the document on `dest` and settles the session.
+    async fn finish(
+        &self,
+        actor: &Actor,
+        id: &str,
+        session: &SessionRow,
+        dest: &Documents,
+    ) -> Result<Uploaded, DocError> {
         let now = self.clock().now_ms();
         let taken = sqlx::query(
             "UPDATE upload_sessions SET status = 'COMPLETING', lock_until = $1, updated_at = $2 WHERE id = $3 \
@@ -495,27 +592,73 @@ impl Documents {
         .execute(self.meta().pool())
         .await?;
         if taken.rows_affected() != 1 {
+            // Handed over to another shard meanwhile, or being completed by another replica.
+            still_here(self.meta().pool(), id).await?;
             return Err(DocError::Conflict(format!("upload session {id} is being completed")));
         }
-        let result = self.assemble(actor, id, session).await;
+        let result = self.assemble(actor, id, session, dest).await;
         let (status, document_id) = match &result {
             Ok(uploaded) => ("COMPLETED", Some(uploaded.document.id)),
             Err(_) => ("ACTIVE", None),
         };
-        sqlx::query("UPDATE upload_sessions SET status = $1, lock_until = NULL, document_id = $2, updated_at = $3 WHERE id = $4")
-            .bind(status)
-            .bind(document_id)
-            .bind(self.clock().now_ms())
-            .bind(id)
-            .execute(self.meta().pool())
-            .await?;
-        if result.is_ok() {
-            self.drop_chunks(id).await?;
-        }
+        self.settle_session(id, status, document_id, result.is_ok()).await?;
         result
     }
 
-    async fn assemble(&self, actor: &Actor, id: &str, session: &SessionRow) -> Result<Uploaded, DocError> {
+    /// Gives session `id` its `status` (and document), deleting its chunks' rows with it
+    /// when `drop` (and their bytes after): a session is never handed over between the two.
+    async fn settle_session(
+        &self,
+        id: &str,
+        status: &str,
+        document_id: Option<i64>,
+        drop: bool,
+    ) -> Result<(), DocError> {
+        let now = self.clock().now_ms();
+        let dropped = self
+            .meta()
+            .write(|mut tx| {
+                Box::pin(async move {
+                    let r = async {
+                        sqlx::query(
+                            "UPDATE upload_sessions SET status = $1, lock_until = NULL, \
+                             document_id = COALESCE($2, document_id), updated_at = $3 WHERE id = $4",
+                        )
+                        .bind(status)
+                        .bind(document_id)
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                        if !drop {
+                            return Ok(Vec::new());
+                        }
+                        let rows: Vec<(String, String)> = sqlx::query_as(
+                            "DELETE FROM upload_chunks WHERE session_id = $1 RETURNING tier, object_key",
+                        )
+                        .bind(id)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        Ok::<_, DocError>(rows)
+                    }
+                    .await;
+                    (tx, r)
+                })
+            })
+            .await?;
+        for (tier, key) in &dropped {
+            self.drop_object(tier, key).await;
+        }
+        Ok(())
+    }
+
+    async fn assemble(
+        &self,
+        actor: &Actor,
+        id: &str,
+        session: &SessionRow,
+        dest: &Documents,
+    ) -> Result<Uploaded, DocError> {
         let chunks: Vec<(String, String)> =
             sqlx::query("SELECT tier, object_key FROM upload_chunks WHERE session_id = $1 ORDER BY n")
                 .bind(id)
@@ -544,9 +687,9 @@ impl Documents {
                 })
                 .try_flatten(),
         );
-        let blob: StoredBlob = self.store_bytes(&prepared.content_type, bytes).await?;
+        let blob: StoredBlob = dest.store_bytes(&prepared.content_type, bytes).await?;
         if blob.size != session.total_size {
-            self.discard(&blob).await;
+            dest.discard(&blob).await;
             return Err(DocError::Invalid(format!(
                 "the chunks hold {} bytes, not the {} announced",
                 blob.size, session.total_size
@@ -555,42 +698,32 @@ impl Documents {
         if let Some(expected) = &session.expected_sha256
             && *expected != blob.sha256
         {
-            self.discard(&blob).await;
+            dest.discard(&blob).await;
             return Err(DocError::ChecksumMismatch(format!(
                 "the assembled file's SHA-256 is sha256:{}, not the sha256:{expected} announced",
                 blob.sha256
             )));
         }
-        self.record_upload(actor, &prepared, blob).await
-    }
-
-    async fn drop_chunks(&self, id: &str) -> Result<(), DocError> {
-        let rows = sqlx::query("SELECT tier, object_key FROM upload_chunks WHERE session_id = $1")
-            .bind(id)
-            .fetch_all(self.meta().pool())
-            .await?;
-        for row in &rows {
-            let (tier, key): (String, String) = (row.try_get("tier")?, row.try_get("object_key")?);
-            if let Ok(tier) = self.tiers().get(&tier) {
-                tier.delete(&key).await.ok();
-            }
-        }
-        sqlx::query("DELETE FROM upload_chunks WHERE session_id = $1").bind(id).execute(self.meta().pool()).await?;
-        Ok(())
+        dest.record_upload(actor, &prepared, blob).await
     }
 
     /// Cancels a session and deletes its chunks.
     pub async fn cancel_upload(&self, actor: &Actor, id: &str) -> Result<(), DocError> {
-        let session = self.session(actor, id).await?;
-        if session.status == "COMPLETING" || session.status == "COMPLETED" {
+        self.session(actor, id).await?;
+        let cancelled = sqlx::query(
+            "UPDATE upload_sessions SET status = 'CANCELLED', updated_at = $1 WHERE id = $2 \
+             AND status NOT IN ('COMPLETING', 'COMPLETED')",
+        )
+        .bind(self.clock().now_ms())
+        .bind(id)
+        .execute(self.meta().pool())
+        .await?;
+        if cancelled.rows_affected() != 1 {
+            // Handed over to another shard meanwhile, or being completed.
+            let session = self.session(actor, id).await?;
             return Err(DocError::Conflict(format!("upload session {id} is {}", session.status.to_ascii_lowercase())));
         }
-        sqlx::query("UPDATE upload_sessions SET status = 'CANCELLED', updated_at = $1 WHERE id = $2")
-            .bind(self.clock().now_ms())
-            .bind(id)
-            .execute(self.meta().pool())
-            .await?;
-        self.drop_chunks(id).await
+        self.settle_session(id, "CANCELLED", None, true).await
     }
 
     /// Expires the sessions past their time and deletes their chunks; returns how many.
@@ -613,10 +746,24 @@ impl Documents {
             .execute(self.meta().pool())
             .await?;
             if done.rows_affected() == 1 {
-                self.drop_chunks(id).await?;
+                self.settle_session(id, "EXPIRED", None, true).await?;
                 expired += 1;
             }
         }
         Ok(expired)
     }
+}
+
+/// What completing a session came to.
+#[derive(Debug)]
+pub(crate) enum Completion {
+    /// The document it assembled now.
+    New(Box<Uploaded>),
+    /// It was completed before, as this document (which may be on another shard by now).
+    Before(i64),
+}
+
+/// A session completed before, as the document it made.
+fn completed(session: &SessionRow) -> Option<Completion> {
+    (session.status == "COMPLETED").then_some(session.document_id).flatten().map(Completion::Before)
 }

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde_json::{Map, Value, json};
 
-use super::{SESSION_TTL_MS, SessionRow, ensure_active, i, insert_chunk, received};
+use super::{SESSION_TTL_MS, SessionRow, ensure_active, i, insert_chunk, received, still_here};
+use crate::blob::StoredBlob;
 use crate::documents::{Actor, DocError, Documents, NewDocument, Uploaded};
 
 /// The protocol version this server speaks.
@@ -148,8 +149,14 @@ impl Documents {
     }
 
     async fn tus_view(&self, id: &str, session: &SessionRow) -> Result<TusUpload, DocError> {
-        let offset =
-            if session.status == "COMPLETED" { session.total_size } else { received(self.meta().pool(), id).await?.1 };
+        let offset = if session.status == "COMPLETED" {
+            session.total_size
+        } else {
+            let (_, bytes) = received(self.meta().pool(), id).await?;
+            // Counted while the upload was here: a hand-over takes it with its segments.
+            still_here(self.meta().pool(), id).await?;
+            bytes
+        };
         Ok(tus_upload(id, session, offset))
     }
 
@@ -160,27 +167,31 @@ impl Documents {
         if length > self.max_upload {
             return Err(DocError::TooLarge { limit: self.max_upload });
         }
-        let id = self.new_key(|| uuid::Uuid::new_v4().simple().to_string())?;
         let now = self.clock().now_ms();
-        sqlx::query(
-            "INSERT INTO upload_sessions (id, owner, filename, content_type, title, description, tags, metadata, \
-             total_size, chunk_size, total_chunks, status, created_at, updated_at, expires_at, protocol, tus_metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, 'ACTIVE', $10, $10, $11, 'tus', $12)",
-        )
-        .bind(&id)
-        .bind(&actor.user)
-        .bind(&prepared.new.filename)
-        .bind(&prepared.new.content_type)
-        .bind(&prepared.new.title)
-        .bind(&prepared.new.description)
-        .bind(json!(prepared.new.tags).to_string())
-        .bind(Value::Object(prepared.new.metadata.clone()).to_string())
-        .bind(i(length))
-        .bind(now)
-        .bind(now + SESSION_TTL_MS)
-        .bind(metadata)
-        .execute(self.meta().pool())
-        .await?;
+        let (tags, fields) =
+            (json!(prepared.new.tags).to_string(), Value::Object(prepared.new.metadata.clone()).to_string());
+        let id = self
+            .insert_session(
+                || uuid::Uuid::new_v4().simple().to_string(),
+                |query| {
+                    query
+                        .bind(actor.user.clone())
+                        .bind(prepared.new.filename.clone())
+                        .bind(prepared.new.content_type.clone())
+                        .bind(prepared.new.title.clone())
+                        .bind(prepared.new.description.clone())
+                        .bind(tags.clone())
+                        .bind(fields.clone())
+                        .bind(i(length))
+                        .bind(now)
+                        .bind(now + SESSION_TTL_MS)
+                        .bind(metadata.map(str::to_owned))
+                },
+                "INSERT INTO upload_sessions (id, owner, filename, content_type, title, description, tags, metadata, \
+                 total_size, chunk_size, total_chunks, status, created_at, updated_at, expires_at, protocol, \
+                 tus_metadata) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, 'ACTIVE', $10, $10, $11, 'tus', $12)",
+            )
+            .await?;
         if length == 0 {
             return self.tus_append(actor, &id, 0, None, futures::stream::empty()).await;
         }
@@ -209,11 +220,25 @@ impl Documents {
         checksum: Option<&str>,
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     ) -> Result<TusUpload, DocError> {
-        let expected_sha = checksum.map(parse_checksum).transpose()?;
+        let left = match self.tus_begin(actor, id, offset).await? {
+            TusStep::Done(upload) => return Ok(*upload),
+            TusStep::Append { left } => left,
+        };
+        let (stored, broken) = self.tus_store(id, left, checksum, body).await?;
+        if let Err(e) = self.append_segment(id, offset, &stored).await {
+            self.drop_object(&stored.tier, &stored.object_key).await;
+            return Err(e);
+        }
+        self.tus_appended(actor, id, (offset, stored.size), broken, self).await
+    }
+
+    /// Where a PATCH at `offset` stands: the upload complete already (answered as it is),
+    /// or `left` bytes to go.
+    pub(crate) async fn tus_begin(&self, actor: &Actor, id: &str, offset: u64) -> Result<TusStep, DocError> {
         let session = self.tus_session(actor, id).await?;
         if session.status == "COMPLETED" {
             return if offset == session.total_size {
-                self.tus_view(id, &session).await
+                self.tus_view(id, &session).await.map(|upload| TusStep::Done(Box::new(upload)))
             } else {
                 Err(DocError::Conflict(format!(
                     "Upload-Offset {offset} does not match: the upload is complete at {}",
@@ -223,12 +248,27 @@ impl Documents {
         }
         self.check_active(id, &session)?;
         let (_, current) = received(self.meta().pool(), id).await?;
+        // Counted while the upload was here: a hand-over takes it with its segments.
+        still_here(self.meta().pool(), id).await?;
         if offset != current {
             return Err(DocError::Conflict(format!(
                 "Upload-Offset {offset} does not match the upload's offset {current}"
             )));
         }
-        let left = session.total_size - current;
+        Ok(TusStep::Append { left: session.total_size - current })
+    }
+
+    /// Stores a PATCH's bytes (at most `left`) in the default tier, without recording
+    /// them: with a checksum, kept only whole and matching; without one, what arrived
+    /// before a broken connection is kept, and the break returned beside it.
+    pub(crate) async fn tus_store(
+        &self,
+        id: &str,
+        left: u64,
+        checksum: Option<&str>,
+        body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    ) -> Result<(StoredBlob, Option<std::io::Error>), DocError> {
+        let expected_sha = checksum.map(parse_checksum).transpose()?;
         let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
         let tier = self.tiers().default_tier();
         let stored = tier
@@ -257,22 +297,30 @@ impl Documents {
                 .await;
             }
         }
-        if stored.size == 0 {
-            tier.delete(&stored.object_key).await.ok();
-        } else if let Err(e) = self.append_segment(id, offset, &stored).await {
-            return discard(e).await;
-        }
+        Ok((stored, broken))
+    }
+
+    /// After a PATCH's `size` bytes at `offset` were recorded here: the break that cut it
+    /// short, the upload's state, or, with its last byte, the document assembled on `dest`.
+    pub(crate) async fn tus_appended(
+        &self,
+        actor: &Actor,
+        id: &str,
+        (offset, size): (u64, u64),
+        broken: Option<std::io::Error>,
+        dest: &Documents,
+    ) -> Result<TusUpload, DocError> {
         if let Some(e) = broken {
             return Err(DocError::Invalid(format!(
-                "reading the upload failed after {} bytes, which were kept: {e}",
-                stored.size
+                "reading the upload failed after {size} bytes, which were kept: {e}"
             )));
         }
-        if offset + stored.size < session.total_size {
+        let session = self.tus_session(actor, id).await?;
+        if offset + size < session.total_size {
             return self.tus_status(actor, id).await;
         }
-        let session = self.takeover(id, self.tus_session(actor, id).await?)?;
-        let uploaded = self.finish(actor, id, &session).await?;
+        let session = self.takeover(id, session)?;
+        let uploaded = self.finish(actor, id, &session, dest).await?;
         Ok(TusUpload {
             document_id: Some(uploaded.document.id),
             completed: Some(uploaded),
@@ -280,13 +328,25 @@ impl Documents {
         })
     }
 
-    /// Records a segment, if the upload is still active and still at `offset`.
-    async fn append_segment(&self, id: &str, offset: u64, stored: &crate::blob::StoredBlob) -> Result<(), DocError> {
+    /// Records a segment, if the upload is still active and still at `offset`. A segment
+    /// of no bytes is not recorded (its object goes). `SessionNotFound` when the upload was
+    /// handed over to another shard: the caller records it there.
+    pub(crate) async fn append_segment(
+        &self,
+        id: &str,
+        offset: u64,
+        stored: &crate::blob::StoredBlob,
+    ) -> Result<(), DocError> {
+        if stored.size == 0 {
+            self.drop_object(&stored.tier, &stored.object_key).await;
+            return Ok(());
+        }
+        let dialect = self.meta().dialect();
         self.meta()
             .write(|mut tx| {
                 Box::pin(async move {
                     let r = async {
-                        ensure_active(&mut tx, id).await?;
+                        ensure_active(&mut tx, dialect, id).await?;
                         let (segments, bytes) = received(&mut *tx, id).await?;
                         if bytes != offset {
                             return Err(DocError::Conflict(format!(
@@ -308,6 +368,15 @@ impl Documents {
         self.tus_session(actor, id).await?;
         self.cancel_upload(actor, id).await
     }
+}
+
+/// Where a PATCH stands before its bytes are read.
+#[derive(Debug)]
+pub(crate) enum TusStep {
+    /// The upload was complete already: this is the answer.
+    Done(Box<TusUpload>),
+    /// The bytes still to come.
+    Append { left: u64 },
 }
 
 #[cfg(test)]
