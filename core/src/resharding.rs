@@ -846,7 +846,21 @@ pub async fn run_move(
     grace_ms: i64,
     report: &Report<'_>,
 ) -> Result<Vec<(String, ShardProgress)>, MoveError> {
+    run_move_paced(library, batch, grace_ms, None, report).await
+}
+
+/// [`run_move`], moving at most `per_second` documents a second over the run (a pause
+/// after each batch that got ahead), to bound the load the move puts on the databases.
+pub async fn run_move_paced(
+    library: &Library,
+    batch: usize,
+    grace_ms: i64,
+    per_second: Option<u32>,
+    report: &Report<'_>,
+) -> Result<Vec<(String, ShardProgress)>, MoveError> {
     let next = library.next().ok_or(MoveError::NoMove)?;
+    let started = tokio::time::Instant::now();
+    let mut moved_here = 0u64;
     let batch = batch.clamp(1, MAX_BATCH);
     let names = library.names();
     let now = || library.clock().now_ms();
@@ -888,6 +902,12 @@ pub async fn run_move(
                         library.named(target_name).ok_or_else(|| MoveError::UnknownShard(target_name.clone()))?;
                     let copied = hand_over(shard.meta(), target.meta(), target_name, &ids, now(), grace_ms).await?;
                     moved_any |= copied.documents > 0;
+                    moved_here += copied.documents;
+                    if let Some(rate) = per_second.filter(|r| *r > 0) {
+                        #[allow(clippy::cast_precision_loss)]
+                        let due = std::time::Duration::from_secs_f64(moved_here as f64 / f64::from(rate));
+                        tokio::time::sleep_until(started + due).await;
+                    }
                     sums[position].1 = progress(shard.meta()).await?;
                     report(&sums);
                 }

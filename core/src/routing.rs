@@ -172,6 +172,7 @@ mod tests {
                 })
                 .collect(),
             routing: Routing { strategy, virtual_nodes: 128 },
+            resharding: vellum_crds::shard_set::ReshardingPace::default(),
         }
     }
 

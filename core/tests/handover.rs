@@ -452,3 +452,29 @@ async fn a_move_runs_to_its_end_resumes_after_a_kill_and_moves_back() {
         assert!(after.at(*id, |shard| Box::pin(shard.get(&me, *id))).await.is_ok());
     }
 }
+
+#[tokio::test]
+async fn a_paced_move_keeps_to_its_documents_per_second() {
+    use vellum_core::resharding::run_move_paced;
+    let p = platform().await;
+    let me = alice();
+    for i in 0..60 {
+        let new = NewDocument { filename: format!("p{i}.txt"), ..NewDocument::default() };
+        p.a.upload(&me, new, once(format!("paced {i}"))).await.unwrap();
+    }
+    let growing = Library::moving(
+        Arc::new(ring(&["a"])),
+        Some(Arc::new(ring(&["a", "b"]))),
+        Vec::new(),
+        vec![p.a.clone(), p.b.clone()],
+    );
+    let started = std::time::Instant::now();
+    let sums = run_move_paced(&growing, 4, GRACE, Some(50), &|_| {}).await.unwrap();
+    let moved = sums[0].1.moved_documents;
+    assert!(moved > 15, "{moved} documents moved");
+    // Never faster than the pace: the last batch waits out its share of the second too.
+    #[allow(clippy::cast_precision_loss)]
+    let least = std::time::Duration::from_secs_f64(moved as f64 / 50.0);
+    assert!(started.elapsed() >= least, "{moved} documents in {:?}, under {least:?}", started.elapsed());
+    assert_eq!(count(&p.b, "documents").await, moved);
+}

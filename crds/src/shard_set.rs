@@ -39,6 +39,35 @@ pub struct ShardSetSpec {
     /// How document ids are mapped to shards.
     #[serde(default)]
     pub routing: Routing,
+    /// How fast documents move when the routing changes (a live resharding).
+    #[serde(default)]
+    pub resharding: ReshardingPace,
+}
+
+/// How fast a live resharding moves documents: in batches of `batchSize`, at most
+/// `documentsPerSecond` of them (unlimited when absent), to bound the load a move puts on
+/// the shards' databases. Read when the resharding Job's pod starts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReshardingPace {
+    /// Documents handed over per batch (one transaction on each side).
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch_size: u32,
+    /// The most documents moved per second, over the whole move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub documents_per_second: Option<u32>,
+}
+
+impl Default for ReshardingPace {
+    fn default() -> Self {
+        Self { batch_size: default_batch_size(), documents_per_second: None }
+    }
+}
+
+fn default_batch_size() -> u32 {
+    500
 }
 
 /// One metadata database.

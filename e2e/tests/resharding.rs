@@ -138,6 +138,7 @@ fn routing(shards: &[&str]) -> RoutingTable {
             .map(|n| ShardConfig { name: (*n).into(), url: SecretHandle::new("x", n), weight: 1, range_start: None })
             .collect(),
         routing: vellum_crds::shard_set::Routing::default(),
+        resharding: vellum_crds::shard_set::ReshardingPace::default(),
     })
     .unwrap()
 }

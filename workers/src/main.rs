@@ -10,7 +10,7 @@ use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, read_platform};
 use vellum_core::documents::{Documents, Grace, Library, MigrationStep, library_of, open_shards};
 use vellum_core::process::{init_logging, shutdown_signal};
-use vellum_core::resharding::{ShardProgress, run_move};
+use vellum_core::resharding::{ShardProgress, run_move_paced};
 use vellum_workers::Settings;
 use vellum_workers::retention::{RunSettings, drain_tier, run_policy};
 use vellum_workers::run::{Options, run};
@@ -43,9 +43,14 @@ enum Command {
     Reshard {
         #[command(flatten)]
         store: StoreArgs,
-        /// Documents handed over per batch.
-        #[arg(long, default_value_t = 500)]
-        batch: usize,
+        /// Documents handed over per batch; by default the ShardSet's
+        /// `spec.resharding.batchSize`.
+        #[arg(long)]
+        batch: Option<usize>,
+        /// The most documents moved per second; by default the ShardSet's
+        /// `spec.resharding.documentsPerSecond` (unlimited when it has none).
+        #[arg(long)]
+        documents_per_second: Option<u32>,
         /// Seconds a source's stored copy stays readable when the target kept its own copy
         /// of the same bytes (downloads that began before the hand-over finish).
         #[arg(long, default_value_t = 300)]
@@ -261,8 +266,11 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Reshard { store, batch, source_grace_seconds } => {
-                let (library, _) = store.open().await?;
+            Command::Reshard { store, batch, documents_per_second, source_grace_seconds } => {
+                let (library, config) = store.open().await?;
+                let pace = config.shard_move.as_ref().map(|m| m.to.resharding.clone()).unwrap_or_default();
+                let batch = batch.unwrap_or(pace.batch_size as usize);
+                let per_second = documents_per_second.or(pace.documents_per_second);
                 let next = library.next().map(|t| t.version().to_owned()).unwrap_or_default();
                 // Progress in the log at most once a second.
                 let logged = std::sync::Mutex::new(std::time::Instant::now());
@@ -275,7 +283,7 @@ fn main() -> anyhow::Result<()> {
                         tracing::info!(routing_version = %next, moved, total, "moving documents between shards");
                     }
                 };
-                let sums = run_move(&library, batch, source_grace_seconds.max(0) * 1000, &report)
+                let sums = run_move_paced(&library, batch, source_grace_seconds.max(0) * 1000, per_second, &report)
                     .await
                     .context("moving documents between shards")?;
                 let shards: serde_json::Map<String, serde_json::Value> =

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use vellum_crds::conditions::reasons;
 use vellum_crds::retention_policy::{AgeBasis, DocumentSelector, ExpirationAction, NoncurrentVersions};
-use vellum_crds::shard_set::Routing;
+use vellum_crds::shard_set::{ReshardingPace, Routing};
 use vellum_crds::storage_tier::{Compression, TierClass};
 use vellum_crds::webhook::{DeactivationRule, EventFilter, EventType, HttpHeader, RateLimit, RetryPolicy};
 use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook};
@@ -109,6 +109,9 @@ pub struct ShardsConfig {
     /// The shards, in the ShardSet's order.
     pub shards: Vec<ShardConfig>,
     pub routing: Routing,
+    /// How fast a move to this routing goes.
+    #[serde(default)]
+    pub resharding: ReshardingPace,
 }
 
 /// Documents moving from the routing in force to another.
@@ -396,7 +399,12 @@ impl<'a> Compiler<'a> {
                         });
                     }
                 }
-                let config = ShardsConfig { shard_set: set_name.clone(), shards, routing: set.spec.routing.clone() };
+                let config = ShardsConfig {
+                    shard_set: set_name.clone(),
+                    shards,
+                    routing: set.spec.routing.clone(),
+                    resharding: set.spec.resharding.clone(),
+                };
                 if config.shards.len() == set.spec.shards.len()
                     && let Err(message) = crate::routing::RoutingTable::build(&config)
                 {

@@ -20,6 +20,7 @@ pub fn ring(names: &[&str]) -> RoutingTable {
             })
             .collect(),
         routing: Routing { strategy: RoutingStrategy::ConsistentHash, virtual_nodes: 64 },
+        resharding: vellum_core::crds::shard_set::ReshardingPace::default(),
     })
     .expect("a ring of named shards routes")
 }

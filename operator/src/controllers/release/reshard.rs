@@ -346,6 +346,7 @@ mod tests {
                 })
                 .collect(),
             routing: Routing { strategy: RoutingStrategy::ConsistentHash, virtual_nodes: 64 },
+            resharding: vellum_crds::shard_set::ReshardingPace::default(),
         }
     }
 
