@@ -4,7 +4,10 @@
 //! and flips the routing; clients uploading, downloading, adding versions, updating
 //! metadata and listing through the active Service all the while see no failed request,
 //! and afterwards every acknowledged document downloads byte-exact with its whole version
-//! history, each shard holding exactly the documents the routing sends it.
+//! history, each shard holding exactly the documents the routing sends it. Chunked and tus
+//! uploads open across both moves go on through them. The first move's Job pod is killed
+//! mid-copy, and the operator's leader is killed while the second move's routing flips:
+//! each move still completes, nothing moved twice and nothing lost.
 //!
 //! The local cluster's node runs the workspace's own binaries as the images: build them
 //! first (`cargo test --workspace` does).
@@ -118,15 +121,152 @@ async fn traffic(base: String, acknowledged: Arc<Mutex<Acknowledged>>, stopped: 
 }
 
 /// The ShardSet `metadata` over `shards` (each a key of the Secret `shard-urls`, but
-/// `shard-a`, which is in `platform-secrets`), ConsistentHash with the default nodes.
-fn shard_set(shards: &[&str]) -> String {
+/// `shard-a`, which is in `platform-secrets`), ConsistentHash with the default nodes, moving
+/// documents at the `pace` given (`{batchSize: …, documentsPerSecond: …}`), if any.
+fn shard_set(shards: &[&str], pace: Option<&str>) -> String {
     let mut yaml =
         "apiVersion: vellum.dev/v1alpha1\nkind: ShardSet\nmetadata: {name: metadata}\nspec:\n  shards:\n".to_owned();
     for name in shards {
         let secret = if *name == "shard-a" { "platform-secrets" } else { "shard-urls" };
         writeln!(yaml, "    - name: {name}\n      urlSecretRef: {{name: {secret}, key: {name}}}").unwrap();
     }
+    if let Some(pace) = pace {
+        writeln!(yaml, "  resharding: {pace}").unwrap();
+    }
     yaml
+}
+
+/// Chunked sessions and tus uploads open across the moves: each gets a third of its bytes
+/// before the first move, between the moves and after the second, then becomes a document.
+struct OpenUploads {
+    chunked: Vec<String>,
+    tus: Vec<String>,
+}
+
+/// The 12 bytes of open upload `i`, and its part `n` (of 3).
+fn upload_bytes(i: usize) -> Vec<u8> {
+    format!("upload {i:04}.").into_bytes()[..12].to_vec()
+}
+
+fn upload_part(i: usize, n: usize) -> Vec<u8> {
+    upload_bytes(i)[n * 4..n * 4 + 4].to_vec()
+}
+
+impl OpenUploads {
+    /// Opens `n` chunked sessions and `n` tus uploads, each with its first part.
+    async fn open(base: &str, n: usize) -> Self {
+        let http = reqwest::Client::new();
+        let mut uploads = Self { chunked: Vec::new(), tus: Vec::new() };
+        for i in 0..n {
+            let session: Value = http
+                .post(format!("{base}/api/v1/upload/initiate"))
+                .bearer_auth(token())
+                .json(&serde_json::json!({"filename": format!("open-{i}.bin"), "totalSize": 12, "chunkSize": 4}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            uploads.chunked.push(session["sessionId"].as_str().expect("a session id").to_owned());
+            let created = http
+                .post(format!("{base}/api/v1/tus"))
+                .bearer_auth(token())
+                .header("Tus-Resumable", "1.0.0")
+                .header("Upload-Length", "12")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(created.status(), 201);
+            let location = created.headers()["location"].to_str().unwrap();
+            uploads.tus.push(location.rsplit('/').next().unwrap().to_owned());
+        }
+        uploads.send(base, 0).await;
+        uploads
+    }
+
+    /// Sends part `n` of every upload; the last part completes them.
+    async fn send(&self, base: &str, n: usize) -> Vec<String> {
+        let http = reqwest::Client::new();
+        let mut failures = Vec::new();
+        for (i, id) in self.chunked.iter().enumerate() {
+            let r = http
+                .put(format!("{base}/api/v1/upload/{id}/chunk/{n}"))
+                .bearer_auth(token())
+                .body(upload_part(i, n))
+                .send()
+                .await
+                .unwrap();
+            if r.status() != 200 {
+                failures.push(format!("chunk {n} of session {id}: {} {}", r.status(), r.text().await.unwrap()));
+            }
+        }
+        for (i, id) in self.tus.iter().enumerate() {
+            let r = http
+                .patch(format!("{base}/api/v1/tus/{id}"))
+                .bearer_auth(token())
+                .header("Tus-Resumable", "1.0.0")
+                .header("Upload-Offset", (n * 4).to_string())
+                .header("Content-Type", "application/offset+octet-stream")
+                .body(upload_part(1000 + i, n))
+                .send()
+                .await
+                .unwrap();
+            if r.status() != 204 {
+                failures.push(format!("part {n} of tus upload {id}: {} {}", r.status(), r.text().await.unwrap()));
+            }
+        }
+        failures
+    }
+
+    /// Completes the chunked sessions; every upload's document downloads byte-exact.
+    async fn check_completed(&self, base: &str) {
+        let http = reqwest::Client::new();
+        let mut documents = Vec::new();
+        for (i, id) in self.chunked.iter().enumerate() {
+            let done: Value = http
+                .post(format!("{base}/api/v1/upload/{id}/complete"))
+                .bearer_auth(token())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let document = done["documentId"].as_i64().or_else(|| done["id"].as_i64());
+            documents.push((document.unwrap_or_else(|| panic!("session {id} completed: {done}")), upload_bytes(i)));
+        }
+        for (i, id) in self.tus.iter().enumerate() {
+            let head = http
+                .head(format!("{base}/api/v1/tus/{id}"))
+                .bearer_auth(token())
+                .header("Tus-Resumable", "1.0.0")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(head.headers()["upload-offset"], "12", "tus upload {id}");
+            let document = head.headers()["vellum-document-id"].to_str().unwrap().parse().unwrap();
+            documents.push((document, upload_bytes(1000 + i)));
+        }
+        for (id, bytes) in documents {
+            let got =
+                http.get(format!("{base}/api/v1/documents/{id}/download")).bearer_auth(token()).send().await.unwrap();
+            assert_eq!(got.status(), 200, "document {id}");
+            assert_eq!(got.bytes().await.unwrap().as_ref(), bytes.as_slice(), "document {id}");
+        }
+    }
+}
+
+/// The names of the resharding Jobs' pods.
+async fn resharding_pods(cluster: &Cluster) -> Vec<String> {
+    let pods = get_json(cluster, &["-n", "docs", "get", "pods", "-l", "app.kubernetes.io/component=resharding"]).await;
+    pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The routing of [`shard_set`].
@@ -199,6 +339,7 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
         eventually(Duration::from_secs(120), resource, || ready(&cluster, resource, "docs")).await;
     }
     let base = active_base(&cluster).await;
+    let open = OpenUploads::open(&base, 6).await;
 
     let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -210,12 +351,36 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
     })
     .await;
 
-    // 1 -> 3.
+    // 1 -> 3, at a pace slow enough to kill the resharding Job's pod mid-copy: its
+    // replacement goes on from where the documents are.
     let three = routing(&["shard-a", "shard-b", "shard-c"]);
     let started = tokio::time::Instant::now();
-    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&shard_set(&["shard-a", "shard-b", "shard-c"]))).await;
+    let paced = shard_set(&["shard-a", "shard-b", "shard-c"], Some("{batchSize: 2, documentsPerSecond: 8}"));
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&paced)).await;
+    let killed = eventually(Duration::from_secs(120), "the move under way", || async {
+        let set = get_json(&cluster, &["-n", "docs", "get", "shardset/metadata"]).await;
+        let rebalance = &set["status"]["rebalance"];
+        let (moved, total) = (rebalance["movedDocuments"].as_i64(), rebalance["totalDocuments"].as_i64());
+        let pods = resharding_pods(&cluster).await;
+        match (moved, total, pods.as_slice()) {
+            (Some(moved), Some(total), [pod]) if moved > 0 && moved < total => Ok((pod.clone(), moved, total)),
+            _ => Err(format!("rebalance {rebalance}, pods {pods:?}")),
+        }
+    })
+    .await;
+    let (killed_pod, moved_when_killed, total_when_killed) = killed;
+    kubectl(&cluster, &["-n", "docs", "delete", "pod", &killed_pod, "--grace-period=0", "--force"], None).await;
+    eventually(Duration::from_secs(120), "another resharding pod", || async {
+        let pods = resharding_pods(&cluster).await;
+        if pods.iter().any(|p| *p != killed_pod) { Ok(()) } else { Err(format!("pods {pods:?}")) }
+    })
+    .await;
     let set = resharded(&cluster, &three).await;
     let grow = started.elapsed();
+    eprintln!(
+        "the resharding pod {killed_pod} was killed with {moved_when_killed} of {total_when_killed} documents moved"
+    );
+    let between = open.send(&base, 1).await;
     let rebalance = &set["status"]["rebalance"];
     assert_eq!(rebalance["percent"], 100.0, "{rebalance}");
     let table = kubectl(&cluster, &["-n", "docs", "get", "shardset/metadata"], None).await;
@@ -227,12 +392,28 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
         assert!(events.contains(reason), "an Event {reason} on the ShardSet:\n{events}");
     }
 
-    // 3 -> 2: shard-c leaves.
+    // 3 -> 2: shard-c leaves; the operator's leader is killed once the Job has moved every
+    // document, while the routing flips, and the next leader finishes the move.
     let two = routing(&["shard-a", "shard-b"]);
     let started = tokio::time::Instant::now();
-    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&shard_set(&["shard-a", "shard-b"]))).await;
+    kubectl(&cluster, &["apply", "-n", "docs", "-f", "-"], Some(&shard_set(&["shard-a", "shard-b"], None))).await;
+    let phase = eventually(Duration::from_secs(120), "the resharding Job done", || async {
+        let jobs =
+            get_json(&cluster, &["-n", "docs", "get", "jobs", "-l", "app.kubernetes.io/component=resharding"]).await;
+        let done = jobs["items"].as_array().into_iter().flatten().any(|j| j["status"]["succeeded"].as_i64() > Some(0));
+        let set = get_json(&cluster, &["-n", "docs", "get", "shardset/metadata"]).await;
+        let phase = set["status"]["rebalance"]["phase"].as_str().unwrap_or_default().to_owned();
+        if done || phase == "Flipping" { Ok(phase) } else { Err(format!("phase {phase}, jobs {jobs}")) }
+    })
+    .await;
+    let (leader, next_leader, _) = kill_leader(&cluster).await;
+    assert_ne!(phase, "Complete", "the leader was killed before the move was complete");
+    eprintln!("the operator leader {leader} was killed in phase {phase}; {next_leader} finished the move");
     resharded(&cluster, &two).await;
     let shrink = started.elapsed();
+    let after = open.send(&base, 2).await;
+    assert!(between.is_empty() && after.is_empty(), "open uploads failed: {between:?} {after:?}");
+    open.check_completed(&base).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.send_replace(true);
     for client in clients {
