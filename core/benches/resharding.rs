@@ -11,17 +11,36 @@
 //! and the documents removed from the source with a marker each, in the same batches) moves
 //! them once into a third database, against the same raw `COPY`.
 //!
+//! Then the routing's cost on reads: metadata reads per second through a library of 1, 2
+//! and 4 shards (databases on the same Postgres server, the documents spread as the routing
+//! sends them) against the same reads from one database directly (goal: at least 0.9), with
+//! `VELLUM_BENCH_READERS` concurrent readers (default 8), each measured twice for
+//! `VELLUM_BENCH_SECONDS` (default 3), the better run counting.
+//!
+//! Last, the requests failed during a move: readers, writers and uploaders go on through a
+//! library that knows a move from one shard to two while the mover hands the documents
+//! over; every request is counted, and every failure printed (goal: none).
+//!
 //! ```sh
 //! scripts/test --services-only
 //! cargo bench -p vellum-core --bench resharding
 //! ```
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use object_store::memory::InMemory;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
+use vellum_core::blob::{Tier, Tiers, once};
+use vellum_core::clock::Clock;
+use vellum_core::crds::storage_tier::{Compression, TierClass};
+use vellum_core::documents::{Actor, Documents, Library, MetadataPatch, NewDocument};
+use vellum_core::resharding::run_move;
 use vellum_core::resharding::{copy_batch, hand_over, moving};
+use vellum_core::routing::RoutingTable;
 use vellum_core::store::Metadata;
 use vellum_testkit::TestDatabase;
 
@@ -184,6 +203,197 @@ async fn run() {
         per_second(handed),
         raw.as_secs_f64() / handed.as_secs_f64()
     );
+    for meta in [&source, &step_target, &handed_target] {
+        meta.pool().close().await;
+    }
+    for pg in [&source_pg, &raw_pg, &step_pg, &handed_pg] {
+        pg.close().await;
+    }
+    routing_overhead(n).await;
+    failures_during_a_move(n, batch).await;
+}
+
+fn tiers() -> Tiers {
+    let tier = Tier::from_store("hot", TierClass::Hot, None, Compression::default(), Arc::new(InMemory::new()));
+    Tiers::new(vec![Arc::new(tier)], "hot").expect("a tier")
+}
+
+fn admin() -> Actor {
+    Actor { user: "bench".into(), admin: true }
+}
+
+/// A database holding the documents of `1..=n` that `table` routes to shard `index`.
+async fn shard_of(n: usize, table: &RoutingTable, index: usize) -> (TestDatabase, Documents) {
+    let db = TestDatabase::new().await.expect("a database");
+    let meta = Metadata::open(&db.url).await.expect("a shard");
+    let pg = pool(&db.url).await;
+    populate(&pg, n).await;
+    let elsewhere: Vec<i64> =
+        (1..=i64::try_from(n).expect("a count")).filter(|id| table.shard_of_id(*id) != index).collect();
+    sqlx::query("DELETE FROM documents WHERE id = ANY($1)").bind(&elsewhere).execute(&pg).await.expect("deleting");
+    pg.close().await;
+    (db, Documents::new(meta, tiers(), Clock::system(), None, 1 << 20))
+}
+
+/// Metadata reads per second of `readers` concurrent readers of random documents among
+/// `1..=n`, for `span`, each read through `read`.
+async fn reads_per_second<F>(n: usize, readers: usize, span: Duration, read: F) -> f64
+where
+    F: Fn(i64) -> futures::future::BoxFuture<'static, bool> + Sync,
+{
+    let count = AtomicU64::new(0);
+    let started = Instant::now();
+    let read = &read;
+    let count = &count;
+    let loops = (0..readers).map(|r| async move {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (r as u64 + 1);
+        while started.elapsed() < span {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = i64::try_from(x % n as u64).expect("an id") + 1;
+            assert!(read(id).await, "document {id} read");
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    futures::future::join_all(loops).await;
+    #[allow(clippy::cast_precision_loss)]
+    let rate = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    rate
+}
+
+/// Reads through libraries of 1, 2 and 4 shards against reads of one database.
+async fn routing_overhead(n: usize) {
+    let readers = knob("VELLUM_BENCH_READERS", 8);
+    let span = Duration::from_secs(u64::try_from(knob("VELLUM_BENCH_SECONDS", 3)).expect("seconds"));
+    let (_single_db, single) = shard_of(n, &ring(&["a"]), 0).await;
+    let mut libraries = Vec::new();
+    let mut databases = Vec::new();
+    for count in [1usize, 2, 4] {
+        let names: Vec<String> = (0..count).map(|i| format!("s{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let table = ring(&refs);
+        let mut shards = Vec::new();
+        for index in 0..count {
+            let (db, docs) = shard_of(n, &table, index).await;
+            databases.push(db);
+            shards.push(docs);
+        }
+        libraries.push((count, Arc::new(Library::sharded(Arc::new(table), shards))));
+    }
+    let direct = || {
+        let single = single.clone();
+        move |id: i64| -> futures::future::BoxFuture<'static, bool> {
+            let single = single.clone();
+            Box::pin(async move { single.get(&admin(), id).await.is_ok() })
+        }
+    };
+    let routed = |library: &Arc<Library>| {
+        let library = Arc::clone(library);
+        move |id: i64| -> futures::future::BoxFuture<'static, bool> {
+            let library = Arc::clone(&library);
+            Box::pin(async move {
+                let me = admin();
+                library.at(id, |shard| Box::pin(shard.get(&me, id))).await.is_ok()
+            })
+        }
+    };
+    let mut best_direct = 0f64;
+    let mut best: Vec<f64> = vec![0.0; libraries.len()];
+    for _ in 0..2 {
+        best_direct = best_direct.max(reads_per_second(n, readers, span, direct()).await);
+        for (slot, (_, library)) in best.iter_mut().zip(&libraries) {
+            *slot = slot.max(reads_per_second(n, readers, span, routed(library)).await);
+        }
+    }
+    println!("metadata reads of {n} documents, {readers} readers: one database directly {best_direct:.0} reads/s");
+    for ((count, _), rate) in libraries.iter().zip(&best) {
+        println!(
+            "  through the routing, {count} shard(s) on the same server: {rate:.0} reads/s | ratio {:.2} (goal >= 0.9)",
+            rate / best_direct
+        );
+    }
+    // The server's connections go back before the next part.
+    single.meta().pool().close().await;
+    for (_, library) in &libraries {
+        for shard in library.shards() {
+            shard.meta().pool().close().await;
+        }
+    }
+}
+
+/// Requests answered and failed while a move from one shard to two runs.
+async fn failures_during_a_move(n: usize, batch: usize) {
+    let one = Arc::new(ring(&["a"]));
+    let two = Arc::new(ring(&["a", "b"]));
+    let (_a_db, a) = shard_of(n, &one, 0).await;
+    let b_db = TestDatabase::new().await.expect("a database");
+    let b =
+        Documents::new(Metadata::open(&b_db.url).await.expect("a shard"), a.tiers(), Clock::system(), None, 1 << 20);
+    let growing = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), Vec::new(), vec![a, b]);
+    let done = AtomicBool::new(false);
+    let (answered, failed) = (AtomicU64::new(0), std::sync::Mutex::new(Vec::new()));
+    let note = |what: &str, ok: Result<(), String>| {
+        answered.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = ok {
+            failed.lock().expect("the failures").push(format!("{what}: {e}"));
+        }
+    };
+    let n64 = i64::try_from(n).expect("a count");
+    let me = admin();
+    let reader = |start: i64| {
+        let (growing, me, done, note) = (&growing, &me, &done, &note);
+        async move {
+            let mut id = start;
+            while !done.load(Ordering::SeqCst) {
+                id = id * 7 % n64 + 1;
+                let got = growing.at(id, |shard| Box::pin(shard.get(me, id))).await;
+                note("read", got.map(drop).map_err(|e| e.to_string()));
+            }
+        }
+    };
+    let writer = async {
+        let mut id = 3;
+        while !done.load(Ordering::SeqCst) {
+            id = id * 11 % n64 + 1;
+            let patch =
+                MetadataPatch { title: Some(Some(format!("during the move {id}"))), ..MetadataPatch::default() };
+            let updated = growing.at(id, |shard| Box::pin(shard.update(&me, id, patch.clone()))).await;
+            note("update", updated.map(drop).map_err(|e| e.to_string()));
+        }
+    };
+    let uploader = async {
+        let mut i = 0;
+        while !done.load(Ordering::SeqCst) {
+            i += 1;
+            let result = async {
+                let mut upload = growing.begin_document();
+                upload.store("text/plain", once(format!("uploaded during the move {i}"))).await?;
+                let new = NewDocument { filename: format!("during-{i}.txt"), ..NewDocument::default() };
+                upload.finish(&me, &Documents::prepare(new)?).await
+            }
+            .await;
+            note("upload", result.map(drop).map_err(|e| e.to_string()));
+        }
+    };
+    let started = Instant::now();
+    let mover = async {
+        let sums = run_move(&growing, batch, 0, &|_| {}).await.expect("the move");
+        done.store(true, Ordering::SeqCst);
+        sums
+    };
+    let (sums, (), (), (), (), ()) = tokio::join!(mover, reader(1), reader(2), reader(5), writer, uploader);
+    let failed = failed.into_inner().expect("the failures");
+    println!(
+        "requests during a move of {} of {n} documents from one shard to two ({:.1} s): {} answered, {} failed (goal 0)",
+        sums[0].1.moved_documents,
+        started.elapsed().as_secs_f64(),
+        answered.load(Ordering::Relaxed),
+        failed.len()
+    );
+    for failure in failed.iter().take(10) {
+        println!("  failed: {failure}");
+    }
 }
 
 fn main() {
