@@ -74,7 +74,8 @@ pub mod annotations {
 pub mod finalizers {
     /// A StorageTier keeps its finalizer until its blobs have been drained elsewhere.
     pub const TIER_DRAIN: &str = "vellum.dev/tier-drain";
-    /// A ShardSet keeps its finalizer until its routing has been withdrawn.
+    /// A ShardSet keeps its finalizer until its routing has been withdrawn: no running
+    /// BlueGreenRelease routes its documents by it.
     pub const SHARD_ROUTING: &str = "vellum.dev/shard-routing";
 }
 
@@ -152,6 +153,9 @@ pub mod conditions {
         pub const DRAIN_BLOCKED: &str = "DrainBlocked";
         /// The Job draining a StorageTier failed; its logs say why.
         pub const DRAIN_FAILED: &str = "DrainFailed";
+        /// A ShardSet being deleted routes a running BlueGreenRelease's documents; it goes
+        /// once no release routes by it.
+        pub const ROUTING_IN_USE: &str = "RoutingInUse";
     }
 }
 

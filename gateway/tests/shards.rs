@@ -460,8 +460,35 @@ async fn a_running_gateway_and_worker_follow_a_resharding_through_their_config()
     opts.secrets_dir = Some(compiled.clone());
     opts.config_reload = Duration::from_secs(1);
     let gw = vellum_gateway::replica::start(opts).await.unwrap();
-    let worker = support::Worker::start(&dbs[0].url, &nats.url(), &compiled);
+    let worker_at = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free.local_addr().unwrap()
+    };
+    let worker = support::Worker::serving(&dbs[0].url, &nats.url(), &compiled, Some(worker_at));
     let client = reqwest::Client::new();
+    // What the worker's /readyz reports of the routing, once it reports `want`.
+    let worker_routes = |want: (Option<String>, Option<String>)| {
+        let (client, want) = (client.clone(), want);
+        async move {
+            let mut seen = Value::Null;
+            for _ in 0..100 {
+                if let Ok(r) = client.get(format!("http://{worker_at}/readyz")).send().await {
+                    seen = r.json().await.unwrap_or_default();
+                    let now = (
+                        seen["routingVersion"].as_str().map(str::to_owned),
+                        seen["movingTo"].as_str().map(str::to_owned),
+                    );
+                    if now == want {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the worker's /readyz reports {seen}, not {want:?}");
+        }
+    };
+    let from = RoutingTable::build(one.shards.as_ref().unwrap()).unwrap();
+    worker_routes((Some(from.version().to_owned()), None)).await;
     let alice = token(&gw, "alice", &["user"]);
     let mut ids = Vec::new();
     for i in 0..30 {
@@ -474,6 +501,8 @@ async fn a_running_gateway_and_worker_follow_a_resharding_through_their_config()
     write_compiled(&compiled, &moving, &secrets);
     let to = RoutingTable::build(two.shards.as_ref().unwrap()).unwrap();
     until_routed(&gw, "loaded the move", |docs| docs.next().is_some_and(|n| n.version() == to.version())).await;
+    // The worker relays the new shard too, and says so: what the operator waits for.
+    worker_routes((Some(from.version().to_owned()), Some(to.version().to_owned()))).await;
     for i in 0..10 {
         let id = support::upload(&client, &gw.url, &alice, &format!("during-{i}.txt")).await["id"].as_i64().unwrap();
         assert_eq!(to.shard_of_id(id), 0, "a new document gets an id the move leaves on s0");
@@ -519,6 +548,7 @@ async fn a_running_gateway_and_worker_follow_a_resharding_through_their_config()
     // The flip: the new routing alone. Both shards fill; the new one's events are relayed.
     write_compiled(&compiled, &two, &secrets);
     until_routed(&gw, "flipped", |docs| docs.next().is_none() && docs.table().version() == to.version()).await;
+    worker_routes((Some(to.version().to_owned()), None)).await;
     let mut landed = [0, 0];
     for i in 0..20 {
         let id = support::upload(&client, &gw.url, &alice, &format!("after-{i}.txt")).await["id"].as_i64().unwrap();

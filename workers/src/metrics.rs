@@ -120,12 +120,33 @@ pub async fn watch_outbox(
     }
 }
 
+/// The routing a worker relays the shards of: the routing version in force and the one
+/// documents move to, as `/readyz` reports them (the operator waits for every worker to
+/// report a move before documents move, and the flip before a leaving shard is let go).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routing {
+    pub version: Option<String>,
+    pub moving_to: Option<String>,
+}
+
+impl Routing {
+    /// The routing of `config` (none without a ShardSet).
+    pub fn of(config: &vellum_core::config::PlatformConfig) -> Self {
+        let version = |set| vellum_core::routing::RoutingTable::build(set).ok().map(|t| t.version().to_owned());
+        Self {
+            version: config.shards.as_ref().and_then(version),
+            moving_to: config.shard_move.as_ref().and_then(|m| version(&m.to)),
+        }
+    }
+}
+
 /// What `/readyz` checks.
 #[derive(Clone)]
 struct Probe {
     metrics: Arc<Metrics>,
     meta: Metadata,
     nats: async_nats::Client,
+    routing: Arc<std::sync::RwLock<Routing>>,
 }
 
 async fn healthz() -> &'static str {
@@ -138,10 +159,13 @@ async fn readyz(State(probe): State<Probe>) -> impl IntoResponse {
         async_nats::connection::State::Connected => Ok(()),
         state => Err(format!("{state:?}").to_lowercase()),
     };
+    let routing = probe.routing.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let body = serde_json::json!({
         "status": if database.is_ok() && nats.is_ok() { "ready" } else { "not ready" },
         "database": database.as_ref().err().map_or("ok", String::as_str),
         "nats": nats.as_ref().err().map_or("ok", String::as_str),
+        "routingVersion": routing.version,
+        "movingTo": routing.moving_to,
     });
     let code = if database.is_ok() && nats.is_ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, axum::Json(body))
@@ -152,12 +176,13 @@ async fn metrics(State(probe): State<Probe>) -> impl IntoResponse {
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on `at` until the process ends; returns the
-/// bound address.
+/// bound address. `/readyz` reports `routing` as it is when asked.
 pub async fn serve(
     at: SocketAddr,
     metrics_: Arc<Metrics>,
     meta: Metadata,
     nats: async_nats::Client,
+    routing: Arc<std::sync::RwLock<Routing>>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(at).await?;
     let bound = listener.local_addr()?;
@@ -165,7 +190,7 @@ pub async fn serve(
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .route("/metrics", axum::routing::get(metrics))
-        .with_state(Probe { metrics: metrics_, meta, nats });
+        .with_state(Probe { metrics: metrics_, meta, nats, routing });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "serving health and metrics");

@@ -81,14 +81,9 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> Result<()
         clock.clone(),
         Duration::from_secs(5),
     ));
+    let routing = std::sync::Arc::new(std::sync::RwLock::new(crate::metrics::Routing::of(&config)));
     let server = match options.metrics_listen {
-        Some(at) => {
-            let (bound, task) = crate::metrics::serve(at, metrics, meta.clone(), client.clone())
-                .await
-                .map_err(|source| RunError::Serve { at, source })?;
-            tracing::info!(%bound, "health and metrics serving");
-            Some(task)
-        }
+        Some(at) => Some(serve_health(at, metrics, &meta, &client, &routing).await?),
         None => None,
     };
     let js = async_nats::jetstream::new(client);
@@ -130,6 +125,10 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> Result<()
                 {
                     relays = reroute(relays, &config, &secrets, &clock, &js, options.relay_poll, &stop).await;
                 }
+                if relays_all_of(&relays, &config) {
+                    *routing.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        crate::metrics::Routing::of(&config);
+                }
                 // A rotated webhook key changes a value, not the config: either reloads.
                 if config != current || secrets != current_secrets {
                     if config.webhook_destinations != current.webhook_destinations {
@@ -163,6 +162,30 @@ pub async fn run(options: Options, mut stop: watch::Receiver<bool>) -> Result<()
     }
     let _ = consumer_task.await;
     Ok(())
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` at `at`.
+async fn serve_health(
+    at: std::net::SocketAddr,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    meta: &Metadata,
+    client: &async_nats::Client,
+    routing: &std::sync::Arc<std::sync::RwLock<crate::metrics::Routing>>,
+) -> Result<tokio::task::JoinHandle<()>, RunError> {
+    let (bound, task) =
+        crate::metrics::serve(at, metrics, meta.clone(), client.clone(), std::sync::Arc::clone(routing))
+            .await
+            .map_err(|source| RunError::Serve { at, source })?;
+    tracing::info!(%bound, "health and metrics serving");
+    Ok(task)
+}
+
+/// Whether `relays` relay every shard `config` names and no other: the routing is loaded.
+fn relays_all_of(relays: &[Relay], config: &PlatformConfig) -> bool {
+    let shards = config.all_shards();
+    let wanted: std::collections::BTreeSet<&String> = shards.iter().map(|s| &s.name).collect();
+    let relayed: std::collections::BTreeSet<&String> = relays.iter().map(|r| &r.name).collect();
+    config.shards.is_none() || wanted == relayed
 }
 
 /// A routing change adds shards (their outboxes are relayed from now on) or removes them

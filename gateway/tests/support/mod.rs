@@ -108,6 +108,16 @@ impl Worker {
     /// A worker of the platform configured in `config_dir`, whose first shard (or only
     /// database) is `database_url`.
     pub fn start(database_url: &str, nats_url: &str, config_dir: &std::path::Path) -> Self {
+        Self::serving(database_url, nats_url, config_dir, None)
+    }
+
+    /// [`Self::start`], serving `/readyz` and `/metrics` at `metrics_listen`.
+    pub fn serving(
+        database_url: &str,
+        nats_url: &str,
+        config_dir: &std::path::Path,
+        metrics_listen: Option<std::net::SocketAddr>,
+    ) -> Self {
         let options = vellum_workers::run::Options {
             database_url: database_url.to_owned(),
             nats_url: nats_url.to_owned(),
@@ -118,7 +128,7 @@ impl Worker {
             relay_poll: Duration::from_millis(50),
             log_retention: Duration::from_secs(3600),
             settings: vellum_workers::Settings::default(),
-            metrics_listen: None,
+            metrics_listen,
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(vellum_workers::run::run(options, stopped));

@@ -4,13 +4,13 @@
 //! 1. **Moving.** The published config keeps the routing in force and names the move to the
 //!    ShardSet's (`shardMove`). Gateways load it and give new documents ids that stay where
 //!    they land.
-//! 2. Once every gateway reports the move loaded (its `/readyz`), a Job runs
+//! 2. Once every gateway and worker reports the move loaded (its `/readyz`), a Job runs
 //!    `vellum-workers reshard`, which marks the shards and hands the moving documents over
 //!    in batches (see `vellum_core::resharding`). Its progress, recorded on the shards, is
 //!    the ShardSet's `status.rebalance`.
 //! 3. **Flipping.** When the Job has succeeded, the ShardSet's routing is published in force.
-//! 4. **Finishing.** Once every gateway routes by it, the shards' marks and markers are
-//!    cleared and the Job goes.
+//! 4. **Finishing.** Once every gateway and worker routes by it, the shards' marks and
+//!    markers are cleared and the Job goes.
 //!
 //! A spec changed back before the flip is a move back: the shards the move brought in are
 //! drained into the routing in force, by the same steps. A spec changed to a third routing
@@ -113,7 +113,7 @@ pub async fn succeeded(
 }
 
 /// What a move under way needs, once the config naming it is applied: its Job once every
-/// gateway loaded the move; after the flip, the shards' marks cleared once every gateway
+/// gateway and worker loaded the move; after the flip, the shards' marks cleared once every one
 /// routes by the new table. Returns why the release waits, if it does, and the ShardSet's
 /// rebalance status.
 pub async fn step(
@@ -138,7 +138,7 @@ pub async fn step(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let table = RoutingTable::build(shards).map(|t| t.version().to_owned()).unwrap_or_default();
     let next = config.shard_move.as_ref().and_then(|m| RoutingTable::build(&m.to).ok()).map(|t| t.version().to_owned());
-    let lagging = gateways_not_routing(ctx, &namespace, &name, &table, next.as_deref()).await?;
+    let lagging = replicas_not_routing(ctx, &namespace, &name, &table, next.as_deref()).await?;
     let urls = shard_urls(objects);
     let Some(moving) = &config.shard_move else {
         // After a flip: the marks go once no gateway follows a marker any more.
@@ -296,9 +296,10 @@ async fn read_progress(ctx: &Context, urls: &BTreeMap<String, String>, config: &
     status
 }
 
-/// The gateway pods of `release` whose `/readyz` does not report routing `table` in force
-/// and `next` as the move (or could not be asked), by name.
-async fn gateways_not_routing(
+/// The gateway and worker pods of `release` whose `/readyz` does not report routing `table`
+/// in force and `next` as the move (or could not be asked), by name: a worker relays the
+/// outbox of every shard of the routing it reports.
+async fn replicas_not_routing(
     ctx: &Context,
     namespace: &str,
     release: &str,
@@ -306,7 +307,9 @@ async fn gateways_not_routing(
     next: Option<&str>,
 ) -> Result<Vec<String>, kube::Error> {
     let mut lagging = Vec::new();
-    for pod in super::diagnose::pods_with(ctx, namespace, &release_labels(release, "gateway", None)).await? {
+    let mut pods = super::diagnose::pods_with(ctx, namespace, &release_labels(release, "gateway", None)).await?;
+    pods.extend(super::diagnose::pods_with(ctx, namespace, &release_labels(release, "workers", None)).await?);
+    for pod in pods {
         let name = pod.name_any();
         let Some(url) = super::diagnose::readyz_url(&pod) else {
             lagging.push(name);

@@ -7,19 +7,68 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kube::ResourceExt;
 use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, ResourceExt};
 use vellum_core::config::{Sources, compile, lookup};
 use vellum_crds::common::Conditions;
 use vellum_crds::conditions::{self, reasons};
 use vellum_crds::shard_set::{ShardSetStatus, ShardStatus};
-use vellum_crds::{BlueGreenRelease, ShardSet, field_managers};
+use vellum_crds::{BlueGreenRelease, ShardSet, field_managers, finalizers};
 
 use crate::context::{Context, Refused, Result, apply_status, condition, ready_event, unusable};
 
 const MANAGER: &str = field_managers::SHARD_SET;
 
+///
+/// Through the `vellum.dev/shard-routing` finalizer, added first: a ShardSet being deleted
+/// stays while a running release routes its documents by it ([`withdraw`]), so that the
+/// databases holding them are never dropped from under the gateways (or a move under way).
 pub async fn reconcile(set: Arc<ShardSet>, ctx: Arc<Context>) -> Result<Action> {
+    let api: Api<ShardSet> = Api::namespaced(ctx.client.clone(), &set.namespace().unwrap_or_default());
+    let outcome = finalizer(&api, finalizers::SHARD_ROUTING, set, |event| async {
+        match event {
+            Finalizer::Apply(set) => observe(set, &ctx).await,
+            Finalizer::Cleanup(set) => withdraw(&set, &ctx).await,
+        }
+    })
+    .await;
+    outcome.map_err(crate::context::Error::from)
+}
+
+/// Lets a ShardSet being deleted go once no running release routes by it; until then its
+/// status and an Event say which release does.
+async fn withdraw(set: &ShardSet, ctx: &Context) -> Result<Action> {
+    let namespace = set.namespace().unwrap_or_default();
+    let name = set.name_any();
+    let routing = ctx
+        .caches
+        .releases_in(&namespace)
+        .into_iter()
+        .find(|r| r.spec.shard_set_ref == name && r.metadata.deletion_timestamp.is_none());
+    let Some(release) = routing else {
+        tracing::info!(shard_set = %name, "no release routes by the ShardSet; releasing it");
+        return Ok(Action::await_change());
+    };
+    let why = Refused::new(
+        reasons::ROUTING_IN_USE,
+        format!(
+            "BlueGreenRelease {} routes its documents by this ShardSet; it goes once the release is deleted",
+            release.name_any()
+        ),
+    );
+    let previous = set.status.clone().unwrap_or_default();
+    let probed = previous.shards.iter().map(|s| (s.clone(), reasons::RECONCILED)).collect();
+    let next = status(set, Err(why.clone()), probed);
+    apply_status(&ctx.client, MANAGER, set, &next).await?;
+    if let Some((warning, reason, note)) = ready_event(&previous.conditions, &next.conditions) {
+        ctx.event(set, warning, &reason, note).await;
+    }
+    Err(crate::context::Error::Waiting(why))
+}
+
+/// Probes every shard and writes what it found.
+async fn observe(set: Arc<ShardSet>, ctx: &Context) -> Result<Action> {
     let namespace = set.namespace().unwrap_or_default();
     let sources =
         Sources { shard_sets: vec![(*set).clone()], secrets: ctx.caches.secrets(&namespace), ..Sources::default() };
@@ -31,7 +80,7 @@ pub async fn reconcile(set: Arc<ShardSet>, ctx: Arc<Context>) -> Result<Action> 
         });
         shards.push(match url {
             Err(refused) => shard_status(&shard.name, Err(refused)),
-            Ok(url) => shard_status(&shard.name, probe(&ctx, &url).await),
+            Ok(url) => shard_status(&shard.name, probe(ctx, &url).await),
         });
     }
     let previous = set.status.clone().unwrap_or_default();
