@@ -306,6 +306,18 @@ async fn resharded(cluster: &Cluster, table: &RoutingTable) -> Value {
     .await
 }
 
+/// Transactions run so far on the database `name` of `a`'s server, by any client.
+async fn transactions(a: &TestDatabase, name: &str) -> i64 {
+    let pool = a.pool().await.unwrap();
+    let n = sqlx::query_scalar("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1")
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
 /// The document ids each database holds.
 async fn held(databases: &[&TestDatabase]) -> Vec<Vec<i64>> {
     let mut all = Vec::new();
@@ -414,7 +426,12 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
     let after = open.send(&base, 2).await;
     assert!(between.is_empty() && after.is_empty(), "open uploads failed: {between:?} {after:?}");
     open.check_completed(&base).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // shard-c left the routing: under the same traffic, nothing touches its database.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let quiet_from = transactions(&a, &c.name).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let quiet_to = transactions(&a, &c.name).await;
+    assert_eq!(quiet_from, quiet_to, "transactions on shard-c's database after it left the routing");
     stop.send_replace(true);
     for client in clients {
         client.await.unwrap();
@@ -488,4 +505,14 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
             assert_eq!(doc["title"], title.as_str(), "document {id}'s last title");
         }
     }
+    // The ShardSet routes the running release's documents: deleting it waits for the
+    // release to go, and says so.
+    kubectl(&cluster, &["-n", "docs", "delete", "shardset", "metadata", "--wait=false"], None).await;
+    eventually(Duration::from_secs(60), "the ShardSet held by its finalizer", || async {
+        let set = get_json(&cluster, &["-n", "docs", "get", "shardset/metadata"]).await;
+        let held = set["metadata"]["deletionTimestamp"].is_string()
+            && condition(&set, "Ready").is_some_and(|c| c["reason"] == "RoutingInUse");
+        if held { Ok(()) } else { Err(set["status"].to_string()) }
+    })
+    .await;
 }
