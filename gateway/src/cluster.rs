@@ -14,83 +14,57 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::mpsc;
 use vellum_core::events::Pending;
+use vellum_jetstream::notices::{SUBJECT, WireAudience, WireNotice};
 use vellum_jetstream::{STREAM, ensure_stream, event_of};
 
 use crate::realtime::{Audience, CHANNELS, Hub, Notice};
 use crate::stomp::JOB_KINDS;
 
-/// The core NATS subject of notices that are not events.
-pub const NOTICES: &str = "vellum.notices";
 /// Notices waiting to be sent to NATS before new ones are dropped (they are progress
 /// reports: the next one supersedes a lost one).
 const OUTGOING: usize = 4096;
 
-/// A notice on the wire between replicas.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireNotice {
-    origin: String,
-    audience: WireAudience,
-    channel: String,
-    job_id: Option<String>,
-    job_kind: Option<String>,
-    kind: String,
-    message: Value,
-    data: Value,
+/// `notice` on the wire, sent by `origin`.
+fn wire_of(origin: &str, notice: &Notice) -> WireNotice {
+    WireNotice {
+        origin: origin.to_owned(),
+        audience: match &notice.audience {
+            Audience::Everyone => WireAudience::Everyone,
+            Audience::Admins => WireAudience::Admins,
+            Audience::User(u) => WireAudience::User(u.clone()),
+        },
+        channel: notice.channel.to_owned(),
+        job_id: notice.job_id.clone(),
+        job_kind: notice.job_kind.map(str::to_owned),
+        kind: notice.kind.clone(),
+        message: notice.message.clone(),
+        data: notice.data.clone(),
+    }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "to", content = "user")]
-enum WireAudience {
-    Everyone,
-    Admins,
-    User(String),
-}
-
-impl WireNotice {
-    fn of(origin: &str, notice: &Notice) -> Self {
-        Self {
-            origin: origin.to_owned(),
-            audience: match &notice.audience {
-                Audience::Everyone => WireAudience::Everyone,
-                Audience::Admins => WireAudience::Admins,
-                Audience::User(u) => WireAudience::User(u.clone()),
-            },
-            channel: notice.channel.to_owned(),
-            job_id: notice.job_id.clone(),
-            job_kind: notice.job_kind.map(str::to_owned),
-            kind: notice.kind.clone(),
-            message: notice.message.clone(),
-            data: notice.data.clone(),
-        }
-    }
-
-    /// The notice, if its channel and job kind are ones this replica knows.
-    fn into_notice(self) -> Option<Notice> {
-        let channel = CHANNELS.into_iter().find(|c| *c == self.channel)?;
-        let job_kind = match self.job_kind {
-            Some(kind) => Some(JOB_KINDS.into_iter().find(|k| *k == kind)?),
-            None => None,
-        };
-        Some(Notice {
-            seq: None,
-            audience: match self.audience {
-                WireAudience::Everyone => Audience::Everyone,
-                WireAudience::Admins => Audience::Admins,
-                WireAudience::User(u) => Audience::User(u),
-            },
-            channel,
-            job_id: self.job_id,
-            job_kind,
-            kind: self.kind,
-            message: self.message,
-            data: self.data,
-        })
-    }
+/// The notice, if its channel and job kind are ones this replica knows.
+fn notice_of(wire: WireNotice) -> Option<Notice> {
+    let channel = CHANNELS.into_iter().find(|c| *c == wire.channel)?;
+    let job_kind = match wire.job_kind {
+        Some(kind) => Some(JOB_KINDS.into_iter().find(|k| *k == kind)?),
+        None => None,
+    };
+    Some(Notice {
+        seq: None,
+        audience: match wire.audience {
+            WireAudience::Everyone => Audience::Everyone,
+            WireAudience::Admins => Audience::Admins,
+            WireAudience::User(u) => Audience::User(u),
+        },
+        channel,
+        job_id: wire.job_id,
+        job_kind,
+        kind: wire.kind,
+        message: wire.message,
+        data: wire.data,
+    })
 }
 
 /// Connects `hub` to the other replicas through NATS until the tasks are aborted: it is fed
@@ -106,8 +80,8 @@ pub fn connect(hub: &Arc<Hub>, client: &async_nats::Client) -> Vec<tokio::task::
         let (client, origin) = (client.clone(), origin.clone());
         async move {
             while let Some(notice) = queue.recv().await {
-                let Ok(bytes) = serde_json::to_vec(&WireNotice::of(&origin, &notice)) else { continue };
-                if let Err(e) = client.publish(NOTICES, bytes.into()).await {
+                let Ok(bytes) = serde_json::to_vec(&wire_of(&origin, &notice)) else { continue };
+                if let Err(e) = client.publish(SUBJECT, bytes.into()).await {
                     tracing::warn!(error = %e, "sending a notice to the other gateways");
                 }
             }
@@ -117,13 +91,13 @@ pub fn connect(hub: &Arc<Hub>, client: &async_nats::Client) -> Vec<tokio::task::
         let (hub, client) = (Arc::clone(hub), client.clone());
         async move {
             loop {
-                match client.subscribe(NOTICES).await {
+                match client.subscribe(SUBJECT).await {
                     Ok(mut subscription) => {
                         while let Some(message) = subscription.next().await {
                             match serde_json::from_slice::<WireNotice>(&message.payload) {
                                 Ok(wire) if wire.origin == origin => {}
                                 Ok(wire) => {
-                                    if let Some(notice) = wire.into_notice() {
+                                    if let Some(notice) = notice_of(wire) {
                                         hub.publish_local(notice);
                                     } else {
                                         tracing::debug!("a notice of a kind this gateway does not know");
@@ -230,18 +204,18 @@ mod tests {
     #[test]
     fn notices_cross_the_wire_unchanged_and_unknown_kinds_are_dropped() {
         let notice = Notice::job_update("uploads", "alice", "s1", 5, &json!({"uploadedChunks": 1}));
-        let wire = serde_json::to_vec(&WireNotice::of("me", &notice)).unwrap();
+        let wire = serde_json::to_vec(&wire_of("me", &notice)).unwrap();
         let back: WireNotice = serde_json::from_slice(&wire).unwrap();
         assert_eq!(back.origin, "me");
-        let back = back.into_notice().unwrap();
+        let back = notice_of(back).unwrap();
         assert_eq!(back.audience, Audience::User("alice".into()));
         assert_eq!(
             (back.channel, back.job_kind, back.job_id.as_deref()),
             ("notifications", Some("uploads"), Some("s1"))
         );
         assert_eq!(back.message, notice.message);
-        let mut odd = WireNotice::of("me", &notice);
+        let mut odd = wire_of("me", &notice);
         odd.job_kind = Some("teleports".into());
-        assert!(odd.into_notice().is_none());
+        assert!(notice_of(odd).is_none());
     }
 }

@@ -71,7 +71,8 @@ pub struct Notice {
     /// The event's place in the history (the SSE id), for events that have one.
     pub seq: Option<i64>,
     pub audience: Audience,
-    /// `documents`, `notifications` or `webhooks`: what a client may subscribe to.
+    /// `documents`, `notifications`, `webhooks` or `migrations` (admins: a resharding's
+    /// progress): what a client may subscribe to.
     pub channel: &'static str,
     /// The job this notice is about, for `subscribe_job` clients.
     pub job_id: Option<String>,
@@ -385,7 +386,7 @@ enum ClientMessage {
     },
 }
 
-pub(crate) const CHANNELS: [&str; 3] = ["documents", "notifications", "webhooks"];
+pub(crate) const CHANNELS: [&str; 4] = ["documents", "notifications", "webhooks", "migrations"];
 
 async fn json_session(socket: WebSocket, hub: Arc<Hub>, actor: Actor) {
     let mut notices = hub.sender.subscribe();

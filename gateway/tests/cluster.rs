@@ -168,6 +168,37 @@ async fn clients_of_one_replica_see_uploads_progress_and_broadcasts_made_through
         (Some("system_notification"), Some("hello from A"))
     );
 
+    // A resharding's progress, sent to the notices subject by the mover (not a gateway):
+    // admins get it, as seed 003's StatusUpdateEvent; others do not.
+    let mut root_on_b = c.ws(&c.b, "root", &["user", "admin"]).await;
+    let update = json!({"type": "status_update", "eventType": "progress_updated", "entityType": "migration",
+        "entityId": "shard-move/v2", "status": "RUNNING", "progress": 50.0, "recordsProcessed": 5, "totalRecords": 10,
+        "phase": "Moving", "message": "5 of 10 documents moved", "timestamp": "2026-12-05T00:00:00Z"});
+    let notice = vellum_jetstream::notices::WireNotice {
+        origin: "workers-reshard-test".into(),
+        audience: vellum_jetstream::notices::WireAudience::Admins,
+        channel: "migrations".into(),
+        job_id: None,
+        job_kind: None,
+        kind: "status_update".into(),
+        message: update.clone(),
+        data: update.clone(),
+    };
+    let nats = async_nats::connect(c.nats.url()).await.unwrap();
+    vellum_jetstream::notices::send(&nats, &notice).await.unwrap();
+    nats.flush().await.unwrap();
+    assert_eq!(next_json(&mut root_on_b).await, update, "the admin is told");
+    let sent = c
+        .client
+        .post(format!("{}/api/v1/websocket/broadcast/system", c.a.url))
+        .bearer_auth(c.token("root", &["user", "admin"]))
+        .json(&json!({"message": "after the move's progress"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::OK);
+    assert_eq!(next_json(&mut alice_on_b).await["message"], "after the move's progress", "alice is not told");
+
     // SSE on B; then, away, two uploads through A; back on A with Last-Event-ID: exactly those.
     let stream_url = |on: &Running| format!("{}/api/v1/events/stream", on.url);
     let mut sse = c.client.get(stream_url(&c.b)).bearer_auth(&token).send().await.unwrap();

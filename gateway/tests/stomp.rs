@@ -317,3 +317,54 @@ async fn sockjs_info_answers_as_the_protocol_says() {
     assert_eq!(info["cookie_needed"], false);
     assert!(info["entropy"].is_u64());
 }
+
+/// Seed 003's client subscribes to `/topic/migrations`: a resharding's progress reaches an
+/// admin there as its `StatusUpdateEvent`; a user's subscription is accepted and gets none.
+#[tokio::test]
+async fn a_reshardings_progress_reaches_admins_on_topic_migrations() {
+    let gw = gateway().await;
+    let root_token = gw.token("root", &["user", "admin"]);
+    let mut root = StompClient::start("ws", &ws_url(&gw, "/ws"), Some(&root_token), &["/topic/migrations"]);
+    root.ready().await;
+    let alice_token = gw.token("alice", &["user"]);
+    let mut alice = StompClient::start(
+        "sockjs",
+        &format!("{}/ws", gw.running.url),
+        Some(&alice_token),
+        &["/topic/migrations", "/topic/notifications"],
+    );
+    alice.ready().await;
+    let update = json!({"type": "status_update", "eventType": "completed", "entityType": "migration",
+        "entityId": "shard-move/v3", "status": "COMPLETED", "progress": 100, "recordsProcessed": 7,
+        "totalRecords": 7, "phase": "Moving", "message": "7 documents moved", "timestamp": "2026-12-05T00:00:00Z"});
+    gw.running.state.hub.publish(vellum_gateway::realtime::Notice {
+        seq: None,
+        audience: vellum_gateway::realtime::Audience::Admins,
+        channel: "migrations",
+        job_id: None,
+        job_kind: None,
+        kind: "status_update".into(),
+        message: update.clone(),
+        data: update.clone(),
+    });
+    let got = root.message().await;
+    assert_eq!(got["destination"], "/topic/migrations");
+    assert_eq!(got["body"], update);
+    // Alice's next message is the broadcast that follows, not the move's progress.
+    let sent = gw
+        .client
+        .post(format!("{}/api/v1/websocket/broadcast/system", gw.running.url))
+        .bearer_auth(&root_token)
+        .json(&json!({"message": "after the move"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::OK);
+    let next = alice.message().await;
+    assert_eq!(
+        (next["destination"].as_str(), next["body"]["message"].as_str()),
+        (Some("/topic/notifications"), Some("after the move"))
+    );
+    root.stop().await;
+    alice.stop().await;
+}

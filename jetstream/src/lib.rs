@@ -7,6 +7,8 @@
 //! but not yet marked published in the outbox) is dropped by the stream's duplicate window.
 #![warn(clippy::unwrap_used)]
 
+pub mod notices;
+
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};

@@ -5,6 +5,7 @@
 //! process, on the same code path as `vellum-workers run` in a cluster.
 #![warn(clippy::unwrap_used)]
 
+pub mod announce;
 pub mod metrics;
 pub mod retention;
 pub mod run;

@@ -12,6 +12,7 @@ use vellum_core::documents::{Documents, Grace, Library, MigrationStep, library_o
 use vellum_core::process::{init_logging, shutdown_signal};
 use vellum_core::resharding::{ShardProgress, run_move_paced};
 use vellum_workers::Settings;
+use vellum_workers::announce::{Announcer, status_update};
 use vellum_workers::retention::{RunSettings, drain_tier, run_policy};
 use vellum_workers::run::{Options, run};
 
@@ -55,6 +56,10 @@ enum Command {
         /// of the same bytes (downloads that began before the hand-over finish).
         #[arg(long, default_value_t = 300)]
         source_grace_seconds: i64,
+        /// The NATS server through which the move's progress reaches the gateways (their
+        /// `/topic/migrations`); without one it is only logged.
+        #[arg(long, env = "VELLUM_NATS_URL")]
+        nats_url: Option<String>,
     },
     /// Bring a metadata database's schema up to date and exit: what the operator's
     /// migration Job runs on every shard before the gateways of a new version start.
@@ -266,33 +271,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Reshard { store, batch, documents_per_second, source_grace_seconds } => {
-                let (library, config) = store.open().await?;
-                let pace = config.shard_move.as_ref().map(|m| m.to.resharding.clone()).unwrap_or_default();
-                let batch = batch.unwrap_or(pace.batch_size as usize);
-                let per_second = documents_per_second.or(pace.documents_per_second);
-                let next = library.next().map(|t| t.version().to_owned()).unwrap_or_default();
-                // Progress in the log at most once a second.
-                let logged = std::sync::Mutex::new(std::time::Instant::now());
-                let report = |sums: &[(String, ShardProgress)]| {
-                    let mut last = logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if last.elapsed() >= Duration::from_secs(1) {
-                        *last = std::time::Instant::now();
-                        let (moved, total) =
-                            sums.iter().fold((0, 0), |(m, t), (_, p)| (m + p.moved_documents, t + p.total_documents));
-                        tracing::info!(routing_version = %next, moved, total, "moving documents between shards");
-                    }
-                };
-                let sums = run_move_paced(&library, batch, source_grace_seconds.max(0) * 1000, per_second, &report)
-                    .await
-                    .context("moving documents between shards")?;
-                let shards: serde_json::Map<String, serde_json::Value> =
-                    sums.into_iter().map(|(name, p)| (name, serde_json::json!(p))).collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({"routingVersion": next, "shards": shards}))?
-                );
-                Ok(())
+            Command::Reshard { store, batch, documents_per_second, source_grace_seconds, nats_url } => {
+                reshard(store, batch, documents_per_second, source_grace_seconds, nats_url.as_deref()).await
             }
             Command::Migrate { database_url } => {
                 let meta = vellum_core::store::Metadata::open(&database_url)
@@ -304,4 +284,56 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// `vellum-workers reshard`: runs the move the config names, at its pace, announcing its
+/// progress to the gateways, and prints every shard's part of it as JSON.
+async fn reshard(
+    store: StoreArgs,
+    batch: Option<usize>,
+    documents_per_second: Option<u32>,
+    source_grace_seconds: i64,
+    nats_url: Option<&str>,
+) -> anyhow::Result<()> {
+    let (library, config) = store.open().await?;
+    let pace = config.shard_move.as_ref().map(|m| m.to.resharding.clone()).unwrap_or_default();
+    let batch = batch.unwrap_or(pace.batch_size as usize);
+    let per_second = documents_per_second.or(pace.documents_per_second);
+    let next = library.next().map(|t| t.version().to_owned()).unwrap_or_default();
+    let announcer = Announcer::connect(nats_url).await;
+    let now = || vellum_core::clock::Clock::system().now_ms();
+    let started = format!("moving documents to routing {next}");
+    announcer.send(status_update("phase_changed", "RUNNING", &next, (0, 0), &started, now()));
+    // Progress in the log and to the gateways at most once a second.
+    let logged = std::sync::Mutex::new(std::time::Instant::now());
+    let report = |sums: &[(String, ShardProgress)]| {
+        let (moved, total) = sums.iter().fold((0, 0), |(m, t), (_, p)| (m + p.moved_documents, t + p.total_documents));
+        announcer.progress(|| {
+            let message = format!("{moved} of {total} documents moved");
+            status_update("progress_updated", "RUNNING", &next, (moved, total), &message, now())
+        });
+        let mut last = logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.elapsed() >= Duration::from_secs(1) {
+            *last = std::time::Instant::now();
+            tracing::info!(routing_version = %next, moved, total, "moving documents between shards");
+        }
+    };
+    let moved = run_move_paced(&library, batch, source_grace_seconds.max(0) * 1000, per_second, &report).await;
+    let sums = match moved {
+        Ok(sums) => sums,
+        Err(e) => {
+            let why = format!("moving documents failed (the Job retries): {e}");
+            announcer.send(status_update("failed", "FAILED", &next, (0, 0), &why, now()));
+            announcer.finish().await;
+            return Err(anyhow::Error::new(e).context("moving documents between shards"));
+        }
+    };
+    let (moved, total) = sums.iter().fold((0, 0), |(m, t), (_, p)| (m + p.moved_documents, t + p.total_documents));
+    let done = format!("{moved} documents moved; the routing flips next");
+    announcer.send(status_update("completed", "COMPLETED", &next, (moved, total), &done, now()));
+    announcer.finish().await;
+    let shards: serde_json::Map<String, serde_json::Value> =
+        sums.into_iter().map(|(name, p)| (name, serde_json::json!(p))).collect();
+    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"routingVersion": next, "shards": shards}))?);
+    Ok(())
 }

@@ -5,6 +5,8 @@
 
 use std::process::Command;
 
+use futures::StreamExt;
+
 use vellum_core::blob::{Tiers, once};
 use vellum_core::clock::Clock;
 use vellum_core::config::{CONFIG_FILE, SECRETS_FILE, ShardMove, compile_dir};
@@ -15,9 +17,13 @@ use vellum_testkit::TestDatabase;
 const TIERS: &str = "apiVersion: vellum.dev/v1alpha1\nkind: StorageTier\nmetadata: {name: hot}\n\
     spec: {class: HOT, default: true, backend: {url: 'file://blobs'}}\n";
 
-fn reshard(dir: &std::path::Path, url: &str) -> (bool, serde_json::Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vellum-workers"))
-        .args(["reshard", "--batch", "7", "--database-url", url])
+fn reshard(dir: &std::path::Path, url: &str, nats: Option<&str>) -> (bool, serde_json::Value, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vellum-workers"));
+    command.args(["reshard", "--batch", "7", "--database-url", url]);
+    if let Some(nats) = nats {
+        command.args(["--nats-url", nats]);
+    }
+    let out = command
         .arg("--config-dir")
         .arg(dir.join("compiled"))
         .arg("--secrets-dir")
@@ -76,8 +82,29 @@ async fn the_reshard_command_moves_what_the_new_routing_sends_elsewhere_and_exit
     let to = RoutingTable::build(&three.shards.clone().unwrap()).unwrap();
     let leaving = ids.iter().filter(|id| to.shard_of_id(**id) != 0).count();
 
-    let (ok, report, stderr) = reshard(dir.path(), &dbs[0].url);
+    // The move's progress reaches the gateways' /topic/migrations through NATS.
+    let nats = vellum_testkit::NatsProcess::start().unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut notices = client.subscribe(vellum_jetstream::notices::SUBJECT).await.unwrap();
+    client.flush().await.unwrap();
+    let (ok, report, stderr) = reshard(dir.path(), &dbs[0].url, Some(&nats.url()));
     assert!(ok, "{stderr}");
+    let mut updates = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(std::time::Duration::from_secs(2), notices.next()).await {
+        let notice: vellum_jetstream::notices::WireNotice = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(notice.audience, vellum_jetstream::notices::WireAudience::Admins, "for admins only");
+        assert_eq!((notice.channel.as_str(), notice.kind.as_str()), ("migrations", "status_update"));
+        updates.push(notice.message);
+    }
+    let kinds: Vec<&str> = updates.iter().filter_map(|u| u["eventType"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"phase_changed"), "{updates:?}");
+    assert_eq!(kinds.last(), Some(&"completed"), "{updates:?}");
+    let done = updates.last().unwrap();
+    assert_eq!(done["entityId"], format!("shard-move/{}", to.version()));
+    assert_eq!((done["recordsProcessed"].as_u64(), done["progress"].as_f64()), (Some(leaving as u64), Some(100.0)));
+    for key in ["entityType", "status", "totalRecords", "phase", "message", "timestamp"] {
+        assert!(done.get(key).is_some(), "the StatusUpdateEvent has {key}: {done}");
+    }
     assert_eq!(report["routingVersion"], to.version(), "{report}");
     assert_eq!(report["shards"]["s0"]["movedDocuments"], leaving, "{report}");
     assert_eq!(report["shards"]["s0"]["totalDocuments"], leaving, "{report}");
@@ -86,13 +113,13 @@ async fn the_reshard_command_moves_what_the_new_routing_sends_elsewhere_and_exit
         assert!(home.get(&alice, *id).await.is_ok(), "document {id} is where the new routing sends it");
         assert!(library.at(*id, |shard| Box::pin(shard.get(&alice, *id))).await.is_ok(), "and reached from the old");
     }
-    let (ok, again, stderr) = reshard(dir.path(), &dbs[0].url);
+    let (ok, again, stderr) = reshard(dir.path(), &dbs[0].url, None);
     assert!(ok, "{stderr}");
     assert_eq!(again["shards"]["s0"]["movedDocuments"], leaving, "nothing more moved: {again}");
 
     // Without a move in the config, the command says so and fails.
     config.shard_move = None;
     std::fs::write(compiled.join(CONFIG_FILE), serde_json::to_vec(&config).unwrap()).unwrap();
-    let (ok, _, stderr) = reshard(dir.path(), &dbs[0].url);
+    let (ok, _, stderr) = reshard(dir.path(), &dbs[0].url, None);
     assert!(!ok && stderr.contains("no move is under way"), "{stderr}");
 }

@@ -13,6 +13,7 @@
 //! | `/topic/documents`, `/topic/file-changes` | document events |
 //! | `/topic/notifications` | system and maintenance notices |
 //! | `/topic/webhooks` | webhook deactivations (admins) |
+//! | `/topic/migrations` | a resharding's progress, as seed 003's `StatusUpdateEvent` (admins) |
 //! | `/topic/uploads` | progress and completion of upload sessions |
 //! | `/topic/jobs/{jobId}` | one job's progress and completion |
 //! | `/user/queue/notifications` | everything addressed to the user: own document events, own jobs, broadcasts |
@@ -53,6 +54,7 @@ pub enum Destination {
     Documents,
     Notifications,
     Webhooks,
+    Migrations,
     /// Every job of one kind (`/topic/uploads`).
     Jobs(&'static str),
     Job(String),
@@ -70,6 +72,7 @@ impl Destination {
             "/topic/documents" | "/topic/file-changes" => Self::Documents,
             "/topic/notifications" => Self::Notifications,
             "/topic/webhooks" => Self::Webhooks,
+            "/topic/migrations" => Self::Migrations,
             "/user/queue/notifications" => Self::UserNotifications,
             "/user/queue/upload-progress" => Self::UserUploadProgress,
             "/user/queue/sync" => Self::UserSync,
@@ -83,8 +86,8 @@ impl Destination {
                 } else {
                     return Err(format!(
                         "no destination {other:?}; subscribe to /topic/documents, /topic/file-changes, \
-                         /topic/notifications, /topic/webhooks, /topic/uploads, /topic/jobs/{{jobId}}, \
-                         /user/queue/notifications, /user/queue/upload-progress or /user/queue/sync"
+                         /topic/notifications, /topic/webhooks, /topic/migrations, /topic/uploads, \
+                         /topic/jobs/{{jobId}}, /user/queue/notifications, /user/queue/upload-progress or /user/queue/sync"
                     ));
                 }
             }
@@ -102,6 +105,7 @@ impl Destination {
             Self::Documents => notice.channel == "documents",
             Self::Notifications => notice.channel == "notifications" && notice.job_id.is_none(),
             Self::Webhooks => notice.channel == "webhooks",
+            Self::Migrations => notice.channel == "migrations",
             Self::Jobs(kind) => notice.job_kind == Some(kind),
             Self::Job(id) => notice.job_id.as_ref() == Some(id),
             Self::UserNotifications => personal,
@@ -534,6 +538,7 @@ mod tests {
         assert_eq!(Destination::parse("/topic/file-changes"), Ok(Destination::Documents));
         assert_eq!(Destination::parse("/topic/uploads"), Ok(Destination::Jobs("uploads")));
         assert_eq!(Destination::parse("/topic/jobs/abc"), Ok(Destination::Job("abc".into())));
+        assert_eq!(Destination::parse("/topic/migrations"), Ok(Destination::Migrations));
         for bad in ["/topic/extractions", "/topic/jobs/", "/topic/jobs/a/b", "/queue/x", ""] {
             let error = Destination::parse(bad).unwrap_err();
             assert!(error.contains("/topic/documents"), "{error}");
