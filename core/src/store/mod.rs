@@ -102,6 +102,11 @@ pub struct Metadata {
 /// The store's transactions.
 pub type Tx = Transaction<'static, Any>;
 
+/// How often a write transaction the database refused (a serialization failure, a busy
+/// database) is tried again, after a growing random pause (at most 320 ms each), before
+/// its error is returned: under many writers to the same rows, eight was seen to run out.
+const MAX_RETRIES: u32 = 16;
+
 impl Metadata {
     /// Connects to `url` (`postgres://…`, or `sqlite://path` which is created if missing,
     /// or `sqlite::memory:`), without migrating.
@@ -261,7 +266,7 @@ impl Metadata {
                 Err(e) => Err(E::from(e)),
             };
             match result {
-                Err(e) if e.store_error().is_some_and(StoreError::is_retryable) && attempt < 8 => {
+                Err(e) if e.store_error().is_some_and(StoreError::is_retryable) && attempt < MAX_RETRIES => {
                     attempt += 1;
                     let jitter = rand::random_range(0..10u64 << attempt.min(5));
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
