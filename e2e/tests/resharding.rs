@@ -352,6 +352,25 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
     }
     let base = active_base(&cluster).await;
     let open = OpenUploads::open(&base, 6).await;
+    // An admin's WebSocket: the moves' progress arrives on it (the migrations channel,
+    // seed 003's StatusUpdateEvent), sent by the resharding Jobs through NATS.
+    let updates = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let watcher = {
+        let (url, updates) =
+            (format!("{}/ws?token={}", base.replace("http://", "ws://"), token()), Arc::clone(&updates));
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            while let Some(Ok(message)) = ws.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Text(text) = message
+                    && let Ok(json) = serde_json::from_str::<Value>(&text)
+                    && json["type"] == "status_update"
+                {
+                    updates.lock().unwrap().push(json);
+                }
+            }
+        })
+    };
 
     let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -437,6 +456,17 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
         client.await.unwrap();
     }
 
+    watcher.abort();
+    let updates = std::mem::take(&mut *updates.lock().unwrap());
+    for table in [&three, &two] {
+        let entity = format!("shard-move/{}", table.version());
+        let of_move: Vec<&Value> = updates.iter().filter(|u| u["entityId"] == entity.as_str()).collect();
+        assert!(
+            of_move.iter().any(|u| u["eventType"] == "completed" && u["progress"] == 100),
+            "the move to {entity} announced complete on the admin's WebSocket: {of_move:?}"
+        );
+    }
+    eprintln!("{} status updates of the moves reached the admin's WebSocket", updates.len());
     let ack = std::mem::take(&mut *acknowledged.lock().unwrap());
     eprintln!(
         "1 -> 3 shards in {:.1} s, 3 -> 2 in {:.1} s; {} requests, {} failed; {} documents",
