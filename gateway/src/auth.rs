@@ -319,6 +319,8 @@ impl Auth {
         for key in candidates {
             let mut validation = Validation::new(key.algorithm);
             validation.leeway = 30;
+            // RFC 7519 §4.1.5: a token is not accepted before its nbf (when it has one).
+            validation.validate_nbf = true;
             let mut required = vec!["exp", "sub"];
             required.extend(self.settings.issuer.as_ref().map(|_| "iss"));
             required.extend(self.settings.audience.as_ref().map(|_| "aud"));
@@ -371,6 +373,7 @@ impl Auth {
         }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 30;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_aud = false;
         validation.sub = Some(SMOKE_USER.to_owned());
@@ -509,6 +512,15 @@ mod tests {
         let forever = jsonwebtoken::encode(&Header::default(), &forever, &EncodingKey::from_secret(b"s3cret")).unwrap();
         assert_eq!(auth.verify(&forever), Err("the token's exp claim is more than ten years away".into()));
         assert!(auth.verify(&"x".repeat(20_000)).unwrap_err().contains("longer than"));
+        // A token whose nbf lies ahead (beyond the 30 s leeway) is not valid yet; one whose
+        // nbf has passed is.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let with_nbf = |nbf: u64| {
+            let claims = serde_json::json!({"sub": "a", "exp": now + 3600, "nbf": nbf});
+            jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(b"s3cret")).unwrap()
+        };
+        assert_eq!(auth.verify(&with_nbf(now + 600)), Err("the token is not valid yet".into()));
+        assert!(auth.verify(&with_nbf(now - 60)).is_ok());
     }
 
     #[test]
