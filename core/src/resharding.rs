@@ -314,6 +314,34 @@ async fn write_rows(conn: &mut sqlx::AnyConnection, tables: &[&Table], rows: &Ro
     Ok(())
 }
 
+/// Leaves a marker in `table` (`moved_documents` or `moved_sessions`) for each of `keys`,
+/// naming the shard `target` it was handed over to at `now`.
+async fn mark_moved<K>(
+    conn: &mut sqlx::AnyConnection,
+    table: &str,
+    keys: &[K],
+    target: &str,
+    now: i64,
+) -> Result<(), StoreError>
+where
+    K: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Clone + Send + Sync + 'static,
+{
+    for chunk in keys.chunks(MAX_PARAMETERS / 3) {
+        let tuples: Vec<String> =
+            (0..chunk.len()).map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect();
+        let mut mark = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {table} (id, shard, moved_at) VALUES {} \
+             ON CONFLICT (id) DO UPDATE SET shard = EXCLUDED.shard, moved_at = EXCLUDED.moved_at",
+            tuples.join(", ")
+        )));
+        for key in chunk {
+            mark = mark.bind(key.clone()).bind(target).bind(now);
+        }
+        mark.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// Deletes the rows of `table` whose `column` is one of `keys`.
 async fn delete_keyed<K>(
     conn: &mut sqlx::AnyConnection,
@@ -464,25 +492,8 @@ pub async fn hand_over(
         return Ok(copy.copied);
     }
     let held = &mut copy.held;
-    let mut remove =
-        sqlx::query(AssertSqlSafe(format!("DELETE FROM documents WHERE id IN ({})", placeholders(1, present.len()))));
-    for id in &present {
-        remove = remove.bind(*id);
-    }
-    remove.execute(&mut **held).await?;
-    for chunk in present.chunks(MAX_PARAMETERS / 3) {
-        let tuples: Vec<String> =
-            (0..chunk.len()).map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect();
-        let mut mark = sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO moved_documents (id, shard, moved_at) VALUES {} \
-             ON CONFLICT (id) DO UPDATE SET shard = EXCLUDED.shard, moved_at = EXCLUDED.moved_at",
-            tuples.join(", ")
-        )));
-        for id in chunk {
-            mark = mark.bind(*id).bind(target_name).bind(now);
-        }
-        mark.execute(&mut **held).await?;
-    }
+    delete_keyed(held, "documents", "id", &present).await?;
+    mark_moved(held, "moved_documents", &present, target_name, now).await?;
     // The blob rows only the batch referred to go, in one statement.
     let shas: Vec<&String> = copy.rows[0]
         .iter()
@@ -707,19 +718,7 @@ pub async fn hand_over_sessions(
     tx.commit().await?;
     // The chunks' rows go with their session (ON DELETE CASCADE).
     delete_keyed(&mut held, "upload_sessions", "id", &movable).await?;
-    for chunk in movable.chunks(MAX_PARAMETERS / 3) {
-        let tuples: Vec<String> =
-            (0..chunk.len()).map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect();
-        let mut mark = sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO moved_sessions (id, shard, moved_at) VALUES {} \
-             ON CONFLICT (id) DO UPDATE SET shard = EXCLUDED.shard, moved_at = EXCLUDED.moved_at",
-            tuples.join(", ")
-        )));
-        for id in chunk {
-            mark = mark.bind(id.as_str()).bind(target_name).bind(now);
-        }
-        mark.execute(&mut *held).await?;
-    }
+    mark_moved(&mut held, "moved_sessions", &movable, target_name, now).await?;
     held.commit().await?;
     Ok(SessionsMoved { moved: u64::try_from(movable.len()).unwrap_or(u64::MAX), busy })
 }

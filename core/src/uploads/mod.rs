@@ -387,15 +387,7 @@ impl Documents {
         checksum: Option<&str>,
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     ) -> Result<Session, DocError> {
-        let want = self.chunk_length(actor, id, n).await?;
-        let stored = self.store_chunk(id, n, want, checksum, body).await?;
-        match self.record_chunk(id, n, &stored).await {
-            Ok(()) => self.upload_status(actor, id).await,
-            Err(e) => {
-                self.drop_object(&stored.tier, &stored.object_key).await;
-                Err(e)
-            }
-        }
+        crate::documents::Library::single(self.clone()).put_chunk(actor, id, n, checksum, body).await
     }
 
     /// The length chunk `n` of session `id` must have, once the session takes it.
@@ -521,10 +513,7 @@ impl Documents {
     /// Assembles the chunks into a document. Completing a completed session again answers
     /// with its document.
     pub async fn complete_upload(&self, actor: &Actor, id: &str) -> Result<Uploaded, DocError> {
-        match self.complete_upload_into(actor, id, self).await? {
-            Completion::New(uploaded) => Ok(*uploaded),
-            Completion::Before(document) => self.uploaded_before(actor, document).await,
-        }
+        crate::documents::Library::single(self.clone()).complete_upload(actor, id).await
     }
 
     /// [`Self::complete_upload`], recording the document on `dest` (on a sharded

@@ -170,7 +170,7 @@ impl Library {
             )));
         }
         self.find_session(id, Some(at), |shard| {
-            Box::pin(shard.tus_appended(actor, id, (offset, size), None, self.home_of_session(shard)))
+            Box::pin(shard.tus_appended(actor, id, (offset, size), self.home_of_session(shard)))
         })
         .await
         .map(|(_, upload)| upload)

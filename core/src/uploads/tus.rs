@@ -220,16 +220,7 @@ impl Documents {
         checksum: Option<&str>,
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     ) -> Result<TusUpload, DocError> {
-        let left = match self.tus_begin(actor, id, offset).await? {
-            TusStep::Done(upload) => return Ok(*upload),
-            TusStep::Append { left } => left,
-        };
-        let (stored, broken) = self.tus_store(id, left, checksum, body).await?;
-        if let Err(e) = self.append_segment(id, offset, &stored).await {
-            self.drop_object(&stored.tier, &stored.object_key).await;
-            return Err(e);
-        }
-        self.tus_appended(actor, id, (offset, stored.size), broken, self).await
+        crate::documents::Library::single(self.clone()).tus_append(actor, id, offset, checksum, body).await
     }
 
     /// Where a PATCH at `offset` stands: the upload complete already (answered as it is),
@@ -300,21 +291,15 @@ impl Documents {
         Ok((stored, broken))
     }
 
-    /// After a PATCH's `size` bytes at `offset` were recorded here: the break that cut it
-    /// short, the upload's state, or, with its last byte, the document assembled on `dest`.
+    /// After a PATCH's `size` bytes at `offset` were recorded here: the upload's state or,
+    /// with its last byte, the document assembled on `dest`.
     pub(crate) async fn tus_appended(
         &self,
         actor: &Actor,
         id: &str,
         (offset, size): (u64, u64),
-        broken: Option<std::io::Error>,
         dest: &Documents,
     ) -> Result<TusUpload, DocError> {
-        if let Some(e) = broken {
-            return Err(DocError::Invalid(format!(
-                "reading the upload failed after {size} bytes, which were kept: {e}"
-            )));
-        }
         let session = self.tus_session(actor, id).await?;
         if offset + size < session.total_size {
             return self.tus_status(actor, id).await;
