@@ -53,7 +53,7 @@ enum Kind {
 }
 
 /// One value of a copied row.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Value {
     Int(Option<i64>),
     Text(Option<String>),
@@ -66,7 +66,7 @@ struct Table {
     /// The columns the verification compares (all of them, but for `blobs`, whose copy in
     /// the tier may be the target's own).
     compared: usize,
-    /// Selects the rows of the batch, given as `$1…$n` ids in place of `{ids}`.
+    /// Selects the rows of the batch, given as one array of keys in place of `{ids}`.
     rows_of: &'static str,
     /// Ordered by.
     order: &'static str,
@@ -101,7 +101,7 @@ const DOCUMENTS: Table = Table {
         ("lifecycle_restarted_at", Int),
     ],
     compared: 22,
-    rows_of: "FROM documents t WHERE t.id IN ({ids})",
+    rows_of: "FROM documents t WHERE t.id = ANY({ids})",
     order: "t.id",
 };
 
@@ -120,7 +120,7 @@ const VERSIONS: Table = Table {
         ("restored_from", Int),
     ],
     compared: 10,
-    rows_of: "FROM versions t WHERE t.document_id IN ({ids})",
+    rows_of: "FROM versions t WHERE t.document_id = ANY({ids})",
     order: "t.document_id, t.version",
 };
 
@@ -128,7 +128,7 @@ const TAGS: Table = Table {
     name: "document_tags",
     columns: &[("document_id", Int), ("tag", Text)],
     compared: 2,
-    rows_of: "FROM document_tags t WHERE t.document_id IN ({ids})",
+    rows_of: "FROM document_tags t WHERE t.document_id = ANY({ids})",
     order: "t.document_id, t.tag",
 };
 
@@ -145,7 +145,7 @@ const BLOBS: Table = Table {
         ("created_at", Int),
     ],
     compared: 2,
-    rows_of: "FROM blobs t WHERE t.sha256 IN (SELECT v.sha256 FROM versions v WHERE v.document_id IN ({ids}))",
+    rows_of: "FROM blobs t WHERE t.sha256 IN (SELECT v.sha256 FROM versions v WHERE v.document_id = ANY({ids}))",
     order: "t.sha256",
 };
 
@@ -174,7 +174,7 @@ const SESSIONS: Table = Table {
         ("tus_metadata", Text),
     ],
     compared: 20,
-    rows_of: "FROM upload_sessions t WHERE t.id IN ({ids})",
+    rows_of: "FROM upload_sessions t WHERE t.id = ANY({ids})",
     order: "t.id",
 };
 
@@ -190,7 +190,7 @@ const CHUNKS: Table = Table {
         ("created_at", Int),
     ],
     compared: 7,
-    rows_of: "FROM upload_chunks t WHERE t.session_id IN ({ids})",
+    rows_of: "FROM upload_chunks t WHERE t.session_id = ANY({ids})",
     order: "t.session_id, t.n",
 };
 
@@ -198,9 +198,10 @@ const CHUNKS: Table = Table {
 const SESSION_TABLES: [&Table; 2] = [&SESSIONS, &CHUNKS];
 
 impl Table {
-    fn select(&self, ids: usize, lock: Option<Lock>) -> String {
+    /// Selects the rows of the things keyed by `$1`, an array of `K`.
+    fn select<K: Key>(&self, lock: Option<Lock>) -> String {
         let columns: Vec<String> = self.columns.iter().map(|(c, _)| format!("t.{c}")).collect();
-        let from = self.rows_of.replace("{ids}", &placeholders(1, ids));
+        let from = self.rows_of.replace("{ids}", &format!("(SELECT $1::{0})::{0}", K::ARRAY));
         // Only the documents' own rows are locked: every write to a document updates it.
         let lock = match lock {
             None => "",
@@ -210,18 +211,30 @@ impl Table {
         format!("SELECT {} {from} ORDER BY {}{lock}", columns.join(", "), self.order)
     }
 
-    /// One statement inserting `rows` rows.
-    fn insert(&self, rows: usize) -> String {
+    /// One statement inserting rows given column by column, each column one array (`$1`
+    /// the first column's values, and so on): the server reads each array in one go,
+    /// where a row of placeholders per row would have it parse and plan thousands.
+    fn insert(&self) -> String {
         let columns: Vec<&str> = self.columns.iter().map(|(c, _)| *c).collect();
-        let width = columns.len();
-        let tuples: Vec<String> = (0..rows)
-            .map(|r| {
-                let placeholders: Vec<String> = (1..=width).map(|c| format!("${}", r * width + c)).collect();
-                format!("({})", placeholders.join(", "))
+        let arrays: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, kind))| {
+                let array = match kind {
+                    Int => "bigint[]",
+                    Text => "text[]",
+                };
+                format!("${}::{array}", i + 1)
             })
             .collect();
         let conflict = if self.name == "blobs" { " ON CONFLICT (sha256) DO NOTHING" } else { "" };
-        format!("INSERT INTO {} ({}) VALUES {}{conflict}", self.name, columns.join(", "), tuples.join(", "))
+        let columns = columns.join(", ");
+        format!(
+            "INSERT INTO {} ({columns}) SELECT * FROM unnest({}){conflict} RETURNING {columns}",
+            self.name,
+            arrays.join(", ")
+        )
     }
 
     fn decode(&self, row: &AnyRow) -> Result<Vec<Value>, StoreError> {
@@ -247,16 +260,88 @@ enum Lock {
     Update,
 }
 
-/// `$first, …, $(first + n - 1)`.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+/// A key of the things a copy moves (a document's id, an upload session's), bound as one
+/// Postgres array of them: one parameter whatever the batch's size, so one prepared
+/// statement serves every batch.
+trait Key: Send + Sync {
+    /// The array's type.
+    const ARRAY: &'static str;
+    /// Appends the key as an element of an array literal.
+    fn element(&self, out: &mut String);
 }
 
-/// The most documents a batch may hold (their ids are one statement's parameters).
-pub const MAX_BATCH: usize = 10_000;
+impl Key for i64 {
+    const ARRAY: &'static str = "bigint[]";
+    fn element(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{self}");
+    }
+}
 
-/// The most parameters one statement of the copy binds.
-const MAX_PARAMETERS: usize = 60_000;
+impl Key for String {
+    const ARRAY: &'static str = "text[]";
+    fn element(&self, out: &mut String) {
+        quoted(self, out);
+    }
+}
+
+impl Key for &String {
+    const ARRAY: &'static str = "text[]";
+    fn element(&self, out: &mut String) {
+        quoted(self, out);
+    }
+}
+
+/// Appends `text` as a quoted element of an array literal (every element is quoted, so a
+/// text reading `NULL` stays a text).
+fn quoted(text: &str, out: &mut String) {
+    out.push('"');
+    for c in text.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// The array literal of `keys` (`{1,2,3}`), bound as text and cast by the statement.
+fn array<K: Key>(keys: &[K]) -> String {
+    let mut out = String::with_capacity(2 + keys.len() * 12);
+    out.push('{');
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        key.element(&mut out);
+    }
+    out.push('}');
+    out
+}
+
+/// The array literal of column `column` of `rows`.
+fn column(rows: &[Vec<Value>], column: usize) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(2 + rows.len() * 16);
+    out.push('{');
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match &row[column] {
+            Value::Int(Some(v)) => {
+                let _ = write!(out, "{v}");
+            }
+            Value::Text(Some(t)) => quoted(t, &mut out),
+            Value::Int(None) | Value::Text(None) => out.push_str("NULL"),
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// The most documents a batch may hold.
+pub const MAX_BATCH: usize = 10_000;
 
 /// The rows of a batch, table by table, in the order the copy writes them.
 type Rows = Vec<Vec<Vec<Value>>>;
@@ -267,97 +352,101 @@ const TABLES: [&Table; 4] = [&BLOBS, &DOCUMENTS, &VERSIONS, &TAGS];
 /// for writes under way), so that the rows read after are those of finished writes and stay
 /// so until the transaction ends: every write to a document updates its row.
 async fn read(conn: &mut sqlx::AnyConnection, ids: &[i64], lock: Option<Lock>) -> Result<Rows, StoreError> {
-    if lock.is_some() {
-        let mut query = sqlx::query(AssertSqlSafe(DOCUMENTS.select(ids.len(), lock)));
-        for id in ids {
-            query = query.bind(*id);
-        }
-        query.fetch_all(&mut *conn).await?;
-    }
-    read_rows(conn, &TABLES, ids).await
+    // The documents' rows first: read with the lock, they are those of finished writes.
+    let documents = read_rows(conn, &[&DOCUMENTS], ids, lock).await?;
+    let rest = read_rows(conn, &[&BLOBS, &VERSIONS, &TAGS], ids, None).await?;
+    let (mut documents, mut rest) = (documents.into_iter(), rest.into_iter());
+    Ok(TABLES
+        .iter()
+        .map(|table| if table.name == DOCUMENTS.name { documents.next() } else { rest.next() }.unwrap_or_default())
+        .collect())
 }
 
 /// The rows of `tables` of the things keyed `keys`.
-async fn read_rows<K>(conn: &mut sqlx::AnyConnection, tables: &[&Table], keys: &[K]) -> Result<Rows, StoreError>
-where
-    K: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Clone + Send + Sync + 'static,
-{
+async fn read_rows<K: Key>(
+    conn: &mut sqlx::AnyConnection,
+    tables: &[&Table],
+    keys: &[K],
+    lock: Option<Lock>,
+) -> Result<Rows, StoreError> {
+    let keys = array(keys);
     let mut all = Vec::with_capacity(tables.len());
     for table in tables {
-        let sql = table.select(keys.len(), None);
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for key in keys {
-            query = query.bind(key.clone());
-        }
-        let rows = query.fetch_all(&mut *conn).await?;
+        let rows = sqlx::query(AssertSqlSafe(table.select::<K>(lock))).bind(&keys).fetch_all(&mut *conn).await?;
         all.push(rows.iter().map(|r| table.decode(r)).collect::<Result<Vec<_>, _>>()?);
     }
     Ok(all)
 }
 
-/// Writes `rows` of `tables`, as many rows a statement as its parameters allow (Postgres
-/// takes 65,535).
-async fn write_rows(conn: &mut sqlx::AnyConnection, tables: &[&Table], rows: &Rows) -> Result<(), StoreError> {
+/// Writes `rows` of `tables`, one statement a table: the rows as the database stored
+/// them, table by table, which the verification compares with the source's. A blob the
+/// target already had keeps its row, and that row is what is returned for it.
+async fn write_rows(conn: &mut sqlx::AnyConnection, tables: &[&Table], rows: &Rows) -> Result<Rows, StoreError> {
+    let mut stored = Vec::with_capacity(tables.len());
     for (table, rows) in tables.iter().zip(rows) {
-        for chunk in rows.chunks(MAX_PARAMETERS / table.columns.len()) {
-            let sql = table.insert(chunk.len());
-            let mut insert = sqlx::query(AssertSqlSafe(sql));
-            for value in chunk.iter().flatten() {
-                insert = match value {
-                    Value::Int(v) => insert.bind(*v),
-                    Value::Text(v) => insert.bind(v.clone()),
-                };
-            }
-            insert.execute(&mut *conn).await?;
+        if rows.is_empty() {
+            stored.push(Vec::new());
+            continue;
         }
+        let mut insert = sqlx::query(AssertSqlSafe(table.insert()));
+        for c in 0..table.columns.len() {
+            insert = insert.bind(column(rows, c));
+        }
+        let mut written =
+            insert.fetch_all(&mut *conn).await?.iter().map(|r| table.decode(r)).collect::<Result<Vec<_>, _>>()?;
+        if written.len() < rows.len() && table.name == BLOBS.name {
+            let inserted: std::collections::HashSet<&Value> = written.iter().map(|row| &row[0]).collect();
+            let kept: Vec<&String> = rows
+                .iter()
+                .filter(|row| !inserted.contains(&row[0]))
+                .filter_map(|row| match &row[0] {
+                    Value::Text(Some(sha)) => Some(sha),
+                    _ => None,
+                })
+                .collect();
+            let names: Vec<&str> = BLOBS.columns.iter().map(|(c, _)| *c).collect();
+            let sql = format!("SELECT {} FROM blobs WHERE sha256 = ANY((SELECT $1::text[])::text[])", names.join(", "));
+            let found = sqlx::query(AssertSqlSafe(sql)).bind(array(&kept)).fetch_all(&mut *conn).await?;
+            for row in &found {
+                written.push(BLOBS.decode(row)?);
+            }
+        }
+        stored.push(written);
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// Leaves a marker in `table` (`moved_documents` or `moved_sessions`) for each of `keys`,
 /// naming the shard `target` it was handed over to at `now`.
-async fn mark_moved<K>(
+async fn mark_moved<K: Key>(
     conn: &mut sqlx::AnyConnection,
     table: &str,
     keys: &[K],
     target: &str,
     now: i64,
-) -> Result<(), StoreError>
-where
-    K: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Clone + Send + Sync + 'static,
-{
-    for chunk in keys.chunks(MAX_PARAMETERS / 3) {
-        let tuples: Vec<String> =
-            (0..chunk.len()).map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect();
-        let mut mark = sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {table} (id, shard, moved_at) VALUES {} \
-             ON CONFLICT (id) DO UPDATE SET shard = EXCLUDED.shard, moved_at = EXCLUDED.moved_at",
-            tuples.join(", ")
-        )));
-        for key in chunk {
-            mark = mark.bind(key.clone()).bind(target).bind(now);
-        }
-        mark.execute(&mut *conn).await?;
-    }
+) -> Result<(), StoreError> {
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {table} (id, shard, moved_at) SELECT k, $2, $3 FROM unnest($1::{}) k \
+         ON CONFLICT (id) DO UPDATE SET shard = EXCLUDED.shard, moved_at = EXCLUDED.moved_at",
+        K::ARRAY
+    )))
+    .bind(array(keys))
+    .bind(target)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
 /// Deletes the rows of `table` whose `column` is one of `keys`.
-async fn delete_keyed<K>(
+async fn delete_keyed<K: Key>(
     conn: &mut sqlx::AnyConnection,
     table: &str,
     column: &str,
     keys: &[K],
-) -> Result<(), StoreError>
-where
-    K: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Clone + Send + Sync + 'static,
-{
-    let sql = format!("DELETE FROM {table} WHERE {column} IN ({})", placeholders(1, keys.len()));
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for key in keys {
-        query = query.bind(key.clone());
-    }
-    query.execute(&mut *conn).await?;
+) -> Result<(), StoreError> {
+    let sql = format!("DELETE FROM {table} WHERE {column} = ANY((SELECT $1::{0})::{0})", K::ARRAY);
+    sqlx::query(AssertSqlSafe(sql)).bind(array(keys)).execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -377,14 +466,26 @@ fn digest(tables: &[&Table], rows: &Rows) -> [u8; 32] {
     for (table, rows) in tables.iter().zip(rows) {
         hash.update(table.name);
         hash.update((rows.len() as u64).to_be_bytes());
+        // In one order whatever order the rows came in (and whatever collation each
+        // database sorts text by).
+        let mut rows: Vec<&Vec<Value>> = rows.iter().collect();
+        rows.sort_unstable();
         for row in rows {
             for value in &row[..table.compared] {
+                // Each value tagged with its kind and, for a text, its length: no two
+                // different rows feed the same bytes.
                 match value {
-                    Value::Int(v) => hash.update(format!("i{v:?}|")),
-                    Value::Text(v) => {
-                        let text = v.as_deref().map_or_else(|| "~".to_owned(), |t| format!("{}:{t}", t.len()));
-                        hash.update(format!("t{text}|"));
+                    Value::Int(Some(v)) => {
+                        hash.update(b"i");
+                        hash.update(v.to_be_bytes());
                     }
+                    Value::Text(Some(t)) => {
+                        hash.update(b"t");
+                        hash.update((t.len() as u64).to_be_bytes());
+                        hash.update(t.as_bytes());
+                    }
+                    Value::Int(None) => hash.update(b"I"),
+                    Value::Text(None) => hash.update(b"T"),
                 }
             }
         }
@@ -502,21 +603,15 @@ pub async fn hand_over(
             _ => None,
         })
         .collect();
-    let mut freed: Vec<(String, String, String)> = Vec::new();
-    for chunk in shas.chunks(MAX_PARAMETERS) {
-        let sql = format!(
-            "DELETE FROM blobs b WHERE b.sha256 IN ({}) \
-             AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
-             AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256) \
-             RETURNING b.sha256, b.tier, b.object_key",
-            placeholders(1, chunk.len())
-        );
-        let mut forget = sqlx::query_as::<_, (String, String, String)>(AssertSqlSafe(sql));
-        for sha in chunk {
-            forget = forget.bind(sha.as_str());
-        }
-        freed.extend(forget.fetch_all(&mut **held).await?);
-    }
+    let freed: Vec<(String, String, String)> = sqlx::query_as(
+        "DELETE FROM blobs b WHERE b.sha256 = ANY((SELECT $1::text[])::text[]) \
+         AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
+         AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256) \
+         RETURNING b.sha256, b.tier, b.object_key",
+    )
+    .bind(array(&shas))
+    .fetch_all(&mut **held)
+    .await?;
     // Where the target's blob row of each content refers to.
     let on_target: std::collections::HashMap<&Value, (&Value, &Value)> =
         copy.on_target[0].iter().map(|row| (&row[0], (&row[3], &row[2]))).collect();
@@ -575,18 +670,14 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
     // finish on the batch once its documents are held.
     let mut held = source.pool().begin().await?;
     let rows = read(&mut held, ids, Some(lock)).await?;
-    let present = ids_of(&rows[1]);
     // A document of the batch that left the source with a marker is the target's now (a
     // hand-over made again): its rows there are left alone. One gone without a marker was
     // purged: a copy of it goes.
-    let handed: Vec<i64> = {
-        let sql = format!("SELECT id FROM moved_documents WHERE id IN ({})", placeholders(1, ids.len()));
-        let mut query = sqlx::query_scalar(AssertSqlSafe(sql));
-        for id in ids {
-            query = query.bind(*id);
-        }
-        query.fetch_all(&mut *held).await?
-    };
+    let handed: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM moved_documents WHERE id = ANY((SELECT $1::bigint[])::bigint[])")
+            .bind(array(ids))
+            .fetch_all(&mut *held)
+            .await?;
     let replaced: Vec<i64> = ids.iter().copied().filter(|id| !handed.contains(id)).collect();
     let mut tx = target.pool().begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
     // The target's rows of the batch are replaced whole (versions and tags go with their
@@ -597,12 +688,8 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
             delete_keyed(&mut tx, table, "id", &replaced).await?;
         }
     }
-    write_rows(&mut tx, &TABLES, &rows).await?;
-    let on_target = if present.is_empty() {
-        rows.iter().map(|_| Vec::new()).collect()
-    } else {
-        read(&mut tx, &present, None).await?
-    };
+    // The rows as the target stored them (the batch's rows there were all replaced).
+    let on_target = write_rows(&mut tx, &TABLES, &rows).await?;
     if digest(&TABLES, &on_target) != digest(&TABLES, &rows) {
         tx.rollback().await?;
         held.rollback().await?;
@@ -681,15 +768,11 @@ pub async fn hand_over_sessions(
         return Err(MoveError::BatchTooLarge(ids.len()));
     }
     let mut held = source.pool().begin().await?;
-    let sql = format!(
-        "SELECT id, status, lock_until FROM upload_sessions WHERE id IN ({}) ORDER BY id FOR UPDATE",
-        placeholders(1, ids.len())
+    let query = sqlx::query_as::<_, (String, String, Option<i64>)>(
+        "SELECT id, status, lock_until FROM upload_sessions WHERE id = ANY((SELECT $1::text[])::text[]) ORDER BY id FOR UPDATE",
     );
-    let mut query = sqlx::query_as::<_, (String, String, Option<i64>)>(AssertSqlSafe(sql));
-    for id in ids {
-        query = query.bind(id.as_str());
-    }
     let (busy, movable): (Vec<_>, Vec<_>) = query
+        .bind(array(ids))
         .fetch_all(&mut *held)
         .await?
         .into_iter()
@@ -700,7 +783,7 @@ pub async fn hand_over_sessions(
         held.commit().await?;
         return Ok(SessionsMoved { moved: 0, busy });
     }
-    let rows = read_rows(&mut held, &SESSION_TABLES, &movable).await?;
+    let rows = read_rows(&mut held, &SESSION_TABLES, &movable, None).await?;
     // The target's rows of these sessions (left by a hand-over cut short before its
     // source committed) are replaced whole, and a marker left when a session moved away
     // from there before goes: it is back.
@@ -708,8 +791,7 @@ pub async fn hand_over_sessions(
     for table in ["upload_sessions", "moved_sessions"] {
         delete_keyed(&mut tx, table, "id", &movable).await?;
     }
-    write_rows(&mut tx, &SESSION_TABLES, &rows).await?;
-    let on_target = read_rows(&mut tx, &SESSION_TABLES, &movable).await?;
+    let on_target = write_rows(&mut tx, &SESSION_TABLES, &rows).await?;
     if digest(&SESSION_TABLES, &on_target) != digest(&SESSION_TABLES, &rows) {
         tx.rollback().await?;
         held.rollback().await?;

@@ -154,3 +154,42 @@ async fn the_documents_a_new_shard_takes_are_copied_verified_and_copied_again_wi
     copy_batch(s.a.meta(), s.b.meta(), &expected[..6]).await.unwrap();
     assert_eq!(s.b.get(&admin(), changed).await.unwrap().title.as_deref(), Some("edit 19"));
 }
+
+/// Text the copy carries as array elements (quotes, backslashes, braces, commas, a text
+/// reading `NULL`, an empty text, non-ASCII, new lines) arrives as it left, and an absent
+/// value stays absent rather than becoming a text.
+#[tokio::test]
+async fn every_text_a_document_can_hold_is_copied_unchanged() {
+    let s = shards().await;
+    let alice = Actor { user: "al\"ice\\".into(), admin: false };
+    let awkward = ["NULL", "", "a \"quoted\" \\ back\\slash", "{braces},commas", "zwölf — ✓\nline two\t", "  spaced  "];
+    let mut ids = Vec::new();
+    for (i, text) in awkward.iter().enumerate() {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert((*text).to_owned(), serde_json::Value::String(format!("{text}\"}}")));
+        let new = NewDocument {
+            filename: format!("f{}{i}.txt", text.replace(['\\', '\n', '\t'], "_")),
+            title: (i % 2 == 0).then(|| (*text).to_owned()),
+            description: Some((*text).to_owned()),
+            tags: vec![["NULL", "\"q\"", "back\\slash", "{b},c", "zwölf", "x y"][i].to_owned(), format!("tag {i}")],
+            metadata,
+            ..NewDocument::default()
+        };
+        let id = s.a.upload(&alice, new, once(format!("{text} bytes {i}"))).await.unwrap().document.id;
+        let version = NewVersion { change_description: Some((*text).to_owned()), ..NewVersion::default() };
+        s.a.upload_version(&alice, id, version, once(format!("{text} version 2"))).await.unwrap();
+        ids.push(id);
+    }
+    let copied = copy_batch(s.a.meta(), s.b.meta(), &ids).await.unwrap();
+    assert_eq!((copied.documents, copied.versions), (6, 12));
+    for id in &ids {
+        let on_b = seen(&s.b, *id).await;
+        assert!(on_b.is_some(), "document {id} is on the target");
+        assert_eq!(on_b, seen(&s.a, *id).await, "document {id} reads the same on both shards");
+    }
+    let untitled: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM documents WHERE title IS NULL")
+        .fetch_one(s.b.meta().pool())
+        .await
+        .unwrap();
+    assert_eq!(untitled, 3, "an absent title stays absent");
+}
