@@ -39,7 +39,7 @@ use vellum_core::clock::Clock;
 use vellum_core::crds::storage_tier::{Compression, TierClass};
 use vellum_core::documents::{Actor, Documents, Library, MetadataPatch, NewDocument};
 use vellum_core::resharding::run_move;
-use vellum_core::resharding::{copy_batch, hand_over, moving};
+use vellum_core::resharding::{HandOvers, copy_batch, moving};
 use vellum_core::routing::RoutingTable;
 use vellum_core::store::Metadata;
 use vellum_testkit::TestDatabase;
@@ -175,9 +175,11 @@ async fn run() {
     };
     let handed_target = Metadata::open(&handed_db.url).await.expect("the hand-over's target");
     let handing = Instant::now();
+    let mut pipeline = HandOvers::default();
     for chunk in ids.chunks(batch) {
-        hand_over(&source, &handed_target, "b", chunk, 0, 0).await.expect("a batch handed over");
+        pipeline.push(&source, &handed_target, "b", chunk, 0, 0).await.expect("a batch handed over");
     }
+    pipeline.finish().await.expect("the last batch handed over");
     let handed = handing.elapsed();
     let handed_pg = pool(&handed_db.url).await;
     let (step_rows, raw_rows) = (rows_of(&step_pg).await, rows_of(&raw_pg).await);

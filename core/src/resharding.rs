@@ -585,64 +585,154 @@ pub async fn hand_over(
     now: i64,
     grace_ms: i64,
 ) -> Result<Copied, MoveError> {
-    let Some(mut copy) = copy(source, target, ids, Lock::Update).await? else { return Ok(Copied::default()) };
-    copy.target.commit().await?;
-    let present = ids_of(&copy.rows[1]);
-    if present.is_empty() {
-        copy.held.commit().await?;
-        return Ok(copy.copied);
+    match handed(source, target, target_name, ids, now, grace_ms).await? {
+        Some(handing) => handing.release().await,
+        None => Ok(Copied::default()),
     }
-    let held = &mut copy.held;
-    delete_keyed(held, "documents", "id", &present).await?;
-    mark_moved(held, "moved_documents", &present, target_name, now).await?;
-    // The blob rows only the batch referred to go, in one statement.
-    let shas: Vec<&String> = copy.rows[0]
-        .iter()
-        .filter_map(|blob| match &blob[0] {
-            Value::Text(Some(sha)) => Some(sha),
-            _ => None,
-        })
-        .collect();
-    let freed: Vec<(String, String, String)> = sqlx::query_as(
-        "DELETE FROM blobs b WHERE b.sha256 = ANY((SELECT $1::text[])::text[]) \
+}
+
+/// Hand-overs one after another, each batch's copy overlapping the release of the batch
+/// before it from its source (the two run on different databases, or on different
+/// documents of one): the steps and guarantees of [`hand_over`], batch by batch, at the
+/// pace of the slower half rather than of both.
+///
+/// A batch is held on its source until it is released, by the next [`HandOvers::push`] or
+/// by [`HandOvers::finish`]; one dropped unreleased (an error, a crash) is left as a crash
+/// leaves it: on its source, a copy on the target that the next hand-over replaces.
+#[derive(Default)]
+pub struct HandOvers {
+    pending: Option<Handing>,
+}
+
+impl std::fmt::Debug for HandOvers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandOvers").field("pending", &self.pending.as_ref().map(|h| h.copied)).finish()
+    }
+}
+
+impl HandOvers {
+    /// Hands over the documents `ids` from `source` to `target` (named `target_name`),
+    /// releasing the batch pushed before meanwhile: what that batch moved.
+    pub async fn push(
+        &mut self,
+        source: &Metadata,
+        target: &Metadata,
+        target_name: &str,
+        ids: &[i64],
+        now: i64,
+        grace_ms: i64,
+    ) -> Result<Copied, MoveError> {
+        let before = self.pending.take();
+        let (next, released) = tokio::join!(handed(source, target, target_name, ids, now, grace_ms), async {
+            match before {
+                Some(handing) => handing.release().await,
+                None => Ok(Copied::default()),
+            }
+        });
+        self.pending = next?;
+        released
+    }
+
+    /// Releases the last batch pushed: what it moved.
+    pub async fn finish(&mut self) -> Result<Copied, MoveError> {
+        match self.pending.take() {
+            Some(handing) => handing.release().await,
+            None => Ok(Copied::default()),
+        }
+    }
+}
+
+/// A batch copied, verified and committed on its target, still held on its source.
+struct Handing {
+    /// The source's transaction, holding the batch.
+    held: sqlx::Transaction<'static, sqlx::Any>,
+    rows: Rows,
+    on_target: Rows,
+    copied: Copied,
+    target_name: String,
+    now: i64,
+    grace_ms: i64,
+}
+
+/// The first half of a hand-over: the batch copied and verified, and committed on the
+/// target, while the source holds it `FOR UPDATE`.
+async fn handed(
+    source: &Metadata,
+    target: &Metadata,
+    target_name: &str,
+    ids: &[i64],
+    now: i64,
+    grace_ms: i64,
+) -> Result<Option<Handing>, MoveError> {
+    let Some(copy) = copy(source, target, ids, Lock::Update).await? else { return Ok(None) };
+    let Copy { held, target, rows, on_target, copied } = copy;
+    target.commit().await?;
+    Ok(Some(Handing { held, rows, on_target, copied, target_name: target_name.to_owned(), now, grace_ms }))
+}
+
+impl Handing {
+    /// The second half: the batch removed from the source, with its markers.
+    async fn release(self) -> Result<Copied, MoveError> {
+        let mut copy = self;
+        let (target_name, now, grace_ms) = (copy.target_name.clone(), copy.now, copy.grace_ms);
+        let target_name = target_name.as_str();
+        let present = ids_of(&copy.rows[1]);
+        if present.is_empty() {
+            copy.held.commit().await?;
+            return Ok(copy.copied);
+        }
+        let held = &mut copy.held;
+        delete_keyed(held, "documents", "id", &present).await?;
+        mark_moved(held, "moved_documents", &present, target_name, now).await?;
+        // The blob rows only the batch referred to go, in one statement.
+        let shas: Vec<&String> = copy.rows[0]
+            .iter()
+            .filter_map(|blob| match &blob[0] {
+                Value::Text(Some(sha)) => Some(sha),
+                _ => None,
+            })
+            .collect();
+        let freed: Vec<(String, String, String)> = sqlx::query_as(
+            "DELETE FROM blobs b WHERE b.sha256 = ANY((SELECT $1::text[])::text[]) \
          AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
          AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256) \
          RETURNING b.sha256, b.tier, b.object_key",
-    )
-    .bind(array(&shas))
-    .fetch_all(&mut **held)
-    .await?;
-    // Where the target's blob row of each content refers to.
-    let on_target: std::collections::HashMap<&Value, (&Value, &Value)> =
-        copy.on_target[0].iter().map(|row| (&row[0], (&row[3], &row[2]))).collect();
-    for (sha, tier, key) in freed {
-        let same = on_target
-            .get(&Value::Text(Some(sha)))
-            .is_some_and(|(t, k)| **t == Value::Text(Some(tier.clone())) && **k == Value::Text(Some(key.clone())));
-        if !same {
-            sqlx::query(
-                "INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3) \
+        )
+        .bind(array(&shas))
+        .fetch_all(&mut **held)
+        .await?;
+        // Where the target's blob row of each content refers to.
+        let on_target: std::collections::HashMap<&Value, (&Value, &Value)> =
+            copy.on_target[0].iter().map(|row| (&row[0], (&row[3], &row[2]))).collect();
+        for (sha, tier, key) in freed {
+            let same = on_target
+                .get(&Value::Text(Some(sha)))
+                .is_some_and(|(t, k)| **t == Value::Text(Some(tier.clone())) && **k == Value::Text(Some(key.clone())));
+            if !same {
+                sqlx::query(
+                    "INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3) \
                  ON CONFLICT (tier, object_key) DO NOTHING",
-            )
-            .bind(tier)
-            .bind(key)
-            .bind(now + grace_ms)
-            .execute(&mut **held)
-            .await?;
+                )
+                .bind(tier)
+                .bind(key)
+                .bind(now + grace_ms)
+                .execute(&mut **held)
+                .await?;
+            }
         }
-    }
-    // What left the shard, counted in the transaction it left in.
-    sqlx::query(
-        "UPDATE shard_routing SET moved_documents = moved_documents + $1, moved_bytes = moved_bytes + $2, \
+        // What left the shard, counted in the transaction it left in.
+        sqlx::query(
+            "UPDATE shard_routing SET moved_documents = moved_documents + $1, moved_bytes = moved_bytes + $2, \
          updated_at = $3",
-    )
-    .bind(i64::try_from(present.len()).unwrap_or(i64::MAX))
-    .bind(i64::try_from(copy.copied.bytes).unwrap_or(i64::MAX))
-    .bind(now)
-    .execute(&mut *copy.held)
-    .await?;
-    copy.held.commit().await?;
-    Ok(copy.copied)
+        )
+        .bind(i64::try_from(present.len()).unwrap_or(i64::MAX))
+        .bind(i64::try_from(copy.copied.bytes).unwrap_or(i64::MAX))
+        .bind(now)
+        .execute(&mut *copy.held)
+        .await?;
+        copy.held.commit().await?;
+        Ok(copy.copied)
+    }
 }
 
 /// A batch copied and verified on the target, neither transaction committed yet.
@@ -969,6 +1059,7 @@ pub async fn run_move_paced(
         for (position, (name, shard)) in names.iter().zip(library.shards()).enumerate() {
             let index = next.names().iter().position(|n| n == name);
             let mut after = Some(0);
+            let mut pipeline = HandOvers::default();
             while let Some(from) = after {
                 let (found, cursor) =
                     moving(shard.meta(), index, next, from, i64::try_from(batch).unwrap_or(500)).await?;
@@ -981,18 +1072,26 @@ pub async fn run_move_paced(
                     let target_name = &next.names()[to];
                     let target =
                         library.named(target_name).ok_or_else(|| MoveError::UnknownShard(target_name.clone()))?;
-                    let copied = hand_over(shard.meta(), target.meta(), target_name, &ids, now(), grace_ms).await?;
-                    moved_any |= copied.documents > 0;
-                    moved_here += copied.documents;
+                    // Counted from the submission: a batch is released during the next one.
+                    moved_any |= !ids.is_empty();
+                    moved_here += u64::try_from(ids.len()).unwrap_or(u64::MAX);
+                    pipeline.push(shard.meta(), target.meta(), target_name, &ids, now(), grace_ms).await?;
                     if let Some(rate) = per_second.filter(|r| *r > 0) {
                         #[allow(clippy::cast_precision_loss)]
-                        let due = std::time::Duration::from_secs_f64(moved_here as f64 / f64::from(rate));
-                        tokio::time::sleep_until(started + due).await;
+                        let due = started + std::time::Duration::from_secs_f64(moved_here as f64 / f64::from(rate));
+                        if due > tokio::time::Instant::now() {
+                            // Not holding a batch while it waits: writes to it would wait too.
+                            pipeline.finish().await?;
+                            tokio::time::sleep_until(due).await;
+                        }
                     }
                     sums[position].1 = progress(shard.meta()).await?;
                     report(&sums);
                 }
             }
+            pipeline.finish().await?;
+            sums[position].1 = progress(shard.meta()).await?;
+            report(&sums);
         }
         let mut busy = 0;
         for (name, shard) in names.iter().zip(library.shards()) {
