@@ -585,10 +585,7 @@ pub async fn hand_over(
     now: i64,
     grace_ms: i64,
 ) -> Result<Copied, MoveError> {
-    match handed(source, target, target_name, ids, now, grace_ms).await? {
-        Some(handing) => handing.release().await,
-        None => Ok(Copied::default()),
-    }
+    release(handed(source, target, target_name, ids, now, grace_ms).await?).await
 }
 
 /// Hand-overs one after another, each batch's copy overlapping the release of the batch
@@ -623,22 +620,23 @@ impl HandOvers {
         grace_ms: i64,
     ) -> Result<Copied, MoveError> {
         let before = self.pending.take();
-        let (next, released) = tokio::join!(handed(source, target, target_name, ids, now, grace_ms), async {
-            match before {
-                Some(handing) => handing.release().await,
-                None => Ok(Copied::default()),
-            }
-        });
+        let (next, released) = tokio::join!(handed(source, target, target_name, ids, now, grace_ms), release(before));
         self.pending = next?;
         released
     }
 
     /// Releases the last batch pushed: what it moved.
     pub async fn finish(&mut self) -> Result<Copied, MoveError> {
-        match self.pending.take() {
-            Some(handing) => handing.release().await,
-            None => Ok(Copied::default()),
-        }
+        release(self.pending.take()).await
+    }
+}
+
+/// Releases `pending`, a batch handed over but still held on its source, if there is one:
+/// what it moved.
+async fn release(pending: Option<Handing>) -> Result<Copied, MoveError> {
+    match pending {
+        Some(handing) => handing.release().await,
+        None => Ok(Copied::default()),
     }
 }
 
