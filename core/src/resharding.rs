@@ -585,31 +585,42 @@ pub async fn hand_over(
     now: i64,
     grace_ms: i64,
 ) -> Result<Copied, MoveError> {
-    release(handed(source, target, target_name, ids, now, grace_ms).await?).await
+    let mut one = HandOvers::default();
+    one.push(source, target, target_name, ids, now, grace_ms).await?;
+    one.finish().await
 }
 
-/// Hand-overs one after another, each batch's copy overlapping the release of the batch
-/// before it from its source (the two run on different databases, or on different
-/// documents of one): the steps and guarantees of [`hand_over`], batch by batch, at the
-/// pace of the slower half rather than of both.
+/// Hand-overs one after another as a three-stage pipeline: while a batch is read (and
+/// held) on its source, the batch before it is copied to its target and the one before
+/// that is released from its source (the stages run on different databases, or on
+/// different documents of one): the steps and guarantees of [`hand_over`], batch by batch,
+/// at the pace of the slowest stage rather than of all three.
 ///
-/// A batch is held on its source until it is released, by the next [`HandOvers::push`] or
-/// by [`HandOvers::finish`]; one dropped unreleased (an error, a crash) is left as a crash
-/// leaves it: on its source, a copy on the target that the next hand-over replaces.
+/// A batch is held on its source from its read until it is released, two
+/// [`HandOvers::push`]es later or by [`HandOvers::finish`]; one dropped unreleased (an
+/// error, a crash) is left as a crash leaves it: on its source, with or without a copy on
+/// the target that the next hand-over replaces.
 #[derive(Default)]
 pub struct HandOvers {
+    /// Read and held on its source, to be copied next.
+    reading: Option<Reading>,
+    /// Copied to its target, to be released next.
     pending: Option<Handing>,
 }
 
 impl std::fmt::Debug for HandOvers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HandOvers").field("pending", &self.pending.as_ref().map(|h| h.copied)).finish()
+        f.debug_struct("HandOvers")
+            .field("reading", &self.reading.as_ref().map(|r| r.held.ids.len()))
+            .field("pending", &self.pending.as_ref().map(|h| h.copied))
+            .finish()
     }
 }
 
 impl HandOvers {
-    /// Hands over the documents `ids` from `source` to `target` (named `target_name`),
-    /// releasing the batch pushed before meanwhile: what that batch moved.
+    /// Reads and holds the documents `ids` on `source`, to be handed over to `target`
+    /// (named `target_name`), while the batch pushed before is copied and the one before
+    /// that released: what that one moved.
     pub async fn push(
         &mut self,
         source: &Metadata,
@@ -619,16 +630,51 @@ impl HandOvers {
         now: i64,
         grace_ms: i64,
     ) -> Result<Copied, MoveError> {
-        let before = self.pending.take();
-        let (next, released) = tokio::join!(handed(source, target, target_name, ids, now, grace_ms), release(before));
-        self.pending = next?;
+        if target.dialect() != Dialect::Postgres {
+            return Err(MoveError::NotPostgres);
+        }
+        let (read, before) = (self.reading.take(), self.pending.take());
+        let (next, written, released) =
+            tokio::join!(hold(source, ids, Lock::Update), written(read), release(before));
+        self.pending = written?;
+        self.reading = next?.map(|held| Reading {
+            held,
+            target: target.clone(),
+            target_name: target_name.to_owned(),
+            now,
+            grace_ms,
+        });
         released
     }
 
-    /// Releases the last batch pushed: what it moved.
+    /// Copies and releases the batches still in the pipeline: what they moved.
     pub async fn finish(&mut self) -> Result<Copied, MoveError> {
-        release(self.pending.take()).await
+        let (read, before) = (self.reading.take(), self.pending.take());
+        let (written, released) = tokio::join!(written(read), release(before));
+        let (released, last) = (released?, release(written?).await?);
+        Ok(Copied {
+            documents: released.documents + last.documents,
+            versions: released.versions + last.versions,
+            bytes: released.bytes + last.bytes,
+        })
     }
+}
+
+/// A batch read and held on its source, with where it goes.
+struct Reading {
+    held: Held,
+    target: Metadata,
+    target_name: String,
+    now: i64,
+    grace_ms: i64,
+}
+
+/// Copies `read`, if there is one, to its target and commits it there.
+async fn written(read: Option<Reading>) -> Result<Option<Handing>, MoveError> {
+    let Some(Reading { held, target, target_name, now, grace_ms }) = read else { return Ok(None) };
+    let Copy { held, target, rows, on_target, copied } = write(held, &target).await?;
+    target.commit().await?;
+    Ok(Some(Handing { held, rows, on_target, copied, target_name, now, grace_ms }))
 }
 
 /// Releases `pending`, a batch handed over but still held on its source, if there is one:
@@ -650,22 +696,6 @@ struct Handing {
     target_name: String,
     now: i64,
     grace_ms: i64,
-}
-
-/// The first half of a hand-over: the batch copied and verified, and committed on the
-/// target, while the source holds it `FOR UPDATE`.
-async fn handed(
-    source: &Metadata,
-    target: &Metadata,
-    target_name: &str,
-    ids: &[i64],
-    now: i64,
-    grace_ms: i64,
-) -> Result<Option<Handing>, MoveError> {
-    let Some(copy) = copy(source, target, ids, Lock::Update).await? else { return Ok(None) };
-    let Copy { held, target, rows, on_target, copied } = copy;
-    target.commit().await?;
-    Ok(Some(Handing { held, rows, on_target, copied, target_name: target_name.to_owned(), now, grace_ms }))
 }
 
 impl Handing {
@@ -745,7 +775,28 @@ struct Copy {
 }
 
 async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> Result<Option<Copy>, MoveError> {
-    if source.dialect() != Dialect::Postgres || target.dialect() != Dialect::Postgres {
+    if target.dialect() != Dialect::Postgres {
+        return Err(MoveError::NotPostgres);
+    }
+    match hold(source, ids, lock).await? {
+        Some(held) => Ok(Some(write(held, target).await?)),
+        None => Ok(None),
+    }
+}
+
+/// A batch read on its source, its documents held there until the transaction ends.
+struct Held {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    ids: Vec<i64>,
+    rows: Rows,
+    /// The batch's documents whose rows on the target are replaced: all but those that
+    /// left the source with a marker before (the target's now).
+    replaced: Vec<i64>,
+}
+
+/// Reads the documents `ids` on `source`, holding them with `lock`.
+async fn hold(source: &Metadata, ids: &[i64], lock: Lock) -> Result<Option<Held>, MoveError> {
+    if source.dialect() != Dialect::Postgres {
         return Err(MoveError::NotPostgres);
     }
     if ids.is_empty() {
@@ -767,6 +818,12 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
             .fetch_all(&mut *held)
             .await?;
     let replaced: Vec<i64> = ids.iter().copied().filter(|id| !handed.contains(id)).collect();
+    Ok(Some(Held { tx: held, ids: ids.to_vec(), rows, replaced }))
+}
+
+/// Writes a held batch to `target` and verifies it there, in a transaction left open.
+async fn write(batch: Held, target: &Metadata) -> Result<Copy, MoveError> {
+    let Held { tx: held, ids, rows, replaced } = batch;
     let mut tx = target.pool().begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
     // The target's rows of the batch are replaced whole (versions and tags go with their
     // document), so a copy made again is equal to the source, never doubled; a marker a
@@ -781,7 +838,7 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
     if digest(&TABLES, &on_target) != digest(&TABLES, &rows) {
         tx.rollback().await?;
         held.rollback().await?;
-        return Err(MoveError::Mismatch { ids: ids.to_vec() });
+        return Err(MoveError::Mismatch { ids });
     }
     let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
     let bytes = rows[2]
@@ -792,7 +849,7 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
         })
         .sum();
     let copied = Copied { documents: count(rows[1].len()), versions: count(rows[2].len()), bytes };
-    Ok(Some(Copy { held, target: tx, rows, on_target, copied }))
+    Ok(Copy { held, target: tx, rows, on_target, copied })
 }
 
 /// The next upload sessions of `source` (as in [`moving`]) that `to` routes elsewhere,

@@ -394,11 +394,11 @@ async fn a_move_runs_to_its_end_resumes_after_a_kill_and_moves_back() {
     let expected = i64::try_from(ids.iter().filter(|id| two.shard_of_id(**id) == 1).count()).unwrap();
     let growing = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), Vec::new(), vec![p.a.clone(), p.b.clone()]);
 
-    // Killed after its third report.
+    // Killed after its fourth report (the first batch leaves its source at the third push).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let reports = std::sync::atomic::AtomicUsize::new(0);
     let report = move |_: &[(String, vellum_core::resharding::ShardProgress)]| {
-        if reports.fetch_add(1, Ordering::SeqCst) == 2 {
+        if reports.fetch_add(1, Ordering::SeqCst) == 3 {
             tx.send(()).ok();
         }
     };
