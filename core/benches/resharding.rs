@@ -286,7 +286,9 @@ async fn routing_overhead(n: usize) {
             })
         }
     };
-    println!("metadata reads of {n} documents, {readers} readers, each routed count side by side with one database read directly:");
+    println!(
+        "metadata reads of {n} documents, {readers} readers, each routed count side by side with one database read directly:"
+    );
     // One library at a time, its connections closed before the next: the server's
     // connections are bounded (100 by default).
     for count in [1usize, 2, 4] {

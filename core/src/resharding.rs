@@ -634,8 +634,7 @@ impl HandOvers {
             return Err(MoveError::NotPostgres);
         }
         let (read, before) = (self.reading.take(), self.pending.take());
-        let (next, written, released) =
-            tokio::join!(hold(source, ids, Lock::Update), written(read), release(before));
+        let (next, written, released) = tokio::join!(hold(source, ids, Lock::Update), written(read), release(before));
         self.pending = written?;
         self.reading = next?.map(|held| Reading {
             held,

@@ -85,6 +85,12 @@ pub struct GatewaySpec {
     /// field keeps the gateway's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<GatewayLimits>,
+    /// Origins whose browser pages may call the API and SockJS, with credentials: scheme,
+    /// host and optional port (`https://app.example.com`, `http://localhost:3000`). None by
+    /// default: no CORS headers are sent, and pages from other origins cannot read answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(regex(pattern = r"^https?://[^/?#@\s]+/?$")))]
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// Timeouts and caps of each gateway replica.

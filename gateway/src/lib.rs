@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod content;
+pub mod cors;
 pub mod documents;
 pub mod error;
 pub mod extract;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub admission: Arc<limits::Admission>,
     /// `/metrics` has a listen address of its own, and the API's answers it 404.
     pub metrics_elsewhere: bool,
+    /// Origins whose pages may call the API from a browser (none: no CORS headers).
+    pub cors_origins: Vec<axum::http::HeaderValue>,
 }
 
 impl AppState {
@@ -92,7 +95,8 @@ pub fn app(state: AppState) -> Router {
     let (api, mut spec) = openapi::routes().split_for_parts();
     openapi::complete(&mut spec, state.docs().max_upload());
     let spec = Arc::new(spec);
-    Router::new()
+    let cors_origins = state.cors_origins.clone();
+    let router = Router::new()
         .merge(api)
         // The seed's clients call `/api/documents/...`; the same routes answer there.
         .nest("/api/documents", documents::router().into())
@@ -128,7 +132,9 @@ pub fn app(state: AppState) -> Router {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
         }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid));
+    // Outermost: an answer refused by a layer above (429, 503) still reaches the page.
+    cors::allow(router, cors_origins)
 }
 
 /// How long graceful shutdown waits for in-flight requests (uploads) to finish.

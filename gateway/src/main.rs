@@ -88,6 +88,10 @@ struct StandaloneArgs {
     /// Serve /metrics on this address instead of the API's (which then answers it 404).
     #[arg(long, env = "VELLUM_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// An origin whose browser pages may call the API and SockJS, with credentials
+    /// (`http://localhost:3000`); repeat or comma-separate. None by default: no CORS headers.
+    #[arg(long = "cors-origin", env = "VELLUM_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origin: Vec<String>,
     /// Largest document accepted, in bytes.
     #[arg(long, env = "VELLUM_MAX_UPLOAD_BYTES", default_value_t = 5 << 30)]
     max_upload_bytes: u64,
@@ -222,6 +226,7 @@ fn options(args: &StandaloneArgs) -> standalone::Options {
         kube_namespace: None,
         limits: args.limits.limits(),
         metrics_listen: args.metrics_listen,
+        cors_origins: args.cors_origin.clone(),
     }
 }
 

@@ -74,6 +74,9 @@ pub struct Options {
     /// Serve `/metrics` here instead of on `listen` (which then answers it 404), so that only
     /// what reaches this address (a cluster's scraper) reads the metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// Origins whose browser pages may call the API (`http://localhost:3000`); none by
+    /// default.
+    pub cors_origins: Vec<String>,
 }
 
 /// A running standalone gateway.
@@ -235,6 +238,8 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
     let meta = shards[0].clone();
 
     let (auth, link_key) = credentials(&options, &data_dir)?;
+    let cors_origins =
+        crate::cors::parse_origins(&options.cors_origins).map_err(|e| StartError::Invalid(e.to_string()))?;
 
     let clock = Clock::system();
     let bus = Bus::new();
@@ -279,6 +284,7 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
         sockjs: Arc::default(),
         admission: Arc::new(crate::limits::Admission::new(&options.limits)),
         metrics_elsewhere: options.metrics_listen.is_some(),
+        cors_origins,
     };
 
     state.metrics.set_config_hash(&config_hash);

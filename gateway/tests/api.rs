@@ -71,6 +71,7 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
+        cors_origins: Vec::new(),
     };
     let running = standalone::start(options).await.unwrap();
     let base = running.url.clone();
@@ -835,6 +836,7 @@ async fn an_upload_session_moves_between_replicas() {
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
+        cors_origins: Vec::new(),
     })
     .await
     .unwrap();

@@ -47,6 +47,7 @@ async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> R
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
+        cors_origins: Vec::new(),
     })
     .await
     .unwrap()

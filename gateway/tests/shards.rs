@@ -36,6 +36,7 @@ fn options(dir: &std::path::Path, nats_url: Option<String>) -> standalone::Optio
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
+        cors_origins: Vec::new(),
     }
 }
 

@@ -55,6 +55,7 @@ async fn platform() -> Platform {
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
+        cors_origins: Vec::new(),
     })
     .await
     .unwrap();

@@ -42,6 +42,7 @@ pub fn options(dir: &std::path::Path, tiers: &str, secret: &[u8]) -> standalone:
         kube_namespace: None,
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
+        cors_origins: Vec::new(),
     }
 }
 

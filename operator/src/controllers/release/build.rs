@@ -104,6 +104,9 @@ fn gateway_env(release: &BlueGreenRelease, facts: &ReleaseFacts) -> Vec<k8s_open
     if let Some(audience) = &spec.jwt.audience {
         out.push(env("VELLUM_JWT_AUDIENCE", audience.clone()));
     }
+    if !spec.gateway.cors_allowed_origins.is_empty() {
+        out.push(env("VELLUM_CORS_ORIGINS", spec.gateway.cors_allowed_origins.join(",")));
+    }
     if let Some(limits) = &spec.gateway.limits {
         let set = [
             ("VELLUM_HEADER_TIMEOUT_SECONDS", limits.header_timeout_seconds.map(u64::from)),

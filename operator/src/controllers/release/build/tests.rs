@@ -23,8 +23,8 @@ spec:
   jwt: {secretRef: {name: jwt, key: hs256}, issuer: https://auth}
 ";
 
-/// A release with everything optional set: limits, an autoscaler, resources, an RS256
-/// key, an audience and NATS credentials.
+/// A release with everything optional set: limits, CORS origins, an autoscaler, resources,
+/// an RS256 key, an audience and NATS credentials.
 const FULL: &str = r"
 apiVersion: vellum.dev/v1alpha1
 kind: BlueGreenRelease
@@ -37,6 +37,7 @@ spec:
     resources: {requests: {cpu: 250m, memory: 256Mi}, limits: {memory: 1Gi}}
     autoscaling: {minReplicas: 2, maxReplicas: 8, targetCpuUtilizationPercent: 70}
     limits: {headerTimeoutSeconds: 10, maxConnections: 2000, maxUploadBytes: 1073741824}
+    corsAllowedOrigins: ['https://app.example.com', 'http://localhost:3000']
   workers: {image: 'vellum/workers:2.1.0', replicas: 2, resources: {requests: {cpu: 100m}}}
   shardSetRef: meta
   nats: {url: 'nats://nats:4222', credentialsSecretRef: {name: nats, key: creds}}
