@@ -135,3 +135,111 @@ async fn an_origin_that_is_not_one_is_refused_at_start() {
         assert!(error.contains("--cors-origin") && error.contains(why), "{origin}: {error}");
     }
 }
+
+/// The page's own origin: a server of the page and the clients' browser bundles (from the
+/// pinned `node_modules`), as a front end's dev server would serve them.
+async fn serve_page() -> (String, tokio::task::JoinHandle<()>) {
+    let modules = vellum_testkit::node_modules();
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let files = [
+        ("/", here.join("page.html"), "text/html; charset=utf-8"),
+        ("/sockjs.min.js", modules.join("sockjs-client/dist/sockjs.min.js"), "text/javascript"),
+        ("/stomp.umd.min.js", modules.join("@stomp/stompjs/bundles/stomp.umd.min.js"), "text/javascript"),
+        ("/tus.min.js", modules.join("tus-js-client/dist/tus.min.js"), "text/javascript"),
+    ];
+    let mut router = axum::Router::new();
+    for (path, file, kind) in files {
+        let body = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        router = router.route(
+            path,
+            axum::routing::get(move || std::future::ready(([(header::CONTENT_TYPE, kind)], body.clone()))),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    (origin, tokio::spawn(async move { axum::serve(listener, router).await.unwrap() }))
+}
+
+/// The Playwright driver of the page (`tests/browser/driver.js`), line by line.
+struct Driver {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Driver {
+    fn open(url: &str) -> Self {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/driver.js");
+        let mut child = tokio::process::Command::new("node")
+            .arg(script)
+            .arg(url)
+            .arg(vellum_testkit::chromium())
+            .env("NODE_PATH", vellum_testkit::node_modules())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node (scripts/test installs it)");
+        let stdin = child.stdin.take().unwrap();
+        let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+        Self { _child: child, stdin, lines }
+    }
+
+    async fn line(&mut self) -> String {
+        let line = tokio::time::timeout(Duration::from_secs(90), self.lines.next_line()).await;
+        line.expect("the driver answers within 90 s").unwrap().expect("the driver is running")
+    }
+
+    async fn ask(&mut self, line: &str) -> serde_json::Value {
+        tokio::io::AsyncWriteExt::write_all(&mut self.stdin, format!("{line}\n").as_bytes()).await.unwrap();
+        let answer: serde_json::Value = serde_json::from_str(&self.line().await).unwrap();
+        assert!(answer.get("error").is_none(), "{answer:#}");
+        answer
+    }
+}
+
+/// Headless Chromium loads a page of another origin that runs the seed 000 vanilla
+/// JavaScript client (SockJS and `@stomp/stompjs`), the seed 002 JSON WebSocket client, an
+/// `EventSource` and a `tus-js-client` upload with a progress bar: an upload through the
+/// API and one through the page each show in every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_browser_clients_in_a_page_of_another_origin_see_every_upload() {
+    let (origin, _page_server) = serve_page().await;
+    let (gw, _dir) = gateway_for(&[&origin]).await;
+    let token = gw.state.auth.mint("alice", &["user"], Duration::from_secs(600)).unwrap();
+    let page = format!("{origin}/?gateway={}&token={token}", gw.url);
+    let mut driver = Driver::open(&page);
+    let ready = driver.line().await;
+    assert_eq!(ready, "ready", "the page's clients connect");
+
+    let client = reqwest::Client::new();
+    let through_api = support::upload(&client, &gw.url, &token, "from-the-test.txt").await;
+    assert_eq!(through_api["filename"], "from-the-test.txt");
+    let uploaded = driver.ask("upload from-the-page.txt").await;
+    let id = uploaded["uploaded"].as_str().expect("the page read Vellum-Document-Id").to_owned();
+
+    let seen = driver.ask("wait from-the-test.txt,from-the-page.txt").await;
+    for client in ["stomp", "websocket", "sse"] {
+        let shown = seen["shown"][client].as_array().unwrap();
+        for name in ["from-the-test.txt", "from-the-page.txt"] {
+            assert!(
+                shown
+                    .iter()
+                    .any(|s| s.as_str().unwrap().contains("DOCUMENT_UPLOADED") && s.as_str().unwrap().contains(name)),
+                "{client} shows no upload of {name}: {seen:#}"
+            );
+        }
+    }
+    assert!(seen["state"]["errors"].as_array().unwrap().is_empty(), "{seen:#}");
+    let progress: Vec<u64> =
+        seen["state"]["progress"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
+    assert!(progress.len() >= 4 && progress.windows(2).all(|w| w[0] <= w[1]), "the bar moves up: {progress:?}");
+    assert_eq!((progress.last(), seen["bar"].as_u64()), (Some(&100), Some(100)), "{seen:#}");
+
+    // The page's upload is the document it named, byte for byte.
+    let content = client.get(format!("{}/api/v1/documents/{id}/content", gw.url)).bearer_auth(&token).send().await;
+    let content = content.unwrap().bytes().await.unwrap();
+    let expected: Vec<u8> = (0..200_000u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
+    assert!(content[..] == expected[..], "{} bytes downloaded", content.len());
+    gw.shutdown().await.unwrap();
+}

@@ -47,6 +47,9 @@ pub mod env {
     /// A `node_modules` with the STOMP and SockJS clients; `scripts/test` makes one in its
     /// state directory.
     pub const NODE_MODULES: &str = "VELLUM_TEST_NODE_MODULES";
+    /// The Chromium the browser test drives headless; `scripts/test` installs Debian's.
+    pub const CHROMIUM: &str = "VELLUM_TEST_CHROMIUM";
+    pub const CHROMIUM_DEFAULT: &str = "/usr/bin/chromium";
 
     pub(crate) fn get(name: &str, default: &str) -> String {
         std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
@@ -120,7 +123,7 @@ pub fn python() -> std::path::PathBuf {
 }
 
 /// The `node_modules` holding the stock JavaScript clients the tests drive (`@stomp/stompjs`,
-/// `sockjs-client`, `ws`, pinned by `e2e/testkit/js`): the one [`env::NODE_MODULES`] names,
+/// `sockjs-client`, `ws`, `tus-js-client` and `playwright-core`, pinned by `e2e/testkit/js`): the one [`env::NODE_MODULES`] names,
 /// or the one `scripts/test` installs in its state directory.
 ///
 /// # Panics
@@ -138,6 +141,22 @@ pub fn node_modules() -> std::path::PathBuf {
         env::NODE_MODULES
     );
     modules
+}
+
+/// The Chromium the browser test drives: the one [`env::CHROMIUM`] names, or Debian's.
+///
+/// # Panics
+/// When there is none, with a message saying how to get it.
+pub fn chromium() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from(env::get(env::CHROMIUM, env::CHROMIUM_DEFAULT));
+    assert!(
+        path.exists(),
+        "no Chromium at {}: run `scripts/test --services-only` (which installs Debian's chromium), \
+         or point {} at one",
+        path.display(),
+        env::CHROMIUM
+    );
+    path
 }
 
 /// A name no other test run will pick: `prefix` and 12 hex digits of a random UUID.
