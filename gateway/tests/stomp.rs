@@ -241,6 +241,28 @@ async fn upload_progress_reaches_the_owners_queue_and_the_job_topic() {
     admin.stop().await;
 }
 
+/// Seed 003's client subscribes to its status topics beside the document topic, and seed
+/// 001's to its queues without `/user`: every subscription is accepted, as a Spring simple
+/// broker accepts them, and the document events still arrive.
+#[tokio::test]
+async fn the_seeds_topics_and_queues_are_all_accepted() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &["user"]);
+    let destinations =
+        ["/topic/extractions", "/topic/migrations", "/topic/data-quality", "/topic/documents", "/queue/sync"];
+    let mut alice = StompClient::start("sockjs", &format!("{}/ws", gw.running.url), Some(&token), &destinations);
+    alice.ready().await;
+    gw.upload("alice", "status.txt").await;
+    let mut arrived = Vec::new();
+    while arrived.len() < 2 {
+        let message = alice.message().await;
+        assert_eq!(message["body"]["data"]["filename"], "status.txt", "{message}");
+        arrived.push(message["destination"].as_str().unwrap().to_owned());
+    }
+    arrived.sort();
+    assert_eq!(arrived, ["/queue/sync", "/topic/documents"]);
+}
+
 #[tokio::test]
 async fn bad_tokens_unknown_destinations_and_bad_frames_get_an_error_frame() {
     let gw = gateway().await;
@@ -253,9 +275,9 @@ async fn bad_tokens_unknown_destinations_and_bad_frames_get_an_error_frame() {
     let error = forged.next().await;
     assert_eq!(error["error"], "authentication failed");
     assert!(!error["body"].as_str().unwrap().contains("c2ln"));
-    // A destination we do not publish.
+    // A destination outside the broker's prefixes (an application destination).
     let token = gw.token("alice", &["user"]);
-    let mut lost = StompClient::start("ws", &ws_url(&gw, "/ws"), Some(&token), &["/topic/extractions"]);
+    let mut lost = StompClient::start("ws", &ws_url(&gw, "/ws"), Some(&token), &["/app/extractions"]);
     assert!(lost.next().await.get("connected").is_some());
     let error = lost.next().await;
     assert_eq!(error["error"], "unknown destination");

@@ -16,9 +16,15 @@
 //! | `/topic/migrations` | a resharding's progress, as seed 003's `StatusUpdateEvent` (admins) |
 //! | `/topic/uploads` | progress and completion of upload sessions |
 //! | `/topic/jobs/{jobId}` | one job's progress and completion |
+//! | `/topic/{channel}` (any other) | the events of that channel, if any: `/topic/extractions` and `/topic/data-quality` are seed 003's |
 //! | `/user/queue/notifications` | everything addressed to the user: own document events, own jobs, broadcasts |
 //! | `/user/queue/upload-progress` | the user's upload sessions |
 //! | `/user/queue/sync` | events of the user's own documents |
+//! | `/user/queue/{channel}` (any other) | the user's own events of that channel |
+//!
+//! As a Spring simple broker does, any destination under `/topic/` and `/queue/` is
+//! accepted (nothing may arrive on one no event is sent to); `/queue/…` is the user's own,
+//! as `/user/queue/…` is.
 
 pub mod frame;
 
@@ -61,6 +67,10 @@ pub enum Destination {
     UserNotifications,
     UserUploadProgress,
     UserSync,
+    /// Any other topic: the notices of the channel of that name.
+    Topic(String),
+    /// Any other queue of the user's: the user's own notices of the channel of that name.
+    UserQueue(String),
 }
 
 /// Job kinds with a topic of their own.
@@ -68,26 +78,33 @@ pub(crate) const JOB_KINDS: [&str; 1] = [crate::uploads::UPLOAD_JOBS];
 
 impl Destination {
     pub fn parse(destination: &str) -> Result<Self, String> {
-        Ok(match destination {
-            "/topic/documents" | "/topic/file-changes" => Self::Documents,
-            "/topic/notifications" => Self::Notifications,
-            "/topic/webhooks" => Self::Webhooks,
-            "/topic/migrations" => Self::Migrations,
-            "/user/queue/notifications" => Self::UserNotifications,
-            "/user/queue/upload-progress" => Self::UserUploadProgress,
-            "/user/queue/sync" => Self::UserSync,
-            other => {
+        let queue = destination.strip_prefix("/user/queue/").or_else(|| destination.strip_prefix("/queue/"));
+        Ok(match (destination, queue) {
+            ("/topic/documents" | "/topic/file-changes", _) => Self::Documents,
+            ("/topic/notifications", _) => Self::Notifications,
+            ("/topic/webhooks", _) => Self::Webhooks,
+            ("/topic/migrations", _) => Self::Migrations,
+            (_, Some("notifications")) => Self::UserNotifications,
+            (_, Some("upload-progress")) => Self::UserUploadProgress,
+            (_, Some("sync")) => Self::UserSync,
+            (_, Some(name)) if valid_name(name) => Self::UserQueue(name.to_owned()),
+            (other, _) => {
                 if let Some(job) = other.strip_prefix("/topic/jobs/").filter(|j| !j.is_empty() && !j.contains('/')) {
                     Self::Job(job.to_owned())
                 } else if let Some(kind) =
                     other.strip_prefix("/topic/").and_then(|k| JOB_KINDS.into_iter().find(|j| *j == k))
                 {
                     Self::Jobs(kind)
+                } else if let Some(name) =
+                    other.strip_prefix("/topic/").filter(|n| valid_name(n) && !n.starts_with("jobs/") && *n != "jobs")
+                {
+                    Self::Topic(name.to_owned())
                 } else {
                     return Err(format!(
                         "no destination {other:?}; subscribe to /topic/documents, /topic/file-changes, \
                          /topic/notifications, /topic/webhooks, /topic/migrations, /topic/uploads, \
-                         /topic/jobs/{{jobId}}, /user/queue/notifications, /user/queue/upload-progress or /user/queue/sync"
+                         /topic/jobs/{{jobId}}, another /topic/{{name}}, /user/queue/notifications, \
+                         /user/queue/upload-progress, /user/queue/sync or another /user/queue/{{name}}"
                     ));
                 }
             }
@@ -111,8 +128,20 @@ impl Destination {
             Self::UserNotifications => personal,
             Self::UserUploadProgress => personal && notice.job_kind == Some(crate::uploads::UPLOAD_JOBS),
             Self::UserSync => personal && notice.channel == "documents",
+            Self::Topic(channel) => notice.channel == channel.as_str(),
+            Self::UserQueue(channel) => personal && notice.channel == channel.as_str(),
         }
     }
+}
+
+/// A destination's name under `/topic/` or `/queue/`: path segments of letters, digits,
+/// `-`, `_` and `.`, none empty.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name.split('/').all(|segment| {
+            !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
 }
 
 /// How STOMP frames travel in WebSocket messages.
@@ -539,7 +568,17 @@ mod tests {
         assert_eq!(Destination::parse("/topic/uploads"), Ok(Destination::Jobs("uploads")));
         assert_eq!(Destination::parse("/topic/jobs/abc"), Ok(Destination::Job("abc".into())));
         assert_eq!(Destination::parse("/topic/migrations"), Ok(Destination::Migrations));
-        for bad in ["/topic/extractions", "/topic/jobs/", "/topic/jobs/a/b", "/queue/x", ""] {
+        // Seed 003's topics, and any other as a simple broker takes it.
+        assert_eq!(Destination::parse("/topic/extractions"), Ok(Destination::Topic("extractions".into())));
+        assert_eq!(Destination::parse("/topic/data-quality"), Ok(Destination::Topic("data-quality".into())));
+        assert_eq!(Destination::parse("/topic/a/b.c"), Ok(Destination::Topic("a/b.c".into())));
+        // Seed 001's queues are the user's own, with or without /user.
+        assert_eq!(Destination::parse("/queue/sync"), Ok(Destination::UserSync));
+        assert_eq!(Destination::parse("/queue/upload-progress"), Ok(Destination::UserUploadProgress));
+        assert_eq!(Destination::parse("/user/queue/errors"), Ok(Destination::UserQueue("errors".into())));
+        assert_eq!(Destination::parse("/queue/x"), Ok(Destination::UserQueue("x".into())));
+        for bad in ["/topic/", "/topic/jobs/", "/topic/jobs/a/b", "/topic/a//b", "/queue/", "/app/x", "/topic/a b", ""]
+        {
             let error = Destination::parse(bad).unwrap_err();
             assert!(error.contains("/topic/documents"), "{error}");
         }
@@ -572,6 +611,11 @@ mod tests {
         assert!(wants(&Destination::UserUploadProgress, &upload, &alice));
         assert!(wants(&Destination::UserSync, &doc, &alice));
         assert!(!wants(&Destination::UserSync, &system, &alice));
+        // Any other topic or queue is a channel's.
+        assert!(wants(&Destination::Topic("documents".into()), &doc, &admin));
+        assert!(!wants(&Destination::Topic("extractions".into()), &doc, &admin));
+        assert!(wants(&Destination::UserQueue("documents".into()), &doc, &alice));
+        assert!(!wants(&Destination::UserQueue("documents".into()), &doc, &admin), "not the admin's own");
     }
 
     #[test]
