@@ -170,14 +170,14 @@ impl FromRequestParts<AppState> for UploadPlace {
 /// Middleware on every route: a client address past its budget of failed token checks is
 /// answered 429 before anything else is done for it (its tokens are not even parsed), and
 /// every 401 the gateway answers — a bad token in a header, in `?token=`, on a WebSocket
-/// upgrade — counts against its address. The probes (`/healthz`, `/readyz`) stay open.
+/// upgrade — counts against its address. The probes ([`crate::health::PROBES`]) stay open.
 pub async fn guard_addresses(
     axum::extract::State(admission): axum::extract::State<Arc<Admission>>,
     request: Request,
     next: Next,
 ) -> Response {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
-    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    let probe = crate::health::PROBES.contains(&request.uri().path());
     if let Some(peer) = peer
         && !probe
         && let Some(wait) = admission.blocked(peer)

@@ -206,15 +206,26 @@ pub async fn record(State(metrics): State<Arc<Metrics>>, request: Request, next:
 }
 
 pub fn router() -> utoipa_axum::router::OpenApiRouter<AppState> {
-    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(scrape))
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(scrape))
+        .routes(utoipa_axum::routes!(actuator_prometheus))
 }
 
 /// `/metrics` alone, for its own listen address.
 pub fn own_router(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
+        .route("/actuator/prometheus", axum::routing::get(scrape))
         .layer(axum::Extension(MetricsAddress))
         .with_state(state)
+}
+
+#[utoipa::path(get, path = "/actuator/prometheus", tag = "operations",
+    summary = "Prometheus metrics under Spring Boot Actuator's name (as /metrics)",
+    security(()), responses((status = 200, content_type = "application/openmetrics-text", body = String),
+        (status = 404, description = "Served on the metrics address instead", body = crate::error::ErrorBody)))]
+async fn actuator_prometheus(state: State<AppState>, own: Option<axum::Extension<MetricsAddress>>) -> Response {
+    scrape(state, own).await
 }
 
 /// Marks requests that came to the metrics address.

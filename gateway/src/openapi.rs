@@ -82,7 +82,7 @@ pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
             }
             // Every route but the probes refuses an address past its budget of failed token
             // checks (limits::guard_addresses); a token's user has a rate limit too.
-            if path != "/healthz" && path != "/readyz" {
+            if !crate::health::PROBES.contains(&path.as_str()) {
                 answers.push((
                     "429",
                     "Over the user's rate limit, or too many failed token checks from this address; see Retry-After",

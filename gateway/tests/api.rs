@@ -650,6 +650,22 @@ async fn health_readiness_and_graceful_shutdown() {
         assert!(metrics.lines().any(|l| l == line), "{line} missing from:\n{metrics}");
     }
     assert!(metrics.contains("vellum_gateway_http_request_duration_seconds_bucket"));
+    // The same under Spring Boot Actuator's names, which the seeds' probes and dashboards use.
+    let actuator = |path: &str| gw.client.get(gw.url(path)).send();
+    let health = actuator("/actuator/health").await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(health["status"], "UP");
+    assert_eq!(
+        (&health["components"]["db"]["status"], &health["components"]["defaultTier"]["status"]),
+        (&json!("UP"), &json!("UP"))
+    );
+    for probe in ["/actuator/health/liveness", "/actuator/health/readiness"] {
+        let answer: Value = actuator(probe).await.unwrap().json().await.unwrap();
+        assert_eq!(answer["status"], "UP", "{probe}");
+    }
+    let prometheus = actuator("/actuator/prometheus").await.unwrap().text().await.unwrap();
+    assert!(prometheus.contains("vellum_gateway_outbox_depth"), "{prometheus}");
     gw.running.take().unwrap().shutdown().await.unwrap();
     assert!(gw.client.get(gw.url("/healthz")).send().await.is_err(), "nothing serves after shutdown");
 }
@@ -1104,6 +1120,66 @@ async fn a_stock_tus_client_uploads_and_resumes() {
     assert_eq!(content.bytes().await.unwrap().as_ref(), bytes.as_slice());
 }
 
+/// Every operation `/openapi.json` documents, as METHOD and path, sorted.
+const OPERATIONS: [&str; 56] = [
+    "DELETE /api/v1/documents/{id}",
+    "DELETE /api/v1/documents/{id}/legal-hold",
+    "DELETE /api/v1/tus/{id}",
+    "DELETE /api/v1/upload/{session}",
+    "DELETE /api/v1/webhooks/{id}",
+    "GET /actuator/health",
+    "GET /actuator/health/liveness",
+    "GET /actuator/health/readiness",
+    "GET /actuator/prometheus",
+    "GET /api/v1/documents",
+    "GET /api/v1/documents/{id}",
+    "GET /api/v1/documents/{id}/content",
+    "GET /api/v1/documents/{id}/download",
+    "GET /api/v1/documents/{id}/lifecycle",
+    "GET /api/v1/documents/{id}/versions",
+    "GET /api/v1/documents/{id}/versions/{n}/content",
+    "GET /api/v1/events/stream",
+    "GET /api/v1/links/{token}",
+    "GET /api/v1/storage/usage",
+    "GET /api/v1/upload/{session}",
+    "GET /api/v1/upload/{session}/chunks",
+    "GET /api/v1/upload/{session}/missing-chunks",
+    "GET /api/v1/webhooks",
+    "GET /api/v1/webhooks/{id}",
+    "GET /api/v1/webhooks/{id}/events",
+    "GET /api/v1/webhooks/{id}/stats",
+    "GET /api/v1/websocket/stats",
+    "GET /api/v1/websocket/user/{userId}/status",
+    "GET /healthz",
+    "GET /metrics",
+    "GET /readyz",
+    "HEAD /api/v1/tus/{id}",
+    "OPTIONS /api/v1/tus",
+    "OPTIONS /api/v1/tus/{id}",
+    "PATCH /api/v1/documents/{id}",
+    "PATCH /api/v1/tus/{id}",
+    "POST /api/v1/documents",
+    "POST /api/v1/documents/{id}/links",
+    "POST /api/v1/documents/{id}/restore",
+    "POST /api/v1/documents/{id}/tier",
+    "POST /api/v1/documents/{id}/versions",
+    "POST /api/v1/documents/{id}/versions/{n}/restore",
+    "POST /api/v1/tus",
+    "POST /api/v1/tus/{id}",
+    "POST /api/v1/upload/initiate",
+    "POST /api/v1/upload/{session}/chunk/{n}",
+    "POST /api/v1/upload/{session}/complete",
+    "POST /api/v1/webhooks",
+    "POST /api/v1/webhooks/{id}/reactivate",
+    "POST /api/v1/webhooks/{id}/replay",
+    "POST /api/v1/webhooks/{id}/test",
+    "POST /api/v1/websocket/broadcast/maintenance",
+    "POST /api/v1/websocket/broadcast/system",
+    "PUT /api/v1/documents/{id}/legal-hold",
+    "PUT /api/v1/documents/{id}/metadata",
+    "PUT /api/v1/upload/{session}/chunk/{n}",
+];
+
 /// `/openapi.json` documents exactly the routes that serve: the expected operations are
 /// there, and each one, requested, is matched by the router (its route shows in the request
 /// metrics) rather than falling through to "no such route".
@@ -1128,62 +1204,8 @@ async fn the_openapi_document_matches_the_routes() {
         }
     }
     operations.sort();
-    let expected = [
-        "DELETE /api/v1/documents/{id}",
-        "DELETE /api/v1/documents/{id}/legal-hold",
-        "DELETE /api/v1/tus/{id}",
-        "DELETE /api/v1/upload/{session}",
-        "DELETE /api/v1/webhooks/{id}",
-        "GET /api/v1/documents",
-        "GET /api/v1/documents/{id}",
-        "GET /api/v1/documents/{id}/content",
-        "GET /api/v1/documents/{id}/download",
-        "GET /api/v1/documents/{id}/lifecycle",
-        "GET /api/v1/documents/{id}/versions",
-        "GET /api/v1/documents/{id}/versions/{n}/content",
-        "GET /api/v1/events/stream",
-        "GET /api/v1/links/{token}",
-        "GET /api/v1/storage/usage",
-        "GET /api/v1/upload/{session}",
-        "GET /api/v1/upload/{session}/chunks",
-        "GET /api/v1/upload/{session}/missing-chunks",
-        "GET /api/v1/webhooks",
-        "GET /api/v1/webhooks/{id}",
-        "GET /api/v1/webhooks/{id}/events",
-        "GET /api/v1/webhooks/{id}/stats",
-        "GET /api/v1/websocket/stats",
-        "GET /api/v1/websocket/user/{userId}/status",
-        "GET /healthz",
-        "GET /metrics",
-        "GET /readyz",
-        "HEAD /api/v1/tus/{id}",
-        "OPTIONS /api/v1/tus",
-        "OPTIONS /api/v1/tus/{id}",
-        "PATCH /api/v1/documents/{id}",
-        "PATCH /api/v1/tus/{id}",
-        "POST /api/v1/documents",
-        "POST /api/v1/documents/{id}/links",
-        "POST /api/v1/documents/{id}/restore",
-        "POST /api/v1/documents/{id}/tier",
-        "POST /api/v1/documents/{id}/versions",
-        "POST /api/v1/documents/{id}/versions/{n}/restore",
-        "POST /api/v1/tus",
-        "POST /api/v1/tus/{id}",
-        "POST /api/v1/upload/initiate",
-        "POST /api/v1/upload/{session}/chunk/{n}",
-        "POST /api/v1/upload/{session}/complete",
-        "POST /api/v1/webhooks",
-        "POST /api/v1/webhooks/{id}/reactivate",
-        "POST /api/v1/webhooks/{id}/replay",
-        "POST /api/v1/webhooks/{id}/test",
-        "POST /api/v1/websocket/broadcast/maintenance",
-        "POST /api/v1/websocket/broadcast/system",
-        "PUT /api/v1/documents/{id}/legal-hold",
-        "PUT /api/v1/documents/{id}/metadata",
-        "PUT /api/v1/upload/{session}/chunk/{n}",
-    ];
     let listed: Vec<String> = operations.iter().map(|(m, p)| format!("{m} {p}")).collect();
-    assert_eq!(listed, expected);
+    assert_eq!(listed, OPERATIONS);
 
     let token = gw.token("alice", &["user", "admin"]);
     for (method, path) in &operations {

@@ -422,6 +422,11 @@ async fn metrics_can_have_an_address_of_their_own() {
     let scraped = reqwest::get(format!("http://{own}/metrics")).await.unwrap();
     assert_eq!(scraped.status(), StatusCode::OK);
     assert!(scraped.text().await.unwrap().contains("vellum_gateway_http_requests"));
+    // Actuator's name for them moves with them.
+    let on_api = reqwest::get(format!("{}/actuator/prometheus", gw.running.url)).await.unwrap();
+    assert_eq!(on_api.status(), StatusCode::NOT_FOUND);
+    let scraped = reqwest::get(format!("http://{own}/actuator/prometheus")).await.unwrap();
+    assert!(scraped.text().await.unwrap().contains("vellum_gateway_http_requests"));
     // The API itself is not served there.
     let api = reqwest::get(format!("http://{own}/healthz")).await.unwrap();
     assert_eq!(api.status(), StatusCode::NOT_FOUND);
