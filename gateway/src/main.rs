@@ -62,9 +62,11 @@ struct StandaloneArgs {
     #[arg(long, env = "VELLUM_DATA_DIR", default_value = ".vellum")]
     data_dir: PathBuf,
     /// Directory of StorageTier, Webhook, RetentionPolicy and Secret YAML: the same files a
-    /// platform team applies to a cluster.
-    #[arg(long, env = "VELLUM_CONFIG_DIR", default_value = "config/standalone")]
-    config_dir: PathBuf,
+    /// platform team applies to a cluster. Without it, standalone mode runs on the embedded
+    /// defaults (the repository's `config/standalone`: four local tiers under the data
+    /// directory and its retention policies).
+    #[arg(long, env = "VELLUM_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
     /// Where the secret values of a compiled config (`secrets.json`, from the platform
     /// Secret the operator writes) are mounted.
     #[arg(long, env = "VELLUM_SECRETS_DIR")]
@@ -198,6 +200,10 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         "serve needs --jwt-secret, --jwt-secret-file, --jwt-public-key or --jwt-jwks: the replicas must accept the same tokens"
     );
     anyhow::ensure!(args.link_key.len() >= 32, "--link-key must have at least 32 bytes");
+    anyhow::ensure!(
+        args.common.config_dir.is_some(),
+        "serve needs --config-dir: the platform config the replicas share (the operator mounts it)"
+    );
     let mut options = options(&args.common);
     options.nats_url = Some(args.nats_url);
     options.link_key = Some(args.link_key.into_bytes());
@@ -236,7 +242,10 @@ async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let url = &running.url;
     println!("Vellum standalone gateway serving at {url}");
     println!("  data directory:   {}", args.data_dir.display());
-    println!("  platform config:  {}", args.config_dir.display());
+    match &args.config_dir {
+        Some(dir) => println!("  platform config:  {}", dir.display()),
+        None => println!("  platform config:  the embedded defaults (config/standalone; --config-dir to change)"),
+    }
     match &running.admin_token {
         Some(token) => {
             println!("  admin token (30 days):\n{token}\n");

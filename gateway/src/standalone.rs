@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
-use vellum_core::config::{CONFIG_FILE, SecretBundle, compile_dir, read_platform};
+use vellum_core::config::{CONFIG_FILE, SecretBundle, compile_dir, compile_files, read_platform};
 use vellum_core::documents::{
     Documents, Library, library_of, open_shards, reopen_shards, rotate_credentials, routes_as,
 };
@@ -41,8 +41,9 @@ pub struct Options {
     /// Where the database, the local tiers and the generated keys live.
     pub data_dir: PathBuf,
     /// The directory of StorageTier, Webhook, RetentionPolicy and Secret YAML, or of the
-    /// compiled `platform.json` the operator writes into the platform ConfigMap.
-    pub config_dir: PathBuf,
+    /// compiled `platform.json` the operator writes into the platform ConfigMap; the
+    /// embedded defaults ([`EMBEDDED_CONFIG`]) when absent.
+    pub config_dir: Option<PathBuf>,
     /// Where the compiled config's `secrets.json` is (the platform Secret's mount).
     pub secrets_dir: Option<PathBuf>,
     /// How often a compiled config is read again; a change (a StorageTier, a Webhook) takes
@@ -78,6 +79,13 @@ pub struct Options {
     /// default.
     pub cors_origins: Vec<String>,
 }
+
+/// The platform config standalone mode runs on without `--config-dir`: the repository's
+/// `config/standalone/`, built into the binary, so the gateway starts from any directory.
+pub const EMBEDDED_CONFIG: [(&str, &str); 2] = [
+    ("storagetiers.yaml", include_str!("../../config/standalone/storagetiers.yaml")),
+    ("retentionpolicies.yaml", include_str!("../../config/standalone/retentionpolicies.yaml")),
+];
 
 /// A running standalone gateway.
 #[derive(Debug)]
@@ -208,15 +216,19 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
 
     // Webhooks created through the API are compiled beside the platform's own: beside the
     // operator's compiled config, or beside the resources of the directory (standalone).
-    let compiled = options.config_dir.join(CONFIG_FILE).exists();
-    let (base, mut config, secrets) = if compiled {
-        let (config, secrets) =
-            read_platform(&options.config_dir, options.secrets_dir.as_deref()).map_err(StartError::Invalid)?;
+    let compiled = options.config_dir.as_ref().filter(|dir| dir.join(CONFIG_FILE).exists());
+    let (base, mut config, secrets) = if let Some(dir) = compiled {
+        let (config, secrets) = read_platform(dir, options.secrets_dir.as_deref()).map_err(StartError::Invalid)?;
         (WebhookBase::Compiled(config.clone(), secrets.clone()), config, secrets)
     } else {
-        let (sources, config, secrets) = compile_dir(&options.config_dir).map_err(StartError::Invalid)?;
+        let (sources, config, secrets) = match &options.config_dir {
+            Some(dir) => compile_dir(dir),
+            None => compile_files(&EMBEDDED_CONFIG),
+        }
+        .map_err(StartError::Invalid)?;
         (WebhookBase::Sources(sources), config, secrets)
     };
+    let compiled = compiled.cloned();
     // The hash of the config as read, which reloads compare with and the ConfigMap carries;
     // the command line's extra webhook networks below are not part of it.
     let config_hash = config.content_hash();
@@ -298,10 +310,12 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
     if state.auth.reloads() {
         hub_feeds.push(tokio::spawn(watch_keys(Arc::clone(&state.auth), options.config_reload)));
     }
-    let reloader = compiled.then(|| {
+    let scheduler_wanted = compiled.is_none();
+    let reloader = compiled.map(|dir| {
         tokio::spawn(reload(
             state.clone(),
             options.clone(),
+            dir,
             data_dir.clone(),
             config_hash,
             secrets.clone(),
@@ -309,7 +323,7 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
         ))
     });
     // In a cluster the operator's CronJobs run the retention policies.
-    let scheduler = (!compiled).then(|| tokio::spawn(schedule_retention(state.clone(), stopped.clone())));
+    let scheduler = scheduler_wanted.then(|| tokio::spawn(schedule_retention(state.clone(), stopped.clone())));
     hub_feeds.push(tokio::spawn(prune_limiters(state.clone())));
     let metrics_addr = match options.metrics_listen {
         Some(at) => {
@@ -432,9 +446,11 @@ fn shard_documents(
 /// Reads the compiled config every `config_reload` until `stop` turns true, and applies a
 /// changed one: new tiers for uploads and downloads, new webhook endpoints. A config that
 /// does not read or open keeps the previous one serving, with a warning.
+#[allow(clippy::too_many_arguments)]
 async fn reload(
     state: AppState,
     options: Options,
+    config_dir: PathBuf,
     data_dir: PathBuf,
     mut hash: String,
     mut applied_secrets: SecretBundle,
@@ -445,7 +461,7 @@ async fn reload(
             _ = stop.wait_for(|s| *s) => return,
             () = tokio::time::sleep(options.config_reload) => {}
         }
-        let (config, secrets) = match read_platform(&options.config_dir, options.secrets_dir.as_deref()) {
+        let (config, secrets) = match read_platform(&config_dir, options.secrets_dir.as_deref()) {
             Ok(read) => read,
             Err(e) => {
                 tracing::warn!(error = %e, "keeping the previous platform config");

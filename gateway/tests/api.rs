@@ -53,7 +53,7 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
     let options = standalone::Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("data"),
-        config_dir: config,
+        config_dir: Some(config),
         secrets_dir: None,
         config_reload: std::time::Duration::from_secs(5),
         database_url: db.as_ref().map(|d| d.url.clone()),
@@ -839,7 +839,7 @@ async fn an_upload_session_moves_between_replicas() {
     let second = standalone::start(standalone::Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: first.dir.path().join("data"),
-        config_dir: first.dir.path().join("config"),
+        config_dir: Some(first.dir.path().join("config")),
         secrets_dir: None,
         config_reload: std::time::Duration::from_secs(5),
         database_url: Some(db_url),

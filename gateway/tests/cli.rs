@@ -1,5 +1,6 @@
-//! The README's first command: `vellum-gateway standalone` with the shipped config serves,
-//! prints its URL and an admin token that works, and stops cleanly on SIGTERM.
+//! The README's first command: `vellum-gateway standalone` on its embedded config, started
+//! from any directory, serves, prints its URL and an admin token that works, and stops
+//! cleanly on SIGTERM.
 
 use std::process::{Command, Stdio};
 
@@ -29,14 +30,16 @@ fn help_lists_standalone_and_its_environment_twins() {
     assert_eq!(bare.status.code(), Some(2), "a subcommand is required");
 }
 
-/// Starts the binary on the shipped config and `data`; returns it with its URL and token.
+/// Starts the binary on its embedded config with `data`, from a directory that is not the
+/// repository (as a newcomer who installed it would); returns it with its URL and token.
 fn start(data: &std::path::Path) -> (std::process::Child, String, String) {
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/standalone");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vellum-gateway"))
-        .args(["standalone", "--listen", "127.0.0.1:0", "--config-dir", config])
+        .args(["standalone", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data)
+        .current_dir(data)
         .env_remove("VELLUM_JWT_SECRET")
+        .env_remove("VELLUM_CONFIG_DIR")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -166,4 +169,21 @@ fn serve_refuses_settings_replicas_cannot_share_with_the_reason() {
     let stderr = run(&short_key);
     assert!(stderr.contains("--link-key must have at least 32 bytes"), "{stderr}");
     assert!(!stderr.contains("k3y-too-small"), "the key is not echoed");
+    let with_secret = [&with_db[..], &["--jwt-secret", "s"]].concat();
+    let stderr = run(&with_secret);
+    assert!(stderr.contains("serve needs --config-dir"), "{stderr}");
+}
+
+#[test]
+fn a_config_dir_that_is_not_there_is_named() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vellum-gateway"))
+        .args(["standalone", "--listen", "127.0.0.1:0", "--config-dir", "no/such/dir"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("no/such/dir"), "{stderr}");
 }

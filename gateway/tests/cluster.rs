@@ -34,7 +34,7 @@ async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> R
         listen: "127.0.0.1:0".parse().unwrap(),
         // Shared, as a volume would be: the file tier holds the documents both serve.
         data_dir: dir.join("data"),
-        config_dir: dir.join("config"),
+        config_dir: Some(dir.join("config")),
         secrets_dir: None,
         config_reload: std::time::Duration::from_secs(5),
         database_url: Some(database_url.to_owned()),

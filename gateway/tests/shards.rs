@@ -23,7 +23,7 @@ fn options(dir: &std::path::Path, nats_url: Option<String>) -> standalone::Optio
     standalone::Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("data"),
-        config_dir: dir.join("config"),
+        config_dir: Some(dir.join("config")),
         secrets_dir: None,
         config_reload: Duration::from_secs(5),
         database_url: None,
@@ -457,7 +457,7 @@ async fn a_running_gateway_and_worker_follow_a_resharding_through_their_config()
     write_compiled(&compiled, &one, &secrets);
     let nats = NatsProcess::start().unwrap();
     let mut opts = options(dir.path(), Some(nats.url()));
-    opts.config_dir.clone_from(&compiled);
+    opts.config_dir = Some(compiled.clone());
     opts.secrets_dir = Some(compiled.clone());
     opts.config_reload = Duration::from_secs(1);
     let gw = vellum_gateway::replica::start(opts).await.unwrap();

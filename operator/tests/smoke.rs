@@ -42,7 +42,7 @@ async fn platform() -> Platform {
     let gateway = standalone::start(standalone::Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("data"),
-        config_dir: config,
+        config_dir: Some(config),
         secrets_dir: None,
         config_reload: Duration::from_secs(5),
         database_url: Some(db.url.clone()),

@@ -65,9 +65,26 @@ pub fn read_platform(config_dir: &Path, secrets_dir: Option<&Path>) -> Result<(P
 /// Reads the resource YAML of `config_dir` and compiles it, keeping the resources too.
 pub fn compile_dir(config_dir: &Path) -> Result<(Sources, PlatformConfig, SecretBundle), String> {
     let sources = load_dir(config_dir).map_err(|e| format!("reading the platform config: {e}"))?;
+    compiled(sources, &config_dir.display().to_string())
+}
+
+/// [`compile_dir`] of files given as (name, YAML text): a config built into a binary.
+///
+/// # Errors
+/// As [`compile_dir`], naming the files by `name`.
+pub fn compile_files(files: &[(&str, &str)]) -> Result<(Sources, PlatformConfig, SecretBundle), String> {
+    let mut sources = Sources::default();
+    for (name, text) in files {
+        super::parse_documents(text, name, &mut sources).map_err(|e| format!("reading the platform config: {e}"))?;
+    }
+    let names: Vec<&str> = files.iter().map(|(name, _)| *name).collect();
+    compiled(sources, &names.join(", "))
+}
+
+fn compiled(sources: Sources, origin: &str) -> Result<(Sources, PlatformConfig, SecretBundle), String> {
     let (config, secrets) = compile(&sources).map_err(|errors| {
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        format!("the platform config in {} is not valid:\n  {}", config_dir.display(), lines.join("\n  "))
+        format!("the platform config in {origin} is not valid:\n  {}", lines.join("\n  "))
     })?;
     Ok((sources, config, secrets))
 }

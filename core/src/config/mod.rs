@@ -17,7 +17,7 @@ use vellum_crds::storage_tier::{Compression, TierClass};
 use vellum_crds::webhook::{DeactivationRule, EventFilter, EventType, HttpHeader, RateLimit, RetryPolicy};
 use vellum_crds::{BlueGreenRelease, RetentionPolicy, ShardSet, StorageTier, Webhook};
 
-pub use files::{CONFIG_FILE, SECRETS_FILE, compile_dir, read_platform};
+pub use files::{CONFIG_FILE, SECRETS_FILE, compile_dir, compile_files, read_platform};
 pub use load::{LoadError, load_dir, parse_documents};
 pub use secret::{SecretBundle, SecretHandle, SecretProblem, SecretStore, SecretValue, lookup, secret_data};
 

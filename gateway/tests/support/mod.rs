@@ -29,7 +29,7 @@ pub fn options(dir: &std::path::Path, tiers: &str, secret: &[u8]) -> standalone:
     standalone::Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("data"),
-        config_dir: config,
+        config_dir: Some(config),
         secrets_dir: None,
         config_reload: Duration::from_secs(5),
         database_url: None,
