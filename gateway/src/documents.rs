@@ -389,6 +389,35 @@ struct ListParams {
     q: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
+    page: Option<u32>,
+    size: Option<u32>,
+}
+
+/// What the document list answers: a page of a cursor, or a numbered one.
+#[derive(serde::Serialize, Debug, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // the OpenAPI document's name for the two answers
+enum Listing {
+    Page(Page),
+    Numbered(NumberedPage),
+}
+
+/// The furthest a `page`/`size` request reaches (pages walk the cursors from the start).
+const MAX_PAGED: u64 = 10_000;
+
+/// A page asked for by number, in the Spring shape the seed's clients read (beside the
+/// cursor that goes on from it).
+#[derive(serde::Serialize, Debug, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct NumberedPage {
+    content: Vec<vellum_core::documents::Document>,
+    /// From 0.
+    page: u32,
+    size: u32,
+    number_of_elements: usize,
+    first: bool,
+    last: bool,
+    next_cursor: Option<String>,
 }
 
 #[utoipa::path(get, path = "/", tag = TAG, summary = "List and search documents, newest first",
@@ -401,8 +430,13 @@ struct ListParams {
         ("q" = Option<String>, Query, description = "Words in file name, title or description"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 50"),
         ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
+        ("page" = Option<u32>, Query, minimum = 0,
+            description = "Instead of limit and cursor, as Spring clients page: the page number, from 0 \
+                (the answer is then a NumberedPage; page × size at most 10000)"),
+        ("size" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "With page: its size, default 20"),
     ),
-    responses((status = 200, body = Page), (status = 400, body = ErrorBody)))]
+    responses((status = 200, description = "A Page, or a NumberedPage when page or size is given",
+        body = Listing), (status = 400, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     User(actor): User,
@@ -417,7 +451,11 @@ async fn list(
             })
             .transpose()
     };
-    let query = ListQuery {
+    let numbered = p.page.is_some() || p.size.is_some();
+    if numbered && (p.limit.is_some() || p.cursor.is_some()) {
+        return Err(ApiError::bad_request("page and size, or limit and cursor: not both"));
+    }
+    let mut query = ListQuery {
         tag: p.tag,
         file_type: p.file_type,
         owner: p.owner,
@@ -428,7 +466,45 @@ async fn list(
         // An empty cursor is the first page, as no cursor is.
         cursor: p.cursor.filter(|c| !c.is_empty()),
     };
-    Ok(axum::Json(state.docs().list(&actor, &query).await?).into_response())
+    if !numbered {
+        return Ok(axum::Json(state.docs().list(&actor, &query).await?).into_response());
+    }
+    let (page, size) = (p.page.unwrap_or(0), p.size.unwrap_or(20));
+    if !(1..=vellum_core::documents::MAX_PAGE).contains(&size) {
+        return Err(ApiError::bad_request("size must be between 1 and 1000"));
+    }
+    if (u64::from(page) + 1) * u64::from(size) > MAX_PAGED {
+        return Err(ApiError::bad_request(format!(
+            "page and size reach at most {MAX_PAGED} documents; go further with limit and the nextCursor of each page"
+        )));
+    }
+    // The pages before it, skipped along their cursors, a thousand documents at a time.
+    let mut skip = u64::from(page) * u64::from(size);
+    let mut past_the_end = false;
+    while skip > 0 && !past_the_end {
+        let step = u32::try_from(skip.min(u64::from(vellum_core::documents::MAX_PAGE))).unwrap_or(1);
+        query.limit = Some(step);
+        let skipped = state.docs().list(&actor, &query).await?;
+        skip -= u64::from(step);
+        past_the_end = skipped.next_cursor.is_none();
+        query.cursor = skipped.next_cursor;
+    }
+    let found = if past_the_end {
+        Page { items: Vec::new(), next_cursor: None }
+    } else {
+        query.limit = Some(size);
+        state.docs().list(&actor, &query).await?
+    };
+    let body = NumberedPage {
+        number_of_elements: found.items.len(),
+        content: found.items,
+        page,
+        size,
+        first: page == 0,
+        last: found.next_cursor.is_none(),
+        next_cursor: found.next_cursor,
+    };
+    Ok(axum::Json(body).into_response())
 }
 
 #[derive(Deserialize, Debug, Default)]

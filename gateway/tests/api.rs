@@ -605,6 +605,46 @@ async fn signed_links_expire_and_resist_forgery(gw: Gateway) {
     error_of(too_long, StatusCode::BAD_REQUEST).await;
 }
 
+/// The document list pages by number as the seed's Spring clients ask (`page`, `size`), as
+/// the webhook event list does, beside its cursors.
+#[tokio::test]
+async fn documents_page_by_number_as_spring_clients_ask() {
+    let gw = gateway(false, 0).await;
+    for name in ["1.txt", "2.txt", "3.txt", "4.txt", "5.txt"] {
+        gw.upload("paula", name, b"paged").await;
+    }
+    gw.upload("someone-else", "6.txt", b"paged").await;
+    let all: Value = gw.get("paula", "/api/v1/documents?limit=10").send().await.unwrap().json().await.unwrap();
+    let all: Vec<Value> = all["items"].as_array().unwrap().iter().map(|d| d["id"].clone()).collect();
+    assert_eq!(all.len(), 5);
+    let mut seen = Vec::new();
+    for (page, expected, last) in [(0, 2, false), (1, 2, false), (2, 1, true), (3, 0, true)] {
+        let path = if page == 1 { "/api/documents" } else { "/api/v1/documents" };
+        let answer = gw.get("paula", &format!("{path}?page={page}&size=2")).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["content"].as_array().unwrap().len(), expected, "page {page}: {body}");
+        assert_eq!((body["page"].as_u64(), body["size"].as_u64()), (Some(page), Some(2)));
+        assert_eq!(body["numberOfElements"], expected);
+        assert_eq!((body["first"].as_bool(), body["last"].as_bool()), (Some(page == 0), Some(last)), "{body}");
+        assert_eq!(body["nextCursor"].is_string(), !last);
+        seen.extend(body["content"].as_array().unwrap().iter().map(|d| d["id"].clone()));
+    }
+    assert_eq!(seen, all, "the pages are the list, in its order, each document once");
+    let default: Value = gw.get("paula", "/api/v1/documents?page=0").send().await.unwrap().json().await.unwrap();
+    assert_eq!((default["size"].as_u64(), default["numberOfElements"].as_u64()), (Some(20), Some(5)));
+    for (query, says) in [
+        ("page=0&size=2&limit=2", "not both"),
+        ("size=2&cursor=abc", "not both"),
+        ("page=0&size=0", "size must be between 1 and 1000"),
+        ("page=20&size=1000", "nextCursor"),
+    ] {
+        let answer = gw.get("paula", &format!("/api/v1/documents?{query}")).send().await.unwrap();
+        let message = error_of(answer, StatusCode::BAD_REQUEST).await;
+        assert!(message.contains(says), "{query}: {message}");
+    }
+}
+
 #[tokio::test]
 async fn a_user_over_the_rate_limit_is_told_when_to_come_back() {
     let gw = gateway(false, 3).await;
