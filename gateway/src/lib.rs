@@ -121,6 +121,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn(fault::inject))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::record))
         .layer(axum::middleware::from_fn(limits::drain_refused))
+        .layer(axum::middleware::from_fn(limits::bound_heads))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.admission), limits::guard_addresses))
         .layer(axum::extract::DefaultBodyLimit::max(limits::MAX_JSON_BYTES))
         .with_state(state)

@@ -33,6 +33,33 @@ pub const MAX_JSON_BYTES: usize = 1 << 20;
 pub const FORM_OVERHEAD_BYTES: u64 = 256 << 10;
 /// The longest bearer token checked; longer ones are refused unread.
 pub const MAX_TOKEN_BYTES: usize = 16 << 10;
+/// Header fields a request may carry, and their bytes in all: past either, 431 with the
+/// usual JSON body.
+pub const MAX_HEADER_FIELDS: usize = 100;
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+/// The fields past which the HTTP parser itself answers 431 (with no body, as it cannot
+/// reach the API): well above [`MAX_HEADER_FIELDS`], so that the API answers first.
+pub const PARSER_MAX_HEADER_FIELDS: usize = 500;
+
+/// Middleware on every route: a request head with more header fields or bytes than the
+/// limits gets 431 with a JSON body that says which limit (the parser's own 431, for heads
+/// far past them, has no body).
+pub async fn bound_heads(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    // As on the wire: name, ": ", value, CRLF.
+    let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
+    if headers.len() > MAX_HEADER_FIELDS || bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "the request has {} header fields of {bytes} bytes; at most {MAX_HEADER_FIELDS} fields and {MAX_HEADER_BYTES} bytes are read",
+                headers.len()
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
 /// How much of a refused request's body is read so that its client sees the refusal.
 const DRAIN_BYTES: usize = 1 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(2);

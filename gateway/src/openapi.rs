@@ -50,8 +50,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(metrics::router())
 }
 
-/// Adds to every operation the answers the server gives it whatever the route: 401 and 429
-/// where a token is needed, 400 for malformed parameters or bodies, 404 where the path
+/// Adds to every operation the answers the server gives it whatever the route: 431 for an
+/// oversized head, 401 and 429 where a token is needed, 400 for malformed parameters or bodies, 404 where the path
 /// names something, 503 where it names a document (a resharding may be moving it),
 /// 413/415/422 for JSON bodies, 413/503 for uploads, 412 for tus. A
 /// route's own description of one of them is kept.
@@ -82,6 +82,7 @@ pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
             }
             // Every route but the probes refuses an address past its budget of failed token
             // checks (limits::guard_addresses); a token's user has a rate limit too.
+            answers.push(("431", "More than 100 header fields, or more than 64 KiB of them"));
             if !crate::health::PROBES.contains(&path.as_str()) {
                 answers.push((
                     "429",

@@ -151,7 +151,10 @@ pub async fn serve(
     // hyper's own HTTP/1 connection rather than hyper-util's version-detecting one, which
     // waits for a first byte before any timer runs (an idle socket would never time out).
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(crate::limits::PARSER_MAX_HEADER_FIELDS);
     let builder = Arc::new(builder);
     let body_timeout = limits.body_timeout;
     tokio::pin!(stop);

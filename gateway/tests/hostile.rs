@@ -184,6 +184,29 @@ async fn oversized_declarations_get_413_before_any_body_is_read() {
     gw.running.shutdown().await.unwrap();
 }
 
+/// Heads with too many or too large header fields get 431 with the JSON error body every
+/// other refusal has; far past the limits the parser answers 431 itself.
+#[tokio::test]
+async fn oversized_request_heads_get_431_with_a_json_body() {
+    let gw = gateway(Limits::default(), 0).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/v1/documents", gw.running.url);
+    let many = (0..150).fold(client.get(&url), |r, i| r.header(format!("x-field-{i}"), "v"));
+    let long = client.get(&url).header("x-long", "v".repeat(70 << 10));
+    for (what, request) in [("150 fields", many), ("a 70 KiB field", long)] {
+        let answer = request.send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "{what}");
+        assert_eq!(answer.headers()["content-type"], "application/json", "{what}");
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(body["status"], 431, "{what}");
+        assert!(body["message"].as_str().unwrap().contains("at most 100 fields and 65536 bytes"), "{what}: {body}");
+    }
+    let absurd = (0..600).fold(client.get(&url), |r, i| r.header(format!("x-field-{i}"), "v"));
+    assert_eq!(absurd.send().await.unwrap().status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(gw.healthz().await, StatusCode::OK);
+    gw.running.shutdown().await.unwrap();
+}
+
 /// A body of `len` bytes of `fill`, produced as it is sent.
 fn generated(len: u64, fill: u8) -> reqwest::Body {
     let chunk = bytes::Bytes::from(vec![fill; 64 << 10]);
