@@ -820,6 +820,33 @@ async fn chunked_upload_sessions(gw: Gateway) {
     assert_eq!(again["id"], doc["id"], "completing twice answers with the same document");
     let late = put(0, part(0), None).await.unwrap();
     error_of(late, StatusCode::GONE).await;
+    // A completed session reports what it received, all of it.
+    let status_of = |id: String| {
+        let request = gw.client.get(gw.url(&format!("/api/v1/upload/{id}"))).bearer_auth(&token);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let finished = status_of(id.clone()).await;
+    assert_eq!(finished["status"], "COMPLETED");
+    assert_eq!((finished["uploadedChunks"].as_u64(), finished["uploadedBytes"].as_u64()), (Some(3), Some(2500)));
+    assert_eq!(finished["progress"].as_f64(), Some(100.0));
+    // Progress reads 100 only once every byte is in, however close the rest comes.
+    let init = json!({"filename": "nearly.bin", "totalSize": 100_001, "chunkSize": 100_000});
+    let nearly: Value = gw
+        .client
+        .post(gw.url("/api/v1/upload/initiate"))
+        .bearer_auth(&token)
+        .json(&init)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let nearly_id = nearly["sessionId"].as_str().unwrap().to_owned();
+    let first = gw.client.put(gw.url(&format!("/api/v1/upload/{nearly_id}/chunk/0"))).bearer_auth(&token);
+    assert_eq!(first.body(vec![7u8; 100_000]).send().await.unwrap().status(), StatusCode::OK);
+    let nearly = status_of(nearly_id).await;
+    assert_eq!((nearly["uploadedChunks"].as_u64(), nearly["progress"].as_f64()), (Some(1), Some(99.99)), "{nearly}");
 
     // A session whose assembled bytes do not match the announced checksum fails and can be cancelled.
     let init = json!({"filename": "x.bin", "totalSize": 3, "checksum": format!("sha256:{}", sha256_hex(b"abc"))});

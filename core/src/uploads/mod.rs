@@ -265,11 +265,16 @@ impl Documents {
         // Counted while the session was here: a hand-over takes it with its chunks at once.
         still_here(self.meta().pool(), id).await?;
         let status = if s.status == "ACTIVE" && self.clock().now_ms() >= s.expires_at { "EXPIRED" } else { &s.status };
+        // A completed session received every chunk (its chunks went into the document).
+        let (count, bytes) = if s.status == "COMPLETED" { (s.total_chunks, s.total_size) } else { (count, bytes) };
         #[allow(clippy::cast_precision_loss)]
-        let progress = if s.status == "COMPLETED" || s.total_size == 0 {
-            if count == s.total_chunks { 100.0 } else { 0.0 }
+        let progress = if bytes >= s.total_size && count == s.total_chunks {
+            100.0
+        } else if s.total_size == 0 {
+            0.0
         } else {
-            (bytes as f64 * 10_000.0 / s.total_size as f64).round() / 100.0
+            // Rounded down: 100 only once every byte is in.
+            (bytes as f64 * 10_000.0 / s.total_size as f64).floor().min(9_999.0) / 100.0
         };
         Ok(Session {
             session_id: id.to_owned(),
