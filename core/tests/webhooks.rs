@@ -273,7 +273,9 @@ async fn batches_lease_once_and_record_every_outcome(env: Env) {
     assert_eq!(retries.len(), 83);
     assert!(retries.iter().all(|d| d.attempts == 1));
 
-    // The window counted the whole batch: one more batch of failures crosses the rule.
+    // The window counted each event once, when it ended: the batch's 84 deliveries and 83
+    // failures so far (its 83 retries not yet), then the retries failing for good, which
+    // cross the rule: 166 failures of 250 calls.
     let failed: Vec<Outcome> = retries
         .iter()
         .map(|d| Outcome {
@@ -284,12 +286,12 @@ async fn batches_lease_once_and_record_every_outcome(env: Env) {
             finished_at: now + 10_001,
         })
         .collect();
-    let strict = DeactivationRule { failure_rate_percent: 70, ..DeactivationRule::default() };
+    let strict = DeactivationRule { failure_rate_percent: 60, ..DeactivationRule::default() };
     let reason = webhooks::record_attempts(meta, "batch", &failed, &strict, now + 10_001)
         .await
         .unwrap()
-        .expect("249 failures of 333 calls deactivate");
-    assert!(reason.contains("249 of the last 333"), "{reason}");
+        .expect("166 failures of 250 calls deactivate");
+    assert!(reason.contains("166 of the last 250"), "{reason}");
 }
 
 async fn key_rotation_keeps_the_old_key_for_the_grace_period(env: Env) {
@@ -306,6 +308,34 @@ async fn key_rotation_keeps_the_old_key_for_the_grace_period(env: Env) {
     assert_eq!(after, vec![b"two".to_vec()]);
 }
 
+/// Three events to a dead endpoint, each tried four times, are three calls, not twelve:
+/// the endpoint stays active until ten events have ended, as the seed's rule reads.
+async fn retries_count_as_one_call_per_event(env: Env) {
+    let meta = &env.meta;
+    let now = 1_767_225_600_000;
+    let rule = DeactivationRule::default();
+    webhooks::ingest(meta, &[endpoint("dead", vec![])], &event(EventType::DocumentUploaded, now), now).await.unwrap();
+    let mut at = now;
+    for event_number in 0..10 {
+        if event_number > 0 {
+            let e = event(EventType::DocumentUploaded, at);
+            webhooks::ingest(meta, &[endpoint("dead", vec![])], &e, at).await.unwrap();
+        }
+        for attempt in 0..4 {
+            let d = webhooks::claim_due(meta, "dead", at, 1, Duration::from_secs(5)).await.unwrap().remove(0);
+            let next = if attempt < 3 { Next::RetryAt(at + 1) } else { Next::Failed };
+            let deactivated = webhooks::record_attempt(meta, &d, &failure(at), next, false, &rule, at).await.unwrap();
+            at += 1;
+            if event_number < 9 || attempt < 3 {
+                assert_eq!(deactivated, None, "event {event_number}, attempt {attempt}");
+            } else {
+                let reason = deactivated.expect("the tenth failed event deactivates");
+                assert!(reason.contains("10 of the last 10"), "{reason}");
+            }
+        }
+    }
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test] async fn $name() { super::$name(super::env(false).await).await } )* }
@@ -316,6 +346,7 @@ macro_rules! on_both {
 on_both!(
     delivery_lifecycle,
     deactivation_and_replay,
+    retries_count_as_one_call_per_event,
     batches_lease_once_and_record_every_outcome,
     key_rotation_keeps_the_old_key_for_the_grace_period,
 );

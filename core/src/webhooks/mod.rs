@@ -342,8 +342,9 @@ async fn write_outcomes(tx: &mut Tx, webhook: &str, chunk: &[Outcome]) -> Result
 }
 
 /// Records finished attempts of one endpoint in one transaction: their attempt rows, their
-/// deliveries' new states, the endpoint's counters, and, when an attempt met 410 Gone or
-/// the rule says so, the endpoint's deactivation with a `WEBHOOK_DEACTIVATED` event.
+/// deliveries' new states, the endpoint's counters (a call per delivery that ended, a
+/// failure per one that failed for good), and, when an attempt met 410 Gone or the rule
+/// says so, the endpoint's deactivation with a `WEBHOOK_DEACTIVATED` event.
 /// Returns the reason of a deactivation these attempts caused.
 ///
 /// A dispatcher records its attempts in batches: the endpoint's counter row is written
@@ -359,8 +360,13 @@ pub async fn record_attempts(
     if outcomes.is_empty() {
         return Ok(None);
     }
-    let failures = i64::try_from(outcomes.iter().filter(|o| !o.attempt.success).count()).unwrap_or(i64::MAX);
-    let calls = i64::try_from(outcomes.len()).unwrap_or(i64::MAX);
+    // Calls are counted per event, as the seed's rule reads ("over 10+ calls"): a delivery
+    // counts once, when it ends (delivered, or failed with no retry left), whatever number
+    // of attempts it took; an attempt to be retried is not judged yet.
+    let ended = |o: &&Outcome| !matches!(o.next, Next::RetryAt(_));
+    let calls = i64::try_from(outcomes.iter().filter(ended).count()).unwrap_or(i64::MAX);
+    let failures =
+        i64::try_from(outcomes.iter().filter(|o| matches!(o.next, Next::Failed)).count()).unwrap_or(i64::MAX);
     let gone = outcomes.iter().any(|o| o.gone);
     meta.write(|mut owned| {
         Box::pin(async move {
