@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod documents;
 pub mod events;
+pub mod js_json;
 pub mod process;
 pub mod resharding;
 pub mod retention;

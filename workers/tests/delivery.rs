@@ -301,3 +301,76 @@ async fn a_rotated_key_signs_beside_the_new_one() {
     assert_eq!(r.headers["x-webhook-signature"], legacy_signature(b"new-key", &r.body).as_str());
     env.engine.shutdown().await;
 }
+
+/// Runs one of the seed's receiver checks (`seed_verify.js` under Node.js, `seed_verify.py`
+/// under Python) over `deliveries` (body, `X-Webhook-Signature`): how many verified, and
+/// how many not.
+fn seed_check(program: &std::path::Path, script: &str, deliveries: &[(String, String)]) -> (u64, u64) {
+    use std::io::Write as _;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
+    let mut child = std::process::Command::new(program)
+        .arg(script)
+        .arg(String::from_utf8(KEY.to_vec()).unwrap())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/test installs it)", program.display()));
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for (body, signature) in deliveries {
+            writeln!(stdin, "{}", json!({"body": body, "signature": signature})).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (verdict["ok"].as_u64().unwrap(), verdict["bad"].as_u64().unwrap())
+}
+
+/// Every event type, with the values JavaScript writes otherwise than Rust (a whole-number
+/// progress, tiny and huge numbers, keys that are array indices, escapes), verifies with
+/// the seed's Node.js check, which signs `JSON.stringify(req.body)`, and with its Python
+/// check, which signs the body as received.
+#[tokio::test]
+async fn every_event_type_verifies_with_the_seeds_node_and_python_receivers() {
+    let receiver = Receiver::start(|_| status(200)).await;
+    let env = env(vec![("all", config(&receiver.url, no_jitter(0, 1)))], loopback()).await;
+    let types = [
+        EventType::DocumentUploaded,
+        EventType::DocumentUpdated,
+        EventType::DocumentDeleted,
+        EventType::DocumentArchived,
+        EventType::DocumentRestored,
+        EventType::DocumentVersionCreated,
+        EventType::BulkOperationProgress,
+        EventType::BulkOperationCompleted,
+        EventType::WebhookDeactivated,
+    ];
+    for (n, event_type) in types.into_iter().enumerate() {
+        let mut fields = Map::new();
+        fields.insert("documentId".into(), json!(n));
+        fields.insert("progress".into(), json!(50.0));
+        fields.insert("ratio".into(), json!(0.000_001));
+        fields.insert("huge".into(), json!(1e21));
+        fields.insert("size".into(), json!(9_007_199_254_740_991_i64));
+        fields.insert("filename".into(), json!("quarterly \"report\"\n\u{1}é.pdf"));
+        fields.insert("metadata".into(), json!({"title": "Q4", "2024": {"10": true, "9": false}, "tags": ["a"]}));
+        env.engine.ingest(&Event::new(event_type, Clock::system().now_ms(), fields)).await.unwrap();
+    }
+    let seen = receiver.wait_for(types.len(), Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), types.len());
+    let deliveries: Vec<(String, String)> = seen
+        .iter()
+        .map(|r| {
+            let body = String::from_utf8(r.body.to_vec()).unwrap();
+            (body, r.headers["x-webhook-signature"].to_str().unwrap().to_owned())
+        })
+        .collect();
+    let mut kinds: Vec<&str> = seen.iter().map(|r| r.headers["x-event-type"].to_str().unwrap()).collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds.len(), types.len(), "one delivery of each type");
+    assert!(deliveries.iter().all(|(body, _)| body.contains(r#""progress":50,"#)), "{deliveries:?}");
+    let node = std::path::PathBuf::from("node");
+    assert_eq!(seed_check(&node, "seed_verify.js", &deliveries), (types.len() as u64, 0), "Node.js");
+    assert_eq!(seed_check(&vellum_testkit::python(), "seed_verify.py", &deliveries), (types.len() as u64, 0), "Python");
+    env.engine.shutdown().await;
+}

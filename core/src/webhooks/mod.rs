@@ -162,7 +162,9 @@ pub async fn ingest(
     if wanted.is_empty() {
         return Ok(queued);
     }
-    let body = event.payload.to_string();
+    // As JavaScript writes it: a receiver that parses and serialises it again (the seed's
+    // Node.js check) gets the bytes that were signed.
+    let body = crate::js_json::to_js_string(&event.payload);
     let event_timestamp = event.payload.get("timestamp").and_then(Value::as_i64).unwrap_or(now_ms);
     for endpoint in wanted {
         ensure_endpoint(meta, &endpoint.name, now_ms).await?;
