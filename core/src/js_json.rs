@@ -87,7 +87,7 @@ fn js_number(x: f64) -> String {
     } else if -6 < n && n <= 0 {
         format!("0.{}{digits}", zeros(-n))
     } else {
-        let sign = if n - 1 >= 0 { '+' } else { '-' };
+        let sign = if n > 0 { '+' } else { '-' };
         let mantissa = if k == 1 { digits.clone() } else { format!("{}.{}", &digits[..1], &digits[1..]) };
         format!("{mantissa}e{sign}{}", (n - 1).abs())
     };
