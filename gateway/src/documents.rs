@@ -70,6 +70,33 @@ struct UploadParams {
     change_description: Option<String>,
 }
 
+/// The multipart form of an upload, as `/openapi.json` describes it to generated clients:
+/// the file and what describes it, in any order.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // read part by part by `take`; this is its description
+struct UploadForm {
+    /// The bytes; the part's file name names the document.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    title: Option<String>,
+    description: Option<String>,
+    /// Comma-separated.
+    tags: Option<String>,
+    /// A JSON object.
+    metadata: Option<String>,
+}
+
+/// The multipart form of a new version.
+#[derive(utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)] // read part by part by `take`; this is its description
+struct VersionForm {
+    /// The bytes; the part's file name becomes the document's, if given.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    change_description: Option<String>,
+}
+
 fn split_tags(tags: &str) -> Vec<String> {
     tags.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect()
 }
@@ -245,7 +272,7 @@ pub(crate) fn count_upload(state: &AppState, uploaded: &Uploaded) {
         (a JSON object), in any order) or a raw body named by `?filename=`, `X-Filename` or Content-Disposition, \
         with the same options as query parameters. The bytes stream through SHA-256; bytes stored before are \
         deduplicated.",
-    request_body(description = "The file", content(("multipart/form-data"), ("application/octet-stream"))),
+    request_body(description = "The file", content((UploadForm = "multipart/form-data"), ("application/octet-stream"))),
     params(
         ("filename" = Option<String>, Query, description = "Raw-body uploads: the file name"),
         ("title" = Option<String>, Query),
@@ -308,12 +335,15 @@ async fn upload(
 #[utoipa::path(post, path = "/{id}/versions", tag = TAG,
     summary = "Upload a new version",
     description = "Multipart (`file`, optional `changeDescription`) or a raw body; the new version becomes current.",
-    request_body(description = "The file", content(("multipart/form-data"), ("application/octet-stream"))),
-    params(("id" = i64, Path), ("changeDescription" = Option<String>, Query), ("filename" = Option<String>, Query)),
+    request_body(description = "The file", content((VersionForm = "multipart/form-data"), ("application/octet-stream"))),
+    params(("id" = i64, Path), ("changeDescription" = Option<String>, Query), ("filename" = Option<String>, Query),
+        ("If-Match" = Option<String>, Header, nullable = false,
+            description = "The ETag the change is based on (or *): refused with 412 when the document changed since")),
     responses(
         (status = 201, body = Uploaded),
         (status = 400, body = ErrorBody),
         (status = 404, description = "No such document (or not yours)", body = ErrorBody),
+        (status = 412, description = "The document changed since the If-Match ETag", body = ErrorBody),
         (status = 413, body = ErrorBody),
     ))]
 async fn upload_version(
@@ -323,9 +353,12 @@ async fn upload_version(
     DocId(id): DocId,
     request: Request,
 ) -> ApiResult<Response> {
-    // Access (and existence) is checked before the bytes are taken.
+    // Access, existence and the precondition are checked before the bytes are taken (and
+    // the precondition again where the version is recorded).
+    let if_match = if_match(request.headers())?;
     let docs = state.docs();
     let upload = docs.begin_version(&actor, id).await?;
+    vellum_core::documents::precondition(upload.current(), if_match.as_deref())?;
     let content_type = Some(upload.current().content_type.clone());
     let (received, upload) = receive(&state, request, content_type, upload).await?;
     let params = &received.params;
@@ -339,41 +372,66 @@ async fn upload_version(
         filename: received.filename.clone(),
         content_type: received.content_type.clone(),
         change_description: params.change_description.clone(),
+        if_match,
     };
     let uploaded = upload.finish(&actor, new).await?;
     Ok(created(&state, &uploaded))
 }
 
+/// The `If-Match` header of a request, if it has one.
+fn if_match(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    headers
+        .get(header::IF_MATCH)
+        .map(|v| v.to_str().map(str::to_owned).map_err(|_| ApiError::bad_request("If-Match is not valid text")))
+        .transpose()
+}
+
+/// `document` as JSON, with its entity tag.
+fn with_etag(document: &vellum_core::documents::Document) -> Response {
+    ([(header::ETAG, document.etag())], axum::Json(document)).into_response()
+}
+
 #[utoipa::path(get, path = "/{id}", tag = TAG, summary = "A document's metadata", params(("id" = i64, Path)),
-    responses((status = 200, body = Document), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "The document; its ETag is what If-Match takes", body = Document,
+        headers(("ETag" = String))), (status = 404, body = ErrorBody)))]
 async fn get_document(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.get(&actor, id))).await?).into_response())
+    Ok(with_etag(&state.docs().at(id, |shard| Box::pin(shard.get(&actor, id))).await?))
 }
 
 #[utoipa::path(patch, path = "/{id}", tag = TAG,
     summary = "Change title, description, tags, custom metadata or file name",
-    params(("id" = i64, Path)), request_body = MetadataPatch,
-    responses((status = 200, body = Document), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = i64, Path), ("If-Match" = Option<String>, Header, nullable = false,
+            description = "The ETag the change is based on (or *): refused with 412 when the document changed since")), request_body = MetadataPatch,
+    responses((status = 200, description = "The document, with its new ETag", body = Document),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 412, description = "The document changed since the If-Match ETag; the answer carries the current one", body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
     User(actor): User,
     DocId(id): DocId,
+    headers: HeaderMap,
     JsonBody(patch): JsonBody<MetadataPatch>,
 ) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.update(&actor, id, patch.clone()))).await?)
-        .into_response())
+    let if_match = if_match(&headers)?;
+    let if_match = if_match.as_deref();
+    let updated = state.docs().at(id, |shard| Box::pin(shard.update_if(&actor, id, patch.clone(), if_match))).await?;
+    Ok(with_etag(&updated))
 }
 
 #[utoipa::path(put, path = "/{id}/metadata", tag = TAG, summary = "Change metadata (the seed's path)",
-    params(("id" = i64, Path)), request_body = MetadataPatch,
-    responses((status = 200, body = Document), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = i64, Path), ("If-Match" = Option<String>, Header, nullable = false,
+            description = "The ETag the change is based on (or *): refused with 412 when the document changed since")), request_body = MetadataPatch,
+    responses((status = 200, description = "The document, with its new ETag", body = Document),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 412, description = "The document changed since the If-Match ETag", body = ErrorBody)))]
 async fn update_metadata(
     state: State<AppState>,
     user: User,
     id: DocId,
+    headers: HeaderMap,
     patch: JsonBody<MetadataPatch>,
 ) -> ApiResult<Response> {
-    update(state, user, id, patch).await
+    update(state, user, id, headers, patch).await
 }
 
 #[derive(Deserialize, Debug, Default)]

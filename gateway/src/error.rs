@@ -57,6 +57,9 @@ impl From<DocError> for ApiError {
             DocError::ChecksumMismatch(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
             DocError::Conflict(_) => Self::new(StatusCode::CONFLICT, e.to_string()),
             DocError::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, e.to_string()),
+            DocError::PreconditionFailed { etag, .. } => {
+                Self::new(StatusCode::PRECONDITION_FAILED, e.to_string()).with_header(header::ETAG, etag)
+            }
             DocError::Unavailable(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).with_header(header::RETRY_AFTER, "1")
             }

@@ -59,6 +59,8 @@ pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     name_rules(spec);
     upload_limit(spec, max_upload);
+    seed_paths(spec);
+    unique_operation_ids(spec);
     let error = |description: &str| {
         ResponseBuilder::new()
             .description(description)
@@ -122,6 +124,58 @@ pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
             }
             for (status, description) in answers {
                 operation.responses.responses.entry(status.to_owned()).or_insert_with(|| error(description).into());
+            }
+        }
+    }
+}
+
+/// The seed's path prefixes, which the same document and webhook routes answer under
+/// (`/api/documents/…`, `/api/webhooks/…`, as the README uses them): documented there too,
+/// each operation under an id of its own.
+fn seed_paths(spec: &mut utoipa::openapi::OpenApi) {
+    let aliases: Vec<(String, utoipa::openapi::PathItem)> = spec
+        .paths
+        .paths
+        .iter()
+        .filter_map(|(path, item)| {
+            let alias = path
+                .strip_prefix("/api/v1/documents")
+                .map(|rest| format!("/api/documents{rest}"))
+                .or_else(|| path.strip_prefix("/api/v1/webhooks").map(|rest| format!("/api/webhooks{rest}")))?;
+            let mut item = item.clone();
+            for operation in operations(&mut item) {
+                if let Some(id) = operation.operation_id.as_mut() {
+                    id.push_str("_seed_path");
+                }
+            }
+            Some((alias, item))
+        })
+        .collect();
+    spec.paths.paths.extend(aliases);
+}
+
+/// Gives each operation an id of its own, as OpenAPI requires: a handler serving several
+/// methods (`PUT` and `POST` of a chunk) names all its operations alike, and the later ones
+/// get the method appended.
+fn unique_operation_ids(spec: &mut utoipa::openapi::OpenApi) {
+    let mut seen = std::collections::HashSet::new();
+    for item in spec.paths.paths.values_mut() {
+        let methods = [
+            ("get", &mut item.get),
+            ("put", &mut item.put),
+            ("post", &mut item.post),
+            ("delete", &mut item.delete),
+            ("head", &mut item.head),
+            ("patch", &mut item.patch),
+            ("options", &mut item.options),
+        ];
+        for (method, operation) in methods {
+            if let Some(id) = operation.as_mut().and_then(|op| op.operation_id.as_mut())
+                && !seen.insert(id.clone())
+            {
+                id.push('_');
+                id.push_str(method);
+                seen.insert(id.clone());
             }
         }
     }

@@ -133,6 +133,7 @@ on_both!(
     auth_and_ownership,
     bad_input_gets_precise_errors,
     signed_links_expire_and_resist_forgery,
+    two_editors_cannot_overwrite_each_other,
     webhook_api
 );
 
@@ -430,6 +431,55 @@ async fn uploads_downloads_and_conditional_requests(gw: Gateway) {
     let seed: Value =
         gw.get("alice", &format!("/api/documents/{}", doc["id"])).send().await.unwrap().json().await.unwrap();
     assert_eq!(seed["id"], doc["id"]);
+}
+
+/// Seed 001's conflict resolution: metadata changes and new versions honour `If-Match`, so
+/// the second of two editors who read the same document is told (412, with the ETag now)
+/// instead of silently overwriting the first.
+async fn two_editors_cannot_overwrite_each_other(gw: Gateway) {
+    let doc = gw.upload("alice", "plan.md", b"draft").await;
+    let url = gw.url(&format!("/api/v1/documents/{}", doc["id"]));
+    let token = gw.token("alice", &["user"]);
+    let read = gw.client.get(&url).bearer_auth(&token).send().await.unwrap();
+    let seen = read.headers()[header::ETAG].to_str().unwrap().to_owned();
+    assert!(seen.starts_with('"') && seen.ends_with('"'), "{seen}");
+    let patch = |title: &str, tag: &str| {
+        gw.client.patch(&url).bearer_auth(&token).header(header::IF_MATCH, tag).json(&json!({"title": title})).send()
+    };
+    // The first editor's change goes through and answers the new ETag.
+    let first = patch("First", &seen).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let now = first.headers()[header::ETAG].to_str().unwrap().to_owned();
+    assert_ne!(now, seen);
+    // The second, based on what both read, is refused and told the ETag now.
+    let second = patch("Second", &seen).await.unwrap();
+    assert_eq!(second.headers()[header::ETAG].to_str().unwrap(), now);
+    assert!(error_of(second, StatusCode::PRECONDITION_FAILED).await.contains("changed since it was read"));
+    let seed_path = gw.url(&format!("/api/documents/{}/metadata", doc["id"]));
+    let stale =
+        gw.client.put(&seed_path).bearer_auth(&token).header(header::IF_MATCH, &seen).json(&json!({"title": "x"}));
+    error_of(stale.send().await.unwrap(), StatusCode::PRECONDITION_FAILED).await;
+    // A new version on a stale ETag is refused before its bytes are kept; on the current one
+    // (or `*`, or a list holding it) it goes through.
+    let version = |tag: &str, body: &'static [u8]| {
+        let form = Form::new().part("file", Part::bytes(body).file_name("plan.md"));
+        gw.client
+            .post(format!("{url}/versions"))
+            .bearer_auth(&token)
+            .header(header::IF_MATCH, tag)
+            .multipart(form)
+            .send()
+    };
+    error_of(version(&seen, b"stale").await.unwrap(), StatusCode::PRECONDITION_FAILED).await;
+    let current: Value = gw.client.get(&url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!((current["title"].as_str(), current["currentVersion"].as_i64()), (Some("First"), Some(1)));
+    let listed = format!("\"other\", {now}");
+    assert_eq!(version(&listed, b"second").await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(version("*", b"third").await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(patch("Weak", &format!("W/{now}")).await.unwrap().status(), StatusCode::PRECONDITION_FAILED);
+    // Without If-Match, a change is unconditional, as before.
+    let plain = gw.client.patch(&url).bearer_auth(&token).json(&json!({"title": "Last"})).send().await.unwrap();
+    assert_eq!(plain.status(), StatusCode::OK);
 }
 
 async fn versions_restore_and_deletion(gw: Gateway) {
@@ -1272,7 +1322,25 @@ async fn the_openapi_document_matches_the_routes() {
     }
     operations.sort();
     let listed: Vec<String> = operations.iter().map(|(m, p)| format!("{m} {p}")).collect();
-    assert_eq!(listed, OPERATIONS);
+    // The seed's prefixes document the same document and webhook operations.
+    let mut expected: Vec<String> = OPERATIONS.iter().map(|op| (*op).to_owned()).collect();
+    for op in OPERATIONS {
+        let (method, path) = op.split_once(' ').unwrap();
+        for (v1, seed) in [("/api/v1/documents", "/api/documents"), ("/api/v1/webhooks", "/api/webhooks")] {
+            if let Some(rest) = path.strip_prefix(v1) {
+                expected.push(format!("{method} {seed}{rest}"));
+            }
+        }
+    }
+    expected.sort();
+    assert_eq!(listed, expected);
+    let ids: std::collections::BTreeSet<&str> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values().filter_map(|op| op["operationId"].as_str()))
+        .collect();
+    assert_eq!(ids.len(), listed.len(), "every operation has an id of its own");
 
     let token = gw.token("alice", &["user", "admin"]);
     for (method, path) in &operations {

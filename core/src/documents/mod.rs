@@ -37,6 +37,14 @@ use crate::events::{Bus, Event};
 use crate::routing::RoutingTable;
 use crate::store::{Metadata, StoreError, Tx};
 
+/// Refuses a conditional change of `doc` that no longer matches `if_match`.
+pub fn precondition(doc: &Document, if_match: Option<&str>) -> Result<(), DocError> {
+    match if_match {
+        Some(tags) if !doc.matches(tags) => Err(DocError::PreconditionFailed { id: doc.id, etag: doc.etag() }),
+        _ => Ok(()),
+    }
+}
+
 /// Why a document operation failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum DocError {
@@ -58,6 +66,10 @@ pub enum DocError {
     ChecksumMismatch(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A conditional change (`If-Match`) of a document that changed since the client read
+    /// it: `etag` is the document's entity tag now.
+    #[error("document {id} changed since it was read: its ETag is now {etag}; read it again and reapply the change")]
+    PreconditionFailed { id: i64, etag: String },
     /// Not now, soon: the document's shard is handing it over, or a move this replica has
     /// not loaded yet is under way.
     #[error("{0}")]
@@ -715,8 +727,9 @@ impl Documents {
         body: impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     ) -> Result<Uploaded, DocError> {
         Self::check_version(&new)?;
-        // Check access before taking the bytes.
+        // Check access (and the precondition) before taking the bytes.
         let current = self.get(actor, id).await?;
+        precondition(&current, new.if_match.as_deref())?;
         let content_type = Self::version_content_type(&current, &new);
         let blob = self.store_bytes(&content_type, body).await?;
         self.record_version(actor, id, new, blob).await
@@ -760,6 +773,7 @@ impl Documents {
                     let tx = &mut owned;
                     let now = self.clock.now_ms();
                     let doc = load(tx, actor, id, false).await?;
+                    precondition(&doc, new.if_match.as_deref())?;
                     let content_type = &Self::version_content_type(&doc, new);
                     let filename = new.filename.as_ref().unwrap_or(&doc.filename);
                     let deduplicated = record_blob(tx, blob, now).await?;
@@ -834,6 +848,19 @@ impl Documents {
 
     /// Changes a document's descriptive metadata.
     pub async fn update(&self, actor: &Actor, id: i64, patch: MetadataPatch) -> Result<Document, DocError> {
+        self.update_if(actor, id, patch, None).await
+    }
+
+    /// [`Self::update`], only if the document still matches `if_match` (an `If-Match`
+    /// header's value), checked in the transaction that changes it: two editors who read
+    /// the same document cannot both change it unseen.
+    pub async fn update_if(
+        &self,
+        actor: &Actor,
+        id: i64,
+        patch: MetadataPatch,
+        if_match: Option<&str>,
+    ) -> Result<Document, DocError> {
         if let Some(name) = &patch.filename {
             check_filename(name).map_err(DocError::Invalid)?;
         }
@@ -854,6 +881,7 @@ impl Documents {
                     let tx = &mut owned;
                     let now = self.clock.now_ms();
                     let mut doc = load(tx, actor, id, false).await?;
+                    precondition(&doc, if_match)?;
                     let mut changed: Vec<&str> = Vec::new();
                     if let Some(title) = &patch.title
                         && *title != doc.title

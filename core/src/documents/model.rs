@@ -67,6 +67,25 @@ pub struct Document {
     pub archive_id: Option<String>,
 }
 
+impl Document {
+    /// The document's entity tag, quoted as `ETag` carries it: a digest of everything the
+    /// document says of itself, so that any change (metadata, a version, a tier, a hold)
+    /// gives a new one.
+    pub fn etag(&self) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(serde_json::to_vec(self).unwrap_or_default());
+        format!("\"{}\"", hex::encode(&digest[..16]))
+    }
+
+    /// Whether an `If-Match` header's value (`*`, or a comma-separated list of entity tags)
+    /// lets a change of the document as it is now go ahead: strong comparison, so a weak
+    /// tag (`W/"…"`) never matches.
+    pub fn matches(&self, if_match: &str) -> bool {
+        let etag = self.etag();
+        if_match.split(',').map(str::trim).any(|tag| tag == "*" || tag == etag)
+    }
+}
+
 /// The answer to an upload.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -96,6 +115,10 @@ pub struct NewVersion {
     pub filename: Option<String>,
     pub content_type: Option<String>,
     pub change_description: Option<String>,
+    /// The document as the uploader last saw it (an `If-Match` header's value): the
+    /// version is refused, with [`super::DocError::PreconditionFailed`], when the document
+    /// has changed since.
+    pub if_match: Option<String>,
 }
 
 /// A change of a document's descriptive metadata; absent fields are left alone, and a
