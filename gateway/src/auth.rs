@@ -139,6 +139,13 @@ pub struct Auth {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     /// Verifies the operator's smoke-check tokens.
     smoke: Option<DecodingKey>,
+    /// Where token checks are counted, by outcome, once the metrics exist.
+    attempts: std::sync::OnceLock<
+        prometheus_client::metrics::family::Family<
+            crate::metrics::OutcomeLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    >,
 }
 
 impl std::fmt::Debug for Auth {
@@ -269,7 +276,13 @@ impl Auth {
             Some(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
         };
         let smoke = settings.smoke_key.as_deref().map(DecodingKey::from_secret);
-        Ok(Self { keys: RwLock::new(Arc::new(keys)), settings: settings.clone(), limiter, smoke })
+        Ok(Self {
+            keys: RwLock::new(Arc::new(keys)),
+            settings: settings.clone(),
+            limiter,
+            smoke,
+            attempts: std::sync::OnceLock::new(),
+        })
     }
 
     fn key_set(&self) -> Arc<KeySet> {
@@ -299,6 +312,25 @@ impl Auth {
     /// Checks a bearer token and returns who it names. A token longer than
     /// [`MAX_TOKEN_BYTES`](crate::limits::MAX_TOKEN_BYTES) is refused unread.
     pub fn verify(&self, token: &str) -> Result<Actor, String> {
+        let checked = self.check(token);
+        if let Some(attempts) = self.attempts.get() {
+            crate::metrics::SeedMetrics::count(attempts, checked.is_ok());
+        }
+        checked
+    }
+
+    /// Counts every token check from now on in `attempts`, by outcome.
+    pub fn count_in(
+        &self,
+        attempts: prometheus_client::metrics::family::Family<
+            crate::metrics::OutcomeLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) {
+        self.attempts.set(attempts).ok();
+    }
+
+    fn check(&self, token: &str) -> Result<Actor, String> {
         if token.len() > crate::limits::MAX_TOKEN_BYTES {
             return Err(format!("the token is longer than {} bytes", crate::limits::MAX_TOKEN_BYTES));
         }

@@ -40,9 +40,70 @@ struct ConfigLabels {
     hash: String,
 }
 
-/// The gateway's metrics, registered under the `vellum_gateway` prefix.
+/// An outcome: `success` or `failure`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    outcome: String,
+}
+
+/// The metrics the seed's dashboards read (seed 004's Micrometer meters, under the names
+/// Prometheus gives them, without the gateway's prefix): `websocket_connections_total`,
+/// `websocket_disconnections_total`, `websocket_active_connections`,
+/// `authentication_attempts_total` and `recovery_attempts_total`.
+#[derive(Clone, Debug, Default)]
+pub struct SeedMetrics {
+    /// WebSocket connections (JSON, STOMP, SockJS) opened or refused.
+    pub websocket_connections: Family<OutcomeLabels, Counter>,
+    pub websocket_disconnections: Counter,
+    pub websocket_active_connections: Gauge,
+    /// Token checks, wherever a token is presented.
+    pub authentication_attempts: Family<OutcomeLabels, Counter>,
+    /// Streams resumed from a `Last-Event-ID`.
+    pub recovery_attempts: Family<OutcomeLabels, Counter>,
+}
+
+impl SeedMetrics {
+    /// Counts one of `family` as a success or a failure.
+    pub fn count(family: &Family<OutcomeLabels, Counter>, success: bool) {
+        let outcome = if success { "success" } else { "failure" };
+        family.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "websocket_connections",
+            "WebSocket connections (JSON, STOMP, SockJS) by outcome",
+            self.websocket_connections.clone(),
+        );
+        registry.register(
+            "websocket_disconnections",
+            "WebSocket connections closed",
+            self.websocket_disconnections.clone(),
+        );
+        registry.register(
+            "websocket_active_connections",
+            "WebSocket connections open now",
+            self.websocket_active_connections.clone(),
+        );
+        registry.register(
+            "authentication_attempts",
+            "Token checks by outcome (HTTP, WebSocket, STOMP, SSE)",
+            self.authentication_attempts.clone(),
+        );
+        registry.register(
+            "recovery_attempts",
+            "Event streams resumed from a Last-Event-ID, by outcome",
+            self.recovery_attempts.clone(),
+        );
+    }
+}
+
+/// The gateway's metrics, registered under the `vellum_gateway` prefix, and those the
+/// seed's dashboards read under their own names ([`SeedMetrics`]).
 pub struct Metrics {
     registry: Registry,
+    /// The seed's meters, for the parts of the gateway that count them.
+    pub seed: SeedMetrics,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
     bytes_in: Family<RouteLabels, Counter>,
@@ -82,7 +143,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("vellum_gateway");
+        let mut root = Registry::default();
+        let seed = SeedMetrics::default();
+        seed.register(&mut root);
+        let registry = root.sub_registry_with_prefix("vellum_gateway");
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -131,7 +195,8 @@ impl Metrics {
             tier_cost,
             savings,
             usage_at: std::sync::Mutex::new(None),
-            registry,
+            registry: root,
+            seed,
             requests,
             latency,
             bytes_in,

@@ -180,6 +180,8 @@ pub struct Hub {
     /// In a cluster: the event stream, the history SSE clients resume from (the outbox
     /// otherwise).
     stream: OnceLock<async_nats::jetstream::Context>,
+    /// Where connections and stream recoveries are counted, once the metrics exist.
+    seed: OnceLock<crate::metrics::SeedMetrics>,
 }
 
 impl Hub {
@@ -192,6 +194,7 @@ impl Hub {
             clock,
             remote: OnceLock::new(),
             stream: OnceLock::new(),
+            seed: OnceLock::new(),
         }
     }
 
@@ -255,7 +258,37 @@ impl Hub {
     pub(crate) fn connected(&self, user: &str) -> Connection<'_> {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         *self.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(user.to_owned()).or_default() += 1;
-        Connection { hub: self, user: user.to_owned(), jobs: 0, channels: 0 }
+        Connection { hub: self, user: user.to_owned(), jobs: 0, channels: 0, socket: false }
+    }
+
+    /// [`Self::connected`] for a WebSocket (JSON, STOMP or SockJS), counted as one.
+    pub(crate) fn socket_connected(&self, user: &str) -> Connection<'_> {
+        if let Some(seed) = self.seed.get() {
+            crate::metrics::SeedMetrics::count(&seed.websocket_connections, true);
+            seed.websocket_active_connections.inc();
+        }
+        let mut connection = self.connected(user);
+        connection.socket = true;
+        connection
+    }
+
+    /// Counts a WebSocket connection refused (no token, a bad one, a failed handshake).
+    pub(crate) fn socket_refused(&self) {
+        if let Some(seed) = self.seed.get() {
+            crate::metrics::SeedMetrics::count(&seed.websocket_connections, false);
+        }
+    }
+
+    /// Counts a stream resumed from a `Last-Event-ID`, or one that could not be.
+    fn recovered(&self, success: bool) {
+        if let Some(seed) = self.seed.get() {
+            crate::metrics::SeedMetrics::count(&seed.recovery_attempts, success);
+        }
+    }
+
+    /// Counts connections and recoveries in `seed` from now on.
+    pub fn count_in(&self, seed: crate::metrics::SeedMetrics) {
+        self.seed.set(seed).ok();
     }
 }
 
@@ -265,6 +298,8 @@ pub(crate) struct Connection<'a> {
     user: String,
     jobs: i64,
     channels: i64,
+    /// A WebSocket, counted among the sockets.
+    socket: bool,
 }
 
 impl Connection<'_> {
@@ -282,6 +317,12 @@ impl Drop for Connection<'_> {
     fn drop(&mut self) {
         let c = &self.hub.counters;
         c.connections.fetch_sub(1, Ordering::Relaxed);
+        if self.socket
+            && let Some(seed) = self.hub.seed.get()
+        {
+            seed.websocket_disconnections.inc();
+            seed.websocket_active_connections.dec();
+        }
         c.job_subscriptions.fetch_sub(self.jobs, Ordering::Relaxed);
         c.channel_subscriptions.fetch_sub(self.channels, Ordering::Relaxed);
         let mut users = self.hub.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -355,13 +396,13 @@ pub async fn websocket(
     let upgrade = sized(upgrade.protocols(stomp::SUBPROTOCOLS));
     let hub = Arc::clone(&state.hub);
     if upgrade.selected_protocol().is_some() {
-        let actor = optional_actor(&state, &headers, &uri)?;
+        let actor = optional_actor(&state, &headers, &uri).inspect_err(|_| hub.socket_refused())?;
         let auth = Arc::clone(&state.auth);
         return Ok(upgrade.on_upgrade(move |socket| {
             stomp::session(stomp::Link::WebSocket(Box::new(socket)), Framing::Raw, hub, auth, actor)
         }));
     }
-    let actor = required_actor(&state, &headers, &uri)?;
+    let actor = required_actor(&state, &headers, &uri).inspect_err(|_| hub.socket_refused())?;
     Ok(upgrade.on_upgrade(move |socket| json_session(socket, hub, actor)))
 }
 
@@ -390,7 +431,7 @@ pub(crate) const CHANNELS: [&str; 4] = ["documents", "notifications", "webhooks"
 
 async fn json_session(socket: WebSocket, hub: Arc<Hub>, actor: Actor) {
     let mut notices = hub.sender.subscribe();
-    let mut connection = hub.connected(&actor.user);
+    let mut connection = hub.socket_connected(&actor.user);
     let (mut tx, mut rx) = socket.split();
     let now = || hub.clock.now_ms();
     let hello = json!({
@@ -512,6 +553,7 @@ pub async fn sse(
                     Ok(page) => page,
                     Err(e) => {
                         tracing::warn!(error = %e, "reading the event history");
+                        hub.recovered(false);
                         return;
                     }
                 };
@@ -525,6 +567,7 @@ pub async fn sse(
                 }
             }
             last_sent = Some(after);
+            hub.recovered(true);
         }
         loop {
             match live.recv().await {

@@ -300,6 +300,8 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
     };
 
     state.metrics.set_config_hash(&config_hash);
+    state.auth.count_in(state.metrics.seed.authentication_attempts.clone());
+    state.hub.count_in(state.metrics.seed.clone());
     let (stop, stopped) = watch::channel(false);
     // Standalone, this process relays its outbox; in a cluster the workers do.
     let relays = match role {

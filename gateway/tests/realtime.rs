@@ -303,3 +303,55 @@ async fn upload_progress_reaches_the_owner_subscribed_to_the_session_as_job_upda
     send(&mut bob, json!({"type": "ping"})).await;
     assert_eq!(next_json(&mut bob).await["type"], "pong");
 }
+
+/// The seed's dashboard meters (seed 004), under their own names on `/metrics`:
+/// WebSocket connections by outcome, disconnections, connections open now, token checks by
+/// outcome, and streams resumed from a `Last-Event-ID`.
+#[tokio::test]
+async fn the_seeds_connection_and_authentication_meters_count() {
+    let gw = gateway().await;
+    let scrape = || async {
+        let url = format!("{}/metrics", gw.running.url);
+        gw.client.get(url).send().await.unwrap().text().await.unwrap()
+    };
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+    };
+    let mut alice = gw.ws("alice", &["user"]).await;
+    let refused = format!("{}/ws?token=not-a-token", gw.running.url.replace("http://", "ws://"));
+    assert!(tokio_tungstenite::connect_async(refused).await.is_err(), "a bad token is refused");
+    let open = scrape().await;
+    assert_eq!(value(&open, r#"websocket_connections_total{outcome="success"}"#), Some(1.0), "{open}");
+    assert_eq!(value(&open, r#"websocket_connections_total{outcome="failure"}"#), Some(1.0), "{open}");
+    assert_eq!(value(&open, "websocket_active_connections "), Some(1.0), "{open}");
+    assert_eq!(value(&open, r#"authentication_attempts_total{outcome="failure"}"#), Some(1.0), "{open}");
+    assert!(value(&open, r#"authentication_attempts_total{outcome="success"}"#) >= Some(1.0), "{open}");
+
+    alice.close(None).await.unwrap();
+    while alice.next().await.is_some() {}
+    // An SSE client resumes from an event id.
+    gw.upload("alice", "a.txt").await;
+    let resumed = gw
+        .client
+        .get(format!("{}/api/v1/events/stream", gw.running.url))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .header("Last-Event-ID", "0")
+        .send()
+        .await
+        .unwrap();
+    let mut body = resumed.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("a.txt"), "the missed event comes first");
+    let mut closed = String::new();
+    for _ in 0..100 {
+        closed = scrape().await;
+        if value(&closed, "websocket_active_connections ") == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(value(&closed, "websocket_active_connections "), Some(0.0), "{closed}");
+    assert_eq!(value(&closed, "websocket_disconnections_total "), Some(1.0), "{closed}");
+    assert_eq!(value(&closed, r#"recovery_attempts_total{outcome="success"}"#), Some(1.0), "{closed}");
+    assert!(closed.contains("vellum_gateway_http_requests_total"), "the gateway's own meters keep their prefix");
+}

@@ -320,9 +320,12 @@ pub async fn session(link: Link, framing: Framing, hub: Arc<Hub>, auth: Arc<Auth
         Ok(Err(Some((message, detail)))) => return wire.fail(message, &detail, 1002).await,
         Err(_) => return wire.fail("no CONNECT", "send CONNECT within 10 seconds of opening", 1008).await,
     };
-    let Some((actor, heart_beat, version)) = accept(&mut wire, &connect, actor, &auth).await else { return };
+    let Some((actor, heart_beat, version)) = accept(&mut wire, &connect, actor, &auth).await else {
+        hub.socket_refused();
+        return;
+    };
     let mut notices = hub.sender.subscribe();
-    let connection = hub.connected(&actor.user);
+    let connection = hub.socket_connected(&actor.user);
     let (send_every, expect_every) = negotiate(heart_beat, SERVER_HEART_BEAT);
     let mut connected = Frame::new("CONNECTED")
         .header("version", version)
