@@ -1,7 +1,9 @@
-//! A resharding's progress for admins, on the STOMP topic `/topic/migrations` (and the
-//! `migrations` channel of the WebSocket JSON protocol): seed 003's `StatusUpdateEvent`,
-//! sent as a notice to every gateway replica over NATS, at most once a second, with the
-//! phase change at the start and the end (completed or failed) always sent.
+//! The progress of what moves stored data, for admins, on the STOMP topic
+//! `/topic/migrations` (and the `migrations` channel of the WebSocket JSON protocol): a
+//! resharding (`shard-move/<routing version>`, phase `Moving`) and a tier drain
+//! (`tier-drain/<tier>`, phase `Draining`), as seed 003's `StatusUpdateEvent`, sent as a
+//! notice to every gateway replica over NATS, at most once a second, with the phase change
+//! at the start and the end (completed or failed) always sent.
 
 use std::time::{Duration, Instant};
 
@@ -14,11 +16,18 @@ const EVERY: Duration = Duration::from_secs(1);
 /// How long the last notices may take to leave before the command exits anyway.
 const FLUSH: Duration = Duration::from_secs(5);
 
-/// One `StatusUpdateEvent` about the move to routing `version`.
+/// What a status update is about: its `entityId` and its `phase`.
+#[derive(Clone, Copy, Debug)]
+pub struct Entity<'a> {
+    pub id: &'a str,
+    pub phase: &'a str,
+}
+
+/// One `StatusUpdateEvent` about `entity`.
 pub fn status_update(
     event_type: &str,
     status: &str,
-    version: &str,
+    entity: Entity<'_>,
     (moved, total): (i64, i64),
     message: &str,
     now_ms: i64,
@@ -32,19 +41,19 @@ pub fn status_update(
         "type": "status_update",
         "eventType": event_type,
         "entityType": "migration",
-        "entityId": format!("shard-move/{version}"),
+        "entityId": entity.id,
         "status": status,
         "progress": progress,
         "recordsProcessed": moved,
         "totalRecords": total,
-        "phase": "Moving",
+        "phase": entity.phase,
         "message": message,
         "timestamp": vellum_core::clock::rfc3339(now_ms),
     })
 }
 
-/// Sends a move's status updates to the gateways, when there is a NATS server to send
-/// them through; without one it only logs.
+/// Sends status updates to the gateways, when there is a NATS server to send them
+/// through; without one it only logs.
 #[derive(Debug)]
 pub struct Announcer {
     outgoing: Option<mpsc::UnboundedSender<Value>>,
@@ -56,10 +65,10 @@ impl Announcer {
     /// Connects to `nats_url`, if given.
     pub async fn connect(nats_url: Option<&str>) -> Self {
         let client = match nats_url {
-            Some(url) => match vellum_jetstream::connect(url, "vellum-workers-reshard").await {
+            Some(url) => match vellum_jetstream::connect(url, "vellum-workers-announce").await {
                 Ok(client) => Some(client),
                 Err(e) => {
-                    tracing::warn!(error = %e, "the move's progress is not announced to the gateways");
+                    tracing::warn!(error = %e, "progress is not announced to the gateways");
                     None
                 }
             },
@@ -70,7 +79,7 @@ impl Announcer {
         };
         let (outgoing, mut queue) = mpsc::unbounded_channel::<Value>();
         let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let origin = format!("workers-reshard-{}-{}", std::process::id(), started.as_nanos());
+        let origin = format!("workers-announce-{}-{}", std::process::id(), started.as_nanos());
         let task = tokio::spawn(async move {
             while let Some(message) = queue.recv().await {
                 let notice = WireNotice {
@@ -84,11 +93,11 @@ impl Announcer {
                     message,
                 };
                 if let Err(e) = vellum_jetstream::notices::send(&client, &notice).await {
-                    tracing::warn!(error = %e, "announcing the move's progress");
+                    tracing::warn!(error = %e, "announcing progress");
                 }
             }
             if let Err(e) = client.flush().await {
-                tracing::warn!(error = %e, "announcing the move's progress");
+                tracing::warn!(error = %e, "announcing progress");
             }
         });
         Self { outgoing: Some(outgoing), task: Some(task), last: std::sync::Mutex::new(None) }
@@ -116,7 +125,7 @@ impl Announcer {
         if let Some(task) = self.task.take()
             && tokio::time::timeout(FLUSH, task).await.is_err()
         {
-            tracing::warn!("the move's last progress did not reach NATS in time");
+            tracing::warn!("the last progress did not reach NATS in time");
         }
     }
 }
@@ -128,7 +137,8 @@ mod tests {
     #[test]
     fn progress_is_a_percent_to_a_tenth_and_whole_numbers_stay_integers() {
         let at = |moved, total| {
-            status_update("progress_updated", "RUNNING", "v", (moved, total), "m", 0)["progress"].to_string()
+            let entity = Entity { id: "shard-move/v", phase: "Moving" };
+            status_update("progress_updated", "RUNNING", entity, (moved, total), "m", 0)["progress"].to_string()
         };
         assert_eq!(at(1, 2), "50");
         assert_eq!(at(1, 3), "33.3");

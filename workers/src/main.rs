@@ -12,7 +12,7 @@ use vellum_core::documents::{Documents, Grace, Library, MigrationStep, library_o
 use vellum_core::process::{init_logging, shutdown_signal};
 use vellum_core::resharding::{ShardProgress, run_move_paced};
 use vellum_workers::Settings;
-use vellum_workers::announce::{Announcer, status_update};
+use vellum_workers::announce::{Announcer, Entity, status_update};
 use vellum_workers::retention::{RunSettings, drain_tier, run_policy};
 use vellum_workers::run::{Options, run};
 
@@ -93,6 +93,10 @@ enum Command {
         store: StoreArgs,
         #[command(flatten)]
         run: RunSettingsArgs,
+        /// The NATS server through which the drain's progress reaches the gateways (their
+        /// `/topic/migrations`); without one it is only logged.
+        #[arg(long, env = "VELLUM_NATS_URL")]
+        nats_url: Option<String>,
     },
 }
 
@@ -257,19 +261,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Drain { tier, to, store, run } => {
-                let (library, _) = store.open().await?;
-                let mut remaining = 0;
-                for (shard, docs) in library.names().iter().zip(library.shards()) {
-                    let report =
-                        drain_tier(docs, &tier, &to, run.settings()).await.with_context(|| format!("shard {shard}"))?;
-                    remaining += report.remaining;
-                    print_report(&library, shard, &report)?;
-                }
-                if remaining > 0 {
-                    anyhow::bail!("{remaining} blobs remain in storage tier {tier}");
-                }
-                Ok(())
+            Command::Drain { tier, to, store, run, nats_url } => {
+                drain(&tier, &to, store, &run, nats_url.as_deref()).await
             }
             Command::Reshard { store, batch, documents_per_second, source_grace_seconds, nats_url } => {
                 reshard(store, batch, documents_per_second, source_grace_seconds, nats_url.as_deref()).await
@@ -284,6 +277,65 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Empties `tier` into `to` on every shard, announcing the progress to the gateways (at
+/// most once a second) and printing each shard's report as JSON; fails while blobs remain.
+async fn drain(
+    tier: &str,
+    to: &str,
+    store: StoreArgs,
+    run: &RunSettingsArgs,
+    nats_url: Option<&str>,
+) -> anyhow::Result<()> {
+    let (library, _) = store.open().await?;
+    let announcer = Announcer::connect(nats_url).await;
+    let now = || vellum_core::clock::Clock::system().now_ms();
+    let entity_id = format!("tier-drain/{tier}");
+    let entity = Entity { id: &entity_id, phase: "Draining" };
+    let mut total = 0i64;
+    for docs in library.shards() {
+        let blobs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blobs WHERE tier = $1")
+            .bind(tier)
+            .fetch_one(docs.meta().pool())
+            .await
+            .context("counting the tier's blobs")?;
+        total += blobs;
+    }
+    let started = format!("moving {total} stored objects from tier {tier} to {to}");
+    announcer.send(status_update("phase_changed", "RUNNING", entity, (0, total), &started, now()));
+    let (mut moved_before, mut remaining) = (0i64, 0i64);
+    for (shard, docs) in library.names().iter().zip(library.shards()) {
+        let progress = |moved: i64| {
+            let moved = moved_before + moved;
+            announcer.progress(|| {
+                let message = format!("{moved} of {total} stored objects moved to tier {to}");
+                status_update("progress_updated", "RUNNING", entity, (moved, total), &message, now())
+            });
+        };
+        let report = match drain_tier(docs, tier, to, run.settings(), &progress).await {
+            Ok(report) => report,
+            Err(e) => {
+                let why = format!("draining tier {tier} failed on shard {shard} (the Job retries): {e}");
+                announcer.send(status_update("failed", "FAILED", entity, (moved_before, total), &why, now()));
+                announcer.finish().await;
+                return Err(anyhow::Error::new(e).context(format!("shard {shard}")));
+            }
+        };
+        moved_before += report.moved;
+        remaining += report.remaining;
+        print_report(&library, shard, &report)?;
+    }
+    if remaining > 0 {
+        let why = format!("{remaining} stored objects remain in tier {tier} (the Job retries)");
+        announcer.send(status_update("failed", "FAILED", entity, (moved_before, total), &why, now()));
+        announcer.finish().await;
+        anyhow::bail!("{remaining} blobs remain in storage tier {tier}");
+    }
+    let done = format!("tier {tier} is empty: {moved_before} stored objects moved to {to}");
+    announcer.send(status_update("completed", "COMPLETED", entity, (moved_before, total), &done, now()));
+    announcer.finish().await;
+    Ok(())
 }
 
 /// `vellum-workers reshard`: runs the move the config names, at its pace, announcing its
@@ -302,15 +354,17 @@ async fn reshard(
     let next = library.next().map(|t| t.version().to_owned()).unwrap_or_default();
     let announcer = Announcer::connect(nats_url).await;
     let now = || vellum_core::clock::Clock::system().now_ms();
+    let entity_id = format!("shard-move/{next}");
+    let entity = Entity { id: &entity_id, phase: "Moving" };
     let started = format!("moving documents to routing {next}");
-    announcer.send(status_update("phase_changed", "RUNNING", &next, (0, 0), &started, now()));
+    announcer.send(status_update("phase_changed", "RUNNING", entity, (0, 0), &started, now()));
     // Progress in the log and to the gateways at most once a second.
     let logged = std::sync::Mutex::new(std::time::Instant::now());
     let report = |sums: &[(String, ShardProgress)]| {
         let (moved, total) = sums.iter().fold((0, 0), |(m, t), (_, p)| (m + p.moved_documents, t + p.total_documents));
         announcer.progress(|| {
             let message = format!("{moved} of {total} documents moved");
-            status_update("progress_updated", "RUNNING", &next, (moved, total), &message, now())
+            status_update("progress_updated", "RUNNING", entity, (moved, total), &message, now())
         });
         let mut last = logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if last.elapsed() >= Duration::from_secs(1) {
@@ -323,14 +377,14 @@ async fn reshard(
         Ok(sums) => sums,
         Err(e) => {
             let why = format!("moving documents failed (the Job retries): {e}");
-            announcer.send(status_update("failed", "FAILED", &next, (0, 0), &why, now()));
+            announcer.send(status_update("failed", "FAILED", entity, (0, 0), &why, now()));
             announcer.finish().await;
             return Err(anyhow::Error::new(e).context("moving documents between shards"));
         }
     };
     let (moved, total) = sums.iter().fold((0, 0), |(m, t), (_, p)| (m + p.moved_documents, t + p.total_documents));
     let done = format!("{moved} documents moved; the routing flips next");
-    announcer.send(status_update("completed", "COMPLETED", &next, (moved, total), &done, now()));
+    announcer.send(status_update("completed", "COMPLETED", entity, (moved, total), &done, now()));
     announcer.finish().await;
     let shards: serde_json::Map<String, serde_json::Value> =
         sums.into_iter().map(|(name, p)| (name, serde_json::json!(p))).collect();

@@ -402,12 +402,14 @@ pub struct DrainReport {
     pub collected: u64,
 }
 
-/// Moves every blob out of tier `from` into `to`, so that `from` can be removed.
+/// Moves every blob out of tier `from` into `to`, so that `from` can be removed, telling
+/// `progress` the blobs moved so far after each batch.
 pub async fn drain_tier(
     docs: &Documents,
     from: &str,
     to: &str,
     settings: RunSettings,
+    progress: &(dyn Fn(i64) + Sync),
 ) -> Result<DrainReport, RunError> {
     docs.tiers().get(to).map_err(DocError::from)?;
     let mut report = DrainReport::default();
@@ -442,6 +444,7 @@ pub async fn drain_tier(
             }
         }
         after = last;
+        progress(report.moved);
     }
     report.collected = docs.collect_garbage().await?;
     report.remaining = sqlx::query_scalar("SELECT COUNT(*) FROM blobs WHERE tier = $1")

@@ -335,7 +335,12 @@ async fn a_tier_drains_into_another() {
     for n in 0..5 {
         upload(&p, &alice(), &format!("d{n}.txt"), &[], &body(20 + n, 3000)).await;
     }
-    let report = drain_tier(&p.docs, "hot", "warm", settings()).await.unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let report =
+        drain_tier(&p.docs, "hot", "warm", settings(), &|moved| seen.lock().unwrap().push(moved)).await.unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert!(!seen.is_empty() && seen.windows(2).all(|w| w[0] <= w[1]), "progress after each batch: {seen:?}");
+    assert_eq!(seen.last(), Some(&report.moved));
     assert_eq!((report.moved, report.remaining, report.errors), (5, 0, 0), "{report:?}");
     let usage = p.docs.usage(&p.config).await.unwrap();
     assert_eq!(usage.tiers.iter().find(|t| t.tier == "hot").unwrap().objects, 0);
@@ -565,4 +570,45 @@ async fn a_worker_killed_at_every_step_of_a_migration_loses_nothing() {
             sqlx::query_scalar("SELECT COUNT(*) FROM blob_garbage").fetch_one(p.docs.meta().pool()).await.unwrap();
         assert_eq!(garbage, 0, "{step:?}");
     }
+}
+
+/// `vellum-workers drain` (the Job a deleted StorageTier runs) announces its progress on
+/// the gateways' `/topic/migrations` through NATS, as seed 003's `StatusUpdateEvent`.
+#[tokio::test]
+async fn the_drain_command_announces_its_progress_on_topic_migrations() {
+    use futures::StreamExt as _;
+    let p = platform(false, false).await;
+    for n in 0..5 {
+        upload(&p, &alice(), &format!("d{n}.txt"), &[], &body(40 + n, 2000)).await;
+    }
+    let nats = vellum_testkit::NatsProcess::start().unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut notices = client.subscribe(vellum_jetstream::notices::SUBJECT).await.unwrap();
+    client.flush().await.unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vellum-workers"))
+        .args(["drain", "--tier", "hot", "--to", "warm", "--database-url", &p.database_url, "--nats-url", &nats.url()])
+        .arg("--config-dir")
+        .arg(p.dir.path().join("config"))
+        .arg("--data-dir")
+        .arg(p.dir.path())
+        .env("VELLUM_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut updates = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(std::time::Duration::from_secs(2), notices.next()).await {
+        let notice: vellum_jetstream::notices::WireNotice = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(notice.audience, vellum_jetstream::notices::WireAudience::Admins, "for admins only");
+        assert_eq!((notice.channel.as_str(), notice.kind.as_str()), ("migrations", "status_update"));
+        updates.push(notice.message);
+    }
+    let kinds: Vec<&str> = updates.iter().filter_map(|u| u["eventType"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"phase_changed"), "{updates:?}");
+    assert_eq!(kinds.last(), Some(&"completed"), "{updates:?}");
+    let done = updates.last().unwrap();
+    assert_eq!((done["entityId"].as_str(), done["phase"].as_str()), (Some("tier-drain/hot"), Some("Draining")));
+    assert_eq!((done["recordsProcessed"].as_u64(), done["totalRecords"].as_u64()), (Some(5), Some(5)), "{done}");
+    assert_eq!(done["progress"], 100);
+    let usage = p.docs.usage(&p.config).await.unwrap();
+    assert_eq!(usage.tiers.iter().find(|t| t.tier == "hot").unwrap().objects, 0, "the tier is empty");
 }
