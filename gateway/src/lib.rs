@@ -101,17 +101,12 @@ pub fn app(state: AppState) -> Router {
         // The seed's clients call `/api/documents/...`; the same routes answer there.
         .nest("/api/documents", documents::router().into())
         .nest("/api/webhooks", webhooks::router().into())
-        // The seed's WebSocket clients connect to /ws (JSON or STOMP), to SockJS under /ws,
-        // or to the job-status endpoints.
-        .route("/ws", axum::routing::get(realtime::websocket))
-        .route("/ws/info", axum::routing::get(sockjs::info))
-        .route("/ws/websocket", axum::routing::get(sockjs::raw_websocket))
+        // SockJS's session transports (its entry points, /ws and the job-status endpoints
+        // are documented routes, in openapi::routes).
         .route("/ws/{server}/{session}/websocket", axum::routing::get(sockjs::websocket))
         .route("/ws/{server}/{session}/xhr_streaming", axum::routing::post(sockjs::xhr_streaming))
         .route("/ws/{server}/{session}/xhr", axum::routing::post(sockjs::xhr_polling))
         .route("/ws/{server}/{session}/xhr_send", axum::routing::post(sockjs::xhr_send))
-        .route("/ws/job-status", axum::routing::get(realtime::websocket))
-        .route("/ws/job-status-native", axum::routing::get(realtime::websocket))
         .route("/openapi.json", axum::routing::get(move || std::future::ready(axum::Json(Arc::clone(&spec)))))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {

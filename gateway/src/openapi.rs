@@ -46,6 +46,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .nest("/api/v1/webhooks", webhooks::router())
         .nest("/api/v1/websocket", realtime::router())
         .routes(utoipa_axum::routes!(realtime::sse))
+        .merge(realtime::sockets_router())
         .merge(health::router())
         .merge(metrics::router())
 }

@@ -17,6 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
@@ -387,13 +388,22 @@ const READ_BUFFER: usize = 4 * 1024;
 
 /// `GET /ws`: STOMP when the client asks for a `v1x.stomp` subprotocol (the token may then
 /// come in `CONNECT`), otherwise the WebSocket JSON protocol.
+#[utoipa::path(get, path = "/ws", tag = "real-time", security((), ("bearer" = [])),
+    summary = "WebSocket: the JSON protocol, or STOMP when a v1x.stomp subprotocol is asked for",
+    description = "Upgrade with the token in `?token=` or `Authorization` (STOMP may send it in CONNECT \
+        instead). JSON messages: `ping`, `subscribe_job`, `unsubscribe_job`, `subscribe_channel`, \
+        `unsubscribe_channel`; STOMP destinations as the README lists them.",
+    params(("token" = Option<String>, Query, description = "The JWT, where a header cannot be set")),
+    responses((status = 101, description = "Switched to the WebSocket protocol"),
+        (status = 401, description = "No token (JSON protocol) or a bad one", body = ErrorBody),
+        (status = 426, description = "Not a WebSocket upgrade request", body = ErrorBody)))]
 pub async fn websocket(
     State(state): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let upgrade = sized(upgrade.protocols(stomp::SUBPROTOCOLS));
+    let upgrade = sized(upgrade.map_err(not_an_upgrade)?.protocols(stomp::SUBPROTOCOLS));
     let hub = Arc::clone(&state.hub);
     if upgrade.selected_protocol().is_some() {
         let actor = optional_actor(&state, &headers, &uri).inspect_err(|_| hub.socket_refused())?;
@@ -404,6 +414,54 @@ pub async fn websocket(
     }
     let actor = required_actor(&state, &headers, &uri).inspect_err(|_| hub.socket_refused())?;
     Ok(upgrade.on_upgrade(move |socket| json_session(socket, hub, actor)))
+}
+
+/// The answer to a plain HTTP request at a WebSocket endpoint: 426 with the JSON error
+/// body, saying what was missing (taken by value, as `map_err` hands it over).
+#[allow(clippy::needless_pass_by_value)]
+pub(crate) fn not_an_upgrade(rejection: WebSocketUpgradeRejection) -> ApiError {
+    ApiError::new(StatusCode::UPGRADE_REQUIRED, format!("connect with a WebSocket client: {}", rejection.body_text()))
+        .with_header(header::UPGRADE, "websocket")
+}
+
+#[utoipa::path(get, path = "/ws/job-status", tag = "real-time", security((), ("bearer" = [])),
+    summary = "WebSocket: the JSON protocol at seed 002's path (as /ws)",
+    params(("token" = Option<String>, Query, description = "The JWT, where a header cannot be set")),
+    responses((status = 101, description = "Switched to the WebSocket protocol"),
+        (status = 401, body = ErrorBody), (status = 426, description = "Not a WebSocket upgrade request", body = ErrorBody)))]
+pub async fn job_status(
+    state: State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    websocket(state, headers, uri, upgrade).await
+}
+
+#[utoipa::path(get, path = "/ws/job-status-native", tag = "real-time", security((), ("bearer" = [])),
+    summary = "WebSocket: the JSON protocol at seed 002's native path (as /ws)",
+    params(("token" = Option<String>, Query, description = "The JWT, where a header cannot be set")),
+    responses((status = 101, description = "Switched to the WebSocket protocol"),
+        (status = 401, body = ErrorBody), (status = 426, description = "Not a WebSocket upgrade request", body = ErrorBody)))]
+pub async fn job_status_native(
+    state: State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    websocket(state, headers, uri, upgrade).await
+}
+
+/// The WebSocket and SockJS entry points, documented: the SockJS session transports under
+/// `/ws/{server}/{session}/…` are the SockJS protocol's own, which its clients find from
+/// `/ws/info`.
+pub fn sockets_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(websocket))
+        .routes(routes!(job_status))
+        .routes(routes!(job_status_native))
+        .routes(routes!(crate::sockjs::info))
+        .routes(routes!(crate::sockjs::raw_websocket))
 }
 
 /// What a JSON-protocol client sends.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +29,9 @@ use crate::realtime::{optional_actor, sized};
 use crate::stomp::{self, Framing};
 
 /// `GET /ws/info`: what the client may use.
+#[utoipa::path(get, path = "/ws/info", tag = "real-time", security(()),
+    summary = "SockJS: what the client may use (its first request; then /ws/{server}/{session}/…)",
+    responses((status = 200, body = Object)))]
 pub async fn info() -> Response {
     let body = json!({
         "websocket": true,
@@ -55,13 +59,19 @@ pub async fn websocket(
 }
 
 /// `GET /ws/websocket`: STOMP over a plain WebSocket, the SockJS "raw" endpoint.
+#[utoipa::path(get, path = "/ws/websocket", tag = "real-time", security((), ("bearer" = [])),
+    summary = "STOMP over a plain WebSocket (SockJS's raw endpoint)",
+    params(("token" = Option<String>, Query, description = "The JWT, or send it in CONNECT")),
+    responses((status = 101, description = "Switched to the WebSocket protocol"),
+        (status = 401, description = "A bad token", body = crate::error::ErrorBody),
+        (status = 426, description = "Not a WebSocket upgrade request", body = crate::error::ErrorBody)))]
 pub async fn raw_websocket(
     State(state): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    upgraded(&state, &headers, &uri, upgrade, Framing::Raw)
+    upgraded(&state, &headers, &uri, upgrade.map_err(crate::realtime::not_an_upgrade)?, Framing::Raw)
 }
 
 fn upgraded(

@@ -1238,7 +1238,7 @@ async fn a_stock_tus_client_uploads_and_resumes() {
 }
 
 /// Every operation `/openapi.json` documents, as METHOD and path, sorted.
-const OPERATIONS: [&str; 56] = [
+const OPERATIONS: [&str; 61] = [
     "DELETE /api/v1/documents/{id}",
     "DELETE /api/v1/documents/{id}/legal-hold",
     "DELETE /api/v1/tus/{id}",
@@ -1270,6 +1270,11 @@ const OPERATIONS: [&str; 56] = [
     "GET /healthz",
     "GET /metrics",
     "GET /readyz",
+    "GET /ws",
+    "GET /ws/info",
+    "GET /ws/job-status",
+    "GET /ws/job-status-native",
+    "GET /ws/websocket",
     "HEAD /api/v1/tus/{id}",
     "OPTIONS /api/v1/tus",
     "OPTIONS /api/v1/tus/{id}",

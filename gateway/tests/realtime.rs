@@ -355,3 +355,17 @@ async fn the_seeds_connection_and_authentication_meters_count() {
     assert_eq!(value(&closed, r#"recovery_attempts_total{outcome="success"}"#), Some(1.0), "{closed}");
     assert!(closed.contains("vellum_gateway_http_requests_total"), "the gateway's own meters keep their prefix");
 }
+
+/// A plain HTTP request at a WebSocket endpoint is told, in the JSON error body, to upgrade.
+#[tokio::test]
+async fn a_plain_request_at_a_websocket_endpoint_gets_426_with_a_json_body() {
+    let gw = gateway().await;
+    for path in ["/ws", "/ws/job-status", "/ws/job-status-native", "/ws/websocket"] {
+        let answer = gw.client.get(format!("{}{path}", gw.running.url)).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::UPGRADE_REQUIRED, "{path}");
+        assert_eq!(answer.headers()["upgrade"], "websocket", "{path}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["status"], 426, "{path}");
+        assert!(body["message"].as_str().unwrap().contains("WebSocket client"), "{path}: {body}");
+    }
+}
