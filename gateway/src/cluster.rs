@@ -153,6 +153,9 @@ async fn follow(hub: &Hub, js: &jetstream::Context, last: &mut Option<u64>) -> R
         }
         *last = Some(seq);
         if let Some(pending) = pending {
+            if let Some(migration) = Notice::migration_of(&pending) {
+                hub.publish_local(migration);
+            }
             hub.publish_local(Notice::of_event(&pending));
         }
     }

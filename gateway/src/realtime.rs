@@ -110,6 +110,53 @@ impl Notice {
         }
     }
 
+    /// The progress of a retention run (its `BULK_OPERATION_PROGRESS` and
+    /// `BULK_OPERATION_COMPLETED` events), as seed 003's `StatusUpdateEvent` on the
+    /// `migrations` channel (`/topic/migrations`, admins): a run moves documents between
+    /// tiers. Not for other events, nor for dry runs, which move nothing.
+    pub fn migration_of(pending: &Pending) -> Option<Self> {
+        let event = &pending.event;
+        let p = &event.payload;
+        let policy = p.get("operation").and_then(Value::as_str)?.strip_prefix("retention:")?;
+        if p.get("dryRun").and_then(Value::as_bool).unwrap_or(false) {
+            return None;
+        }
+        let count = |key: &str| p.get(key).and_then(Value::as_i64).unwrap_or(0);
+        let (transitioned, expired) = (count("transitioned"), count("expired"));
+        let (event_type, status, done, total) = match event.event_type {
+            EventType::BulkOperationProgress => ("progress_updated", "RUNNING", count("processed"), count("total")),
+            EventType::BulkOperationCompleted => {
+                ("completed", "COMPLETED", count("totalDocuments"), count("totalDocuments"))
+            }
+            _ => return None,
+        };
+        // Whole percents, as integers: the JSON reads back the same in JavaScript.
+        let progress = if total > 0 { (done.min(total) * 100) / total } else { 100 };
+        let message = json!({
+            "type": "status_update",
+            "eventType": event_type,
+            "entityType": "migration",
+            "entityId": format!("retention/{policy}/{}", count("runId")),
+            "status": status,
+            "progress": progress,
+            "recordsProcessed": done,
+            "totalRecords": total,
+            "phase": "Migrating",
+            "message": format!("retention policy {policy}: {transitioned} documents moved between tiers, {expired} expired"),
+            "timestamp": p.get("timestamp").and_then(Value::as_i64).map(vellum_core::clock::rfc3339),
+        });
+        Some(Self {
+            seq: None,
+            audience: Audience::Admins,
+            channel: "migrations",
+            job_id: None,
+            job_kind: None,
+            kind: "status_update".to_owned(),
+            data: message.clone(),
+            message,
+        })
+    }
+
     /// A system or maintenance notice for everyone.
     pub fn system(kind: &str, message: &str, level: &str, now_ms: i64, extra: Value) -> Self {
         let mut body = json!({"type": kind, "message": message, "level": level, "timestamp": now_ms});
@@ -246,7 +293,13 @@ impl Hub {
         tokio::spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(pending) => hub.publish(Notice::of_event(&pending)),
+                    Ok(pending) => {
+                        // Each replica derives it from the events it relays: told here only.
+                        if let Some(migration) = Notice::migration_of(&pending) {
+                            hub.publish_local(migration);
+                        }
+                        hub.publish(Notice::of_event(&pending));
+                    }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(dropped = n, "the notification hub fell behind the event bus");
                     }
@@ -727,4 +780,47 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(broadcast_maintenance))
         .routes(routes!(stats))
         .routes(routes!(user_status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(event_type: EventType, fields: Value) -> Pending {
+        let Value::Object(fields) = fields else { unreachable!("an object") };
+        Pending { seq: 7, event: vellum_core::events::Event::new(event_type, 1_767_225_600_000, fields) }
+    }
+
+    #[test]
+    fn a_retention_runs_progress_is_a_status_update_on_the_migrations_channel() {
+        let run = json!({"operation": "retention:cool-down", "policy": "cool-down", "runId": 3, "dryRun": false,
+            "transitioned": 4, "expired": 1, "total": 8, "processed": 4, "progress": 50.0});
+        let notice = Notice::migration_of(&event(EventType::BulkOperationProgress, run.clone())).unwrap();
+        assert_eq!((notice.channel, notice.kind.as_str(), notice.seq), ("migrations", "status_update", None));
+        assert!(matches!(notice.audience, Audience::Admins));
+        let m = &notice.message;
+        assert_eq!(
+            (m["eventType"].as_str(), m["status"].as_str(), m["phase"].as_str()),
+            (Some("progress_updated"), Some("RUNNING"), Some("Migrating"))
+        );
+        assert_eq!(m["entityId"], "retention/cool-down/3");
+        assert_eq!(m["progress"].to_string(), "50", "a whole percent, written as JavaScript writes it");
+        assert_eq!((m["recordsProcessed"].as_i64(), m["totalRecords"].as_i64()), (Some(4), Some(8)));
+        assert!(m["message"].as_str().unwrap().contains("4 documents moved between tiers"));
+        assert!(m["timestamp"].as_str().unwrap().starts_with("2026-01-01T"));
+        let done = json!({"operation": "retention:cool-down", "runId": 3, "totalDocuments": 8, "successCount": 5});
+        let notice = Notice::migration_of(&event(EventType::BulkOperationCompleted, done)).unwrap();
+        assert_eq!(
+            (notice.message["eventType"].as_str(), notice.message["progress"].as_i64()),
+            (Some("completed"), Some(100))
+        );
+        // A dry run moves nothing; other operations and events are not migrations.
+        let mut dry = run.clone();
+        dry["dryRun"] = json!(true);
+        assert!(Notice::migration_of(&event(EventType::BulkOperationProgress, dry)).is_none());
+        let mut other = run;
+        other["operation"] = json!("export");
+        assert!(Notice::migration_of(&event(EventType::BulkOperationProgress, other)).is_none());
+        assert!(Notice::migration_of(&event(EventType::DocumentUploaded, json!({"documentId": 1}))).is_none());
+    }
 }

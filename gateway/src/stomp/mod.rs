@@ -13,7 +13,7 @@
 //! | `/topic/documents`, `/topic/file-changes` | document events |
 //! | `/topic/notifications` | system and maintenance notices |
 //! | `/topic/webhooks` | webhook deactivations (admins) |
-//! | `/topic/migrations` | the progress of reshardings and tier drains, as seed 003's `StatusUpdateEvent` (admins) |
+//! | `/topic/migrations` | the progress of reshardings, tier drains and retention runs (tier migrations), as seed 003's `StatusUpdateEvent` (admins) |
 //! | `/topic/uploads` | progress and completion of upload sessions |
 //! | `/topic/jobs/{jobId}` | one job's progress and completion |
 //! | `/topic/{channel}` (any other) | the events of that channel, if any: `/topic/extractions` and `/topic/data-quality` are seed 003's |
