@@ -709,6 +709,10 @@ impl Handing {
             return Ok(copy.copied);
         }
         let held = &mut copy.held;
+        // Versions and tags first, each in one statement: the documents' cascade then finds
+        // nothing to delete, where it would run a delete per document for each table.
+        delete_keyed(held, "document_tags", "document_id", &present).await?;
+        delete_keyed(held, "versions", "document_id", &present).await?;
         delete_keyed(held, "documents", "id", &present).await?;
         mark_moved(held, "moved_documents", &present, target_name, now).await?;
         // The blob rows only the batch referred to go, in one statement.
