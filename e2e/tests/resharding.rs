@@ -33,6 +33,28 @@ struct Acknowledged {
     titles: BTreeMap<i64, String>,
     requests: u64,
     failures: Vec<String>,
+    /// Answers of 429 (the user over the platform's rate limit), waited out and sent again
+    /// as a client does: not failures, and counted apart.
+    throttled: u64,
+}
+
+/// Sends the request `make` builds, and again after the wait a 429 asks for (the per-user
+/// rate limit is the client's to respect: a 429 is refused before anything is done), at
+/// most ten times, counting the 429s in `acknowledged`.
+async fn send_within_limits(
+    acknowledged: &Mutex<Acknowledged>,
+    make: impl Fn() -> reqwest::RequestBuilder,
+) -> reqwest::Result<reqwest::Response> {
+    for _ in 0..10 {
+        let answer = make().send().await?;
+        if answer.status() != reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Ok(answer);
+        }
+        acknowledged.lock().unwrap().throttled += 1;
+        let wait = answer.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        tokio::time::sleep(std::time::Duration::from_secs(wait.unwrap_or(1).clamp(1, 5))).await;
+    }
+    make().send().await
 }
 
 /// One client's loop until `stopped`: an upload, a download of an earlier document, a new
@@ -51,9 +73,15 @@ async fn traffic(base: String, acknowledged: Arc<Mutex<Acknowledged>>, stopped: 
             ack.failures.push(what);
         };
         let body = format!("document {n} of the resharding client").into_bytes();
-        let form = reqwest::multipart::Form::new()
-            .part("file", reqwest::multipart::Part::bytes(body.clone()).file_name(format!("r{n}.txt")));
-        match http.post(format!("{base}/api/v1/documents")).bearer_auth(&token).multipart(form).send().await {
+        let form = || {
+            reqwest::multipart::Form::new()
+                .part("file", reqwest::multipart::Part::bytes(body.clone()).file_name(format!("r{n}.txt")))
+        };
+        match send_within_limits(&acknowledged, || {
+            http.post(format!("{base}/api/v1/documents")).bearer_auth(&token).multipart(form())
+        })
+        .await
+        {
             Ok(r) if r.status() == 201 => {
                 let doc: Value = r.json().await.unwrap_or_default();
                 if let Some(id) = doc["id"].as_i64() {
@@ -69,7 +97,11 @@ async fn traffic(base: String, acknowledged: Arc<Mutex<Acknowledged>>, stopped: 
         }
         let id = mine[usize::try_from(n * 7).unwrap() % mine.len()];
         let expected = acknowledged.lock().unwrap().versions[&id].last().cloned().unwrap();
-        match http.get(format!("{base}/api/v1/documents/{id}/download")).bearer_auth(&token).send().await {
+        match send_within_limits(&acknowledged, || {
+            http.get(format!("{base}/api/v1/documents/{id}/download")).bearer_auth(&token)
+        })
+        .await
+        {
             Ok(r) if r.status().is_success() => {
                 let bytes = r.bytes().await.unwrap_or_default();
                 if bytes.as_ref() != expected.as_slice() {
@@ -81,13 +113,13 @@ async fn traffic(base: String, acknowledged: Arc<Mutex<Acknowledged>>, stopped: 
         }
         if n.is_multiple_of(2) {
             let version = format!("version {n} of {id}").into_bytes();
-            let sent = http
-                .post(format!("{base}/api/v1/documents/{id}/versions"))
-                .bearer_auth(&token)
-                .header("X-Filename", "next.txt")
-                .body(version.clone())
-                .send()
-                .await;
+            let sent = send_within_limits(&acknowledged, || {
+                http.post(format!("{base}/api/v1/documents/{id}/versions"))
+                    .bearer_auth(&token)
+                    .header("X-Filename", "next.txt")
+                    .body(version.clone())
+            })
+            .await;
             match sent {
                 Ok(r) if r.status().is_success() => {
                     acknowledged.lock().unwrap().versions.get_mut(&id).unwrap().push(version);
@@ -97,12 +129,12 @@ async fn traffic(base: String, acknowledged: Arc<Mutex<Acknowledged>>, stopped: 
             }
         } else {
             let title = format!("title {n}");
-            let sent = http
-                .patch(format!("{base}/api/v1/documents/{id}"))
-                .bearer_auth(&token)
-                .json(&serde_json::json!({"title": title}))
-                .send()
-                .await;
+            let sent = send_within_limits(&acknowledged, || {
+                http.patch(format!("{base}/api/v1/documents/{id}"))
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({"title": title}))
+            })
+            .await;
             match sent {
                 Ok(r) if r.status().is_success() => {
                     acknowledged.lock().unwrap().titles.insert(id, title);
@@ -111,7 +143,11 @@ async fn traffic(base: String, acknowledged: Arc<Mutex<Acknowledged>>, stopped: 
                 Err(e) => fail(format!("update of {id}: {e}")),
             }
         }
-        match http.get(format!("{base}/api/v1/documents?limit=20")).bearer_auth(&token).send().await {
+        match send_within_limits(&acknowledged, || {
+            http.get(format!("{base}/api/v1/documents?limit=20")).bearer_auth(&token)
+        })
+        .await
+        {
             Ok(r) if r.status().is_success() => {}
             Ok(r) => fail(format!("listing: {}", r.status())),
             Err(e) => fail(format!("listing: {e}")),
@@ -469,11 +505,12 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
     eprintln!("{} status updates of the moves reached the admin's WebSocket", updates.len());
     let ack = std::mem::take(&mut *acknowledged.lock().unwrap());
     eprintln!(
-        "1 -> 3 shards in {:.1} s, 3 -> 2 in {:.1} s; {} requests, {} failed; {} documents",
+        "1 -> 3 shards in {:.1} s, 3 -> 2 in {:.1} s; {} requests, {} failed ({} answers of 429 waited out and sent again); {} documents",
         grow.as_secs_f64(),
         shrink.as_secs_f64(),
         ack.requests,
         ack.failures.len(),
+        ack.throttled,
         ack.versions.len()
     );
     if !ack.failures.is_empty() {
