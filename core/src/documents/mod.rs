@@ -1247,8 +1247,14 @@ impl Documents {
         .bind(id)
         .bind(version)
         .fetch_optional(self.meta.pool())
-        .await?
-        .ok_or(DocError::VersionNotFound { id, version })?;
+        .await?;
+        let Some(row) = row else {
+            // The version may have gone with its document since the document was read (a
+            // hand-over to another shard committed in between): then the document is not
+            // found either, which a library follows to the document's new shard.
+            self.get(actor, id).await?;
+            return Err(DocError::VersionNotFound { id, version });
+        };
         let codec: String = row.try_get("compression")?;
         self.touch(id).await;
         Ok(Content {
