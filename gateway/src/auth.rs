@@ -140,12 +140,7 @@ pub struct Auth {
     /// Verifies the operator's smoke-check tokens.
     smoke: Option<DecodingKey>,
     /// Where token checks are counted, by outcome, once the metrics exist.
-    attempts: std::sync::OnceLock<
-        prometheus_client::metrics::family::Family<
-            crate::metrics::OutcomeLabels,
-            prometheus_client::metrics::counter::Counter,
-        >,
-    >,
+    attempts: std::sync::OnceLock<crate::metrics::Outcomes>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -320,13 +315,7 @@ impl Auth {
     }
 
     /// Counts every token check from now on in `attempts`, by outcome.
-    pub fn count_in(
-        &self,
-        attempts: prometheus_client::metrics::family::Family<
-            crate::metrics::OutcomeLabels,
-            prometheus_client::metrics::counter::Counter,
-        >,
-    ) {
+    pub fn count_in(&self, attempts: crate::metrics::Outcomes) {
         self.attempts.set(attempts).ok();
     }
 

@@ -46,6 +46,9 @@ pub struct OutcomeLabels {
     outcome: String,
 }
 
+/// Counts by outcome (`success`, `failure`).
+pub type Outcomes = Family<OutcomeLabels, Counter>;
+
 /// The metrics the seed's dashboards read (seed 004's Micrometer meters, under the names
 /// Prometheus gives them, without the gateway's prefix): `websocket_connections_total`,
 /// `websocket_disconnections_total`, `websocket_active_connections`,
@@ -53,18 +56,18 @@ pub struct OutcomeLabels {
 #[derive(Clone, Debug, Default)]
 pub struct SeedMetrics {
     /// WebSocket connections (JSON, STOMP, SockJS) opened or refused.
-    pub websocket_connections: Family<OutcomeLabels, Counter>,
+    pub websocket_connections: Outcomes,
     pub websocket_disconnections: Counter,
     pub websocket_active_connections: Gauge,
     /// Token checks, wherever a token is presented.
-    pub authentication_attempts: Family<OutcomeLabels, Counter>,
+    pub authentication_attempts: Outcomes,
     /// Streams resumed from a `Last-Event-ID`.
-    pub recovery_attempts: Family<OutcomeLabels, Counter>,
+    pub recovery_attempts: Outcomes,
 }
 
 impl SeedMetrics {
     /// Counts one of `family` as a success or a failure.
-    pub fn count(family: &Family<OutcomeLabels, Counter>, success: bool) {
+    pub fn count(family: &Outcomes, success: bool) {
         let outcome = if success { "success" } else { "failure" };
         family.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     }

@@ -161,17 +161,8 @@ fn seed_paths(spec: &mut utoipa::openapi::OpenApi) {
 fn unique_operation_ids(spec: &mut utoipa::openapi::OpenApi) {
     let mut seen = std::collections::HashSet::new();
     for item in spec.paths.paths.values_mut() {
-        let methods = [
-            ("get", &mut item.get),
-            ("put", &mut item.put),
-            ("post", &mut item.post),
-            ("delete", &mut item.delete),
-            ("head", &mut item.head),
-            ("patch", &mut item.patch),
-            ("options", &mut item.options),
-        ];
-        for (method, operation) in methods {
-            if let Some(id) = operation.as_mut().and_then(|op| op.operation_id.as_mut())
+        for (method, operation) in named_operations(item) {
+            if let Some(id) = operation.operation_id.as_mut()
                 && !seen.insert(id.clone())
             {
                 id.push('_');
@@ -242,9 +233,24 @@ fn name_rules(spec: &mut utoipa::openapi::OpenApi) {
 
 /// The operations of a path.
 fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
-    [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.head, &mut item.patch, &mut item.options]
-        .into_iter()
-        .flatten()
+    named_operations(item).map(|(_, operation)| operation)
+}
+
+/// The operations of a path, each with its method's name.
+fn named_operations(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = (&'static str, &mut utoipa::openapi::path::Operation)> {
+    [
+        ("get", &mut item.get),
+        ("put", &mut item.put),
+        ("post", &mut item.post),
+        ("delete", &mut item.delete),
+        ("head", &mut item.head),
+        ("patch", &mut item.patch),
+        ("options", &mut item.options),
+    ]
+    .into_iter()
+    .filter_map(|(method, operation)| operation.as_mut().map(|operation| (method, operation)))
 }
 
 /// Every parameter the document describes inline, of every operation.
