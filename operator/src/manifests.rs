@@ -220,6 +220,8 @@ pub fn build_operator_deployment(opts: &InstallOptions) -> Deployment {
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_IP", "status.podIP"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
+            // The operator's connections to the shards name its pod in `pg_stat_activity`.
+            field_env("PGAPPNAME", "metadata.name"),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),

@@ -206,6 +206,9 @@ pub fn common_env(release: &BlueGreenRelease, facts: &ReleaseFacts) -> Vec<EnvVa
         self::env("VELLUM_DATA_DIR", DATA_MOUNT),
         self::env("VELLUM_NATS_URL", release.spec.nats.url.clone()),
         env_from_secret("VELLUM_DATABASE_URL", &secret, secret_keys::DATABASE_URL),
+        // Each database connection names its pod (`application_name`), so the database's
+        // `pg_stat_activity` says which pod holds it.
+        env_from_field("PGAPPNAME", "metadata.name"),
     ];
     if facts.nats_credentials {
         env.push(self::env("VELLUM_NATS_CREDENTIALS", format!("{SECRETS_MOUNT}/{}", secret_keys::NATS_CREDENTIALS)));
