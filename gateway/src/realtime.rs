@@ -47,6 +47,46 @@ use crate::stomp::{self, Framing};
 /// Notices buffered for the slowest client before it is disconnected.
 pub const CLIENT_BUFFER: usize = 1024;
 
+/// The events a resuming client missed, read from the history a page at a time.
+pub(crate) struct Replay<'a> {
+    hub: &'a Hub,
+    actor: &'a Actor,
+    after: i64,
+}
+
+impl Replay<'_> {
+    /// The next page of missed events the client may see, oldest first; `None` once every
+    /// one was read. `Err` when the history could not be read (logged).
+    pub(crate) async fn next_page(&mut self) -> Result<Option<Vec<Notice>>, ()> {
+        loop {
+            let page = self.hub.history(self.after, HISTORY_PAGE).await.map_err(|e| {
+                tracing::warn!(error = %e, "reading the event history");
+                self.hub.recovered(false);
+            })?;
+            let Some(tail) = page.last() else {
+                self.hub.recovered(true);
+                return Ok(None);
+            };
+            self.after = tail.seq;
+            let notices: Vec<Notice> =
+                page.iter().map(Notice::of_event).filter(|n| n.audience.admits(self.actor)).collect();
+            if !notices.is_empty() {
+                return Ok(Some(notices));
+            }
+        }
+    }
+
+    /// The sequence of the last event read: live events up to it were replayed.
+    pub(crate) fn upto(&self) -> i64 {
+        self.after
+    }
+}
+
+/// Whether a live event was sent already by a replay that went up to `replayed`.
+pub(crate) fn replayed_already(notice: &Notice, replayed: Option<i64>) -> bool {
+    notice.seq.zip(replayed).is_some_and(|(seq, upto)| seq <= upto)
+}
+
 /// Who may see a notice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Audience {
@@ -104,7 +144,8 @@ impl Notice {
             channel,
             job_id: event.payload.get("jobId").and_then(Value::as_str).map(str::to_owned),
             job_kind: None,
-            message: json!({"type": kind, "eventId": event.id, "timestamp": timestamp, "data": event.payload}),
+            message: json!({"type": kind, "eventId": event.id, "sequence": pending.seq, "timestamp": timestamp,
+                "data": event.payload}),
             data: event.payload.clone(),
             kind,
         }
@@ -262,6 +303,11 @@ impl Hub {
             Some(js) => crate::cluster::history(js, after, usize::try_from(limit).unwrap_or(1)).await,
             None => outbox::published_after(&self.meta, after, limit).await.map_err(|e| e.to_string()),
         }
+    }
+
+    /// What a client that saw the events up to `after` missed, for [`Replay::next_page`].
+    pub(crate) fn replay<'a>(&'a self, actor: &'a Actor, after: i64) -> Replay<'a> {
+        Replay { hub: self, actor, after }
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -445,8 +491,11 @@ const READ_BUFFER: usize = 4 * 1024;
     summary = "WebSocket: the JSON protocol, or STOMP when a v1x.stomp subprotocol is asked for",
     description = "Upgrade with the token in `?token=` or `Authorization` (STOMP may send it in CONNECT \
         instead). JSON messages: `ping`, `subscribe_job`, `unsubscribe_job`, `subscribe_channel`, \
-        `unsubscribe_channel`; STOMP destinations as the README lists them.",
-    params(("token" = Option<String>, Query, description = "The JWT, where a header cannot be set")),
+        `unsubscribe_channel`; STOMP destinations as the README lists them. Each event message carries its \
+        `sequence` (STOMP: a `sequence` header); reconnect with `?lastEventId=` the last one seen (STOMP: a \
+        `last-event-id` header on CONNECT or SUBSCRIBE) to receive what was missed first, in order, none twice.",
+    params(("token" = Option<String>, Query, description = "The JWT, where a header cannot be set"),
+        ("lastEventId" = Option<i64>, Query, description = "The `sequence` of the last event received: resume after it")),
     responses((status = 101, description = "Switched to the WebSocket protocol"),
         (status = 401, description = "No token (JSON protocol) or a bad one", body = ErrorBody),
         (status = 426, description = "Not a WebSocket upgrade request", body = ErrorBody)))]
@@ -456,6 +505,8 @@ pub async fn websocket(
     uri: Uri,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // A bad position is the request's own fault, whatever else is wrong with it.
+    let resume = last_event_id(&headers, &uri)?;
     let upgrade = sized(upgrade.map_err(not_an_upgrade)?.protocols(stomp::SUBPROTOCOLS));
     let hub = Arc::clone(&state.hub);
     if upgrade.selected_protocol().is_some() {
@@ -466,7 +517,7 @@ pub async fn websocket(
         }));
     }
     let actor = required_actor(&state, &headers, &uri).inspect_err(|_| hub.socket_refused())?;
-    Ok(upgrade.on_upgrade(move |socket| json_session(socket, hub, actor)))
+    Ok(upgrade.on_upgrade(move |socket| json_session(socket, hub, actor, resume)))
 }
 
 /// The answer to a plain HTTP request at a WebSocket endpoint: 426 with the JSON error
@@ -540,7 +591,20 @@ enum ClientMessage {
 
 pub(crate) const CHANNELS: [&str; 4] = ["documents", "notifications", "webhooks", "migrations"];
 
-async fn json_session(socket: WebSocket, hub: Arc<Hub>, actor: Actor) {
+/// Whether a JSON-protocol client with these subscriptions wants `notice` (audience
+/// aside): a job's notices go to that job's subscribers; without channel subscriptions a
+/// client gets every channel it may see.
+fn json_wants(notice: &Notice, jobs: &HashSet<String>, channels: &HashSet<String>) -> bool {
+    if let Some(job) = &notice.job_id {
+        jobs.contains(job)
+    } else {
+        channels.is_empty() || channels.contains(notice.channel)
+    }
+}
+
+/// One JSON-protocol connection. With `resume` (the last `sequence` the client saw), the
+/// events it missed since are sent first, in order, then live ones, none twice.
+async fn json_session(socket: WebSocket, hub: Arc<Hub>, actor: Actor, resume: Option<i64>) {
     let mut notices = hub.sender.subscribe();
     let mut connection = hub.socket_connected(&actor.user);
     let (mut tx, mut rx) = socket.split();
@@ -557,6 +621,29 @@ async fn json_session(socket: WebSocket, hub: Arc<Hub>, actor: Actor) {
     }
     let mut jobs: HashSet<String> = HashSet::new();
     let mut channels: HashSet<String> = HashSet::new();
+    let mut replayed = None;
+    if let Some(after) = resume {
+        // Live notices wait in `notices`, subscribed before the history is read.
+        let mut replay = hub.replay(&actor, after);
+        loop {
+            match replay.next_page().await {
+                Ok(Some(page)) => {
+                    for notice in page.iter().filter(|n| json_wants(n, &jobs, &channels)) {
+                        if tx.send(Message::Text(notice.message.to_string().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(()) => {
+                    let reason = "the event history could not be read; reconnect with the same lastEventId";
+                    let _ = tx.send(Message::Close(Some(CloseFrame { code: 1011, reason: reason.into() }))).await;
+                    return;
+                }
+            }
+        }
+        replayed = Some(replay.upto());
+    }
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
     heartbeat.tick().await;
     loop {
@@ -589,16 +676,13 @@ async fn json_session(socket: WebSocket, hub: Arc<Hub>, actor: Actor) {
             },
             notice = notices.recv() => match notice {
                 Ok(notice) => {
-                    // Without channel subscriptions a client gets every channel it may see.
-                    let wanted = if let Some(job) = &notice.job_id {
-                        jobs.contains(job)
-                    } else {
-                        channels.is_empty() || channels.contains(notice.channel)
-                    };
+                    let wanted = json_wants(&notice, &jobs, &channels) && !replayed_already(&notice, replayed);
                     (wanted && notice.audience.admits(&actor)).then(|| notice.message.clone())
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let reason = format!("client cannot keep up: {n} notifications dropped; reconnect");
+                    let reason = format!(
+                        "client cannot keep up: {n} notifications dropped; reconnect with ?lastEventId= the last sequence"
+                    );
                     let _ = tx.send(Message::Close(Some(CloseFrame { code: 1013, reason: reason.into() }))).await;
                     return;
                 }
@@ -625,6 +709,21 @@ fn sse_event(notice: &Notice) -> SseEvent {
     }
 }
 
+/// Where a reconnecting client resumes: the `Last-Event-ID` header, else the `lastEventId`
+/// query parameter (browsers cannot set headers on an `EventSource` or a WebSocket).
+fn last_event_id(headers: &HeaderMap, uri: &Uri) -> Result<Option<i64>, ApiError> {
+    let from_query = uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "lastEventId").map(|(_, v)| v.into_owned())
+    });
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(from_query)
+        .map(|v| v.trim().parse::<i64>().map_err(|_| ApiError::bad_request("Last-Event-ID must be an event id")))
+        .transpose()
+}
+
 /// Events of the history a resuming client missed, read in pages.
 const HISTORY_PAGE: i64 = 500;
 
@@ -641,50 +740,30 @@ pub async fn sse(
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let from_query = uri.query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "lastEventId").map(|(_, v)| v.into_owned())
-    });
-    let last = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(from_query)
-        .map(|v| v.trim().parse::<i64>().map_err(|_| ApiError::bad_request("Last-Event-ID must be an event id")))
-        .transpose()?;
+    let last = last_event_id(&headers, &uri)?;
     let hub = Arc::clone(&state.hub);
     // Subscribe before reading the history, so nothing falls between the two.
     let mut live = hub.sender.subscribe();
     let (mut out, stream) = futures::channel::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let _connection = hub.connected(&actor.user);
-        let mut last_sent = last;
-        if let Some(mut after) = last {
-            loop {
-                let page = match hub.history(after, HISTORY_PAGE).await {
-                    Ok(page) => page,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the event history");
-                        hub.recovered(false);
-                        return;
-                    }
-                };
-                let Some(tail) = page.last() else { break };
-                after = tail.seq;
-                for pending in &page {
-                    let notice = Notice::of_event(pending);
-                    if notice.audience.admits(&actor) && out.send(Ok(sse_event(&notice))).await.is_err() {
+        let mut replayed = None;
+        if let Some(after) = last {
+            let mut replay = hub.replay(&actor, after);
+            while let Ok(page) = replay.next_page().await {
+                let Some(page) = page else { break };
+                for notice in &page {
+                    if out.send(Ok(sse_event(notice))).await.is_err() {
                         return;
                     }
                 }
             }
-            last_sent = Some(after);
-            hub.recovered(true);
+            replayed = Some(replay.upto());
         }
         loop {
             match live.recv().await {
                 Ok(notice) => {
-                    let seen = notice.seq.zip(last_sent).is_some_and(|(seq, sent)| seq <= sent);
-                    if seen || !notice.audience.admits(&actor) {
+                    if replayed_already(&notice, replayed) || !notice.audience.admits(&actor) {
                         continue;
                     }
                     if out.send(Ok(sse_event(&notice))).await.is_err() {

@@ -25,8 +25,8 @@ struct Cluster {
     _worker: support::Worker,
     nats: NatsProcess,
     client: reqwest::Client,
-    _db: TestDatabase,
-    _dir: tempfile::TempDir,
+    db: TestDatabase,
+    dir: tempfile::TempDir,
 }
 
 async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> Running {
@@ -67,7 +67,7 @@ async fn cluster() -> Cluster {
     let b = replica(dir.path(), &db.url, &nats.url()).await;
     // The replicas' events reach the stream through the worker's relay.
     let worker = support::Worker::start(&db.url, &nats.url(), &dir.path().join("config"));
-    let cluster = Cluster { a, b, _worker: worker, nats, client: reqwest::Client::new(), _db: db, _dir: dir };
+    let cluster = Cluster { a, b, _worker: worker, nats, client: reqwest::Client::new(), db, dir };
     // The replicas follow the stream from when they started: wait until B sees A's events.
     let mut probe = cluster.ws(&cluster.b, "root", &["user", "admin"]).await;
     cluster.upload(&cluster.a, "root", "warm-up.txt").await;
@@ -358,4 +358,157 @@ async fn two_replicas_and_one_worker_deliver_each_event_once_within_the_endpoint
     worker.stop().await;
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// `vellum-gateway serve` as a process of its own, so that it can be killed outright.
+struct ReplicaProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl ReplicaProcess {
+    async fn start(dir: &std::path::Path, database_url: &str, nats_url: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vellum-gateway"))
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--config-dir")
+            .arg(dir.join("config"))
+            .args(["--database-url", database_url, "--nats-url", nats_url])
+            .args(["--jwt-secret", "cluster-secret", "--link-key", "a link key both replicas share, 32+ bytes"])
+            .env_remove("VELLUM_CORS_ORIGINS")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        // Killed when dropped, also when it never becomes ready.
+        let replica = Self { child, url: format!("http://127.0.0.1:{port}") };
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            if client.get(format!("{}/readyz", replica.url)).send().await.is_ok_and(|r| r.status().is_success()) {
+                return replica;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the replica process did not become ready within 30 s");
+    }
+
+    /// SIGKILL: nothing is closed cleanly.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `gateway/tests/js/resuming_client.js`: a client that reconnects to the next URL and
+/// resumes from the last sequence it received.
+struct ResumingClient {
+    _child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// (sequence, filename) of every document event, in the order received.
+    events: Vec<(i64, String)>,
+    connections: Vec<String>,
+}
+
+impl ResumingClient {
+    fn start(mode: &str, token: &str, urls: &[&str]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/js/resuming_client.js");
+        let mut child = tokio::process::Command::new("node")
+            .arg(script)
+            .args([mode, token])
+            .args(urls.iter().map(|u| u.replace("http://", "ws://")))
+            .env("NODE_PATH", vellum_testkit::node_modules())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node (scripts/test installs it)");
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { _child: child, lines, events: Vec::new(), connections: Vec::new() }
+    }
+
+    /// Reads what the client printed until `done` holds of it; panics after 30 s of silence.
+    async fn read_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        while !done(self) {
+            let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("waiting for {what}: nothing for 30 s; events {:?}", self.events))
+                .unwrap()
+                .expect("the client exited");
+            let line: Value = serde_json::from_str(&line).unwrap();
+            if let Some(url) = line["connected"].as_str() {
+                self.connections.push(url.to_owned());
+            }
+            if let Some(event) = line.get("event") {
+                let filename = event["filename"].as_str().unwrap_or_default().to_owned();
+                self.events.push((event["sequence"].as_i64().unwrap(), filename));
+            }
+        }
+    }
+
+    fn received(&self, prefix: &str) -> usize {
+        self.events.iter().filter(|(_, f)| f.starts_with(prefix)).count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_stomp_clients_whose_replica_is_killed_resume_on_another_without_a_gap_or_a_repeat() {
+    const UPLOADS: usize = 30;
+    let c = cluster().await;
+    let mut doomed = ReplicaProcess::start(c.dir.path(), &c.db.url, &c.nats.url()).await;
+    let token = c.token("alice", &["user"]);
+    let urls = [doomed.url.as_str(), c.b.url.as_str()];
+    let mut clients = [ResumingClient::start("json", &token, &urls), ResumingClient::start("stomp", &token, &urls)];
+    for client in &mut clients {
+        client.read_until("connected", |c| !c.connections.is_empty()).await;
+    }
+    // The new replica follows the stream from when it started: both clients see this.
+    c.upload(&c.a, "alice", "warm-up.txt").await;
+    for client in &mut clients {
+        client.read_until("the warm-up", |c| c.received("warm-up") == 1).await;
+    }
+    let mut expected = Vec::new();
+    for n in 0..UPLOADS {
+        if n == UPLOADS / 3 {
+            // Mid-stream: the clients have some of the events, the rest come while they
+            // reconnect and after.
+            for client in &mut clients {
+                client.read_until("events before the kill", |c| c.received("doc-") >= 3).await;
+            }
+            doomed.kill();
+        }
+        // Paced, so that events are published while the clients reconnect (replayed) and
+        // after (live).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let via = if n % 2 == 0 { &c.a } else { &c.b };
+        expected
+            .push(c.upload(via, "alice", &format!("doc-{n:02}.txt")).await["filename"].as_str().unwrap().to_owned());
+    }
+    for client in &mut clients {
+        client.read_until("every upload's event", |c| c.received("doc-") >= UPLOADS).await;
+    }
+    // Anything repeated would arrive now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.upload(&c.b, "alice", "last.txt").await;
+    for (client, mode) in clients.iter_mut().zip(["json", "stomp"]) {
+        client.read_until("the last upload", |c| c.received("last") == 1).await;
+        assert_eq!(client.connections.len(), 2, "{mode}: connected to the killed replica, then to B");
+        assert_eq!(client.connections[1], c.b.url.replace("http://", "ws://"), "{mode}");
+        let docs: Vec<&str> =
+            client.events.iter().filter(|(_, f)| f.starts_with("doc-")).map(|(_, f)| f.as_str()).collect();
+        assert_eq!(docs, expected, "{mode}: every event once, in upload order");
+        let sequences: Vec<i64> = client.events.iter().map(|(s, _)| *s).collect();
+        assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{mode}: sequences only go up: {sequences:?}");
+        assert_eq!(client.events.len(), UPLOADS + 2, "{mode}: nothing else, nothing twice: {:?}", client.events);
+    }
 }

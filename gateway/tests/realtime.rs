@@ -225,6 +225,118 @@ async fn an_sse_client_resuming_with_last_event_id_gets_exactly_what_it_missed()
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }
 
+/// A raw STOMP 1.2 connection over `/ws`, CONNECT sent with `headers`.
+async fn stomp_connect(gw: &Gateway, headers: &str) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("{}/ws", gw.running.url.replace("http://", "ws://")).into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", "v12.stomp".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let token = gw.token("alice", &["user"]);
+    let connect = format!("CONNECT\naccept-version:1.2\nAuthorization:Bearer {token}\n{headers}\n\0");
+    ws.send(Message::Text(connect.into())).await.unwrap();
+    assert!(next_frame(&mut ws).await.starts_with("CONNECTED\n"));
+    ws
+}
+
+/// The next STOMP frame (heart-beats skipped).
+async fn next_frame(ws: &mut Ws) -> String {
+    loop {
+        let message =
+            tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a frame").unwrap().unwrap();
+        if let Message::Text(text) = message
+            && text.trim() != ""
+        {
+            return text.to_string();
+        }
+    }
+}
+
+/// A MESSAGE frame's `sequence` header and the `filename` of its body's document.
+fn sequence_and_filename(frame: &str) -> (i64, String) {
+    let (head, body) = frame.split_once("\n\n").unwrap();
+    assert!(head.starts_with("MESSAGE\n"), "{frame}");
+    let sequence = head.lines().find_map(|l| l.strip_prefix("sequence:")).expect("a sequence header");
+    let body: Value = serde_json::from_str(body.trim_end_matches('\0')).unwrap();
+    (sequence.parse().unwrap(), body["data"]["filename"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn websocket_clients_resuming_from_the_last_sequence_get_exactly_what_they_missed() {
+    let gw = gateway().await;
+    let mut ws = gw.ws("alice", &["user"]).await;
+    for n in 0..2 {
+        gw.upload("alice", &format!("first-{n}.txt")).await;
+    }
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let event = next_json(&mut ws).await;
+        seen.push((
+            event["sequence"].as_i64().expect("each event carries its sequence"),
+            event["data"]["filename"].clone(),
+        ));
+    }
+    assert_eq!(seen.iter().map(|s| s.1.as_str().unwrap()).collect::<Vec<_>>(), ["first-0.txt", "first-1.txt"]);
+    assert!(seen[0].0 < seen[1].0);
+    let last = seen[1].0;
+    drop(ws);
+
+    // Missed while away.
+    gw.upload("alice", "missed-0.txt").await;
+    gw.upload("bob", "not-for-alice.txt").await;
+    gw.upload("alice", "missed-1.txt").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The JSON protocol: `?lastEventId=`.
+    let url = format!(
+        "{}/ws?token={}&lastEventId={last}",
+        gw.running.url.replace("http://", "ws://"),
+        gw.token("alice", &["user"])
+    );
+    let (mut json, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(next_json(&mut json).await["type"], "connection_established");
+    // STOMP: `last-event-id` on CONNECT applies to each subscription.
+    let mut stomp = stomp_connect(&gw, &format!("last-event-id:{last}\n")).await;
+    stomp.send(Message::Text("SUBSCRIBE\nid:0\ndestination:/topic/documents\n\n\0".into())).await.unwrap();
+    let mut missed = Vec::new();
+    for _ in 0..2 {
+        let event = next_json(&mut json).await;
+        missed.push((event["sequence"].as_i64().unwrap(), event["data"]["filename"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(missed.iter().map(|m| m.1.as_str()).collect::<Vec<_>>(), ["missed-0.txt", "missed-1.txt"]);
+    assert!(last < missed[0].0 && missed[0].0 < missed[1].0);
+    let over_stomp =
+        [sequence_and_filename(&next_frame(&mut stomp).await), sequence_and_filename(&next_frame(&mut stomp).await)];
+    assert_eq!(over_stomp.to_vec(), missed, "STOMP replays the same events with the same sequences");
+    // Then live, nothing repeated.
+    gw.upload("alice", "live.txt").await;
+    let live = next_json(&mut json).await;
+    assert_eq!(
+        (live["data"]["filename"].as_str(), live["sequence"].as_i64() > Some(missed[1].0)),
+        (Some("live.txt"), true)
+    );
+    assert_eq!(sequence_and_filename(&next_frame(&mut stomp).await).1, "live.txt");
+
+    // A position that is not a sequence: 400 with the JSON error body before the upgrade;
+    // an ERROR frame over STOMP.
+    let url = format!(
+        "{}/ws?token={}&lastEventId=yesterday",
+        gw.running.url.replace("http://", "ws://"),
+        gw.token("alice", &["user"])
+    );
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
+    let mut bad = stomp_connect(&gw, "").await;
+    bad.send(Message::Text("SUBSCRIBE\nid:0\ndestination:/topic/documents\nlast-event-id:soon\n\n\0".into()))
+        .await
+        .unwrap();
+    let error = next_frame(&mut bad).await;
+    assert!(error.starts_with("ERROR\n") && error.contains("last-event-id"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_cannot_keep_up_is_closed_with_a_reason_and_others_are_not_held_back() {
     const NOTICES: usize = 10_000;

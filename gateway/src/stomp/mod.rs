@@ -25,6 +25,11 @@
 //! As a Spring simple broker does, any destination under `/topic/` and `/queue/` is
 //! accepted (nothing may arrive on one no event is sent to); `/queue/…` is the user's own,
 //! as `/user/queue/…` is.
+//!
+//! Messages of events carry a `sequence` header, their place in the event history. A client
+//! that reconnects sends the last one it saw as `last-event-id` on `SUBSCRIBE` (or once on
+//! `CONNECT`, for every subscription): what it missed for that destination arrives first, in
+//! order, then live messages, none twice, from whichever replica it reached.
 
 pub mod frame;
 
@@ -41,7 +46,7 @@ use vellum_core::documents::Actor;
 
 use self::frame::{Decoder, Frame, Item, negotiate, parse_heart_beat};
 use crate::auth::Auth;
-use crate::realtime::{Audience, Hub, Notice};
+use crate::realtime::{Audience, Hub, Notice, replayed_already};
 
 /// The WebSocket subprotocols of STOMP, in our order of preference.
 pub const SUBPROTOCOLS: [&str; 3] = ["v12.stomp", "v11.stomp", "v10.stomp"];
@@ -159,6 +164,9 @@ struct Subscription {
     parsed: Destination,
     /// `client` or `client-individual` acknowledgement: messages carry an `ack` header.
     acks: bool,
+    /// The last event a resumed subscription's replay sent: live events up to it are not
+    /// sent again.
+    replayed: Option<i64>,
 }
 
 /// What a STOMP connection runs over: a WebSocket, or the two channels of a SockJS HTTP
@@ -340,7 +348,11 @@ pub async fn session(link: Link, framing: Framing, hub: Arc<Hub>, auth: Arc<Auth
     if !wire.send(&connected).await {
         return;
     }
-    let mut state = Connected { wire, actor, connection, subscriptions: Vec::new(), message_ids: 0 };
+    let resume = match connect.get("last-event-id").map(parse_last_event_id).transpose() {
+        Ok(resume) => resume,
+        Err(detail) => return wire.fail("bad last-event-id header", &detail, 1002).await,
+    };
+    let mut state = Connected { wire, actor, hub: &hub, connection, subscriptions: Vec::new(), message_ids: 0, resume };
     let mut beat = (send_every > 0).then(|| {
         let period = Duration::from_millis(send_every);
         tokio::time::interval_at(Instant::now() + period, period)
@@ -442,20 +454,28 @@ async fn accept(
     Some((actor, heart_beat, version))
 }
 
+/// The sequence a `last-event-id` header names.
+fn parse_last_event_id(value: &str) -> Result<i64, String> {
+    value.trim().parse().map_err(|_| format!("last-event-id must be the sequence of an event, not {value:?}"))
+}
+
 /// A connection after `CONNECTED`.
 struct Connected<'a> {
     wire: Wire,
     actor: Actor,
+    hub: &'a Hub,
     connection: crate::realtime::Connection<'a>,
     subscriptions: Vec<Subscription>,
     message_ids: u64,
+    /// CONNECT's `last-event-id`: where every subscription that names none of its own resumes.
+    resume: Option<i64>,
 }
 
 impl Connected<'_> {
     /// Acts on a client frame; `false` when the connection is over.
     async fn handle(&mut self, frame: Frame) -> bool {
         let result = match frame.command.as_str() {
-            "SUBSCRIBE" => self.subscribe(&frame),
+            "SUBSCRIBE" => self.subscribe(&frame).await,
             "UNSUBSCRIBE" => match frame.get("id") {
                 Some(id) => {
                     if let Some(i) = self.subscriptions.iter().position(|s| s.id == id) {
@@ -498,7 +518,9 @@ impl Connected<'_> {
         }
     }
 
-    fn subscribe(&mut self, frame: &Frame) -> Result<(), (String, String)> {
+    /// Adds a subscription; with a `last-event-id` (its own, or CONNECT's), the events for it
+    /// since are sent first.
+    async fn subscribe(&mut self, frame: &Frame) -> Result<(), (String, String)> {
         let (Some(id), Some(destination)) = (frame.get("id"), frame.get("destination")) else {
             return Err(("SUBSCRIBE needs id and destination headers".to_owned(), String::new()));
         };
@@ -514,9 +536,59 @@ impl Connected<'_> {
             return Err((format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"), String::new()));
         }
         let parsed = Destination::parse(destination).map_err(|detail| ("unknown destination".to_owned(), detail))?;
+        let resume = match frame.get("last-event-id") {
+            Some(value) => Some(parse_last_event_id(value).map_err(|d| ("bad last-event-id header".to_owned(), d))?),
+            None => self.resume,
+        };
         self.count(&parsed, 1);
-        self.subscriptions.push(Subscription { id: id.to_owned(), destination: destination.to_owned(), parsed, acks });
+        let (id, destination) = (id.to_owned(), destination.to_owned());
+        self.subscriptions.push(Subscription { id, destination, parsed, acks, replayed: None });
+        let Some(after) = resume else { return Ok(()) };
+        // Live notices wait in the connection's receiver until the replay is done.
+        let (hub, actor, at) = (self.hub, self.actor.clone(), self.subscriptions.len() - 1);
+        let mut replay = hub.replay(&actor, after);
+        loop {
+            match replay.next_page().await {
+                Ok(Some(page)) => {
+                    for notice in &page {
+                        if self.subscriptions[at].parsed.wants(notice, &actor)
+                            && !self.send_message(at, notice, None).await
+                        {
+                            // Nothing more can reach a client that went away.
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(()) => {
+                    return Err((
+                        "the event history could not be read".to_owned(),
+                        "reconnect and subscribe with the same last-event-id".to_owned(),
+                    ));
+                }
+            }
+        }
+        self.subscriptions[at].replayed = Some(replay.upto());
         Ok(())
+    }
+
+    /// Sends `notice` as a MESSAGE of the subscription at `at`; `false` when the client is gone.
+    async fn send_message(&mut self, at: usize, notice: &Notice, body: Option<&[u8]>) -> bool {
+        let sub = &self.subscriptions[at];
+        self.message_ids += 1;
+        let id = self.message_ids.to_string();
+        let mut frame = Frame::new("MESSAGE")
+            .header("destination", sub.destination.clone())
+            .header("subscription", sub.id.clone())
+            .header("message-id", id.clone());
+        if let Some(seq) = notice.seq {
+            frame = frame.header("sequence", seq.to_string());
+        }
+        if sub.acks {
+            frame = frame.header("ack", id);
+        }
+        let body = body.map_or_else(|| notice.message.to_string().into_bytes(), <[u8]>::to_vec);
+        self.wire.send(&frame.body("application/json", body)).await
     }
 
     fn count(&mut self, destination: &Destination, delta: i64) {
@@ -534,20 +606,11 @@ impl Connected<'_> {
         let mut body: Option<Vec<u8>> = None;
         for i in 0..self.subscriptions.len() {
             let sub = &self.subscriptions[i];
-            if !sub.parsed.wants(notice, &self.actor) {
+            if !sub.parsed.wants(notice, &self.actor) || replayed_already(notice, sub.replayed) {
                 continue;
             }
-            self.message_ids += 1;
-            let id = self.message_ids.to_string();
-            let mut frame = Frame::new("MESSAGE")
-                .header("destination", sub.destination.clone())
-                .header("subscription", sub.id.clone())
-                .header("message-id", id.clone());
-            if sub.acks {
-                frame = frame.header("ack", id);
-            }
             let body = body.get_or_insert_with(|| notice.message.to_string().into_bytes()).clone();
-            if !self.wire.send(&frame.body("application/json", body)).await {
+            if !self.send_message(i, notice, Some(&body)).await {
                 return false;
             }
         }
