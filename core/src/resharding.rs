@@ -143,6 +143,8 @@ const BLOBS: Table = Table {
         ("stored_size", Int),
         ("compression", Text),
         ("created_at", Int),
+        ("quarantined_at", Int),
+        ("quarantine_reason", Text),
     ],
     compared: 2,
     rows_of: "FROM blobs t WHERE t.sha256 IN (SELECT v.sha256 FROM versions v WHERE v.document_id = ANY({ids}))",

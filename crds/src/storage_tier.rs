@@ -47,6 +47,29 @@ pub struct StorageTierSpec {
     /// default; the operator marks the others as not Ready.
     #[serde(default)]
     pub default: bool,
+    /// When the tier's stored objects are read back and their SHA-256 checked (an
+    /// integrity scrub): those altered or gone are quarantined (their downloads are
+    /// refused with the reason) and reported to admins on `/topic/data-quality`. Not
+    /// scrubbed when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub: Option<Scrub>,
+}
+
+/// The schedule of a tier's integrity scrubs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Scrub {
+    /// When a scrub runs, as a five-field cron expression (UTC) or a macro such as `@weekly`.
+    #[schemars(
+        length(max = 128),
+        regex(
+            pattern = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|([0-9*,/?LW#A-Za-z-]+ +){4}[0-9*,/?LW#A-Za-z-]+)$"
+        )
+    )]
+    pub schedule: String,
+    /// Stop scrubbing until this is set back to false.
+    #[serde(default)]
+    pub suspend: bool,
 }
 
 /// Temperature class of a storage tier, from hottest to coldest.
@@ -158,4 +181,7 @@ pub struct StorageTierStatus {
     /// Estimated monthly cost of the bytes stored, from `costPerGbMonth`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_monthly_cost: Option<f64>,
+    /// The CronJob that scrubs this tier on `spec.scrub.schedule`, once in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_cron_job: Option<String>,
 }

@@ -582,6 +582,7 @@ struct VersionParam {
         (status = 304, description = "Not modified"),
         (status = 404, body = ErrorBody),
         (status = 416, description = "Range not satisfiable", body = ErrorBody),
+        (status = 502, description = "Quarantined: an integrity scrub found the stored bytes altered or gone", body = ErrorBody),
     ))]
 async fn download(
     State(state): State<AppState>,
@@ -597,7 +598,7 @@ async fn download(
 #[utoipa::path(get, path = "/{id}/download", tag = TAG, summary = "Download the bytes (the seed's path)",
     params(("id" = i64, Path), ("version" = Option<i64>, Query)),
     responses((status = 200, content_type = "*/*", body = [u8]), (status = 206, content_type = "*/*", body = [u8]),
-        (status = 304), (status = 404, body = ErrorBody)))]
+        (status = 304), (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)))]
 async fn download_alias(
     state: State<AppState>,
     user: User,
@@ -611,7 +612,7 @@ async fn download_alias(
 #[utoipa::path(get, path = "/{id}/versions/{n}/content", tag = TAG, summary = "Download one version's bytes",
     params(("id" = i64, Path), ("n" = i64, Path)),
     responses((status = 200, content_type = "*/*", body = [u8]), (status = 206, content_type = "*/*", body = [u8]),
-        (status = 304), (status = 404, body = ErrorBody)))]
+        (status = 304), (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)))]
 async fn download_version(
     State(state): State<AppState>,
     User(actor): User,

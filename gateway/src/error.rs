@@ -64,6 +64,9 @@ impl From<DocError> for ApiError {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).with_header(header::RETRY_AFTER, "1")
             }
             DocError::TooLarge { .. } => Self::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            // The object store gave bytes that are not the content's: a bad answer from
+            // upstream, which the gateway will not pass on.
+            DocError::Quarantined { .. } => Self::new(StatusCode::BAD_GATEWAY, e.to_string()),
             DocError::Storage(_) => Self::internal(StatusCode::SERVICE_UNAVAILABLE, &e),
             DocError::Store(_) => Self::internal(StatusCode::INTERNAL_SERVER_ERROR, &e),
         }

@@ -112,8 +112,8 @@ pub struct Notice {
     /// The event's place in the history (the SSE id), for events that have one.
     pub seq: Option<i64>,
     pub audience: Audience,
-    /// `documents`, `notifications`, `webhooks` or `migrations` (admins: a resharding's
-    /// progress): what a client may subscribe to.
+    /// `documents`, `notifications`, `webhooks`, `migrations` (admins: what moves stored
+    /// data) or `data-quality` (admins: integrity scrubs): what a client may subscribe to.
     pub channel: &'static str,
     /// The job this notice is about, for `subscribe_job` clients.
     pub job_id: Option<String>,
@@ -589,7 +589,7 @@ enum ClientMessage {
     },
 }
 
-pub(crate) const CHANNELS: [&str; 4] = ["documents", "notifications", "webhooks", "migrations"];
+pub(crate) const CHANNELS: [&str; 5] = ["documents", "notifications", "webhooks", "migrations", "data-quality"];
 
 /// Whether a JSON-protocol client with these subscriptions wants `notice` (audience
 /// aside): a job's notices go to that job's subscribers; without channel subscriptions a

@@ -1439,3 +1439,28 @@ async fn lifecycle_and_storage_usage() {
     let metrics = gw.client.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("vellum_gateway_storage_objects{tier=\"cold\"} 1"), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_document_whose_stored_bytes_a_scrub_found_altered_is_refused_with_502_and_the_reason() {
+    let gw = gateway(true, 0).await;
+    let doc = gw.upload("alice", "ledger.txt", b"the ledger as it was uploaded").await;
+    let docs = gw.running.as_ref().unwrap().state.docs();
+    let sha = doc["checksum"].as_str().unwrap().trim_start_matches("sha256:").to_owned();
+    let key: String = sqlx::query_scalar("SELECT object_key FROM blobs WHERE sha256 = $1")
+        .bind(&sha)
+        .fetch_one(docs.primary().meta().pool())
+        .await
+        .unwrap();
+    // Someone (a disk, a bucket policy, a person) changed the stored object.
+    std::fs::write(gw.dir.path().join("data/tiers/hot").join(&key), b"tampered").unwrap();
+    let report = docs.primary().scrub(None, &|_| {}).await.unwrap();
+    assert_eq!(report.quarantined.len(), 1, "{report:?}");
+    let content = format!("/api/v1/documents/{}/content", doc["id"]);
+    let message = error_of(gw.get("alice", &content).send().await.unwrap(), StatusCode::BAD_GATEWAY).await;
+    assert!(message.contains("quarantined") && message.contains("integrity scrub"), "{message}");
+    // The metadata is still there to see.
+    assert_eq!(
+        gw.get("alice", &format!("/api/v1/documents/{}", doc["id"])).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+}

@@ -1,9 +1,11 @@
-//! The progress of what moves stored data, for admins, on the STOMP topic
-//! `/topic/migrations` (and the `migrations` channel of the WebSocket JSON protocol): a
-//! resharding (`shard-move/<routing version>`, phase `Moving`) and a tier drain
-//! (`tier-drain/<tier>`, phase `Draining`), as seed 003's `StatusUpdateEvent`, sent as a
-//! notice to every gateway replica over NATS, at most once a second, with the phase change
-//! at the start and the end (completed or failed) always sent.
+//! The progress of the long jobs on stored data, for admins, as seed 003's
+//! `StatusUpdateEvent`: on the STOMP topic `/topic/migrations` (and the `migrations` channel
+//! of the WebSocket JSON protocol) what moves data, a resharding (`shard-move/<routing
+//! version>`, phase `Moving`) and a tier drain (`tier-drain/<tier>`, phase `Draining`); on
+//! `/topic/data-quality` an integrity scrub (`integrity-scrub/<run>`, phase `Scrubbing`, and
+//! each blob it quarantines). Sent as a notice to every gateway replica over NATS, at most
+//! once a second, with the phase change at the start and the end (completed or failed)
+//! always sent.
 
 use std::time::{Duration, Instant};
 
@@ -16,9 +18,10 @@ const EVERY: Duration = Duration::from_secs(1);
 /// How long the last notices may take to leave before the command exits anyway.
 const FLUSH: Duration = Duration::from_secs(5);
 
-/// What a status update is about: its `entityId` and its `phase`.
+/// What a status update is about: its `entityType`, `entityId` and `phase`.
 #[derive(Clone, Copy, Debug)]
 pub struct Entity<'a> {
+    pub kind: &'a str,
     pub id: &'a str,
     pub phase: &'a str,
 }
@@ -40,7 +43,7 @@ pub fn status_update(
     json!({
         "type": "status_update",
         "eventType": event_type,
-        "entityType": "migration",
+        "entityType": entity.kind,
         "entityId": entity.id,
         "status": status,
         "progress": progress,
@@ -62,8 +65,9 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Connects to `nats_url`, if given.
-    pub async fn connect(nats_url: Option<&str>) -> Self {
+    /// Connects to `nats_url`, if given, to announce on `channel` (`migrations`,
+    /// `data-quality`).
+    pub async fn connect(nats_url: Option<&str>, channel: &'static str) -> Self {
         let client = match nats_url {
             Some(url) => match vellum_jetstream::connect(url, "vellum-workers-announce").await {
                 Ok(client) => Some(client),
@@ -85,7 +89,7 @@ impl Announcer {
                 let notice = WireNotice {
                     origin: origin.clone(),
                     audience: WireAudience::Admins,
-                    channel: "migrations".into(),
+                    channel: channel.into(),
                     job_id: None,
                     job_kind: None,
                     kind: "status_update".into(),
@@ -137,7 +141,7 @@ mod tests {
     #[test]
     fn progress_is_a_percent_to_a_tenth_and_whole_numbers_stay_integers() {
         let at = |moved, total| {
-            let entity = Entity { id: "shard-move/v", phase: "Moving" };
+            let entity = Entity { kind: "migration", id: "shard-move/v", phase: "Moving" };
             status_update("progress_updated", "RUNNING", entity, (moved, total), "m", 0)["progress"].to_string()
         };
         assert_eq!(at(1, 2), "50");

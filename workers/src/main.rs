@@ -98,6 +98,21 @@ enum Command {
         #[arg(long, env = "VELLUM_NATS_URL")]
         nats_url: Option<String>,
     },
+    /// Read back every stored blob (of one tier, or all) and check its SHA-256; quarantine
+    /// those that do not match or are gone (their downloads are refused with the reason)
+    /// and release quarantined ones found sound again. Prints each shard's findings as JSON;
+    /// fails when a blob could not be read (the next run checks it again).
+    Scrub {
+        /// Only this tier's blobs.
+        #[arg(long)]
+        tier: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The NATS server through which the scrub's progress and findings reach the
+        /// gateways (their `/topic/data-quality`, admins); without one they are only logged.
+        #[arg(long, env = "VELLUM_NATS_URL")]
+        nats_url: Option<String>,
+    },
 }
 
 /// Where the documents are: the metadata database, the platform config and the local tiers.
@@ -264,6 +279,7 @@ fn main() -> anyhow::Result<()> {
             Command::Drain { tier, to, store, run, nats_url } => {
                 drain(&tier, &to, store, &run, nats_url.as_deref()).await
             }
+            Command::Scrub { tier, store, nats_url } => scrub(tier.as_deref(), store, nats_url.as_deref()).await,
             Command::Reshard { store, batch, documents_per_second, source_grace_seconds, nats_url } => {
                 reshard(store, batch, documents_per_second, source_grace_seconds, nats_url.as_deref()).await
             }
@@ -289,10 +305,10 @@ async fn drain(
     nats_url: Option<&str>,
 ) -> anyhow::Result<()> {
     let (library, _) = store.open().await?;
-    let announcer = Announcer::connect(nats_url).await;
+    let announcer = Announcer::connect(nats_url, "migrations").await;
     let now = || vellum_core::clock::Clock::system().now_ms();
     let entity_id = format!("tier-drain/{tier}");
-    let entity = Entity { id: &entity_id, phase: "Draining" };
+    let entity = Entity { kind: "migration", id: &entity_id, phase: "Draining" };
     let mut total = 0i64;
     for docs in library.shards() {
         let blobs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blobs WHERE tier = $1")
@@ -338,6 +354,70 @@ async fn drain(
     Ok(())
 }
 
+/// Scrubs every shard's blobs (of `tier`, or all), announcing the progress and each
+/// quarantined blob to the gateways' `/topic/data-quality`, and printing each shard's
+/// findings as JSON; fails when a blob could not be read.
+async fn scrub(tier: Option<&str>, store: StoreArgs, nats_url: Option<&str>) -> anyhow::Result<()> {
+    let (library, _) = store.open().await?;
+    let announcer = Announcer::connect(nats_url, "data-quality").await;
+    let now = || vellum_core::clock::Clock::system().now_ms();
+    let entity_id = format!("integrity-scrub/{}", vellum_core::clock::rfc3339(now()));
+    let entity = Entity { kind: "integrity-scrub", id: &entity_id, phase: "Scrubbing" };
+    let mut total = 0i64;
+    for docs in library.shards() {
+        total += docs.scrub_total(tier).await.context("counting the blobs")?;
+    }
+    let scope = tier.map_or_else(|| "every tier".to_owned(), |t| format!("tier {t}"));
+    let started = format!("checking the SHA-256 of {total} stored objects of {scope}");
+    announcer.send(status_update("phase_changed", "RUNNING", entity, (0, total), &started, now()));
+    let (mut checked_before, mut unsound, mut errors) = (0i64, 0u64, 0u64);
+    for (shard, docs) in library.names().iter().zip(library.shards()) {
+        let progress = |checked: u64| {
+            let checked = checked_before + i64::try_from(checked).unwrap_or(i64::MAX);
+            announcer.progress(|| {
+                let message = format!("{checked} of {total} stored objects checked");
+                status_update("progress_updated", "RUNNING", entity, (checked, total), &message, now())
+            });
+        };
+        let report = match docs.scrub(tier, &progress).await {
+            Ok(report) => report,
+            Err(e) => {
+                let why = format!("the scrub failed on shard {shard}: {e}");
+                announcer.send(status_update("failed", "FAILED", entity, (checked_before, total), &why, now()));
+                announcer.finish().await;
+                return Err(anyhow::Error::new(e).context(format!("shard {shard}")));
+            }
+        };
+        for blob in &report.quarantined {
+            let about = Entity { kind: "blob", id: &blob.sha256, phase: "Scrubbing" };
+            let message = format!(
+                "stored object {} quarantined: {}; downloads of documents {:?} are refused until it is restored",
+                blob.sha256, blob.reason, blob.documents
+            );
+            announcer.send(status_update("status_changed", "QUARANTINED", about, (1, 1), &message, now()));
+        }
+        checked_before += i64::try_from(report.checked + report.errors).unwrap_or(i64::MAX);
+        unsound += report.unsound;
+        errors += report.errors;
+        let json = serde_json::json!({"shard": shard, "scrub": report});
+        println!("{json}");
+    }
+    if errors > 0 {
+        let why = format!("{errors} of {total} stored objects could not be read (the next run checks them again)");
+        announcer.send(status_update("failed", "FAILED", entity, (checked_before, total), &why, now()));
+        announcer.finish().await;
+        anyhow::bail!("{why}");
+    }
+    let done = if unsound == 0 {
+        format!("all {total} stored objects of {scope} are sound")
+    } else {
+        format!("{unsound} of {total} stored objects of {scope} are not sound and quarantined")
+    };
+    announcer.send(status_update("completed", "COMPLETED", entity, (checked_before, total), &done, now()));
+    announcer.finish().await;
+    Ok(())
+}
+
 /// `vellum-workers reshard`: runs the move the config names, at its pace, announcing its
 /// progress to the gateways, and prints every shard's part of it as JSON.
 async fn reshard(
@@ -352,10 +432,10 @@ async fn reshard(
     let batch = batch.unwrap_or(pace.batch_size as usize);
     let per_second = documents_per_second.or(pace.documents_per_second);
     let next = library.next().map(|t| t.version().to_owned()).unwrap_or_default();
-    let announcer = Announcer::connect(nats_url).await;
+    let announcer = Announcer::connect(nats_url, "migrations").await;
     let now = || vellum_core::clock::Clock::system().now_ms();
     let entity_id = format!("shard-move/{next}");
-    let entity = Entity { id: &entity_id, phase: "Moving" };
+    let entity = Entity { kind: "migration", id: &entity_id, phase: "Moving" };
     let started = format!("moving documents to routing {next}");
     announcer.send(status_update("phase_changed", "RUNNING", entity, (0, 0), &started, now()));
     // Progress in the log and to the gateways at most once a second.

@@ -612,3 +612,117 @@ async fn the_drain_command_announces_its_progress_on_topic_migrations() {
     let usage = p.docs.usage(&p.config).await.unwrap();
     assert_eq!(usage.tiers.iter().find(|t| t.tier == "hot").unwrap().objects, 0, "the tier is empty");
 }
+
+/// Where `doc`'s current content is stored: its tier and object key.
+async fn stored_at(p: &Platform, doc: &Document) -> (Arc<vellum_core::blob::Tier>, object_store::path::Path) {
+    let sha = doc.checksum.trim_start_matches("sha256:");
+    let row = sqlx::query("SELECT tier, object_key FROM blobs WHERE sha256 = $1")
+        .bind(sha)
+        .fetch_one(p.docs.meta().pool())
+        .await
+        .unwrap();
+    let tier: String = row.get("tier");
+    let key: String = row.get("object_key");
+    (p.docs.tiers().get(&tier).unwrap(), object_store::path::Path::from(key))
+}
+
+/// `vellum-workers scrub` on `p`, with its progress to `nats`: its stdout's JSON lines
+/// and the status updates it announced.
+async fn scrub(p: &Platform, nats: &vellum_testkit::NatsProcess) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    use futures::StreamExt as _;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut notices = client.subscribe(vellum_jetstream::notices::SUBJECT).await.unwrap();
+    client.flush().await.unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vellum-workers"))
+        .args(["scrub", "--database-url", &p.database_url, "--nats-url", &nats.url()])
+        .arg("--config-dir")
+        .arg(p.dir.path().join("config"))
+        .arg("--data-dir")
+        .arg(p.dir.path())
+        .env("VELLUM_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut updates = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(std::time::Duration::from_secs(2), notices.next()).await {
+        let notice: vellum_jetstream::notices::WireNotice = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(notice.audience, vellum_jetstream::notices::WireAudience::Admins, "for admins only");
+        assert_eq!((notice.channel.as_str(), notice.kind.as_str()), ("data-quality", "status_update"));
+        updates.push(notice.message);
+    }
+    (printed, updates)
+}
+
+#[tokio::test]
+async fn a_scrub_quarantines_blobs_whose_bytes_changed_or_vanished_and_releases_them_once_restored() {
+    use object_store::ObjectStoreExt as _;
+    let p = platform(true, true).await;
+    // Compressed (text) and stored as is (a JPEG): both forms are read back.
+    let altered = upload(&p, &alice(), "altered.txt", &[], &body(1, 5000)).await;
+    let vanished = upload(&p, &alice(), "vanished.jpg", &[], &body(2, 3000)).await;
+    let sound = upload(&p, &alice(), "sound.txt", &[], &body(3, 4000)).await;
+    let (tier, key) = stored_at(&p, &altered).await;
+    let original = tier.store().get(&key).await.unwrap().bytes().await.unwrap();
+    tier.store().put(&key, Bytes::from_static(b"not what was uploaded").into()).await.unwrap();
+    let (tier, key) = stored_at(&p, &vanished).await;
+    tier.store().delete(&key).await.unwrap();
+    let nats = vellum_testkit::NatsProcess::start().unwrap();
+
+    let (printed, updates) = scrub(&p, &nats).await;
+    let report = &printed[0]["scrub"];
+    assert_eq!(
+        (report["checked"].as_u64(), report["unsound"].as_u64(), report["errors"].as_u64()),
+        (Some(3), Some(2), Some(0)),
+        "{report}"
+    );
+    let quarantined: BTreeSet<i64> =
+        report["quarantined"].as_array().unwrap().iter().map(|q| q["documents"][0].as_i64().unwrap()).collect();
+    assert_eq!(quarantined, BTreeSet::from([altered.id, vanished.id]));
+    // Seed 003's StatusUpdateEvents on /topic/data-quality: the start, each quarantined
+    // blob, the end.
+    let kinds: Vec<&str> = updates.iter().filter_map(|u| u["eventType"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"phase_changed"), "{updates:?}");
+    assert_eq!(kinds.last(), Some(&"completed"), "{updates:?}");
+    let blobs: BTreeSet<&str> = updates
+        .iter()
+        .filter(|u| u["status"] == "QUARANTINED")
+        .map(|u| {
+            assert_eq!((u["eventType"].as_str(), u["entityType"].as_str()), (Some("status_changed"), Some("blob")));
+            u["entityId"].as_str().unwrap()
+        })
+        .collect();
+    let sha = |d: &Document| d.checksum.trim_start_matches("sha256:").to_owned();
+    assert_eq!(blobs, BTreeSet::from([sha(&altered).as_str(), sha(&vanished).as_str()]));
+    let done = updates.last().unwrap();
+    assert_eq!(
+        (done["entityType"].as_str(), done["phase"].as_str(), done["totalRecords"].as_i64()),
+        (Some("integrity-scrub"), Some("Scrubbing"), Some(3))
+    );
+    assert!(done["message"].as_str().unwrap().contains("2 of 3"), "{done}");
+
+    // Their downloads are refused with the reason; the sound one is served.
+    for doc in [&altered, &vanished] {
+        match p.docs.content(&admin(), doc.id, None).await {
+            Err(vellum_core::documents::DocError::Quarantined { id, reason, .. }) => {
+                assert_eq!(id, doc.id);
+                assert!(
+                    reason.contains("hash to") || reason.contains("missing") || reason.contains("decompress"),
+                    "{reason}"
+                );
+            }
+            other => panic!("document {} is served: {:?}", doc.id, other.map(|c| c.sha256)),
+        }
+    }
+    assert_eq!(read(&p.docs, sound.id).await, body(3, 4000));
+
+    // Restored from a backup: the next scrub releases it; the vanished one stays.
+    let (tier, key) = stored_at(&p, &altered).await;
+    tier.store().put(&key, original.into()).await.unwrap();
+    let (printed, _) = scrub(&p, &nats).await;
+    let report = &printed[0]["scrub"];
+    assert_eq!((report["released"].as_u64(), report["unsound"].as_u64()), (Some(1), Some(1)), "{report}");
+    assert_eq!(report["quarantined"], serde_json::json!([]), "already quarantined: not again");
+    assert_eq!(read(&p.docs, altered.id).await, body(1, 5000));
+    assert!(p.docs.content(&admin(), vanished.id, None).await.is_err());
+}

@@ -7,6 +7,7 @@ mod garbage;
 pub(crate) mod library;
 mod model;
 mod retention;
+mod scrub;
 mod tiering;
 mod usage;
 
@@ -27,6 +28,7 @@ pub use library::{
     routes_as,
 };
 pub use model::*;
+pub use scrub::{QuarantinedBlob, ScrubReport};
 pub use tiering::{Grace, MigrationStep, StepHook};
 pub use usage::{Savings, TierUsage, Usage, UsageCounts, monthly_cost, usage_counts};
 
@@ -76,6 +78,12 @@ pub enum DocError {
     Unavailable(String),
     #[error("the upload exceeds the limit of {limit} bytes")]
     TooLarge { limit: u64 },
+    /// Stored bytes an integrity scrub found are not the content's (or gone): not served.
+    #[error(
+        "version {version} of document {id} is quarantined: an integrity scrub found that {reason}; \
+         it is served again once its stored copy is restored and a scrub finds it sound"
+    )]
+    Quarantined { id: i64, version: i64, reason: String },
     #[error(transparent)]
     Storage(BlobError),
     #[error(transparent)]
@@ -1241,8 +1249,9 @@ impl Documents {
         let document = self.get(actor, id).await?;
         let version = version.unwrap_or(document.current_version);
         let row = sqlx::query(
-            "SELECT v.filename, v.content_type, v.size, v.sha256, b.tier, b.object_key, b.compression \
-             FROM versions v JOIN blobs b ON b.sha256 = v.sha256 WHERE v.document_id = $1 AND v.version = $2",
+            "SELECT v.filename, v.content_type, v.size, v.sha256, b.tier, b.object_key, b.compression, \
+             b.quarantine_reason FROM versions v JOIN blobs b ON b.sha256 = v.sha256 \
+             WHERE v.document_id = $1 AND v.version = $2",
         )
         .bind(id)
         .bind(version)
@@ -1255,6 +1264,9 @@ impl Documents {
             self.get(actor, id).await?;
             return Err(DocError::VersionNotFound { id, version });
         };
+        if let Some(reason) = row.try_get::<Option<String>, _>("quarantine_reason")? {
+            return Err(DocError::Quarantined { id, version, reason });
+        }
         let codec: String = row.try_get("compression")?;
         self.touch(id).await;
         Ok(Content {

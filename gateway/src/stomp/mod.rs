@@ -16,7 +16,8 @@
 //! | `/topic/migrations` | the progress of reshardings, tier drains and retention runs (tier migrations), as seed 003's `StatusUpdateEvent` (admins) |
 //! | `/topic/uploads` | progress and completion of upload sessions |
 //! | `/topic/jobs/{jobId}` | one job's progress and completion |
-//! | `/topic/{channel}` (any other) | the events of that channel, if any: `/topic/extractions` and `/topic/data-quality` are seed 003's |
+//! | `/topic/data-quality` | integrity scrubs' progress and each blob they quarantine, as seed 003's `StatusUpdateEvent` (admins) |
+//! | `/topic/{channel}` (any other) | the events of that channel, if any: `/topic/extractions` is seed 003's |
 //! | `/user/queue/notifications` | everything addressed to the user: own document events, own jobs, broadcasts |
 //! | `/user/queue/upload-progress` | the user's upload sessions |
 //! | `/user/queue/sync` | events of the user's own documents |

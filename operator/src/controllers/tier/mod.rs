@@ -7,8 +7,9 @@ mod drain;
 
 use std::sync::Arc;
 
+use k8s_openapi::api::batch::v1::CronJob;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use vellum_core::blob::Tier;
@@ -19,7 +20,9 @@ use vellum_crds::conditions::{self, reasons};
 use vellum_crds::storage_tier::StorageTierStatus;
 use vellum_crds::{StorageTier, field_managers, finalizers};
 
-use crate::context::{Context, Refused, Result, apply_status, condition, ready_event, redact};
+use crate::context::{Context, Refused, Result, apply, apply_status, condition, ready_event, redact};
+use crate::controllers::platform::ReleaseFacts;
+use crate::controllers::shared::not_found;
 
 const MANAGER: &str = field_managers::STORAGE_TIER;
 
@@ -75,13 +78,32 @@ async fn observe(tier: &StorageTier, ctx: &Context) -> Result<Action> {
         Err(refused) => Verdict::refused(refused, None),
     };
     let previous = tier.status.clone().unwrap_or_default();
-    let status = status(tier, &verdict, usage.as_ref());
+    let mut status = status(tier, &verdict, usage.as_ref());
+    status.scrub_cron_job = schedule_scrub(tier, &previous, ctx).await?;
     apply_status(&ctx.client, MANAGER, tier, &status).await?;
     if let Some((warning, reason, note)) = ready_event(&previous.conditions, &status.conditions) {
         ctx.event(tier, warning, &reason, note).await;
     }
     // Probe again later: a bucket's policy or credentials change outside Kubernetes.
     Ok(Action::requeue(if verdict.ready { ctx.resync * 5 } else { ctx.resync }))
+}
+
+/// Puts the tier's scrub CronJob in place when it has a schedule and a release provides
+/// the workers that run it, and returns its name; removes the one `previous` names
+/// otherwise.
+async fn schedule_scrub(tier: &StorageTier, previous: &StorageTierStatus, ctx: &Context) -> Result<Option<String>> {
+    let namespace = tier.namespace().unwrap_or_default();
+    let release = ctx.caches.release_of(&namespace);
+    let wanted = release.as_ref().and_then(|r| build::build_scrub_cron_job(tier, r, &ReleaseFacts::of(r)));
+    if let Some(cron_job) = wanted {
+        apply(&ctx.client, MANAGER, &cron_job).await?;
+        return Ok(Some(cron_job.name_any()));
+    }
+    if let Some(name) = &previous.scrub_cron_job {
+        let cron_jobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), &namespace);
+        cron_jobs.delete(name, &DeleteParams::background()).await.map(drop).or_else(not_found)?;
+    }
+    Ok(None)
 }
 
 async fn dereference(tier: &StorageTier, ctx: &Context) -> Inputs {
@@ -185,6 +207,7 @@ pub fn status(tier: &StorageTier, verdict: &Verdict, usage: Option<&UsageCounts>
         objects,
         bytes,
         estimated_monthly_cost,
+        scrub_cron_job: None,
     }
 }
 

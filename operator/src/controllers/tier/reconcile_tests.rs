@@ -111,3 +111,35 @@ async fn a_tier_beside_the_default_is_ready() {
     let (server, _) = reconciled(t, world).await;
     assert_eq!(body_of(&server, STATUS)["status"]["conditions"][0]["status"], "True");
 }
+
+fn release() -> vellum_crds::BlueGreenRelease {
+    let mut release: vellum_crds::BlueGreenRelease = serde_yaml::from_str(
+        "apiVersion: vellum.dev/v1alpha1\nkind: BlueGreenRelease\nmetadata: {name: docs, namespace: ns, uid: r1}\nspec: {version: 1.0.0, gateway: {image: g}, workers: {image: 'vellum/workers:1.0.0'}, shardSetRef: meta, nats: {url: 'nats://nats:4222'}, jwt: {secretRef: {name: jwt, key: k}}}\n",
+    )
+    .unwrap();
+    release.metadata.uid = Some("r1".into());
+    release
+}
+
+const SCRUB: &str = "/apis/batch/v1/namespaces/ns/cronjobs/hot-scrub";
+
+#[tokio::test]
+async fn a_scrubbed_tier_gets_its_cron_job_and_names_it_and_loses_it_when_the_schedule_goes() {
+    let mut t = tier("{url: 'memory://'}");
+    t.spec.scrub = Some(vellum_crds::storage_tier::Scrub { schedule: "@weekly".into(), suspend: false });
+    let world = World { tiers: vec![t.clone()], releases: vec![release()], ..World::default() };
+    let (server, _) = reconciled(t.clone(), world).await;
+    let apply = format!("PATCH {SCRUB}?&force=true&fieldManager=vellum.dev%2Fstoragetier");
+    assert_eq!(lines(&server), [apply.as_str(), STATUS, EVENT]);
+    let expected = build::build_scrub_cron_job(&t, &release(), &ReleaseFacts::default()).unwrap();
+    assert_eq!(body_of(&server, &apply), serde_json::to_value(expected).unwrap(), "the built CronJob, whole");
+    assert_eq!(body_of(&server, STATUS)["status"]["scrubCronJob"], "hot-scrub");
+
+    // The schedule removed: the CronJob the status names goes, and so does the name.
+    t.spec.scrub = None;
+    t.status = Some(StorageTierStatus { scrub_cron_job: Some("hot-scrub".into()), ..StorageTierStatus::default() });
+    let world = World { tiers: vec![t.clone()], releases: vec![release()], ..World::default() };
+    let (server, _) = reconciled(t, world).await;
+    assert_eq!(lines(&server)[0], format!("DELETE {SCRUB}?"));
+    assert_eq!(body_of(&server, STATUS)["status"].get("scrubCronJob"), None);
+}
