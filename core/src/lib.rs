@@ -9,6 +9,7 @@
 pub use vellum_crds as crds;
 
 pub mod blob;
+pub mod bulk;
 pub mod clock;
 pub mod config;
 pub mod documents;

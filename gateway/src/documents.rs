@@ -42,6 +42,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(hold, release))
         .routes(routes!(create_link))
         .merge(crate::storage::document_router())
+        .merge(crate::bulk::router())
         .merge(uploads)
 }
 

@@ -50,9 +50,10 @@ impl From<DocError> for ApiError {
     fn from(e: DocError) -> Self {
         match &e {
             DocError::Invalid(_) => Self::bad_request(e.to_string()),
-            DocError::NotFound(_) | DocError::VersionNotFound { .. } | DocError::SessionNotFound(_) => {
-                Self::not_found(e.to_string())
-            }
+            DocError::NotFound(_)
+            | DocError::VersionNotFound { .. }
+            | DocError::SessionNotFound(_)
+            | DocError::JobNotFound(_) => Self::not_found(e.to_string()),
             DocError::Gone(_) => Self::new(StatusCode::GONE, e.to_string()),
             DocError::ChecksumMismatch(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
             DocError::Conflict(_) => Self::new(StatusCode::CONFLICT, e.to_string()),

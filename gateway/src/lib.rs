@@ -3,6 +3,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod auth;
+pub mod bulk;
 pub mod cluster;
 pub mod content;
 pub mod cors;
@@ -64,6 +65,8 @@ pub struct AppState {
     pub metrics_elsewhere: bool,
     /// Origins whose pages may call the API from a browser (none: no CORS headers).
     pub cors_origins: Vec<axum::http::HeaderValue>,
+    /// Wakes this replica's bulk job runner when a job is started here.
+    pub bulk: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {

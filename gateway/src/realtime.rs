@@ -132,7 +132,11 @@ impl Notice {
     pub fn of_event(pending: &Pending) -> Self {
         let event = &pending.event;
         let kind = type_name(event.event_type);
-        let owner = event.payload.get("uploadedBy").and_then(Value::as_str).map(str::to_owned);
+        // A document's owner, or the user who started a bulk job.
+        let owner = ["uploadedBy", "requestedBy"]
+            .iter()
+            .find_map(|key| event.payload.get(*key).and_then(Value::as_str))
+            .map(str::to_owned);
         let (audience, channel) = match event.event_type {
             EventType::WebhookDeactivated => (Audience::Admins, "webhooks"),
             _ => (owner.map_or(Audience::Admins, Audience::User), "documents"),
@@ -142,7 +146,12 @@ impl Notice {
             seq: Some(pending.seq),
             audience,
             channel,
-            job_id: event.payload.get("jobId").and_then(Value::as_str).map(str::to_owned),
+            // A bulk job's events go to every client of its starter, as seed 000's client
+            // handles them (its job subscribers get job_status_update besides).
+            job_id: match event.event_type {
+                EventType::BulkOperationProgress | EventType::BulkOperationCompleted => None,
+                _ => event.payload.get("jobId").and_then(Value::as_str).map(str::to_owned),
+            },
             job_kind: None,
             message: json!({"type": kind, "eventId": event.id, "sequence": pending.seq, "timestamp": timestamp,
                 "data": event.payload}),

@@ -297,6 +297,7 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
         admission: Arc::new(crate::limits::Admission::new(&options.limits)),
         metrics_elsewhere: options.metrics_listen.is_some(),
         cors_origins,
+        bulk: Arc::default(),
     };
 
     state.metrics.set_config_hash(&config_hash);
@@ -327,6 +328,8 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
     // In a cluster the operator's CronJobs run the retention policies.
     let scheduler = scheduler_wanted.then(|| tokio::spawn(schedule_retention(state.clone(), stopped.clone())));
     hub_feeds.push(tokio::spawn(prune_limiters(state.clone())));
+    // Bulk jobs: any replica runs those no replica holds (a job survives its replica).
+    hub_feeds.push(tokio::spawn(crate::bulk::run(state.clone(), stopped.clone())));
     let metrics_addr = match options.metrics_listen {
         Some(at) => {
             let (bound, task) = serve_metrics(at, &state, &options.limits).await?;

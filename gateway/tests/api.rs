@@ -1238,7 +1238,8 @@ async fn a_stock_tus_client_uploads_and_resumes() {
 }
 
 /// Every operation `/openapi.json` documents, as METHOD and path, sorted.
-const OPERATIONS: [&str; 61] = [
+const OPERATIONS: [&str; 64] = [
+    "DELETE /api/v1/documents/bulk/{job}",
     "DELETE /api/v1/documents/{id}",
     "DELETE /api/v1/documents/{id}/legal-hold",
     "DELETE /api/v1/tus/{id}",
@@ -1249,6 +1250,7 @@ const OPERATIONS: [&str; 61] = [
     "GET /actuator/health/readiness",
     "GET /actuator/prometheus",
     "GET /api/v1/documents",
+    "GET /api/v1/documents/bulk/{job}",
     "GET /api/v1/documents/{id}",
     "GET /api/v1/documents/{id}/content",
     "GET /api/v1/documents/{id}/download",
@@ -1281,6 +1283,7 @@ const OPERATIONS: [&str; 61] = [
     "PATCH /api/v1/documents/{id}",
     "PATCH /api/v1/tus/{id}",
     "POST /api/v1/documents",
+    "POST /api/v1/documents/bulk",
     "POST /api/v1/documents/{id}/links",
     "POST /api/v1/documents/{id}/restore",
     "POST /api/v1/documents/{id}/tier",
@@ -1463,4 +1466,134 @@ async fn a_document_whose_stored_bytes_a_scrub_found_altered_is_refused_with_502
         gw.get("alice", &format!("/api/v1/documents/{}", doc["id"])).send().await.unwrap().status(),
         StatusCode::OK
     );
+}
+
+/// Uploads `n` documents of `user`'s; their ids.
+async fn upload_many(gw: &Gateway, user: &str, n: usize) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(gw.upload(user, &format!("bulk-{i}.txt"), b"bulk").await["id"].as_i64().unwrap());
+    }
+    ids
+}
+
+/// Polls a bulk job until it has finished.
+async fn finished_job(gw: &Gateway, user: &str, location: &str) -> Value {
+    for _ in 0..300 {
+        let job: Value = gw.get(user, location).send().await.unwrap().json().await.unwrap();
+        if job["status"] == "COMPLETED" || job["status"] == "CANCELLED" {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the job at {location} did not finish within 30 s");
+}
+
+async fn start_bulk(gw: &Gateway, user: &str, request: Value) -> reqwest::Response {
+    gw.client
+        .post(gw.url("/api/v1/documents/bulk"))
+        .bearer_auth(gw.token(user, &["user"]))
+        .json(&request)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bulk_jobs_act_as_their_starter_report_progress_and_can_be_cancelled() {
+    use futures::StreamExt as _;
+    let gw = gateway(true, 0).await;
+    let mine = upload_many(&gw, "alice", 30).await;
+    let bobs = gw.upload("bob", "not-alices.txt", b"bob").await["id"].as_i64().unwrap();
+    // Alice's client, as seed 000's: it handles BULK_OPERATION_PROGRESS among its notifications.
+    let ws_url = format!("{}/ws?token={}", gw.base.replace("http://", "ws://"), gw.token("alice", &["user"]));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+
+    let mut ids = mine.clone();
+    ids.push(bobs);
+    let started =
+        start_bulk(&gw, "alice", json!({"operation": "tag", "documentIds": ids, "tags": ["q4", " q4 "]})).await;
+    assert_eq!(started.status(), StatusCode::ACCEPTED);
+    let location = started.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    let job: Value = started.json().await.unwrap();
+    assert_eq!(
+        (job["operation"].as_str(), job["total"].as_i64(), job["tags"].clone()),
+        (Some("tag"), Some(31), json!(["q4"]))
+    );
+    let done = finished_job(&gw, "alice", &location).await;
+    assert_eq!(
+        (done["status"].as_str(), done["succeeded"].as_i64(), done["failed"].as_i64(), done["progress"].as_i64()),
+        (Some("COMPLETED"), Some(30), Some(1), Some(100)),
+        "{done}"
+    );
+    assert_eq!(done["errors"][0]["documentId"], bobs, "bob's document is not alice's to tag: {done}");
+    let doc: Value =
+        gw.get("alice", &format!("/api/v1/documents/{}", mine[7])).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc["tags"], json!(["q4"]));
+    let untouched: Value =
+        gw.get("bob", &format!("/api/v1/documents/{bobs}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(untouched["tags"], json!([]));
+    // The starter's client was told: progress, then the end, with the job's id.
+    let mut kinds = Vec::new();
+    while !kinds.contains(&"BULK_OPERATION_COMPLETED".to_owned()) {
+        let message =
+            tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a notification").unwrap().unwrap();
+        let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
+        let message: Value = serde_json::from_str(&text).unwrap();
+        if message["type"].as_str().is_some_and(|t| t.starts_with("BULK_")) {
+            assert_eq!(message["data"]["jobId"], job["id"], "{message}");
+            kinds.push(message["type"].as_str().unwrap().to_owned());
+            if message["type"] == "BULK_OPERATION_COMPLETED" {
+                assert_eq!(
+                    (message["data"]["totalDocuments"].as_i64(), message["data"]["successCount"].as_i64()),
+                    (Some(31), Some(30))
+                );
+            }
+        }
+    }
+    assert_eq!(kinds.first().map(String::as_str), Some("BULK_OPERATION_PROGRESS"), "{kinds:?}");
+    // Someone else's job is not found; a finished one is not cancelled.
+    assert_eq!(gw.get("bob", &location).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    let again = gw.client.delete(gw.url(&location)).bearer_auth(gw.token("alice", &["user"])).send().await.unwrap();
+    assert!(error_of(again, StatusCode::CONFLICT).await.contains("COMPLETED"));
+
+    // A selector: the documents a search finds, as the list finds them.
+    let started = start_bulk(&gw, "alice", json!({"operation": "delete", "selector": {"tag": "q4"}})).await;
+    assert_eq!(started.status(), StatusCode::ACCEPTED);
+    let location = started.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    let done = finished_job(&gw, "alice", &location).await;
+    assert_eq!((done["total"].as_i64(), done["succeeded"].as_i64()), (Some(30), Some(30)), "{done}");
+    let left: Value = gw.get("alice", "/api/v1/documents").send().await.unwrap().json().await.unwrap();
+    assert_eq!(left["items"], json!([]), "every tagged document deleted");
+
+    // Cancelled: it stops, and what it did stays done.
+    let many = upload_many(&gw, "alice", 200).await;
+    let started = start_bulk(&gw, "alice", json!({"operation": "tag", "documentIds": many, "tags": ["slow"]})).await;
+    let location = started.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    let cancelled = gw.client.delete(gw.url(&location)).bearer_auth(gw.token("alice", &["user"])).send().await.unwrap();
+    if cancelled.status() == StatusCode::OK {
+        let first = finished_job(&gw, "alice", &location).await;
+        assert_eq!(first["status"], "CANCELLED");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let later: Value = gw.get("alice", &location).send().await.unwrap().json().await.unwrap();
+        assert_eq!(later["processed"], first["processed"], "nothing more after the cancel");
+        assert!(later["processed"].as_i64() < Some(200), "{later}");
+    } else {
+        assert_eq!(cancelled.status(), StatusCode::CONFLICT, "finished before the cancel");
+    }
+
+    // Requests that cannot run are refused before a job exists.
+    for (request, says) in [
+        (json!({"operation": "tag", "documentIds": [1]}), "needs tags"),
+        (json!({"operation": "move", "documentIds": [1], "tier": "nowhere"}), "no storage tier"),
+        (json!({"operation": "delete", "documentIds": [1], "selector": {"tag": "x"}}), "not both"),
+        (json!({"operation": "delete"}), "documentIds or a selector"),
+        (json!({"operation": "delete", "selector": {"tag": "nothing-has-this"}}), "finds no documents"),
+        (json!({"operation": "archive", "documentIds": [1]}), "FROZEN"),
+    ] {
+        let message = error_of(start_bulk(&gw, "alice", request.clone()).await, StatusCode::BAD_REQUEST).await;
+        assert!(message.contains(says), "{request}: {message}");
+    }
+    let unknown = start_bulk(&gw, "alice", json!({"operation": "shred", "documentIds": [1]})).await;
+    assert!(unknown.status().is_client_error());
 }

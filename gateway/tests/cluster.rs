@@ -30,7 +30,8 @@ struct Cluster {
 }
 
 async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> Running {
-    vellum_gateway::replica::start(standalone::Options {
+    // Boxed: the start's future is large, and each test holds two.
+    Box::pin(vellum_gateway::replica::start(standalone::Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         // Shared, as a volume would be: the file tier holds the documents both serve.
         data_dir: dir.join("data"),
@@ -48,7 +49,7 @@ async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> R
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
         cors_origins: Vec::new(),
-    })
+    }))
     .await
     .unwrap()
 }
@@ -510,5 +511,68 @@ async fn json_and_stomp_clients_whose_replica_is_killed_resume_on_another_withou
         let sequences: Vec<i64> = client.events.iter().map(|(s, _)| *s).collect();
         assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{mode}: sequences only go up: {sequences:?}");
         assert_eq!(client.events.len(), UPLOADS + 2, "{mode}: nothing else, nothing twice: {:?}", client.events);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_job_whose_replica_is_killed_is_finished_by_another() {
+    const DOCUMENTS: usize = 400;
+    let c = cluster().await;
+    let mut doomed = ReplicaProcess::start(c.dir.path(), &c.db.url, &c.nats.url()).await;
+    let token = c.token("alice", &["user"]);
+    let mut ids = Vec::new();
+    for n in 0..DOCUMENTS {
+        let via = if n % 2 == 0 { &c.a } else { &c.b };
+        ids.push(c.upload(via, "alice", &format!("bulk-{n}.txt")).await["id"].as_i64().unwrap());
+    }
+    let started = c
+        .client
+        .post(format!("{}/api/v1/documents/bulk", doomed.url))
+        .bearer_auth(&token)
+        .json(&json!({"operation": "tag", "documentIds": ids, "tags": ["reviewed"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), StatusCode::ACCEPTED);
+    let location = started.headers()["location"].to_str().unwrap().to_owned();
+    let on_b = format!("{}{location}", c.b.url);
+    // Killed once it is under way (the replica that took it is the one woken by the request,
+    // or another that looked first: either way the job is mid-way when one replica dies).
+    let mut seen = Value::Null;
+    for _ in 0..400 {
+        seen = c.client.get(&on_b).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        if seen["processed"].as_i64() > Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen["status"], "RUNNING", "mid-way: {seen}");
+    doomed.kill();
+    let mut done = Value::Null;
+    for _ in 0..900 {
+        done = c.client.get(&on_b).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        if done["status"] == "COMPLETED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total = i64::try_from(DOCUMENTS).unwrap();
+    assert_eq!(
+        (done["status"].as_str(), done["processed"].as_i64(), done["succeeded"].as_i64(), done["failed"].as_i64()),
+        (Some("COMPLETED"), Some(total), Some(total), Some(0)),
+        "{done}"
+    );
+    for id in ids.iter().step_by(37) {
+        let doc: Value = c
+            .client
+            .get(format!("{}/api/v1/documents/{id}", c.a.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(doc["tags"], json!(["reviewed"]), "{doc}");
     }
 }

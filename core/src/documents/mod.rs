@@ -60,6 +60,8 @@ pub enum DocError {
     Conflict(String),
     #[error("upload session {0} not found")]
     SessionNotFound(String),
+    #[error("bulk job {0} not found")]
+    JobNotFound(String),
     /// The thing existed and is gone for good (an expired or cancelled session).
     #[error("{0}")]
     Gone(String),
