@@ -1063,6 +1063,13 @@ impl Documents {
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        if versions.is_empty() {
+            // Every document has a version: none means the document went with a hand-over
+            // to another shard since it was read, and then it is not found here either,
+            // which a library follows to its new shard.
+            self.get(actor, id).await?;
+            return Err(StoreError::Corrupt(format!("document {id} has no versions")).into());
+        }
         Ok(VersionHistory { document_id: id, current_version: doc.current_version, versions })
     }
 

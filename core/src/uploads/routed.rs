@@ -107,7 +107,7 @@ impl Library {
     }
 
     /// Assembles session `id`'s chunks into a document, recorded on the session's shard
-    /// (see [`Self::home_of_session`]); completing it again answers with that document,
+    /// (see `home_of_session`); completing it again answers with that document,
     /// wherever it is now.
     pub async fn complete_upload(&self, actor: &Actor, id: &str) -> Result<Uploaded, DocError> {
         let (_, done) = self

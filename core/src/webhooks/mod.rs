@@ -705,7 +705,7 @@ impl Summary {
         Self { active: true, ..Self::default() }
     }
 
-    /// See [`success_rate`].
+    /// See the module's `success_rate`.
     pub fn success_rate(&self) -> Option<f64> {
         success_rate(self.success_count, self.total_calls)
     }

@@ -9,7 +9,7 @@
 //!   and restart the server under the code they test.
 //!
 //! The shared servers are found through environment variables with local defaults (see
-//! [`env`]); `scripts/test` installs and starts them. A test that cannot reach one fails
+//! [`env`](mod@env)); `scripts/test` installs and starts them. A test that cannot reach one fails
 //! with a message saying how to start it: it never passes silently.
 #![warn(clippy::unwrap_used)]
 

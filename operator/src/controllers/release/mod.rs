@@ -5,8 +5,8 @@
 //! is a blue-green rollout ([`rollout`]); every other change (config, replicas) is applied
 //! in place.
 //!
-//! A reconcile reads what the platform is compiled from ([`dereference`]), checks it
-//! ([`validate`]), builds every object ([`build`], pure), applies the config and acts for
+//! A reconcile reads what the platform is compiled from (`dereference`), checks it
+//! (`validate`), builds every object ([`build()`], pure), applies the config and acts for
 //! the rollout's phase ([`rollout::step`]), and writes what it reached as status
 //! ([`status`]).
 

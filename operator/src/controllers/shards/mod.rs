@@ -22,7 +22,7 @@ const MANAGER: &str = field_managers::SHARD_SET;
 
 ///
 /// Through the `vellum.dev/shard-routing` finalizer, added first: a ShardSet being deleted
-/// stays while a running release routes its documents by it ([`withdraw`]), so that the
+/// stays while a running release routes its documents by it (`withdraw`), so that the
 /// databases holding them are never dropped from under the gateways (or a move under way).
 pub async fn reconcile(set: Arc<ShardSet>, ctx: Arc<Context>) -> Result<Action> {
     let api: Api<ShardSet> = Api::namespaced(ctx.client.clone(), &set.namespace().unwrap_or_default());

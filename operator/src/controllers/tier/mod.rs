@@ -57,7 +57,7 @@ impl Verdict {
 
 /// Reconciles a tier through the `vellum.dev/tier-drain` finalizer: added first, so that a
 /// tier is never deleted without its blobs drained; a tier being deleted is drained
-/// ([`drain::cleanup`]), any other is checked and probed ([`observe`]).
+/// (`drain::cleanup`), any other is checked and probed (`observe`).
 pub async fn reconcile(tier: Arc<StorageTier>, ctx: Arc<Context>) -> Result<Action> {
     let api: Api<StorageTier> = Api::namespaced(ctx.client.clone(), &tier.namespace().unwrap_or_default());
     let outcome = finalizer(&api, finalizers::TIER_DRAIN, tier, |event| async {
