@@ -43,6 +43,9 @@ pub enum Operation {
     Archive,
     /// Brings an archived document back to the default tier.
     Restore,
+    /// Writes the current version of every document into one ZIP, downloaded from
+    /// `GET /api/v1/documents/bulk/{job}/export` once the job has completed.
+    Export,
 }
 
 impl Operation {
@@ -54,11 +57,12 @@ impl Operation {
             Self::Move => "move",
             Self::Archive => "archive",
             Self::Restore => "restore",
+            Self::Export => "export",
         }
     }
 
     fn parse(name: &str) -> Option<Self> {
-        [Self::Delete, Self::Tag, Self::Untag, Self::Move, Self::Archive, Self::Restore]
+        [Self::Delete, Self::Tag, Self::Untag, Self::Move, Self::Archive, Self::Restore, Self::Export]
             .into_iter()
             .find(|o| o.name() == name)
     }
@@ -182,6 +186,12 @@ pub struct Job {
     pub updated_at: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<i64>,
+    /// An export's ZIP, once written: where to download it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download: Option<String>,
+    /// Where an export's ZIP is stored: its tier and object key.
+    #[serde(skip)]
+    pub result: Option<(String, String)>,
     /// The documents, in the order they are acted on.
     #[serde(skip)]
     pub ids: Vec<i64>,
@@ -343,6 +353,8 @@ pub async fn create(
         created_at: now,
         updated_at: now,
         finished_at: None,
+        download: None,
+        result: None,
         ids,
         admin: actor.admin,
     };
@@ -370,7 +382,7 @@ fn json_text<T: Serialize>(value: &T) -> String {
 }
 
 const COLUMNS: &str = "id, owner, admin, operation, tags, tier, ids, status, total, processed, succeeded, failed, \
-     errors, created_at, updated_at, finished_at";
+     errors, created_at, updated_at, finished_at, result_tier, result_key";
 
 fn job_of(row: &sqlx::any::AnyRow) -> Result<Job, DocError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("bulk job {what}"));
@@ -393,8 +405,17 @@ fn job_of(row: &sqlx::any::AnyRow) -> Result<Job, DocError> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         finished_at: row.try_get("finished_at")?,
+        download: None,
+        result: match (
+            row.try_get::<Option<String>, _>("result_tier")?,
+            row.try_get::<Option<String>, _>("result_key")?,
+        ) {
+            (Some(tier), Some(key)) => Some((tier, key)),
+            _ => None,
+        },
     };
-    Ok(Job { progress: job.percent(), ..job })
+    let download = job.result.as_ref().map(|_| format!("/api/v1/documents/bulk/{}/export", job.id));
+    Ok(Job { progress: job.percent(), download, ..job })
 }
 
 /// The job `id`, if `actor` started it or is an admin.
@@ -480,7 +501,7 @@ pub async fn checkpoint(
                     let status = finish.unwrap_or(JobStatus::Running);
                     let changed = sqlx::query(
                         "UPDATE bulk_jobs SET processed = $1, succeeded = $2, failed = $3, errors = $4, status = $5, \
-                         updated_at = $6, lease_until = $7, finished_at = $8 \
+                         updated_at = $6, lease_until = $7, finished_at = $8, result_tier = $11, result_key = $12 \
                          WHERE id = $9 AND lease_owner = $10 AND status = 'RUNNING'",
                     )
                     .bind(job.processed)
@@ -493,6 +514,8 @@ pub async fn checkpoint(
                     .bind(finish.map(|_| now))
                     .bind(&job.id)
                     .bind(runner)
+                    .bind(job.result.as_ref().map(|(tier, _)| tier.as_str()))
+                    .bind(job.result.as_ref().map(|(_, key)| key.as_str()))
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -546,5 +569,93 @@ pub async fn apply(shard: &Documents, job: &Job, id: i64) -> Result<(), DocError
             shard.archive(id, &tier, &by, Grace::default(), &|_| {}).await.map(drop)
         }
         Operation::Restore => shard.restore_archived(&actor, id, Grace::default()).await.map(drop),
+        Operation::Export => Err(DocError::Invalid("an export writes its documents through an Export".into())),
+    }
+}
+
+type ZipWriter = async_zip::tokio::write::ZipFileWriter<object_store::buffered::BufWriter>;
+
+/// An export job's ZIP, written into the default tier's store as the documents are read.
+pub struct Export {
+    zip: ZipWriter,
+    tier: String,
+    key: String,
+    names: std::collections::HashSet<String>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export").field("tier", &self.tier).field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl Export {
+    /// Starts `job`'s ZIP (from the beginning: a ZIP half written by a replica that stopped
+    /// cannot be continued) in `docs`' default tier.
+    pub fn start(docs: &Documents, job: &Job) -> Self {
+        let tier = docs.tiers().default_tier();
+        let key = format!("exports/{}.zip", job.id);
+        let writer = object_store::buffered::BufWriter::new(
+            std::sync::Arc::clone(tier.store()),
+            object_store::path::Path::from(key.as_str()),
+        );
+        Self {
+            zip: async_zip::tokio::write::ZipFileWriter::with_tokio(writer),
+            tier: tier.name.clone(),
+            key,
+            names: std::collections::HashSet::new(),
+        }
+    }
+
+    /// The file name and bytes of document `id`'s current version, read from its shard
+    /// `shard` as the job's owner.
+    pub async fn open(shard: &Documents, job: &Job, id: i64) -> Result<(String, crate::blob::ByteStream), DocError> {
+        let content = shard.content(&job.actor(), id, None).await?;
+        let bytes = shard.read(&content, None).await?;
+        Ok((content.filename, bytes))
+    }
+
+    /// Adds document `id`'s `bytes` as `<id>-<filename>`.
+    pub async fn add(&mut self, id: i64, filename: &str, mut bytes: crate::blob::ByteStream) -> Result<(), DocError> {
+        use futures::{AsyncWriteExt as _, TryStreamExt as _};
+        let safe: String =
+            filename.chars().map(|c| if c == '/' || c == '\\' || c.is_control() { '_' } else { c }).collect();
+        let mut name = format!("{id}-{safe}");
+        while !self.names.insert(name.clone()) {
+            name.insert(0, '_');
+        }
+        let entry = async_zip::ZipEntryBuilder::new(name.into(), async_zip::Compression::Stored);
+        let broken = |e: &dyn std::fmt::Display| DocError::Invalid(format!("writing the export: {e}"));
+        let mut writer = self.zip.write_entry_stream(entry).await.map_err(|e| broken(&e))?;
+        let mut copied = Ok(());
+        while let Some(chunk) = bytes.try_next().await.transpose() {
+            match chunk {
+                Ok(chunk) => writer.write_all(&chunk).await.map_err(|e| broken(&e))?,
+                Err(e) => {
+                    // The entry is closed as it is: the archive stays readable, and the
+                    // document counts as failed.
+                    copied = Err(DocError::Invalid(format!("document {id} was cut short in the export: {e}")));
+                    break;
+                }
+            }
+        }
+        writer.close().await.map_err(|e| broken(&e))?;
+        copied
+    }
+
+    /// Finishes the ZIP and stores it; its tier and key.
+    pub async fn finish(self) -> Result<(String, String), DocError> {
+        use tokio::io::AsyncWriteExt as _;
+        let broken = |e: &dyn std::fmt::Display| DocError::Invalid(format!("finishing the export: {e}"));
+        let mut writer = self.zip.close().await.map_err(|e| broken(&e))?.into_inner();
+        writer.shutdown().await.map_err(|e| broken(&e))?;
+        Ok((self.tier, self.key))
+    }
+
+    /// Gives up the ZIP (a cancelled job, a replica stopping): nothing is left stored.
+    pub async fn abandon(self) {
+        if let Ok(writer) = self.zip.close().await {
+            let _ = writer.into_inner().abort().await;
+        }
     }
 }

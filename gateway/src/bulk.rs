@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::watch;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use vellum_core::bulk::{self, BulkRequest, Job, JobStatus};
+use vellum_core::bulk::{self, BulkRequest, Export, Job, JobStatus, Operation};
 use vellum_core::crds::webhook::EventType;
 
 use crate::AppState;
@@ -33,7 +33,7 @@ const CHUNK: usize = 25;
 const IDLE: Duration = Duration::from_secs(2);
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(start)).routes(routes!(show, cancel))
+    OpenApiRouter::new().routes(routes!(start)).routes(routes!(show, cancel)).routes(routes!(download))
 }
 
 #[utoipa::path(post, path = "/bulk", tag = TAG, summary = "Start a bulk operation",
@@ -80,6 +80,34 @@ async fn cancel(State(state): State<AppState>, User(actor): User, Path(job): Pat
     Ok(Json(bulk::cancel(docs.primary().meta(), &actor, &job, docs.clock().now_ms()).await?))
 }
 
+#[utoipa::path(get, path = "/bulk/{job}/export", tag = TAG, summary = "Download an export job's ZIP",
+    description = "The current version of every document the job exported, as `<id>-<filename>`, once the \
+        job has completed (409 before).",
+    params(("job" = String, Path)),
+    responses((status = 200, description = "The ZIP", content_type = "application/zip", body = [u8]),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn download(State(state): State<AppState>, User(actor): User, Path(job): Path<String>) -> ApiResult<Response> {
+    use vellum_core::documents::DocError;
+    let docs = state.docs();
+    let job = bulk::get(docs.primary().meta(), &actor, &job).await?;
+    let Some((tier, key)) = job.result.clone().filter(|_| job.status == JobStatus::Completed) else {
+        let why = if job.operation == Operation::Export {
+            format!("the export is {:?}; its ZIP can be downloaded once the job has completed", job.status)
+        } else {
+            format!("job {} is a {}, not an export", job.id, job.operation.name())
+        };
+        return Err(DocError::Conflict(why).into());
+    };
+    let tier = docs.tiers().get(&tier).map_err(DocError::Storage)?;
+    let bytes = tier.read(&key, vellum_core::blob::Codec::None, None).await.map_err(DocError::Storage)?;
+    let disposition = format!("attachment; filename=\"export-{}.zip\"", job.id);
+    Ok((
+        [(header::CONTENT_TYPE, "application/zip".to_owned()), (header::CONTENT_DISPOSITION, disposition)],
+        axum::body::Body::from_stream(bytes),
+    )
+        .into_response())
+}
+
 /// Runs the jobs no replica holds, one at a time, until `stop` turns true.
 pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     let runner = format!("gateway-{}", uuid::Uuid::new_v4().simple());
@@ -107,6 +135,14 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
 /// another replica goes on).
 async fn run_job(state: &AppState, mut job: Job, runner: &str, stop: &watch::Receiver<bool>) {
     tracing::info!(job = %job.id, operation = job.operation.name(), done = job.processed, total = job.total, "running a bulk job");
+    let mut export = (job.operation == Operation::Export).then(|| {
+        // A ZIP another replica half wrote cannot be continued: the export starts over.
+        job.processed = 0;
+        job.succeeded = 0;
+        job.failed = 0;
+        job.errors.clear();
+        Export::start(state.docs().primary(), &job)
+    });
     let mut told: Option<Instant> = None;
     loop {
         let chunk: Vec<i64> = job.remaining().iter().take(CHUNK).copied().collect();
@@ -115,16 +151,15 @@ async fn run_job(state: &AppState, mut job: Job, runner: &str, stop: &watch::Rec
         }
         let docs = state.docs();
         for id in chunk {
-            let job_now = &job;
-            let mut outcome = docs.at(id, |shard| Box::pin(bulk::apply(shard, job_now, id))).await;
-            // A document being handed over to another shard is there again in a moment.
-            for _ in 0..40 {
-                if !matches!(outcome, Err(vellum_core::documents::DocError::Unavailable(_))) {
-                    break;
+            let outcome = match export.as_mut() {
+                Some(export) => {
+                    match act(state, &job, id, |shard, job, id| Box::pin(Export::open(shard, job, id))).await {
+                        Ok((filename, bytes)) => export.add(id, &filename, bytes).await,
+                        Err(e) => Err(e),
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                outcome = state.docs().at(id, |shard| Box::pin(bulk::apply(shard, job_now, id))).await;
-            }
+                None => act(state, &job, id, |shard, job, id| Box::pin(bulk::apply(shard, job, id))).await,
+            };
             job.record(id, outcome);
         }
         let due = told.is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
@@ -134,20 +169,41 @@ async fn run_job(state: &AppState, mut job: Job, runner: &str, stop: &watch::Rec
                 told = Some(Instant::now());
                 let data = serde_json::to_value(&job).unwrap_or_default();
                 state.hub.publish(Notice::job_update(BULK_JOBS, &job.owner, &job.id, state.hub.now_ms(), &data));
+                if export.is_some() {
+                    extraction(state, &job, "progress_updated", "RUNNING");
+                }
             }
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!(job = %job.id, "the bulk job was cancelled or taken over; stopping");
+                if let Some(export) = export {
+                    export.abandon().await;
+                }
                 return;
             }
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %e, "recording a bulk job's progress; another replica goes on");
+                if let Some(export) = export {
+                    export.abandon().await;
+                }
                 return;
             }
         }
     }
     if !job.remaining().is_empty() {
+        if let Some(export) = export {
+            export.abandon().await;
+        }
         return;
+    }
+    if let Some(export) = export {
+        match export.finish().await {
+            Ok(stored) => job.result = Some(stored),
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "the export's ZIP was not stored; another replica starts it over");
+                return;
+            }
+        }
     }
     job.status = JobStatus::Completed;
     let event = (EventType::BulkOperationCompleted, job.completed_event());
@@ -156,8 +212,53 @@ async fn run_job(state: &AppState, mut job: Job, runner: &str, stop: &watch::Rec
             tracing::info!(job = %job.id, succeeded = job.succeeded, failed = job.failed, "bulk job completed");
             let data = serde_json::to_value(&job).unwrap_or_default();
             state.hub.publish(Notice::job_completed(BULK_JOBS, &job.owner, &job.id, state.hub.now_ms(), &data));
+            if job.operation == Operation::Export {
+                extraction(state, &job, "completed", "COMPLETED");
+            }
         }
         Ok(false) => tracing::info!(job = %job.id, "the bulk job was cancelled before its end was recorded"),
         Err(e) => tracing::warn!(job = %job.id, error = %e, "recording a bulk job's end; another replica finishes it"),
     }
+}
+
+/// Does `op` to document `id` on its shard; a document being handed over to another shard
+/// is waited for (it is there again in a moment).
+async fn act<T, F>(state: &AppState, job: &Job, id: i64, op: F) -> Result<T, vellum_core::documents::DocError>
+where
+    F: for<'s> Fn(
+        &'s vellum_core::documents::Documents,
+        &'s Job,
+        i64,
+    ) -> futures::future::BoxFuture<'s, Result<T, vellum_core::documents::DocError>>,
+{
+    let mut tries = 0;
+    loop {
+        let docs = state.docs();
+        let outcome = docs.at(id, |shard| op(shard, job, id)).await;
+        if tries >= 40 || !matches!(outcome, Err(vellum_core::documents::DocError::Unavailable(_))) {
+            return outcome;
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// An export's progress on `/topic/extractions` (seed 003's `StatusUpdateEvent`), for the
+/// user who started it.
+fn extraction(state: &AppState, job: &Job, event_type: &str, status: &str) {
+    use vellum_workers::announce::{Entity, status_update};
+    let entity_id = format!("export/{}", job.id);
+    let entity = Entity { kind: "export", id: &entity_id, phase: "Extracting" };
+    let message = format!("{} of {} documents exported", job.processed, job.total);
+    let update = status_update(event_type, status, entity, (job.processed, job.total), &message, state.hub.now_ms());
+    state.hub.publish(Notice {
+        seq: None,
+        audience: crate::realtime::Audience::User(job.owner.clone()),
+        channel: "extractions",
+        job_id: None,
+        job_kind: None,
+        kind: "status_update".to_owned(),
+        data: update.clone(),
+        message: update,
+    });
 }

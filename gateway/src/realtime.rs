@@ -598,7 +598,8 @@ enum ClientMessage {
     },
 }
 
-pub(crate) const CHANNELS: [&str; 5] = ["documents", "notifications", "webhooks", "migrations", "data-quality"];
+pub(crate) const CHANNELS: [&str; 6] =
+    ["documents", "notifications", "webhooks", "migrations", "data-quality", "extractions"];
 
 /// Whether a JSON-protocol client with these subscriptions wants `notice` (audience
 /// aside): a job's notices go to that job's subscribers; without channel subscriptions a

@@ -1238,7 +1238,7 @@ async fn a_stock_tus_client_uploads_and_resumes() {
 }
 
 /// Every operation `/openapi.json` documents, as METHOD and path, sorted.
-const OPERATIONS: [&str; 64] = [
+const OPERATIONS: [&str; 65] = [
     "DELETE /api/v1/documents/bulk/{job}",
     "DELETE /api/v1/documents/{id}",
     "DELETE /api/v1/documents/{id}/legal-hold",
@@ -1251,6 +1251,7 @@ const OPERATIONS: [&str; 64] = [
     "GET /actuator/prometheus",
     "GET /api/v1/documents",
     "GET /api/v1/documents/bulk/{job}",
+    "GET /api/v1/documents/bulk/{job}/export",
     "GET /api/v1/documents/{id}",
     "GET /api/v1/documents/{id}/content",
     "GET /api/v1/documents/{id}/download",
@@ -1596,4 +1597,76 @@ async fn bulk_jobs_act_as_their_starter_report_progress_and_can_be_cancelled() {
     }
     let unknown = start_bulk(&gw, "alice", json!({"operation": "shred", "documentIds": [1]})).await;
     assert!(unknown.status().is_client_error());
+}
+
+#[tokio::test]
+async fn an_export_job_writes_every_document_into_one_zip_and_reports_on_topic_extractions() {
+    use futures::StreamExt as _;
+    let gw = gateway(true, 0).await;
+    let mut ids = Vec::new();
+    for (name, body) in [("a.txt", &b"first"[..]), ("a.txt", b"second, same name"), ("c.bin", b"\x00\x01\x02")] {
+        ids.push(gw.upload("alice", name, body).await["id"].as_i64().unwrap());
+    }
+    let ws_url = format!("{}/ws?token={}", gw.base.replace("http://", "ws://"), gw.token("alice", &["user"]));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let started = start_bulk(&gw, "alice", json!({"operation": "export", "documentIds": ids})).await;
+    assert_eq!(started.status(), StatusCode::ACCEPTED);
+    let location = started.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    let done = finished_job(&gw, "alice", &location).await;
+    assert_eq!((done["status"].as_str(), done["succeeded"].as_i64()), (Some("COMPLETED"), Some(3)), "{done}");
+    let download = done["download"].as_str().expect("a completed export names its download").to_owned();
+    assert_eq!(download, format!("{location}/export"));
+    let zip = gw.get("alice", &download).send().await.unwrap();
+    assert_eq!(zip.status(), StatusCode::OK);
+    assert_eq!(zip.headers()[header::CONTENT_TYPE], "application/zip");
+    let zip = zip.bytes().await.unwrap().to_vec();
+    // Read by Python's zipfile, as a user's script would.
+    let path = gw.dir.path().join("export.zip");
+    std::fs::write(&path, &zip).unwrap();
+    let listing = std::process::Command::new(vellum_testkit::python())
+        .args([
+            "-c",
+            "import sys, zipfile, json; z = zipfile.ZipFile(sys.argv[1]); assert z.testzip() is None; \
+            print(json.dumps([[i.filename, list(z.read(i))] for i in z.infolist()]))",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(listing.status.success(), "{}", String::from_utf8_lossy(&listing.stderr));
+    let files: Vec<(String, Vec<u8>)> = serde_json::from_slice(&listing.stdout).unwrap();
+    assert_eq!(
+        files,
+        [
+            (format!("{}-a.txt", ids[0]), b"first".to_vec()),
+            (format!("{}-a.txt", ids[1]), b"second, same name".to_vec()),
+            (format!("{}-c.bin", ids[2]), b"\x00\x01\x02".to_vec()),
+        ]
+    );
+    // Not someone else's to download; and a job that is not an export has none.
+    assert_eq!(gw.get("bob", &download).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    // The starter heard of it on the extractions channel, as seed 003's StatusUpdateEvent.
+    let update = loop {
+        let message =
+            tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a notification").unwrap().unwrap();
+        let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
+        let message: Value = serde_json::from_str(&text).unwrap();
+        if message["type"] == "status_update" && message["eventType"] == "completed" {
+            break message;
+        }
+    };
+    let entity = format!("export/{}", done["id"].as_str().unwrap());
+    assert_eq!(
+        (
+            update["entityType"].as_str(),
+            update["entityId"].as_str(),
+            update["status"].as_str(),
+            update["progress"].as_i64()
+        ),
+        (Some("export"), Some(entity.as_str()), Some("COMPLETED"), Some(100))
+    );
+    let tagged = start_bulk(&gw, "alice", json!({"operation": "tag", "documentIds": [ids[0]], "tags": ["t"]})).await;
+    let location = tagged.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    finished_job(&gw, "alice", &location).await;
+    let none = gw.get("alice", &format!("{location}/export")).send().await.unwrap();
+    assert!(error_of(none, StatusCode::CONFLICT).await.contains("not an export"));
 }

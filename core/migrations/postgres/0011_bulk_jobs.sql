@@ -15,6 +15,9 @@ CREATE TABLE bulk_jobs (
     succeeded BIGINT NOT NULL,
     failed BIGINT NOT NULL,
     errors TEXT NOT NULL,
+    -- An export's ZIP, once written: the storage tier and object key.
+    result_tier TEXT,
+    result_key TEXT,
     lease_owner TEXT,
     lease_until BIGINT,
     created_at BIGINT NOT NULL,

@@ -17,7 +17,8 @@
 //! | `/topic/uploads` | progress and completion of upload sessions |
 //! | `/topic/jobs/{jobId}` | one job's progress and completion |
 //! | `/topic/data-quality` | integrity scrubs' progress and each blob they quarantine, as seed 003's `StatusUpdateEvent` (admins) |
-//! | `/topic/{channel}` (any other) | the events of that channel, if any: `/topic/extractions` is seed 003's |
+//! | `/topic/extractions` | the progress of the user's export jobs, as seed 003's `StatusUpdateEvent` |
+//! | `/topic/{channel}` (any other) | the events of that channel, if any |
 //! | `/user/queue/notifications` | everything addressed to the user: own document events, own jobs, broadcasts |
 //! | `/user/queue/upload-progress` | the user's upload sessions |
 //! | `/user/queue/sync` | events of the user's own documents |
