@@ -46,3 +46,7 @@ impl Conditions {
 
 /// Pattern of a Kubernetes object name (RFC 1123 subdomain, as most resources use).
 pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// A schedule: a five-field cron expression (UTC) or a macro such as `@daily`.
+pub const CRON_SCHEDULE: &str =
+    r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|([0-9*,/?LW#A-Za-z-]+ +){4}[0-9*,/?LW#A-Za-z-]+)$";

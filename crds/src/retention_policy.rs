@@ -52,12 +52,7 @@ pub struct RetentionPolicySpec {
     pub noncurrent_versions: Option<NoncurrentVersions>,
     /// When the policy runs, as a five-field cron expression (UTC) or a macro such as `@daily`.
     #[serde(default = "default_schedule")]
-    #[schemars(
-        length(max = 128),
-        regex(
-            pattern = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|([0-9*,/?LW#A-Za-z-]+ +){4}[0-9*,/?LW#A-Za-z-]+)$"
-        )
-    )]
+    #[schemars(length(max = 128), regex(pattern = crate::common::CRON_SCHEDULE))]
     pub schedule: String,
     /// Report what would happen without moving or deleting anything.
     #[serde(default)]

@@ -60,12 +60,7 @@ pub struct StorageTierSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Scrub {
     /// When a scrub runs, as a five-field cron expression (UTC) or a macro such as `@weekly`.
-    #[schemars(
-        length(max = 128),
-        regex(
-            pattern = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|([0-9*,/?LW#A-Za-z-]+ +){4}[0-9*,/?LW#A-Za-z-]+)$"
-        )
-    )]
+    #[schemars(length(max = 128), regex(pattern = crate::common::CRON_SCHEDULE))]
     pub schedule: String,
     /// Stop scrubbing until this is set back to false.
     #[serde(default)]

@@ -540,7 +540,7 @@ async fn a_bulk_job_whose_replica_is_killed_is_finished_by_another() {
     // or another that looked first: either way the job is mid-way when one replica dies).
     let mut seen = Value::Null;
     for _ in 0..400 {
-        seen = c.client.get(&on_b).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        seen = support::json_of(c.client.get(&on_b).bearer_auth(&token)).await;
         if seen["processed"].as_i64() > Some(0) {
             break;
         }
@@ -550,7 +550,7 @@ async fn a_bulk_job_whose_replica_is_killed_is_finished_by_another() {
     doomed.kill();
     let mut done = Value::Null;
     for _ in 0..900 {
-        done = c.client.get(&on_b).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        done = support::json_of(c.client.get(&on_b).bearer_auth(&token)).await;
         if done["status"] == "COMPLETED" {
             break;
         }
@@ -563,16 +563,8 @@ async fn a_bulk_job_whose_replica_is_killed_is_finished_by_another() {
         "{done}"
     );
     for id in ids.iter().step_by(37) {
-        let doc: Value = c
-            .client
-            .get(format!("{}/api/v1/documents/{id}", c.a.url))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let doc =
+            support::json_of(c.client.get(format!("{}/api/v1/documents/{id}", c.a.url)).bearer_auth(&token)).await;
         assert_eq!(doc["tags"], json!(["reviewed"]), "{doc}");
     }
 }

@@ -262,3 +262,62 @@ pub fn http_probe(path: &str, port: &str, period: i32, failure_threshold: Option
         ..Probe::default()
     }
 }
+
+/// A Job's spec that runs the release's workers image with `args` and the platform config
+/// (the workers never call the Kubernetes API), its pods labelled `labels`, retried
+/// `backoff_limit` times.
+pub fn workers_job(
+    release: &BlueGreenRelease,
+    facts: &ReleaseFacts,
+    (name, args): (&str, &[&str]),
+    labels: &BTreeMap<String, String>,
+    backoff_limit: i32,
+) -> k8s_openapi::api::batch::v1::JobSpec {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
+    let container = Container {
+        name: name.to_owned(),
+        image: Some(release.spec.workers.image.clone()),
+        args: Some(args.iter().map(|a| (*a).to_owned()).collect()),
+        env: Some(common_env(release, facts)),
+        volume_mounts: Some(config_mounts()),
+        ..Container::default()
+    };
+    k8s_openapi::api::batch::v1::JobSpec {
+        backoff_limit: Some(backoff_limit),
+        template: PodTemplateSpec {
+            metadata: Some(ObjectMeta { labels: Some(labels.clone()), ..ObjectMeta::default() }),
+            spec: Some(PodSpec {
+                restart_policy: Some("Never".to_owned()),
+                automount_service_account_token: Some(false),
+                containers: vec![container],
+                volumes: Some(config_volumes(&release.name_any())),
+                ..PodSpec::default()
+            }),
+        },
+        ..k8s_openapi::api::batch::v1::JobSpec::default()
+    }
+}
+
+/// A CronJob running `job` on `schedule` (never two at once), keeping the last three
+/// successes and failures.
+pub fn cron_job(
+    metadata: ObjectMeta,
+    schedule: &str,
+    suspend: bool,
+    job: k8s_openapi::api::batch::v1::JobSpec,
+) -> k8s_openapi::api::batch::v1::CronJob {
+    use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobTemplateSpec};
+    CronJob {
+        metadata,
+        spec: Some(CronJobSpec {
+            schedule: schedule.to_owned(),
+            suspend: Some(suspend),
+            concurrency_policy: Some("Forbid".to_owned()),
+            successful_jobs_history_limit: Some(3),
+            failed_jobs_history_limit: Some(3),
+            job_template: JobTemplateSpec { metadata: None, spec: Some(job) },
+            ..CronJobSpec::default()
+        }),
+        status: None,
+    }
+}
