@@ -264,11 +264,16 @@ async fn announce(actor: &Actor, event: Event, tx: &mut Tx, now: i64) -> Result<
 async fn load(tx: &mut Tx, actor: &Actor, id: i64, include_deleted: bool) -> Result<Document, DocError> {
     let sql = format!("SELECT {DOCUMENT_COLUMNS} FROM documents d JOIN blobs b ON b.sha256 = d.sha256 WHERE d.id = $1");
     let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **tx).await?;
-    let doc = row.as_ref().map(document_from_row).transpose()?.ok_or(DocError::NotFound(id))?;
-    if !actor.sees(&doc.uploaded_by) || (doc.deleted_at.is_some() && !include_deleted) {
-        return Err(DocError::NotFound(id));
+    visible(row.as_ref().map(document_from_row).transpose()?, actor, id, include_deleted)
+}
+
+/// The document `id` as read, if `actor` may see it (a deleted one only with
+/// `include_deleted`); not found otherwise.
+fn visible(doc: Option<Document>, actor: &Actor, id: i64, include_deleted: bool) -> Result<Document, DocError> {
+    match doc {
+        Some(doc) if actor.sees(&doc.uploaded_by) && (doc.deleted_at.is_none() || include_deleted) => Ok(doc),
+        _ => Err(DocError::NotFound(id)),
     }
-    Ok(doc)
 }
 
 /// How long an upload may take between claiming the key of its copy and recording it.
@@ -848,12 +853,13 @@ impl Documents {
         Ok(())
     }
 
-    /// A document, if the actor may see it.
+    /// A document, if the actor may see it: one statement, outside a transaction (a
+    /// `BEGIN` and a `ROLLBACK` around it were two more round trips for every read).
     pub async fn get(&self, actor: &Actor, id: i64) -> Result<Document, DocError> {
-        let mut tx = self.meta.pool().begin().await?;
-        let doc = load(&mut tx, actor, id, false).await;
-        tx.rollback().await.ok();
-        doc
+        let sql =
+            format!("SELECT {DOCUMENT_COLUMNS} FROM documents d JOIN blobs b ON b.sha256 = d.sha256 WHERE d.id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(self.meta.pool()).await?;
+        visible(row.as_ref().map(document_from_row).transpose()?, actor, id, false)
     }
 
     /// Changes a document's descriptive metadata.
