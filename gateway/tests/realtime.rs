@@ -441,8 +441,11 @@ async fn the_seeds_connection_and_authentication_meters_count() {
 
     alice.close(None).await.unwrap();
     while alice.next().await.is_some() {}
-    // An SSE client resumes from an event id.
+    // An SSE client resumes from an event id, once the event is in the history (relayed:
+    // until then it is neither in the history nor, for a stream opened after it was
+    // broadcast, live).
     gw.upload("alice", "a.txt").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let resumed = gw
         .client
         .get(format!("{}/api/v1/events/stream", gw.running.url))
