@@ -7,7 +7,9 @@
 //! 2. Download of it to a file, against the same raw copy.
 //! 3. Metadata reads (`GET /api/v1/documents/{id}` with a JWT) per second with p50 and p99
 //!    latency, against `pgbench -S` (primary-key SELECTs) on the same Postgres with the
-//!    same number of clients.
+//!    same number of clients: cached (answered from the gateway's metadata cache, the goal
+//!    being faster than the database can answer) and uncached (`Cache-Control: no-cache`:
+//!    each read goes to the database, and refreshes the cached entry).
 //!
 //! The gateway is the release `vellum-gateway standalone` binary in its own process, on a
 //! fresh Postgres database and a local-file tier. Run:
@@ -103,8 +105,8 @@ async fn read_load(
     client: &reqwest::Client,
     urls: &[String],
     token: &str,
-    clients: u64,
-    seconds: u64,
+    cached: bool,
+    (clients, seconds): (u64, u64),
 ) -> (f64, Vec<Duration>) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -116,7 +118,9 @@ async fn read_load(
                 let mut i = usize::try_from(c).unwrap_or(0);
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let response = client.get(&urls[i % urls.len()]).bearer_auth(&token).send().await.unwrap();
+                    let request = client.get(&urls[i % urls.len()]).bearer_auth(&token);
+                    let request = if cached { request } else { request.header("cache-control", "no-cache") };
+                    let response = request.send().await.unwrap();
                     assert_eq!(response.status(), reqwest::StatusCode::OK);
                     response.bytes().await.unwrap();
                     latencies.push(t.elapsed());
@@ -193,6 +197,8 @@ struct Results {
     download: Duration,
     reads: f64,
     latencies: Vec<Duration>,
+    uncached: f64,
+    uncached_latencies: Vec<Duration>,
     tps: f64,
     pg_latencies: Vec<Duration>,
     peak: u64,
@@ -219,29 +225,20 @@ impl Results {
             rate(self.copy),
             rate(self.download) / rate(self.copy)
         );
-        println!(
-            "{:<34} {:>10.0}/s {:>10.0}/s {:>8.2}",
-            "metadata reads vs pgbench -S",
-            self.reads,
-            self.tps,
-            self.reads / self.tps
-        );
-        println!(
-            "{:<34} {:>12} {:>12} {:>8.2}",
-            "  p50 latency",
-            ms(percentile(&self.latencies, 0.5)),
-            ms(percentile(&self.pg_latencies, 0.5)),
-            percentile(&self.latencies, 0.5).as_secs_f64()
-                / percentile(&self.pg_latencies, 0.5).as_secs_f64().max(1e-9)
-        );
-        println!(
-            "{:<34} {:>12} {:>12} {:>8.2}",
-            "  p99 latency",
-            ms(percentile(&self.latencies, 0.99)),
-            ms(percentile(&self.pg_latencies, 0.99)),
-            percentile(&self.latencies, 0.99).as_secs_f64()
-                / percentile(&self.pg_latencies, 0.99).as_secs_f64().max(1e-9)
-        );
+        for (name, reads, latencies) in [
+            ("cached metadata reads vs pgbench -S", self.reads, &self.latencies),
+            ("uncached reads vs pgbench -S", self.uncached, &self.uncached_latencies),
+        ] {
+            println!("{name:<34} {reads:>10.0}/s {:>10.0}/s {:>8.2}", self.tps, reads / self.tps);
+            for (label, p) in [("  p50 latency", 0.5), ("  p99 latency", 0.99)] {
+                println!(
+                    "{label:<34} {:>12} {:>12} {:>8.2}",
+                    ms(percentile(latencies, p)),
+                    ms(percentile(&self.pg_latencies, p)),
+                    percentile(latencies, p).as_secs_f64() / percentile(&self.pg_latencies, p).as_secs_f64().max(1e-9)
+                );
+            }
+        }
         println!(
             "{:<34} {:>8.1} MiB {:>8.1} MiB {:>8.4}",
             "gateway peak RSS vs document size",
@@ -328,10 +325,26 @@ async fn main() {
             .unwrap();
         urls.push(format!("{}/api/v1/documents/{}", gateway.url, doc["id"]));
     }
-    let (reads, latencies) = read_load(&client, &urls, &gateway.token, clients, seconds).await;
+    // Uncached first, then cached, then the database alone: each phase on the same data.
+    let (uncached, uncached_latencies) = read_load(&client, &urls, &gateway.token, false, (clients, seconds)).await;
+    let (reads, latencies) = read_load(&client, &urls, &gateway.token, true, (clients, seconds)).await;
     let (tps, pg_latencies) = pgbench(&db.url, &work, clients, seconds);
 
-    Results { size, copy, upload, download, reads, latencies, tps, pg_latencies, peak, rss_before }.print();
+    Results {
+        size,
+        copy,
+        upload,
+        download,
+        reads,
+        latencies,
+        uncached,
+        uncached_latencies,
+        tps,
+        pg_latencies,
+        peak,
+        rss_before,
+    }
+    .print();
     drop(gateway);
     let _ = std::fs::remove_dir_all(&work);
 }

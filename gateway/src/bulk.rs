@@ -160,6 +160,8 @@ async fn run_job(state: &AppState, mut job: Job, runner: &str, stop: &watch::Rec
                 }
                 None => act(state, &job, id, |shard, job, id| Box::pin(bulk::apply(shard, job, id))).await,
             };
+            // Announced by the document's own event too; this replica's reads see it at once.
+            state.cache.forget(id);
             job.record(id, outcome);
         }
         let due = told.is_none_or(|at| at.elapsed() >= Duration::from_secs(1));

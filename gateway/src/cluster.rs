@@ -145,6 +145,8 @@ async fn follow(hub: &Hub, js: &jetstream::Context, last: &mut Option<u64>) -> R
         .await
         .map_err(|e| format!("creating an ordered consumer: {e}"))?;
     let mut messages = consumer.messages().await.map_err(|e| format!("reading the stream: {e}"))?;
+    // What was published while no consumer read the stream dropped nothing from the cache.
+    hub.lost_track();
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| format!("reading the stream: {e}"))?;
         let (seq, pending) = pending_of(&message)?;
@@ -153,10 +155,7 @@ async fn follow(hub: &Hub, js: &jetstream::Context, last: &mut Option<u64>) -> R
         }
         *last = Some(seq);
         if let Some(pending) = pending {
-            if let Some(migration) = Notice::migration_of(&pending) {
-                hub.publish_local(migration);
-            }
-            hub.publish_local(Notice::of_event(&pending));
+            hub.relayed(&pending);
         }
     }
     Err("the stream ended".into())

@@ -395,8 +395,55 @@ fn with_etag(document: &vellum_core::documents::Document) -> Response {
 #[utoipa::path(get, path = "/{id}", tag = TAG, summary = "A document's metadata", params(("id" = i64, Path)),
     responses((status = 200, description = "The document; its ETag is what If-Match takes", body = Document,
         headers(("ETag" = String))), (status = 404, body = ErrorBody)))]
-async fn get_document(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(with_etag(&state.docs().at(id, |shard| Box::pin(shard.get(&actor, id))).await?))
+async fn get_document(
+    State(state): State<AppState>,
+    User(actor): User,
+    DocId(id): DocId,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let docs = state.docs();
+    let load = docs.at(id, |shard| Box::pin(shard.get(&actor, id)));
+    let entry = state.cache.document(&actor, id, no_cache(&headers), load).await?;
+    Ok(([(header::CONTENT_TYPE, JSON.clone()), (header::ETAG, entry.etag)], entry.json).into_response())
+}
+
+const JSON: header::HeaderValue = header::HeaderValue::from_static("application/json");
+
+/// Whether the request asks for an answer from the database rather than the metadata
+/// cache (`Cache-Control: no-cache`, or `Pragma: no-cache`).
+fn no_cache(headers: &HeaderMap) -> bool {
+    let says = |name: header::HeaderName| {
+        headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|d| d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("max-age=0"))
+        })
+    };
+    says(header::CACHE_CONTROL) || says(header::PRAGMA)
+}
+
+/// Drops a document from the metadata cache once a request that may change it (any
+/// method but the safe ones, on a route with the document's id) is answered: its client
+/// reads its own change next, before the change's event comes round.
+pub(crate) async fn forget_changed(
+    State(state): State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let id = (!request.method().is_safe())
+        .then(|| request.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().contains("{id}")))
+        .flatten()
+        .filter(|has_id| *has_id)
+        .and_then(|_| {
+            let path = request.uri().path();
+            let base = ["/api/v1/documents/", "/api/documents/"].iter().find_map(|b| path.strip_prefix(b))?;
+            base.split('/').next()?.parse::<i64>().ok()
+        });
+    let response = next.run(request).await;
+    if let Some(id) = id {
+        state.cache.forget(id);
+    }
+    response
 }
 
 #[utoipa::path(patch, path = "/{id}", tag = TAG,
@@ -627,8 +674,17 @@ async fn download_version(
 
 #[utoipa::path(get, path = "/{id}/versions", tag = TAG, summary = "A document's versions, newest first",
     params(("id" = i64, Path)), responses((status = 200, body = VersionHistory), (status = 404, body = ErrorBody)))]
-async fn versions(State(state): State<AppState>, User(actor): User, DocId(id): DocId) -> ApiResult<Response> {
-    Ok(axum::Json(state.docs().at(id, |shard| Box::pin(shard.versions(&actor, id))).await?).into_response())
+async fn versions(
+    State(state): State<AppState>,
+    User(actor): User,
+    DocId(id): DocId,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let (docs, fresh) = (state.docs(), no_cache(&headers));
+    // The document's own entry says whether the actor may see it.
+    state.cache.document(&actor, id, fresh, docs.at(id, |shard| Box::pin(shard.get(&actor, id)))).await?;
+    let json = state.cache.versions(id, fresh, docs.at(id, |shard| Box::pin(shard.versions(&actor, id)))).await?;
+    Ok(([(header::CONTENT_TYPE, JSON.clone())], json).into_response())
 }
 
 #[utoipa::path(post, path = "/{id}/versions/{n}/restore", tag = TAG,

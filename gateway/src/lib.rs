@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod bulk;
+pub mod cache;
 pub mod cluster;
 pub mod content;
 pub mod cors;
@@ -40,9 +41,29 @@ use vellum_core::documents::Library;
 use crate::auth::Auth;
 use crate::error::ApiError;
 
-/// Everything a handler needs, cheap to clone.
+/// Everything a handler needs: one shared allocation, so that the clones axum makes for
+/// every request (each extractor and middleware takes its own) are one reference count,
+/// not one per field.
 #[derive(Clone, Debug)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+#[derive(Debug)]
+pub struct Shared {
     /// The documents on every shard, swapped whole when the routing changes (a resharding
     /// begins or flips): a request keeps the library it started with.
     pub library: Arc<std::sync::RwLock<Arc<Library>>>,
@@ -67,9 +88,11 @@ pub struct AppState {
     pub cors_origins: Vec<axum::http::HeaderValue>,
     /// Wakes this replica's bulk job runner when a job is started here.
     pub bulk: Arc<tokio::sync::Notify>,
+    /// The documents and version lists this gateway answered lately.
+    pub cache: Arc<cache::MetadataCache>,
 }
 
-impl AppState {
+impl Shared {
     /// The documents as they are routed now.
     pub fn docs(&self) -> Arc<Library> {
         Arc::clone(&self.library.read().unwrap_or_else(std::sync::PoisonError::into_inner))
@@ -116,6 +139,7 @@ pub fn app(state: AppState) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
         // Inside the metrics: an injected fault is counted like any other answer.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), documents::forget_changed))
         .route_layer(axum::middleware::from_fn(fault::inject))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::record))
         .layer(axum::middleware::from_fn(limits::drain_refused))

@@ -49,10 +49,18 @@ pub struct OutcomeLabels {
 /// Counts by outcome (`success`, `failure`).
 pub type Outcomes = Family<OutcomeLabels, Counter>;
 
+/// A cache's level (`L1`: this process's memory) and what it holds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    level: String,
+    cache: String,
+}
+
 /// The metrics the seed's dashboards read (seed 004's Micrometer meters, under the names
 /// Prometheus gives them, without the gateway's prefix): `websocket_connections_total`,
 /// `websocket_disconnections_total`, `websocket_active_connections`,
-/// `authentication_attempts_total` and `recovery_attempts_total`.
+/// `authentication_attempts_total`, `recovery_attempts_total`, and `cache_hits_total` and
+/// `cache_misses_total` by `level` (`L1`) and `cache` (`documents`, `versions`).
 #[derive(Clone, Debug, Default)]
 pub struct SeedMetrics {
     /// WebSocket connections (JSON, STOMP, SockJS) opened or refused.
@@ -63,6 +71,8 @@ pub struct SeedMetrics {
     pub authentication_attempts: Outcomes,
     /// Streams resumed from a `Last-Event-ID`.
     pub recovery_attempts: Outcomes,
+    pub cache_hits: Family<CacheLabels, Counter>,
+    pub cache_misses: Family<CacheLabels, Counter>,
 }
 
 impl SeedMetrics {
@@ -70,6 +80,15 @@ impl SeedMetrics {
     pub fn count(family: &Outcomes, success: bool) {
         let outcome = if success { "success" } else { "failure" };
         family.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+
+    /// The hit and miss counters of the in-process (`L1`) cache of `cache`.
+    pub fn cache(&self, cache: &str) -> crate::cache::CacheMeters {
+        let labels = CacheLabels { level: "L1".to_owned(), cache: cache.to_owned() };
+        crate::cache::CacheMeters {
+            hits: self.cache_hits.get_or_create(&labels).clone(),
+            misses: self.cache_misses.get_or_create(&labels).clone(),
+        }
     }
 
     fn register(&self, registry: &mut Registry) {
@@ -97,6 +116,12 @@ impl SeedMetrics {
             "recovery_attempts",
             "Event streams resumed from a Last-Event-ID, by outcome",
             self.recovery_attempts.clone(),
+        );
+        registry.register("cache_hits", "Reads answered from a cache, by level and cache", self.cache_hits.clone());
+        registry.register(
+            "cache_misses",
+            "Reads a cache could not answer, by level and cache",
+            self.cache_misses.clone(),
         );
     }
 }

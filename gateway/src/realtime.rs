@@ -280,6 +280,8 @@ pub struct Hub {
     stream: OnceLock<async_nats::jetstream::Context>,
     /// Where connections and stream recoveries are counted, once the metrics exist.
     seed: OnceLock<crate::metrics::SeedMetrics>,
+    /// The metadata cache the relayed events keep right.
+    cache: OnceLock<Arc<crate::cache::MetadataCache>>,
 }
 
 impl Hub {
@@ -293,6 +295,33 @@ impl Hub {
             remote: OnceLock::new(),
             stream: OnceLock::new(),
             seed: OnceLock::new(),
+            cache: OnceLock::new(),
+        }
+    }
+
+    /// Keeps `cache` right from the events relayed from now on.
+    pub fn keep_right(&self, cache: Arc<crate::cache::MetadataCache>) {
+        self.cache.set(cache).ok();
+    }
+
+    /// A relayed event: it drops what it changed from the cache, then reaches this
+    /// replica's clients (every replica reads the events itself).
+    pub(crate) fn relayed(&self, pending: &Pending) {
+        if let Some(cache) = self.cache.get() {
+            cache.observe(&pending.event);
+        }
+        // Each replica derives it from the events it relays: told here only.
+        if let Some(migration) = Notice::migration_of(pending) {
+            self.publish_local(migration);
+        }
+        self.publish_local(Notice::of_event(pending));
+    }
+
+    /// Events may have been missed (the feed fell behind, or reconnected): nothing cached
+    /// can be trusted.
+    pub(crate) fn lost_track(&self) {
+        if let Some(cache) = self.cache.get() {
+            cache.flush();
         }
     }
 
@@ -348,15 +377,10 @@ impl Hub {
         tokio::spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(pending) => {
-                        // Each replica derives it from the events it relays: told here only.
-                        if let Some(migration) = Notice::migration_of(&pending) {
-                            hub.publish_local(migration);
-                        }
-                        hub.publish(Notice::of_event(&pending));
-                    }
+                    Ok(pending) => hub.relayed(&pending),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(dropped = n, "the notification hub fell behind the event bus");
+                        hub.lost_track();
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }

@@ -78,6 +78,8 @@ pub struct Options {
     /// Origins whose browser pages may call the API (`http://localhost:3000`); none by
     /// default.
     pub cors_origins: Vec<String>,
+    /// How much of the documents' metadata this gateway keeps in memory, and how long.
+    pub metadata_cache: crate::cache::CacheSettings,
 }
 
 /// The platform config standalone mode runs on without `--config-dir`: the repository's
@@ -284,7 +286,7 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
     let addr = listener.local_addr().map_err(StartError::io("reading the listening address"))?;
     let url = options.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let admin_token = auth.mint("admin", &["admin", "user"], Duration::from_secs(30 * 24 * 3600));
-    let state = AppState {
+    let state = AppState::new(crate::Shared {
         library: Arc::new(std::sync::RwLock::new(Arc::new(docs))),
         auth: Arc::new(auth),
         link_key: link_key.into(),
@@ -298,11 +300,14 @@ pub(crate) async fn launch(options: Options, role: Role) -> Result<Running, Star
         metrics_elsewhere: options.metrics_listen.is_some(),
         cors_origins,
         bulk: Arc::default(),
-    };
+        cache: Arc::new(crate::cache::MetadataCache::new(options.metadata_cache)),
+    });
 
     state.metrics.set_config_hash(&config_hash);
     state.auth.count_in(state.metrics.seed.authentication_attempts.clone());
     state.hub.count_in(state.metrics.seed.clone());
+    state.cache.count_in(state.metrics.seed.cache("documents"), state.metrics.seed.cache("versions"));
+    state.hub.keep_right(Arc::clone(&state.cache));
     let (stop, stopped) = watch::channel(false);
     // Standalone, this process relays its outbox; in a cluster the workers do.
     let relays = match role {

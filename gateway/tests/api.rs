@@ -72,6 +72,7 @@ async fn gateway(postgres: bool, rate_limit: u32) -> Gateway {
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
         cors_origins: Vec::new(),
+        metadata_cache: vellum_gateway::cache::CacheSettings::default(),
     };
     let running = standalone::start(options).await.unwrap();
     let base = running.url.clone();
@@ -134,7 +135,8 @@ on_both!(
     bad_input_gets_precise_errors,
     signed_links_expire_and_resist_forgery,
     two_editors_cannot_overwrite_each_other,
-    webhook_api
+    webhook_api,
+    metadata_reads_are_cached_until_a_change
 );
 
 /// A receiver on loopback that records deliveries and answers with `status`.
@@ -970,6 +972,7 @@ async fn an_upload_session_moves_between_replicas() {
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
         cors_origins: Vec::new(),
+        metadata_cache: vellum_gateway::cache::CacheSettings::default(),
     })
     .await
     .unwrap();
@@ -1669,4 +1672,88 @@ async fn an_export_job_writes_every_document_into_one_zip_and_reports_on_topic_e
     finished_job(&gw, "alice", &location).await;
     let none = gw.get("alice", &format!("{location}/export")).send().await.unwrap();
     assert!(error_of(none, StatusCode::CONFLICT).await.contains("not an export"));
+}
+
+/// A document's metadata and versions are answered from the gateway's cache: a row changed
+/// behind the gateway's back (no event) still reads as it was, until `Cache-Control:
+/// no-cache` asks for the database; a change through the API is read back at once.
+async fn metadata_reads_are_cached_until_a_change(gw: Gateway) {
+    let doc = gw.upload("alice", "cached.txt", b"first").await;
+    let id = doc["id"].as_i64().unwrap();
+    let path = format!("/api/v1/documents/{id}");
+    let state = &gw.running.as_ref().unwrap().state;
+    let (documents, versions) = (state.metrics.seed.cache("documents"), state.metrics.seed.cache("versions"));
+    let read = |fresh: bool| {
+        let request = gw.get("alice", &path);
+        async move {
+            let response =
+                if fresh { request.header(header::CACHE_CONTROL, "no-cache") } else { request }.send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            let etag = response.headers()[header::ETAG].to_str().unwrap().to_owned();
+            (etag, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (etag, first) = read(false).await;
+    assert_eq!((&first["id"], &first["checksum"]), (&doc["id"], &doc["checksum"]));
+    // The upload's own event drops what a read before it arrives stored: read until one
+    // is answered from the cache.
+    for attempt in 0.. {
+        let hits = documents.hits.get();
+        assert_eq!(read(false).await, (etag.clone(), first.clone()));
+        if documents.hits.get() == hits + 1 {
+            break;
+        }
+        assert!(attempt < 100, "no read was answered from the cache");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Someone else's request finds nothing, cached or not.
+    assert_eq!(gw.get("bob", &path).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+
+    sqlx::query("UPDATE documents SET title = 'behind the cache' WHERE id = $1")
+        .bind(id)
+        .execute(state.docs().primary().meta().pool())
+        .await
+        .unwrap();
+    assert_eq!(read(false).await.1["title"], Value::Null, "answered from the cache");
+    let (fresh_etag, fresh) = read(true).await;
+    assert_eq!(fresh["title"], "behind the cache");
+    assert_ne!(fresh_etag, etag);
+    assert_eq!(read(false).await.1["title"], "behind the cache", "the fresh read refreshed the entry");
+
+    // A change through the API reads back at once.
+    let patched = gw
+        .client
+        .patch(gw.url(&path))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .json(&json!({"title": "patched"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), StatusCode::OK);
+    assert_eq!(read(false).await.1["title"], "patched");
+
+    let history = |gw: &Gateway| gw.get("alice", &format!("{path}/versions")).send();
+    let listed: Value = history(&gw).await.unwrap().json().await.unwrap();
+    assert_eq!(listed["versions"].as_array().unwrap().len(), 1);
+    let hits = versions.hits.get();
+    assert_eq!(history(&gw).await.unwrap().json::<Value>().await.unwrap(), listed);
+    assert_eq!(versions.hits.get(), hits + 1);
+    let form = Form::new().part("file", Part::bytes(b"second".as_slice()).file_name("cached.txt"));
+    let v2 = gw
+        .client
+        .post(gw.url(&format!("{path}/versions")))
+        .bearer_auth(gw.token("alice", &["user"]))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(v2.status(), StatusCode::CREATED);
+    let listed: Value = history(&gw).await.unwrap().json().await.unwrap();
+    assert_eq!(listed["versions"].as_array().unwrap().len(), 2);
+    assert_eq!(read(false).await.1["currentVersion"], 2);
+
+    let metrics = gw.get("alice", "/metrics").send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("cache_hits_total{level=\"L1\",cache=\"documents\"}"), "{metrics}");
+    assert!(metrics.contains("cache_misses_total{level=\"L1\",cache=\"versions\"}"), "{metrics}");
 }

@@ -49,6 +49,7 @@ async fn replica(dir: &std::path::Path, database_url: &str, nats_url: &str) -> R
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
         cors_origins: Vec::new(),
+        metadata_cache: vellum_gateway::cache::CacheSettings::default(),
     }))
     .await
     .unwrap()
@@ -232,6 +233,60 @@ async fn clients_of_one_replica_see_uploads_progress_and_broadcasts_made_through
     let live = read_events(&mut resumed, &mut buffer, 1).await;
     assert_eq!(live[0].1["filename"], "live.txt", "then live, with nothing repeated");
     assert!(live[0].0 > missed[1].0);
+}
+
+/// Each replica answers a document's metadata and versions from its own cache; a change
+/// made through the other replica drops the cached copy when its event arrives, well
+/// within the cache's time to live (60 s), so the change shows on both.
+#[tokio::test]
+async fn a_change_through_one_replica_drops_the_other_replicas_cached_copy() {
+    let c = cluster().await;
+    let token = c.token("carol", &["user"]);
+    let mut doc = c.upload(&c.a, "carol", "cached-on-b.txt").await;
+    // The upload's answer says besides what the document is how it was stored.
+    for key in ["deduplicated", "versionNumber"] {
+        doc.as_object_mut().unwrap().remove(key);
+    }
+    let url = |via: &Running, path: &str| format!("{}/api/v1/documents/{}{path}", via.url, doc["id"]);
+    let read = |path: &str| {
+        let request = c.client.get(url(&c.b, path)).bearer_auth(&token);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let (documents, versions) = (c.b.state.metrics.seed.cache("documents"), c.b.state.metrics.seed.cache("versions"));
+    // The upload's own event drops what B stored before it arrived: read until B answers
+    // both from its cache (a version list read checks the document's entry too).
+    for attempt in 0.. {
+        let hits = (documents.hits.get(), versions.hits.get());
+        assert_eq!(read("").await, doc);
+        assert_eq!(read("/versions").await["versions"].as_array().unwrap().len(), 1);
+        if (documents.hits.get(), versions.hits.get()) == (hits.0 + 2, hits.1 + 1) {
+            break;
+        }
+        assert!(attempt < 100, "B answered nothing from its cache");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Through A: a new title, then a new version.
+    let patched = c.client.patch(url(&c.a, "")).bearer_auth(&token).json(&json!({"title": "set on A"})).send().await;
+    assert_eq!(patched.unwrap().status(), StatusCode::OK);
+    let form = reqwest::multipart::Form::new()
+        .part("file", reqwest::multipart::Part::bytes(b"v2".as_slice()).file_name("cached-on-b.txt"));
+    let v2 = c.client.post(url(&c.a, "/versions")).bearer_auth(&token).multipart(form).send().await.unwrap();
+    assert_eq!(v2.status(), StatusCode::CREATED);
+
+    let started = std::time::Instant::now();
+    loop {
+        let (now, history) = (read("").await, read("/versions").await);
+        if now["title"] == "set on A"
+            && now["currentVersion"] == 2
+            && history["versions"].as_array().unwrap().len() == 2
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "B still answers {now} and {history}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("B saw A's changes {:?} after they were made", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

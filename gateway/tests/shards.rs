@@ -37,6 +37,7 @@ fn options(dir: &std::path::Path, nats_url: Option<String>) -> standalone::Optio
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
         cors_origins: Vec::new(),
+        metadata_cache: vellum_gateway::cache::CacheSettings::default(),
     }
 }
 

@@ -56,6 +56,7 @@ async fn platform() -> Platform {
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
         cors_origins: Vec::new(),
+        metadata_cache: vellum_gateway::cache::CacheSettings::default(),
     })
     .await
     .unwrap();

@@ -107,6 +107,9 @@ pub type Tx = Transaction<'static, Any>;
 /// its error is returned: under many writers to the same rows, eight was seen to run out.
 const MAX_RETRIES: u32 = 16;
 
+/// A pooled Postgres connection idle this long is pinged before it is used again.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
+
 impl Metadata {
     /// Connects to `url` (`postgres://…`, or `sqlite://path` which is created if missing,
     /// or `sqlite::memory:`), without migrating.
@@ -128,7 +131,20 @@ impl Metadata {
         };
         let options = AnyConnectOptions::from_str(&url).map_err(StoreError::Connect)?;
         let pool = match dialect {
-            Dialect::Postgres => AnyPoolOptions::new().max_connections(16),
+            // sqlx pings a connection (a round trip) before handing it out and again when
+            // it comes back; the second cannot be turned off. The first is kept only for a
+            // connection that sat idle long enough for the server or the network to have
+            // dropped it: on a busy pool it made a primary-key read three round trips.
+            Dialect::Postgres => {
+                AnyPoolOptions::new().max_connections(16).test_before_acquire(false).before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_IDLE_AFTER {
+                            conn.ping().await?;
+                        }
+                        Ok(true)
+                    })
+                })
+            }
             // Every connection to an in-memory database is a database of its own, so it
             // gets exactly one. A file gets a few: WAL lets readers run beside the writer,
             // and writers queue on `BEGIN IMMEDIATE` rather than failing half-way.

@@ -43,6 +43,7 @@ pub fn options(dir: &std::path::Path, tiers: &str, secret: &[u8]) -> standalone:
         limits: vellum_gateway::limits::Limits::default(),
         metrics_listen: None,
         cors_origins: Vec::new(),
+        metadata_cache: vellum_gateway::cache::CacheSettings::default(),
     }
 }
 
