@@ -159,27 +159,46 @@ impl MetadataCache {
         }
     }
 
+    /// Entry `id` of `cache` (none: the cache is off), or what `load` reads, encoded,
+    /// stored unless a drop came in between (`versions` says which meters count it).
+    async fn through<V, T, F>(
+        &self,
+        cache: Option<&Cache<i64, V>>,
+        versions: bool,
+        id: i64,
+        fresh: bool,
+        load: F,
+        encode: impl FnOnce(&T) -> Result<V, DocError>,
+    ) -> Result<V, DocError>
+    where
+        V: Clone + Send + Sync + 'static,
+        F: Future<Output = Result<T, DocError>>,
+    {
+        let Some(cache) = cache else {
+            return encode(&load.await?);
+        };
+        if !fresh && let Some(entry) = cache.get(&id) {
+            self.count(versions, true);
+            return Ok(entry);
+        }
+        self.count(versions, false);
+        let mark = self.mark(id);
+        let entry = encode(&load.await?)?;
+        if self.mark(id) == mark {
+            cache.insert(id, entry.clone());
+        }
+        Ok(entry)
+    }
+
     /// Document `id` as the actor may see it: from the cache, or from `load` (which checks
     /// the actor's right itself) when it is not there or `fresh` is asked for.
     pub async fn document<F>(&self, actor: &Actor, id: i64, fresh: bool, load: F) -> Result<CachedDocument, DocError>
     where
         F: Future<Output = Result<Document, DocError>>,
     {
-        let Some(cache) = &self.documents else {
-            return CachedDocument::of(&load.await?);
-        };
-        if !fresh && let Some(entry) = cache.get(&id) {
-            self.count(false, true);
-            // Deleted documents are never stored: only the owner is left to check.
-            return if actor.sees(&entry.owner) { Ok(entry) } else { Err(DocError::NotFound(id)) };
-        }
-        self.count(false, false);
-        let mark = self.mark(id);
-        let entry = CachedDocument::of(&load.await?)?;
-        if self.mark(id) == mark {
-            cache.insert(id, entry.clone());
-        }
-        Ok(entry)
+        let entry = self.through(self.documents.as_ref(), false, id, fresh, load, CachedDocument::of).await?;
+        // Deleted documents are never stored: only the owner is left to check.
+        if actor.sees(&entry.owner) { Ok(entry) } else { Err(DocError::NotFound(id)) }
     }
 
     /// Document `id`'s version list as JSON, once [`Self::document`] found the actor may see
@@ -193,20 +212,7 @@ impl MetadataCache {
                 .map(Bytes::from)
                 .map_err(|e| DocError::Invalid(format!("encoding the versions: {e}")))
         };
-        let Some(cache) = &self.versions else {
-            return encode(&load.await?);
-        };
-        if !fresh && let Some(json) = cache.get(&id) {
-            self.count(true, true);
-            return Ok(json);
-        }
-        self.count(true, false);
-        let mark = self.mark(id);
-        let json = encode(&load.await?)?;
-        if self.mark(id) == mark {
-            cache.insert(id, json.clone());
-        }
-        Ok(json)
+        self.through(self.versions.as_ref(), true, id, fresh, load, encode).await
     }
 
     /// Drops what is cached of document `id`: it changed, or may have.

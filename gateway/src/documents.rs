@@ -15,8 +15,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vellum_core::clock::{parse_rfc3339, rfc3339};
 use vellum_core::documents::{
-    Actor, Document, Documents, ListQuery, MetadataPatch, NewDocument, NewVersion, Page, Restored, Upload, Uploaded,
-    VersionHistory,
+    Actor, DocError, Document, Documents, Library, ListQuery, MetadataPatch, NewDocument, NewVersion, Page, Restored,
+    Upload, Uploaded, VersionHistory,
 };
 
 use crate::AppState;
@@ -401,10 +401,19 @@ async fn get_document(
     DocId(id): DocId,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let docs = state.docs();
-    let load = docs.at(id, |shard| Box::pin(shard.get(&actor, id)));
-    let entry = state.cache.document(&actor, id, no_cache(&headers), load).await?;
+    let entry = cached_document(&state, &state.docs(), &actor, id, no_cache(&headers)).await?;
     Ok(([(header::CONTENT_TYPE, JSON.clone()), (header::ETAG, entry.etag)], entry.json).into_response())
+}
+
+/// Document `id` as `actor` may see it, through the metadata cache.
+async fn cached_document(
+    state: &AppState,
+    docs: &Library,
+    actor: &Actor,
+    id: i64,
+    fresh: bool,
+) -> Result<crate::cache::CachedDocument, DocError> {
+    state.cache.document(actor, id, fresh, docs.at(id, |shard| Box::pin(shard.get(actor, id)))).await
 }
 
 const JSON: header::HeaderValue = header::HeaderValue::from_static("application/json");
@@ -682,7 +691,7 @@ async fn versions(
 ) -> ApiResult<Response> {
     let (docs, fresh) = (state.docs(), no_cache(&headers));
     // The document's own entry says whether the actor may see it.
-    state.cache.document(&actor, id, fresh, docs.at(id, |shard| Box::pin(shard.get(&actor, id)))).await?;
+    cached_document(&state, &docs, &actor, id, fresh).await?;
     let json = state.cache.versions(id, fresh, docs.at(id, |shard| Box::pin(shard.versions(&actor, id)))).await?;
     Ok(([(header::CONTENT_TYPE, JSON.clone())], json).into_response())
 }

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 use reqwest::multipart::{Form, Part};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use vellum_gateway::auth::AuthSettings;
 use vellum_gateway::standalone::{self, Running};
@@ -89,7 +89,12 @@ impl Gateway {
     }
 
     fn get(&self, user: &str, path: &str) -> reqwest::RequestBuilder {
-        self.client.get(self.url(path)).bearer_auth(self.token(user, &["user"]))
+        self.send_as(Method::GET, user, path)
+    }
+
+    /// A request to `path` as `user`, a plain user.
+    fn send_as(&self, method: Method, user: &str, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path)).bearer_auth(self.token(user, &["user"]))
     }
 
     async fn upload(&self, user: &str, filename: &str, body: &'static [u8]) -> Value {
@@ -351,14 +356,7 @@ async fn uploads_downloads_and_conditional_requests(gw: Gateway) {
         .text("title", "Greeting")
         .text("tags", "a, b")
         .text("metadata", r#"{"dept":"ops"}"#);
-    let response = gw
-        .client
-        .post(gw.url("/api/v1/documents"))
-        .bearer_auth(gw.token("alice", &["user"]))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.send_as(Method::POST, "alice", "/api/v1/documents").multipart(form).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     let location = response.headers()[header::LOCATION].to_str().unwrap().to_owned();
     let doc: Value = response.json().await.unwrap();
@@ -370,9 +368,7 @@ async fn uploads_downloads_and_conditional_requests(gw: Gateway) {
 
     // Raw body, same bytes, another user: deduplicated.
     let raw: Value = gw
-        .client
-        .post(gw.url("/api/v1/documents?filename=copy.txt&tags=x"))
-        .bearer_auth(gw.token("bob", &["user"]))
+        .send_as(Method::POST, "bob", "/api/v1/documents?filename=copy.txt&tags=x")
         .header(header::CONTENT_TYPE, "text/plain")
         .body("hello, vellum")
         .send()
@@ -418,9 +414,7 @@ async fn uploads_downloads_and_conditional_requests(gw: Gateway) {
     let page: Value = gw.get("alice", "/api/v1/documents?tag=a&limit=10").send().await.unwrap().json().await.unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     let patched: Value = gw
-        .client
-        .patch(gw.url(&format!("/api/v1/documents/{}", doc["id"])))
-        .bearer_auth(gw.token("alice", &["user"]))
+        .send_as(Method::PATCH, "alice", &format!("/api/v1/documents/{}", doc["id"]))
         .json(&json!({"description": "Says hello"}))
         .send()
         .await
@@ -491,9 +485,7 @@ async fn versions_restore_and_deletion(gw: Gateway) {
         .part("file", Part::bytes(b"second".as_slice()).file_name("report.md"))
         .text("changeDescription", "Fixed typos");
     let v2 = gw
-        .client
-        .post(gw.url(&format!("/api/v1/documents/{id}/versions")))
-        .bearer_auth(gw.token("alice", &["user"]))
+        .send_as(Method::POST, "alice", &format!("/api/v1/documents/{id}/versions"))
         .multipart(form)
         .send()
         .await
@@ -506,9 +498,7 @@ async fn versions_restore_and_deletion(gw: Gateway) {
     assert_eq!(history["versions"][0]["isLatest"], true);
 
     let restored: Value = gw
-        .client
-        .post(gw.url(&format!("/api/v1/documents/{id}/versions/1/restore")))
-        .bearer_auth(gw.token("alice", &["user"]))
+        .send_as(Method::POST, "alice", &format!("/api/v1/documents/{id}/versions/1/restore"))
         .send()
         .await
         .unwrap()
@@ -533,7 +523,7 @@ async fn versions_restore_and_deletion(gw: Gateway) {
 
     // Legal hold: admins only, and it blocks deletion.
     let hold = format!("/api/v1/documents/{id}/legal-hold");
-    let refused = gw.client.put(gw.url(&hold)).bearer_auth(gw.token("alice", &["user"])).send().await.unwrap();
+    let refused = gw.send_as(Method::PUT, "alice", &hold).send().await.unwrap();
     error_of(refused, StatusCode::FORBIDDEN).await;
     let on_hold: Value = gw
         .client
@@ -628,9 +618,7 @@ async fn bad_input_gets_precise_errors(gw: Gateway) {
 async fn signed_links_expire_and_resist_forgery(gw: Gateway) {
     let doc = gw.upload("alice", "shared.txt", b"for your eyes").await;
     let link: Value = gw
-        .client
-        .post(gw.url(&format!("/api/v1/documents/{}/links", doc["id"])))
-        .bearer_auth(gw.token("alice", &["user"]))
+        .send_as(Method::POST, "alice", &format!("/api/v1/documents/{}/links", doc["id"]))
         .json(&json!({"expiresInSeconds": 60}))
         .send()
         .await
@@ -647,9 +635,7 @@ async fn signed_links_expire_and_resist_forgery(gw: Gateway) {
     flipped.push(if last == 'A' { 'B' } else { 'A' });
     error_of(gw.client.get(&flipped).send().await.unwrap(), StatusCode::FORBIDDEN).await;
     let too_long = gw
-        .client
-        .post(gw.url(&format!("/api/v1/documents/{}/links", doc["id"])))
-        .bearer_auth(gw.token("alice", &["user"]))
+        .send_as(Method::POST, "alice", &format!("/api/v1/documents/{}/links", doc["id"]))
         .json(&json!({"expiresInSeconds": 99_999_999}))
         .send()
         .await
@@ -1558,7 +1544,7 @@ async fn bulk_jobs_act_as_their_starter_report_progress_and_can_be_cancelled() {
     assert_eq!(kinds.first().map(String::as_str), Some("BULK_OPERATION_PROGRESS"), "{kinds:?}");
     // Someone else's job is not found; a finished one is not cancelled.
     assert_eq!(gw.get("bob", &location).send().await.unwrap().status(), StatusCode::NOT_FOUND);
-    let again = gw.client.delete(gw.url(&location)).bearer_auth(gw.token("alice", &["user"])).send().await.unwrap();
+    let again = gw.send_as(Method::DELETE, "alice", &location).send().await.unwrap();
     assert!(error_of(again, StatusCode::CONFLICT).await.contains("COMPLETED"));
 
     // A selector: the documents a search finds, as the list finds them.
@@ -1574,7 +1560,7 @@ async fn bulk_jobs_act_as_their_starter_report_progress_and_can_be_cancelled() {
     let many = upload_many(&gw, "alice", 200).await;
     let started = start_bulk(&gw, "alice", json!({"operation": "tag", "documentIds": many, "tags": ["slow"]})).await;
     let location = started.headers()[header::LOCATION].to_str().unwrap().to_owned();
-    let cancelled = gw.client.delete(gw.url(&location)).bearer_auth(gw.token("alice", &["user"])).send().await.unwrap();
+    let cancelled = gw.send_as(Method::DELETE, "alice", &location).send().await.unwrap();
     if cancelled.status() == StatusCode::OK {
         let first = finished_job(&gw, "alice", &location).await;
         assert_eq!(first["status"], "CANCELLED");
@@ -1722,14 +1708,7 @@ async fn metadata_reads_are_cached_until_a_change(gw: Gateway) {
     assert_eq!(read(false).await.1["title"], "behind the cache", "the fresh read refreshed the entry");
 
     // A change through the API reads back at once.
-    let patched = gw
-        .client
-        .patch(gw.url(&path))
-        .bearer_auth(gw.token("alice", &["user"]))
-        .json(&json!({"title": "patched"}))
-        .send()
-        .await
-        .unwrap();
+    let patched = gw.send_as(Method::PATCH, "alice", &path).json(&json!({"title": "patched"})).send().await.unwrap();
     assert_eq!(patched.status(), StatusCode::OK);
     assert_eq!(read(false).await.1["title"], "patched");
 
@@ -1740,14 +1719,7 @@ async fn metadata_reads_are_cached_until_a_change(gw: Gateway) {
     assert_eq!(history(&gw).await.unwrap().json::<Value>().await.unwrap(), listed);
     assert_eq!(versions.hits.get(), hits + 1);
     let form = Form::new().part("file", Part::bytes(b"second".as_slice()).file_name("cached.txt"));
-    let v2 = gw
-        .client
-        .post(gw.url(&format!("{path}/versions")))
-        .bearer_auth(gw.token("alice", &["user"]))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let v2 = gw.send_as(Method::POST, "alice", &format!("{path}/versions")).multipart(form).send().await.unwrap();
     assert_eq!(v2.status(), StatusCode::CREATED);
     let listed: Value = history(&gw).await.unwrap().json().await.unwrap();
     assert_eq!(listed["versions"].as_array().unwrap().len(), 2);
