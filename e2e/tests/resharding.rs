@@ -217,37 +217,36 @@ impl OpenUploads {
             let location = created.headers()["location"].to_str().unwrap();
             uploads.tus.push(location.rsplit('/').next().unwrap().to_owned());
         }
-        uploads.send(base, 0).await;
+        uploads.send(base, 0, &Mutex::default()).await;
         uploads
     }
 
-    /// Sends part `n` of every upload; the last part completes them.
-    async fn send(&self, base: &str, n: usize) -> Vec<String> {
+    /// Sends part `n` of every upload; the last part completes them. The traffic's user
+    /// sends them, so a 429 is waited out as the traffic's clients do.
+    async fn send(&self, base: &str, n: usize, acknowledged: &Mutex<Acknowledged>) -> Vec<String> {
         let http = reqwest::Client::new();
         let mut failures = Vec::new();
         for (i, id) in self.chunked.iter().enumerate() {
-            let r = http
-                .put(format!("{base}/api/v1/upload/{id}/chunk/{n}"))
-                .bearer_auth(token())
-                .body(upload_part(i, n))
-                .send()
-                .await
-                .unwrap();
+            let r = send_within_limits(acknowledged, || {
+                http.put(format!("{base}/api/v1/upload/{id}/chunk/{n}")).bearer_auth(token()).body(upload_part(i, n))
+            })
+            .await
+            .unwrap();
             if r.status() != 200 {
                 failures.push(format!("chunk {n} of session {id}: {} {}", r.status(), r.text().await.unwrap()));
             }
         }
         for (i, id) in self.tus.iter().enumerate() {
-            let r = http
-                .patch(format!("{base}/api/v1/tus/{id}"))
-                .bearer_auth(token())
-                .header("Tus-Resumable", "1.0.0")
-                .header("Upload-Offset", (n * 4).to_string())
-                .header("Content-Type", "application/offset+octet-stream")
-                .body(upload_part(1000 + i, n))
-                .send()
-                .await
-                .unwrap();
+            let r = send_within_limits(acknowledged, || {
+                http.patch(format!("{base}/api/v1/tus/{id}"))
+                    .bearer_auth(token())
+                    .header("Tus-Resumable", "1.0.0")
+                    .header("Upload-Offset", (n * 4).to_string())
+                    .header("Content-Type", "application/offset+octet-stream")
+                    .body(upload_part(1000 + i, n))
+            })
+            .await
+            .unwrap();
             if r.status() != 204 {
                 failures.push(format!("part {n} of tus upload {id}: {} {}", r.status(), r.text().await.unwrap()));
             }
@@ -256,37 +255,37 @@ impl OpenUploads {
     }
 
     /// Completes the chunked sessions; every upload's document downloads byte-exact.
-    async fn check_completed(&self, base: &str) {
+    async fn check_completed(&self, base: &str, acknowledged: &Mutex<Acknowledged>) {
         let http = reqwest::Client::new();
         let mut documents = Vec::new();
         for (i, id) in self.chunked.iter().enumerate() {
-            let done: Value = http
-                .post(format!("{base}/api/v1/upload/{id}/complete"))
-                .bearer_auth(token())
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let done: Value = send_within_limits(acknowledged, || {
+                http.post(format!("{base}/api/v1/upload/{id}/complete")).bearer_auth(token())
+            })
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
             let document = done["documentId"].as_i64().or_else(|| done["id"].as_i64());
             documents.push((document.unwrap_or_else(|| panic!("session {id} completed: {done}")), upload_bytes(i)));
         }
         for (i, id) in self.tus.iter().enumerate() {
-            let head = http
-                .head(format!("{base}/api/v1/tus/{id}"))
-                .bearer_auth(token())
-                .header("Tus-Resumable", "1.0.0")
-                .send()
-                .await
-                .unwrap();
+            let head = send_within_limits(acknowledged, || {
+                http.head(format!("{base}/api/v1/tus/{id}")).bearer_auth(token()).header("Tus-Resumable", "1.0.0")
+            })
+            .await
+            .unwrap();
             assert_eq!(head.headers()["upload-offset"], "12", "tus upload {id}");
             let document = head.headers()["vellum-document-id"].to_str().unwrap().parse().unwrap();
             documents.push((document, upload_bytes(1000 + i)));
         }
         for (id, bytes) in documents {
-            let got =
-                http.get(format!("{base}/api/v1/documents/{id}/download")).bearer_auth(token()).send().await.unwrap();
+            let got = send_within_limits(acknowledged, || {
+                http.get(format!("{base}/api/v1/documents/{id}/download")).bearer_auth(token())
+            })
+            .await
+            .unwrap();
             assert_eq!(got.status(), 200, "document {id}");
             assert_eq!(got.bytes().await.unwrap().as_ref(), bytes.as_slice(), "document {id}");
         }
@@ -459,7 +458,7 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
     eprintln!(
         "the resharding pod {killed_pod} was killed with {moved_when_killed} of {total_when_killed} documents moved"
     );
-    let between = open.send(&base, 1).await;
+    let between = open.send(&base, 1, &acknowledged).await;
     let rebalance = &set["status"]["rebalance"];
     assert_eq!(rebalance["percent"], 100.0, "{rebalance}");
     let table = kubectl(&cluster, &["-n", "docs", "get", "shardset/metadata"], None).await;
@@ -490,9 +489,9 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
     eprintln!("the operator leader {leader} was killed in phase {phase}; {next_leader} finished the move");
     resharded(&cluster, &two).await;
     let shrink = started.elapsed();
-    let after = open.send(&base, 2).await;
+    let after = open.send(&base, 2, &acknowledged).await;
     assert!(between.is_empty() && after.is_empty(), "open uploads failed: {between:?} {after:?}");
-    open.check_completed(&base).await;
+    open.check_completed(&base, &acknowledged).await;
     // shard-c left the routing: under the same traffic, nothing touches its database.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let quiet_from = client_activity(&a, &c.name).await;
