@@ -212,8 +212,10 @@ pub struct Context {
     pub caches: Caches,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    /// Metadata database pools by URL, opened on first use.
-    databases: tokio::sync::Mutex<HashMap<String, Metadata>>,
+    /// Metadata database pools by URL, opened on first use, with when each was last asked
+    /// for: a pool unused for [`Context::pool_unused_after`] is closed (see
+    /// [`Context::database`]).
+    databases: tokio::sync::Mutex<HashMap<String, (Metadata, std::time::Instant)>>,
     /// Delivery summaries of each namespace's platform, and when they were read: one read
     /// serves every Webhook reconciled within [`SUMMARIES_FRESH`].
     summaries: tokio::sync::Mutex<HashMap<String, (std::time::Instant, Arc<DeliverySummaries>)>>,
@@ -255,18 +257,42 @@ impl Context {
         Refused::new(reasons::SHARD_UNREACHABLE, format!("no answer within {} s", self.probe_timeout.as_secs()))
     }
 
-    /// A pool on the metadata database at `url`, opened once and kept. Errors never quote
-    /// the URL, which holds a password.
+    /// How long a pool is kept unused: three resyncs. Every shard of a platform is probed
+    /// once a resync, so only the pool of a database no ShardSet names any more (a shard
+    /// that left, a platform deleted) goes unused that long.
+    fn pool_unused_after(&self) -> Duration {
+        self.resync.saturating_mul(3)
+    }
+
+    /// A pool on the metadata database at `url`, opened once and kept while it is used.
+    /// Pools unused for [`Context::pool_unused_after`] are closed here, so the operator
+    /// holds no connection to a database that left the platform. Errors never quote the
+    /// URL, which holds a password.
     pub async fn database(&self, url: &str) -> Result<Metadata, Refused> {
+        let now = std::time::Instant::now();
         let mut pools = self.databases.lock().await;
-        if let Some(pool) = pools.get(url) {
+        let unused_after = self.pool_unused_after();
+        let mut unused = Vec::new();
+        pools.retain(|key, (pool, used)| {
+            let keep = key == url || now.duration_since(*used) < unused_after;
+            if !keep {
+                unused.push(pool.clone());
+            }
+            keep
+        });
+        for pool in unused {
+            // Closing waits for connections in use to come back: not under the lock.
+            tokio::spawn(async move { pool.pool().close().await });
+        }
+        if let Some((pool, used)) = pools.get_mut(url) {
+            *used = now;
             return Ok(pool.clone());
         }
         let pool = tokio::time::timeout(self.probe_timeout, Metadata::connect(url))
             .await
             .map_err(|_| self.no_answer())?
             .map_err(|e| unusable(&e, url))?;
-        pools.insert(url.to_owned(), pool.clone());
+        pools.insert(url.to_owned(), (pool.clone(), now));
         Ok(pool)
     }
 

@@ -301,4 +301,30 @@ mod tests {
         let changed = status(&set(2, Some(first)), Ok(()), shards);
         assert_eq!(changed.routing_version, Some(2));
     }
+
+    #[tokio::test]
+    async fn the_pool_of_a_database_no_longer_probed_is_closed() {
+        let server = Arc::new(std::sync::Mutex::new(crate::controllers::testkit::Server::default()));
+        let mut ctx = crate::controllers::testkit::context(&crate::controllers::testkit::World::default(), server);
+        Arc::get_mut(&mut ctx).unwrap().resync = std::time::Duration::from_millis(100);
+        let dir = tempfile::tempdir().unwrap();
+        let url = |name: &str| format!("sqlite://{}?mode=rwc", dir.path().join(name).display());
+        let (left, stays) = (url("left.db"), url("stays.db"));
+        probe(&ctx, &left).await.unwrap();
+        let left_pool = ctx.database(&left).await.unwrap();
+        // The shard that stays goes on being probed; the one that left does not.
+        for _ in 0..4 {
+            probe(&ctx, &stays).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let stays_pool = ctx.database(&stays).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !left_pool.pool().is_closed() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(left_pool.pool().is_closed(), "the pool of the database that left is closed");
+        assert!(!stays_pool.pool().is_closed(), "the pool of the database probed is kept");
+        // Asked for again, the database that left gets a new pool.
+        assert!(!ctx.database(&left).await.unwrap().pool().is_closed());
+    }
 }
