@@ -9,7 +9,12 @@
 //!    latency, against `pgbench -S` (primary-key SELECTs) on the same Postgres with the
 //!    same number of clients: cached (answered from the gateway's metadata cache, the goal
 //!    being faster than the database can answer) and uncached (`Cache-Control: no-cache`:
-//!    each read goes to the database, and refreshes the cached entry).
+//!    each read goes to the database, and refreshes the cached entry). Each reader is one
+//!    keep-alive connection of hyper's bare HTTP/1 client, as each of pgbench's clients is
+//!    one connection of libpq.
+//! 4. The same cached reads against a bare HTTP peer: a hyper server in a process of its own
+//!    answering the same JSON body to every request (no JWT, no lookup), the cost of an
+//!    HTTP exchange itself on this machine.
 //!
 //! The gateway is the release `vellum-gateway standalone` binary in its own process, on a
 //! fresh Postgres database and a local-file tier. Run:
@@ -27,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use axum::http;
 use futures::StreamExt;
 
 use rand::RngCore;
@@ -101,28 +107,40 @@ fn cp(from: &Path, to: &Path) -> Duration {
     took
 }
 
-async fn read_load(
-    client: &reqwest::Client,
-    urls: &[String],
-    token: &str,
-    cached: bool,
-    (clients, seconds): (u64, u64),
-) -> (f64, Vec<Duration>) {
+/// Reads `urls` in turn from `clients` readers for `seconds`, each on one keep-alive
+/// connection of its own (as each of pgbench's clients has one): reads per second and
+/// the latencies. The client is hyper's bare HTTP/1 connection, so that the load
+/// generator takes as little of the shared cores as pgbench's C client does.
+async fn read_load(urls: &[String], token: &str, cached: bool, (clients, seconds): (u64, u64)) -> (f64, Vec<Duration>) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
-            let (client, urls, token) = (client.clone(), urls.to_vec(), token.to_owned());
+            let urls: Vec<http::Uri> = urls.iter().map(|u| u.parse().unwrap()).collect();
+            let authorization = format!("Bearer {token}");
             tokio::spawn(async move {
+                let authority = urls[0].authority().unwrap().clone();
+                let stream = tokio::net::TcpStream::connect(authority.as_str()).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+                tokio::spawn(connection);
                 let mut latencies = Vec::new();
                 let mut i = usize::try_from(c).unwrap_or(0);
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let request = client.get(&urls[i % urls.len()]).bearer_auth(&token);
-                    let request = if cached { request } else { request.header("cache-control", "no-cache") };
-                    let response = request.send().await.unwrap();
-                    assert_eq!(response.status(), reqwest::StatusCode::OK);
-                    response.bytes().await.unwrap();
+                    let mut request = http::Request::get(urls[i % urls.len()].path())
+                        .header(http::header::HOST, authority.as_str())
+                        .header(http::header::AUTHORIZATION, &authorization);
+                    if !cached {
+                        request = request.header(http::header::CACHE_CONTROL, "no-cache");
+                    }
+                    sender.ready().await.unwrap();
+                    let response =
+                        sender.send_request(request.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap());
+                    let response = response.await.unwrap();
+                    assert_eq!(response.status(), http::StatusCode::OK);
+                    http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
                     latencies.push(t.elapsed());
                     i += 1;
                 }
@@ -139,6 +157,60 @@ async fn read_load(
     #[allow(clippy::cast_precision_loss)]
     let rate = all.len() as f64 / elapsed;
     (rate, all)
+}
+
+/// The environment variable that makes this benchmark's binary the bare HTTP peer: a
+/// hyper server (in a process of its own, as the gateway is) that answers every request
+/// with the bytes of the file it names, as JSON.
+const BARE_SERVER: &str = "VELLUM_BENCH_BARE_SERVER";
+
+/// Serves [`BARE_SERVER`]'s body on a free loopback port, printed on the first line.
+async fn bare_server(body: &Path) {
+    let body = bytes::Bytes::from(std::fs::read(body).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", listener.local_addr().unwrap().port());
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_request| {
+                let response = http::Response::builder()
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(http_body_util::Full::new(body.clone()));
+                async move { response }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The bare HTTP peer, killed when dropped.
+struct BarePeer {
+    child: std::process::Child,
+    base: String,
+}
+
+impl BarePeer {
+    fn start(body: &Path) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(BARE_SERVER, body)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        Self { child, base: format!("http://127.0.0.1:{}", line.trim()) }
+    }
+}
+
+impl Drop for BarePeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// `pgbench -S` with `clients` clients for `seconds`: transactions per second and the
@@ -199,6 +271,8 @@ struct Results {
     latencies: Vec<Duration>,
     uncached: f64,
     uncached_latencies: Vec<Duration>,
+    /// The bare HTTP peer: reads per second, latencies, and the size of the body it sent.
+    bare: (f64, Vec<Duration>, usize),
     tps: f64,
     pg_latencies: Vec<Duration>,
     peak: u64,
@@ -239,6 +313,23 @@ impl Results {
                 );
             }
         }
+        let (bare, bare_latencies, body) = &self.bare;
+        println!(
+            "{:<34} {:>10.0}/s {:>10.0}/s {:>8.2}",
+            "cached reads vs bare HTTP",
+            self.reads,
+            bare,
+            self.reads / bare
+        );
+        println!(
+            "{:<34} {:>12} {:>12} {:>8.2}",
+            "  p50 latency",
+            ms(percentile(&self.latencies, 0.5)),
+            ms(percentile(bare_latencies, 0.5)),
+            percentile(&self.latencies, 0.5).as_secs_f64() / percentile(bare_latencies, 0.5).as_secs_f64().max(1e-9)
+        );
+        println!("{:<34} {:>10.0}/s {:>10.0}/s {:>8.2}", "bare HTTP vs pgbench -S", bare, self.tps, bare / self.tps);
+        println!("  (bare HTTP: a hyper server answering the same {body}-byte JSON, no JWT, no lookup)");
         println!(
             "{:<34} {:>8.1} MiB {:>8.1} MiB {:>8.4}",
             "gateway peak RSS vs document size",
@@ -252,6 +343,9 @@ impl Results {
 
 #[tokio::main]
 async fn main() {
+    if let Some(body) = std::env::var_os(BARE_SERVER) {
+        return bare_server(Path::new(&body)).await;
+    }
     // `cargo bench` passes `--bench`; a `cargo test --benches` run passes nothing: both run it.
     let size = knob("VELLUM_BENCH_BYTES", 1 << 30);
     let seconds = knob("VELLUM_BENCH_SECONDS", 10);
@@ -325,9 +419,17 @@ async fn main() {
             .unwrap();
         urls.push(format!("{}/api/v1/documents/{}", gateway.url, doc["id"]));
     }
-    // Uncached first, then cached, then the database alone: each phase on the same data.
-    let (uncached, uncached_latencies) = read_load(&client, &urls, &gateway.token, false, (clients, seconds)).await;
-    let (reads, latencies) = read_load(&client, &urls, &gateway.token, true, (clients, seconds)).await;
+    // The bare HTTP peer answers what the gateway answers for one small document.
+    let small = client.get(&urls[1]).bearer_auth(&gateway.token).send().await.unwrap().bytes().await.unwrap();
+    std::fs::write(work.join("bare-body.json"), &small).unwrap();
+    let bare = BarePeer::start(&work.join("bare-body.json"));
+    let bare_urls: Vec<String> = urls.iter().map(|u| u.replacen(&gateway.url, &bare.base, 1)).collect();
+    // Uncached first, then cached, then HTTP alone, then the database alone: each phase on
+    // the same data.
+    let (uncached, uncached_latencies) = read_load(&urls, &gateway.token, false, (clients, seconds)).await;
+    let (reads, latencies) = read_load(&urls, &gateway.token, true, (clients, seconds)).await;
+    let (bare_reads, bare_latencies) = read_load(&bare_urls, &gateway.token, true, (clients, seconds)).await;
+    drop(bare);
     let (tps, pg_latencies) = pgbench(&db.url, &work, clients, seconds);
 
     Results {
@@ -339,6 +441,7 @@ async fn main() {
         latencies,
         uncached,
         uncached_latencies,
+        bare: (bare_reads, bare_latencies, small.len()),
         tps,
         pg_latencies,
         peak,
