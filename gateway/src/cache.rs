@@ -75,6 +75,11 @@ fn weight(json: &Bytes) -> u32 {
     u32::try_from(json.len() + 160).unwrap_or(u32::MAX)
 }
 
+/// A cache of at most `bytes`, as `weigh` weighs its entries, each kept at most `ttl`.
+fn bounded<V: Clone + Send + Sync + 'static>(bytes: u64, ttl: Duration, weigh: fn(&V) -> u32) -> Cache<i64, V> {
+    Cache::builder().max_capacity(bytes).weigher(move |_: &i64, v: &V| weigh(v)).time_to_live(ttl).build()
+}
+
 /// Hits and misses of one cache, as seed 004 counts them (`level="L1"`).
 #[derive(Clone, Debug, Default)]
 pub struct CacheMeters {
@@ -111,21 +116,9 @@ struct Mark(u64, u64);
 impl MetadataCache {
     pub fn new(settings: CacheSettings) -> Self {
         // Half each: a version list is read far less often, but weighs more.
-        let build = |share: u64| settings.max_bytes.checked_div(share).filter(|b| *b > 0);
-        let documents = build(2).map(|bytes| {
-            Cache::builder()
-                .max_capacity(bytes)
-                .weigher(|_: &i64, v: &CachedDocument| weight(&v.json))
-                .time_to_live(settings.ttl)
-                .build()
-        });
-        let versions = build(2).map(|bytes| {
-            Cache::builder()
-                .max_capacity(bytes)
-                .weigher(|_: &i64, v: &Bytes| weight(v))
-                .time_to_live(settings.ttl)
-                .build()
-        });
+        let half = Some(settings.max_bytes / 2).filter(|b| *b > 0);
+        let documents = half.map(|bytes| bounded(bytes, settings.ttl, |v: &CachedDocument| weight(&v.json)));
+        let versions = half.map(|bytes| bounded(bytes, settings.ttl, weight));
         Self {
             documents,
             versions,

@@ -439,20 +439,23 @@ pub(crate) async fn forget_changed(
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let id = (!request.method().is_safe())
-        .then(|| request.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().contains("{id}")))
-        .flatten()
-        .filter(|has_id| *has_id)
-        .and_then(|_| {
-            let path = request.uri().path();
-            let base = ["/api/v1/documents/", "/api/documents/"].iter().find_map(|b| path.strip_prefix(b))?;
-            base.split('/').next()?.parse::<i64>().ok()
-        });
+    let id = if request.method().is_safe() { None } else { document_of(&request) };
     let response = next.run(request).await;
     if let Some(id) = id {
         state.cache.forget(id);
     }
     response
+}
+
+/// The document a request names: its id, on a documents route with `{id}`.
+fn document_of(request: &Request) -> Option<i64> {
+    let route = request.extensions().get::<axum::extract::MatchedPath>()?;
+    if !route.as_str().contains("{id}") {
+        return None;
+    }
+    let path = request.uri().path();
+    let rest = ["/api/v1/documents/", "/api/documents/"].iter().find_map(|base| path.strip_prefix(base))?;
+    rest.split('/').next()?.parse().ok()
 }
 
 #[utoipa::path(patch, path = "/{id}", tag = TAG,
