@@ -141,6 +141,32 @@ pub struct Auth {
     smoke: Option<DecodingKey>,
     /// Where token checks are counted, by outcome, once the metrics exist.
     attempts: std::sync::OnceLock<crate::metrics::Outcomes>,
+    /// Tokens verified lately, so that a client's next request with the same token skips
+    /// the signature check (see [`Verified`]).
+    verified: moka::sync::Cache<Arc<str>, Verified>,
+}
+
+/// A token whose signature and claims were checked, as remembered: valid again for as long
+/// as the keys it was checked with are the keys in use and its time window (`nbf`, `exp`,
+/// with the leeway) holds. Nothing else in a check depends on anything but the token's
+/// bytes, which are the memo's key.
+#[derive(Clone, Debug)]
+struct Verified {
+    actor: Actor,
+    /// The fingerprint of the key set that verified it.
+    keys: [u8; 32],
+    nbf: Option<u64>,
+    exp: u64,
+}
+
+/// Seconds a token's `exp` and `nbf` are stretched by, for clocks slightly apart.
+const LEEWAY: u64 = 30;
+/// The bytes of verified tokens remembered at most, and how long an unused one is kept.
+const VERIFIED_BYTES: u64 = 4 << 20;
+const VERIFIED_IDLE: Duration = Duration::from_secs(300);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl std::fmt::Debug for Auth {
@@ -163,6 +189,9 @@ pub struct Claims {
     pub aud: Option<String>,
     #[serde(default)]
     pub roles: Roles,
+    /// Not before (seconds since the epoch), when the token has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// `roles` as an array or as a space-separated string (OAuth `scope` style).
@@ -277,6 +306,11 @@ impl Auth {
             limiter,
             smoke,
             attempts: std::sync::OnceLock::new(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_BYTES)
+                .weigher(|token: &Arc<str>, _: &Verified| u32::try_from(token.len()).unwrap_or(u32::MAX))
+                .time_to_idle(VERIFIED_IDLE)
+                .build(),
         })
     }
 
@@ -323,11 +357,37 @@ impl Auth {
         if token.len() > crate::limits::MAX_TOKEN_BYTES {
             return Err(format!("the token is longer than {} bytes", crate::limits::MAX_TOKEN_BYTES));
         }
+        let set = self.key_set();
+        if let Some(actor) = self.remembered(token, &set, unix_now()) {
+            return Ok(actor);
+        }
+        let (actor, claims) = self.check_signed(token, &set)?;
+        let verified = Verified { actor: actor.clone(), keys: set.fingerprint, nbf: claims.nbf, exp: claims.exp };
+        self.verified.insert(Arc::from(token), verified);
+        Ok(actor)
+    }
+
+    /// Who `token` names, when it was verified lately with the keys of `set` and is still
+    /// within its time window at `now` (seconds since the epoch).
+    fn remembered(&self, token: &str, set: &KeySet, now: u64) -> Option<Actor> {
+        let verified = self.verified.get(token)?;
+        let current = verified.keys == set.fingerprint
+            && verified.exp.saturating_add(LEEWAY) >= now
+            && verified.nbf.is_none_or(|nbf| nbf <= now.saturating_add(LEEWAY));
+        if !current {
+            // Checked again in full, for the precise reason it fails.
+            self.verified.invalidate(token);
+            return None;
+        }
+        Some(verified.actor)
+    }
+
+    /// Checks `token`'s signature with the keys of `set`, and its claims.
+    fn check_signed(&self, token: &str, set: &KeySet) -> Result<(Actor, Claims), String> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| "the token is not a JWT".to_owned())?;
         if header.kid.as_deref() == Some(SMOKE_KEY_ID) {
             return self.verify_smoke(token, header.alg);
         }
-        let set = self.key_set();
         let candidates: Vec<&Key> = set
             .keys
             .iter()
@@ -339,7 +399,7 @@ impl Auth {
         let mut last = String::new();
         for key in candidates {
             let mut validation = Validation::new(key.algorithm);
-            validation.leeway = 30;
+            validation.leeway = LEEWAY;
             // RFC 7519 §4.1.5: a token is not accepted before its nbf (when it has one).
             validation.validate_nbf = true;
             let mut required = vec!["exp", "sub"];
@@ -366,7 +426,7 @@ impl Auth {
                         return Err("the token's exp claim is more than ten years away".into());
                     }
                     let admin = data.claims.roles.contains("admin");
-                    return Ok(Actor { user: data.claims.sub, admin });
+                    return Ok((Actor { user: data.claims.sub.clone(), admin }, data.claims));
                 }
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind;
@@ -387,13 +447,13 @@ impl Auth {
 
     /// Checks a smoke-check token: HS256 under the smoke key, short-lived, naming
     /// [`SMOKE_USER`]. It acts as that user only.
-    fn verify_smoke(&self, token: &str, algorithm: Algorithm) -> Result<Actor, String> {
+    fn verify_smoke(&self, token: &str, algorithm: Algorithm) -> Result<(Actor, Claims), String> {
         let Some(key) = &self.smoke else { return Err("smoke-check tokens are not accepted here".into()) };
         if algorithm != Algorithm::HS256 {
             return Err(format!("smoke-check tokens are HS256, not {algorithm:?}"));
         }
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 30;
+        validation.leeway = LEEWAY;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_aud = false;
@@ -409,7 +469,7 @@ impl Auth {
         if expires_beyond(data.claims.exp, MAX_SMOKE_TOKEN_LIFETIME) {
             return Err("a smoke-check token lives ten minutes at most".into());
         }
-        Ok(Actor::smoke())
+        Ok((Actor::smoke(), data.claims))
     }
 
     /// Mints an HS256 token (standalone mode's admin token, and tests).
@@ -424,6 +484,7 @@ impl Auth {
             iss: self.settings.issuer.clone(),
             aud: self.settings.audience.clone(),
             roles: Roles::List(roles.iter().map(|r| (*r).to_owned()).collect()),
+            nbf: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).ok()
     }
@@ -473,7 +534,7 @@ impl FromRequestParts<AppState> for User {
             .ok()
             .and_then(bearer)
             .ok_or_else(|| unauthorized("the Authorization header is not a bearer token"))?;
-        // (A failure counts against the caller's address: `limits::guard_addresses`.)
+        // (A failure counts against the caller's address: `limits::guard`.)
         let actor = state.auth.verify(token.trim()).map_err(|m| unauthorized(&m))?;
         if let Err(wait) = state.auth.admit(&actor.user) {
             let seconds = wait.as_secs_f64().ceil().max(1.0);
@@ -524,12 +585,12 @@ mod tests {
         let other = Auth::new(&AuthSettings { secret: Some(b"other".to_vec()), ..AuthSettings::default() }).unwrap();
         let forged = other.mint("alice", &["admin"], Duration::from_secs(60)).unwrap();
         assert_eq!(auth.verify(&forged), Err("the token's signature does not verify".into()));
-        let claims = Claims { sub: "a".into(), exp: 1_000_000, iss: None, aud: None, roles: Roles::None };
+        let claims = Claims { sub: "a".into(), exp: 1_000_000, iss: None, aud: None, roles: Roles::None, nbf: None };
         let expired = jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(b"s3cret")).unwrap();
         assert_eq!(auth.verify(&expired), Err("the token has expired".into()));
         assert_eq!(auth.verify("not.a.jwt"), Err("the token is not a JWT".into()));
         assert!(auth.verify("").is_err());
-        let forever = Claims { sub: "a".into(), exp: u64::MAX, iss: None, aud: None, roles: Roles::None };
+        let forever = Claims { sub: "a".into(), exp: u64::MAX, iss: None, aud: None, roles: Roles::None, nbf: None };
         let forever = jsonwebtoken::encode(&Header::default(), &forever, &EncodingKey::from_secret(b"s3cret")).unwrap();
         assert_eq!(auth.verify(&forever), Err("the token's exp claim is more than ten years away".into()));
         assert!(auth.verify(&"x".repeat(20_000)).unwrap_err().contains("longer than"));
@@ -591,6 +652,7 @@ mod tests {
         let auth = Auth::new(&AuthSettings { files, ..AuthSettings::default() }).unwrap();
         assert!(auth.reloads());
         let first = auth.mint("alice", &[], Duration::from_secs(60)).unwrap();
+        assert!(auth.verify(&first).is_ok(), "and now remembered as verified");
         let direct =
             Auth::new(&AuthSettings { secret: Some(b"the-first-secret".to_vec()), ..AuthSettings::default() }).unwrap();
         assert!(direct.verify(&first).is_ok(), "the file's trailing line break is not part of the key");
@@ -608,6 +670,31 @@ mod tests {
         assert!(matches!(auth.reload(), Err(AuthConfigError::File { .. })));
         assert!(auth.verify(&second).is_ok(), "an unreadable file leaves the keys in use");
         assert!(!self::auth().reloads(), "keys given as values have nothing to reload");
+    }
+
+    #[test]
+    fn a_remembered_token_holds_only_within_its_time_window() {
+        let auth = auth();
+        let set = auth.key_set();
+        let now = unix_now();
+        let token = auth.mint("alice", &["admin"], Duration::from_secs(60)).unwrap();
+        assert!(auth.remembered(&token, &set, now).is_none(), "not verified yet");
+        assert!(auth.verify(&token).is_ok());
+        assert_eq!(auth.remembered(&token, &set, now), Some(Actor { user: "alice".into(), admin: true }));
+        assert!(auth.remembered(&token, &set, now + 60 + LEEWAY + 1).is_none(), "expired");
+        assert!(auth.remembered(&token, &set, now).is_none(), "forgotten once found expired");
+
+        // Valid from 20 s ahead: accepted now within the leeway, not 20 s earlier.
+        let claims = serde_json::json!({"sub": "bob", "exp": now + 3600, "nbf": now + 20});
+        let early = jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(b"s3cret")).unwrap();
+        assert!(auth.verify(&early).is_ok());
+        assert!(auth.remembered(&early, &set, now).is_some());
+        assert!(auth.remembered(&early, &set, now - 20).is_none(), "before nbf and its leeway");
+
+        // A token is remembered only with the keys that verified it.
+        let other = Auth::new(&AuthSettings { secret: Some(b"other".to_vec()), ..AuthSettings::default() }).unwrap();
+        assert!(auth.verify(&token).is_ok());
+        assert!(auth.remembered(&token, &other.key_set(), now).is_none());
     }
 
     #[test]
