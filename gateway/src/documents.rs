@@ -431,20 +431,12 @@ fn no_cache(headers: &HeaderMap) -> bool {
     says(header::CACHE_CONTROL) || says(header::PRAGMA)
 }
 
-/// Drops a document from the metadata cache once a request that may change it (any
-/// method but the safe ones, on a route with the document's id) is answered: its client
-/// reads its own change next, before the change's event comes round.
-pub(crate) async fn forget_changed(
-    State(state): State<AppState>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let id = if request.method().is_safe() { None } else { document_of(&request) };
-    let response = next.run(request).await;
-    if let Some(id) = id {
-        state.cache.forget(id);
-    }
-    response
+/// The document that `request` may change, when it is answered: any method but the safe
+/// ones, on a route with the document's id. Its entry in the metadata cache is dropped once
+/// the answer is ready, so that its client reads its own change next, before the change's
+/// event comes round.
+pub(crate) fn changed_document(request: &Request) -> Option<i64> {
+    if request.method().is_safe() { None } else { document_of(request) }
 }
 
 /// The document a request names: its id, on a documents route with `{id}`.

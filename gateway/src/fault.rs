@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::Request;
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
@@ -26,18 +25,19 @@ fn percent() -> u64 {
     })
 }
 
-/// Answers the configured share of API requests with 500, evenly spread.
-pub async fn inject(request: Request, next: Next) -> Response {
+/// The 500 that answers `request` instead of the API, for the configured share of API
+/// requests, evenly spread; `None` for every other request.
+pub fn refusal(request: &Request) -> Option<Response> {
     static SEEN: AtomicU64 = AtomicU64::new(0);
     let percent = percent();
     if percent > 0 && request.uri().path().starts_with("/api/") {
         let n = SEEN.fetch_add(1, Ordering::Relaxed);
         // Of every 100 requests, those whose share crosses a whole step fail: even spacing.
         if (n * percent) % 100 + percent >= 100 {
-            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "fault injection").into_response();
+            return Some(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "fault injection").into_response());
         }
     }
-    next.run(request).await
+    None
 }
 
 #[cfg(test)]

@@ -138,26 +138,50 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
-        // Inside the metrics: an injected fault is counted like any other answer.
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), documents::forget_changed))
-        .route_layer(axum::middleware::from_fn(fault::inject))
-        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::record))
-        .layer(axum::middleware::from_fn(limits::drain_refused))
-        .layer(axum::middleware::from_fn(limits::bound_heads))
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.admission), limits::guard_addresses))
-        .layer(axum::extract::DefaultBodyLimit::max(limits::MAX_JSON_BYTES))
-        .with_state(state)
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-        }))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), per_route))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.admission), limits::guard))
+        .with_state(state);
+    // The layers every request passes, stacked around the router as one service rather
+    // than each wrapped around every route (each of those costs an allocation and a boxed
+    // future per request).
+    let stack = tower::ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
         }))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid));
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }))
+        .layer(axum::extract::DefaultBodyLimit::max(limits::MAX_JSON_BYTES))
+        .service(router);
+    let router = Router::new().fallback_service(stack);
     // Outermost: an answer refused by a layer above (429, 503) still reaches the page.
     cors::allow(router, cors_origins)
+}
+
+/// Middleware on every matched route: records the request in the metrics, answers the
+/// injected faults of debug builds (counted like any other answer), and drops a document
+/// the request may have changed from the metadata cache once it is answered.
+async fn per_route(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let timing = metrics::Timing::start(&request);
+    let response = if let Some(refused) = fault::refusal(&request) {
+        refused
+    } else {
+        let changed = documents::changed_document(&request);
+        let response = next.run(request).await;
+        if let Some(id) = changed {
+            state.cache.forget(id);
+        }
+        response
+    };
+    timing.finish(&state.metrics, &response);
+    response
 }
 
 /// How long graceful shutdown waits for in-flight requests (uploads) to finish.

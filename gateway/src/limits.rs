@@ -41,25 +41,23 @@ pub const MAX_HEADER_BYTES: usize = 64 << 10;
 /// reach the API): well above [`MAX_HEADER_FIELDS`], so that the API answers first.
 pub const PARSER_MAX_HEADER_FIELDS: usize = 500;
 
-/// Middleware on every route: a request head with more header fields or bytes than the
-/// limits gets 431 with a JSON body that says which limit (the parser's own 431, for heads
-/// far past them, has no body).
-pub async fn bound_heads(request: Request, next: Next) -> Response {
-    let headers = request.headers();
+/// 431 for a request head with more header fields or bytes than the limits, with a JSON
+/// body that says which limit (the parser's own 431, for heads far past them, has no body).
+fn oversized_head(headers: &HeaderMap) -> Option<Response> {
     // As on the wire: name, ": ", value, CRLF.
     let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
-    if headers.len() > MAX_HEADER_FIELDS || bytes > MAX_HEADER_BYTES {
-        return ApiError::new(
+    (headers.len() > MAX_HEADER_FIELDS || bytes > MAX_HEADER_BYTES).then(|| {
+        ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             format!(
                 "the request has {} header fields of {bytes} bytes; at most {MAX_HEADER_FIELDS} fields and {MAX_HEADER_BYTES} bytes are read",
                 headers.len()
             ),
         )
-        .into_response();
-    }
-    next.run(request).await
+        .into_response()
+    })
 }
+
 /// How much of a refused request's body is read so that its client sees the refusal.
 const DRAIN_BYTES: usize = 1 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(2);
@@ -194,11 +192,15 @@ impl FromRequestParts<AppState> for UploadPlace {
     }
 }
 
-/// Middleware on every route: a client address past its budget of failed token checks is
-/// answered 429 before anything else is done for it (its tokens are not even parsed), and
-/// every 401 the gateway answers — a bad token in a header, in `?token=`, on a WebSocket
-/// upgrade — counts against its address. The probes ([`crate::health::PROBES`]) stay open.
-pub async fn guard_addresses(
+/// Middleware on every route, the admission checks in one layer:
+/// - a client address past its budget of failed token checks is answered 429 before
+///   anything else is done for it (its tokens are not even parsed), and every 401 the
+///   gateway answers — a bad token in a header, in `?token=`, on a WebSocket upgrade —
+///   counts against its address; the probes ([`crate::health::PROBES`]) stay open;
+/// - a request head past the limits is answered 431, with a JSON body that says which limit;
+/// - a refusal of a request with a body is answered so that its client sees it (see
+///   `drain_refused`).
+pub async fn guard(
     axum::extract::State(admission): axum::extract::State<Arc<Admission>>,
     request: Request,
     next: Next,
@@ -214,7 +216,10 @@ pub async fn guard_addresses(
             .with_header(header::RETRY_AFTER, &format!("{seconds:.0}"))
             .into_response();
     }
-    let response = next.run(request).await;
+    if let Some(refused) = oversized_head(request.headers()) {
+        return refused;
+    }
+    let response = drain_refused(request, next).await;
     if let Some(peer) = peer
         && response.status() == StatusCode::UNAUTHORIZED
     {
@@ -282,11 +287,10 @@ async fn drain(mut body: Body, limit: usize) -> bool {
     true
 }
 
-/// Middleware on every route: when a request carrying a body is refused with 429 or 503
-/// before its body was read, up to 1 MiB of the body is read (for up to 2 s) before the
+/// When a request carrying a body is refused with 429 or 503 before its body was read, up to 1 MiB of the body is read (for up to 2 s) before the
 /// answer is sent, so that a client still sending sees the answer and its `Retry-After`
 /// instead of a reset; a longer body closes the connection after the answer.
-pub async fn drain_refused(request: Request, next: Next) -> Response {
+async fn drain_refused(request: Request, next: Next) -> Response {
     let declared = declared_length(request.headers());
     let has_body = declared.is_some_and(|n| n > 0) || request.headers().contains_key(header::TRANSFER_ENCODING);
     // A body declared longer than what is read would not end within it: not worth waiting.

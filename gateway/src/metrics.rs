@@ -2,12 +2,10 @@
 //! histograms, bytes in and out, deduplicated bytes, the outbox depth, and per tier the
 //! objects, bytes and monthly cost (refreshed at most once a minute).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
-use axum::middleware::Next;
+use axum::http::{Method, header};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -282,20 +280,37 @@ fn content_length(headers: &axum::http::HeaderMap) -> u64 {
     headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-/// Middleware recording every request.
-pub async fn record(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
-    let route =
-        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
-    let bytes_in = content_length(request.headers());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let labels = RouteLabels { route: route.clone() };
-    metrics.latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-    metrics.bytes_in.get_or_create(&labels).inc_by(bytes_in);
-    metrics.bytes_out.get_or_create(&labels).inc_by(content_length(response.headers()));
-    metrics.requests.get_or_create(&RequestLabels { method, route, status: response.status().as_u16() }).inc();
-    response
+/// One request being answered, as the metrics record it: started by [`Timing::start`]
+/// before the request goes on, and recorded by [`Timing::finish`] with its answer.
+#[derive(Debug)]
+pub struct Timing {
+    route: String,
+    method: Method,
+    bytes_in: u64,
+    started: Instant,
+}
+
+impl Timing {
+    pub fn start(request: &Request) -> Self {
+        let route =
+            request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        Self {
+            route,
+            method: request.method().clone(),
+            bytes_in: content_length(request.headers()),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn finish(self, metrics: &Metrics, response: &Response) {
+        let labels = RouteLabels { route: self.route };
+        metrics.latency.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64());
+        metrics.bytes_in.get_or_create(&labels).inc_by(self.bytes_in);
+        metrics.bytes_out.get_or_create(&labels).inc_by(content_length(response.headers()));
+        let RouteLabels { route } = labels;
+        let method = self.method.to_string();
+        metrics.requests.get_or_create(&RequestLabels { method, route, status: response.status().as_u16() }).inc();
+    }
 }
 
 pub fn router() -> utoipa_axum::router::OpenApiRouter<AppState> {

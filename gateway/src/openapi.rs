@@ -84,7 +84,7 @@ pub fn complete(spec: &mut utoipa::openapi::OpenApi, max_upload: u64) {
                 answers.push(("401", "No token, or one that does not verify"));
             }
             // Every route but the probes refuses an address past its budget of failed token
-            // checks (limits::guard_addresses); a token's user has a rate limit too.
+            // checks (limits::guard); a token's user has a rate limit too.
             answers.push(("431", "More than 100 header fields, or more than 64 KiB of them"));
             if !crate::health::PROBES.contains(&path.as_str()) {
                 answers.push((
