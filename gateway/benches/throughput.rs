@@ -11,7 +11,7 @@
 //!    being faster than the database can answer) and uncached (`Cache-Control: no-cache`:
 //!    each read goes to the database, and refreshes the cached entry). Each reader is one
 //!    keep-alive connection of hyper's bare HTTP/1 client, as each of pgbench's clients is
-//!    one connection of libpq.
+//!    one connection of libpq; the readers share one thread (pgbench has two).
 //! 4. The same cached reads against a bare HTTP peer: a hyper server in a process of its own
 //!    answering the same JSON body to every request (no JWT, no lookup), the cost of an
 //!    HTTP exchange itself on this machine.
@@ -109,9 +109,21 @@ fn cp(from: &Path, to: &Path) -> Duration {
 
 /// Reads `urls` in turn from `clients` readers for `seconds`, each on one keep-alive
 /// connection of its own (as each of pgbench's clients has one): reads per second and
-/// the latencies. The client is hyper's bare HTTP/1 connection, so that the load
-/// generator takes as little of the shared cores as pgbench's C client does.
-async fn read_load(urls: &[String], token: &str, cached: bool, (clients, seconds): (u64, u64)) -> (f64, Vec<Duration>) {
+/// the latencies. The client is hyper's bare HTTP/1 connection, and all readers run on
+/// one thread of their own (a current-thread runtime), so that the load generator takes as
+/// little of the two shared cores as it can, whichever server it measures (spread over a
+/// multi-threaded runtime, its wake-ups cross threads and take CPU the server could use).
+async fn read_load(urls: &[String], token: &str, cached: bool, knobs: (u64, u64)) -> (f64, Vec<Duration>) {
+    let (urls, token) = (urls.to_vec(), token.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(readers(&urls, &token, cached, knobs))
+    })
+    .await
+    .unwrap()
+}
+
+async fn readers(urls: &[String], token: &str, cached: bool, (clients, seconds): (u64, u64)) -> (f64, Vec<Duration>) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
