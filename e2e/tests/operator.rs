@@ -204,15 +204,7 @@ async fn the_operator_provisions_a_working_platform_from_its_resources() {
     assert_eq!(moved["storageTier"], "cold", "{moved}");
     kubectl(&cluster, &["-n", "docs", "delete", "storagetier", "cold", "--wait=false"], None).await;
     eventually(limit, "the cold tier drained and gone", || gone(&cluster, "storagetier/cold", "docs")).await;
-    let after: Value = http
-        .get(format!("{base}/api/v1/documents/{document_id}"))
-        .bearer_auth(token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after = get_api(&http, &format!("{base}/api/v1/documents/{document_id}")).await;
     assert_eq!(after["storageTier"], "hot", "drained to the default tier: {after}");
     let content =
         http.get(format!("{base}/api/v1/documents/{document_id}/download")).bearer_auth(token()).send().await.unwrap();

@@ -553,15 +553,7 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
     // Every acknowledged document, with its whole history, byte-exact.
     let http = reqwest::Client::new();
     for (id, versions) in &ack.versions {
-        let history: Value = http
-            .get(format!("{base}/api/v1/documents/{id}/versions"))
-            .bearer_auth(token())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let history = get_api(&http, &format!("{base}/api/v1/documents/{id}/versions")).await;
         let listed = history["versions"].as_array().map_or(0, Vec::len);
         assert_eq!(listed, versions.len(), "document {id}'s versions: {history}");
         for (n, bytes) in versions.iter().enumerate() {
@@ -575,15 +567,7 @@ async fn a_live_platform_grows_to_three_shards_and_shrinks_to_two_without_a_fail
             assert_eq!(got.bytes().await.unwrap().as_ref(), bytes.as_slice(), "document {id} version {}", n + 1);
         }
         if let Some(title) = ack.titles.get(id) {
-            let doc: Value = http
-                .get(format!("{base}/api/v1/documents/{id}"))
-                .bearer_auth(token())
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let doc = get_api(&http, &format!("{base}/api/v1/documents/{id}")).await;
             assert_eq!(doc["title"], title.as_str(), "document {id}'s last title");
         }
     }

@@ -304,6 +304,16 @@ pub async fn each_seen_once(
     }
 }
 
+/// `GET url` as the tests' user: its JSON body, after a 200 (anything else fails the test
+/// with the status and body).
+pub async fn get_api(http: &reqwest::Client, url: &str) -> Value {
+    let response = http.get(url).bearer_auth(token()).send().await.unwrap();
+    let status = response.status();
+    let body = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 200, "GET {url}: {body}");
+    body
+}
+
 pub fn token() -> String {
     token_signed_with(JWT_SECRET)
 }
