@@ -265,7 +265,7 @@ impl Context {
     }
 
     /// A pool on the metadata database at `url`, opened once and kept while it is used.
-    /// Pools unused for [`Context::pool_unused_after`] are closed here, so the operator
+    /// Pools unused for three resyncs are closed here, so the operator
     /// holds no connection to a database that left the platform. Errors never quote the
     /// URL, which holds a password.
     pub async fn database(&self, url: &str) -> Result<Metadata, Refused> {
