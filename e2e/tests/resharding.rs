@@ -38,23 +38,14 @@ struct Acknowledged {
     throttled: u64,
 }
 
-/// Sends the request `make` builds, and again after the wait a 429 asks for (the per-user
-/// rate limit is the client's to respect: a 429 is refused before anything is done), at
-/// most ten times, counting the 429s in `acknowledged`.
+/// [`within_limits`], counting the 429s in `acknowledged`.
 async fn send_within_limits(
     acknowledged: &Mutex<Acknowledged>,
     make: impl Fn() -> reqwest::RequestBuilder,
 ) -> reqwest::Result<reqwest::Response> {
-    for _ in 0..10 {
-        let answer = make().send().await?;
-        if answer.status() != reqwest::StatusCode::TOO_MANY_REQUESTS {
-            return Ok(answer);
-        }
-        acknowledged.lock().unwrap().throttled += 1;
-        let wait = answer.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        tokio::time::sleep(std::time::Duration::from_secs(wait.unwrap_or(1).clamp(1, 5))).await;
-    }
-    make().send().await
+    let (answer, throttled) = within_limits(make).await;
+    acknowledged.lock().unwrap().throttled += throttled;
+    answer
 }
 
 /// One client's loop until `stopped`: an upload, a download of an earlier document, a new

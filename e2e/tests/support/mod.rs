@@ -117,7 +117,8 @@ pub async fn client(
     while !*stopped.borrow() {
         for path in ["/api/v1/documents".to_owned(), format!("/api/v1/documents/{document_id}/download")] {
             sent += 1;
-            match http.get(format!("{base}{path}")).bearer_auth(&token).send().await {
+            // A 429 is the per-user rate limit, the client's to respect, not a failure.
+            match within_limits(|| http.get(format!("{base}{path}")).bearer_auth(&token)).await.0 {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => failed.push((tokio::time::Instant::now(), format!("{path}: {}", r.status()))),
                 Err(e) => failed.push((tokio::time::Instant::now(), format!("{path}: {e}"))),
@@ -126,6 +127,23 @@ pub async fn client(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (sent, failed)
+}
+
+/// Sends the request `make` builds, and again after the wait a 429 asks for (the per-user
+/// rate limit is the client's to respect: a 429 is refused before anything is done), at
+/// most ten times: the answer, and how many 429s came before it.
+pub async fn within_limits(make: impl Fn() -> reqwest::RequestBuilder) -> (reqwest::Result<reqwest::Response>, u64) {
+    let mut throttled = 0;
+    for _ in 0..10 {
+        let answer = match make().send().await {
+            Ok(answer) if answer.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => answer,
+            other => return (other, throttled),
+        };
+        throttled += 1;
+        let wait = answer.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        tokio::time::sleep(Duration::from_secs(wait.unwrap_or(1).clamp(1, 5))).await;
+    }
+    (make().send().await, throttled)
 }
 
 /// The release `docs` once its status reaches `phase` (within 2 minutes).
