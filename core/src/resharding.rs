@@ -812,7 +812,7 @@ async fn hold(source: &Metadata, ids: &[i64], lock: Lock) -> Result<Option<Held>
     }
     // Read committed: each statement sees the writes finished before it, and none can
     // finish on the batch once its documents are held.
-    let mut held = source.pool().begin().await?;
+    let mut held = source.begin_with(None).await?;
     let rows = read(&mut held, ids, Some(lock)).await?;
     // A document of the batch that left the source with a marker is the target's now (a
     // hand-over made again): its rows there are left alone. One gone without a marker was
@@ -829,7 +829,7 @@ async fn hold(source: &Metadata, ids: &[i64], lock: Lock) -> Result<Option<Held>
 /// Writes a held batch to `target` and verifies it there, in a transaction left open.
 async fn write(batch: Held, target: &Metadata) -> Result<Copy, MoveError> {
     let Held { tx: held, ids, rows, replaced } = batch;
-    let mut tx = target.pool().begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
+    let mut tx = target.begin_with(Some("BEGIN ISOLATION LEVEL REPEATABLE READ")).await?;
     // The target's rows of the batch are replaced whole (versions and tags go with their
     // document), so a copy made again is equal to the source, never doubled; a marker a
     // document left here when it moved away before goes, as the document is back.
@@ -917,7 +917,7 @@ pub async fn hand_over_sessions(
     if ids.len() > MAX_BATCH {
         return Err(MoveError::BatchTooLarge(ids.len()));
     }
-    let mut held = source.pool().begin().await?;
+    let mut held = source.begin_with(None).await?;
     let query = sqlx::query_as::<_, (String, String, Option<i64>)>(
         "SELECT id, status, lock_until FROM upload_sessions WHERE id = ANY((SELECT $1::text[])::text[]) ORDER BY id FOR UPDATE",
     );
@@ -937,7 +937,7 @@ pub async fn hand_over_sessions(
     // The target's rows of these sessions (left by a hand-over cut short before its
     // source committed) are replaced whole, and a marker left when a session moved away
     // from there before goes: it is back.
-    let mut tx = target.pool().begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
+    let mut tx = target.begin_with(Some("BEGIN ISOLATION LEVEL REPEATABLE READ")).await?;
     for table in ["upload_sessions", "moved_sessions"] {
         delete_keyed(&mut tx, table, "id", &movable).await?;
     }

@@ -287,9 +287,10 @@ async fn drain(mut body: Body, limit: usize) -> bool {
     true
 }
 
-/// When a request carrying a body is refused with 429 or 503 before its body was read, up to 1 MiB of the body is read (for up to 2 s) before the
-/// answer is sent, so that a client still sending sees the answer and its `Retry-After`
-/// instead of a reset; a longer body closes the connection after the answer.
+/// When a request carrying a body is refused with 429 or 503 before its body was read, up
+/// to 1 MiB of the body is read (for up to 2 s) before the answer is sent, so that a client
+/// still sending sees the answer and its `Retry-After` instead of a reset; a longer body
+/// closes the connection after the answer.
 async fn drain_refused(request: Request, next: Next) -> Response {
     let declared = declared_length(request.headers());
     let has_body = declared.is_some_and(|n| n > 0) || request.headers().contains_key(header::TRANSFER_ENCODING);

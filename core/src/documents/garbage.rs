@@ -48,7 +48,7 @@ impl Documents {
             if !shared.is_empty() {
                 // A copy another shard refers to (its document was handed over there) is that
                 // shard's: this shard's claim on it goes, the copy stays.
-                let mut tx = self.meta.pool().begin().await?;
+                let mut tx = self.meta.begin_with(None).await?;
                 for (tier, key) in &shared {
                     sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2")
                         .bind(tier)
@@ -75,7 +75,7 @@ impl Documents {
             let results: Vec<Result<(), crate::blob::BlobError>> =
                 futures::stream::iter(deleting).buffer_unordered(GC_CONCURRENCY).collect().await;
             results.into_iter().collect::<Result<Vec<()>, _>>()?;
-            let mut tx = self.meta.pool().begin().await?;
+            let mut tx = self.meta.begin_with(None).await?;
             for (tier, key) in &due {
                 sqlx::query("DELETE FROM blob_garbage WHERE tier = $1 AND object_key = $2 AND not_before <= $3")
                     .bind(tier)

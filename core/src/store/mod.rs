@@ -256,7 +256,29 @@ impl Metadata {
             Dialect::Postgres => "BEGIN ISOLATION LEVEL SERIALIZABLE",
             Dialect::Sqlite => "BEGIN IMMEDIATE",
         };
-        Ok(self.pool.begin_with(statement).await?)
+        self.begin_with(Some(statement)).await
+    }
+
+    /// Begins a transaction with `statement` (`None`: the plain `BEGIN`), safely even when
+    /// the caller stops waiting (its future dropped: a task cancelled, a `select!` that
+    /// went the other way). sqlx 0.9 queues no `ROLLBACK` for a `begin` dropped while its
+    /// `BEGIN` awaits the answer, so its connection would go back to the pool inside the
+    /// transaction, and every later user of it would run in that transaction, holding its
+    /// locks for ever. Here the `BEGIN` runs to its answer in a task of its own; a
+    /// transaction nobody waits for any more is dropped begun, and so rolled back.
+    pub async fn begin_with(&self, statement: Option<&'static str>) -> Result<Tx, StoreError> {
+        let pool = self.pool.clone();
+        let begun = tokio::spawn(async move {
+            match statement {
+                Some(statement) => pool.begin_with(statement).await,
+                None => pool.begin().await,
+            }
+        });
+        match begun.await {
+            Ok(begun) => Ok(begun?),
+            // Only when the runtime shuts down (the task cannot panic).
+            Err(e) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(e)))),
+        }
     }
 
     /// Runs `work` in a write transaction, committing its result, and retries the whole
