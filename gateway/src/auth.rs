@@ -127,8 +127,12 @@ const MAX_SMOKE_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
 /// Whether a token's `exp` (seconds since the epoch) lies further than `limit` from now.
 fn expires_beyond(exp: u64, limit: Duration) -> bool {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    exp > now.saturating_add(limit.as_secs())
+    exp > unix_now().saturating_add(limit.as_secs())
+}
+
+/// Seconds since the epoch, as token claims count time.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The token checker and the per-user limiter.
@@ -164,10 +168,6 @@ const LEEWAY: u64 = 30;
 /// The bytes of verified tokens remembered at most, and how long an unused one is kept.
 const VERIFIED_BYTES: u64 = 4 << 20;
 const VERIFIED_IDLE: Duration = Duration::from_secs(300);
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
