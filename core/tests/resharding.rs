@@ -195,3 +195,42 @@ async fn every_text_a_document_can_hold_is_copied_unchanged() {
         .unwrap();
     assert_eq!(untitled, 3, "an absent title stays absent");
 }
+
+/// A copy that does not read back as the source holds it (here a trigger on the target
+/// changes what is written) is refused whole: nothing of the batch stays on the target,
+/// and the source keeps its documents and lets writes through again.
+#[tokio::test]
+async fn a_copy_that_reads_back_otherwise_is_refused_and_leaves_nothing_behind() {
+    let s = shards().await;
+    let alice = Actor { user: "alice".into(), admin: false };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let new = NewDocument { filename: format!("d{i}.txt"), tags: vec!["t".into()], ..NewDocument::default() };
+        ids.push(s.a.upload(&alice, new, once(format!("document {i}"))).await.unwrap().document.id);
+    }
+    sqlx::raw_sql(
+        "CREATE FUNCTION garble() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN NEW.title := 'garbled'; RETURN NEW; END $$; \
+         CREATE TRIGGER garble BEFORE INSERT ON documents FOR EACH ROW EXECUTE FUNCTION garble()",
+    )
+    .execute(s.b.meta().pool())
+    .await
+    .unwrap();
+    let refused = copy_batch(s.a.meta(), s.b.meta(), &ids).await;
+    assert!(
+        matches!(&refused, Err(vellum_core::resharding::MoveError::Mismatch { ids: named }) if *named == ids),
+        "{refused:?}"
+    );
+    for table in ["documents", "versions", "document_tags", "blobs"] {
+        assert_eq!(count(&s.b, table).await, 0, "no {table} row of the batch stays on the target");
+    }
+    // The source's hold ended with the refusal: a write goes through, and the copy, the
+    // trigger gone, reads back equal.
+    let patch = MetadataPatch { title: Some(Some("after".into())), ..MetadataPatch::default() };
+    s.a.update(&admin(), ids[0], patch).await.unwrap();
+    sqlx::raw_sql("DROP TRIGGER garble ON documents").execute(s.b.meta().pool()).await.unwrap();
+    copy_batch(s.a.meta(), s.b.meta(), &ids).await.unwrap();
+    for id in &ids {
+        assert_eq!(seen(&s.b, *id).await, seen(&s.a, *id).await, "document {id} reads the same on both shards");
+    }
+}
