@@ -25,7 +25,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 pub use library::{
     DocumentUpload, Library, Upload, VersionUpload, library_of, open_shards, reopen_shards, rotate_credentials,
-    routes_as,
+    routes_as, shard_connections,
 };
 pub use model::*;
 pub use scrub::{QuarantinedBlob, ScrubReport};

@@ -107,6 +107,10 @@ pub type Tx = Transaction<'static, Any>;
 /// its error is returned: under many writers to the same rows, eight was seen to run out.
 const MAX_RETRIES: u32 = 16;
 
+/// The most Postgres connections a store opens by default: a replica's whole budget, when
+/// it has one database.
+pub const MAX_CONNECTIONS: u32 = 16;
+
 /// A pooled Postgres connection idle this long is pinged before it is used again.
 const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
 
@@ -114,6 +118,12 @@ impl Metadata {
     /// Connects to `url` (`postgres://…`, or `sqlite://path` which is created if missing,
     /// or `sqlite::memory:`), without migrating.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, MAX_CONNECTIONS).await
+    }
+
+    /// [`Self::connect`], with at most `connections` Postgres connections open at once
+    /// (SQLite's pools are sized by what the file allows).
+    pub async fn connect_with(url: &str, connections: u32) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let dialect = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Dialect::Postgres
@@ -135,16 +145,17 @@ impl Metadata {
             // it comes back; the second cannot be turned off. The first is kept only for a
             // connection that sat idle long enough for the server or the network to have
             // dropped it: on a busy pool it made a primary-key read three round trips.
-            Dialect::Postgres => {
-                AnyPoolOptions::new().max_connections(16).test_before_acquire(false).before_acquire(|conn, meta| {
+            Dialect::Postgres => AnyPoolOptions::new()
+                .max_connections(connections.max(1))
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
                     Box::pin(async move {
                         if meta.idle_for >= PING_IDLE_AFTER {
                             conn.ping().await?;
                         }
                         Ok(true)
                     })
-                })
-            }
+                }),
             // Every connection to an in-memory database is a database of its own, so it
             // gets exactly one. A file gets a few: WAL lets readers run beside the writer,
             // and writers queue on `BEGIN IMMEDIATE` rather than failing half-way.
@@ -199,7 +210,13 @@ impl Metadata {
 
     /// Connects to `url` and brings its schema up to date.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let store = Self::connect(url).await?;
+        Self::open_with(url, MAX_CONNECTIONS).await
+    }
+
+    /// [`Self::open`], with at most `connections` Postgres connections (as
+    /// [`Self::connect_with`]).
+    pub async fn open_with(url: &str, connections: u32) -> Result<Self, StoreError> {
+        let store = Self::connect_with(url, connections).await?;
         store.migrate().await?;
         Ok(store)
     }
