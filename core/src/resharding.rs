@@ -348,21 +348,15 @@ pub const MAX_BATCH: usize = 10_000;
 /// The rows of a batch, table by table, in the order the copy writes them.
 type Rows = Vec<Vec<Vec<Value>>>;
 
-const TABLES: [&Table; 4] = [&BLOBS, &DOCUMENTS, &VERSIONS, &TAGS];
+/// A document's tables, in the order the copy reads and writes them: the documents' rows
+/// first (read with the lock that holds the batch; nothing refers to a blob from them),
+/// then the blob rows before the versions that refer to them.
+const TABLES: [&Table; 4] = [&DOCUMENTS, &BLOBS, &VERSIONS, &TAGS];
 
-/// The batch's rows; with `lock`, its documents' rows are first held `FOR SHARE` (waiting
-/// for writes under way), so that the rows read after are those of finished writes and stay
-/// so until the transaction ends: every write to a document updates its row.
-async fn read(conn: &mut sqlx::AnyConnection, ids: &[i64], lock: Option<Lock>) -> Result<Rows, StoreError> {
-    // The documents' rows first: read with the lock, they are those of finished writes.
-    let documents = read_rows(conn, &[&DOCUMENTS], ids, lock).await?;
-    let rest = read_rows(conn, &[&BLOBS, &VERSIONS, &TAGS], ids, None).await?;
-    let (mut documents, mut rest) = (documents.into_iter(), rest.into_iter());
-    Ok(TABLES
-        .iter()
-        .map(|table| if table.name == DOCUMENTS.name { documents.next() } else { rest.next() }.unwrap_or_default())
-        .collect())
-}
+/// Where [`TABLES`] has the documents, the blob rows and the versions.
+const AT_DOCUMENTS: usize = 0;
+const AT_BLOBS: usize = 1;
+const AT_VERSIONS: usize = 2;
 
 /// The rows of `tables` of the things keyed `keys`.
 async fn read_rows<K: Key>(
@@ -374,48 +368,66 @@ async fn read_rows<K: Key>(
     let keys = array(keys);
     let mut all = Vec::with_capacity(tables.len());
     for table in tables {
-        let rows = sqlx::query(AssertSqlSafe(table.select::<K>(lock))).bind(&keys).fetch_all(&mut *conn).await?;
-        all.push(rows.iter().map(|r| table.decode(r)).collect::<Result<Vec<_>, _>>()?);
+        all.push(read_table::<K>(conn, table, &keys, lock).await?);
     }
     Ok(all)
 }
 
+/// The rows of `table` of the things keyed by `keys` (an array literal of `K`s).
+async fn read_table<K: Key>(
+    conn: &mut sqlx::AnyConnection,
+    table: &Table,
+    keys: &str,
+    lock: Option<Lock>,
+) -> Result<Vec<Vec<Value>>, StoreError> {
+    let rows = sqlx::query(AssertSqlSafe(table.select::<K>(lock))).bind(keys).fetch_all(&mut *conn).await?;
+    rows.iter().map(|r| table.decode(r)).collect()
+}
+
 /// Writes `rows` of `tables`, one statement a table: the rows as the database stored
-/// them, table by table, which the verification compares with the source's. A blob the
-/// target already had keeps its row, and that row is what is returned for it.
+/// them, table by table, which the verification compares with the source's.
 async fn write_rows(conn: &mut sqlx::AnyConnection, tables: &[&Table], rows: &Rows) -> Result<Rows, StoreError> {
     let mut stored = Vec::with_capacity(tables.len());
     for (table, rows) in tables.iter().zip(rows) {
-        if rows.is_empty() {
-            stored.push(Vec::new());
-            continue;
-        }
-        let mut insert = sqlx::query(AssertSqlSafe(table.insert()));
-        for c in 0..table.columns.len() {
-            insert = insert.bind(column(rows, c));
-        }
-        let mut written =
-            insert.fetch_all(&mut *conn).await?.iter().map(|r| table.decode(r)).collect::<Result<Vec<_>, _>>()?;
-        if written.len() < rows.len() && table.name == BLOBS.name {
-            let inserted: std::collections::HashSet<&Value> = written.iter().map(|row| &row[0]).collect();
-            let kept: Vec<&String> = rows
-                .iter()
-                .filter(|row| !inserted.contains(&row[0]))
-                .filter_map(|row| match &row[0] {
-                    Value::Text(Some(sha)) => Some(sha),
-                    _ => None,
-                })
-                .collect();
-            let names: Vec<&str> = BLOBS.columns.iter().map(|(c, _)| *c).collect();
-            let sql = format!("SELECT {} FROM blobs WHERE sha256 = ANY((SELECT $1::text[])::text[])", names.join(", "));
-            let found = sqlx::query(AssertSqlSafe(sql)).bind(array(&kept)).fetch_all(&mut *conn).await?;
-            for row in &found {
-                written.push(BLOBS.decode(row)?);
-            }
-        }
-        stored.push(written);
+        stored.push(write_table(conn, table, rows).await?);
     }
     Ok(stored)
+}
+
+/// Writes `rows` of `table` in one statement: the rows as the database stored them. A blob
+/// the target already had keeps its row, and that row is what is returned for it.
+async fn write_table(
+    conn: &mut sqlx::AnyConnection,
+    table: &Table,
+    rows: &[Vec<Value>],
+) -> Result<Vec<Vec<Value>>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut insert = sqlx::query(AssertSqlSafe(table.insert()));
+    for c in 0..table.columns.len() {
+        insert = insert.bind(column(rows, c));
+    }
+    let mut written =
+        insert.fetch_all(&mut *conn).await?.iter().map(|r| table.decode(r)).collect::<Result<Vec<_>, _>>()?;
+    if written.len() < rows.len() && table.name == BLOBS.name {
+        let inserted: std::collections::HashSet<&Value> = written.iter().map(|row| &row[0]).collect();
+        let kept: Vec<&String> = rows
+            .iter()
+            .filter(|row| !inserted.contains(&row[0]))
+            .filter_map(|row| match &row[0] {
+                Value::Text(Some(sha)) => Some(sha),
+                _ => None,
+            })
+            .collect();
+        let names: Vec<&str> = BLOBS.columns.iter().map(|(c, _)| *c).collect();
+        let sql = format!("SELECT {} FROM blobs WHERE sha256 = ANY((SELECT $1::text[])::text[])", names.join(", "));
+        let found = sqlx::query(AssertSqlSafe(sql)).bind(array(&kept)).fetch_all(&mut *conn).await?;
+        for row in &found {
+            written.push(BLOBS.decode(row)?);
+        }
+    }
+    Ok(written)
 }
 
 /// Leaves a marker in `table` (`moved_documents` or `moved_sessions`) for each of `keys`,
@@ -636,7 +648,10 @@ impl HandOvers {
             return Err(MoveError::NotPostgres);
         }
         let (read, before) = (self.reading.take(), self.pending.take());
-        let (next, written, released) = tokio::join!(hold(source, ids, Lock::Update), written(read), release(before));
+        // The next batch is read whole while the one before is written: the target, which
+        // does the most, then never waits for the source.
+        let (next, written, released) =
+            tokio::join!(hold(source, ids, Lock::Update, true), written(read), release(before));
         self.pending = written?;
         self.reading = next?.map(|held| Reading {
             held,
@@ -705,7 +720,7 @@ impl Handing {
         let mut copy = self;
         let (target_name, now, grace_ms) = (copy.target_name.clone(), copy.now, copy.grace_ms);
         let target_name = target_name.as_str();
-        let present = ids_of(&copy.rows[1]);
+        let present = ids_of(&copy.rows[AT_DOCUMENTS]);
         if present.is_empty() {
             copy.held.commit().await?;
             return Ok(copy.copied);
@@ -718,7 +733,7 @@ impl Handing {
         delete_keyed(held, "documents", "id", &present).await?;
         mark_moved(held, "moved_documents", &present, target_name, now).await?;
         // The blob rows only the batch referred to go, in one statement.
-        let shas: Vec<&String> = copy.rows[0]
+        let shas: Vec<&String> = copy.rows[AT_BLOBS]
             .iter()
             .filter_map(|blob| match &blob[0] {
                 Value::Text(Some(sha)) => Some(sha),
@@ -736,7 +751,7 @@ impl Handing {
         .await?;
         // Where the target's blob row of each content refers to.
         let on_target: std::collections::HashMap<&Value, (&Value, &Value)> =
-            copy.on_target[0].iter().map(|row| (&row[0], (&row[3], &row[2]))).collect();
+            copy.on_target[AT_BLOBS].iter().map(|row| (&row[0], (&row[3], &row[2]))).collect();
         for (sha, tier, key) in freed {
             let same = on_target
                 .get(&Value::Text(Some(sha)))
@@ -779,28 +794,36 @@ struct Copy {
     copied: Copied,
 }
 
+/// Copies the batch `ids` from `source` to `target`, holding it with `lock`: its
+/// documents are read first, and the rest of its rows while the target writes them.
 async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> Result<Option<Copy>, MoveError> {
     if target.dialect() != Dialect::Postgres {
         return Err(MoveError::NotPostgres);
     }
-    match hold(source, ids, lock).await? {
+    match hold(source, ids, lock, false).await? {
         Some(held) => Ok(Some(write(held, target).await?)),
         None => Ok(None),
     }
 }
 
-/// A batch read on its source, its documents held there until the transaction ends.
+/// A batch held on its source: its documents' rows read, and held there until the
+/// transaction ends.
 struct Held {
     tx: sqlx::Transaction<'static, sqlx::Any>,
     ids: Vec<i64>,
+    /// The rows read so far, of the first of [`TABLES`] (the documents' at least).
     rows: Rows,
     /// The batch's documents whose rows on the target are replaced: all but those that
     /// left the source with a marker before (the target's now).
     replaced: Vec<i64>,
 }
 
-/// Reads the documents `ids` on `source`, holding them with `lock`.
-async fn hold(source: &Metadata, ids: &[i64], lock: Lock) -> Result<Option<Held>, MoveError> {
+/// Reads the documents `ids` on `source`, holding their rows with `lock` (waiting for the
+/// writes under way): the rows of the batch read after, in the same transaction, are then
+/// those of finished writes and stay so until it ends, as every write to a document
+/// updates its row. With `whole`, the batch's other rows are read too (else the copy reads
+/// them).
+async fn hold(source: &Metadata, ids: &[i64], lock: Lock, whole: bool) -> Result<Option<Held>, MoveError> {
     if source.dialect() != Dialect::Postgres {
         return Err(MoveError::NotPostgres);
     }
@@ -813,47 +836,89 @@ async fn hold(source: &Metadata, ids: &[i64], lock: Lock) -> Result<Option<Held>
     // Read committed: each statement sees the writes finished before it, and none can
     // finish on the batch once its documents are held.
     let mut held = source.begin_with(None).await?;
-    let rows = read(&mut held, ids, Some(lock)).await?;
+    let keys = array(ids);
+    let mut rows = vec![read_table::<i64>(&mut held, &DOCUMENTS, &keys, Some(lock)).await?];
     // A document of the batch that left the source with a marker is the target's now (a
     // hand-over made again): its rows there are left alone. One gone without a marker was
     // purged: a copy of it goes.
     let handed: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM moved_documents WHERE id = ANY((SELECT $1::bigint[])::bigint[])")
-            .bind(array(ids))
+            .bind(keys.as_str())
             .fetch_all(&mut *held)
             .await?;
     let replaced: Vec<i64> = ids.iter().copied().filter(|id| !handed.contains(id)).collect();
+    if whole {
+        for table in &TABLES[AT_DOCUMENTS + 1..] {
+            rows.push(read_table::<i64>(&mut held, table, &keys, None).await?);
+        }
+    }
     Ok(Some(Held { tx: held, ids: ids.to_vec(), rows, replaced }))
 }
 
 /// Writes a held batch to `target` and verifies it there, in a transaction left open.
+///
+/// The batch's tables not yet read are read on the source while the target writes what
+/// it has (the documents first, then each table as it comes): the two databases work at
+/// once, and the copy takes about as long as the target's writes.
 async fn write(batch: Held, target: &Metadata) -> Result<Copy, MoveError> {
-    let Held { tx: held, ids, rows, replaced } = batch;
+    let Held { tx: mut held, ids, rows: read_before, replaced } = batch;
     let mut tx = target.begin_with(Some("BEGIN ISOLATION LEVEL REPEATABLE READ")).await?;
-    // The target's rows of the batch are replaced whole (versions and tags go with their
-    // document), so a copy made again is equal to the source, never doubled; a marker a
-    // document left here when it moved away before goes, as the document is back.
-    if !replaced.is_empty() {
-        for table in ["documents", "moved_documents"] {
-            delete_keyed(&mut tx, table, "id", &replaced).await?;
+    let (tables, receive) = tokio::sync::mpsc::channel(TABLES.len());
+    let unread = &TABLES[read_before.len()..];
+    let reading = async {
+        let (tables, keys) = (tables, array(&ids));
+        for table in unread {
+            let rows = read_table::<i64>(&mut held, table, &keys, None).await?;
+            if tables.send(rows).await.is_err() {
+                // The target's writes failed: their error is the one returned.
+                break;
+            }
         }
-    }
-    // The rows as the target stored them (the batch's rows there were all replaced).
-    let on_target = write_rows(&mut tx, &TABLES, &rows).await?;
+        Ok::<_, StoreError>(())
+    };
+    let writing = async {
+        let mut receive = receive;
+        // The target's rows of the batch are replaced whole (versions and tags go with
+        // their document), so a copy made again is equal to the source, never doubled; a
+        // marker a document left here when it moved away before goes, as it is back.
+        if !replaced.is_empty() {
+            for table in ["documents", "moved_documents"] {
+                delete_keyed(&mut tx, table, "id", &replaced).await?;
+            }
+        }
+        // The rows as the target stored them (the batch's rows there were all replaced).
+        let (mut rows, mut on_target) = (Vec::with_capacity(TABLES.len()), Vec::with_capacity(TABLES.len()));
+        let mut read_before = read_before.into_iter();
+        loop {
+            let read = match read_before.next() {
+                Some(read) => read,
+                None => match receive.recv().await {
+                    Some(read) => read,
+                    None => break,
+                },
+            };
+            on_target.push(write_table(&mut tx, TABLES[rows.len()], &read).await?);
+            rows.push(read);
+        }
+        Ok::<_, StoreError>((rows, on_target))
+    };
+    let (read, written) = tokio::join!(reading, writing);
+    read?;
+    let (rows, on_target) = written?;
     if digest(&TABLES, &on_target) != digest(&TABLES, &rows) {
         tx.rollback().await?;
         held.rollback().await?;
         return Err(MoveError::Mismatch { ids });
     }
     let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-    let bytes = rows[2]
+    let bytes = rows[AT_VERSIONS]
         .iter()
         .map(|v| match v[3] {
             Value::Int(Some(size)) => u64::try_from(size).unwrap_or(0),
             _ => 0,
         })
         .sum();
-    let copied = Copied { documents: count(rows[1].len()), versions: count(rows[2].len()), bytes };
+    let copied = Copied { documents: count(rows[AT_DOCUMENTS].len()), versions: count(rows[AT_VERSIONS].len()), bytes };
     Ok(Copy { held, target: tx, rows, on_target, copied })
 }
 
