@@ -392,6 +392,41 @@ async fn postgres_purge_racing_a_deduplicating_upload_loses_nothing() {
     assert_eq!(objects(&env.store).await, 0);
 }
 
+/// An upload whose content another transaction records while it records it (a
+/// resharding copy bringing a document with the same bytes to the shard, an upload of the
+/// same bytes): it waits for that one, then finds the content recorded and is answered as
+/// deduplicated, not with an error.
+#[tokio::test]
+async fn postgres_an_upload_racing_another_record_of_its_content_is_deduplicated() {
+    use sha2::Digest as _;
+    let env = env(true, None, false).await;
+    let body = "recorded by another transaction first";
+    let sha = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+    let size = i64::try_from(body.len()).unwrap();
+    let mut other = env.docs.meta().begin_with(None).await.unwrap();
+    sqlx::query(
+        "INSERT INTO blobs (sha256, object_key, tier, size, stored_size, compression, created_at) \
+         VALUES ($1, 'objects/recorded-elsewhere', 'hot', $2, $2, 'none', 0)",
+    )
+    .bind(&sha)
+    .bind(size)
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let alice = user("alice");
+    let upload = env.docs.upload(&alice, named("same.txt"), once(body.to_owned()));
+    let commit = async {
+        // Long enough for the upload to reach its record and wait on this one's row.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        other.commit().await.unwrap();
+    };
+    let (uploaded, ()) = tokio::join!(upload, commit);
+    let uploaded = uploaded.unwrap();
+    assert!(uploaded.deduplicated, "the content was recorded first by the other transaction");
+    assert_eq!(uploaded.document.checksum, format!("sha256:{sha}"));
+    assert_eq!(objects(&env.store).await, 0, "the upload's own copy was not needed and is gone");
+}
+
 /// The same service on a real S3-compatible server.
 #[tokio::test]
 async fn s3_tier_stores_reads_ranges_and_purges() {

@@ -294,28 +294,15 @@ pub(crate) async fn take_live_claim(tx: &mut Tx, tier: &str, object_key: &str, n
 
 /// Records a stored blob, or finds that its content was already stored. Returns whether
 /// it was (the new copy must then be deleted once the transaction commits).
+///
+/// Another transaction may record the same content at the same time (an upload of the
+/// same bytes, a resharding copy bringing a document that has them): the insert waits for
+/// it, and once it has committed this one finds the content recorded, as if it had been
+/// before.
 async fn record_blob(tx: &mut Tx, blob: &StoredBlob, now: i64) -> Result<bool, StoreError> {
-    let existing: Option<String> = sqlx::query_scalar("SELECT object_key FROM blobs WHERE sha256 = $1")
-        .bind(&blob.sha256)
-        .fetch_optional(&mut **tx)
-        .await?;
-    if existing.is_some() {
-        return Ok(true);
-    }
-    // Recorded: no longer garbage (see `Documents::store_bytes`). A duplicate copy keeps
-    // its claim until the upload deletes it, or the collector does after a crash.
-    // The claim must be here: a copy claimed on another shard, or whose claim the collector
-    // already took, could be deleted under the row recorded now.
-    if !take_live_claim(tx, &blob.tier, &blob.object_key, now).await? {
-        return Err(StoreError::Corrupt(format!(
-            "stored copy {} is not claimed in this database: it was stored through another shard, or its claim \
-             ran out and the collector may have deleted it",
-            blob.object_key
-        )));
-    }
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO blobs (sha256, object_key, tier, size, stored_size, compression, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (sha256) DO NOTHING",
     )
     .bind(&blob.sha256)
     .bind(&blob.object_key)
@@ -326,6 +313,20 @@ async fn record_blob(tx: &mut Tx, blob: &StoredBlob, now: i64) -> Result<bool, S
     .bind(now)
     .execute(&mut **tx)
     .await?;
+    if inserted.rows_affected() == 0 {
+        return Ok(true);
+    }
+    // Recorded: no longer garbage (see `Documents::store_bytes`). A duplicate copy keeps
+    // its claim until the upload deletes it, or the collector does after a crash.
+    // The claim must be here: a copy claimed on another shard, or whose claim the collector
+    // already took, could be deleted under the row recorded now (the error rolls it back).
+    if !take_live_claim(tx, &blob.tier, &blob.object_key, now).await? {
+        return Err(StoreError::Corrupt(format!(
+            "stored copy {} is not claimed in this database: it was stored through another shard, or its claim \
+             ran out and the collector may have deleted it",
+            blob.object_key
+        )));
+    }
     Ok(false)
 }
 
