@@ -358,17 +358,16 @@ const AT_DOCUMENTS: usize = 0;
 const AT_BLOBS: usize = 1;
 const AT_VERSIONS: usize = 2;
 
-/// The rows of `tables` of the things keyed `keys`.
+/// The rows of `tables` of the things keyed by `keys` (an array literal of `K`s).
 async fn read_rows<K: Key>(
     conn: &mut sqlx::AnyConnection,
     tables: &[&Table],
-    keys: &[K],
+    keys: &str,
     lock: Option<Lock>,
 ) -> Result<Rows, StoreError> {
-    let keys = array(keys);
     let mut all = Vec::with_capacity(tables.len());
     for table in tables {
-        all.push(read_table::<K>(conn, table, &keys, lock).await?);
+        all.push(read_table::<K>(conn, table, keys, lock).await?);
     }
     Ok(all)
 }
@@ -848,9 +847,7 @@ async fn hold(source: &Metadata, ids: &[i64], lock: Lock, whole: bool) -> Result
             .await?;
     let replaced: Vec<i64> = ids.iter().copied().filter(|id| !handed.contains(id)).collect();
     if whole {
-        for table in &TABLES[AT_DOCUMENTS + 1..] {
-            rows.push(read_table::<i64>(&mut held, table, &keys, None).await?);
-        }
+        rows.extend(read_rows::<i64>(&mut held, &TABLES[AT_DOCUMENTS + 1..], &keys, None).await?);
     }
     Ok(Some(Held { tx: held, ids: ids.to_vec(), rows, replaced }))
 }
@@ -998,7 +995,7 @@ pub async fn hand_over_sessions(
         held.commit().await?;
         return Ok(SessionsMoved { moved: 0, busy });
     }
-    let rows = read_rows(&mut held, &SESSION_TABLES, &movable, None).await?;
+    let rows = read_rows::<String>(&mut held, &SESSION_TABLES, &array(&movable), None).await?;
     // The target's rows of these sessions (left by a hand-over cut short before its
     // source committed) are replaced whole, and a marker left when a session moved away
     // from there before goes: it is back.
