@@ -3,7 +3,7 @@
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
 
-use crate::{KitError, cleanup, env, unique_name};
+use crate::{KitError, env, unique_name};
 
 /// A Postgres database of its own, created for one test and dropped when this value is.
 #[derive(Debug)]
@@ -64,18 +64,60 @@ impl TestDatabase {
     }
 }
 
+/// How long dropping a database waits for `DROP DATABASE` to finish before leaving it to
+/// finish on its own.
+const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Drop for TestDatabase {
+    /// Drops the database, waiting at most [`DROP_WAIT`] once the statement is sent.
+    ///
+    /// The code under test may be opening one more connection to the database on the very
+    /// runtime this drop blocks. That backend is still authenticating: `WITH (FORCE)` does
+    /// not see it, and it absorbs no `ProcSignalBarrier`, so `DROP DATABASE` waits for it,
+    /// and it waits for the blocked runtime, until the server's `authentication_timeout`
+    /// (a minute by default) ends it. Rather than wait, the drop returns and lets the
+    /// runtime go on (or shut down, closing the socket); the statement finishes on the
+    /// server either way, even if this process exits first, since the server does not
+    /// look at the client while it waits.
     fn drop(&mut self) {
-        let admin = self.admin.clone();
-        let name = self.name.clone();
-        cleanup(&format!("database {name}"), async move {
-            let mut conn = PgConnection::connect_with(&admin).await.map_err(|e| KitError::server("connecting", e))?;
-            sqlx::raw_sql(AssertSqlSafe(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)))
-                .execute(&mut conn)
-                .await
-                .map_err(|e| KitError::server(format!("dropping {name}"), e))?;
-            Ok(())
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let (sent, progress) = std::sync::mpsc::channel::<Result<bool, String>>();
+        let spawned = std::thread::Builder::new().name("testkit-dropdb".into()).stack_size(32 << 20).spawn(move || {
+            let dropping = async {
+                let mut conn = PgConnection::connect_with(&admin).await.map_err(|e| format!("connecting: {e}"))?;
+                let _ = sent.send(Ok(false));
+                sqlx::raw_sql(AssertSqlSafe(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| format!("dropping {name}: {e}"))?;
+                Ok(true)
+            };
+            let done = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(Box::pin(dropping)),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = sent.send(done);
         });
+        if let Err(e) = spawned {
+            eprintln!("vellum-testkit: cleaning up database {} failed: spawning its thread: {e}", self.name);
+            return;
+        }
+        // Connecting is quick (the thread's runtime is its own); then the statement is sent.
+        let mut waited = None;
+        loop {
+            let next = match waited {
+                None => progress.recv().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+                Some(limit) => progress.recv_timeout(limit),
+            };
+            match next {
+                Ok(Ok(false)) => waited = Some(DROP_WAIT),
+                Ok(Ok(true)) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return,
+                Ok(Err(e)) => return eprintln!("vellum-testkit: cleaning up database {} failed: {e}", self.name),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return eprintln!("vellum-testkit: cleaning up database {} panicked", self.name);
+                }
+            }
+        }
     }
 }
 

@@ -50,6 +50,41 @@ async fn databases_are_separate_and_dropped_afterwards() {
     assert!(!database_exists(&name).await, "the database is dropped with the TestDatabase");
 }
 
+/// A client of the code under test may be half-way through authenticating when its test's
+/// database is dropped, on the runtime the drop blocks. `DROP DATABASE` waits for such a
+/// backend until the server's authentication timeout (a minute by default); the drop does
+/// not wait with it, and the database is gone once the client is.
+#[tokio::test]
+async fn a_client_stuck_authenticating_does_not_hold_the_drop_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDatabase::new().await.unwrap();
+    let name = db.name.clone();
+    let admin: sqlx::postgres::PgConnectOptions = admin_url().parse().unwrap();
+    let mut stuck = tokio::net::TcpStream::connect((admin.get_host(), admin.get_port())).await.unwrap();
+    let mut body = 196_608_i32.to_be_bytes().to_vec();
+    for (key, value) in [("user", admin.get_username()), ("database", name.as_str())] {
+        body.extend_from_slice(format!("{key}\0{value}\0").as_bytes());
+    }
+    body.push(0);
+    let mut startup = i32::try_from(body.len() + 4).unwrap().to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    stuck.write_all(&startup).await.unwrap();
+    let mut kind = [0u8; 1];
+    stuck.read_exact(&mut kind).await.unwrap();
+    assert_eq!(kind[0], b'R', "the server answers the startup with an authentication request");
+
+    let started = std::time::Instant::now();
+    drop(db);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "the drop returned after {took:?}");
+    drop(stuck);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while database_exists(&name).await {
+        assert!(std::time::Instant::now() < deadline, "{name} is still there after its client went");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_server_fails_with_how_to_start_it() {
     let err =
