@@ -15,6 +15,10 @@
 //! 4. The same cached reads against a bare HTTP peer: a hyper server in a process of its own
 //!    answering the same JSON body to every request (no JWT, no lookup), the cost of an
 //!    HTTP exchange itself on this machine.
+//! 5. The CPU a read costs each process (the gateway, Postgres, the client; sampled from
+//!    `/proc` in the middle of each read phase), and the bound it sets: how fast uncached
+//!    reads could go against `pgbench -S` if the gateway's database access took no CPU,
+//!    since the gateway, Postgres and the client share this machine's cores.
 //!
 //! The gateway is the release `vellum-gateway standalone` binary in its own process, on a
 //! fresh Postgres database and a local-file tier. Run:
@@ -27,6 +31,7 @@
 //! Knobs: `VELLUM_BENCH_BYTES` (document size, default 1073741824), `VELLUM_BENCH_SECONDS`
 //! (each read phase, default 10), `VELLUM_BENCH_CLIENTS` (concurrent readers, default 8).
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -353,6 +358,134 @@ impl Results {
     }
 }
 
+/// The CPU time (user and system, in seconds) of every process now, by pid, with its
+/// command name, from `/proc/<pid>/stat`.
+fn cpu_times(ticks: f64) -> HashMap<u32, (String, f64)> {
+    let mut times = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: utime and stime are the 14th and 15th fields.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        times.insert(pid, (stat[open + 1..close].to_owned(), (tick(11) + tick(12)) / ticks));
+    }
+    times
+}
+
+/// The CPU that processes took in the middle of a phase of `seconds`: sampled a second
+/// after it starts and a second before it ends, so that a process counts only for the
+/// time it ran in between (one that starts or ends in the window counts for none).
+struct CpuWindow {
+    sampling: std::thread::JoinHandle<CpuSample>,
+}
+
+/// What [`CpuWindow`] measured.
+struct CpuSample {
+    before: HashMap<u32, (String, f64)>,
+    after: HashMap<u32, (String, f64)>,
+    elapsed: Duration,
+}
+
+impl CpuWindow {
+    fn start(seconds: u64) -> Self {
+        let ticks = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+            .unwrap_or(100.0);
+        let sampling = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            let (before, started) = (cpu_times(ticks), std::time::Instant::now());
+            std::thread::sleep(Duration::from_secs(seconds.saturating_sub(2).max(1)));
+            CpuSample { before, after: cpu_times(ticks), elapsed: started.elapsed() }
+        });
+        Self { sampling }
+    }
+
+    fn finish(self) -> CpuSample {
+        self.sampling.join().unwrap()
+    }
+}
+
+impl CpuSample {
+    /// CPU seconds per second (cores kept busy) of the processes that `role` picks by pid
+    /// and command name.
+    fn busy(&self, role: impl Fn(u32, &str) -> bool) -> f64 {
+        let used: f64 = self
+            .after
+            .iter()
+            .filter(|(pid, (name, _))| role(**pid, name))
+            .filter_map(|(pid, (name, after))| {
+                self.before.get(pid).filter(|(was, _)| was == name).map(|(_, before)| after - before)
+            })
+            .sum();
+        used / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Where the CPU of a read goes, phase by phase: the processes serving the reads share
+/// this machine's cores, so what each read costs all of them bounds how fast reads go.
+struct CpuPerRead {
+    gateway: u32,
+    /// Each phase's reads per second and the CPU sampled in its middle.
+    cached: (f64, CpuSample),
+    uncached: (f64, CpuSample),
+    pgbench: (f64, CpuSample),
+}
+
+impl CpuPerRead {
+    /// Microseconds of CPU per read of the gateway, Postgres, the client (this process, or
+    /// pgbench), and of every process on the machine.
+    fn per_read(&self, (rate, sample): &(f64, CpuSample)) -> [f64; 4] {
+        let me = std::process::id();
+        let per = |busy: f64| busy / rate * 1e6;
+        [
+            per(sample.busy(|pid, _| pid == self.gateway)),
+            per(sample.busy(|_, name| name == "postgres")),
+            per(sample.busy(|pid, name| pid == me || name == "pgbench")),
+            per(sample.busy(|_, _| true)),
+        ]
+    }
+
+    fn print(&self) {
+        println!();
+        println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "CPU per read, µs", "gateway", "Postgres", "client", "machine");
+        let [cached, uncached, pgbench] = [&self.cached, &self.uncached, &self.pgbench].map(|p| self.per_read(p));
+        for (name, cpu) in [("  cached reads", cached), ("  uncached reads", uncached), ("  pgbench -S", pgbench)] {
+            println!("{name:<34} {:>9.0} {:>9.0} {:>9.0} {:>9.0}", cpu[0], cpu[1], cpu[2], cpu[3]);
+        }
+        // Were the gateway's database access free (its CPU per read no more than a cached
+        // read's), an uncached read would still cost Postgres and the client what it does.
+        let bound = (pgbench[1] + pgbench[2]) / (cached[0] + uncached[1] + uncached[2]);
+        println!("{:<34} {:>42.2}", "uncached vs pgbench -S, at most", bound);
+        println!("  (if the gateway's database access took no CPU: pgbench's CPU per transaction over");
+        println!("   a cached read's gateway CPU plus an uncached read's Postgres and client CPU)");
+    }
+}
+
+/// The metadata URLs the read phases go through: the large document's and those of 31
+/// small ones uploaded for them.
+async fn documents_to_read(client: &reqwest::Client, gateway: &Gateway, id: i64) -> Vec<String> {
+    let mut urls = vec![format!("{}/api/v1/documents/{id}", gateway.url)];
+    for i in 0..31 {
+        let doc: serde_json::Value = client
+            .post(format!("{}/api/v1/documents?filename=small-{i}.txt&tags=bench,t{i}", gateway.url))
+            .bearer_auth(&gateway.token)
+            .body(format!("small document {i}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        urls.push(format!("{}/api/v1/documents/{}", gateway.url, doc["id"]));
+    }
+    urls
+}
+
 #[tokio::main]
 async fn main() {
     if let Some(body) = std::env::var_os(BARE_SERVER) {
@@ -416,21 +549,7 @@ async fn main() {
     let copy = copy.min(raw_copy(&source, &work.join("copy.bin"))).min(cp(&source, &work.join("cp.bin")));
     std::fs::remove_file(&source).unwrap();
 
-    // Metadata reads over a few documents.
-    let mut urls = vec![format!("{}/api/v1/documents/{id}", gateway.url)];
-    for i in 0..31 {
-        let doc: serde_json::Value = client
-            .post(format!("{}/api/v1/documents?filename=small-{i}.txt&tags=bench,t{i}", gateway.url))
-            .bearer_auth(&gateway.token)
-            .body(format!("small document {i}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        urls.push(format!("{}/api/v1/documents/{}", gateway.url, doc["id"]));
-    }
+    let urls = documents_to_read(&client, &gateway, id).await;
     // The bare HTTP peer answers what the gateway answers for one small document.
     let small = client.get(&urls[1]).bearer_auth(&gateway.token).send().await.unwrap().bytes().await.unwrap();
     std::fs::write(work.join("bare-body.json"), &small).unwrap();
@@ -438,11 +557,23 @@ async fn main() {
     let bare_urls: Vec<String> = urls.iter().map(|u| u.replacen(&gateway.url, &bare.base, 1)).collect();
     // Uncached first, then cached, then HTTP alone, then the database alone: each phase on
     // the same data.
+    let window = CpuWindow::start(seconds);
     let (uncached, uncached_latencies) = read_load(&urls, &gateway.token, false, (clients, seconds)).await;
+    let uncached_cpu = window.finish();
+    let window = CpuWindow::start(seconds);
     let (reads, latencies) = read_load(&urls, &gateway.token, true, (clients, seconds)).await;
+    let cached_cpu = window.finish();
     let (bare_reads, bare_latencies) = read_load(&bare_urls, &gateway.token, true, (clients, seconds)).await;
     drop(bare);
+    let window = CpuWindow::start(seconds);
     let (tps, pg_latencies) = pgbench(&db.url, &work, clients, seconds);
+    let pgbench_cpu = window.finish();
+    let cpu = CpuPerRead {
+        gateway: pid,
+        cached: (reads, cached_cpu),
+        uncached: (uncached, uncached_cpu),
+        pgbench: (tps, pgbench_cpu),
+    };
 
     Results {
         size,
@@ -460,6 +591,7 @@ async fn main() {
         rss_before,
     }
     .print();
+    cpu.print();
     drop(gateway);
     let _ = std::fs::remove_dir_all(&work);
 }
