@@ -480,7 +480,7 @@ async fn s3_tiers_on_one_bucket_copy_inside_it_and_other_backends_do_not() {
 }
 
 #[tokio::test]
-async fn rotated_database_credentials_serve_new_connections_and_another_database_is_refused() {
+async fn rotated_database_credentials_serve_new_connections_and_resized_pools_and_another_database_is_refused() {
     let db = TestDatabase::new().await.unwrap();
     let admin = db.pool().await.unwrap();
     let meta = Metadata::open(&db.url).await.unwrap();
@@ -501,6 +501,13 @@ async fn rotated_database_credentials_serve_new_connections_and_another_database
     }
     let user: String = sqlx::query_scalar("SELECT CAST(current_user AS TEXT)").fetch_one(meta.pool()).await.unwrap();
     assert_eq!(user, role);
+    // A pool made for another share of a replica's connections (a shard kept through a
+    // routing change) has that size, and logs in with the credentials in use.
+    let resized = meta.resized(5).await.unwrap();
+    assert_eq!((meta.max_connections(), resized.max_connections()), (16, 5));
+    let user: String = sqlx::query_scalar("SELECT CAST(current_user AS TEXT)").fetch_one(resized.pool()).await.unwrap();
+    assert_eq!(user, role);
+    resized.pool().close().await;
 
     // Another database is not a rotation; the message never quotes a URL.
     let mut elsewhere = rotated.clone();

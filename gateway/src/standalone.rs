@@ -21,7 +21,7 @@ use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::{CONFIG_FILE, SecretBundle, compile_dir, compile_files, read_platform};
 use vellum_core::documents::{
-    Documents, Library, library_of, open_shards, reopen_shards, rotate_credentials, routes_as,
+    Documents, Library, library_of, open_shards, reopen_shards, rotate_credentials, routes_as, shard_connections,
 };
 use vellum_core::events::{Bus, relay};
 
@@ -549,7 +549,14 @@ async fn reroute(
         return Err("several metadata shards need the NATS event stream (a cluster replica)".into());
     }
     let shards = reopen_shards(&named_shards(docs), config, secrets).await?;
-    let per_shard = shards.into_iter().map(|(_, meta)| docs.primary().on(meta)).collect();
+    // The shards kept share the replica's connections with those added or left: each
+    // gets a pool of its new share.
+    let connections = shard_connections(shards.len());
+    let resized = shards.into_iter().map(|(name, meta)| async move {
+        meta.resized(connections).await.map_err(|e| format!("resizing the pool of metadata shard {name}: {e}"))
+    });
+    let per_shard =
+        futures::future::try_join_all(resized).await?.into_iter().map(|meta| docs.primary().on(meta)).collect();
     library_of(config, per_shard)
 }
 

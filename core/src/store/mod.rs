@@ -221,6 +221,26 @@ impl Metadata {
         Ok(store)
     }
 
+    /// The most connections this store's pool opens at once.
+    pub fn max_connections(&self) -> u32 {
+        self.pool.options().get_max_connections()
+    }
+
+    /// A store on the same database, connecting with the URL in use now (rotated
+    /// credentials included), whose pool opens at most `connections` at once: `self` when
+    /// it already does, or when it is SQLite (sized by what the file allows). A pool's size
+    /// is fixed when it is made, so a shard kept through a routing change that adds or
+    /// removes shards gets a new pool of its share; the old one closes when its last user
+    /// lets it go.
+    pub async fn resized(&self, connections: u32) -> Result<Self, StoreError> {
+        let connections = connections.max(1);
+        if self.dialect != Dialect::Postgres || self.max_connections() == connections {
+            return Ok(self.clone());
+        }
+        let url = self.url.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        Self::connect_with(&url, connections).await
+    }
+
     /// Applies the migrations this build knows and the database has not seen.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let migrator = match self.dialect {
