@@ -7,9 +7,10 @@
 //! of them. The copy step (`vellum_core::resharding::copy_batch`, batches of
 //! `VELLUM_BENCH_BATCH`, default 500) copies and verifies them into one fresh database; a
 //! raw `COPY … TO STDOUT` piped into `COPY … FROM STDIN` moves the same rows into another.
-//! Each is run twice and the faster run counts. Then the hand-over (`hand_over`: the copy,
+//! Each is run twice and the faster run counts. Then the hand-over (`HandOvers`: the copy,
 //! and the documents removed from the source with a marker each, in the same batches) moves
-//! them once into a third database, against the same raw `COPY`.
+//! them into a third database and back, each way against the faster of the raw `COPY`s of
+//! the same rows made just before and just after it (this machine's speed drifts).
 //!
 //! Then the routing's cost on reads: metadata reads per second through a library of 1, 2
 //! and 4 shards (databases on the same Postgres server, the documents spread as the routing
@@ -118,6 +119,52 @@ async fn step_copy(source: &Metadata, target: &Metadata, ids: &[i64], batch: usi
     started.elapsed()
 }
 
+/// The rows of the tables a copy fills.
+async fn rows_of(pool: &PgPool) -> i64 {
+    let mut total = 0;
+    for t in ["blobs", "documents", "versions", "document_tags"] {
+        total += count(pool, &format!("SELECT COUNT(*) FROM {t}")).await;
+    }
+    total
+}
+
+/// Hands the documents `ids` over from `a` to `b` and back, `batch` at a time, each way
+/// beside raw COPYs of the same rows made just before and just after it (from where the
+/// rows are then), as this machine's speed drifts and a reference measured minutes apart
+/// says less: each way's time, and the three raw COPYs' (before, between, after).
+async fn there_and_back(
+    (a, a_pg): (&Metadata, &PgPool),
+    (b, b_pg): (&Metadata, &PgPool),
+    raw_pg: &PgPool,
+    ids: &[i64],
+    batch: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    sqlx::query("CREATE TABLE bench_moving (id BIGINT PRIMARY KEY)").execute(b_pg).await.expect("a table");
+    sqlx::query("INSERT INTO bench_moving SELECT UNNEST($1::BIGINT[])")
+        .bind(ids)
+        .execute(b_pg)
+        .await
+        .expect("the moving ids");
+    let (moved, whole) = (rows_of(raw_pg).await, rows_of(a_pg).await);
+    let mut beside = vec![raw_copy(a_pg, raw_pg).await];
+    let mut handed = Vec::new();
+    for (from, to, to_name, to_pg) in [(a, b, "b", b_pg), (b, a, "a", a_pg)] {
+        let handing = Instant::now();
+        let mut pipeline = HandOvers::default();
+        for chunk in ids.chunks(batch) {
+            pipeline.push(from, to, to_name, chunk, 0, 0).await.expect("a batch handed over");
+        }
+        pipeline.finish().await.expect("the last batch handed over");
+        handed.push(handing.elapsed());
+        let expected = if to_name == "b" { moved } else { whole };
+        assert_eq!(rows_of(to_pg).await, expected, "the hand-over's target holds the rows it should");
+        // The rows are now where the hand-over put them: the next raw COPY reads them there.
+        beside.push(raw_copy(to_pg, raw_pg).await);
+        assert_eq!(rows_of(raw_pg).await, moved, "the raw COPY beside it copies the same rows");
+    }
+    (handed, beside)
+}
+
 async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(pool).await.expect("a count")
 }
@@ -163,30 +210,12 @@ async fn run() {
         raw = raw.min(raw_copy(&source_pg, &raw_pg).await);
         step = step.min(step_copy(&source, &step_target, &ids, batch).await);
     }
-    let rows_of = |pool: &PgPool| {
-        let pool = pool.clone();
-        async move {
-            let mut total = 0;
-            for t in ["blobs", "documents", "versions", "document_tags"] {
-                total += count(&pool, &format!("SELECT COUNT(*) FROM {t}")).await;
-            }
-            total
-        }
-    };
     let handed_target = Metadata::open(&handed_db.url).await.expect("the hand-over's target");
-    let handing = Instant::now();
-    let mut pipeline = HandOvers::default();
-    for chunk in ids.chunks(batch) {
-        pipeline.push(&source, &handed_target, "b", chunk, 0, 0).await.expect("a batch handed over");
-    }
-    pipeline.finish().await.expect("the last batch handed over");
-    let handed = handing.elapsed();
     let handed_pg = pool(&handed_db.url).await;
     let (step_rows, raw_rows) = (rows_of(&step_pg).await, rows_of(&raw_pg).await);
     assert_eq!(step_rows, raw_rows, "both copies hold the same rows");
-    assert_eq!(rows_of(&handed_pg).await, raw_rows, "the hand-over's target holds the same rows");
-    let left = count(&source_pg, "SELECT COUNT(*) FROM documents").await;
-    assert_eq!(left, i64::try_from(n - ids.len()).expect("a count"), "the source keeps only what stays");
+    let (handed, beside) =
+        there_and_back((&source, &source_pg), (&handed_target, &handed_pg), &raw_pg, &ids, batch).await;
     #[allow(clippy::cast_precision_loss)]
     let per_second = |d: Duration| raw_rows as f64 / d.as_secs_f64();
     println!(
@@ -200,11 +229,15 @@ async fn run() {
         per_second(raw),
         raw.as_secs_f64() / step.as_secs_f64()
     );
-    println!(
-        "  hand-over (copied, verified, removed from the source, marked): {:.0} rows/s | ratio to raw COPY {:.2} (goal >= 0.5)",
-        per_second(handed),
-        raw.as_secs_f64() / handed.as_secs_f64()
-    );
+    for (way, (took, around)) in ["there", "back"].iter().zip(handed.iter().zip(beside.windows(2))) {
+        let reference = around[0].min(around[1]);
+        println!(
+            "  hand-over {way} (copied, verified, removed from the source, marked): {:.0} rows/s | raw COPY beside it: {:.0} rows/s | ratio {:.2} (goal >= 0.5)",
+            per_second(*took),
+            per_second(reference),
+            reference.as_secs_f64() / took.as_secs_f64()
+        );
+    }
     for meta in [&source, &step_target, &handed_target] {
         meta.pool().close().await;
     }
