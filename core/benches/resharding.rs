@@ -8,7 +8,8 @@
 //! `VELLUM_BENCH_BATCH`, default 500) copies and verifies them into one fresh database; a
 //! raw `COPY … TO STDOUT` piped into `COPY … FROM STDIN` moves the same rows into another.
 //! Each is run twice and the faster run counts. Then the hand-over (`HandOvers`: the copy,
-//! and the documents removed from the source with a marker each, in the same batches) moves
+//! and the documents removed from the source with a marker each, in the same batches, two
+//! at once in two lanes as the mover runs it when its pool has room) moves
 //! them into a third database and back, each way against the faster of the raw `COPY`s of
 //! the same rows made just before and just after it (this machine's speed drifts).
 //!
@@ -150,7 +151,7 @@ async fn there_and_back(
     let mut handed = Vec::new();
     for (from, to, to_name, to_pg) in [(a, b, "b", b_pg), (b, a, "a", a_pg)] {
         let handing = Instant::now();
-        let mut pipeline = HandOvers::default();
+        let mut pipeline = HandOvers::for_source(from);
         for chunk in ids.chunks(batch) {
             pipeline.push(from, to, to_name, chunk, 0, 0).await.expect("a batch handed over");
         }

@@ -603,37 +603,71 @@ pub async fn hand_over(
     one.finish().await
 }
 
-/// Hand-overs one after another as a three-stage pipeline: while a batch is read (and
-/// held) on its source, the batch before it is copied to its target and the one before
-/// that is released from its source (the stages run on different databases, or on
-/// different documents of one): the steps and guarantees of [`hand_over`], batch by batch,
-/// at the pace of the slowest stage rather than of all three.
+/// Hand-overs one after another, in `lanes` pipelines side by side. Each lane is a
+/// three-stage pipeline: while a batch is read (and held) on its source, the batch before
+/// it is copied to its target and the one before that is released from its source (the
+/// stages run on different databases, or on different documents of one). Batches are
+/// dealt to the lanes in turn and the lanes run at once: the steps and guarantees of
+/// [`hand_over`], batch by batch, at the pace of the slowest stage rather than of all
+/// three, and with two lanes, of two batches' slowest stages run at once (a batch's copy,
+/// the slowest, waits mostly on the target database, and the other lane's copy runs
+/// meanwhile).
 ///
-/// A batch is held on its source from its read until it is released, two
-/// [`HandOvers::push`]es later or by [`HandOvers::finish`]; one dropped unreleased (an
-/// error, a crash) is left as a crash leaves it: on its source, with or without a copy on
-/// the target that the next hand-over replaces.
-#[derive(Default)]
+/// Lanes that share a source release one at a time: a release's first statement takes
+/// the source's progress row, so no two decide at once whether a blob row that both
+/// batches refer to is still needed (each would see the other's versions and keep it).
+/// Lanes that share a target copy a blob row both batches refer to one after the other:
+/// the second waits for the first and keeps its row.
+///
+/// A batch is held on its source from its read until it is released, two of its lane's
+/// pushes later or by [`HandOvers::finish`]; a batch pushed while the other lanes have
+/// none yet waits, unread, for them. One dropped unreleased (an error, a crash) is left
+/// as a crash leaves it: on its source, with or without a copy on the target that the
+/// next hand-over replaces.
 pub struct HandOvers {
-    /// Read and held on its source, to be copied next.
-    reading: Option<Reading>,
-    /// Copied to its target, to be released next.
-    pending: Option<Handing>,
+    lanes: Vec<Lane>,
+    /// Batches pushed and not read yet, one for each lane at most.
+    waiting: Vec<Batch>,
+}
+
+impl Default for HandOvers {
+    /// One lane.
+    fn default() -> Self {
+        Self::new(1)
+    }
 }
 
 impl std::fmt::Debug for HandOvers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HandOvers")
-            .field("reading", &self.reading.as_ref().map(|r| r.held.ids.len()))
-            .field("pending", &self.pending.as_ref().map(|h| h.copied))
-            .finish()
+        let lanes: Vec<_> = self
+            .lanes
+            .iter()
+            .map(|lane| {
+                (lane.reading.as_ref().map(|r| r.held.ids.len()), lane.pending.as_ref().map(|h| h.copied.documents))
+            })
+            .collect();
+        f.debug_struct("HandOvers").field("lanes", &lanes).field("waiting", &self.waiting.len()).finish()
     }
 }
 
 impl HandOvers {
+    /// A pipeline of `lanes` lanes (at least one).
+    #[must_use]
+    pub fn new(lanes: usize) -> Self {
+        Self { lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(), waiting: Vec::new() }
+    }
+
+    /// As many lanes as `source`'s pool allows: a lane uses up to three of its connections
+    /// at once (a batch being read, one being copied, one being released), and a mover
+    /// needs one more to find the next batch.
+    #[must_use]
+    pub fn for_source(source: &Metadata) -> Self {
+        Self::new(if source.max_connections() > 2 * CONNECTIONS_PER_LANE { 2 } else { 1 })
+    }
+
     /// Reads and holds the documents `ids` on `source`, to be handed over to `target`
-    /// (named `target_name`), while the batch pushed before is copied and the one before
-    /// that released: what that one moved.
+    /// (named `target_name`), in the next lane: once every lane has a batch, they run
+    /// their pipelines' steps at once. What the batches released by that moved.
     pub async fn push(
         &mut self,
         source: &Metadata,
@@ -646,32 +680,89 @@ impl HandOvers {
         if target.dialect() != Dialect::Postgres {
             return Err(MoveError::NotPostgres);
         }
-        let (read, before) = (self.reading.take(), self.pending.take());
-        // The next batch is read whole while the one before is written: the target, which
-        // does the most, then never waits for the source.
-        let (next, written, released) =
-            tokio::join!(hold(source, ids, Lock::Update, true), written(read), release(before));
-        self.pending = written?;
-        self.reading = next?.map(|held| Reading {
-            held,
+        self.waiting.push(Batch {
+            source: source.clone(),
             target: target.clone(),
             target_name: target_name.to_owned(),
+            ids: ids.to_vec(),
             now,
             grace_ms,
         });
-        released
+        if self.waiting.len() < self.lanes.len() {
+            return Ok(Copied::default());
+        }
+        self.step().await
     }
 
     /// Copies and releases the batches still in the pipeline: what they moved.
     pub async fn finish(&mut self) -> Result<Copied, MoveError> {
+        let stepped = if self.waiting.is_empty() { Ok(Copied::default()) } else { self.step().await };
+        let finished = futures::future::join_all(self.lanes.iter_mut().map(Lane::finish)).await;
+        sum(std::iter::once(stepped).chain(finished))
+    }
+
+    /// Pushes the waiting batches into their lanes, the lanes at once.
+    async fn step(&mut self) -> Result<Copied, MoveError> {
+        let waiting = std::mem::take(&mut self.waiting);
+        sum(futures::future::join_all(self.lanes.iter_mut().zip(waiting).map(|(lane, batch)| lane.push(batch))).await)
+    }
+}
+
+/// The source connections a lane of [`HandOvers`] holds at most.
+const CONNECTIONS_PER_LANE: u32 = 3;
+
+/// What `results` moved in all, or the first error among them.
+fn sum(results: impl IntoIterator<Item = Result<Copied, MoveError>>) -> Result<Copied, MoveError> {
+    results.into_iter().try_fold(Copied::default(), |all, one| {
+        let one = one?;
+        Ok(Copied {
+            documents: all.documents + one.documents,
+            versions: all.versions + one.versions,
+            bytes: all.bytes + one.bytes,
+        })
+    })
+}
+
+/// A batch to hand over, and where.
+struct Batch {
+    source: Metadata,
+    target: Metadata,
+    target_name: String,
+    ids: Vec<i64>,
+    now: i64,
+    grace_ms: i64,
+}
+
+/// One lane of [`HandOvers`]: a three-stage pipeline.
+#[derive(Default)]
+struct Lane {
+    /// Read and held on its source, to be copied next.
+    reading: Option<Reading>,
+    /// Copied to its target, to be released next.
+    pending: Option<Handing>,
+}
+
+impl Lane {
+    /// Reads and holds `batch` on its source while the batch pushed before is copied and
+    /// the one before that released: what that one moved.
+    async fn push(&mut self, batch: Batch) -> Result<Copied, MoveError> {
+        let Batch { source, target, target_name, ids, now, grace_ms } = batch;
+        let (read, before) = (self.reading.take(), self.pending.take());
+        // The next batch is read whole while the one before is written: the target, which
+        // does the most, then never waits for the source.
+        let (next, written, released) =
+            tokio::join!(hold(&source, &ids, Lock::Update, true), written(read), release(before));
+        self.pending = written?;
+        self.reading = next?.map(|held| Reading { held, target, target_name, now, grace_ms });
+        released
+    }
+
+    /// Copies and releases the batches still in the lane: what they moved.
+    async fn finish(&mut self) -> Result<Copied, MoveError> {
         let (read, before) = (self.reading.take(), self.pending.take());
         let (written, released) = tokio::join!(written(read), release(before));
         let (released, last) = (released?, release(written?).await?);
-        Ok(Copied {
-            documents: released.documents + last.documents,
-            versions: released.versions + last.versions,
-            bytes: released.bytes + last.bytes,
-        })
+        sum([Ok(released), Ok(last)])
     }
 }
 
@@ -725,6 +816,20 @@ impl Handing {
             return Ok(copy.copied);
         }
         let held = &mut copy.held;
+        // What leaves the shard, counted in the transaction it leaves in, first: the
+        // progress row stays taken until the end, so releases on one source (of lanes side
+        // by side) run one at a time, and one deciding below which blob rows are no longer
+        // needed sees the other's versions gone, where at once each would see the other's
+        // and keep a row that neither needs.
+        sqlx::query(
+            "UPDATE shard_routing SET moved_documents = moved_documents + $1, moved_bytes = moved_bytes + $2, \
+         updated_at = $3",
+        )
+        .bind(i64::try_from(present.len()).unwrap_or(i64::MAX))
+        .bind(i64::try_from(copy.copied.bytes).unwrap_or(i64::MAX))
+        .bind(now)
+        .execute(&mut **held)
+        .await?;
         // Versions and tags first, each in one statement: the documents' cascade then finds
         // nothing to delete, where it would run a delete per document for each table.
         delete_keyed(held, "document_tags", "document_id", &present).await?;
@@ -767,16 +872,6 @@ impl Handing {
                 .await?;
             }
         }
-        // What left the shard, counted in the transaction it left in.
-        sqlx::query(
-            "UPDATE shard_routing SET moved_documents = moved_documents + $1, moved_bytes = moved_bytes + $2, \
-         updated_at = $3",
-        )
-        .bind(i64::try_from(present.len()).unwrap_or(i64::MAX))
-        .bind(i64::try_from(copy.copied.bytes).unwrap_or(i64::MAX))
-        .bind(now)
-        .execute(&mut *copy.held)
-        .await?;
         copy.held.commit().await?;
         Ok(copy.copied)
     }
@@ -859,7 +954,10 @@ async fn hold(source: &Metadata, ids: &[i64], lock: Lock, whole: bool) -> Result
 /// once, and the copy takes about as long as the target's writes.
 async fn write(batch: Held, target: &Metadata) -> Result<Copy, MoveError> {
     let Held { tx: mut held, ids, rows: read_before, replaced } = batch;
-    let mut tx = target.begin_with(Some("BEGIN ISOLATION LEVEL REPEATABLE READ")).await?;
+    // Read committed: a copy writing a blob row that another (a lane beside it, an upload)
+    // is writing waits for it and then keeps that row, where under a snapshot it would
+    // fail to serialize. The rows read back are the ones written or kept.
+    let mut tx = target.begin_with(None).await?;
     let (tables, receive) = tokio::sync::mpsc::channel(TABLES.len());
     let unread = &TABLES[read_before.len()..];
     let reading = async {
@@ -1181,7 +1279,7 @@ pub async fn run_move_paced(
         for (position, (name, shard)) in names.iter().zip(library.shards()).enumerate() {
             let index = next.names().iter().position(|n| n == name);
             let mut after = Some(0);
-            let mut pipeline = HandOvers::default();
+            let mut pipeline = HandOvers::for_source(shard.meta());
             while let Some(from) = after {
                 let (found, cursor) =
                     moving(shard.meta(), index, next, from, i64::try_from(batch).unwrap_or(500)).await?;

@@ -356,6 +356,59 @@ async fn a_hand_over_interrupted_between_its_commits_is_made_again_without_doubl
     }
 }
 
+/// Two lanes hand over batches whose documents share stored content (one blob row for
+/// many documents, deduplicated on upload) at once: on the target, the second lane's copy
+/// of a shared blob row waits for the first's and keeps it (it does not fail to
+/// serialize); on the source, the last document referring to a blob row takes it along,
+/// and no blob row is left behind that no document refers to.
+#[tokio::test]
+async fn lanes_side_by_side_hand_over_documents_sharing_their_content() {
+    use vellum_core::resharding::HandOvers;
+    let p = platform().await;
+    let me = alice();
+    let two = ring(&["a", "b"]);
+    // The documents leaving for b go in batches of three, dealt to the two lanes in turn,
+    // and the two batches of a step share their contents: each slot's content is new at
+    // that step, so both lanes write its blob row at once.
+    let (mut ids, mut leaving) = (Vec::new(), 0);
+    for i in 0..100 {
+        let bytes = format!("step {} slot {}", leaving / 6, leaving % 3);
+        let new = NewDocument { filename: format!("d{i}.txt"), ..NewDocument::default() };
+        let id = p.a.upload(&me, new, once(bytes.clone())).await.unwrap().document.id;
+        leaving += usize::from(two.shard_of_id(id) == 1);
+        ids.push((id, bytes));
+    }
+    let blobs = count(&p.a, "blobs").await;
+    assert!(usize::try_from(blobs).unwrap() <= leaving.div_ceil(6) * 3 + 3, "deduplicated: {blobs} blob rows");
+    let leaving: Vec<&(i64, String)> = ids.iter().filter(|(id, _)| two.shard_of_id(*id) == 1).collect();
+    assert!(leaving.len() > 30, "{}", leaving.len());
+    let mut lanes = HandOvers::new(2);
+    let mut moved = 0;
+    for batch in leaving.chunks(3) {
+        let batch: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
+        moved += lanes.push(p.a.meta(), p.b.meta(), "b", &batch, p.clock.now_ms(), GRACE).await.unwrap().documents;
+    }
+    moved += lanes.finish().await.unwrap().documents;
+    assert_eq!(moved, u64::try_from(leaving.len()).unwrap(), "every batch was released");
+    assert_eq!(count(&p.b, "documents").await, i64::try_from(leaving.len()).unwrap());
+    for (id, bytes) in &leaving {
+        let content = p.b.content(&me, *id, None).await.unwrap();
+        let read: Vec<bytes::Bytes> = p.b.read(&content, None).await.unwrap().try_collect().await.unwrap();
+        assert_eq!(read.concat(), bytes.as_bytes(), "document {id} reads from its new shard");
+    }
+    for shard in [&p.a, &p.b] {
+        let unreferenced: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256)",
+        )
+        .fetch_one(shard.meta().pool())
+        .await
+        .unwrap();
+        assert_eq!(unreferenced, 0, "a blob row no document refers to was left behind");
+    }
+    let staying = i64::try_from(ids.len() - leaving.len()).unwrap();
+    assert_eq!(count(&p.a, "documents").await, staying);
+}
+
 /// Where each of `ids` is: the name of the one shard of `library` holding it (and that it
 /// is on one only).
 async fn homes(library: &Library, ids: &[i64]) -> BTreeMap<i64, String> {
@@ -394,11 +447,12 @@ async fn a_move_runs_to_its_end_resumes_after_a_kill_and_moves_back() {
     let expected = i64::try_from(ids.iter().filter(|id| two.shard_of_id(**id) == 1).count()).unwrap();
     let growing = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), Vec::new(), vec![p.a.clone(), p.b.clone()]);
 
-    // Killed after its fourth report (the first batch leaves its source at the third push).
+    // Killed after its seventh report: the mover runs two lanes (its pool has room), so the
+    // first batches leave their source at the sixth push, the third of each lane.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let reports = std::sync::atomic::AtomicUsize::new(0);
     let report = move |_: &[(String, vellum_core::resharding::ShardProgress)]| {
-        if reports.fetch_add(1, Ordering::SeqCst) == 3 {
+        if reports.fetch_add(1, Ordering::SeqCst) == 6 {
             tx.send(()).ok();
         }
     };
