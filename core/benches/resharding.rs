@@ -94,6 +94,16 @@ const RAW: [(&str, &str); 4] = [
     ("document_tags", "SELECT t.* FROM document_tags t JOIN bench_moving m ON m.id = t.document_id"),
 ];
 
+/// Lists the moving documents `ids` in `bench_moving` on `pool`, for [`RAW`]'s queries.
+async fn list_moving(pool: &PgPool, ids: &[i64]) {
+    sqlx::query("CREATE TABLE bench_moving (id BIGINT PRIMARY KEY)").execute(pool).await.expect("a table");
+    sqlx::query("INSERT INTO bench_moving SELECT UNNEST($1::BIGINT[])")
+        .bind(ids)
+        .execute(pool)
+        .await
+        .expect("the moving ids");
+}
+
 /// Copies the moving rows with `COPY` from `source` into `target`: the time it took.
 async fn raw_copy(source: &PgPool, target: &PgPool) -> Duration {
     sqlx::query("TRUNCATE document_tags, versions, documents, blobs CASCADE").execute(target).await.expect("truncate");
@@ -140,16 +150,11 @@ async fn there_and_back(
     ids: &[i64],
     batch: usize,
 ) -> (Vec<Duration>, Vec<Duration>) {
-    sqlx::query("CREATE TABLE bench_moving (id BIGINT PRIMARY KEY)").execute(b_pg).await.expect("a table");
-    sqlx::query("INSERT INTO bench_moving SELECT UNNEST($1::BIGINT[])")
-        .bind(ids)
-        .execute(b_pg)
-        .await
-        .expect("the moving ids");
+    list_moving(b_pg, ids).await;
     let (moved, whole) = (rows_of(raw_pg).await, rows_of(a_pg).await);
     let mut beside = vec![raw_copy(a_pg, raw_pg).await];
     let mut handed = Vec::new();
-    for (from, to, to_name, to_pg) in [(a, b, "b", b_pg), (b, a, "a", a_pg)] {
+    for ((from, from_pg), (to, to_name, to_pg)) in [((a, a_pg), (b, "b", b_pg)), ((b, b_pg), (a, "a", a_pg))] {
         let handing = Instant::now();
         let mut pipeline = HandOvers::for_source(from);
         for chunk in ids.chunks(batch) {
@@ -159,6 +164,7 @@ async fn there_and_back(
         handed.push(handing.elapsed());
         let expected = if to_name == "b" { moved } else { whole };
         assert_eq!(rows_of(to_pg).await, expected, "the hand-over's target holds the rows it should");
+        assert_eq!(rows_of(from_pg).await, whole - expected, "the source keeps only what stays");
         // The rows are now where the hand-over put them: the next raw COPY reads them there.
         beside.push(raw_copy(to_pg, raw_pg).await);
         assert_eq!(rows_of(raw_pg).await, moved, "the raw COPY beside it copies the same rows");
@@ -197,12 +203,7 @@ async fn run() {
         after = next;
     }
     let listing = listed.elapsed();
-    sqlx::query("CREATE TABLE bench_moving (id BIGINT PRIMARY KEY)").execute(&source_pg).await.expect("a table");
-    sqlx::query("INSERT INTO bench_moving SELECT UNNEST($1::BIGINT[])")
-        .bind(&ids)
-        .execute(&source_pg)
-        .await
-        .expect("the moving ids");
+    list_moving(&source_pg, &ids).await;
     let step_pg = pool(&step_db.url).await;
 
     let mut raw = Duration::MAX;
