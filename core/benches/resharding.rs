@@ -241,7 +241,7 @@ async fn run() {
         );
     }
     for meta in [&source, &step_target, &handed_target] {
-        meta.pool().close().await;
+        meta.close().await;
     }
     for pg in [&source_pg, &raw_pg, &step_pg, &handed_pg] {
         pg.close().await;
@@ -356,10 +356,10 @@ async fn routing_overhead(n: usize) {
             best / best_direct
         );
         for shard in library.shards() {
-            shard.meta().pool().close().await;
+            shard.meta().close().await;
         }
     }
-    single.meta().pool().close().await;
+    single.meta().close().await;
 }
 
 /// Requests answered and failed while a move from one shard to two runs.

@@ -859,7 +859,9 @@ impl Documents {
     pub async fn get(&self, actor: &Actor, id: i64) -> Result<Document, DocError> {
         let sql =
             format!("SELECT {DOCUMENT_COLUMNS} FROM documents d JOIN blobs b ON b.sha256 = d.sha256 WHERE d.id = $1");
-        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(self.meta.pool()).await?;
+        let mut reader = self.meta.reader().await?;
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(reader.connection()).await?;
+        reader.done();
         visible(row.as_ref().map(document_from_row).transpose()?, actor, id, false)
     }
 
@@ -1034,7 +1036,9 @@ impl Documents {
                 Bind::Text(v) => q.bind(v),
             };
         }
-        let rows = q.fetch_all(self.meta.pool()).await?;
+        let mut reader = self.meta.reader().await?;
+        let rows = q.fetch_all(reader.connection()).await?;
+        reader.done();
         let mut items = Vec::with_capacity(rows.len());
         for row in rows.iter().take(limit as usize) {
             items.push((row.try_get::<i64, _>("created_at")?, document_from_row(row)?));
@@ -1045,13 +1049,15 @@ impl Documents {
     /// A document's versions, newest first.
     pub async fn versions(&self, actor: &Actor, id: i64) -> Result<VersionHistory, DocError> {
         let doc = self.get(actor, id).await?;
+        let mut reader = self.meta.reader().await?;
         let rows = sqlx::query(
             "SELECT version, created_at, created_by, change_description, size, sha256, filename, content_type, \
              restored_from FROM versions WHERE document_id = $1 ORDER BY version DESC",
         )
         .bind(id)
-        .fetch_all(self.meta.pool())
+        .fetch_all(reader.connection())
         .await?;
+        reader.done();
         let versions = rows
             .iter()
             .map(|row| {
@@ -1264,6 +1270,7 @@ impl Documents {
     pub async fn content(&self, actor: &Actor, id: i64, version: Option<i64>) -> Result<Content, DocError> {
         let document = self.get(actor, id).await?;
         let version = version.unwrap_or(document.current_version);
+        let mut reader = self.meta.reader().await?;
         let row = sqlx::query(
             "SELECT v.filename, v.content_type, v.size, v.sha256, b.tier, b.object_key, b.compression, \
              b.quarantine_reason FROM versions v JOIN blobs b ON b.sha256 = v.sha256 \
@@ -1271,8 +1278,9 @@ impl Documents {
         )
         .bind(id)
         .bind(version)
-        .fetch_optional(self.meta.pool())
+        .fetch_optional(reader.connection())
         .await?;
+        reader.done();
         let Some(row) = row else {
             // The version may have gone with its document since the document was read (a
             // hand-over to another shard committed in between): then the document is not

@@ -13,6 +13,10 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, Transaction};
 
+mod readers;
+pub use readers::Reader;
+use readers::Readers;
+
 /// Which database is behind the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
@@ -95,6 +99,8 @@ impl TxError for StoreError {
 pub struct Metadata {
     pool: AnyPool,
     dialect: Dialect,
+    /// Connections kept between short reads (Postgres only).
+    readers: Arc<Readers>,
     /// The URL new connections are made with (it may hold a password: never shown).
     url: Arc<std::sync::Mutex<String>>,
 }
@@ -178,7 +184,13 @@ impl Metadata {
         }
         let pool =
             pool.acquire_timeout(Duration::from_secs(30)).connect_with(options).await.map_err(StoreError::Connect)?;
-        Ok(Self { pool, dialect, url: Arc::new(std::sync::Mutex::new(url)) })
+        // Half the pool at most is kept for reads; SQLite's few connections are all the
+        // file allows, and its reads cost no round trip.
+        let kept = match dialect {
+            Dialect::Postgres => connections.max(1) as usize / 2,
+            Dialect::Sqlite => 0,
+        };
+        Ok(Self { pool, dialect, readers: Arc::new(Readers::new(kept)), url: Arc::new(std::sync::Mutex::new(url)) })
     }
 
     /// Uses `url` for the connections made from now on, when it names the same database
@@ -204,6 +216,9 @@ impl Metadata {
         }
         let options = AnyConnectOptions::from_str(url).map_err(|_| "the new URL does not parse".to_owned())?;
         self.pool.set_connect_options(options);
+        // The kept connections logged in with the old credentials: they go back to the
+        // pool, which retires them as it does its own.
+        self.readers.release_all();
         url.clone_into(&mut current);
         Ok(true)
     }
@@ -279,6 +294,20 @@ impl Metadata {
         &self.pool
     }
 
+    /// A connection for one short read, which [`Reader::done`] keeps for the next one once
+    /// the read ran to its end: a read costs one round trip rather than the pool's two
+    /// (see `readers.rs`).
+    pub async fn reader(&self) -> Result<Reader<'_>, StoreError> {
+        self.readers.take(&self.pool).await
+    }
+
+    /// Closes the store's connections, waiting for those in use to come back: the ones
+    /// kept for reads go back first (the pool's own `close` would wait for them for ever).
+    pub async fn close(&self) {
+        self.readers.release_all();
+        self.pool.close().await;
+    }
+
     /// Checks the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -304,6 +333,10 @@ impl Metadata {
     /// locks for ever. Here the `BEGIN` runs to its answer in a task of its own; a
     /// transaction nobody waits for any more is dropped begun, and so rolled back.
     pub async fn begin_with(&self, statement: Option<&'static str>) -> Result<Tx, StoreError> {
+        if self.pool.num_idle() == 0 && self.pool.size() >= self.max_connections() && self.readers.any() {
+            // The pool is spent: what the readers keep goes back to it first.
+            self.readers.release_all();
+        }
         let pool = self.pool.clone();
         let begun = tokio::spawn(async move {
             match statement {

@@ -1,0 +1,143 @@
+//! Connections kept out of the pool between short reads.
+//!
+//! sqlx's pool tests every connection it takes back with a round trip to the server (a
+//! `Sync` and its `ReadyForQuery`, in a task of its own); nothing in its options turns that
+//! off. A primary-key read through the pool therefore costs two round trips where `psql`
+//! or `pgbench` spend one. A read that ran to its end leaves its connection ready for the
+//! next statement, so [`Reader::done`] keeps it here instead, and the next read takes it
+//! without asking the pool. A read that failed or was dropped half-way lets its connection
+//! go back to the pool, which tests it as before.
+//!
+//! What is kept here is bounded three ways, so that it never takes from writers what the
+//! pool would have given them:
+//! - at most [`Readers::new`]'s `capacity` connections (half the pool);
+//! - a connection unused for [`IDLE`] goes back to the pool, and so does one kept through
+//!   reads for [`ROUNDS`] (the pool then applies its own age limit and any rotated
+//!   credentials);
+//! - a writer that finds the pool without an idle connection returns every kept one first
+//!   ([`Readers::release_all`]).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool};
+
+use super::StoreError;
+
+/// How long a kept connection may sit unused before it goes back to the pool.
+const IDLE: Duration = Duration::from_secs(1);
+
+/// How long a connection may be kept through reads before it goes back to the pool once.
+const ROUNDS: Duration = Duration::from_secs(60);
+
+/// A connection kept for the next read.
+struct Kept {
+    connection: PoolConnection<Any>,
+    /// When it was first kept, since it last came from the pool.
+    since: Instant,
+    /// When its last read ended.
+    used: Instant,
+}
+
+/// The connections kept between reads, shared by every clone of a store.
+pub(super) struct Readers {
+    capacity: usize,
+    /// Oldest use first: a read takes the newest, and the oldest go back to the pool.
+    kept: Mutex<Vec<Kept>>,
+}
+
+impl std::fmt::Debug for Readers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readers").field("capacity", &self.capacity).field("kept", &self.lock().len()).finish()
+    }
+}
+
+impl Readers {
+    /// Keeps at most `capacity` connections (none: every read goes through the pool).
+    pub(super) fn new(capacity: usize) -> Self {
+        Self { capacity, kept: Mutex::new(Vec::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
+        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A connection for one read: a kept one if there is one, else one from `pool`.
+    pub(super) async fn take<'a>(&'a self, pool: &AnyPool) -> Result<Reader<'a>, StoreError> {
+        let (kept, stale) = {
+            let mut kept = self.lock();
+            let now = Instant::now();
+            let fresh = kept.iter().position(|k| now.duration_since(k.used) < IDLE).unwrap_or(kept.len());
+            let stale: Vec<Kept> = kept.drain(..fresh).collect();
+            (kept.pop(), stale)
+        };
+        // Outside the lock: each goes back to the pool in a task of sqlx's.
+        drop(stale);
+        let (connection, since) = match kept {
+            Some(k) => (k.connection, k.since),
+            None => (pool.acquire().await?, Instant::now()),
+        };
+        Ok(Reader { connection, since, readers: self })
+    }
+
+    /// Lets every kept connection go back to the pool.
+    pub(super) fn release_all(&self) {
+        let all = std::mem::take(&mut *self.lock());
+        drop(all);
+    }
+
+    /// Whether any connection is kept.
+    pub(super) fn any(&self) -> bool {
+        !self.lock().is_empty()
+    }
+
+    fn keep(&self, connection: PoolConnection<Any>, since: Instant) {
+        let now = Instant::now();
+        if now.duration_since(since) >= ROUNDS {
+            return;
+        }
+        let mut kept = self.lock();
+        if kept.len() < self.capacity {
+            kept.push(Kept { connection, since, used: now });
+        }
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        // A pooled connection goes back in a task, which needs a runtime; without one
+        // (a store dropped after its runtime), the kept connections are closed instead.
+        if tokio::runtime::Handle::try_current().is_err() {
+            for kept in std::mem::take(&mut *self.lock()) {
+                drop(kept.connection.detach());
+            }
+        }
+    }
+}
+
+/// A connection lent for one read. [`Reader::done`] once the read ran to its end; dropped
+/// without it (an error, a cancelled read), the connection goes back to the pool.
+pub struct Reader<'a> {
+    connection: PoolConnection<Any>,
+    since: Instant,
+    readers: &'a Readers,
+}
+
+impl std::fmt::Debug for Reader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").field("since", &self.since).finish_non_exhaustive()
+    }
+}
+
+impl Reader<'_> {
+    /// The read's connection.
+    pub fn connection(&mut self) -> &mut AnyConnection {
+        &mut self.connection
+    }
+
+    /// The read ran to its end: the connection is kept for the next one.
+    pub fn done(self) {
+        self.readers.keep(self.connection, self.since);
+    }
+}
