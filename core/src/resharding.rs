@@ -662,7 +662,13 @@ impl HandOvers {
     /// needs one more to find the next batch.
     #[must_use]
     pub fn for_source(source: &Metadata) -> Self {
-        Self::new(if source.max_connections() > 2 * CONNECTIONS_PER_LANE { 2 } else { 1 })
+        Self::new(if source.max_connections() >= MOVER_CONNECTIONS { 2 } else { 1 })
+    }
+
+    /// How many lanes the pipeline runs.
+    #[must_use]
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
     }
 
     /// Reads and holds the documents `ids` on `source`, to be handed over to `target`
@@ -710,6 +716,10 @@ impl HandOvers {
 
 /// The source connections a lane of [`HandOvers`] holds at most.
 const CONNECTIONS_PER_LANE: u32 = 3;
+
+/// The connections a source's pool needs for [`HandOvers::for_source`] to run two lanes:
+/// three for each, and one for the mover to find the next batch.
+pub const MOVER_CONNECTIONS: u32 = 2 * CONNECTIONS_PER_LANE + 1;
 
 /// What `results` moved in all, or the first error among them.
 fn sum(results: impl IntoIterator<Item = Result<Copied, MoveError>>) -> Result<Copied, MoveError> {
@@ -1280,6 +1290,7 @@ pub async fn run_move_paced(
             let index = next.names().iter().position(|n| n == name);
             let mut after = Some(0);
             let mut pipeline = HandOvers::for_source(shard.meta());
+            tracing::info!(shard = %name, lanes = pipeline.lanes(), "handing documents over");
             while let Some(from) = after {
                 let (found, cursor) =
                     moving(shard.meta(), index, next, from, i64::try_from(batch).unwrap_or(500)).await?;

@@ -8,9 +8,9 @@ use clap::{Parser, Subcommand};
 use vellum_core::blob::Tiers;
 use vellum_core::clock::Clock;
 use vellum_core::config::{PlatformConfig, read_platform};
-use vellum_core::documents::{Documents, Grace, Library, MigrationStep, library_of, open_shards};
+use vellum_core::documents::{Documents, Grace, Library, MigrationStep, library_of, open_shards_with};
 use vellum_core::process::{init_logging, shutdown_signal};
-use vellum_core::resharding::{ShardProgress, run_move_paced};
+use vellum_core::resharding::{MOVER_CONNECTIONS, ShardProgress, run_move_paced};
 use vellum_workers::Settings;
 use vellum_workers::announce::{Announcer, Entity, status_update};
 use vellum_workers::retention::{RunSettings, drain_tier, run_policy};
@@ -156,13 +156,19 @@ impl RunSettingsArgs {
 impl StoreArgs {
     /// The platform's documents on every shard, and its config.
     async fn open(&self) -> anyhow::Result<(Library, PlatformConfig)> {
+        self.open_with(0).await
+    }
+
+    /// [`Self::open`], each shard's pool opening at least `least` connections.
+    async fn open_with(&self, least: u32) -> anyhow::Result<(Library, PlatformConfig)> {
         let (config, secrets) =
             read_platform(&self.config_dir, self.secrets_dir.as_deref()).map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&self.data_dir)
             .with_context(|| format!("creating the data directory {}", self.data_dir.display()))?;
         let data_dir = self.data_dir.canonicalize().context("resolving the data directory")?;
         let tiers = Tiers::open(&config, &secrets, &data_dir).context("opening the storage tiers")?;
-        let shards = open_shards(&config, &secrets, &self.database_url).await.map_err(anyhow::Error::msg)?;
+        let shards =
+            open_shards_with(&config, &secrets, &self.database_url, least).await.map_err(anyhow::Error::msg)?;
         let shards = shards
             .into_iter()
             .map(|meta| Documents::new(meta, tiers.clone(), Clock::system(), None, u64::MAX))
@@ -427,7 +433,8 @@ async fn reshard(
     source_grace_seconds: i64,
     nats_url: Option<&str>,
 ) -> anyhow::Result<()> {
-    let (library, config) = store.open().await?;
+    // This process only moves documents: room for the mover's two lanes on each shard.
+    let (library, config) = store.open_with(MOVER_CONNECTIONS).await?;
     let pace = config.shard_move.as_ref().map(|m| m.to.resharding.clone()).unwrap_or_default();
     let batch = batch.unwrap_or(pace.batch_size as usize);
     let per_second = documents_per_second.or(pace.documents_per_second);

@@ -30,7 +30,7 @@ fn reshard(dir: &std::path::Path, url: &str, nats: Option<&str>) -> (bool, serde
         .arg(dir.join("compiled"))
         .arg("--data-dir")
         .arg(dir)
-        .env("VELLUM_LOG", "warn")
+        .env("VELLUM_LOG", "info")
         .output()
         .unwrap();
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
@@ -89,6 +89,10 @@ async fn the_reshard_command_moves_what_the_new_routing_sends_elsewhere_and_exit
     client.flush().await.unwrap();
     let (ok, report, stderr) = reshard(dir.path(), &dbs[0].url, Some(&nats.url()));
     assert!(ok, "{stderr}");
+    // Three shards leave a replica five connections to each, room for one lane; this
+    // process only moves documents and gives the source room for two.
+    let lanes: Vec<&str> = stderr.lines().filter(|l| l.contains("handing documents over")).collect();
+    assert!(!lanes.is_empty() && lanes.iter().all(|l| l.contains("lanes=2")), "{lanes:?}");
     let mut updates = Vec::new();
     while let Ok(Some(message)) = tokio::time::timeout(std::time::Duration::from_secs(2), notices.next()).await {
         let notice: vellum_jetstream::notices::WireNotice = serde_json::from_slice(&message.payload).unwrap();

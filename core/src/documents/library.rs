@@ -387,13 +387,27 @@ pub async fn open_shards(
     secrets: &SecretBundle,
     database_url: &str,
 ) -> Result<Vec<Metadata>, String> {
+    open_shards_with(config, secrets, database_url, 0).await
+}
+
+/// [`open_shards`], with pools of at least `least` connections each: the resharding Job's,
+/// a process that only moves documents, gives each shard room for the mover's two lanes
+/// ([`crate::resharding::MOVER_CONNECTIONS`]) where a replica's share of its budget would
+/// leave one (five connections each with three shards). It moves from one source at a
+/// time, and a pool opens its connections as they are needed.
+pub async fn open_shards_with(
+    config: &PlatformConfig,
+    secrets: &SecretBundle,
+    database_url: &str,
+    least: u32,
+) -> Result<Vec<Metadata>, String> {
     if config.shards.is_none() {
         return Ok(vec![
             Metadata::open(database_url).await.map_err(|e| format!("opening the metadata database: {e}"))?,
         ]);
     }
     let shards = config.all_shards();
-    let connections = shard_connections(shards.len());
+    let connections = shard_connections(shards.len()).max(least);
     let opens = shards.into_iter().map(|shard| async move {
         let url = secrets.get(&shard.url).and_then(|v| v.expose_str()).ok_or_else(|| {
             format!("the URL of shard {} is missing or not UTF-8 (Secret key {})", shard.name, shard.url)

@@ -24,8 +24,8 @@ use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
 pub use library::{
-    DocumentUpload, Library, Upload, VersionUpload, library_of, open_shards, reopen_shards, rotate_credentials,
-    routes_as, shard_connections,
+    DocumentUpload, Library, Upload, VersionUpload, library_of, open_shards, open_shards_with, reopen_shards,
+    rotate_credentials, routes_as, shard_connections,
 };
 pub use model::*;
 pub use scrub::{QuarantinedBlob, ScrubReport};
