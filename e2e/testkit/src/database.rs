@@ -69,7 +69,7 @@ impl TestDatabase {
 const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for TestDatabase {
-    /// Drops the database, waiting at most [`DROP_WAIT`] once the statement is sent.
+    /// Drops the database, waiting at most `DROP_WAIT` (five seconds) once the statement is sent.
     ///
     /// The code under test may be opening one more connection to the database on the very
     /// runtime this drop blocks. That backend is still authenticating: `WITH (FORCE)` does
