@@ -163,3 +163,23 @@ async fn a_read_dropped_half_way_leaves_its_answer_to_no_later_read() {
         }
     }
 }
+
+/// A connection kept after a read goes back to the pool once left unused, even when no
+/// read or write comes to take it: a store whose reads stopped keeps nothing for long.
+#[tokio::test]
+async fn a_kept_connection_left_unused_goes_back_to_the_pool() {
+    let db = TestDatabase::new().await.expect("Postgres (run scripts/test --services-only)");
+    let meta = Metadata::open_with(&db.url, 4).await.unwrap();
+    let mut reader = meta.reader().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT 1::BIGINT").fetch_one(reader.connection()).await.unwrap();
+    reader.done();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (size, idle) = (meta.pool().size(), meta.pool().num_idle());
+    assert_eq!(u32::try_from(idle).unwrap() + 1, size, "the read's connection is kept, out of the pool");
+    let started = std::time::Instant::now();
+    while u32::try_from(meta.pool().num_idle()).unwrap() < meta.pool().size() {
+        assert!(started.elapsed() < Duration::from_secs(5), "the kept connection never went back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(800), "it went back only once left unused for a while");
+}

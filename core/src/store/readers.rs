@@ -11,13 +11,14 @@
 //! What is kept here is bounded three ways, so that it never takes from writers what the
 //! pool would have given them:
 //! - at most [`Readers::new`]'s `capacity` connections (half the pool);
-//! - a connection unused for [`IDLE`] goes back to the pool, and so does one kept through
-//!   reads for [`ROUNDS`] (the pool then applies its own age limit and any rotated
-//!   credentials);
+//! - a connection unused for [`IDLE`] goes back to the pool (a task looks every [`IDLE`]
+//!   while any is kept), and so does one kept through reads for [`ROUNDS`] (the pool then
+//!   applies its own age limit and any rotated credentials);
 //! - a writer that finds the pool without an idle connection returns every kept one first
 //!   ([`Readers::release_all`]).
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
@@ -45,18 +46,24 @@ pub(super) struct Readers {
     capacity: usize,
     /// Oldest use first: a read takes the newest, and the oldest go back to the pool.
     kept: Mutex<Vec<Kept>>,
+    /// Whether a task is returning the connections left unused.
+    sweeping: AtomicBool,
 }
 
 impl std::fmt::Debug for Readers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Readers").field("capacity", &self.capacity).field("kept", &self.lock().len()).finish()
+        f.debug_struct("Readers")
+            .field("capacity", &self.capacity)
+            .field("kept", &self.lock().len())
+            .field("sweeping", &self.sweeping.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
 impl Readers {
     /// Keeps at most `capacity` connections (none: every read goes through the pool).
     pub(super) fn new(capacity: usize) -> Self {
-        Self { capacity, kept: Mutex::new(Vec::new()) }
+        Self { capacity, kept: Mutex::new(Vec::new()), sweeping: AtomicBool::new(false) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
@@ -64,12 +71,10 @@ impl Readers {
     }
 
     /// A connection for one read: a kept one if there is one, else one from `pool`.
-    pub(super) async fn take<'a>(&'a self, pool: &AnyPool) -> Result<Reader<'a>, StoreError> {
+    pub(super) async fn take<'a>(self: &'a Arc<Self>, pool: &AnyPool) -> Result<Reader<'a>, StoreError> {
         let (kept, stale) = {
             let mut kept = self.lock();
-            let now = Instant::now();
-            let fresh = kept.iter().position(|k| now.duration_since(k.used) < IDLE).unwrap_or(kept.len());
-            let stale: Vec<Kept> = kept.drain(..fresh).collect();
+            let stale = Self::stale(&mut kept);
             (kept.pop(), stale)
         };
         // Outside the lock: each goes back to the pool in a task of sqlx's.
@@ -79,6 +84,35 @@ impl Readers {
             None => (pool.acquire().await?, Instant::now()),
         };
         Ok(Reader { connection, since, readers: self })
+    }
+
+    /// Takes out of `kept` those left unused for [`IDLE`] (the oldest first).
+    fn stale(kept: &mut Vec<Kept>) -> Vec<Kept> {
+        let now = Instant::now();
+        let fresh = kept.iter().position(|k| now.duration_since(k.used) < IDLE).unwrap_or(kept.len());
+        kept.drain(..fresh).collect()
+    }
+
+    /// Returns the connections left unused to the pool, every [`IDLE`] while any is kept,
+    /// so that a store whose reads stopped keeps none for long.
+    async fn sweep(readers: Weak<Self>) {
+        loop {
+            tokio::time::sleep(IDLE).await;
+            let Some(readers) = readers.upgrade() else { return };
+            let (stale, empty) = {
+                let mut kept = readers.lock();
+                let stale = Self::stale(&mut kept);
+                if kept.is_empty() {
+                    // Decided under the lock: a connection kept after it starts a sweep again.
+                    readers.sweeping.store(false, Ordering::Release);
+                }
+                (stale, kept.is_empty())
+            };
+            drop(stale);
+            if empty {
+                return;
+            }
+        }
     }
 
     /// Lets every kept connection go back to the pool.
@@ -92,7 +126,7 @@ impl Readers {
         !self.lock().is_empty()
     }
 
-    fn keep(&self, connection: PoolConnection<Any>, since: Instant) {
+    fn keep(self: &Arc<Self>, connection: PoolConnection<Any>, since: Instant) {
         let now = Instant::now();
         if now.duration_since(since) >= ROUNDS {
             return;
@@ -100,6 +134,9 @@ impl Readers {
         let mut kept = self.lock();
         if kept.len() < self.capacity {
             kept.push(Kept { connection, since, used: now });
+            if !self.sweeping.swap(true, Ordering::AcqRel) {
+                tokio::spawn(Self::sweep(Arc::downgrade(self)));
+            }
         }
     }
 }
@@ -121,7 +158,7 @@ impl Drop for Readers {
 pub struct Reader<'a> {
     connection: PoolConnection<Any>,
     since: Instant,
-    readers: &'a Readers,
+    readers: &'a Arc<Readers>,
 }
 
 impl std::fmt::Debug for Reader<'_> {
