@@ -183,3 +183,23 @@ async fn a_kept_connection_left_unused_goes_back_to_the_pool() {
     }
     assert!(started.elapsed() >= Duration::from_millis(800), "it went back only once left unused for a while");
 }
+
+/// A read that ends while the pool is spent gives its connection back to whoever waits
+/// for one from the pool, rather than keeping it for the next read.
+#[tokio::test]
+async fn a_read_ending_while_others_wait_gives_its_connection_to_them() {
+    let db = TestDatabase::new().await.expect("Postgres (run scripts/test --services-only)");
+    let meta = Metadata::open_with(&db.url, 2).await.unwrap();
+    let held = meta.begin_write().await.unwrap();
+    let mut reader = meta.reader().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT 1::BIGINT").fetch_one(reader.connection()).await.unwrap();
+    let pool = meta.pool().clone();
+    let waiting = tokio::spawn(async move { pool.acquire().await.map(drop) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "the pool's two connections are in use");
+    reader.done();
+    // Well before the kept connections' idle second.
+    let got = tokio::time::timeout(Duration::from_millis(500), waiting).await;
+    assert!(matches!(got, Ok(Ok(Ok(())))), "the waiting pool user got the read's connection: {got:?}");
+    drop(held);
+}

@@ -184,10 +184,12 @@ impl Metadata {
         }
         let pool =
             pool.acquire_timeout(Duration::from_secs(30)).connect_with(options).await.map_err(StoreError::Connect)?;
-        // Half the pool at most is kept for reads; SQLite's few connections are all the
-        // file allows, and its reads cost no round trip.
+        // As many as the pool holds may be kept for reads (while it is not spent: see
+        // `readers.rs`); a shard's pool of four, half kept, sent most reads of eight readers
+        // over four shards through the pool's round trip. SQLite's few connections are all
+        // the file allows, and its reads cost no round trip.
         let kept = match dialect {
-            Dialect::Postgres => connections.max(1) as usize / 2,
+            Dialect::Postgres => connections.max(1) as usize,
             Dialect::Sqlite => 0,
         };
         Ok(Self { pool, dialect, readers: Arc::new(Readers::new(kept)), url: Arc::new(std::sync::Mutex::new(url)) })

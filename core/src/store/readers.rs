@@ -8,9 +8,11 @@
 //! without asking the pool. A read that failed or was dropped half-way lets its connection
 //! go back to the pool, which tests it as before.
 //!
-//! What is kept here is bounded three ways, so that it never takes from writers what the
-//! pool would have given them:
-//! - at most [`Readers::new`]'s `capacity` connections (half the pool);
+//! What is kept here is bounded so that it never takes for long what the pool would have
+//! given others:
+//! - a connection is kept only while the pool has one idle or room to open one: a read
+//!   ending when the pool is spent gives its connection back, to whoever waits for one;
+//! - at most [`Readers::new`]'s `capacity` connections;
 //! - a connection unused for [`IDLE`] goes back to the pool (a task looks every [`IDLE`]
 //!   while any is kept), and so does one kept through reads for [`ROUNDS`] (the pool then
 //!   applies its own age limit and any rotated credentials);
@@ -71,7 +73,7 @@ impl Readers {
     }
 
     /// A connection for one read: a kept one if there is one, else one from `pool`.
-    pub(super) async fn take<'a>(self: &'a Arc<Self>, pool: &AnyPool) -> Result<Reader<'a>, StoreError> {
+    pub(super) async fn take<'a>(self: &'a Arc<Self>, pool: &'a AnyPool) -> Result<Reader<'a>, StoreError> {
         let (kept, stale) = {
             let mut kept = self.lock();
             let stale = Self::stale(&mut kept);
@@ -83,7 +85,7 @@ impl Readers {
             Some(k) => (k.connection, k.since),
             None => (pool.acquire().await?, Instant::now()),
         };
-        Ok(Reader { connection, since, readers: self })
+        Ok(Reader { connection, since, readers: self, pool })
     }
 
     /// Takes out of `kept` those left unused for [`IDLE`] (the oldest first).
@@ -126,9 +128,10 @@ impl Readers {
         !self.lock().is_empty()
     }
 
-    fn keep(self: &Arc<Self>, connection: PoolConnection<Any>, since: Instant) {
+    fn keep(self: &Arc<Self>, connection: PoolConnection<Any>, since: Instant, pool: &AnyPool) {
         let now = Instant::now();
-        if now.duration_since(since) >= ROUNDS {
+        let spent = pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections();
+        if spent || now.duration_since(since) >= ROUNDS {
             return;
         }
         let mut kept = self.lock();
@@ -159,6 +162,7 @@ pub struct Reader<'a> {
     connection: PoolConnection<Any>,
     since: Instant,
     readers: &'a Arc<Readers>,
+    pool: &'a AnyPool,
 }
 
 impl std::fmt::Debug for Reader<'_> {
@@ -173,8 +177,9 @@ impl Reader<'_> {
         &mut self.connection
     }
 
-    /// The read ran to its end: the connection is kept for the next one.
+    /// The read ran to its end: the connection is kept for the next one (unless the pool
+    /// is spent, when it goes back there).
     pub fn done(self) {
-        self.readers.keep(self.connection, self.since);
+        self.readers.keep(self.connection, self.since, self.pool);
     }
 }
