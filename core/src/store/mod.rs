@@ -188,11 +188,8 @@ impl Metadata {
         // `readers.rs`); a shard's pool of four, half kept, sent most reads of eight readers
         // over four shards through the pool's round trip. SQLite's few connections are all
         // the file allows, and its reads cost no round trip.
-        let kept = match dialect {
-            Dialect::Postgres => connections.max(1) as usize,
-            Dialect::Sqlite => 0,
-        };
-        Ok(Self { pool, dialect, readers: Arc::new(Readers::new(kept)), url: Arc::new(std::sync::Mutex::new(url)) })
+        let readers = Arc::new(Readers::new(dialect == Dialect::Postgres));
+        Ok(Self { pool, dialect, readers, url: Arc::new(std::sync::Mutex::new(url)) })
     }
 
     /// Uses `url` for the connections made from now on, when it names the same database
@@ -335,7 +332,7 @@ impl Metadata {
     /// locks for ever. Here the `BEGIN` runs to its answer in a task of its own; a
     /// transaction nobody waits for any more is dropped begun, and so rolled back.
     pub async fn begin_with(&self, statement: Option<&'static str>) -> Result<Tx, StoreError> {
-        if self.pool.num_idle() == 0 && self.pool.size() >= self.max_connections() && self.readers.any() {
+        if readers::spent(&self.pool) && self.readers.any() {
             // The pool is spent: what the readers keep goes back to it first.
             self.readers.release_all();
         }

@@ -12,7 +12,6 @@
 //! given others:
 //! - a connection is kept only while the pool has one idle or room to open one: a read
 //!   ending when the pool is spent gives its connection back, to whoever waits for one;
-//! - at most [`Readers::new`]'s `capacity` connections;
 //! - a connection unused for [`IDLE`] goes back to the pool (a task looks every [`IDLE`]
 //!   while any is kept), and so does one kept through reads for [`ROUNDS`] (the pool then
 //!   applies its own age limit and any rotated credentials);
@@ -45,7 +44,8 @@ struct Kept {
 
 /// The connections kept between reads, shared by every clone of a store.
 pub(super) struct Readers {
-    capacity: usize,
+    /// Whether reads keep connections at all.
+    keeps: bool,
     /// Oldest use first: a read takes the newest, and the oldest go back to the pool.
     kept: Mutex<Vec<Kept>>,
     /// Whether a task is returning the connections left unused.
@@ -55,7 +55,7 @@ pub(super) struct Readers {
 impl std::fmt::Debug for Readers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Readers")
-            .field("capacity", &self.capacity)
+            .field("keeps", &self.keeps)
             .field("kept", &self.lock().len())
             .field("sweeping", &self.sweeping.load(Ordering::Relaxed))
             .finish()
@@ -63,9 +63,11 @@ impl std::fmt::Debug for Readers {
 }
 
 impl Readers {
-    /// Keeps at most `capacity` connections (none: every read goes through the pool).
-    pub(super) fn new(capacity: usize) -> Self {
-        Self { capacity, kept: Mutex::new(Vec::new()), sweeping: AtomicBool::new(false) }
+    /// Readers that keep connections, or (`keeps` false) none: every read goes through
+    /// the pool. How many are kept is bounded by the pool's size, as a connection is kept
+    /// only while the pool is not [`spent`].
+    pub(super) fn new(keeps: bool) -> Self {
+        Self { keeps, kept: Mutex::new(Vec::new()), sweeping: AtomicBool::new(false) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
@@ -130,18 +132,21 @@ impl Readers {
 
     fn keep(self: &Arc<Self>, connection: PoolConnection<Any>, since: Instant, pool: &AnyPool) {
         let now = Instant::now();
-        let spent = pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections();
-        if spent || now.duration_since(since) >= ROUNDS {
+        if !self.keeps || spent(pool) || now.duration_since(since) >= ROUNDS {
             return;
         }
         let mut kept = self.lock();
-        if kept.len() < self.capacity {
-            kept.push(Kept { connection, since, used: now });
-            if !self.sweeping.swap(true, Ordering::AcqRel) {
-                tokio::spawn(Self::sweep(Arc::downgrade(self)));
-            }
+        kept.push(Kept { connection, since, used: now });
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(Self::sweep(Arc::downgrade(self)));
         }
     }
+}
+
+/// Whether `pool` has no connection idle and no room to open one: whoever asks it for one
+/// waits.
+pub(super) fn spent(pool: &AnyPool) -> bool {
+    pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections()
 }
 
 impl Drop for Readers {
