@@ -16,8 +16,10 @@
 //! Then the routing's cost on reads: metadata reads per second through a library of 1, 2
 //! and 4 shards (databases on the same Postgres server, the documents spread as the routing
 //! sends them) against the same reads from one database directly (goal: at least 0.9), with
-//! `VELLUM_BENCH_READERS` concurrent readers (default 8), each measured three times, alternately, for
-//! `VELLUM_BENCH_SECONDS` (default 3), the better run counting.
+//! `VELLUM_BENCH_READERS` concurrent readers (default 8): after a second of each to open
+//! the pools' connections, `VELLUM_BENCH_ROUNDS` rounds (default 5) of
+//! `VELLUM_BENCH_SECONDS` (default 2) directly and then through the routing; the ratio
+//! printed is the median of the rounds' ratios, with their range.
 //!
 //! Last, the requests failed during a move: readers, writers and uploaders go on through a
 //! library that knows a move from one shard to two while the mover hands the documents
@@ -310,7 +312,8 @@ where
 /// Reads through libraries of 1, 2 and 4 shards against reads of one database.
 async fn routing_overhead(n: usize) {
     let readers = knob("VELLUM_BENCH_READERS", 8);
-    let span = Duration::from_secs(u64::try_from(knob("VELLUM_BENCH_SECONDS", 3)).expect("seconds"));
+    let span = Duration::from_secs(u64::try_from(knob("VELLUM_BENCH_SECONDS", 2)).expect("seconds"));
+    let rounds = knob("VELLUM_BENCH_ROUNDS", 5).max(1);
     let (_single_db, single) = shard_of(n, &ring(&["a"]), 0).await;
     let direct = || {
         let single = single.clone();
@@ -346,14 +349,30 @@ async fn routing_overhead(n: usize) {
             shards.push(docs);
         }
         let library = Arc::new(Library::sharded(Arc::new(table), shards));
-        let (mut best_direct, mut best) = (0f64, 0f64);
-        for _ in 0..3 {
-            best_direct = best_direct.max(reads_per_second(n, readers, span, direct()).await);
-            best = best.max(reads_per_second(n, readers, span, routed(&library)).await);
+        // A round of each first, unmeasured: the pools open their connections. Then rounds
+        // side by side, each routed measurement paired with the direct one just before it:
+        // on a shared machine the rate of either drifts by a fifth between rounds, and the
+        // median of the pairs' ratios follows what the two have in common.
+        reads_per_second(n, readers, Duration::from_secs(1), direct()).await;
+        reads_per_second(n, readers, Duration::from_secs(1), routed(&library)).await;
+        let (mut ratios, mut rates) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let alone = reads_per_second(n, readers, span, direct()).await;
+            let through = reads_per_second(n, readers, span, routed(&library)).await;
+            ratios.push(through / alone);
+            rates.push((through, alone));
         }
+        let median = |mut values: Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let through = median(rates.iter().map(|r| r.0).collect());
+        let alone = median(rates.iter().map(|r| r.1).collect());
+        let (low, high) =
+            (ratios.iter().copied().fold(f64::MAX, f64::min), ratios.iter().copied().fold(0f64, f64::max));
         println!(
-            "  through the routing, {count} shard(s) on the same server: {best:.0} reads/s | directly {best_direct:.0} reads/s | ratio {:.2} (goal >= 0.9)",
-            best / best_direct
+            "  through the routing, {count} shard(s) on the same server: {through:.0} reads/s | directly {alone:.0} reads/s | ratio {:.2}, median of {rounds} rounds side by side ({low:.2}-{high:.2}) (goal >= 0.9)",
+            median(ratios)
         );
         for shard in library.shards() {
             shard.meta().close().await;

@@ -496,7 +496,8 @@ async fn a_running_gateway_and_worker_follow_a_resharding_through_their_config()
     for i in 0..30 {
         ids.push(support::upload(&client, &gw.url, &alice, &format!("before-{i}.txt")).await["id"].as_i64().unwrap());
     }
-    // The most connections each shard's pool opens: a replica's budget, shared.
+    // The most connections each shard's pool opens: twice a replica's budget, shared, at
+    // most the budget each.
     let pools = |docs: &vellum_core::documents::Library| -> Vec<u32> {
         docs.shards().iter().map(|d| d.meta().max_connections()).collect()
     };
@@ -508,7 +509,7 @@ async fn a_running_gateway_and_worker_follow_a_resharding_through_their_config()
     write_compiled(&compiled, &moving, &secrets);
     let to = RoutingTable::build(two.shards.as_ref().unwrap()).unwrap();
     until_routed(&gw, "loaded the move", |docs| docs.next().is_some_and(|n| n.version() == to.version())).await;
-    assert_eq!(pools(&gw.state.docs()), [8, 8], "two shards share the budget, the one kept included");
+    assert_eq!(pools(&gw.state.docs()), [16, 16], "two shards, the one kept included, each up to the budget");
     // The worker relays the new shard too, and says so: what the operator waits for.
     worker_routes((Some(from.version().to_owned()), Some(to.version().to_owned()))).await;
     for i in 0..10 {

@@ -367,16 +367,22 @@ impl VersionUpload<'_> {
     }
 }
 
-/// The most connections each shard's pool opens when a replica has `shards` of them: the
-/// one-database budget ([`crate::store::MAX_CONNECTIONS`]) shared out, but never fewer than
-/// four. Shards often share a Postgres server: with sixteen connections to each of four
-/// shards on one server, it served the same reads from up to four times the backends (the
-/// pool hands its connections out in turn, each backend's caches cold, and the server's
-/// connection limit nearer by as many), at 0.79–0.85 of one database's rate; sized so, at
-/// 0.98–1.05 (`cargo bench -p vellum-core --bench resharding`).
+/// The most connections each shard's pool opens when a replica has `shards` of them:
+/// twice the one-database budget ([`crate::store::MAX_CONNECTIONS`]) shared out, at most
+/// that budget and never fewer than four (a replica opens at most 32 connections over two
+/// to eight shards, 16 to one database).
+///
+/// Shards often share a Postgres server, and a pool opens only as many connections as it
+/// has been asked for at once: the bound bites on bursts. Below it, reads keep their
+/// connection for the next read ([`crate::store::Metadata::reader`]) and skip the pool's
+/// extra round trip; at it, a read ending gives its connection back to whoever waits. With
+/// the budget halved (four each of four shards), eight readers found a shard's pool spent
+/// on a quarter of their reads and read at 0.82-0.83 of one database's rate; with eight
+/// each, on one in a thousand, at 0.91-0.92 (`cargo bench -p vellum-core --bench
+/// resharding`, the median of nine rounds side by side).
 pub fn shard_connections(shards: usize) -> u32 {
     let shards = u32::try_from(shards.max(1)).unwrap_or(u32::MAX);
-    (crate::store::MAX_CONNECTIONS / shards).max(4)
+    (2 * crate::store::MAX_CONNECTIONS / shards).clamp(4, crate::store::MAX_CONNECTIONS)
 }
 
 /// The metadata databases of a platform, opened (and migrated): every shard of the
@@ -393,7 +399,7 @@ pub async fn open_shards(
 /// [`open_shards`], with pools of at least `least` connections each: the resharding Job's,
 /// a process that only moves documents, gives each shard room for the mover's two lanes
 /// ([`crate::resharding::MOVER_CONNECTIONS`]) where a replica's share of its budget would
-/// leave one (five connections each with three shards). It moves from one source at a
+/// leave one (four connections each with eight shards). It moves from one source at a
 /// time, and a pool opens its connections as they are needed.
 pub async fn open_shards_with(
     config: &PlatformConfig,
@@ -521,12 +527,12 @@ mod tests {
     use crate::crds::storage_tier::{Compression, TierClass};
     use crate::documents::NewDocument;
 
-    /// A replica's connections to its shards stay within the one-database budget (16) as
-    /// shards are added, down to four a shard.
+    /// A replica's connections to its shards stay within twice the one-database budget (16)
+    /// as shards are added, at most 16 a shard and down to four.
     #[test]
     fn shards_share_the_connection_budget() {
-        let budget: Vec<(usize, u32)> = [1, 2, 3, 4, 5, 8].iter().map(|&n| (n, shard_connections(n))).collect();
-        assert_eq!(budget, [(1, 16), (2, 8), (3, 5), (4, 4), (5, 4), (8, 4)]);
+        let budget: Vec<(usize, u32)> = [1, 2, 3, 4, 5, 8, 16].iter().map(|&n| (n, shard_connections(n))).collect();
+        assert_eq!(budget, [(1, 16), (2, 16), (3, 10), (4, 8), (5, 6), (8, 4), (16, 4)]);
         assert_eq!(shard_connections(0), 16, "no ShardSet: the one database");
     }
 
