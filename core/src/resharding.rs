@@ -35,15 +35,17 @@
 //!
 //! [`copy_batch`] copies without handing over (the source keeps the documents).
 //!
-//! Postgres only: a platform with more than one shard runs on Postgres.
+//! Postgres only: a platform with more than one shard runs on Postgres. The batches move
+//! through Postgres' own driver ([`Metadata::begin_native`]), which decodes the rows
+//! without the generic driver's copy of every value.
 
 use sha2::{Digest, Sha256};
-use sqlx::any::AnyRow;
+use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::documents::Library;
 use crate::routing::RoutingTable;
-use crate::store::{Dialect, Metadata, StoreError};
+use crate::store::{Dialect, Metadata, NativeTx, StoreError};
 
 /// A column's type, as the copy reads and writes it.
 #[derive(Clone, Copy, Debug)]
@@ -239,7 +241,7 @@ impl Table {
         )
     }
 
-    fn decode(&self, row: &AnyRow) -> Result<Vec<Value>, StoreError> {
+    fn decode(&self, row: &PgRow) -> Result<Vec<Value>, StoreError> {
         self.columns
             .iter()
             .enumerate()
@@ -360,7 +362,7 @@ const AT_VERSIONS: usize = 2;
 
 /// The rows of `tables` of the things keyed by `keys` (an array literal of `K`s).
 async fn read_rows<K: Key>(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut sqlx::PgConnection,
     tables: &[&Table],
     keys: &str,
     lock: Option<Lock>,
@@ -374,7 +376,7 @@ async fn read_rows<K: Key>(
 
 /// The rows of `table` of the things keyed by `keys` (an array literal of `K`s).
 async fn read_table<K: Key>(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut sqlx::PgConnection,
     table: &Table,
     keys: &str,
     lock: Option<Lock>,
@@ -385,7 +387,7 @@ async fn read_table<K: Key>(
 
 /// Writes `rows` of `tables`, one statement a table: the rows as the database stored
 /// them, table by table, which the verification compares with the source's.
-async fn write_rows(conn: &mut sqlx::AnyConnection, tables: &[&Table], rows: &Rows) -> Result<Rows, StoreError> {
+async fn write_rows(conn: &mut sqlx::PgConnection, tables: &[&Table], rows: &Rows) -> Result<Rows, StoreError> {
     let mut stored = Vec::with_capacity(tables.len());
     for (table, rows) in tables.iter().zip(rows) {
         stored.push(write_table(conn, table, rows).await?);
@@ -396,7 +398,7 @@ async fn write_rows(conn: &mut sqlx::AnyConnection, tables: &[&Table], rows: &Ro
 /// Writes `rows` of `table` in one statement: the rows as the database stored them. A blob
 /// the target already had keeps its row, and that row is what is returned for it.
 async fn write_table(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut sqlx::PgConnection,
     table: &Table,
     rows: &[Vec<Value>],
 ) -> Result<Vec<Vec<Value>>, StoreError> {
@@ -432,7 +434,7 @@ async fn write_table(
 /// Leaves a marker in `table` (`moved_documents` or `moved_sessions`) for each of `keys`,
 /// naming the shard `target` it was handed over to at `now`.
 async fn mark_moved<K: Key>(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut sqlx::PgConnection,
     table: &str,
     keys: &[K],
     target: &str,
@@ -453,7 +455,7 @@ async fn mark_moved<K: Key>(
 
 /// Deletes the rows of `table` whose `column` is one of `keys`.
 async fn delete_keyed<K: Key>(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut sqlx::PgConnection,
     table: &str,
     column: &str,
     keys: &[K],
@@ -805,7 +807,7 @@ async fn release(pending: Option<Handing>) -> Result<Copied, MoveError> {
 /// A batch copied, verified and committed on its target, still held on its source.
 struct Handing {
     /// The source's transaction, holding the batch.
-    held: sqlx::Transaction<'static, sqlx::Any>,
+    held: NativeTx,
     rows: Rows,
     on_target: Rows,
     copied: Copied,
@@ -889,8 +891,8 @@ impl Handing {
 
 /// A batch copied and verified on the target, neither transaction committed yet.
 struct Copy {
-    held: sqlx::Transaction<'static, sqlx::Any>,
-    target: sqlx::Transaction<'static, sqlx::Any>,
+    held: NativeTx,
+    target: NativeTx,
     /// The source's rows, table by table.
     rows: Rows,
     /// The target's rows as read back.
@@ -913,7 +915,7 @@ async fn copy(source: &Metadata, target: &Metadata, ids: &[i64], lock: Lock) -> 
 /// A batch held on its source: its documents' rows read, and held there until the
 /// transaction ends.
 struct Held {
-    tx: sqlx::Transaction<'static, sqlx::Any>,
+    tx: NativeTx,
     ids: Vec<i64>,
     /// The rows read so far, of the first of [`TABLES`] (the documents' at least).
     rows: Rows,
@@ -939,7 +941,7 @@ async fn hold(source: &Metadata, ids: &[i64], lock: Lock, whole: bool) -> Result
     }
     // Read committed: each statement sees the writes finished before it, and none can
     // finish on the batch once its documents are held.
-    let mut held = source.begin_with(None).await?;
+    let mut held = source.begin_native(None).await?.ok_or(MoveError::NotPostgres)?;
     let keys = array(ids);
     let mut rows = vec![read_table::<i64>(&mut held, &DOCUMENTS, &keys, Some(lock)).await?];
     // A document of the batch that left the source with a marker is the target's now (a
@@ -967,7 +969,7 @@ async fn write(batch: Held, target: &Metadata) -> Result<Copy, MoveError> {
     // Read committed: a copy writing a blob row that another (a lane beside it, an upload)
     // is writing waits for it and then keeps that row, where under a snapshot it would
     // fail to serialize. The rows read back are the ones written or kept.
-    let mut tx = target.begin_with(None).await?;
+    let mut tx = target.begin_native(None).await?.ok_or(MoveError::NotPostgres)?;
     let (tables, receive) = tokio::sync::mpsc::channel(TABLES.len());
     let unread = &TABLES[read_before.len()..];
     let reading = async {
@@ -1087,7 +1089,7 @@ pub async fn hand_over_sessions(
     if ids.len() > MAX_BATCH {
         return Err(MoveError::BatchTooLarge(ids.len()));
     }
-    let mut held = source.begin_with(None).await?;
+    let mut held = source.begin_native(None).await?.ok_or(MoveError::NotPostgres)?;
     let query = sqlx::query_as::<_, (String, String, Option<i64>)>(
         "SELECT id, status, lock_until FROM upload_sessions WHERE id = ANY((SELECT $1::text[])::text[]) ORDER BY id FOR UPDATE",
     );
@@ -1107,7 +1109,8 @@ pub async fn hand_over_sessions(
     // The target's rows of these sessions (left by a hand-over cut short before its
     // source committed) are replaced whole, and a marker left when a session moved away
     // from there before goes: it is back.
-    let mut tx = target.begin_with(Some("BEGIN ISOLATION LEVEL REPEATABLE READ")).await?;
+    let mut tx =
+        target.begin_native(Some("BEGIN ISOLATION LEVEL REPEATABLE READ")).await?.ok_or(MoveError::NotPostgres)?;
     for table in ["upload_sessions", "moved_sessions"] {
         delete_keyed(&mut tx, table, "id", &movable).await?;
     }

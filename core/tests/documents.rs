@@ -492,8 +492,22 @@ async fn rotated_database_credentials_serve_new_connections_and_resized_pools_an
     let mut rotated = url::Url::parse(&db.url).unwrap();
     rotated.set_username(&role).unwrap();
     rotated.set_password(Some("a-rotated-password")).unwrap();
+    // The native driver's pool (the mover's), open before the rotation, holds a
+    // connection logged in as before.
+    let mut before = meta.begin_native(None).await.unwrap().expect("Postgres");
+    let user: String = sqlx::query_scalar("SELECT CAST(current_user AS TEXT)").fetch_one(&mut *before).await.unwrap();
+    assert_ne!(user, role);
     assert_eq!(meta.rotate(rotated.as_str()), Ok(true));
     assert_eq!(meta.rotate(rotated.as_str()), Ok(false), "nothing changed");
+    // Its next connection logs in with the rotated credentials too.
+    let mut after = meta.begin_native(None).await.unwrap().expect("Postgres");
+    let user: String = sqlx::query_scalar("SELECT CAST(current_user AS TEXT)").fetch_one(&mut *after).await.unwrap();
+    assert_eq!(user, role);
+    after.rollback().await.unwrap();
+    before.rollback().await.unwrap();
+    // The store shows no password.
+    let shown = format!("{meta:?}");
+    assert!(shown.contains("Metadata") && !shown.contains("a-rotated-password"), "{shown}");
 
     // The connections open stay; every new one logs in with the rotated credentials.
     while meta.pool().size() > 0 {
@@ -515,7 +529,7 @@ async fn rotated_database_credentials_serve_new_connections_and_resized_pools_an
     let refused = meta.rotate(elsewhere.as_str()).unwrap_err();
     assert!(refused.contains("another database") && !refused.contains("a-rotated-password"), "{refused}");
     assert_eq!(meta.rotate(rotated.as_str()), Ok(false), "the refused URL was not taken");
-    meta.pool().close().await;
+    meta.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {role}"))).execute(&admin).await.unwrap();
 }
 

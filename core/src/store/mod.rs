@@ -7,11 +7,12 @@
 //! in `migrations/postgres` and `migrations/sqlite`.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, PgPool, Postgres, Transaction};
 
 mod readers;
 pub use readers::Reader;
@@ -95,7 +96,7 @@ impl TxError for StoreError {
 }
 
 /// The metadata store: a connection pool and the dialect behind it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Metadata {
     pool: AnyPool,
     dialect: Dialect,
@@ -103,7 +104,25 @@ pub struct Metadata {
     readers: Arc<Readers>,
     /// The URL new connections are made with (it may hold a password: never shown).
     url: Arc<std::sync::Mutex<String>>,
+    /// A pool of Postgres' own driver, opened on first use by those that move many rows
+    /// ([`Self::begin_native`]).
+    native: Arc<OnceLock<PgPool>>,
 }
+
+impl std::fmt::Debug for Metadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL is left out: it may hold a password.
+        f.debug_struct("Metadata")
+            .field("pool", &self.pool)
+            .field("dialect", &self.dialect)
+            .field("readers", &self.readers)
+            .field("native", &self.native.get().map(PgPool::size))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A transaction of Postgres' own driver ([`Metadata::begin_native`]).
+pub type NativeTx = Transaction<'static, Postgres>;
 
 /// The store's transactions.
 pub type Tx = Transaction<'static, Any>;
@@ -189,7 +208,7 @@ impl Metadata {
         // over four shards through the pool's round trip. SQLite's few connections are all
         // the file allows, and its reads cost no round trip.
         let readers = Arc::new(Readers::new(dialect == Dialect::Postgres));
-        Ok(Self { pool, dialect, readers, url: Arc::new(std::sync::Mutex::new(url)) })
+        Ok(Self { pool, dialect, readers, url: Arc::new(std::sync::Mutex::new(url)), native: Arc::default() })
     }
 
     /// Uses `url` for the connections made from now on, when it names the same database
@@ -215,6 +234,11 @@ impl Metadata {
         }
         let options = AnyConnectOptions::from_str(url).map_err(|_| "the new URL does not parse".to_owned())?;
         self.pool.set_connect_options(options);
+        if let Some(native) = self.native.get() {
+            native.set_connect_options(
+                PgConnectOptions::from_str(url).map_err(|_| "the new URL does not parse".to_owned())?,
+            );
+        }
         // The kept connections logged in with the old credentials: they go back to the
         // pool, which retires them as it does its own.
         self.readers.release_all();
@@ -305,6 +329,9 @@ impl Metadata {
     pub async fn close(&self) {
         self.readers.release_all();
         self.pool.close().await;
+        if let Some(native) = self.native.get() {
+            native.close().await;
+        }
     }
 
     /// Checks the database answers.
@@ -348,6 +375,55 @@ impl Metadata {
             // Only when the runtime shuts down (the task cannot panic).
             Err(e) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(e)))),
         }
+    }
+
+    /// [`Self::begin_with`] on a connection of Postgres' own driver, for those that move
+    /// many rows (resharding): the generic driver copies every value of every row into a
+    /// value of its own and back, which moving documents between shards spent most of its
+    /// own time on. `None` on SQLite.
+    ///
+    /// The first call opens a second pool, of the store's size; its connections are opened
+    /// as they are needed, so only a process that moves rows opens any.
+    pub async fn begin_native(&self, statement: Option<&'static str>) -> Result<Option<NativeTx>, StoreError> {
+        if self.dialect != Dialect::Postgres {
+            return Ok(None);
+        }
+        let pool = self.native_pool()?;
+        // As in `begin_with`: the `BEGIN` runs to its answer whoever waits for it.
+        let begun = tokio::spawn(async move {
+            match statement {
+                Some(statement) => pool.begin_with(statement).await,
+                None => pool.begin().await,
+            }
+        });
+        match begun.await {
+            Ok(begun) => Ok(Some(begun?)),
+            Err(e) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(e)))),
+        }
+    }
+
+    /// The native driver's pool, made (with the credentials in use) on first use.
+    fn native_pool(&self) -> Result<PgPool, StoreError> {
+        if let Some(pool) = self.native.get() {
+            return Ok(pool.clone());
+        }
+        let url = self.url.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let options = PgConnectOptions::from_str(&url).map_err(StoreError::Connect)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(self.max_connections())
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with(options);
+        // Two first uses at once: one pool is kept, the other (which opened nothing) goes.
+        Ok(self.native.get_or_init(|| pool).clone())
     }
 
     /// Runs `work` in a write transaction, committing its result, and retries the whole
