@@ -27,6 +27,10 @@ pub const LEASE_MS: i64 = 30_000;
 /// The failures a job keeps the reasons of (it counts them all).
 const MAX_ERRORS: usize = 100;
 
+/// How long a finished job is kept: its status can be read, and an export's ZIP
+/// downloaded, for a week after it ended ([`prune`]).
+pub const KEPT_FOR_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+
 /// What a bulk job does to each document.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -534,6 +538,64 @@ pub async fn checkpoint(
         .await?;
     docs.wake_relay();
     Ok(recorded)
+}
+
+/// Forgets the jobs on `docs` (the primary shard, which holds them) that finished more
+/// than [`KEPT_FOR_MS`] ago, and deletes their exports' ZIPs: each job's row goes in the
+/// same transaction that hands its ZIP to the garbage collector (`blob_garbage`, due at
+/// once), which then deletes it from its tier. A crash in between leaves the ZIP for the
+/// next collection. How many jobs went.
+pub async fn prune(docs: &Documents) -> Result<u64, DocError> {
+    const BATCH: i64 = 256;
+    let mut pruned = 0;
+    loop {
+        let now = docs.clock().now_ms();
+        let gone = docs
+            .meta()
+            .write(|mut tx| {
+                Box::pin(async move {
+                    let r: Result<u64, DocError> = async {
+                        let rows = sqlx::query(
+                            "SELECT id, result_tier, result_key FROM bulk_jobs \
+                             WHERE status IN ('COMPLETED', 'CANCELLED') AND finished_at < $1 ORDER BY finished_at LIMIT $2",
+                        )
+                        .bind(now - KEPT_FOR_MS)
+                        .bind(BATCH)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        for row in &rows {
+                            let id: String = row.try_get("id")?;
+                            let zip: (Option<String>, Option<String>) =
+                                (row.try_get("result_tier")?, row.try_get("result_key")?);
+                            if let (Some(tier), Some(key)) = zip {
+                                sqlx::query(
+                                    "INSERT INTO blob_garbage (tier, object_key, not_before) VALUES ($1, $2, $3) \
+                                     ON CONFLICT (tier, object_key) DO NOTHING",
+                                )
+                                .bind(tier)
+                                .bind(key)
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await?;
+                            }
+                            sqlx::query("DELETE FROM bulk_jobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
+                        }
+                        Ok(u64::try_from(rows.len()).unwrap_or(u64::MAX))
+                    }
+                    .await;
+                    (tx, r)
+                })
+            })
+            .await?;
+        pruned += gone;
+        if gone < BATCH.unsigned_abs() {
+            break;
+        }
+    }
+    if pruned > 0 {
+        docs.collect_garbage().await?;
+    }
+    Ok(pruned)
 }
 
 /// Does `job`'s operation to the document `id` on its shard `shard`, as the job's owner.

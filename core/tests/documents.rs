@@ -92,6 +92,7 @@ on_both!(
     legal_hold_blocks_deletion,
     bad_input_changes_nothing,
     a_crashed_upload_leaves_garbage_not_an_orphan,
+    finished_jobs_and_their_exports_go_a_week_after_they_end,
 );
 
 async fn upload_read_and_deduplicate(env: Env) {
@@ -340,6 +341,41 @@ async fn a_crashed_upload_leaves_garbage_not_an_orphan(env: Env) {
     assert_eq!(read_all(&env, &alice, kept.id, None).await, b"kept bytes");
     env.clock.advance(365 * 24 * 3_600_000);
     assert_eq!(env.docs.collect_garbage().await.unwrap(), 0, "a recorded upload holds no claim");
+}
+
+async fn finished_jobs_and_their_exports_go_a_week_after_they_end(env: Env) {
+    use vellum_core::bulk::{self, BulkRequest, Export, JobStatus, Planned};
+    let alice = user("alice");
+    let id = env.docs.upload(&alice, named("exported.txt"), once("exported bytes")).await.unwrap().document.id;
+    let export: BulkRequest =
+        serde_json::from_value(serde_json::json!({"operation": "export", "documentIds": [id]})).unwrap();
+    let planned = || Planned { ids: vec![id], tags: Vec::new() };
+    let meta = env.docs.meta();
+    // An export run to its end, as a replica runs it.
+    let created = bulk::create(meta, env.clock.now_ms(), &alice, &export, planned()).await.unwrap();
+    let mut job = bulk::claim(meta, env.clock.now_ms(), "runner").await.unwrap().expect("the job");
+    assert_eq!(job.id, created.id);
+    let mut zip = Export::start(&env.docs, &job);
+    let (name, bytes) = Export::open(&env.docs, &job, id).await.unwrap();
+    zip.add(id, &name, bytes).await.unwrap();
+    job.result = Some(zip.finish().await.unwrap());
+    job.record(id, Ok(()));
+    assert!(bulk::checkpoint(&env.docs, &job, "runner", None, Some(JobStatus::Completed)).await.unwrap());
+    // Another, still queued: a job not finished stays whatever its age.
+    let queued = bulk::create(meta, env.clock.now_ms(), &alice, &export, planned()).await.unwrap();
+    assert_eq!(objects(&env.store).await, 2, "the document's copy and the ZIP");
+
+    env.clock.advance(bulk::KEPT_FOR_MS - 1);
+    assert_eq!(bulk::prune(&env.docs).await.unwrap(), 0, "a week is not over");
+    assert_eq!(bulk::get(meta, &alice, &job.id).await.unwrap().status, JobStatus::Completed);
+    env.clock.advance(2);
+    assert_eq!(bulk::prune(&env.docs).await.unwrap(), 1);
+    let gone = bulk::get(meta, &alice, &job.id).await.unwrap_err();
+    assert!(matches!(gone, DocError::JobNotFound(_)), "{gone}");
+    assert_eq!(objects(&env.store).await, 1, "the ZIP went; the document's copy stays");
+    assert_eq!(read_all(&env, &alice, id, None).await, b"exported bytes");
+    assert_eq!(bulk::get(meta, &alice, &queued.id).await.unwrap().status, JobStatus::Queued);
+    assert_eq!(bulk::prune(&env.docs).await.unwrap(), 0, "nothing more to forget");
 }
 
 async fn legal_hold_blocks_deletion(env: Env) {

@@ -32,6 +32,10 @@ const CHUNK: usize = 25;
 /// How often a replica with nothing to do looks for jobs other replicas left.
 const IDLE: Duration = Duration::from_secs(2);
 
+/// How often a replica forgets the jobs finished more than a week ago and deletes their
+/// exports ([`bulk::prune`]).
+const PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(start)).routes(routes!(show, cancel)).routes(routes!(download))
 }
@@ -108,11 +112,21 @@ async fn download(State(state): State<AppState>, User(actor): User, Path(job): P
         .into_response())
 }
 
-/// Runs the jobs no replica holds, one at a time, until `stop` turns true.
+/// Runs the jobs no replica holds, one at a time, until `stop` turns true; and, once an
+/// hour (the first time at once), forgets the jobs finished a week ago.
 pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     let runner = format!("gateway-{}", uuid::Uuid::new_v4().simple());
+    let mut pruned: Option<Instant> = None;
     loop {
         let docs = state.docs();
+        if pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            pruned = Some(Instant::now());
+            match bulk::prune(docs.primary()).await {
+                Ok(0) => {}
+                Ok(jobs) => tracing::info!(jobs, "forgot the bulk jobs finished over a week ago"),
+                Err(e) => tracing::warn!(error = %e, "forgetting the bulk jobs finished over a week ago"),
+            }
+        }
         match bulk::claim(docs.primary().meta(), docs.clock().now_ms(), &runner).await {
             Ok(Some(job)) => {
                 drop(docs);
