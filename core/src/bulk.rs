@@ -27,6 +27,14 @@ pub const LEASE_MS: i64 = 30_000;
 /// The failures a job keeps the reasons of (it counts them all).
 const MAX_ERRORS: usize = 100;
 
+/// How many times an export's ZIP may fail to be stored (each time by whichever replica
+/// runs the job) before the job fails for good.
+pub const MAX_EXPORT_FAILURES: i64 = 3;
+
+/// The pause before an export whose ZIP could not be stored is tried again, times its
+/// failures so far (a store that is back within seconds sees the export through).
+pub const EXPORT_RETRY_MS: i64 = 3_000;
+
 /// How long a finished job is kept: its status can be read, and an export's ZIP
 /// downloaded, for a week after it ended ([`prune`]).
 pub const KEPT_FOR_MS: i64 = 7 * 24 * 60 * 60 * 1000;
@@ -134,6 +142,9 @@ pub enum JobStatus {
     Completed,
     /// Stopped by `DELETE` before the end: the documents acted on stay so.
     Cancelled,
+    /// An export whose ZIP could not be stored, [`MAX_EXPORT_FAILURES`] times: `failure`
+    /// says why.
+    Failed,
 }
 
 impl JobStatus {
@@ -143,15 +154,18 @@ impl JobStatus {
             Self::Running => "RUNNING",
             Self::Completed => "COMPLETED",
             Self::Cancelled => "CANCELLED",
+            Self::Failed => "FAILED",
         }
     }
 
     fn parse(name: &str) -> Option<Self> {
-        [Self::Queued, Self::Running, Self::Completed, Self::Cancelled].into_iter().find(|s| s.name() == name)
+        [Self::Queued, Self::Running, Self::Completed, Self::Cancelled, Self::Failed]
+            .into_iter()
+            .find(|s| s.name() == name)
     }
 
     pub fn finished(self) -> bool {
-        matches!(self, Self::Completed | Self::Cancelled)
+        matches!(self, Self::Completed | Self::Cancelled | Self::Failed)
     }
 }
 
@@ -193,6 +207,9 @@ pub struct Job {
     /// An export's ZIP, once written: where to download it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub download: Option<String>,
+    /// Why a failed job failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// Where an export's ZIP is stored: its tier and object key.
     #[serde(skip)]
     pub result: Option<(String, String)>,
@@ -358,6 +375,7 @@ pub async fn create(
         updated_at: now,
         finished_at: None,
         download: None,
+        failure: None,
         result: None,
         ids,
         admin: actor.admin,
@@ -386,7 +404,7 @@ fn json_text<T: Serialize>(value: &T) -> String {
 }
 
 const COLUMNS: &str = "id, owner, admin, operation, tags, tier, ids, status, total, processed, succeeded, failed, \
-     errors, created_at, updated_at, finished_at, result_tier, result_key";
+     errors, created_at, updated_at, finished_at, result_tier, result_key, failure";
 
 fn job_of(row: &sqlx::any::AnyRow) -> Result<Job, DocError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("bulk job {what}"));
@@ -410,6 +428,7 @@ fn job_of(row: &sqlx::any::AnyRow) -> Result<Job, DocError> {
         updated_at: row.try_get("updated_at")?,
         finished_at: row.try_get("finished_at")?,
         download: None,
+        failure: row.try_get("failure")?,
         result: match (
             row.try_get::<Option<String>, _>("result_tier")?,
             row.try_get::<Option<String>, _>("result_key")?,
@@ -540,6 +559,73 @@ pub async fn checkpoint(
     Ok(recorded)
 }
 
+/// Records that `job`'s ZIP could not be stored (`why`), as `runner` ran it.
+///
+/// Under [`MAX_EXPORT_FAILURES`], the job is let go for any replica to start over after a
+/// pause ([`EXPORT_RETRY_MS`] times its failures so far): `Ok(false)`. At it, the job fails
+/// for good, its `BULK_OPERATION_COMPLETED` event (status `FAILED`) enqueued in the same
+/// transaction, and `job` is updated so: `Ok(true)`. `Ok(false)` too when the job is no
+/// longer `runner`'s (cancelled, or taken over).
+pub async fn export_failed(docs: &Documents, job: &mut Job, runner: &str, why: &str) -> Result<bool, DocError> {
+    let failure = format!("the export's ZIP could not be stored: {why}");
+    let id = job.id.clone();
+    let outcome = docs
+        .meta()
+        .write(|mut tx| {
+            let (failure, id) = (failure.clone(), id.clone());
+            let mut ended = job.clone();
+            Box::pin(async move {
+                let r: Result<Option<Job>, DocError> = async {
+                    let now = docs.clock().now_ms();
+                    let failures: Option<i64> = sqlx::query_scalar(
+                        "UPDATE bulk_jobs SET export_failures = export_failures + 1, lease_owner = NULL, \
+                         lease_until = $1 + $4 * (export_failures + 1), updated_at = $1 \
+                         WHERE id = $2 AND lease_owner = $3 AND status = 'RUNNING' RETURNING export_failures",
+                    )
+                    .bind(now)
+                    .bind(&id)
+                    .bind(runner)
+                    .bind(EXPORT_RETRY_MS)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if failures.is_none_or(|f| f < MAX_EXPORT_FAILURES) {
+                        return Ok(None);
+                    }
+                    sqlx::query(
+                        "UPDATE bulk_jobs SET status = 'FAILED', failure = $1, finished_at = $2, updated_at = $2 \
+                         WHERE id = $3",
+                    )
+                    .bind(&failure)
+                    .bind(now)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+                    ended.status = JobStatus::Failed;
+                    ended.failure = Some(failure);
+                    ended.finished_at = Some(now);
+                    ended.updated_at = now;
+                    ended.result = None;
+                    ended.download = None;
+                    if let Value::Object(fields) = ended.completed_event() {
+                        Event::new(EventType::BulkOperationCompleted, now, fields).enqueue(&mut tx, now).await?;
+                    }
+                    Ok(Some(ended))
+                }
+                .await;
+                (tx, r)
+            })
+        })
+        .await?;
+    docs.wake_relay();
+    Ok(match outcome {
+        Some(ended) => {
+            *job = ended;
+            true
+        }
+        None => false,
+    })
+}
+
 /// Forgets the jobs on `docs` (the primary shard, which holds them) that finished more
 /// than [`KEPT_FOR_MS`] ago, and deletes their exports' ZIPs: each job's row goes in the
 /// same transaction that hands its ZIP to the garbage collector (`blob_garbage`, due at
@@ -557,7 +643,7 @@ pub async fn prune(docs: &Documents) -> Result<u64, DocError> {
                     let r: Result<u64, DocError> = async {
                         let rows = sqlx::query(
                             "SELECT id, result_tier, result_key FROM bulk_jobs \
-                             WHERE status IN ('COMPLETED', 'CANCELLED') AND finished_at < $1 ORDER BY finished_at LIMIT $2",
+                             WHERE status IN ('COMPLETED', 'CANCELLED', 'FAILED') AND finished_at < $1 ORDER BY finished_at LIMIT $2",
                         )
                         .bind(now - KEPT_FOR_MS)
                         .bind(BATCH)

@@ -378,6 +378,57 @@ async fn finished_jobs_and_their_exports_go_a_week_after_they_end(env: Env) {
     assert_eq!(bulk::prune(&env.docs).await.unwrap(), 0, "nothing more to forget");
 }
 
+/// An export whose ZIP cannot be stored (a file stands where the exports' folder would
+/// be) is let go for another try after a pause, by whichever replica, and fails for good at
+/// the third failure: it says why, and its `BULK_OPERATION_COMPLETED` event says FAILED.
+#[tokio::test]
+async fn an_export_whose_zip_cannot_be_stored_fails_at_the_third_try() {
+    use vellum_core::bulk::{self, BulkRequest, Export, JobStatus, Planned};
+    for postgres in [false, true] {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("exports"), b"not a folder").unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(root.path()).unwrap());
+        let env = env(postgres, Some(store), false).await;
+        let alice = user("alice");
+        let id = env.docs.upload(&alice, named("kept.txt"), once("kept bytes")).await.unwrap().document.id;
+        let export: BulkRequest =
+            serde_json::from_value(serde_json::json!({"operation": "export", "documentIds": [id]})).unwrap();
+        let meta = env.docs.meta();
+        let planned = Planned { ids: vec![id], tags: Vec::new() };
+        let created = bulk::create(meta, env.clock.now_ms(), &alice, &export, planned).await.unwrap();
+        for attempt in 1..=bulk::MAX_EXPORT_FAILURES {
+            let runner = format!("replica-{attempt}");
+            let mut job = bulk::claim(meta, env.clock.now_ms(), &runner).await.unwrap().expect("the job, tried again");
+            let mut zip = Export::start(&env.docs, &job);
+            let (name, bytes) = Export::open(&env.docs, &job, id).await.unwrap();
+            let added = zip.add(id, &name, bytes).await;
+            job.record(id, added);
+            let why = zip.finish().await.unwrap_err().to_string();
+            let failed = bulk::export_failed(&env.docs, &mut job, &runner, &why).await.unwrap();
+            assert_eq!(failed, attempt == bulk::MAX_EXPORT_FAILURES, "try {attempt}");
+            if !failed {
+                assert!(bulk::claim(meta, env.clock.now_ms(), "eager").await.unwrap().is_none(), "a pause first");
+                env.clock.advance(bulk::EXPORT_RETRY_MS * attempt + 1);
+            }
+        }
+        let job = bulk::get(meta, &alice, &created.id).await.unwrap();
+        assert_eq!(job.status, JobStatus::Failed);
+        assert!(job.failure.as_deref().is_some_and(|f| f.contains("could not be stored")), "{job:?}");
+        assert!(job.download.is_none() && job.finished_at.is_some(), "{job:?}");
+        assert!(bulk::claim(meta, env.clock.now_ms() + 3_600_000, "late").await.unwrap().is_none(), "for good");
+        let ended: Vec<serde_json::Value> = outbox::pending(meta, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.event.payload["jobId"] == created.id.as_str())
+            .map(|p| p.event.payload["status"].clone())
+            .collect();
+        assert_eq!(ended, [serde_json::json!("FAILED")]);
+        assert_eq!(read_all(&env, &alice, id, None).await, b"kept bytes", "the document is untouched");
+    }
+}
+
 async fn legal_hold_blocks_deletion(env: Env) {
     let alice = user("alice");
     let doc = env.docs.upload(&alice, named("evidence.txt"), once("exhibit A")).await.unwrap().document;

@@ -216,7 +216,20 @@ async fn run_job(state: &AppState, mut job: Job, runner: &str, stop: &watch::Rec
         match export.finish().await {
             Ok(stored) => job.result = Some(stored),
             Err(e) => {
-                tracing::warn!(job = %job.id, error = %e, "the export's ZIP was not stored; another replica starts it over");
+                match bulk::export_failed(state.docs().primary(), &mut job, runner, &e.to_string()).await {
+                    Ok(true) => {
+                        tracing::warn!(job = %job.id, error = %e, "the export's ZIP could not be stored; the job failed");
+                        let data = serde_json::to_value(&job).unwrap_or_default();
+                        let now = state.hub.now_ms();
+                        state.hub.publish(Notice::job_completed(BULK_JOBS, &job.owner, &job.id, now, &data));
+                        extraction(state, &job, "failed", "FAILED");
+                    }
+                    Ok(false) => {
+                        tracing::warn!(job = %job.id, error = %e, "the export's ZIP was not stored; it starts over");
+                    }
+                    Err(recording) => tracing::warn!(job = %job.id, error = %e, %recording,
+                        "the export's ZIP was not stored, nor the failure recorded; another replica starts it over"),
+                }
                 return;
             }
         }

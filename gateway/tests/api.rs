@@ -1660,6 +1660,49 @@ async fn an_export_job_writes_every_document_into_one_zip_and_reports_on_topic_e
     assert!(error_of(none, StatusCode::CONFLICT).await.contains("not an export"));
 }
 
+/// An export whose ZIP cannot be stored (a file stands where the exports' folder would
+/// be) is tried again after a pause, and fails at the third try: the job says why, has no
+/// download, and its starter hears of it on `/topic/extractions` as a `failed` update.
+#[tokio::test]
+async fn an_export_whose_zip_cannot_be_stored_fails_and_says_so_on_topic_extractions() {
+    use futures::StreamExt as _;
+    let gw = gateway(true, 0).await;
+    let id = gw.upload("alice", "kept.txt", b"kept").await["id"].as_i64().unwrap();
+    std::fs::write(gw.dir.path().join("data/tiers/hot/exports"), b"not a folder").unwrap();
+    let ws_url = format!("{}/ws?token={}", gw.base.replace("http://", "ws://"), gw.token("alice", &["user"]));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let started = start_bulk(&gw, "alice", json!({"operation": "export", "documentIds": [id]})).await;
+    assert_eq!(started.status(), StatusCode::ACCEPTED);
+    let location = started.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    let mut job = Value::Null;
+    for _ in 0..600 {
+        job = gw.get("alice", &location).send().await.unwrap().json().await.unwrap();
+        if job["status"] != "QUEUED" && job["status"] != "RUNNING" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(job["status"], "FAILED", "{job}");
+    assert!(job["failure"].as_str().is_some_and(|f| f.contains("could not be stored")), "{job}");
+    assert!(job.get("download").is_none(), "{job}");
+    let none = gw.get("alice", &format!("{location}/export")).send().await.unwrap();
+    assert_eq!(none.status(), StatusCode::CONFLICT);
+    let update = loop {
+        let message =
+            tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a notification").unwrap().unwrap();
+        let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
+        let message: Value = serde_json::from_str(&text).unwrap();
+        if message["type"] == "status_update" && message["eventType"] == "failed" {
+            break message;
+        }
+    };
+    let entity = format!("export/{}", job["id"].as_str().unwrap());
+    assert_eq!((update["status"].as_str(), update["entityId"].as_str()), (Some("FAILED"), Some(entity.as_str())));
+    // The document itself is untouched.
+    let content = gw.get("alice", &format!("/api/v1/documents/{id}/content")).send().await.unwrap();
+    assert_eq!(content.bytes().await.unwrap().as_ref(), b"kept");
+}
+
 /// A document's metadata and versions are answered from the gateway's cache: a row changed
 /// behind the gateway's back (no event) still reads as it was, until `Cache-Control:
 /// no-cache` asks for the database; a change through the API is read back at once.
