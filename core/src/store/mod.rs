@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, PgPool, Postgres, Transaction};
 
 mod readers;
@@ -139,6 +139,48 @@ pub const MAX_CONNECTIONS: u32 = 16;
 /// A pooled Postgres connection idle this long is pinged before it is used again.
 const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
 
+/// How long a pool user waits for a connection before its error.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Postgres pool of at most `connections`, for either driver (the store's generic one
+/// and the native one of [`Metadata::begin_native`]). sqlx pings a connection (a round
+/// trip) before handing it out and again when it comes back; the second cannot be turned
+/// off. The first is kept only for a connection that sat idle long enough for the server
+/// or the network to have dropped it: on a busy pool it made a primary-key read three
+/// round trips.
+fn postgres_pool<DB: sqlx::Database>(connections: u32) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new().max_connections(connections.max(1)).test_before_acquire(false).before_acquire(
+        |conn: &mut DB::Connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_AFTER {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        },
+    )
+}
+
+/// Begins a transaction on `pool` with `statement` (`None`: the plain `BEGIN`), the
+/// `BEGIN` run to its answer in a task of its own whoever waits for it (see
+/// [`Metadata::begin_with`]).
+async fn begin_in_a_task<DB: sqlx::Database>(
+    pool: sqlx::Pool<DB>,
+    statement: Option<&'static str>,
+) -> Result<Transaction<'static, DB>, StoreError> {
+    let begun = tokio::spawn(async move {
+        match statement {
+            Some(statement) => pool.begin_with(statement).await,
+            None => pool.begin().await,
+        }
+    });
+    match begun.await {
+        Ok(begun) => Ok(begun?),
+        // Only when the runtime shuts down (the task cannot panic).
+        Err(e) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(e)))),
+    }
+}
+
 impl Metadata {
     /// Connects to `url` (`postgres://…`, or `sqlite://path` which is created if missing,
     /// or `sqlite::memory:`), without migrating.
@@ -166,21 +208,7 @@ impl Metadata {
         };
         let options = AnyConnectOptions::from_str(&url).map_err(StoreError::Connect)?;
         let pool = match dialect {
-            // sqlx pings a connection (a round trip) before handing it out and again when
-            // it comes back; the second cannot be turned off. The first is kept only for a
-            // connection that sat idle long enough for the server or the network to have
-            // dropped it: on a busy pool it made a primary-key read three round trips.
-            Dialect::Postgres => AnyPoolOptions::new()
-                .max_connections(connections.max(1))
-                .test_before_acquire(false)
-                .before_acquire(|conn, meta| {
-                    Box::pin(async move {
-                        if meta.idle_for >= PING_IDLE_AFTER {
-                            conn.ping().await?;
-                        }
-                        Ok(true)
-                    })
-                }),
+            Dialect::Postgres => postgres_pool(connections),
             // Every connection to an in-memory database is a database of its own, so it
             // gets exactly one. A file gets a few: WAL lets readers run beside the writer,
             // and writers queue on `BEGIN IMMEDIATE` rather than failing half-way.
@@ -201,8 +229,7 @@ impl Metadata {
             let first = options.connect().await.map_err(StoreError::Connect)?;
             let _ = first.close().await;
         }
-        let pool =
-            pool.acquire_timeout(Duration::from_secs(30)).connect_with(options).await.map_err(StoreError::Connect)?;
+        let pool = pool.acquire_timeout(ACQUIRE_TIMEOUT).connect_with(options).await.map_err(StoreError::Connect)?;
         // As many as the pool holds may be kept for reads (while it is not spent: see
         // `readers.rs`); a shard's pool of four, half kept, sent most reads of eight readers
         // over four shards through the pool's round trip. SQLite's few connections are all
@@ -363,18 +390,7 @@ impl Metadata {
             // The pool is spent: what the readers keep goes back to it first.
             self.readers.release_all();
         }
-        let pool = self.pool.clone();
-        let begun = tokio::spawn(async move {
-            match statement {
-                Some(statement) => pool.begin_with(statement).await,
-                None => pool.begin().await,
-            }
-        });
-        match begun.await {
-            Ok(begun) => Ok(begun?),
-            // Only when the runtime shuts down (the task cannot panic).
-            Err(e) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(e)))),
-        }
+        begin_in_a_task(self.pool.clone(), statement).await
     }
 
     /// [`Self::begin_with`] on a connection of Postgres' own driver, for those that move
@@ -388,18 +404,7 @@ impl Metadata {
         if self.dialect != Dialect::Postgres {
             return Ok(None);
         }
-        let pool = self.native_pool()?;
-        // As in `begin_with`: the `BEGIN` runs to its answer whoever waits for it.
-        let begun = tokio::spawn(async move {
-            match statement {
-                Some(statement) => pool.begin_with(statement).await,
-                None => pool.begin().await,
-            }
-        });
-        match begun.await {
-            Ok(begun) => Ok(Some(begun?)),
-            Err(e) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(e)))),
-        }
+        begin_in_a_task(self.native_pool()?, statement).await.map(Some)
     }
 
     /// The native driver's pool, made (with the credentials in use) on first use.
@@ -409,19 +414,7 @@ impl Metadata {
         }
         let url = self.url.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let options = PgConnectOptions::from_str(&url).map_err(StoreError::Connect)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(self.max_connections())
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= PING_IDLE_AFTER {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_lazy_with(options);
+        let pool = postgres_pool(self.max_connections()).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options);
         // Two first uses at once: one pool is kept, the other (which opened nothing) goes.
         Ok(self.native.get_or_init(|| pool).clone())
     }
