@@ -641,9 +641,10 @@ pub async fn prune(docs: &Documents) -> Result<u64, DocError> {
             .write(|mut tx| {
                 Box::pin(async move {
                     let r: Result<u64, DocError> = async {
+                        // Only a finished job has a `finished_at` (completed, cancelled or failed).
                         let rows = sqlx::query(
-                            "SELECT id, result_tier, result_key FROM bulk_jobs \
-                             WHERE status IN ('COMPLETED', 'CANCELLED', 'FAILED') AND finished_at < $1 ORDER BY finished_at LIMIT $2",
+                            "SELECT id, result_tier, result_key FROM bulk_jobs WHERE finished_at < $1 \
+                             ORDER BY finished_at LIMIT $2",
                         )
                         .bind(now - KEPT_FOR_MS)
                         .bind(BATCH)
