@@ -123,6 +123,13 @@ async fn a_read_through_a_reader_costs_one_round_trip() {
     assert_eq!(through_reader, reads, "through a reader: the query alone");
 }
 
+/// One read through a reader of `meta`, run to its end: its connection is kept.
+async fn read_and_keep(meta: &Metadata) {
+    let mut reader = meta.reader().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT 1::BIGINT").fetch_one(reader.connection()).await.unwrap();
+    reader.done();
+}
+
 /// What the readers keep goes back to the pool when a writer finds it spent: a pool of
 /// two, one connection kept after a read and the other in a transaction, still begins a
 /// second transaction at once (it would wait for the pool's 30 s timeout and fail).
@@ -130,9 +137,7 @@ async fn a_read_through_a_reader_costs_one_round_trip() {
 async fn a_writer_gets_what_the_readers_keep_when_the_pool_is_spent() {
     let db = TestDatabase::new().await.expect("Postgres (run scripts/test --services-only)");
     let meta = Metadata::open_with(&db.url, 2).await.unwrap();
-    let mut reader = meta.reader().await.unwrap();
-    let _: i64 = sqlx::query_scalar("SELECT 1::BIGINT").fetch_one(reader.connection()).await.unwrap();
-    reader.done();
+    read_and_keep(&meta).await;
     let first = meta.begin_write().await.unwrap();
     let second = tokio::time::timeout(Duration::from_secs(5), meta.begin_write()).await;
     assert!(matches!(second, Ok(Ok(_))), "the second writer waited on a kept connection");
@@ -170,9 +175,7 @@ async fn a_read_dropped_half_way_leaves_its_answer_to_no_later_read() {
 async fn a_kept_connection_left_unused_goes_back_to_the_pool() {
     let db = TestDatabase::new().await.expect("Postgres (run scripts/test --services-only)");
     let meta = Metadata::open_with(&db.url, 4).await.unwrap();
-    let mut reader = meta.reader().await.unwrap();
-    let _: i64 = sqlx::query_scalar("SELECT 1::BIGINT").fetch_one(reader.connection()).await.unwrap();
-    reader.done();
+    read_and_keep(&meta).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (size, idle) = (meta.pool().size(), meta.pool().num_idle());
     assert_eq!(u32::try_from(idle).unwrap() + 1, size, "the read's connection is kept, out of the pool");

@@ -1469,14 +1469,46 @@ async fn upload_many(gw: &Gateway, user: &str, n: usize) -> Vec<i64> {
 
 /// Polls a bulk job until it has finished.
 async fn finished_job(gw: &Gateway, user: &str, location: &str) -> Value {
+    job_ended_as(gw, user, location, &["COMPLETED", "CANCELLED"]).await
+}
+
+/// The job at `location` once its status is one of `ends`, within 30 s.
+async fn job_ended_as(gw: &Gateway, user: &str, location: &str, ends: &[&str]) -> Value {
     for _ in 0..300 {
         let job: Value = gw.get(user, location).send().await.unwrap().json().await.unwrap();
-        if job["status"] == "COMPLETED" || job["status"] == "CANCELLED" {
+        if ends.iter().any(|end| job["status"] == *end) {
             return job;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the job at {location} did not finish within 30 s");
+    panic!("the job at {location} did not end as one of {ends:?} within 30 s");
+}
+
+/// `user`'s WebSocket to the gateway (the JSON protocol), as a seed's client opens it.
+async fn user_socket(
+    gw: &Gateway,
+    user: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let ws_url = format!("{}/ws?token={}", gw.base.replace("http://", "ws://"), gw.token(user, &["user"]));
+    tokio_tungstenite::connect_async(ws_url).await.unwrap().0
+}
+
+/// The next `status_update` of `event_type` (seed 003's StatusUpdateEvent) on `ws`, each
+/// message waited for at most 10 s.
+async fn status_update(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    event_type: &str,
+) -> Value {
+    use futures::StreamExt as _;
+    loop {
+        let message =
+            tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a notification").unwrap().unwrap();
+        let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
+        let message: Value = serde_json::from_str(&text).unwrap();
+        if message["type"] == "status_update" && message["eventType"] == event_type {
+            return message;
+        }
+    }
 }
 
 async fn start_bulk(gw: &Gateway, user: &str, request: Value) -> reqwest::Response {
@@ -1496,8 +1528,7 @@ async fn bulk_jobs_act_as_their_starter_report_progress_and_can_be_cancelled() {
     let mine = upload_many(&gw, "alice", 30).await;
     let bobs = gw.upload("bob", "not-alices.txt", b"bob").await["id"].as_i64().unwrap();
     // Alice's client, as seed 000's: it handles BULK_OPERATION_PROGRESS among its notifications.
-    let ws_url = format!("{}/ws?token={}", gw.base.replace("http://", "ws://"), gw.token("alice", &["user"]));
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let mut ws = user_socket(&gw, "alice").await;
 
     let mut ids = mine.clone();
     ids.push(bobs);
@@ -1590,14 +1621,12 @@ async fn bulk_jobs_act_as_their_starter_report_progress_and_can_be_cancelled() {
 
 #[tokio::test]
 async fn an_export_job_writes_every_document_into_one_zip_and_reports_on_topic_extractions() {
-    use futures::StreamExt as _;
     let gw = gateway(true, 0).await;
     let mut ids = Vec::new();
     for (name, body) in [("a.txt", &b"first"[..]), ("a.txt", b"second, same name"), ("c.bin", b"\x00\x01\x02")] {
         ids.push(gw.upload("alice", name, body).await["id"].as_i64().unwrap());
     }
-    let ws_url = format!("{}/ws?token={}", gw.base.replace("http://", "ws://"), gw.token("alice", &["user"]));
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let mut ws = user_socket(&gw, "alice").await;
     let started = start_bulk(&gw, "alice", json!({"operation": "export", "documentIds": ids})).await;
     assert_eq!(started.status(), StatusCode::ACCEPTED);
     let location = started.headers()[header::LOCATION].to_str().unwrap().to_owned();
@@ -1634,15 +1663,7 @@ async fn an_export_job_writes_every_document_into_one_zip_and_reports_on_topic_e
     // Not someone else's to download; and a job that is not an export has none.
     assert_eq!(gw.get("bob", &download).send().await.unwrap().status(), StatusCode::NOT_FOUND);
     // The starter heard of it on the extractions channel, as seed 003's StatusUpdateEvent.
-    let update = loop {
-        let message =
-            tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a notification").unwrap().unwrap();
-        let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
-        let message: Value = serde_json::from_str(&text).unwrap();
-        if message["type"] == "status_update" && message["eventType"] == "completed" {
-            break message;
-        }
-    };
+    let update = status_update(&mut ws, "completed").await;
     let entity = format!("export/{}", done["id"].as_str().unwrap());
     assert_eq!(
         (
@@ -1665,37 +1686,19 @@ async fn an_export_job_writes_every_document_into_one_zip_and_reports_on_topic_e
 /// download, and its starter hears of it on `/topic/extractions` as a `failed` update.
 #[tokio::test]
 async fn an_export_whose_zip_cannot_be_stored_fails_and_says_so_on_topic_extractions() {
-    use futures::StreamExt as _;
     let gw = gateway(true, 0).await;
     let id = gw.upload("alice", "kept.txt", b"kept").await["id"].as_i64().unwrap();
     std::fs::write(gw.dir.path().join("data/tiers/hot/exports"), b"not a folder").unwrap();
-    let ws_url = format!("{}/ws?token={}", gw.base.replace("http://", "ws://"), gw.token("alice", &["user"]));
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let mut ws = user_socket(&gw, "alice").await;
     let started = start_bulk(&gw, "alice", json!({"operation": "export", "documentIds": [id]})).await;
     assert_eq!(started.status(), StatusCode::ACCEPTED);
     let location = started.headers()[header::LOCATION].to_str().unwrap().to_owned();
-    let mut job = Value::Null;
-    for _ in 0..600 {
-        job = gw.get("alice", &location).send().await.unwrap().json().await.unwrap();
-        if job["status"] != "QUEUED" && job["status"] != "RUNNING" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(job["status"], "FAILED", "{job}");
+    let job = job_ended_as(&gw, "alice", &location, &["FAILED"]).await;
     assert!(job["failure"].as_str().is_some_and(|f| f.contains("could not be stored")), "{job}");
     assert!(job.get("download").is_none(), "{job}");
     let none = gw.get("alice", &format!("{location}/export")).send().await.unwrap();
     assert_eq!(none.status(), StatusCode::CONFLICT);
-    let update = loop {
-        let message =
-            tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a notification").unwrap().unwrap();
-        let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
-        let message: Value = serde_json::from_str(&text).unwrap();
-        if message["type"] == "status_update" && message["eventType"] == "failed" {
-            break message;
-        }
-    };
+    let update = status_update(&mut ws, "failed").await;
     let entity = format!("export/{}", job["id"].as_str().unwrap());
     assert_eq!((update["status"].as_str(), update["entityId"].as_str()), (Some("FAILED"), Some(entity.as_str())));
     // The document itself is untouched.
