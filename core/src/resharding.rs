@@ -615,9 +615,10 @@ pub async fn hand_over(
 /// the slowest, waits mostly on the target database, and the other lane's copy runs
 /// meanwhile).
 ///
-/// Lanes that share a source release one at a time: a release's first statement takes
-/// the source's progress row, so no two decide at once whether a blob row that both
-/// batches refer to is still needed (each would see the other's versions and keep it).
+/// Lanes that share a source release at once, except where their batches share a blob
+/// row: a release's first statement locks its batch's blob rows, in one order, so no two
+/// decide at once whether a blob row that both batches refer to is still needed (each
+/// would see the other's versions and keep it).
 /// Lanes that share a target copy a blob row both batches refer to one after the other:
 /// the second waits for the first and keeps its row.
 ///
@@ -828,18 +829,27 @@ impl Handing {
             return Ok(copy.copied);
         }
         let held = &mut copy.held;
-        // What leaves the shard, counted in the transaction it leaves in, first: the
-        // progress row stays taken until the end, so releases on one source (of lanes side
-        // by side) run one at a time, and one deciding below which blob rows are no longer
-        // needed sees the other's versions gone, where at once each would see the other's
-        // and keep a row that neither needs.
+        // The blob rows of the batch, locked first and in one order: a release beside this
+        // one (another lane's) that shares one waits here until this one has committed, and
+        // then decides below whether that row is still needed seeing this batch's versions
+        // gone, where at once each would see the other's and keep a row that neither needs.
+        // Releases sharing none run at once; an upload's reference to one of these rows
+        // (a key share) does not wait.
+        let mut shas: Vec<&String> = copy.rows[AT_BLOBS]
+            .iter()
+            .filter_map(|blob| match &blob[0] {
+                Value::Text(Some(sha)) => Some(sha),
+                _ => None,
+            })
+            .collect();
+        shas.sort_unstable();
+        shas.dedup();
+        let shas = array(&shas);
         sqlx::query(
-            "UPDATE shard_routing SET moved_documents = moved_documents + $1, moved_bytes = moved_bytes + $2, \
-         updated_at = $3",
+            "SELECT 1 FROM blobs WHERE sha256 = ANY((SELECT $1::text[])::text[]) ORDER BY sha256 \
+             FOR NO KEY UPDATE",
         )
-        .bind(i64::try_from(present.len()).unwrap_or(i64::MAX))
-        .bind(i64::try_from(copy.copied.bytes).unwrap_or(i64::MAX))
-        .bind(now)
+        .bind(shas.as_str())
         .execute(&mut **held)
         .await?;
         // Versions and tags first, each in one statement: the documents' cascade then finds
@@ -849,20 +859,13 @@ impl Handing {
         delete_keyed(held, "documents", "id", &present).await?;
         mark_moved(held, "moved_documents", &present, target_name, now).await?;
         // The blob rows only the batch referred to go, in one statement.
-        let shas: Vec<&String> = copy.rows[AT_BLOBS]
-            .iter()
-            .filter_map(|blob| match &blob[0] {
-                Value::Text(Some(sha)) => Some(sha),
-                _ => None,
-            })
-            .collect();
         let freed: Vec<(String, String, String)> = sqlx::query_as(
             "DELETE FROM blobs b WHERE b.sha256 = ANY((SELECT $1::text[])::text[]) \
          AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256) \
          AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.sha256 = b.sha256) \
          RETURNING b.sha256, b.tier, b.object_key",
         )
-        .bind(array(&shas))
+        .bind(shas.as_str())
         .fetch_all(&mut **held)
         .await?;
         // Where the target's blob row of each content refers to.
@@ -884,6 +887,17 @@ impl Handing {
                 .await?;
             }
         }
+        // What left the shard, counted in the transaction it left in, last: releases beside
+        // each other wait for each other's count only while that one commits.
+        sqlx::query(
+            "UPDATE shard_routing SET moved_documents = moved_documents + $1, moved_bytes = moved_bytes + $2, \
+         updated_at = $3",
+        )
+        .bind(i64::try_from(present.len()).unwrap_or(i64::MAX))
+        .bind(i64::try_from(copy.copied.bytes).unwrap_or(i64::MAX))
+        .bind(now)
+        .execute(&mut **held)
+        .await?;
         copy.held.commit().await?;
         Ok(copy.copied)
     }

@@ -409,6 +409,79 @@ async fn lanes_side_by_side_hand_over_documents_sharing_their_content() {
     assert_eq!(count(&p.a, "documents").await, staying);
 }
 
+/// A release that shares a blob row with another release under way on its source (another
+/// lane's) waits for that one to commit, and then, seeing the other batch's versions gone,
+/// takes the blob row along: at once, each would see the other's versions and keep a row
+/// that neither needs. The other release is played by a transaction that has done what a
+/// release does before it decides about blob rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_sharing_a_blob_row_with_one_under_way_waits_for_it_and_takes_the_row() {
+    let p = platform().await;
+    let me = alice();
+    let two = ring(&["a", "b"]);
+    let mut leaving = Vec::new();
+    for i in 0.. {
+        let new = NewDocument { filename: format!("d{i}.txt"), ..NewDocument::default() };
+        let id = p.a.upload(&me, new, once(format!("document {i}"))).await.unwrap().document.id;
+        if two.shard_of_id(id) == 1 {
+            leaving.push(id);
+            if leaving.len() == 2 {
+                break;
+            }
+        }
+    }
+    let (first, second) = (leaving[0], leaving[1]);
+    // Both documents' second versions have the same content: one blob row.
+    for id in [first, second] {
+        p.a.upload_version(&me, id, NewVersion::default(), once("shared content")).await.unwrap();
+    }
+    let shared: String = sqlx::query_scalar("SELECT sha256 FROM versions WHERE document_id = $1 AND version = 2")
+        .bind(first)
+        .fetch_one(p.a.meta().pool())
+        .await
+        .unwrap();
+    let blob_rows = || {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM blobs WHERE sha256 = $1")
+            .bind(shared.clone())
+            .fetch_one(p.a.meta().pool())
+    };
+    assert_eq!(blob_rows().await.unwrap(), 1);
+
+    // The other release, under way: the shared row locked, the first document's rows gone.
+    let mut other = p.a.meta().pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM blobs WHERE sha256 = $1 FOR NO KEY UPDATE")
+        .bind(&shared)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    for sql in [
+        "DELETE FROM document_tags WHERE document_id = $1",
+        "DELETE FROM versions WHERE document_id = $1",
+        "DELETE FROM documents WHERE id = $1",
+    ] {
+        sqlx::query(sql).bind(first).execute(&mut *other).await.unwrap();
+    }
+    let (a, b) = (p.a.clone(), p.b.clone());
+    let now = p.clock.now_ms();
+    let release = tokio::spawn(async move { hand_over(a.meta(), b.meta(), "b", &[second], now, GRACE).await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!release.is_finished(), "the release waits for the one under way that shares its blob row");
+    other.commit().await.unwrap();
+    let moved = tokio::time::timeout(std::time::Duration::from_secs(30), release).await.unwrap().unwrap().unwrap();
+    assert_eq!(moved.documents, 1);
+    assert_eq!(blob_rows().await.unwrap(), 0, "the shared blob row, no longer referred to, left with the second");
+    let unreferenced: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM versions v WHERE v.sha256 = b.sha256)",
+    )
+    .fetch_one(p.a.meta().pool())
+    .await
+    .unwrap();
+    // The first document's own first version's blob row stays: the stand-in release did
+    // not take it (a real one would have).
+    assert_eq!(unreferenced, 1);
+    assert_eq!(bytes_of(&Library::single(p.b.clone()), second, 2).await.unwrap(), b"shared content");
+}
+
 /// Where each of `ids` is: the name of the one shard of `library` holding it (and that it
 /// is on one only).
 async fn homes(library: &Library, ids: &[i64]) -> BTreeMap<i64, String> {
