@@ -534,6 +534,8 @@ pub enum MoveError {
     NoMove,
     #[error("the routing sends documents to shard {0}, which is not open")]
     UnknownShard(String),
+    #[error("a hand-over lane stopped before its step ended: {0}")]
+    Interrupted(String),
 }
 
 impl From<sqlx::Error> for MoveError {
@@ -608,12 +610,12 @@ pub async fn hand_over(
 /// Hand-overs one after another, in `lanes` pipelines side by side. Each lane is a
 /// three-stage pipeline: while a batch is read (and held) on its source, the batch before
 /// it is copied to its target and the one before that is released from its source (the
-/// stages run on different databases, or on different documents of one). Batches are
-/// dealt to the lanes in turn and the lanes run at once: the steps and guarantees of
-/// [`hand_over`], batch by batch, at the pace of the slowest stage rather than of all
+/// stages run on different databases, or on different documents of one). A batch goes to
+/// the first lane free, and the lanes step each at its own pace: the steps and guarantees
+/// of [`hand_over`], batch by batch, at the pace of the slowest stage rather than of all
 /// three, and with two lanes, of two batches' slowest stages run at once (a batch's copy,
-/// the slowest, waits mostly on the target database, and the other lane's copy runs
-/// meanwhile).
+/// the slowest, waits mostly on the target database, and the other lane's stages run
+/// meanwhile, never waiting for this lane's step to end).
 ///
 /// Lanes that share a source release at once, except where their batches share a blob
 /// row: a release's first statement locks its batch's blob rows, in one order, so no two
@@ -623,15 +625,20 @@ pub async fn hand_over(
 /// the second waits for the first and keeps its row.
 ///
 /// A batch is held on its source from its read until it is released, two of its lane's
-/// pushes later or by [`HandOvers::finish`]; a batch pushed while the other lanes have
-/// none yet waits, unread, for them. One dropped unreleased (an error, a crash) is left
-/// as a crash leaves it: on its source, with or without a copy on the target that the
+/// steps later or by [`HandOvers::finish`]. One dropped unreleased (an error, a crash) is
+/// left as a crash leaves it: on its source, with or without a copy on the target that the
 /// next hand-over replaces.
 pub struct HandOvers {
-    lanes: Vec<Lane>,
-    /// Batches pushed and not read yet, one for each lane at most.
-    waiting: Vec<Batch>,
+    /// The lanes not stepping.
+    idle: Vec<Lane>,
+    /// The lanes stepping, each a task of its own (it goes on while the mover does
+    /// something else, and stops where it is when this is dropped), giving itself back
+    /// with what its step released.
+    stepping: tokio::task::JoinSet<Stepped>,
 }
+
+/// A lane back from a step, and what the step released.
+type Stepped = (Lane, Result<Copied, MoveError>);
 
 impl Default for HandOvers {
     /// One lane.
@@ -642,14 +649,14 @@ impl Default for HandOvers {
 
 impl std::fmt::Debug for HandOvers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let lanes: Vec<_> = self
-            .lanes
+        let idle: Vec<_> = self
+            .idle
             .iter()
             .map(|lane| {
                 (lane.reading.as_ref().map(|r| r.held.ids.len()), lane.pending.as_ref().map(|h| h.copied.documents))
             })
             .collect();
-        f.debug_struct("HandOvers").field("lanes", &lanes).field("waiting", &self.waiting.len()).finish()
+        f.debug_struct("HandOvers").field("idle", &idle).field("stepping", &self.stepping.len()).finish()
     }
 }
 
@@ -657,7 +664,7 @@ impl HandOvers {
     /// A pipeline of `lanes` lanes (at least one).
     #[must_use]
     pub fn new(lanes: usize) -> Self {
-        Self { lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(), waiting: Vec::new() }
+        Self { idle: (0..lanes.max(1)).map(|_| Lane::default()).collect(), stepping: tokio::task::JoinSet::new() }
     }
 
     /// As many lanes as `source`'s pool allows: a lane uses up to three of its connections
@@ -671,12 +678,13 @@ impl HandOvers {
     /// How many lanes the pipeline runs.
     #[must_use]
     pub fn lanes(&self) -> usize {
-        self.lanes.len()
+        self.idle.len() + self.stepping.len()
     }
 
     /// Reads and holds the documents `ids` on `source`, to be handed over to `target`
-    /// (named `target_name`), in the next lane: once every lane has a batch, they run
-    /// their pipelines' steps at once. What the batches released by that moved.
+    /// (named `target_name`), in the first lane free (waiting for one), whose step reads
+    /// it while the lane's batches before it are copied and released. What the steps that
+    /// ended meanwhile released.
     pub async fn push(
         &mut self,
         source: &Metadata,
@@ -689,31 +697,54 @@ impl HandOvers {
         if target.dialect() != Dialect::Postgres {
             return Err(MoveError::NotPostgres);
         }
-        self.waiting.push(Batch {
+        let batch = Batch {
             source: source.clone(),
             target: target.clone(),
             target_name: target_name.to_owned(),
             ids: ids.to_vec(),
             now,
             grace_ms,
+        };
+        let mut released = Copied::default();
+        let mut lane = loop {
+            if let Some(lane) = self.idle.pop() {
+                break lane;
+            }
+            // A lane that failed fails the push, its batch not taken.
+            released = sum([Ok(released), self.next_stepped().await])?;
+        };
+        self.stepping.spawn(async move {
+            let stepped = lane.push(batch).await;
+            (lane, stepped)
         });
-        if self.waiting.len() < self.lanes.len() {
-            return Ok(Copied::default());
-        }
-        self.step().await
+        Ok(released)
     }
 
     /// Copies and releases the batches still in the pipeline: what they moved.
     pub async fn finish(&mut self) -> Result<Copied, MoveError> {
-        let stepped = if self.waiting.is_empty() { Ok(Copied::default()) } else { self.step().await };
-        let finished = futures::future::join_all(self.lanes.iter_mut().map(Lane::finish)).await;
-        sum(std::iter::once(stepped).chain(finished))
+        let mut released = Ok(Copied::default());
+        while !self.stepping.is_empty() {
+            released = sum([released, self.next_stepped().await]);
+        }
+        let finished = futures::future::join_all(self.idle.iter_mut().map(Lane::finish)).await;
+        sum(std::iter::once(released).chain(finished))
     }
 
-    /// Pushes the waiting batches into their lanes, the lanes at once.
-    async fn step(&mut self) -> Result<Copied, MoveError> {
-        let waiting = std::mem::take(&mut self.waiting);
-        sum(futures::future::join_all(self.lanes.iter_mut().zip(waiting).map(|(lane, batch)| lane.push(batch))).await)
+    /// Waits for the next lane to end its step, and takes it back: what the step released.
+    async fn next_stepped(&mut self) -> Result<Copied, MoveError> {
+        match self.stepping.join_next().await {
+            Some(Ok((lane, released))) => {
+                self.idle.push(lane);
+                released
+            }
+            Some(Err(stopped)) if stopped.is_panic() => std::panic::resume_unwind(stopped.into_panic()),
+            Some(Err(stopped)) => {
+                // Its batches were dropped, as a crash drops them; a new lane takes its place.
+                self.idle.push(Lane::default());
+                Err(MoveError::Interrupted(stopped.to_string()))
+            }
+            None => Ok(Copied::default()),
+        }
     }
 }
 

@@ -520,12 +520,14 @@ async fn a_move_runs_to_its_end_resumes_after_a_kill_and_moves_back() {
     let expected = i64::try_from(ids.iter().filter(|id| two.shard_of_id(**id) == 1).count()).unwrap();
     let growing = Library::moving(Arc::clone(&one), Some(Arc::clone(&two)), Vec::new(), vec![p.a.clone(), p.b.clone()]);
 
-    // Killed after its seventh report: the mover runs two lanes (its pool has room), so the
-    // first batches leave their source at the sixth push, the third of each lane.
+    // Killed after its eighth report (the first is made before any push): the mover runs
+    // two lanes (its pool has room), a push waits for a lane to be free, and so once seven
+    // batches were pushed at least five steps have ended, three of one lane at least, whose
+    // third releases its first batch.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let reports = std::sync::atomic::AtomicUsize::new(0);
     let report = move |_: &[(String, vellum_core::resharding::ShardProgress)]| {
-        if reports.fetch_add(1, Ordering::SeqCst) == 6 {
+        if reports.fetch_add(1, Ordering::SeqCst) == 7 {
             tx.send(()).ok();
         }
     };
