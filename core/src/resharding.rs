@@ -153,6 +153,10 @@ const BLOBS: Table = Table {
     order: "t.sha256",
 };
 
+/// The blob rows of the contents given (in place of `{ids}`), where [`BLOBS`] finds those
+/// of documents' versions.
+const BLOBS_BY_SHA: Table = Table { rows_of: "FROM blobs t WHERE t.sha256 = ANY({ids})", ..BLOBS };
+
 const SESSIONS: Table = Table {
     name: "upload_sessions",
     columns: &[
@@ -999,7 +1003,21 @@ async fn hold(source: &Metadata, ids: &[i64], lock: Lock, whole: bool) -> Result
             .await?;
     let replaced: Vec<i64> = ids.iter().copied().filter(|id| !handed.contains(id)).collect();
     if whole {
-        rows.extend(read_rows::<i64>(&mut held, &TABLES[AT_DOCUMENTS + 1..], &keys, None).await?);
+        // The versions first, and the blob rows by the contents they name: a lookup by key
+        // each, where finding them through the versions again would join the two tables.
+        let versions = read_table::<i64>(&mut held, &VERSIONS, &keys, None).await?;
+        let tags = read_table::<i64>(&mut held, &TAGS, &keys, None).await?;
+        let mut shas: Vec<&String> = versions
+            .iter()
+            .filter_map(|version| match &version[2] {
+                Value::Text(Some(sha)) => Some(sha),
+                _ => None,
+            })
+            .collect();
+        shas.sort_unstable();
+        shas.dedup();
+        let blobs = read_table::<String>(&mut held, &BLOBS_BY_SHA, &array(&shas), None).await?;
+        rows.extend([blobs, versions, tags]);
     }
     Ok(Some(Held { tx: held, ids: ids.to_vec(), rows, replaced }))
 }
