@@ -8,10 +8,11 @@
 //! `VELLUM_BENCH_BATCH`, default 500) copies and verifies them into one fresh database; a
 //! raw `COPY … TO STDOUT` piped into `COPY … FROM STDIN` moves the same rows into another.
 //! Each is run twice and the faster run counts. Then the hand-over (`HandOvers`: the copy,
-//! and the documents removed from the source with a marker each, in the same batches, two
-//! at once in two lanes as the mover runs it when its pool has room) moves
-//! them into a third database and back, each way against the faster of the raw `COPY`s of
-//! the same rows made just before and just after it (this machine's speed drifts).
+//! and the documents removed from the source with a marker each, in the same batches, in
+//! two lanes as the mover runs it when its pool has room) moves them into a third database
+//! and back, `VELLUM_BENCH_HANDOVERS` times (default 3), each way against the faster of the
+//! raw `COPY`s of the same rows made just before and just after it (this machine's speed
+//! drifts); the ratio printed is the median of the rounds', with their range.
 //!
 //! Then the routing's cost on reads: metadata reads per second through a library of 1, 2
 //! and 4 shards (databases on the same Postgres server, the documents spread as the routing
@@ -98,8 +99,11 @@ const RAW: [(&str, &str); 4] = [
 
 /// Lists the moving documents `ids` in `bench_moving` on `pool`, for [`RAW`]'s queries.
 async fn list_moving(pool: &PgPool, ids: &[i64]) {
-    sqlx::query("CREATE TABLE bench_moving (id BIGINT PRIMARY KEY)").execute(pool).await.expect("a table");
-    sqlx::query("INSERT INTO bench_moving SELECT UNNEST($1::BIGINT[])")
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_moving (id BIGINT PRIMARY KEY)")
+        .execute(pool)
+        .await
+        .expect("a table");
+    sqlx::query("INSERT INTO bench_moving SELECT UNNEST($1::BIGINT[]) ON CONFLICT DO NOTHING")
         .bind(ids)
         .execute(pool)
         .await
@@ -218,10 +222,20 @@ async fn run() {
     let handed_pg = pool(&handed_db.url).await;
     let (step_rows, raw_rows) = (rows_of(&step_pg).await, rows_of(&raw_pg).await);
     assert_eq!(step_rows, raw_rows, "both copies hold the same rows");
-    let (handed, beside) =
-        there_and_back((&source, &source_pg), (&handed_target, &handed_pg), &raw_pg, &ids, batch).await;
     #[allow(clippy::cast_precision_loss)]
     let per_second = |d: Duration| raw_rows as f64 / d.as_secs_f64();
+    // Each way's ratios and rates (hand-over, raw COPY beside it), round by round.
+    let rounds = knob("VELLUM_BENCH_HANDOVERS", 3).max(1);
+    let (mut ratios, mut rates) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for _ in 0..rounds {
+        let (handed, beside) =
+            there_and_back((&source, &source_pg), (&handed_target, &handed_pg), &raw_pg, &ids, batch).await;
+        for (way, (took, around)) in handed.iter().zip(beside.windows(2)).enumerate() {
+            let reference = around[0].min(around[1]);
+            ratios[way].push(reference.as_secs_f64() / took.as_secs_f64());
+            rates[way].push((per_second(*took), per_second(reference)));
+        }
+    }
     println!(
         "resharding copy of {} of {n} documents ({raw_rows} rows), batches of {batch}; listing the movers took {:.2} s",
         ids.len(),
@@ -233,13 +247,13 @@ async fn run() {
         per_second(raw),
         raw.as_secs_f64() / step.as_secs_f64()
     );
-    for (way, (took, around)) in ["there", "back"].iter().zip(handed.iter().zip(beside.windows(2))) {
-        let reference = around[0].min(around[1]);
+    for (way, (ratios, rates)) in ["there", "back"].iter().zip(ratios.into_iter().zip(rates)) {
+        let (low, high) = range(&ratios);
         println!(
-            "  hand-over {way} (copied, verified, removed from the source, marked): {:.0} rows/s | raw COPY beside it: {:.0} rows/s | ratio {:.2} (goal >= 0.5)",
-            per_second(*took),
-            per_second(reference),
-            reference.as_secs_f64() / took.as_secs_f64()
+            "  hand-over {way} (copied, verified, removed from the source, marked): {:.0} rows/s | raw COPY beside it: {:.0} rows/s | ratio {:.2}, median of {rounds} rounds ({low:.2}-{high:.2}) (goal >= 0.5)",
+            median(rates.iter().map(|r| r.0).collect()),
+            median(rates.iter().map(|r| r.1).collect()),
+            median(ratios)
         );
     }
     for meta in [&source, &step_target, &handed_target] {
@@ -250,6 +264,17 @@ async fn run() {
     }
     routing_overhead(n).await;
     failures_during_a_move(n, batch).await;
+}
+
+/// The middle value of `values` (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The lowest and the highest of `values`.
+fn range(values: &[f64]) -> (f64, f64) {
+    (values.iter().copied().fold(f64::MAX, f64::min), values.iter().copied().fold(0f64, f64::max))
 }
 
 fn tiers() -> Tiers {
@@ -362,14 +387,9 @@ async fn routing_overhead(n: usize) {
             ratios.push(through / alone);
             rates.push((through, alone));
         }
-        let median = |mut values: Vec<f64>| {
-            values.sort_by(f64::total_cmp);
-            values[values.len() / 2]
-        };
         let through = median(rates.iter().map(|r| r.0).collect());
         let alone = median(rates.iter().map(|r| r.1).collect());
-        let (low, high) =
-            (ratios.iter().copied().fold(f64::MAX, f64::min), ratios.iter().copied().fold(0f64, f64::max));
+        let (low, high) = range(&ratios);
         println!(
             "  through the routing, {count} shard(s) on the same server: {through:.0} reads/s | directly {alone:.0} reads/s | ratio {:.2}, median of {rounds} rounds side by side ({low:.2}-{high:.2}) (goal >= 0.9)",
             median(ratios)
