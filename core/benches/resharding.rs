@@ -18,9 +18,10 @@
 //! and 4 shards (databases on the same Postgres server, the documents spread as the routing
 //! sends them) against the same reads from one database directly (goal: at least 0.9), with
 //! `VELLUM_BENCH_READERS` concurrent readers (default 8): after a second of each to open
-//! the pools' connections, `VELLUM_BENCH_ROUNDS` rounds (default 5) of
-//! `VELLUM_BENCH_SECONDS` (default 2) directly and then through the routing; the ratio
-//! printed is the median of the rounds' ratios, with their range.
+//! the pools' connections, `VELLUM_BENCH_ROUNDS` rounds (default 7) of
+//! `VELLUM_BENCH_SECONDS` (default 2) directly and through the routing, which of the two
+//! first alternating from round to round; the ratio printed is the median of the rounds'
+//! ratios, with their range.
 //!
 //! Last, the requests failed during a move: readers, writers and uploaders go on through a
 //! library that knows a move from one shard to two while the mover hands the documents
@@ -338,7 +339,7 @@ where
 async fn routing_overhead(n: usize) {
     let readers = knob("VELLUM_BENCH_READERS", 8);
     let span = Duration::from_secs(u64::try_from(knob("VELLUM_BENCH_SECONDS", 2)).expect("seconds"));
-    let rounds = knob("VELLUM_BENCH_ROUNDS", 5).max(1);
+    let rounds = knob("VELLUM_BENCH_ROUNDS", 7).max(1);
     let (_single_db, single) = shard_of(n, &ring(&["a"]), 0).await;
     let direct = || {
         let single = single.clone();
@@ -375,15 +376,22 @@ async fn routing_overhead(n: usize) {
         }
         let library = Arc::new(Library::sharded(Arc::new(table), shards));
         // A round of each first, unmeasured: the pools open their connections. Then rounds
-        // side by side, each routed measurement paired with the direct one just before it:
+        // side by side, each routed measurement paired with the direct one next to it:
         // on a shared machine the rate of either drifts by a fifth between rounds, and the
         // median of the pairs' ratios follows what the two have in common.
         reads_per_second(n, readers, Duration::from_secs(1), direct()).await;
         reads_per_second(n, readers, Duration::from_secs(1), routed(&library)).await;
         let (mut ratios, mut rates) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            let alone = reads_per_second(n, readers, span, direct()).await;
-            let through = reads_per_second(n, readers, span, routed(&library)).await;
+        for round in 0..rounds {
+            // Which of the two goes first alternates, so a drift within a round (the
+            // machine's load rising or falling) weighs on each as often.
+            let (alone, through) = if round % 2 == 0 {
+                let alone = reads_per_second(n, readers, span, direct()).await;
+                (alone, reads_per_second(n, readers, span, routed(&library)).await)
+            } else {
+                let through = reads_per_second(n, readers, span, routed(&library)).await;
+                (reads_per_second(n, readers, span, direct()).await, through)
+            };
             ratios.push(through / alone);
             rates.push((through, alone));
         }
