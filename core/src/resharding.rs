@@ -469,6 +469,21 @@ async fn delete_keyed<K: Key>(
     Ok(())
 }
 
+/// The array literal of the texts in column `column` of `rows`, sorted and each once (the
+/// content hashes of a batch's blob rows or versions).
+fn distinct_texts(rows: &[Vec<Value>], column: usize) -> String {
+    let mut texts: Vec<&String> = rows
+        .iter()
+        .filter_map(|row| match &row[column] {
+            Value::Text(Some(text)) => Some(text),
+            _ => None,
+        })
+        .collect();
+    texts.sort_unstable();
+    texts.dedup();
+    array(&texts)
+}
+
 /// The ids in the first column of `rows` (the documents' rows).
 fn ids_of(rows: &[Vec<Value>]) -> Vec<i64> {
     rows.iter()
@@ -870,16 +885,7 @@ impl Handing {
         // gone, where at once each would see the other's and keep a row that neither needs.
         // Releases sharing none run at once; an upload's reference to one of these rows
         // (a key share) does not wait.
-        let mut shas: Vec<&String> = copy.rows[AT_BLOBS]
-            .iter()
-            .filter_map(|blob| match &blob[0] {
-                Value::Text(Some(sha)) => Some(sha),
-                _ => None,
-            })
-            .collect();
-        shas.sort_unstable();
-        shas.dedup();
-        let shas = array(&shas);
+        let shas = distinct_texts(&copy.rows[AT_BLOBS], 0);
         sqlx::query(
             "SELECT 1 FROM blobs WHERE sha256 = ANY((SELECT $1::text[])::text[]) ORDER BY sha256 \
              FOR NO KEY UPDATE",
@@ -1007,16 +1013,7 @@ async fn hold(source: &Metadata, ids: &[i64], lock: Lock, whole: bool) -> Result
         // each, where finding them through the versions again would join the two tables.
         let versions = read_table::<i64>(&mut held, &VERSIONS, &keys, None).await?;
         let tags = read_table::<i64>(&mut held, &TAGS, &keys, None).await?;
-        let mut shas: Vec<&String> = versions
-            .iter()
-            .filter_map(|version| match &version[2] {
-                Value::Text(Some(sha)) => Some(sha),
-                _ => None,
-            })
-            .collect();
-        shas.sort_unstable();
-        shas.dedup();
-        let blobs = read_table::<String>(&mut held, &BLOBS_BY_SHA, &array(&shas), None).await?;
+        let blobs = read_table::<String>(&mut held, &BLOBS_BY_SHA, &distinct_texts(&versions, 2), None).await?;
         rows.extend([blobs, versions, tags]);
     }
     Ok(Some(Held { tx: held, ids: ids.to_vec(), rows, replaced }))

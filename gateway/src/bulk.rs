@@ -219,10 +219,7 @@ async fn run_job(state: &AppState, mut job: Job, runner: &str, stop: &watch::Rec
                 match bulk::export_failed(state.docs().primary(), &mut job, runner, &e.to_string()).await {
                     Ok(true) => {
                         tracing::warn!(job = %job.id, error = %e, "the export's ZIP could not be stored; the job failed");
-                        let data = serde_json::to_value(&job).unwrap_or_default();
-                        let now = state.hub.now_ms();
-                        state.hub.publish(Notice::job_completed(BULK_JOBS, &job.owner, &job.id, now, &data));
-                        extraction(state, &job, "failed", "FAILED");
+                        ended(state, &job, "failed", "FAILED");
                     }
                     Ok(false) => {
                         tracing::warn!(job = %job.id, error = %e, "the export's ZIP was not stored; it starts over");
@@ -239,11 +236,7 @@ async fn run_job(state: &AppState, mut job: Job, runner: &str, stop: &watch::Rec
     match bulk::checkpoint(state.docs().primary(), &job, runner, Some(event), Some(JobStatus::Completed)).await {
         Ok(true) => {
             tracing::info!(job = %job.id, succeeded = job.succeeded, failed = job.failed, "bulk job completed");
-            let data = serde_json::to_value(&job).unwrap_or_default();
-            state.hub.publish(Notice::job_completed(BULK_JOBS, &job.owner, &job.id, state.hub.now_ms(), &data));
-            if job.operation == Operation::Export {
-                extraction(state, &job, "completed", "COMPLETED");
-            }
+            ended(state, &job, "completed", "COMPLETED");
         }
         Ok(false) => tracing::info!(job = %job.id, "the bulk job was cancelled before its end was recorded"),
         Err(e) => tracing::warn!(job = %job.id, error = %e, "recording a bulk job's end; another replica finishes it"),
@@ -269,6 +262,16 @@ where
         }
         tries += 1;
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Tells the user who started `job` that it ended: `job_completed`, and for an export its
+/// `event_type` update (with `status`) on `/topic/extractions`.
+fn ended(state: &AppState, job: &Job, event_type: &str, status: &str) {
+    let data = serde_json::to_value(job).unwrap_or_default();
+    state.hub.publish(Notice::job_completed(BULK_JOBS, &job.owner, &job.id, state.hub.now_ms(), &data));
+    if job.operation == Operation::Export {
+        extraction(state, job, event_type, status);
     }
 }
 
